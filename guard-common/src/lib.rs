@@ -1,0 +1,17 @@
+//! What the kernel program and the agent must agree on, byte for byte.
+//!
+//! - [`addr`]: the one address type both families share.
+//! - [`maps`]: map names, capacities and the `#[repr(C)]` keys and values.
+//! - [`reason`]: why a packet got its verdict (one per-CPU counter each).
+//! - [`decision`]: the policy decision itself, written once over a [`decision::Tables`] trait.
+//!   The XDP program implements the trait with BPF maps; the agent implements it with the desired
+//!   state, so user space can test and explain verdicts against the very same definition.
+#![no_std]
+
+#[cfg(any(test, feature = "user"))]
+extern crate std;
+
+pub mod addr;
+pub mod decision;
+pub mod maps;
+pub mod reason;

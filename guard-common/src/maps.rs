@@ -1,0 +1,181 @@
+//! The maps the XDP program reads and the agent writes: names, capacities, keys and values.
+//!
+//! The packet path answers three questions with these maps:
+//! 1. What is the destination? [`ADDRS`]: a container (direct routing) or one of the host's own
+//!    addresses; [`NETWORKS`]: somewhere in a Docker network no container holds yet.
+//! 2. If it is the host, is (address, protocol, port) published by Docker? [`PUBLISHED`] names the
+//!    container port behind it.
+//! 3. Is the container port open to this source? [`PORTS`] says open to all, or to a list kept in
+//!    [`SOURCES`]; no entry means closed.
+//!
+//! Containers are named in the kernel by a *target id* the agent allocates per container
+//! identity ([`IDENTITIES`] keeps the reverse mapping for the agent and its CLI), so a container
+//! on several networks has one set of port rules and an IP reused by another container never
+//! inherits them.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a size assertion.
+
+use crate::addr::Addr;
+
+/// Map names as the kernel sees them (at most 15 bytes) and as they are pinned.
+pub const ADDRS: &str = "GUARD_ADDRS";
+pub const NETWORKS: &str = "GUARD_NETWORKS";
+pub const PUBLISHED: &str = "GUARD_PUBLISHED";
+pub const PORTS: &str = "GUARD_PORTS";
+pub const SOURCES: &str = "GUARD_SOURCES";
+pub const IDENTITIES: &str = "GUARD_IDENTS";
+pub const COUNTERS: &str = "GUARD_COUNTERS";
+
+/// Every map the agent pins, in the order `guard unload` removes them.
+pub const ALL: [&str; 7] = [ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS];
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL.len() {
+        assert!(ALL[i].len() <= 15, "BPF object names are limited to 15 bytes");
+        i += 1;
+    }
+};
+
+/// Container and host addresses (a host with 1,000 containers on 4 networks uses 4,000).
+pub const ADDRS_CAPACITY: u32 = 65_536;
+/// Docker network subnets, both families.
+pub const NETWORKS_CAPACITY: u32 = 4_096;
+/// (host address, protocol, port) triples: each published port times each host address.
+pub const PUBLISHED_CAPACITY: u32 = 65_536;
+/// Opened container ports (expose or allow), one entry per port of a range.
+pub const PORTS_CAPACITY: u32 = 65_536;
+/// Allowed source prefixes, one per (opened port, CIDR).
+pub const SOURCES_CAPACITY: u32 = 65_536;
+/// Containers the agent can tell apart at once.
+pub const IDENTITIES_CAPACITY: u32 = 65_536;
+
+/// What a destination address in [`ADDRS`] is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrInfo {
+    /// [`AddrInfo::CONTAINER`] or [`AddrInfo::HOST`].
+    pub kind: u32,
+    /// The container's target id; 0 for host addresses.
+    pub target: u32,
+}
+const _: () = assert!(core::mem::size_of::<AddrInfo>() == 8);
+
+impl AddrInfo {
+    pub const CONTAINER: u32 = 1;
+    pub const HOST: u32 = 2;
+
+    pub const fn container(target: u32) -> Self {
+        AddrInfo { kind: Self::CONTAINER, target }
+    }
+    pub const fn host() -> Self {
+        AddrInfo { kind: Self::HOST, target: 0 }
+    }
+}
+
+/// Key of [`NETWORKS`] (longest-prefix match over the 128-bit [`Addr`]).
+pub type NetworkKey = Addr;
+
+/// Key of [`PUBLISHED`]: a host address and a port Docker publishes on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublishedKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    /// IP protocol number (6 tcp, 17 udp, 132 sctp).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PublishedKey>() == 20);
+
+/// Value of [`PUBLISHED`]: the container port behind a published host port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublishedTarget {
+    pub target: u32,
+    /// Container port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 8);
+
+/// Protocol value of a [`PortKey`] that stands for every port of every protocol (`*`), and
+/// the rule that decides port-less packets (ICMP, later fragments).
+pub const PROTO_ANY: u8 = 0;
+
+/// Key of [`PORTS`]: a container port (or all of a container's ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub target: u32,
+    /// Host byte order; 0 with [`PROTO_ANY`] for all ports.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+
+impl PortKey {
+    pub const fn new(target: u32, proto: u8, port: u16) -> Self {
+        PortKey { target, port, proto, _pad: 0 }
+    }
+    pub const fn all_ports(target: u32) -> Self {
+        Self::new(target, PROTO_ANY, 0)
+    }
+}
+
+/// Value of [`PORTS`]: to whom a container port is open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    /// [`PortRule::EVERYONE`] or [`PortRule::LISTED`] (sources in [`SOURCES`]).
+    pub open_to: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortRule>() == 4);
+
+impl PortRule {
+    pub const EVERYONE: u32 = 1;
+    pub const LISTED: u32 = 2;
+
+    pub const fn everyone() -> Self {
+        PortRule { open_to: Self::EVERYONE }
+    }
+    pub const fn listed() -> Self {
+        PortRule { open_to: Self::LISTED }
+    }
+}
+
+/// Data of a [`SOURCES`] key: an opened port and a source prefix. The trie's prefix length
+/// always covers the whole [`PortKey`] ([`SourceKey::PORT_BITS`]) plus the source prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub port: PortKey,
+    pub addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
+
+impl SourceKey {
+    pub const PORT_BITS: u32 = 64;
+}
+
+/// Value of [`IDENTITIES`]: the Docker container id (32 bytes, the 64 hex digits decoded)
+/// behind a target id. Only the agent reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerId(pub [u8; 32]);
+const _: () = assert!(core::mem::size_of::<ContainerId>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with explicit padding and no pointers.
+    unsafe impl aya::Pod for AddrInfo {}
+    unsafe impl aya::Pod for PublishedKey {}
+    unsafe impl aya::Pod for PublishedTarget {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for ContainerId {}
+}
