@@ -59,7 +59,12 @@ pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
             let L4::Ports { proto, dport } = pkt.l4 else {
                 return Reason::NotContainerBound;
             };
-            let key = PublishedKey { addr: pkt.dst, port: dport, proto, _pad: 0 };
+            let key = PublishedKey {
+                addr: pkt.dst,
+                port: dport,
+                proto,
+                _pad: 0,
+            };
             match tables.published(&key) {
                 Some(p) => (p.target, Some((proto, p.port))),
                 None => return Reason::NotContainerBound,

@@ -27,12 +27,17 @@ pub const IDENTITIES: &str = "GUARD_IDENTS";
 pub const COUNTERS: &str = "GUARD_COUNTERS";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 7] = [ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS];
+pub const ALL: [&str; 7] = [
+    ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS,
+];
 
 const _: () = {
     let mut i = 0;
     while i < ALL.len() {
-        assert!(ALL[i].len() <= 15, "BPF object names are limited to 15 bytes");
+        assert!(
+            ALL[i].len() <= 15,
+            "BPF object names are limited to 15 bytes"
+        );
         i += 1;
     }
 };
@@ -66,10 +71,16 @@ impl AddrInfo {
     pub const HOST: u32 = 2;
 
     pub const fn container(target: u32) -> Self {
-        AddrInfo { kind: Self::CONTAINER, target }
+        AddrInfo {
+            kind: Self::CONTAINER,
+            target,
+        }
     }
     pub const fn host() -> Self {
-        AddrInfo { kind: Self::HOST, target: 0 }
+        AddrInfo {
+            kind: Self::HOST,
+            target: 0,
+        }
     }
 }
 
@@ -118,7 +129,12 @@ const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 
 impl PortKey {
     pub const fn new(target: u32, proto: u8, port: u16) -> Self {
-        PortKey { target, port, proto, _pad: 0 }
+        PortKey {
+            target,
+            port,
+            proto,
+            _pad: 0,
+        }
     }
     pub const fn all_ports(target: u32) -> Self {
         Self::new(target, PROTO_ANY, 0)
@@ -139,10 +155,14 @@ impl PortRule {
     pub const LISTED: u32 = 2;
 
     pub const fn everyone() -> Self {
-        PortRule { open_to: Self::EVERYONE }
+        PortRule {
+            open_to: Self::EVERYONE,
+        }
     }
     pub const fn listed() -> Self {
-        PortRule { open_to: Self::LISTED }
+        PortRule {
+            open_to: Self::LISTED,
+        }
     }
 }
 

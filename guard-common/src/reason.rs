@@ -84,7 +84,10 @@ impl Reason {
 const _: () = {
     let mut i = 0;
     while i < Reason::ALL.len() {
-        assert!(Reason::ALL[i] as u32 == i as u32, "Reason::ALL must be in discriminant order");
+        assert!(
+            Reason::ALL[i] as u32 == i as u32,
+            "Reason::ALL must be in discriminant order"
+        );
         i += 1;
     }
 };

@@ -1,0 +1,433 @@
+//! The desired state: what every policy map must hold, computed from a Docker snapshot, the
+//! host's addresses and the target ids. A pure function: no Docker, no kernel.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use guard_common::{
+    addr::Addr,
+    maps::{AddrInfo, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey},
+};
+
+use crate::{
+    identities::decode_hex,
+    labels::{LabelError, parse_labels},
+    policy::{Opening, PortSpec, Sources},
+    snapshot::{Container, Published, Snapshot},
+    tables::{Lpm, TableSet},
+};
+
+/// One container's policy as the agent understood it (for logs and `guard status`).
+#[derive(Clone, Debug)]
+pub struct ContainerPolicy {
+    pub container: Container,
+    pub target: u32,
+    pub openings: Vec<Opening>,
+    pub label_errors: Vec<LabelError>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub tables: TableSet,
+    pub containers: Vec<ContainerPolicy>,
+}
+
+/// `host_addrs` are every address of every host interface; `targets` maps container ids to
+/// target ids (see [`crate::identities`]). A container without a target id is left closed.
+pub fn desired_state(
+    snapshot: &Snapshot,
+    host_addrs: &[IpAddr],
+    targets: &BTreeMap<String, u32>,
+) -> Desired {
+    let mut tables = TableSet::default();
+
+    // Protection first: every Docker subnet, so an address no container holds yet is closed.
+    for network in &snapshot.networks {
+        for subnet in &network.subnets {
+            let (addr, len) = subnet.to_addr_prefix();
+            tables.networks.insert(Lpm { len, data: addr }, 1);
+        }
+    }
+
+    // The host's own addresses (bridge gateways included): container-bound only through a
+    // published port. Loopback needs no entry: the decision drops it before any lookup.
+    let gateways = snapshot
+        .networks
+        .iter()
+        .flat_map(|n| n.gateways.iter().copied());
+    let host: Vec<IpAddr> = host_addrs
+        .iter()
+        .copied()
+        .chain(gateways)
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    for ip in &host {
+        tables.addrs.insert(Addr::from(*ip), AddrInfo::host());
+    }
+
+    let mut containers = Vec::new();
+    for container in &snapshot.containers {
+        let Some(&target) = targets.get(&container.id) else {
+            continue;
+        };
+        let Some(identity) = decode_hex(&container.id) else {
+            continue;
+        };
+        tables.identities.insert(target, identity);
+
+        for ip in &container.addresses {
+            tables
+                .addrs
+                .insert(Addr::from(*ip), AddrInfo::container(target));
+        }
+        for published in &container.published {
+            for host_ip in bound_addresses(published, &host) {
+                let key = PublishedKey {
+                    addr: Addr::from(host_ip),
+                    port: published.host_port,
+                    proto: published.proto.number(),
+                    _pad: 0,
+                };
+                let value = PublishedTarget {
+                    target,
+                    port: published.container_port,
+                    _pad: 0,
+                };
+                tables.published.insert(key, value);
+            }
+        }
+
+        let (openings, label_errors) = parse_labels(&container.labels);
+        for opening in &openings {
+            open(&mut tables, target, opening);
+        }
+        containers.push(ContainerPolicy {
+            container: container.clone(),
+            target,
+            openings,
+            label_errors,
+        });
+    }
+    Desired { tables, containers }
+}
+
+/// The host addresses a published port listens on.
+fn bound_addresses(published: &Published, host: &[IpAddr]) -> Vec<IpAddr> {
+    if published.host_ip.is_unspecified() {
+        let v4 = published.host_ip.is_ipv4();
+        host.iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == v4)
+            .collect()
+    } else if published.host_ip.is_loopback() {
+        Vec::new()
+    } else {
+        vec![published.host_ip]
+    }
+}
+
+/// Adds one opening. Open-to-everyone wins over a source list on the same port; source lists
+/// on the same port add up.
+fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
+    let keys: Vec<PortKey> = match opening.ports {
+        PortSpec::All => vec![PortKey::all_ports(target)],
+        PortSpec::Range { proto, first, last } => (first..=last)
+            .map(|port| PortKey::new(target, proto.number(), port))
+            .collect(),
+    };
+    for key in keys {
+        match &opening.sources {
+            Sources::Everyone => {
+                tables.ports.insert(key, PortRule::everyone());
+                tables.sources.retain(|s, _| s.data.port != key);
+            }
+            Sources::Listed(cidrs) => {
+                if tables.ports.get(&key) == Some(&PortRule::everyone()) {
+                    continue;
+                }
+                tables.ports.insert(key, PortRule::listed());
+                for cidr in cidrs {
+                    let (addr, len) = cidr.to_addr_prefix();
+                    let data = SourceKey { port: key, addr };
+                    tables.sources.insert(
+                        Lpm {
+                            len: SourceKey::PORT_BITS + len,
+                            data,
+                        },
+                        1,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_common::{
+        decision::{L4, Packet, decide},
+        reason::Reason,
+    };
+
+    use super::*;
+    use crate::{
+        identities::Identities,
+        policy::Proto,
+        snapshot::{Container, Network},
+    };
+
+    const HOST_UPLINK: &str = "10.251.1.1";
+    const OUTSIDE_A: &str = "10.251.1.2";
+    const OUTSIDE_B: &str = "10.251.2.2";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn container(n: u8, name: &str, addr: &str, labels: &[(&str, &str)]) -> Container {
+        Container {
+            id: format!("{n:02x}").repeat(32),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            addresses: vec![ip(addr)],
+            published: vec![],
+        }
+    }
+
+    fn publish(host_port: u16, container_port: u16) -> Published {
+        Published {
+            host_ip: ip("0.0.0.0"),
+            host_port,
+            container_port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    /// The seed scenario: db published without a label, api unpublished, web exposing 443,
+    /// a partner port allowed from one outside host.
+    fn seed() -> Snapshot {
+        let mut db = container(1, "db", "172.30.0.2", &[]);
+        db.published.push(publish(5432, 5432));
+        let api = container(2, "api", "172.30.0.3", &[]);
+        let mut web = container(3, "web", "172.30.0.4", &[("guard.expose", "443/tcp")]);
+        web.addresses.push(ip("fd00:30::4"));
+        web.published
+            .extend([publish(10443, 443), publish(18443, 8443)]);
+        let mut partner = container(
+            4,
+            "partner",
+            "172.30.0.5",
+            &[("guard.allow.partner", &format!("9000/tcp from {OUTSIDE_A}"))],
+        );
+        partner.published.push(publish(19000, 9000));
+        Snapshot {
+            networks: vec![Network {
+                id: "n1".into(),
+                name: "project".into(),
+                bridge: Some("br-n1".into()),
+                subnets: vec![
+                    "172.30.0.0/24".parse().unwrap(),
+                    "fd00:30::/64".parse().unwrap(),
+                ],
+                gateways: vec![ip("172.30.0.1"), ip("fd00:30::1")],
+            }],
+            containers: vec![db, api, web, partner],
+        }
+    }
+
+    fn state(snapshot: &Snapshot) -> Desired {
+        let mut ids = Identities::default();
+        let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+        desired_state(snapshot, &[ip(HOST_UPLINK), ip("127.0.0.1")], &targets)
+    }
+
+    fn verdict(d: &Desired, src: &str, dst: &str, port: u16) -> Reason {
+        let pkt = Packet {
+            src: ip(src).into(),
+            dst: ip(dst).into(),
+            l4: L4::Ports {
+                proto: 6,
+                dport: port,
+            },
+        };
+        decide(&d.tables, &pkt)
+    }
+
+    #[test]
+    fn seed_scenario_outside_reaches_only_what_was_opened() {
+        let d = state(&seed());
+        for src in [OUTSIDE_A, OUTSIDE_B] {
+            assert_eq!(verdict(&d, src, "172.30.0.4", 443), Reason::Exposed);
+            assert_eq!(verdict(&d, src, HOST_UPLINK, 10443), Reason::Exposed);
+            assert_eq!(verdict(&d, src, "172.30.0.1", 10443), Reason::Exposed);
+            assert_eq!(verdict(&d, src, "fd00:30::4", 443), Reason::Exposed);
+            assert_eq!(verdict(&d, src, "172.30.0.2", 5432), Reason::Closed);
+            assert_eq!(verdict(&d, src, HOST_UPLINK, 5432), Reason::Closed);
+            assert_eq!(verdict(&d, src, "172.30.0.1", 5432), Reason::Closed);
+            assert_eq!(verdict(&d, src, "172.30.0.3", 8080), Reason::Closed);
+            assert_eq!(verdict(&d, src, "172.30.0.4", 8443), Reason::Closed);
+            assert_eq!(verdict(&d, src, HOST_UPLINK, 18443), Reason::Closed);
+            assert_eq!(verdict(&d, src, "fd00:30::4", 8443), Reason::Closed);
+            assert_eq!(verdict(&d, src, "172.30.0.77", 80), Reason::UnassignedAddr);
+            assert_eq!(verdict(&d, src, "127.0.0.1", 5432), Reason::LoopbackDst);
+            // The host's own services and routed-through traffic are not ours.
+            assert_eq!(verdict(&d, src, HOST_UPLINK, 22), Reason::NotContainerBound);
+            assert_eq!(
+                verdict(&d, src, "172.30.0.1", 22),
+                Reason::NotContainerBound
+            );
+            assert_eq!(
+                verdict(&d, src, "192.0.2.1", 5432),
+                Reason::NotContainerBound
+            );
+        }
+        assert_eq!(
+            verdict(&d, OUTSIDE_A, "172.30.0.5", 9000),
+            Reason::AllowedSource
+        );
+        assert_eq!(
+            verdict(&d, OUTSIDE_A, HOST_UPLINK, 19000),
+            Reason::AllowedSource
+        );
+        assert_eq!(verdict(&d, OUTSIDE_B, "172.30.0.5", 9000), Reason::Closed);
+        assert_eq!(verdict(&d, OUTSIDE_B, HOST_UPLINK, 19000), Reason::Closed);
+    }
+
+    #[test]
+    fn expose_beats_allow_and_allow_lists_add_up() {
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![container(
+                9,
+                "svc",
+                "172.30.0.9",
+                &[
+                    ("guard.allow.a", "80 from 10.0.0.0/8"),
+                    ("guard.allow.b", "80,81 from 192.0.2.0/24"),
+                    ("guard.expose", "81"),
+                ],
+            )],
+        };
+        let d = state(&snap);
+        assert_eq!(
+            verdict(&d, "10.1.1.1", "172.30.0.9", 80),
+            Reason::AllowedSource
+        );
+        assert_eq!(
+            verdict(&d, "192.0.2.9", "172.30.0.9", 80),
+            Reason::AllowedSource
+        );
+        assert_eq!(
+            verdict(&d, "198.51.100.1", "172.30.0.9", 80),
+            Reason::Closed
+        );
+        assert_eq!(
+            verdict(&d, "198.51.100.1", "172.30.0.9", 81),
+            Reason::Exposed
+        );
+        assert_eq!(
+            d.tables.sources.len(),
+            2,
+            "no source entries behind an exposed port"
+        );
+    }
+
+    #[test]
+    fn all_ports_rule_opens_port_less_traffic_and_every_port() {
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![container(
+                9,
+                "vpn",
+                "172.30.0.9",
+                &[("guard.allow.vpn", "* from 10.8.0.0/24")],
+            )],
+        };
+        let d = state(&snap);
+        assert_eq!(
+            verdict(&d, "10.8.0.3", "172.30.0.9", 12345),
+            Reason::AllowedSource
+        );
+        let icmp = Packet {
+            src: ip("10.8.0.3").into(),
+            dst: ip("172.30.0.9").into(),
+            l4: L4::NoPorts,
+        };
+        assert_eq!(decide(&d.tables, &icmp), Reason::AllowedSource);
+        let icmp_b = Packet {
+            src: ip("10.9.0.3").into(),
+            ..icmp
+        };
+        assert_eq!(decide(&d.tables, &icmp_b), Reason::Closed);
+    }
+
+    #[test]
+    fn bad_labels_leave_the_container_closed_and_are_reported() {
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![container(
+                9,
+                "typo",
+                "172.30.0.9",
+                &[("guard.expose", "443/tpc")],
+            )],
+        };
+        let d = state(&snap);
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
+        assert_eq!(d.containers[0].label_errors.len(), 1);
+        assert!(d.tables.ports.is_empty());
+    }
+
+    #[test]
+    fn published_on_one_address_or_loopback_only() {
+        let mut web = container(9, "web", "172.30.0.9", &[("guard.expose", "80")]);
+        web.published = vec![
+            Published {
+                host_ip: ip(HOST_UPLINK),
+                host_port: 8080,
+                container_port: 80,
+                proto: Proto::Tcp,
+            },
+            Published {
+                host_ip: ip("127.0.0.1"),
+                host_port: 8081,
+                container_port: 80,
+                proto: Proto::Tcp,
+            },
+        ];
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![web],
+        };
+        let d = state(&snap);
+        assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 8080), Reason::Exposed);
+        // Not bound on the gateway address: that is the host's own port 8080.
+        assert_eq!(
+            verdict(&d, OUTSIDE_A, "172.30.0.1", 8080),
+            Reason::NotContainerBound
+        );
+        assert_eq!(d.tables.published.len(), 1);
+    }
+
+    #[test]
+    fn an_address_taken_over_by_another_container_inherits_nothing() {
+        let d1 = state(&seed());
+        // web (exposed) is gone; an unlabelled container holds its address now.
+        let mut snap = seed();
+        snap.containers.retain(|c| c.name != "web");
+        snap.containers
+            .push(container(7, "newcomer", "172.30.0.4", &[]));
+        let mut ids = Identities::default();
+        ids.assign(seed().containers.iter().map(|c| c.id.as_str()));
+        let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
+        let d2 = desired_state(&snap, &[ip(HOST_UPLINK)], &targets);
+        assert_eq!(verdict(&d1, OUTSIDE_A, "172.30.0.4", 443), Reason::Exposed);
+        assert_eq!(verdict(&d2, OUTSIDE_A, "172.30.0.4", 443), Reason::Closed);
+        assert_ne!(
+            d1.tables.addrs[&ip("172.30.0.4").into()],
+            d2.tables.addrs[&ip("172.30.0.4").into()]
+        );
+    }
+}

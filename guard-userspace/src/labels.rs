@@ -1,0 +1,351 @@
+//! Container labels → openings.
+//!
+//! - `guard.expose=443/tcp,8443`: container ports open to everyone.
+//! - `guard.allow.<name>=5432/tcp from 10.8.0.0/24, 192.0.2.7`: ports open to those sources.
+//!
+//! Port lists take `port`, `port/proto`, `first-last`, `first-last/proto` and `*` (every port);
+//! a bare port is tcp, as in Docker. A label that does not parse is rejected *whole* (never
+//! half-applied) and reported; the container's ports stay closed.
+
+use std::collections::BTreeMap;
+
+use crate::policy::{Cidr, Opening, PortSpec, Proto, Sources};
+
+pub const EXPOSE: &str = "guard.expose";
+pub const ALLOW_PREFIX: &str = "guard.allow.";
+const GUARD_PREFIX: &str = "guard.";
+
+/// Longest label value accepted; anything longer is a mistake or an attack on the agent.
+pub const MAX_VALUE_LEN: usize = 4096;
+/// Ports one label may open one by one (each is a map entry); `*` opens all in one entry.
+pub const MAX_PORTS_PER_LABEL: u32 = 4096;
+/// Sources one `guard.allow.*` label may list.
+pub const MAX_SOURCES_PER_LABEL: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("label {label}: {problem}")]
+pub struct LabelError {
+    pub label: String,
+    pub problem: LabelProblem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelProblem {
+    #[error("empty value; expected ports such as 443/tcp,8000-8010/udp or *")]
+    Empty,
+    #[error("value is {0} bytes long, the limit is {MAX_VALUE_LEN}")]
+    TooLong(usize),
+    #[error("bad port {0:?}: ports are 1-65535")]
+    BadPort(String),
+    #[error("bad range {0:?}: expected first-last with first <= last, e.g. 8000-8010/tcp")]
+    BadRange(String),
+    #[error("unknown protocol {0:?}: expected tcp, udp or sctp")]
+    UnknownProto(String),
+    #[error("opens {0} single ports, the limit is {MAX_PORTS_PER_LABEL}; use * to open every port")]
+    TooManyPorts(u32),
+    #[error("missing sources: expected PORTS from SOURCES, e.g. 5432/tcp from 10.8.0.0/24")]
+    MissingFrom,
+    #[error("no sources after 'from'")]
+    NoSources,
+    #[error("lists {0} sources, the limit is {MAX_SOURCES_PER_LABEL}")]
+    TooManySources(usize),
+    #[error(transparent)]
+    BadSource(#[from] crate::policy::BadCidr),
+    #[error("'from' is for guard.allow.<name> labels; guard.expose opens ports to everyone")]
+    FromInExpose,
+    #[error("guard.allow needs a name: guard.allow.<name>=PORTS from SOURCES")]
+    MissingAllowName,
+    #[error("unknown guard label; known: guard.expose, guard.allow.<name>")]
+    Unknown,
+}
+
+/// Every opening the container's labels declare, and every label that was rejected.
+pub fn parse_labels(labels: &BTreeMap<String, String>) -> (Vec<Opening>, Vec<LabelError>) {
+    let mut openings = Vec::new();
+    let mut errors = Vec::new();
+    for (key, value) in labels {
+        if !key.starts_with(GUARD_PREFIX) {
+            continue;
+        }
+        match parse_label(key, value) {
+            Ok(mut parsed) => openings.append(&mut parsed),
+            Err(problem) => errors.push(LabelError {
+                label: key.clone(),
+                problem,
+            }),
+        }
+    }
+    (openings, errors)
+}
+
+fn parse_label(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(LabelProblem::TooLong(value.len()));
+    }
+    let rule = format!("label {key}");
+    if key == EXPOSE {
+        if split_from(value).is_some() {
+            return Err(LabelProblem::FromInExpose);
+        }
+        let ports = parse_ports(value)?;
+        return Ok(openings(ports, Sources::Everyone, rule));
+    }
+    if let Some(name) = key.strip_prefix(ALLOW_PREFIX) {
+        if name.trim().is_empty() {
+            return Err(LabelProblem::MissingAllowName);
+        }
+        let (ports, sources) = split_from(value).ok_or(LabelProblem::MissingFrom)?;
+        let ports = parse_ports(ports)?;
+        let sources = parse_sources(sources)?;
+        return Ok(openings(ports, Sources::Listed(sources), rule));
+    }
+    Err(LabelProblem::Unknown)
+}
+
+fn openings(ports: Vec<PortSpec>, sources: Sources, rule: String) -> Vec<Opening> {
+    ports
+        .into_iter()
+        .map(|ports| Opening {
+            ports,
+            sources: sources.clone(),
+            rule: rule.clone(),
+        })
+        .collect()
+}
+
+/// Splits `PORTS from SOURCES` on the word `from`.
+fn split_from(value: &str) -> Option<(&str, &str)> {
+    let lower = value.to_ascii_lowercase();
+    let at = lower
+        .match_indices("from")
+        .map(|(i, _)| i)
+        .find(|&i| is_word_boundary(&lower, i, i + 4))?;
+    Some((&value[..at], &value[at + 4..]))
+}
+
+fn is_word_boundary(s: &str, start: usize, end: usize) -> bool {
+    let before = s[..start]
+        .chars()
+        .next_back()
+        .is_none_or(char::is_whitespace);
+    let after = s[end..].chars().next().is_none_or(char::is_whitespace);
+    before && after
+}
+
+/// A comma-separated port list.
+pub fn parse_ports(list: &str) -> Result<Vec<PortSpec>, LabelProblem> {
+    if list.trim().is_empty() {
+        return Err(LabelProblem::Empty);
+    }
+    let specs = list
+        .split(',')
+        .map(|item| parse_port_item(item.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let singles: u32 = specs
+        .iter()
+        .filter(|s| !matches!(s, PortSpec::All))
+        .map(PortSpec::port_count)
+        .sum();
+    if singles > MAX_PORTS_PER_LABEL {
+        return Err(LabelProblem::TooManyPorts(singles));
+    }
+    Ok(specs)
+}
+
+fn parse_port_item(item: &str) -> Result<PortSpec, LabelProblem> {
+    if item == "*" {
+        return Ok(PortSpec::All);
+    }
+    if item.is_empty() {
+        return Err(LabelProblem::Empty);
+    }
+    let (range, proto) = match item.split_once('/') {
+        Some((range, proto)) => (range.trim(), proto.trim()),
+        None => (item, "tcp"),
+    };
+    let proto: Proto = proto
+        .parse()
+        .map_err(|()| LabelProblem::UnknownProto(proto.to_string()))?;
+    let (first, last) = match range.split_once('-') {
+        Some((first, last)) => {
+            let bad_range = || LabelProblem::BadRange(item.to_string());
+            let first = parse_port(first.trim()).map_err(|_| bad_range())?;
+            let last = parse_port(last.trim()).map_err(|_| bad_range())?;
+            if first > last {
+                return Err(bad_range());
+            }
+            (first, last)
+        }
+        None => {
+            let port = parse_port(range)?;
+            (port, port)
+        }
+    };
+    Ok(PortSpec::Range { proto, first, last })
+}
+
+fn parse_port(s: &str) -> Result<u16, LabelProblem> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| LabelProblem::BadPort(s.to_string()))
+}
+
+fn parse_sources(list: &str) -> Result<Vec<Cidr>, LabelProblem> {
+    let items: Vec<&str> = list
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if items.is_empty() {
+        return Err(LabelProblem::NoSources);
+    }
+    if items.len() > MAX_SOURCES_PER_LABEL {
+        return Err(LabelProblem::TooManySources(items.len()));
+    }
+    Ok(items
+        .into_iter()
+        .map(str::parse)
+        .collect::<Result<Vec<Cidr>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn range(proto: Proto, first: u16, last: u16) -> PortSpec {
+        PortSpec::Range { proto, first, last }
+    }
+
+    fn one(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
+        let (openings, mut errors) = parse_labels(&labels(&[(key, value)]));
+        match errors.pop() {
+            Some(e) => {
+                assert!(openings.is_empty(), "a rejected label must open nothing");
+                Err(e.problem)
+            }
+            None => Ok(openings),
+        }
+    }
+
+    #[test]
+    fn expose_forms() {
+        let o = one(EXPOSE, "443/tcp, 8443,53/udp , 8000-8002/sctp,*").unwrap();
+        let ports: Vec<PortSpec> = o.iter().map(|o| o.ports).collect();
+        assert_eq!(
+            ports,
+            vec![
+                range(Proto::Tcp, 443, 443),
+                range(Proto::Tcp, 8443, 8443),
+                range(Proto::Udp, 53, 53),
+                range(Proto::Sctp, 8000, 8002),
+                PortSpec::All,
+            ]
+        );
+        assert!(o.iter().all(|o| o.sources == Sources::Everyone));
+        assert_eq!(o[0].rule, "label guard.expose");
+        assert_eq!(
+            one(EXPOSE, "443/TCP").unwrap()[0].ports,
+            range(Proto::Tcp, 443, 443)
+        );
+    }
+
+    #[test]
+    fn allow_forms() {
+        let o = one("guard.allow.office", "5432/tcp from 10.8.0.0/24, 192.0.2.7").unwrap();
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].ports, range(Proto::Tcp, 5432, 5432));
+        assert_eq!(
+            o[0].sources,
+            Sources::Listed(vec![
+                "10.8.0.0/24".parse().unwrap(),
+                "192.0.2.7/32".parse().unwrap()
+            ])
+        );
+        let o = one("guard.allow.vpn", "* FROM fd00:8::/64").unwrap();
+        assert_eq!(o[0].ports, PortSpec::All);
+        let o = one("guard.allow.two", "80,443 from 10.0.0.0/8 10.1.0.0/16").unwrap();
+        assert_eq!(o.len(), 2);
+        assert!(matches!(&o[1].sources, Sources::Listed(s) if s.len() == 2));
+    }
+
+    #[test]
+    fn every_bad_form_is_rejected_whole_with_its_reason() {
+        use LabelProblem::*;
+        let cases: &[(&str, &str, fn(&LabelProblem) -> bool)] = &[
+            (EXPOSE, "", |p| *p == Empty),
+            (EXPOSE, "  ", |p| *p == Empty),
+            (EXPOSE, "443,", |p| *p == Empty),
+            (EXPOSE, "0", |p| matches!(p, BadPort(_))),
+            (EXPOSE, "65536", |p| matches!(p, BadPort(_))),
+            (EXPOSE, "44x", |p| matches!(p, BadPort(_))),
+            (EXPOSE, "443,abc", |p| matches!(p, BadPort(_))),
+            (EXPOSE, "-5", |p| matches!(p, BadRange(_))),
+            (EXPOSE, "9000-8000", |p| matches!(p, BadRange(_))),
+            (EXPOSE, "1-70000", |p| matches!(p, BadRange(_))),
+            (EXPOSE, "443/icmp", |p| matches!(p, UnknownProto(_))),
+            (EXPOSE, "443/", |p| matches!(p, UnknownProto(_))),
+            (EXPOSE, "1-65535", |p| matches!(p, TooManyPorts(65535))),
+            (EXPOSE, "443 from 10.0.0.0/8", |p| *p == FromInExpose),
+            ("guard.allow.x", "5432", |p| *p == MissingFrom),
+            ("guard.allow.x", "5432 from", |p| *p == NoSources),
+            ("guard.allow.x", "5432 from 10.0.0.0/33", |p| {
+                matches!(p, BadSource(_))
+            }),
+            ("guard.allow.x", "5432 from 10.0.0", |p| {
+                matches!(p, BadSource(_))
+            }),
+            ("guard.allow.x", "5432 from *", |p| {
+                matches!(p, BadSource(_))
+            }),
+            ("guard.allow.", "5432 from 10.0.0.1", |p| {
+                *p == MissingAllowName
+            }),
+            ("guard.exposed", "443", |p| *p == Unknown),
+        ];
+        for (key, value, expected) in cases {
+            let problem = one(key, value).expect_err(&format!("{key}={value:?} must be rejected"));
+            assert!(expected(&problem), "{key}={value:?} gave {problem:?}");
+        }
+        let huge = "1,".repeat(MAX_VALUE_LEN);
+        assert!(matches!(one(EXPOSE, &huge), Err(TooLong(_))));
+        let many: Vec<String> = (0..300)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        let value = format!("80 from {}", many.join(","));
+        assert!(matches!(
+            one("guard.allow.x", &value),
+            Err(TooManySources(300))
+        ));
+    }
+
+    #[test]
+    fn a_bad_label_does_not_spoil_the_good_ones_and_others_are_ignored() {
+        let (openings, errors) = parse_labels(&labels(&[
+            (EXPOSE, "443"),
+            ("guard.allow.bad", "5432 from nowhere"),
+            ("com.docker.compose.service", "web"),
+        ]));
+        assert_eq!(openings.len(), 1);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].label, "guard.allow.bad");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("guard.allow.bad") && message.contains("nowhere"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn from_must_be_a_word() {
+        // "fromage" is not the keyword: the value has no sources, so it is rejected.
+        assert!(one("guard.allow.x", "80 fromage").is_err());
+        assert_eq!(split_from("80 from 10.0.0.1"), Some(("80 ", " 10.0.0.1")));
+    }
+}

@@ -1,0 +1,14 @@
+//! guard: keeps the XDP filter's maps equal to what Docker and the operator want.
+//!
+//! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
+//! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`interfaces`] (links and
+//! addresses), [`pins`] (bpffs layout), [`loader`] (the embedded program), [`attach`] (XDP
+//! links), [`maps`] (reading and writing the pinned maps). Commands: [`agent`] (`guard run`),
+//! [`status`], [`unload`].
+
+pub mod desired;
+pub mod identities;
+pub mod labels;
+pub mod policy;
+pub mod snapshot;
+pub mod tables;

@@ -1,0 +1,249 @@
+//! The vocabulary of policy: protocols, port specs, source prefixes and openings.
+//!
+//! Labels (and later the policy file) parse into these types; the desired state turns them
+//! into map entries. Nothing here touches the system.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use guard_common::addr::{Addr, V4_MAPPED_PREFIX};
+
+/// A transport protocol Docker can publish and a label can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+            Proto::Sctp => 132,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Proto> {
+        [Proto::Tcp, Proto::Udp, Proto::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            "sctp" => Ok(Proto::Sctp),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which container ports an opening covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortSpec {
+    /// `*`: every port of every protocol, and port-less traffic (ICMP, later fragments).
+    All,
+    /// `first-last/proto` (a single port has first == last).
+    Range { proto: Proto, first: u16, last: u16 },
+}
+
+impl PortSpec {
+    pub fn port_count(&self) -> u32 {
+        match self {
+            PortSpec::All => 1,
+            PortSpec::Range { first, last, .. } => u32::from(*last - *first) + 1,
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortSpec::All => f.write_str("*"),
+            PortSpec::Range { proto, first, last } if first == last => write!(f, "{first}/{proto}"),
+            PortSpec::Range { proto, first, last } => write!(f, "{first}-{last}/{proto}"),
+        }
+    }
+}
+
+/// An IPv4 or IPv6 prefix. Host bits are cleared on parse (`10.0.0.7/24` is `10.0.0.0/24`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or CIDR (examples: 192.0.2.7, 10.8.0.0/24, fd00::/64)")]
+pub struct BadCidr(pub String);
+
+impl Cidr {
+    pub fn host(addr: IpAddr) -> Self {
+        Cidr {
+            addr,
+            prefix_len: if addr.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
+    /// The prefix as the kernel's 128-bit tries see it (IPv4 is IPv4-mapped).
+    pub fn to_addr_prefix(self) -> (Addr, u32) {
+        let bits = if self.addr.is_ipv4() {
+            V4_MAPPED_PREFIX
+        } else {
+            0
+        };
+        (Addr::from(self.addr), bits + u32::from(self.prefix_len))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, len) = self.to_addr_prefix();
+        Addr::from(ip).in_prefix(&net, len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = BadCidr;
+    fn from_str(s: &str) -> Result<Self, BadCidr> {
+        let bad = || BadCidr(s.to_string());
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            Some(len) => len
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr {
+            addr: mask(addr, prefix_len),
+            prefix_len,
+        })
+    }
+}
+
+fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::from((u32::from(v4) & m).to_be_bytes())
+        }
+        IpAddr::V6(v6) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::from((u128::from(v6) & m).to_be_bytes())
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Who an opening lets in from outside.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sources {
+    Everyone,
+    Listed(Vec<Cidr>),
+}
+
+/// Container ports opened to some outside sources, and where that was said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opening {
+    pub ports: PortSpec,
+    pub sources: Sources,
+    /// The rule that said so, for status and explain (e.g. `label guard.expose`).
+    pub rule: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_hosts_and_prefixes_and_clears_host_bits() {
+        assert_eq!(
+            "192.0.2.7".parse::<Cidr>().unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            "10.8.0.9/24".parse::<Cidr>().unwrap().to_string(),
+            "10.8.0.0/24"
+        );
+        assert_eq!(
+            "fd00::1/64".parse::<Cidr>().unwrap().to_string(),
+            "fd00::/64"
+        );
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+        assert_eq!(
+            " 10.0.0.0 / 8 ".trim().parse::<Cidr>().unwrap().prefix_len,
+            8
+        );
+    }
+
+    #[test]
+    fn cidr_rejects_garbage() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "host.example",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn cidr_contains_and_maps_to_kernel_prefix() {
+        let c: Cidr = "10.8.0.0/24".parse().unwrap();
+        assert!(c.contains("10.8.0.200".parse().unwrap()));
+        assert!(!c.contains("10.8.1.1".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        assert_eq!(c.to_addr_prefix().1, 96 + 24);
+        let v6: Cidr = "fd00:1::/48".parse().unwrap();
+        assert_eq!(v6.to_addr_prefix().1, 48);
+    }
+
+    #[test]
+    fn proto_names_roundtrip() {
+        for p in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
+            assert_eq!(p.name().parse::<Proto>(), Ok(p));
+            assert_eq!(Proto::from_number(p.number()), Some(p));
+        }
+        assert!("icmp".parse::<Proto>().is_err());
+    }
+}
