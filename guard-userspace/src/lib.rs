@@ -12,3 +12,13 @@ pub mod labels;
 pub mod policy;
 pub mod snapshot;
 pub mod tables;
+
+pub mod agent;
+pub mod attach;
+pub mod docker;
+pub mod interfaces;
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod status;
+pub mod unload;

@@ -1,1 +1,103 @@
-fn main() {}
+//! `guard`: the container-guard agent and its CLI.
+
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use guard_userspace::{
+    agent::{self, RunOptions},
+    pins::{DEFAULT_PIN_DIR, Pins},
+    status,
+    unload::{self, Unloaded},
+};
+use tracing_subscriber::EnvFilter;
+
+/// Stops Docker from exposing container ports to the network: an XDP filter on the host's
+/// uplinks drops outside traffic to containers unless a label (or policy) opens the port.
+#[derive(Parser)]
+#[command(name = "guard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the filter, attach it to the uplinks and keep it in sync with Docker (needs root).
+    Run {
+        /// Protect only this interface (repeatable). Default: every uplink, i.e. every
+        /// interface except lo, Docker's bridges, container veths and --trust-iface ones.
+        #[arg(long = "iface", value_name = "IF")]
+        ifaces: Vec<String>,
+        /// Never filter this interface (repeatable); traffic arriving on it counts as inside.
+        #[arg(long = "trust-iface", value_name = "IF")]
+        trusted: Vec<String>,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Seconds between full reconciles (events trigger one at once anyway).
+        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        resync_interval: u64,
+    },
+    /// Show every container port, how it is published and who outside may reach it.
+    Status {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove every link, program, map and pin guard created (stop `guard run` first).
+    Unload {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guard: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        Command::Run {
+            ifaces,
+            trusted,
+            pin_dir,
+            resync_interval,
+        } => runtime.block_on(agent::run(RunOptions {
+            ifaces,
+            trusted,
+            pins: Pins::new(pin_dir),
+            resync: Duration::from_secs(resync_interval.max(1)),
+        })),
+        Command::Status { pin_dir } => {
+            print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir)))?);
+            Ok(())
+        }
+        Command::Unload { pin_dir } => {
+            match unload::unload(&Pins::new(&pin_dir))? {
+                Unloaded::NothingThere => {
+                    println!("nothing to unload: no pins at {}", pin_dir.display())
+                }
+                Unloaded::Removed { links, maps } => println!(
+                    "unloaded: {links} XDP links detached, {maps} maps and the program removed from {}",
+                    pin_dir.display()
+                ),
+            }
+            Ok(())
+        }
+    }
+}

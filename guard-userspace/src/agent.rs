@@ -1,0 +1,236 @@
+//! `guard run`: load, then keep the maps equal to the desired state until told to stop.
+//!
+//! Level-triggered: Docker events only wake the loop; every pass takes a fresh snapshot and
+//! applies the difference, and a periodic pass repairs whatever an event stream missed. When
+//! Docker is away the maps stay exactly as they are (never opened, never emptied).
+
+use std::{collections::BTreeSet, fs, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::Ebpf;
+use futures_util::StreamExt;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
+use tracing::{info, warn};
+
+use crate::{
+    attach::Attachments,
+    desired::desired_state,
+    docker::{DockerClient, DockerError},
+    identities::Identities,
+    interfaces::{self, Link},
+    loader,
+    maps::PolicyMaps,
+    pins::Pins,
+    tables::diff,
+};
+
+pub struct RunOptions {
+    /// Interfaces to protect; empty means every uplink (see [`interfaces::select_uplinks`]).
+    pub ifaces: Vec<String>,
+    pub trusted: Vec<String>,
+    pub pins: Pins,
+    pub resync: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let mut ebpf = loader::load(&opts.pins)?;
+    pin_program(&mut ebpf, &opts.pins)?;
+    let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
+    let ids = Identities::adopt(maps.read()?.identities);
+    if !opts.ifaces.is_empty() {
+        let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
+        if !missing.is_empty() {
+            bail!("no interface named {} (see `ip link`)", missing.join(", "));
+        }
+    }
+    let mut agent = Agent {
+        ebpf,
+        maps,
+        ids,
+        attachments: Attachments::default(),
+        opts,
+        warnings: Warnings::default(),
+    };
+
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(follow_docker_events(wake.clone()));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let mut docker: Option<DockerClient> = None;
+    let mut synced = false;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if docker.is_none() {
+            match DockerClient::connect().await {
+                Ok(client) => docker = Some(client),
+                Err(e) => warn!("{e}; retrying in {backoff:?}, protection unchanged"),
+            }
+        }
+        let mut wait = agent.opts.resync;
+        if let Some(client) = &docker {
+            match agent.reconcile(client).await {
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    if !synced {
+                        synced = true;
+                        info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
+                    }
+                }
+                Err(e) => {
+                    warn!("reconcile failed: {e:#}; retrying in {backoff:?}, protection unchanged");
+                    if e.downcast_ref::<DockerError>().is_some() {
+                        docker = None;
+                    }
+                }
+            }
+        }
+        if docker.is_none() || !synced {
+            wait = backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!("stopping; the pinned program and maps keep protecting (`guard unload` removes them)");
+    Ok(())
+}
+
+struct Agent {
+    ebpf: Ebpf,
+    maps: PolicyMaps,
+    ids: Identities,
+    attachments: Attachments,
+    opts: RunOptions,
+    warnings: Warnings,
+}
+
+impl Agent {
+    async fn reconcile(&mut self, docker: &DockerClient) -> anyhow::Result<()> {
+        let snapshot = docker.snapshot().await?;
+        let links = interfaces::links().context("listing interfaces")?;
+        let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
+
+        let targets = self
+            .ids
+            .assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+        let desired = desired_state(&snapshot, &host_addrs, &targets);
+        let mut warnings = Vec::new();
+        for policy in &desired.containers {
+            for error in &policy.label_errors {
+                warnings.push(format!(
+                    "container {}: {error}; ignored, its ports stay closed",
+                    policy.container.name
+                ));
+            }
+        }
+
+        // Maps before links: a new link must never run against maps that are still empty.
+        let plan = diff(&self.maps.read()?, &desired.tables);
+        if !plan.is_empty() {
+            let failures = self.maps.apply(&plan);
+            info!(
+                changes = plan.change_count(),
+                failed = failures.len(),
+                "maps updated"
+            );
+            warnings.extend(failures.iter().map(ToString::to_string));
+        }
+
+        let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
+        let program = loader::xdp_program(&mut self.ebpf)?;
+        let errors = self.attachments.sync(program, &self.opts.pins, &uplinks);
+        warnings.extend(errors.iter().map(ToString::to_string));
+        self.warnings.report(warnings);
+        Ok(())
+    }
+
+    fn uplinks(
+        &self,
+        links: &[Link],
+        snapshot: &crate::snapshot::Snapshot,
+        warnings: &mut Vec<String>,
+    ) -> Vec<Link> {
+        if self.opts.ifaces.is_empty() {
+            let bridges: BTreeSet<String> = snapshot
+                .networks
+                .iter()
+                .filter_map(|n| n.bridge.clone())
+                .collect();
+            return interfaces::select_uplinks(links, &bridges, &self.opts.trusted);
+        }
+        let (found, missing) = interfaces::named(links, &self.opts.ifaces);
+        for name in missing {
+            warnings.push(format!(
+                "interface {name} is gone; it will be protected when it returns"
+            ));
+        }
+        found
+    }
+}
+
+/// Pins the freshly loaded program (replacing a previous agent's pin) so tools such as
+/// `guard explain` can find the program that is attached.
+fn pin_program(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
+    let path = pins.program();
+    if path.exists() {
+        fs::remove_file(&path).with_context(|| format!("removing old pin {}", path.display()))?;
+    }
+    loader::xdp_program(ebpf)?
+        .pin(&path)
+        .with_context(|| format!("pinning the XDP program at {}", path.display()))
+}
+
+/// Wakes the reconciler on every container or network event; reconnects with backoff.
+async fn follow_docker_events(wake: Arc<Notify>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match DockerClient::connect().await {
+            Ok(client) => {
+                let mut events = Box::pin(client.events());
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(()) => {
+                            backoff = Duration::from_secs(1);
+                            wake.notify_one();
+                        }
+                        Err(e) => {
+                            warn!("Docker event stream: {e}");
+                            break;
+                        }
+                    }
+                }
+                // The stream ended: the daemon restarted or went away. Resync when it returns.
+                wake.notify_one();
+            }
+            Err(e) => warn!("Docker event stream: {e}; retrying in {backoff:?}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Logs a warning when it first appears, not on every reconcile while it persists.
+#[derive(Default)]
+struct Warnings {
+    active: BTreeSet<String>,
+}
+
+impl Warnings {
+    fn report(&mut self, current: Vec<String>) {
+        let current: BTreeSet<String> = current.into_iter().collect();
+        for message in current.difference(&self.active) {
+            warn!("{message}");
+        }
+        self.active = current;
+    }
+}

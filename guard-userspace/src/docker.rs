@@ -1,0 +1,183 @@
+//! Docker's state through its API: a [`Snapshot`] of networks and running containers, and a
+//! stream of the events that should wake the reconciler.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use bollard::{
+    Docker,
+    models::{
+        ContainerSummary, EventMessageTypeEnum, Network as DockerNetwork, PortSummaryTypeEnum,
+    },
+    query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
+};
+use futures_util::{Stream, StreamExt};
+
+use crate::{
+    policy::Proto,
+    snapshot::{Container, Network, Published, Snapshot},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "cannot reach the Docker daemon (is dockerd running, and /var/run/docker.sock mounted?): {0}"
+    )]
+    Connect(#[source] bollard::errors::Error),
+    #[error("Docker API call {call} failed: {source}")]
+    Api {
+        call: &'static str,
+        source: bollard::errors::Error,
+    },
+}
+
+pub struct DockerClient {
+    docker: Docker,
+}
+
+impl DockerClient {
+    /// Connects through DOCKER_HOST or the local socket, at the daemon's API version.
+    pub async fn connect() -> Result<Self, DockerError> {
+        let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(DockerError::Connect)?;
+        Ok(DockerClient { docker })
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot, DockerError> {
+        let networks = self
+            .docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await
+            .map_err(|source| DockerError::Api {
+                call: "list networks",
+                source,
+            })?;
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|source| DockerError::Api {
+                call: "list containers",
+                source,
+            })?;
+        Ok(Snapshot {
+            networks: networks.iter().map(network).collect(),
+            containers: containers.iter().filter_map(container).collect(),
+        })
+    }
+
+    /// Container and network events; each one only means "look again".
+    pub fn events(&self) -> impl Stream<Item = Result<(), DockerError>> + use<> {
+        let filters = HashMap::from([(
+            "type".to_string(),
+            vec!["container".into(), "network".into()],
+        )]);
+        self.docker
+            .events(Some(EventsOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .filter_map(|event| async move {
+                match event {
+                    Ok(e) => matches!(
+                        e.typ,
+                        Some(EventMessageTypeEnum::CONTAINER | EventMessageTypeEnum::NETWORK)
+                    )
+                    .then_some(Ok(())),
+                    Err(source) => Some(Err(DockerError::Api {
+                        call: "events",
+                        source,
+                    })),
+                }
+            })
+    }
+}
+
+fn network(n: &DockerNetwork) -> Network {
+    let id = n.id.clone().unwrap_or_default();
+    let options = n.options.clone().unwrap_or_default();
+    let bridge = match options.get("com.docker.network.bridge.name") {
+        Some(name) => Some(name.clone()),
+        None if n.driver.as_deref() == Some("bridge") => {
+            Some(format!("br-{}", id.get(..12).unwrap_or(&id)))
+        }
+        None => None,
+    };
+    let configs = n
+        .ipam
+        .as_ref()
+        .and_then(|i| i.config.clone())
+        .unwrap_or_default();
+    Network {
+        name: n.name.clone().unwrap_or_default(),
+        bridge,
+        subnets: configs
+            .iter()
+            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+            .collect(),
+        gateways: configs
+            .iter()
+            .filter_map(|c| c.gateway.as_deref()?.parse().ok())
+            .collect(),
+        id,
+    }
+}
+
+fn container(c: &ContainerSummary) -> Option<Container> {
+    let id = c.id.clone()?;
+    let name = c
+        .names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_string())
+        .unwrap_or_else(|| id.chars().take(12).collect());
+    let endpoints = c
+        .network_settings
+        .as_ref()
+        .and_then(|s| s.networks.as_ref());
+    let addresses: Vec<IpAddr> = endpoints
+        .into_iter()
+        .flat_map(|eps| eps.values())
+        .flat_map(|ep| [ep.ip_address.as_deref(), ep.global_ipv6_address.as_deref()])
+        .filter_map(|ip| ip.filter(|s| !s.is_empty())?.parse().ok())
+        .collect();
+    let published = c.ports.iter().flatten().filter_map(|p| {
+        let proto = match p.typ {
+            Some(PortSummaryTypeEnum::UDP) => Proto::Udp,
+            Some(PortSummaryTypeEnum::SCTP) => Proto::Sctp,
+            _ => Proto::Tcp,
+        };
+        let host_ip =
+            p.ip.as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("0.0.0.0")
+                .parse()
+                .ok()?;
+        Some(Published {
+            host_ip,
+            host_port: p.public_port?,
+            container_port: p.private_port,
+            proto,
+        })
+    });
+    Some(Container {
+        id,
+        name,
+        labels: c
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
+        addresses,
+        published: published.collect(),
+    })
+}

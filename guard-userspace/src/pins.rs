@@ -1,0 +1,133 @@
+//! Where everything lives on bpffs. One root directory (default /sys/fs/bpf/guard):
+//!
+//!     <root>/maps/GUARD_*         the policy maps and counters (pinned by name)
+//!     <root>/xdp_program          the XDP program currently attached
+//!     <root>/links/xdp-<ifindex>  one XDP link per protected interface
+//!
+//! The pins are what keeps protection up when no agent runs; a new agent adopts them.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
+const LINK_PREFIX: &str = "xdp-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "{dir} is not on a bpffs: mount one with `mount -t bpf bpf {dir}` (or choose --pin-dir under one)"
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("cannot create pin directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot read pin directory {path}: {source}")]
+    ReadDir { path: PathBuf, source: io::Error },
+}
+
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Pins { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn exists(&self) -> bool {
+        self.root.exists()
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn program(&self) -> PathBuf {
+        self.root.join("xdp_program")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn xdp_link(&self, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{LINK_PREFIX}{ifindex}"))
+    }
+
+    /// Checks that the root's nearest existing ancestor is on bpffs, then creates the layout.
+    pub fn create(&self) -> Result<(), PinError> {
+        let existing = self
+            .root
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !is_bpffs(existing) {
+            return Err(PinError::NotBpffs {
+                dir: existing.to_path_buf(),
+            });
+        }
+        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| PinError::CreateDir { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// The XDP links pinned under this root, by interface index.
+    pub fn pinned_links(&self) -> Result<Vec<(u32, PathBuf)>, PinError> {
+        let dir = self.links_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(PinError::ReadDir { path: dir, source }),
+        };
+        let mut links = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let ifindex = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(LINK_PREFIX)?.parse().ok());
+            if let Some(ifindex) = ifindex {
+                links.push((ifindex, entry.path()));
+            }
+        }
+        links.sort();
+        Ok(links)
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_under_one_root() {
+        let pins = Pins::new("/sys/fs/bpf/guard");
+        assert_eq!(
+            pins.map("GUARD_ADDRS"),
+            Path::new("/sys/fs/bpf/guard/maps/GUARD_ADDRS")
+        );
+        assert_eq!(pins.xdp_link(7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
+        assert!(pins.program().starts_with(pins.root()));
+    }
+
+    #[test]
+    fn refuses_a_directory_that_is_not_bpffs() {
+        let err = Pins::new("/tmp/guard-not-bpffs/x").create().unwrap_err();
+        assert!(err.to_string().contains("mount -t bpf bpf"), "{err}");
+    }
+}

@@ -1,0 +1,66 @@
+//! `guard unload`: remove every link, program, map and pin under the pin directory, leaving
+//! the host as it was before guard.
+
+use std::{fs, io, path::Path};
+
+use guard_common::maps as names;
+
+use crate::pins::Pins;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unloaded {
+    /// Nothing was pinned there: a no-op.
+    NothingThere,
+    Removed {
+        links: usize,
+        maps: usize,
+    },
+}
+
+pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
+    if !pins.exists() {
+        return Ok(Unloaded::NothingThere);
+    }
+    // Links first: removing a link's last reference detaches the program from its interface.
+    let links = pins.pinned_links().map_err(io::Error::other)?;
+    for (_, path) in &links {
+        remove_file(path)?;
+    }
+    remove_file(&pins.program())?;
+    let mut maps = 0;
+    for name in names::ALL {
+        if remove_file(&pins.map(name))? {
+            maps += 1;
+        }
+    }
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.root().to_path_buf()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} still holds pins guard did not create: {e}",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Unloaded::Removed {
+        links: links.len(),
+        maps,
+    })
+}
+
+fn remove_file(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("removing {}: {e}", path.display()),
+        )),
+    }
+}

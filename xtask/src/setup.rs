@@ -1,0 +1,135 @@
+//! Build and test prerequisites: nightly rust-src, Debian packages, bpf-linker, bpffs.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{Ctx, docker, sh};
+
+/// Debian packages the build (llvm-22-dev), the agent (docker.io) and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    "docker.io",
+    "llvm-22-dev",
+    "busybox-static",
+    "iptables",
+    "iproute2",
+    "bpftool",
+    "nftables",
+];
+
+/// bpf-linker built against Debian's LLVM 22: its BTF is accepted by the kernel.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Everything `cargo xtask setup` does; `cargo xtask test` does it first too.
+pub fn machine(ctx: &Ctx) -> Result<()> {
+    prerequisites()?;
+    bpffs()?;
+    docker::ensure_daemon(&ctx.target_dir)?;
+    docker::ensure_test_image()
+}
+
+/// What building the workspace needs.
+pub fn prerequisites() -> Result<()> {
+    rust_src()?;
+    apt_packages()?;
+    bpf_linker()
+}
+
+fn rust_src() -> Result<()> {
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .context("running rustup (is rustup installed?)")?;
+    if !sysroot.status.success() {
+        println!("xtask: installing the nightly toolchain with rust-src with rustup ...");
+        return sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]));
+    }
+    let src =
+        PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib/rustlib/src");
+    if src.is_dir() {
+        println!("xtask: nightly rust-src present");
+        return Ok(());
+    }
+    println!("xtask: adding rust-src to the nightly toolchain with rustup ...");
+    sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("xtask: apt packages present: {}", APT_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("xtask: installing {} with apt-get ...", missing.join(" "));
+    let apt = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    sh(apt().args(["update"]))?;
+    sh(apt().args(["install", "-y"]).args(&missing))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout == b"install ok installed")
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    if version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
+        println!("xtask: bpf-linker {BPF_LINKER_VERSION} present");
+        return Ok(());
+    }
+    println!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 with cargo install \
+         (about 75 s) ..."
+    );
+    sh(Command::new("cargo")
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+        .args([
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// Mount bpffs on /sys/fs/bpf unless it already is (the agent pins there).
+pub fn bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&"/sys/fs/bpf") && fields.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        println!("xtask: bpffs mounted on /sys/fs/bpf");
+        return Ok(());
+    }
+    println!("xtask: mounting bpffs on /sys/fs/bpf ...");
+    sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}

@@ -1,0 +1,247 @@
+//! `cargo xtask test`: the three tiers and their summary.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+
+use crate::docker::TEST_IMAGE;
+use crate::{Ctx, setup, sh, show};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Run only this tier (repeatable); default: unit, verdict and e2e, in that order.
+    #[arg(long, value_enum)]
+    tier: Vec<Tier>,
+    /// Passed to every test binary, after `--` (e.g. a test name filter).
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    args: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Tier {
+    /// Label parsing, desired state and the rest of the pure code; no root needed.
+    Unit,
+    /// The real XDP program run by the kernel (BPF_PROG_TEST_RUN) on crafted frames.
+    Verdict,
+    /// A real dockerd, real containers and outside hosts in network namespaces.
+    E2e,
+}
+
+impl Tier {
+    fn name(self) -> &'static str {
+        match self {
+            Tier::Unit => "unit",
+            Tier::Verdict => "verdict",
+            Tier::E2e => "e2e",
+        }
+    }
+
+    /// `cargo ARGS -- HARNESS_ARGS user-args`
+    fn cargo_args(self) -> &'static [&'static str] {
+        match self {
+            Tier::Unit => &[
+                "test",
+                "--workspace",
+                "--exclude",
+                "guard-ebpf",
+                "--exclude",
+                "tests",
+            ],
+            Tier::Verdict => &["test", "-p", "tests", "--test", "verdict"],
+            Tier::E2e => &["test", "-p", "tests", "--test", "e2e"],
+        }
+    }
+
+    fn harness_args(self) -> &'static [&'static str] {
+        match self {
+            Tier::E2e => &["--test-threads=1"],
+            _ => &[],
+        }
+    }
+}
+
+/// Sums of the libtest `test result:` lines of one tier.
+#[derive(Default, Debug, PartialEq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+struct Outcome {
+    tier: Tier,
+    counts: Counts,
+    status: ExitStatus,
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        self.status.success() && self.counts.failed == 0 && self.counts.passed > 0
+    }
+
+    /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101)`
+    fn describe(&self) -> String {
+        let Counts {
+            passed,
+            failed,
+            ignored,
+        } = self.counts;
+        let mut s = format!("{} {passed} passed", self.tier.name());
+        if failed > 0 {
+            s += &format!(" {failed} failed");
+        }
+        if ignored > 0 {
+            s += &format!(" {ignored} ignored");
+        }
+        if !self.status.success() {
+            s += &format!(" (cargo: {})", self.status);
+        } else if passed + failed == 0 {
+            s += " (ran no test: FAILED)";
+        }
+        s
+    }
+}
+
+/// Returns whether every selected tier ran tests and all of them passed.
+pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
+    let start = Instant::now();
+    setup::machine(ctx)?;
+    println!("xtask: building guard with cargo build -p guard-userspace ...");
+    sh(Command::new("cargo").args(["build", "-p", "guard-userspace"]))?;
+    let guard_bin = ctx.target_dir.join("debug/guard");
+
+    let mut tiers = if args.tier.is_empty() {
+        vec![Tier::Unit, Tier::Verdict, Tier::E2e]
+    } else {
+        args.tier.clone()
+    };
+    tiers.sort();
+    tiers.dedup();
+
+    let mut outcomes = Vec::new();
+    for tier in tiers {
+        outcomes.push(run_tier(tier, &args.args, &guard_bin)?);
+    }
+
+    let tiers: Vec<String> = outcomes.iter().map(Outcome::describe).collect();
+    println!(
+        "xtask test: {} (in {} s)",
+        tiers.join(", "),
+        start.elapsed().as_secs()
+    );
+    let passed: u64 = outcomes.iter().map(|o| o.counts.passed).sum();
+    let failed: u64 = outcomes.iter().map(|o| o.counts.failed).sum();
+    println!("{passed} passed, {failed} failed");
+    Ok(outcomes.iter().all(Outcome::ok))
+}
+
+/// Run one tier's cargo test, streaming its stdout to ours while keeping a copy to count.
+fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(tier.cargo_args())
+        .arg("--")
+        .args(tier.harness_args())
+        .args(extra)
+        .env("GUARD_BIN", guard_bin)
+        .env("GUARD_TEST_IMAGE", TEST_IMAGE)
+        .stdout(Stdio::piped());
+    println!("xtask: tier {}: {} ...", tier.name(), show(&cmd));
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {}", show(&cmd)))?;
+    let mut tee = Tee {
+        out: io::stdout(),
+        copy: Vec::new(),
+    };
+    io::copy(child.stdout.as_mut().context("no stdout")?, &mut tee)?;
+    let status = child.wait()?;
+    let counts = parse_counts(&String::from_utf8_lossy(&tee.copy));
+    Ok(Outcome {
+        tier,
+        counts,
+        status,
+    })
+}
+
+/// Writes through to stdout at once and keeps a copy.
+struct Tee {
+    out: io::Stdout,
+    copy: Vec<u8>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write_all(buf)?;
+        self.out.flush()?;
+        self.copy.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Sum every `test result: ok. 41 passed; 0 failed; 2 ignored; ...` line.
+fn parse_counts(output: &str) -> Counts {
+    let mut counts = Counts::default();
+    for line in output.lines() {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            continue;
+        };
+        let Some((_, fields)) = rest.split_once(". ") else {
+            continue;
+        };
+        for field in fields.split(';') {
+            let mut words = field.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => counts.passed += n,
+                "failed" => counts.failed += n,
+                "ignored" => counts.ignored += n,
+                _ => {}
+            }
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_result_line() {
+        let out = "running 3 tests\n\
+            test a ... ok\n\
+            test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n\
+            \n\
+            test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 5 filtered out; finished in 1.20s\n\
+            test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s\n";
+        assert_eq!(
+            parse_counts(out),
+            Counts {
+                passed: 5,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
+
+    #[test]
+    fn no_result_line_means_nothing_ran() {
+        assert_eq!(
+            parse_counts("error: could not compile `tests`\n"),
+            Counts::default()
+        );
+    }
+}
