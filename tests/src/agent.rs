@@ -1,0 +1,237 @@
+//! The `guard` agent under test, run as a child process with its own pin directory.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::cmd::{self, try_run};
+
+/// The line the agent logs once the maps hold the first full Docker state.
+pub const READY_MARKER: &str = "initial sync complete";
+/// Loading, attaching and the first Docker sync take well under a second here; the margin
+/// is for a cold, loaded machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pin directories are `/sys/fs/bpf/guard-e2e-<pid>-<n>`: the pid says whether the run that
+/// made one is still alive.
+const PIN_PREFIX: &str = "guard-e2e-";
+
+/// The agent binary: `$GUARD_BIN` (set by `cargo xtask test`), else `guard` next to the
+/// test executable's `deps/` directory, where `cargo build` leaves it.
+pub fn guard_bin() -> PathBuf {
+    find_guard_bin().expect("build guard first: run `cargo xtask test` (or set GUARD_BIN)")
+}
+
+fn find_guard_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("GUARD_BIN") {
+        return Some(bin.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("guard");
+    bin.is_file().then_some(bin)
+}
+
+/// A running `guard run`. Drop stops it and unloads everything it pinned, so a failing test
+/// leaves no XDP program behind; on a failing test, drop also prints the agent's log.
+pub struct Agent {
+    child: Option<Child>,
+    pin_dir: PathBuf,
+    log: Arc<Mutex<String>>,
+    unloaded: bool,
+}
+
+impl Agent {
+    /// Starts `guard run` guarding `ifaces` and waits until it reports the initial sync.
+    pub fn start(ifaces: &[&str]) -> Self {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let pin_dir = Path::new("/sys/fs/bpf").join(format!(
+            "{PIN_PREFIX}{}-{}",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut command = Command::new(guard_bin());
+        command.arg("run");
+        for iface in ifaces {
+            command.args(["--iface", iface]);
+        }
+        command.arg("--pin-dir").arg(&pin_dir);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", guard_bin()));
+        let log = Arc::new(Mutex::new(String::new()));
+        collect_lines(child.stdout.take(), &log);
+        collect_lines(child.stderr.take(), &log);
+        let mut agent = Self {
+            child: Some(child),
+            pin_dir,
+            log,
+            unloaded: false,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log().contains(READY_MARKER) {
+            let child = self.child.as_mut().expect("agent running");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "guard run exited ({status}) before `{READY_MARKER}`:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guard run did not log `{READY_MARKER}` within {READY_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Everything the agent has written to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `guard status` for this agent's pins, or why it failed.
+    pub fn status(&self) -> String {
+        let pin_dir = self.pin_dir.to_string_lossy();
+        match try_run(
+            &guard_bin().to_string_lossy(),
+            &["status", "--pin-dir", &pin_dir],
+        ) {
+            Ok(out) | Err(out) => out,
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the agent to exit; the pinned programs stay.
+    /// Panics, with the log, unless it exits cleanly in time.
+    pub fn terminate(&mut self) {
+        let status = self.stop_child();
+        match status {
+            Some(status) if status.success() => {}
+            Some(status) => panic!("guard run exited with {status} on SIGTERM:\n{}", self.log()),
+            None => panic!(
+                "guard run ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// Stops the agent if it still runs, then `guard unload`; asserts the pin directory is
+    /// gone.
+    pub fn unload(mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        if let Err(e) = self.try_unload() {
+            panic!("{e}\nagent log:\n{}", self.log());
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it does not exit within [`STOP_TIMEOUT`]; `None` if it had to
+    /// be killed.
+    fn stop_child(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // The child is ours and not yet reaped, so the pid cannot have been reused.
+        let _ = kill(pid, Signal::SIGTERM);
+        cmd::wait_bounded(&mut child, STOP_TIMEOUT)
+    }
+
+    fn try_unload(&mut self) -> Result<(), String> {
+        self.unloaded = true;
+        unload_pins(&self.pin_dir)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let failing = thread::panicking();
+        if failing {
+            eprintln!("--- guard status ---\n{}", self.status());
+        }
+        let stopped = self.stop_child();
+        if failing {
+            eprintln!("--- guard log (stopped: {stopped:?}) ---\n{}", self.log());
+        }
+        if !self.unloaded
+            && let Err(e) = self.try_unload()
+        {
+            // Panicking during an unwind aborts the test binary; report instead.
+            if failing {
+                eprintln!("cleanup: {e}");
+            } else {
+                panic!("{e}\nagent log:\n{}", self.log());
+            }
+        }
+    }
+}
+
+/// `guard unload --pin-dir DIR`, then checks that DIR is gone.
+fn unload_pins(pin_dir: &Path) -> Result<(), String> {
+    let dir = pin_dir.to_string_lossy();
+    try_run(
+        &guard_bin().to_string_lossy(),
+        &["unload", "--pin-dir", &dir],
+    )?;
+    if pin_dir.exists() {
+        return Err(format!("`guard unload` left {dir} behind"));
+    }
+    Ok(())
+}
+
+/// Appends each line read from `pipe` to `log`, on a thread, until the pipe closes; also
+/// echoes it to stderr so `--nocapture` runs show the agent live.
+fn collect_lines(pipe: Option<impl Read + Send + 'static>, log: &Arc<Mutex<String>>) {
+    let Some(pipe) = pipe else { return };
+    let log = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[guard] {line}");
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+/// Unloads pin directories of earlier runs whose process is gone (killed before `Agent`'s
+/// drop ran); falls back to deleting the pins if no `guard` binary is at hand.
+pub(crate) fn remove_leftover_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PIN_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if pid.is_empty() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        eprintln!("removing leftover pins {}", entry.path().display());
+        let unloaded = find_guard_bin().is_some() && unload_pins(&entry.path()).is_ok();
+        if !unloaded {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

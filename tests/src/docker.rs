@@ -1,0 +1,244 @@
+//! Docker fixtures driven through the docker CLI: networks and containers that remove
+//! themselves on drop.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::cmd::{self, run, try_run};
+use crate::probe;
+
+/// Prefix of every container and network the test bed creates.
+pub const PREFIX: &str = "guard-e2e-";
+
+/// The docker CLI. The test bed talks to a 20.10 daemon (API 1.41); Debian's docker.io puts
+/// the matching client in /usr/bin, which a newer client earlier on `$PATH` would not be.
+pub fn docker_bin() -> &'static str {
+    if Path::new("/usr/bin/docker").is_file() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    }
+}
+
+/// `docker args`, stdout; panics with stderr on failure.
+pub fn docker(args: &[&str]) -> String {
+    run(docker_bin(), args)
+}
+
+/// The image the containers run: busybox only (no registry to pull from).
+pub fn image() -> String {
+    std::env::var("GUARD_TEST_IMAGE").unwrap_or_else(|_| "guard-test:busybox".to_owned())
+}
+
+pub(crate) fn require_daemon_and_image() {
+    assert!(
+        Path::new("/usr/bin/docker").is_file() || cmd::find_in_path("docker").is_some(),
+        "docker CLI not found: apt-get install -y docker.io"
+    );
+    if let Err(e) = try_run(docker_bin(), &["info", "--format", "{{.ServerVersion}}"]) {
+        panic!("dockerd is not answering ({e}): start it with `dockerd > /tmp/dockerd.log 2>&1 &`");
+    }
+    let image = image();
+    assert!(
+        try_run(docker_bin(), &["image", "inspect", &image]).is_ok(),
+        "image {image} is missing: `cargo xtask test` builds it (busybox-static imported with \
+         `docker import`), or set GUARD_TEST_IMAGE"
+    );
+}
+
+/// Removes containers, then networks, whose names carry the test prefix.
+pub(crate) fn remove_leftovers() {
+    let filter = format!("name={PREFIX}");
+    let containers = docker(&["ps", "-aq", "--filter", &filter]);
+    for id in containers.split_whitespace() {
+        eprintln!("removing leftover container {id}");
+        let _ = try_run(docker_bin(), &["rm", "-f", "-v", id]);
+    }
+    let networks = docker(&["network", "ls", "-q", "--filter", &filter]);
+    for id in networks.split_whitespace() {
+        eprintln!("removing leftover network {id}");
+        let _ = try_run(docker_bin(), &["network", "rm", id]);
+    }
+}
+
+/// A user-defined bridge network with fixed subnets (so the outside hosts can route to them
+/// and assertions can name addresses), removed on drop.
+pub struct Network {
+    name: String,
+    pub subnet_v4: String,
+    pub gateway_v4: Ipv4Addr,
+    /// `(subnet, gateway)` when the network has IPv6.
+    pub v6: Option<(String, Ipv6Addr)>,
+}
+
+impl Network {
+    /// `subnet_v4` like "10.250.0.0/24"; its gateway is the subnet's first address, as
+    /// Docker would pick. Likewise for `v6` ("fd00:250::/64").
+    pub fn create(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
+        assert!(
+            name.starts_with(PREFIX),
+            "network {name} lacks the test prefix"
+        );
+        let gateway_v4 = first_host_v4(subnet_v4);
+        let mut args = vec![
+            "network".to_owned(),
+            "create".to_owned(),
+            format!("--subnet={subnet_v4}"),
+            format!("--gateway={gateway_v4}"),
+        ];
+        let v6 = v6.map(|subnet| (subnet.to_owned(), first_host_v6(subnet)));
+        if let Some((subnet, gateway)) = &v6 {
+            args.extend(["--ipv6".to_owned(), format!("--subnet={subnet}")]);
+            args.push(format!("--gateway={gateway}"));
+        }
+        args.push(name.to_owned());
+        docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        Self {
+            name: name.to_owned(),
+            subnet_v4: subnet_v4.to_owned(),
+            gateway_v4,
+            v6,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn subnet_v6(&self) -> &str {
+        &self.v6.as_ref().expect("network has no IPv6").0
+    }
+
+    pub fn gateway_v6(&self) -> Ipv6Addr {
+        self.v6.as_ref().expect("network has no IPv6").1
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Err(e) = try_run(docker_bin(), &["network", "rm", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+fn first_host_v4(cidr: &str) -> Ipv4Addr {
+    let base: Ipv4Addr = cidr.split('/').next().unwrap().parse().expect("v4 subnet");
+    Ipv4Addr::from(u32::from(base) + 1)
+}
+
+fn first_host_v6(cidr: &str) -> Ipv6Addr {
+    let base: Ipv6Addr = cidr.split('/').next().unwrap().parse().expect("v6 subnet");
+    Ipv6Addr::from(u128::from(base) + 1)
+}
+
+/// What to `docker run`.
+#[derive(Default)]
+pub struct ContainerSpec<'a> {
+    /// Without the prefix: "db" runs as "guard-e2e-db".
+    pub name: &'a str,
+    pub network: Option<&'a Network>,
+    pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub labels: &'a [(&'a str, &'a str)],
+    /// `-p` arguments, e.g. "10443:443".
+    pub publish: &'a [&'a str],
+    /// Run with `sh -c`.
+    pub command: &'a str,
+    /// Container TCP ports to wait for (from the host) before returning.
+    pub listens_on: &'a [u16],
+}
+
+/// A running container (`docker run -d`), force-removed on drop.
+pub struct Container {
+    name: String,
+    ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
+}
+
+impl Container {
+    pub fn run(spec: ContainerSpec) -> Self {
+        let name = format!("{PREFIX}{}", spec.name);
+        let mut args = vec!["run".to_owned(), "-d".to_owned(), format!("--name={name}")];
+        if let Some(network) = spec.network {
+            args.push(format!("--network={}", network.name()));
+        }
+        if let Some(ip) = spec.ip {
+            args.push(format!("--ip={ip}"));
+        }
+        if let Some(ip6) = spec.ip6 {
+            args.push(format!("--ip6={ip6}"));
+        }
+        for (key, value) in spec.labels {
+            args.push(format!("--label={key}={value}"));
+        }
+        for publish in spec.publish {
+            args.push(format!("--publish={publish}"));
+        }
+        args.extend([
+            image(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            spec.command.to_owned(),
+        ]);
+        docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let container = Self {
+            name,
+            ip: spec.ip,
+            ip6: spec.ip6,
+        };
+        if let Some(ip) = spec.ip {
+            for &port in spec.listens_on {
+                probe::wait_for_tcp(SocketAddr::from((ip, port)), Duration::from_secs(15));
+            }
+        }
+        container
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fixed IPv4 address it was started with.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+            .unwrap_or_else(|| panic!("{} was started without --ip", self.name))
+    }
+
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+            .unwrap_or_else(|| panic!("{} was started without --ip6", self.name))
+    }
+
+    /// `docker exec NAME args`; the caller judges the exit status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        cmd::output(
+            Command::new(docker_bin())
+                .arg("exec")
+                .arg(&self.name)
+                .args(args),
+            cmd::COMMAND_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("docker exec {} {args:?}: {e}", self.name))
+    }
+
+    /// `/proc/PID/ns/net` of its main process, for [`crate::netns::in_netns`]: lets a test
+    /// send from the container's own network stack with std sockets, where busybox lacks a
+    /// tool (its nc has no UDP mode).
+    pub fn netns_path(&self) -> PathBuf {
+        let pid = docker(&["inspect", "--format", "{{.State.Pid}}", &self.name]);
+        let pid = pid.trim();
+        assert!(pid != "0", "{} is not running", self.name);
+        PathBuf::from(format!("/proc/{pid}/ns/net"))
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Err(e) = try_run(docker_bin(), &["rm", "-f", "-v", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}

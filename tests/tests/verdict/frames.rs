@@ -1,0 +1,176 @@
+//! Crafted frames: Ethernet (optionally VLAN-tagged), IPv4 (optionally with options or as a
+//! later fragment) or IPv6, and a transport header. Checksums are left zero: XDP never checks
+//! them, and neither does guard.
+
+use std::net::IpAddr;
+
+use guard_common::decision::{L4, Packet};
+
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    Tcp(u16),
+    Udp(u16),
+    Sctp(u16),
+    Icmp,
+}
+
+impl Transport {
+    fn proto(self, v6: bool) -> u8 {
+        match self {
+            Transport::Tcp(_) => 6,
+            Transport::Udp(_) => 17,
+            Transport::Sctp(_) => 132,
+            Transport::Icmp if v6 => 58,
+            Transport::Icmp => 1,
+        }
+    }
+
+    fn header(self) -> Vec<u8> {
+        let with_port = |len: usize, port: u16| {
+            let mut h = vec![0u8; len];
+            h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            h[2..4].copy_from_slice(&port.to_be_bytes());
+            h
+        };
+        match self {
+            Transport::Tcp(port) => {
+                let mut h = with_port(20, port);
+                h[12] = 5 << 4; // data offset
+                h[13] = 0x02; // SYN
+                h
+            }
+            Transport::Udp(port) => with_port(8, port),
+            Transport::Sctp(port) => with_port(12, port),
+            Transport::Icmp => vec![8, 0, 0, 0, 0, 1, 0, 1], // echo request
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub transport: Transport,
+    pub vlans: Vec<u16>,
+    /// IPv4 option bytes (a multiple of 4).
+    pub ip_options: usize,
+    /// IPv4 fragment offset in 8-byte units; non-zero makes a later fragment.
+    pub frag_offset: u16,
+    /// Cut the frame to this many bytes.
+    pub truncate: Option<usize>,
+}
+
+impl Frame {
+    pub fn new(src: &str, dst: &str, transport: Transport) -> Self {
+        Frame {
+            src: src.parse().expect("source address"),
+            dst: dst.parse().expect("destination address"),
+            transport,
+            vlans: Vec::new(),
+            ip_options: 0,
+            frag_offset: 0,
+            truncate: None,
+        }
+    }
+
+    pub fn vlans(mut self, tags: &[u16]) -> Self {
+        self.vlans = tags.to_vec();
+        self
+    }
+
+    pub fn ip_options(mut self, len: usize) -> Self {
+        self.ip_options = len;
+        self
+    }
+
+    pub fn later_fragment(mut self) -> Self {
+        self.frag_offset = 185;
+        self
+    }
+
+    pub fn truncate(mut self, len: usize) -> Self {
+        self.truncate = Some(len);
+        self
+    }
+
+    /// Byte offset of the IP header.
+    pub fn ip_offset(&self) -> usize {
+        14 + 4 * self.vlans.len()
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let v6 = self.dst.is_ipv6();
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        let mut ether_types: Vec<u16> = match self.vlans.len() {
+            0 => vec![],
+            1 => vec![0x8100],
+            _ => vec![0x88a8, 0x8100],
+        };
+        ether_types.push(if v6 { 0x86dd } else { 0x0800 });
+        f.extend_from_slice(&ether_types[0].to_be_bytes());
+        for (i, vid) in self.vlans.iter().enumerate() {
+            f.extend_from_slice(&vid.to_be_bytes());
+            f.extend_from_slice(&ether_types[i + 1].to_be_bytes());
+        }
+        let payload = if self.frag_offset != 0 {
+            vec![0u8; 16]
+        } else {
+            self.transport.header()
+        };
+        let proto = self.transport.proto(v6);
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let ihl = 5 + self.ip_options / 4;
+                let total = (ihl * 4 + payload.len()) as u16;
+                f.push(0x40 | ihl as u8);
+                f.push(0);
+                f.extend_from_slice(&total.to_be_bytes());
+                f.extend_from_slice(&[0, 1]);
+                f.extend_from_slice(&self.frag_offset.to_be_bytes());
+                f.extend_from_slice(&[64, proto, 0, 0]);
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
+                // Options: NOPs, which any parser must skip by IHL, not by reading them.
+                f.extend(std::iter::repeat_n(1u8, self.ip_options));
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+                f.extend_from_slice(&[proto, 64]);
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
+            }
+            _ => panic!("source and destination must be of one family"),
+        }
+        f.extend_from_slice(&payload);
+        if let Some(len) = self.truncate {
+            f.truncate(len);
+        }
+        f
+    }
+
+    /// What the reference decision should be given for this frame, if it parses.
+    pub fn packet(&self) -> Packet {
+        let ip_header = if self.dst.is_ipv6() {
+            40
+        } else {
+            20 + self.ip_options
+        };
+        let full = self.ip_offset() + ip_header + self.transport.header().len();
+        let truncated = self.truncate.is_some_and(|len| len < full);
+        let l4 = match self.transport {
+            _ if self.frag_offset != 0 => L4::NoPorts,
+            Transport::Icmp => L4::NoPorts,
+            _ if truncated => L4::Truncated,
+            Transport::Tcp(p) | Transport::Udp(p) | Transport::Sctp(p) => L4::Ports {
+                proto: self.transport.proto(false),
+                dport: p,
+            },
+        };
+        Packet {
+            src: self.src.into(),
+            dst: self.dst.into(),
+            l4,
+        }
+    }
+}
