@@ -1,8 +1,10 @@
 //! Where everything lives on bpffs. One root directory (default /sys/fs/bpf/guard):
 //!
-//!     <root>/maps/GUARD_*         the policy maps and counters (pinned by name)
-//!     <root>/xdp_program          the XDP program currently attached
-//!     <root>/links/xdp-<ifindex>  one XDP link per protected interface
+//! ```text
+//! <root>/maps/GUARD_*         the policy maps and counters (pinned by name)
+//! <root>/xdp_program          the XDP program currently attached
+//! <root>/links/xdp-<ifindex>  one XDP link per protected interface
+//! ```
 //!
 //! The pins are what keeps protection up when no agent runs; a new agent adopts them.
 
