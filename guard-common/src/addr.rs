@@ -16,9 +16,7 @@ pub const V4_MAPPED_PREFIX: u32 = 96;
 impl Addr {
     #[inline(always)]
     pub const fn from_v4(o: [u8; 4]) -> Self {
-        Addr([
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-        ])
+        Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]])
     }
 
     #[inline(always)]

@@ -3,10 +3,18 @@
 //! [`decide`] is generic over [`Tables`]: the XDP program instantiates it with BPF map lookups,
 //! the agent with its desired state. Both therefore share one definition of DESIGN.md's rules,
 //! and user space can test and explain verdicts against exactly what the kernel runs.
+//!
+//! The order of the lookups is the order of their cost and of how often they settle a packet:
+//! the prefilter (a bit test) clears most traffic, a closed container costs one hash lookup,
+//! longest-prefix matches are reached only for source lists and unassigned addresses, and flow
+//! memory only on the would-drop path.
 
 use crate::{
     addr::Addr,
-    maps::{AddrInfo, PortKey, PortRule, PublishedKey, PublishedTarget},
+    maps::{
+        AddrInfo, FlowKey, OPEN_EVERYONE, OPEN_LISTED, OPEN_NONE, PortKey, PortRule, PublishedKey,
+        PublishedTarget,
+    },
     reason::Reason,
 };
 
@@ -18,11 +26,11 @@ pub struct Packet {
     pub l4: L4,
 }
 
-/// The transport layer as far as the decision cares.
+/// What kind of transport layer a packet has, as far as the decision cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum L4 {
-    /// TCP, UDP or SCTP with its destination port (host byte order).
-    Ports { proto: u8, dport: u16 },
+pub enum L4Kind {
+    /// TCP, UDP or SCTP, with its ports.
+    Ports,
     /// A protocol without ports (ICMP, ...) or a later fragment: only a container's all-ports
     /// rule can open it.
     NoPorts,
@@ -30,15 +38,48 @@ pub enum L4 {
     Truncated,
 }
 
+/// The transport layer. A plain struct rather than an enum with fields on purpose: every
+/// field is always initialised, so the compiler never fills an unused field of a packed enum
+/// with whatever a register held (a packet pointer, once), which the BPF verifier rejects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4 {
+    pub kind: L4Kind,
+    pub proto: u8,
+    /// Host byte order; 0 unless `kind` is [`L4Kind::Ports`].
+    pub sport: u16,
+    pub dport: u16,
+    /// A TCP segment that opens a connection (SYN without ACK): never a reply.
+    pub syn_only: bool,
+}
+
+impl L4 {
+    pub const NO_PORTS: L4 =
+        L4 { kind: L4Kind::NoPorts, proto: 0, sport: 0, dport: 0, syn_only: false };
+    pub const TRUNCATED: L4 =
+        L4 { kind: L4Kind::Truncated, proto: 0, sport: 0, dport: 0, syn_only: false };
+
+    #[inline(always)]
+    pub const fn ports(proto: u8, sport: u16, dport: u16, syn_only: bool) -> L4 {
+        L4 { kind: L4Kind::Ports, proto, sport, dport, syn_only }
+    }
+}
+
 /// Read access to the policy tables. Implementations must be pure lookups.
 pub trait Tables {
+    /// Prefilter: `false` proves no container and no Docker network holds `dst`.
+    fn may_hold_container(&self, dst: &Addr) -> bool;
+    /// Prefilter: `false` proves Docker publishes `port` on no address and protocol.
+    fn may_be_published(&self, port: u16) -> bool;
+    fn published(&self, key: &PublishedKey) -> Option<PublishedTarget>;
     fn addr_info(&self, addr: &Addr) -> Option<AddrInfo>;
     /// Whether `addr` lies in any Docker network's subnet.
     fn in_docker_network(&self, addr: &Addr) -> bool;
-    fn published(&self, key: &PublishedKey) -> Option<PublishedTarget>;
     fn port_rule(&self, key: &PortKey) -> Option<PortRule>;
     /// Whether `src` lies in a prefix listed for the opened port `key`.
     fn source_listed(&self, key: &PortKey, src: &Addr) -> bool;
+    /// Whether a flow the host or a container started left through an uplink with `key`
+    /// (and, for protocols without connection state, recently enough).
+    fn flow_seen(&self, key: &FlowKey) -> bool;
 }
 
 /// The verdict (through its reason) for a packet that arrived on an uplink.
@@ -47,50 +88,89 @@ pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
     if pkt.dst.is_loopback() {
         return Reason::LoopbackDst;
     }
-    // Resolve the two paths to one target: (container, protocol, container port).
-    let (target, port) = match tables.addr_info(&pkt.dst) {
-        Some(info) if info.kind == AddrInfo::CONTAINER => match pkt.l4 {
-            L4::Ports { proto, dport } => (info.target, Some((proto, dport))),
-            L4::NoPorts => (info.target, None),
-            L4::Truncated => return Reason::MalformedL4,
-        },
-        // One of the host's own addresses: container-bound only through a published port.
-        Some(_) => {
-            let L4::Ports { proto, dport } = pkt.l4 else {
-                return Reason::NotContainerBound;
-            };
-            let key = PublishedKey {
-                addr: pkt.dst,
-                port: dport,
-                proto,
-                _pad: 0,
-            };
-            match tables.published(&key) {
-                Some(p) => (p.target, Some((proto, p.port))),
-                None => return Reason::NotContainerBound,
-            }
-        }
-        None if tables.in_docker_network(&pkt.dst) => return Reason::UnassignedAddr,
-        None => return Reason::NotContainerBound,
-    };
+    let dst_may_hold = tables.may_hold_container(&pkt.dst);
+    let l4 = pkt.l4;
+    let published_port = (l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport))
+        .then_some((l4.proto, l4.dport));
+    if !dst_may_hold && published_port.is_none() {
+        return Reason::NotContainerBound;
+    }
 
-    if let Some((proto, port)) = port {
-        if let Some(reason) = opening(tables, &PortKey::new(target, proto, port), &pkt.src) {
-            return reason;
+    // Published: a host address (gateways included) and a port Docker publishes on it.
+    if let Some((proto, dport)) = published_port {
+        let key = PublishedKey { addr: pkt.dst, port: dport, proto, _pad: 0 };
+        if let Some(p) = tables.published(&key) {
+            let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
+            return judge(tables, pkt, p.target, port, p.all_ports);
         }
     }
-    match opening(tables, &PortKey::all_ports(target), &pkt.src) {
-        Some(reason) => reason,
-        None => Reason::Closed,
+    if !dst_may_hold {
+        return Reason::NotContainerBound;
+    }
+
+    // Direct: a container's address, or an address in a Docker network.
+    match tables.addr_info(&pkt.dst) {
+        Some(info) if info.kind == AddrInfo::CONTAINER => {
+            let port = match l4.kind {
+                L4Kind::Ports => {
+                    let key = PortKey::new(info.target, l4.proto, l4.dport);
+                    let rule = if info.has_port_rules != 0 {
+                        tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
+                    } else {
+                        OPEN_NONE
+                    };
+                    Some((key, rule))
+                }
+                L4Kind::NoPorts => None,
+                L4Kind::Truncated => return Reason::MalformedL4,
+            };
+            judge(tables, pkt, info.target, port, info.all_ports)
+        }
+        // One of the host's own addresses, not on a published port: the host's business.
+        Some(_) => Reason::NotContainerBound,
+        None if tables.in_docker_network(&pkt.dst) => Reason::UnassignedAddr,
+        None => Reason::NotContainerBound,
     }
 }
 
+/// Container-bound: open to this source through the port's rule or the all-ports rule, a
+/// reply to a flow started from inside, or closed.
 #[inline(always)]
-fn opening<T: Tables>(tables: &T, key: &PortKey, src: &Addr) -> Option<Reason> {
-    let rule = tables.port_rule(key)?;
-    if rule.open_to == PortRule::EVERYONE {
+fn judge<T: Tables>(
+    tables: &T,
+    pkt: &Packet,
+    target: u32,
+    port: Option<(PortKey, u8)>,
+    all_ports: u8,
+) -> Reason {
+    if let Some((key, rule)) = port
+        && let Some(reason) = opening(tables, rule, &key, &pkt.src)
+    {
+        return reason;
+    }
+    if let Some(reason) = opening(tables, all_ports, &PortKey::all_ports(target), &pkt.src) {
+        return reason;
+    }
+    let l4 = pkt.l4;
+    if l4.kind != L4Kind::Ports || l4.syn_only {
+        return Reason::Closed;
+    }
+    let flow = FlowKey {
+        remote: pkt.src,
+        local: pkt.dst,
+        remote_port: l4.sport,
+        local_port: l4.dport,
+        proto: l4.proto,
+        _pad: [0; 3],
+    };
+    if tables.flow_seen(&flow) { Reason::Reply } else { Reason::Closed }
+}
+
+#[inline(always)]
+fn opening<T: Tables>(tables: &T, rule: u8, key: &PortKey, src: &Addr) -> Option<Reason> {
+    if rule == OPEN_EVERYONE {
         Some(Reason::Exposed)
-    } else if rule.open_to == PortRule::LISTED && tables.source_listed(key, src) {
+    } else if rule == OPEN_LISTED && tables.source_listed(key, src) {
         Some(Reason::AllowedSource)
     } else {
         None

@@ -2,6 +2,7 @@
 //!
 //! - [`addr`]: the one address type both families share.
 //! - [`maps`]: map names, capacities and the `#[repr(C)]` keys and values.
+//! - [`prefilter`]: the bitmaps that let most traffic pass without a single hash lookup.
 //! - [`reason`]: why a packet got its verdict (one per-CPU counter each).
 //! - [`decision`]: the policy decision itself, written once over a [`decision::Tables`] trait.
 //!   The XDP program implements the trait with BPF maps; the agent implements it with the desired
@@ -14,4 +15,5 @@ extern crate std;
 pub mod addr;
 pub mod decision;
 pub mod maps;
+pub mod prefilter;
 pub mod reason;

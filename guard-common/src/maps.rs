@@ -1,12 +1,17 @@
 //! The maps the XDP program reads and the agent writes: names, capacities, keys and values.
 //!
-//! The packet path answers three questions with these maps:
-//! 1. What is the destination? [`ADDRS`]: a container (direct routing) or one of the host's own
-//!    addresses; [`NETWORKS`]: somewhere in a Docker network no container holds yet.
-//! 2. If it is the host, is (address, protocol, port) published by Docker? [`PUBLISHED`] names the
-//!    container port behind it.
-//! 3. Is the container port open to this source? [`PORTS`] says open to all, or to a list kept in
-//!    [`SOURCES`]; no entry means closed.
+//! The packet path answers these questions, cheapest first:
+//! 0. Could this be container-bound at all? [`PREFILTER`]: bitmaps of the address buckets that
+//!    hold Docker networks and of the ports Docker publishes. Most traffic stops here.
+//! 1. Is (host address, protocol, port) published by Docker? [`PUBLISHED`] names the container
+//!    port behind it, with that port's rule.
+//! 2. Otherwise, what is the destination? [`ADDRS`]: a container (direct routing) or one of the
+//!    host's own addresses; [`NETWORKS`]: somewhere in a Docker network no container holds yet.
+//! 3. Is the container port open to this source? The rules for a whole container and a
+//!    published port travel in the [`ADDRS`]/[`PUBLISHED`] values, so a closed container costs
+//!    one hash lookup; [`PORTS`] holds single-port rules, [`SOURCES`] the allowed prefixes.
+//! 4. Would-drop only: is it a reply to a flow the host or a container started? [`FLOWS`],
+//!    written by the TC egress program.
 //!
 //! Containers are named in the kernel by a *target id* the agent allocates per container
 //! identity ([`IDENTITIES`] keeps the reverse mapping for the agent and its CLI), so a container
@@ -25,19 +30,17 @@ pub const PORTS: &str = "GUARD_PORTS";
 pub const SOURCES: &str = "GUARD_SOURCES";
 pub const IDENTITIES: &str = "GUARD_IDENTS";
 pub const COUNTERS: &str = "GUARD_COUNTERS";
+pub const PREFILTER: &str = "GUARD_PREFILTER";
+pub const FLOWS: &str = "GUARD_FLOWS";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 7] = [
-    ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS,
-];
+pub const ALL: [&str; 9] =
+    [ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS, PREFILTER, FLOWS];
 
 const _: () = {
     let mut i = 0;
     while i < ALL.len() {
-        assert!(
-            ALL[i].len() <= 15,
-            "BPF object names are limited to 15 bytes"
-        );
+        assert!(ALL[i].len() <= 15, "BPF object names are limited to 15 bytes");
         i += 1;
     }
 };
@@ -54,33 +57,40 @@ pub const PORTS_CAPACITY: u32 = 65_536;
 pub const SOURCES_CAPACITY: u32 = 65_536;
 /// Containers the agent can tell apart at once.
 pub const IDENTITIES_CAPACITY: u32 = 65_536;
+/// Outbound flows remembered so their replies pass (least recently used are forgotten).
+pub const FLOWS_CAPACITY: u32 = 65_536;
+
+/// Who a port (or a whole container) is open to, as stored in rule fields.
+pub const OPEN_NONE: u8 = 0;
+pub const OPEN_EVERYONE: u8 = 1;
+/// Open to the prefixes listed in [`SOURCES`] under the rule's [`PortKey`].
+pub const OPEN_LISTED: u8 = 2;
 
 /// What a destination address in [`ADDRS`] is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrInfo {
-    /// [`AddrInfo::CONTAINER`] or [`AddrInfo::HOST`].
-    pub kind: u32,
     /// The container's target id; 0 for host addresses.
     pub target: u32,
+    /// [`AddrInfo::CONTAINER`] or [`AddrInfo::HOST`].
+    pub kind: u8,
+    /// The container's all-ports rule (`*`), an `OPEN_*` value.
+    pub all_ports: u8,
+    /// 1 if [`PORTS`] holds single-port rules for this target: without, no lookup is needed.
+    pub has_port_rules: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 8);
 
 impl AddrInfo {
-    pub const CONTAINER: u32 = 1;
-    pub const HOST: u32 = 2;
+    pub const CONTAINER: u8 = 1;
+    pub const HOST: u8 = 2;
 
     pub const fn container(target: u32) -> Self {
-        AddrInfo {
-            kind: Self::CONTAINER,
-            target,
-        }
+        AddrInfo { target, kind: Self::CONTAINER, all_ports: OPEN_NONE, has_port_rules: 0, _pad: 0 }
     }
     pub const fn host() -> Self {
-        AddrInfo {
-            kind: Self::HOST,
-            target: 0,
-        }
+        AddrInfo { target: 0, kind: Self::HOST, all_ports: OPEN_NONE, has_port_rules: 0, _pad: 0 }
     }
 }
 
@@ -100,19 +110,23 @@ pub struct PublishedKey {
 }
 const _: () = assert!(core::mem::size_of::<PublishedKey>() == 20);
 
-/// Value of [`PUBLISHED`]: the container port behind a published host port.
+/// Value of [`PUBLISHED`]: the container port behind a published host port, and its rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishedTarget {
     pub target: u32,
     /// Container port, host byte order.
     pub port: u16,
-    pub _pad: u16,
+    /// The rule of that container port, an `OPEN_*` value.
+    pub rule: u8,
+    /// The container's all-ports rule, an `OPEN_*` value.
+    pub all_ports: u8,
 }
 const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 8);
 
 /// Protocol value of a [`PortKey`] that stands for every port of every protocol (`*`), and
-/// the rule that decides port-less packets (ICMP, later fragments).
+/// the rule that decides port-less packets (ICMP, later fragments). Such keys appear only in
+/// [`SOURCES`]; the all-ports rule itself lives in [`AddrInfo`] and [`PublishedTarget`].
 pub const PROTO_ANY: u8 = 0;
 
 /// Key of [`PORTS`]: a container port (or all of a container's ports).
@@ -129,40 +143,29 @@ const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 
 impl PortKey {
     pub const fn new(target: u32, proto: u8, port: u16) -> Self {
-        PortKey {
-            target,
-            port,
-            proto,
-            _pad: 0,
-        }
+        PortKey { target, port, proto, _pad: 0 }
     }
     pub const fn all_ports(target: u32) -> Self {
         Self::new(target, PROTO_ANY, 0)
     }
 }
 
-/// Value of [`PORTS`]: to whom a container port is open.
+/// Value of [`PORTS`]: to whom a single container port is open.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRule {
-    /// [`PortRule::EVERYONE`] or [`PortRule::LISTED`] (sources in [`SOURCES`]).
-    pub open_to: u32,
+    /// [`OPEN_EVERYONE`] or [`OPEN_LISTED`].
+    pub open_to: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<PortRule>() == 4);
 
 impl PortRule {
-    pub const EVERYONE: u32 = 1;
-    pub const LISTED: u32 = 2;
-
     pub const fn everyone() -> Self {
-        PortRule {
-            open_to: Self::EVERYONE,
-        }
+        PortRule { open_to: OPEN_EVERYONE, _pad: [0; 3] }
     }
     pub const fn listed() -> Self {
-        PortRule {
-            open_to: Self::LISTED,
-        }
+        PortRule { open_to: OPEN_LISTED, _pad: [0; 3] }
     }
 }
 
@@ -187,6 +190,27 @@ impl SourceKey {
 pub struct ContainerId(pub [u8; 32]);
 const _: () = assert!(core::mem::size_of::<ContainerId>() == 32);
 
+/// Key of [`FLOWS`]: a flow as its *replies* will arrive (remote is their source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub remote: Addr,
+    pub local: Addr,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`FLOWS`]: when the flow last left the host (bpf_ktime_get_ns).
+pub type FlowSeen = u64;
+
+/// How long a UDP (or SCTP) flow's replies are awaited after its last outbound packet, like
+/// conntrack's UDP stream timeout. TCP replies need no clock: a bare SYN is never a reply.
+pub const FLOW_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -198,4 +222,6 @@ mod user {
     unsafe impl aya::Pod for PortRule {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for ContainerId {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for crate::prefilter::Bitmap {}
 }

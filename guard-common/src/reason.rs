@@ -30,10 +30,13 @@ pub enum Reason {
     LoopbackDst = 7,
     /// Container-bound, but the transport header is cut short: cannot be matched, fail closed.
     MalformedL4 = 8,
+    /// Would have been dropped, but answers a flow the host or a container started (flow
+    /// memory): replies are never dropped.
+    Reply = 9,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -45,6 +48,7 @@ impl Reason {
         Reason::UnassignedAddr,
         Reason::LoopbackDst,
         Reason::MalformedL4,
+        Reason::Reply,
     ];
 
     #[inline(always)]
@@ -54,7 +58,8 @@ impl Reason {
             | Reason::MalformedIp
             | Reason::NotContainerBound
             | Reason::Exposed
-            | Reason::AllowedSource => Verdict::Pass,
+            | Reason::AllowedSource
+            | Reason::Reply => Verdict::Pass,
             Reason::Closed | Reason::UnassignedAddr | Reason::LoopbackDst | Reason::MalformedL4 => {
                 Verdict::Drop
             }
@@ -73,6 +78,7 @@ impl Reason {
             Reason::UnassignedAddr => "unassigned_addr",
             Reason::LoopbackDst => "loopback_dst",
             Reason::MalformedL4 => "malformed_l4",
+            Reason::Reply => "reply",
         }
     }
 
@@ -84,10 +90,7 @@ impl Reason {
 const _: () = {
     let mut i = 0;
     while i < Reason::ALL.len() {
-        assert!(
-            Reason::ALL[i] as u32 == i as u32,
-            "Reason::ALL must be in discriminant order"
-        );
+        assert!(Reason::ALL[i] as u32 == i as u32, "Reason::ALL must be in discriminant order");
         i += 1;
     }
 };

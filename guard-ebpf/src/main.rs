@@ -1,6 +1,9 @@
-//! guard's kernel side: one XDP program for every uplink.
+//! guard's kernel side, on every uplink:
+//! - `guard_xdp` (XDP ingress) drops container-bound packets from outside unless opened;
+//! - `guard_tc_egress` (TCX egress) remembers outbound flows whose replies would otherwise look
+//!   container-bound, so they are never dropped.
 //!
-//! The entry point is thin and total: parse, decide with the shared
+//! Entry points are thin and total: parse, decide with the shared
 //! [`guard_common::decision::decide`], count the reason, return the reason's verdict.
 //! No logging on the packet path.
 #![no_std]
@@ -9,21 +12,24 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{TcContext, XdpContext},
 };
 use guard_common::{
     addr::Addr,
-    decision::{Tables, decide},
+    decision::{L4Kind, Tables, decide},
     maps::{
-        ADDRS_CAPACITY, AddrInfo, ContainerId, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
-        PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
-        SOURCES_CAPACITY, SourceKey,
+        ADDRS_CAPACITY, AddrInfo, ContainerId, FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen,
+        IDENTITIES_CAPACITY, NETWORKS_CAPACITY, PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey,
+        PortRule, PublishedKey, PublishedTarget, SOURCES_CAPACITY, SourceKey,
     },
+    prefilter::{self, Bitmap},
     reason::{Reason, Verdict},
 };
+use parse::Frame;
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
 // those names and pins them under the same names.
@@ -43,11 +49,33 @@ static GUARD_SOURCES: LpmTrie<SourceKey, u32> = LpmTrie::pinned(SOURCES_CAPACITY
 static GUARD_IDENTS: HashMap<u32, ContainerId> = HashMap::pinned(IDENTITIES_CAPACITY, 0);
 #[map]
 static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+#[map]
+static GUARD_PREFILTER: Array<Bitmap> = Array::pinned(prefilter::ENTRIES, 0);
+#[map]
+static GUARD_FLOWS: LruHashMap<FlowKey, FlowSeen> = LruHashMap::pinned(FLOWS_CAPACITY, 0);
+
+/// Whether `bit` is set in prefilter entry `entry`. A missing entry cannot happen (arrays are
+/// preallocated); if it did, answer "maybe", which costs a lookup but never opens anything.
+#[inline(always)]
+fn prefilter_bit(entry: u32, bit: u16) -> bool {
+    GUARD_PREFILTER.get(entry).is_none_or(|bitmap| bitmap.get(bit))
+}
 
 /// The policy tables, as BPF maps.
 struct Maps;
 
 impl Tables for Maps {
+    #[inline(always)]
+    fn may_hold_container(&self, dst: &Addr) -> bool {
+        let (entry, bit) = prefilter::address_bucket(dst);
+        prefilter_bit(entry, bit)
+    }
+
+    #[inline(always)]
+    fn may_be_published(&self, port: u16) -> bool {
+        prefilter_bit(prefilter::PUBLISHED_PORTS, port)
+    }
+
     #[inline(always)]
     fn addr_info(&self, addr: &Addr) -> Option<AddrInfo> {
         // SAFETY: the value is copied out before any other map operation.
@@ -76,11 +104,22 @@ impl Tables for Maps {
         let lpm_key = Key::new(SourceKey::PORT_BITS + 128, SourceKey { port: *key, addr: *src });
         GUARD_SOURCES.get(lpm_key).is_some()
     }
+
+    #[inline(always)]
+    fn flow_seen(&self, key: &FlowKey) -> bool {
+        // SAFETY: the value is copied out at once.
+        let Some(seen) = (unsafe { GUARD_FLOWS.get(key) }).copied() else {
+            return false;
+        };
+        // TCP needs no clock: a bare SYN never reaches here. Others expire.
+        key.proto == 6 || unsafe { bpf_ktime_get_ns() }.saturating_sub(seen) < FLOW_TIMEOUT_NS
+    }
 }
 
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
-    let reason = match parse::parse(&ctx) {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let reason = match parse::parse(frame) {
         Ok(packet) => decide(&Maps, &packet),
         Err(reason) => reason,
     };
@@ -88,6 +127,45 @@ pub fn guard_xdp(ctx: XdpContext) -> u32 {
     match reason.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Remembers outbound flows whose replies would look container-bound: from a host port that
+/// Docker also publishes (a masqueraded connection that happened to get that port), or from a
+/// container address (networks without NAT). Never drops or changes anything.
+#[classifier]
+pub fn guard_tc_egress(ctx: TcContext) -> i32 {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    if let Ok(packet) = parse::parse(frame) {
+        let l4 = packet.l4;
+        if l4.kind == L4Kind::Ports {
+            let (entry, bit) = prefilter::address_bucket(&packet.src);
+            if prefilter_bit(prefilter::PUBLISHED_PORTS, l4.sport) || prefilter_bit(entry, bit) {
+                let key = FlowKey {
+                    remote: packet.dst,
+                    local: packet.src,
+                    remote_port: l4.dport,
+                    local_port: l4.sport,
+                    proto: l4.proto,
+                    _pad: [0; 3],
+                };
+                remember(&key);
+            }
+        }
+    }
+    // TCX_NEXT: no opinion, let any other program (or the default) decide.
+    TC_ACT_UNSPEC
+}
+
+/// Records a flow, rewriting its timestamp at most once a second per flow (an update per
+/// packet would make every packet of a bulk flow pay for a map write).
+#[inline(always)]
+fn remember(key: &FlowKey) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    let seen = unsafe { GUARD_FLOWS.get(key) }.copied();
+    if seen.is_none_or(|seen| now.saturating_sub(seen) > 1_000_000_000) {
+        let _ = GUARD_FLOWS.insert(key, &now, 0);
     }
 }
 

@@ -23,7 +23,7 @@ use crate::{
     interfaces::{self, Link},
     loader,
     maps::PolicyMaps,
-    pins::Pins,
+    pins::{Hook, Pins},
     tables::diff,
 };
 
@@ -39,7 +39,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut ebpf = loader::load(&opts.pins)?;
-    pin_program(&mut ebpf, &opts.pins)?;
+    pin_programs(&mut ebpf, &opts.pins)?;
     let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
     let ids = Identities::adopt(maps.read()?.identities);
     if !opts.ifaces.is_empty() {
@@ -120,9 +120,7 @@ impl Agent {
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
-        let targets = self
-            .ids
-            .assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+        let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
         let desired = desired_state(&snapshot, &host_addrs, &targets);
         let mut warnings = Vec::new();
         for policy in &desired.containers {
@@ -138,17 +136,16 @@ impl Agent {
         let plan = diff(&self.maps.read()?, &desired.tables);
         if !plan.is_empty() {
             let failures = self.maps.apply(&plan);
-            info!(
-                changes = plan.change_count(),
-                failed = failures.len(),
-                "maps updated"
-            );
+            info!(changes = plan.change_count(), failed = failures.len(), "maps updated");
             warnings.extend(failures.iter().map(ToString::to_string));
         }
 
         let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
-        let program = loader::xdp_program(&mut self.ebpf)?;
-        let errors = self.attachments.sync(program, &self.opts.pins, &uplinks);
+        let pins = &self.opts.pins;
+        let xdp = loader::xdp_program(&mut self.ebpf)?;
+        let mut errors = self.attachments.sync(xdp, pins, &uplinks);
+        let tc = loader::tc_egress_program(&mut self.ebpf)?;
+        errors.extend(self.attachments.sync(tc, pins, &uplinks));
         warnings.extend(errors.iter().map(ToString::to_string));
         self.warnings.report(warnings);
         Ok(())
@@ -161,33 +158,37 @@ impl Agent {
         warnings: &mut Vec<String>,
     ) -> Vec<Link> {
         if self.opts.ifaces.is_empty() {
-            let bridges: BTreeSet<String> = snapshot
-                .networks
-                .iter()
-                .filter_map(|n| n.bridge.clone())
-                .collect();
+            let bridges: BTreeSet<String> =
+                snapshot.networks.iter().filter_map(|n| n.bridge.clone()).collect();
             return interfaces::select_uplinks(links, &bridges, &self.opts.trusted);
         }
         let (found, missing) = interfaces::named(links, &self.opts.ifaces);
         for name in missing {
-            warnings.push(format!(
-                "interface {name} is gone; it will be protected when it returns"
-            ));
+            warnings
+                .push(format!("interface {name} is gone; it will be protected when it returns"));
         }
         found
     }
 }
 
-/// Pins the freshly loaded program (replacing a previous agent's pin) so tools such as
-/// `guard explain` can find the program that is attached.
-fn pin_program(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
-    let path = pins.program();
-    if path.exists() {
-        fs::remove_file(&path).with_context(|| format!("removing old pin {}", path.display()))?;
+/// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
+/// `guard explain` can find the programs that are attached.
+fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
+    for hook in Hook::ALL {
+        let path = pins.program(hook);
+        if path.exists() {
+            fs::remove_file(&path)
+                .with_context(|| format!("removing old pin {}", path.display()))?;
+        }
+        let pinned = match hook {
+            Hook::Xdp => loader::xdp_program(ebpf)?.pin(&path),
+            Hook::TcEgress => loader::tc_egress_program(ebpf)?.pin(&path),
+        };
+        pinned.with_context(|| {
+            format!("pinning the {} program at {}", hook.name(), path.display())
+        })?;
     }
-    loader::xdp_program(ebpf)?
-        .pin(&path)
-        .with_context(|| format!("pinning the XDP program at {}", path.display()))
+    Ok(())
 }
 
 /// Wakes the reconciler on every container or network event; reconnects with backoff.

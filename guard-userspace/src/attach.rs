@@ -1,29 +1,36 @@
-//! XDP links on the uplinks: attach (native first, generic where the driver has none), pin,
-//! adopt the links a previous agent pinned (atomic program swap, no gap), and detach from
-//! interfaces that are no longer uplinks.
+//! Programs on the uplinks: XDP on ingress (native first, generic where the driver has none)
+//! and TCX on egress. Every link is pinned; the links a previous agent pinned are adopted with
+//! an atomic program swap (the link and its id stay, so there is no moment without a filter);
+//! links on interfaces that are gone or no longer uplinks are removed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    path::PathBuf,
+    path::Path,
 };
 
 use aya::programs::{
-    ProgramError, Xdp,
+    LinkOrder, SchedClassifier, TcAttachType, Xdp,
     links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
     xdp::{XdpLink, XdpMode},
 };
 use tracing::{info, warn};
 
-use crate::{interfaces::Link, pins::Pins};
+use crate::{
+    interfaces::Link,
+    pins::{Hook, Pins},
+};
 
-/// How the program runs on an interface.
+/// How a program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// In the driver, before an skb exists: the fast path.
+    /// XDP in the driver, before an skb exists: the fast path.
     Native,
     /// Generic (skb) XDP, for drivers without native support.
     Generic,
+    /// TCX (egress).
+    Tcx,
     /// Taken over from the link a previous agent pinned, in whatever mode it was attached.
     Adopted,
 }
@@ -33,6 +40,7 @@ impl Mode {
         match self {
             Mode::Native => "native",
             Mode::Generic => "generic",
+            Mode::Tcx => "tcx",
             Mode::Adopted => "adopted",
         }
     }
@@ -40,77 +48,123 @@ impl Mode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("attaching XDP to {iface} failed in native and generic mode: {source}")]
-    Attach { iface: String, source: ProgramError },
-    #[error("pinning the XDP link of {iface} at {path}: {reason}")]
-    Pin {
-        iface: String,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error("taking over the pinned XDP link {path}: {reason}")]
-    Adopt { path: PathBuf, reason: String },
+    #[error("attaching {hook} to {iface} failed: {reason}")]
+    Attach { hook: &'static str, iface: String, reason: String },
+    #[error("pinning the {hook} link of {iface}: {reason}")]
+    Pin { hook: &'static str, iface: String, reason: String },
 }
 
-/// The interfaces this agent has put its program on, by index.
+/// A program that can be put on an interface, or swapped into a pinned link.
+pub trait Hookable {
+    const HOOK: Hook;
+    /// Attaches to `link` and returns the link as an fd, to be pinned.
+    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String>;
+    /// Atomically replaces the program in a pinned link.
+    fn adopt(&mut self, pinned: FdLink) -> Result<(), String>;
+}
+
+impl Hookable for Xdp {
+    const HOOK: Hook = Hook::Xdp;
+
+    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String> {
+        let (id, mode) = match self.attach_to_if_index(link.ifindex, XdpMode::Driver) {
+            Ok(id) => (id, Mode::Native),
+            Err(native) => {
+                warn!(iface = %link.name, "native XDP unavailable ({native}); using generic mode");
+                let id = self
+                    .attach_to_if_index(link.ifindex, XdpMode::Skb)
+                    .map_err(|e| format!("native and generic mode: {e}"))?;
+                (id, Mode::Generic)
+            }
+        };
+        let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        Ok((fd_link, mode))
+    }
+
+    fn adopt(&mut self, pinned: FdLink) -> Result<(), String> {
+        let link = XdpLink::try_from(pinned).map_err(|e| e.to_string())?;
+        let id = self.attach_to_link(link).map_err(|e| e.to_string())?;
+        // The pin keeps the link; dropping our handle only closes an fd.
+        drop(self.take_link(id));
+        Ok(())
+    }
+}
+
+impl Hookable for SchedClassifier {
+    const HOOK: Hook = Hook::TcEgress;
+
+    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String> {
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = self
+            .attach_with_options(&link.name, TcAttachType::Egress, options)
+            .map_err(|e| e.to_string())?;
+        let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        Ok((fd_link, Mode::Tcx))
+    }
+
+    fn adopt(&mut self, pinned: FdLink) -> Result<(), String> {
+        let link = SchedClassifierLink::try_from(pinned).map_err(|e| e.to_string())?;
+        let id = self.attach_to_link(link).map_err(|e| e.to_string())?;
+        drop(self.take_link(id));
+        Ok(())
+    }
+}
+
+/// The (hook, interface) pairs this agent has put its programs on.
 #[derive(Debug, Default)]
 pub struct Attachments {
-    attached: BTreeMap<u32, (String, Mode)>,
+    attached: BTreeMap<(Hook, u32), (String, Mode)>,
 }
 
 impl Attachments {
-    pub fn modes(&self) -> impl Iterator<Item = (&str, Mode)> {
-        self.attached
-            .values()
-            .map(|(name, mode)| (name.as_str(), *mode))
+    /// (hook, interface, mode) of every attachment.
+    pub fn modes(&self) -> impl Iterator<Item = (Hook, &str, Mode)> {
+        self.attached.iter().map(|((hook, _), (name, mode))| (*hook, name.as_str(), *mode))
     }
 
-    /// Makes the set of interfaces running `program` equal to `uplinks`. Errors are per
-    /// interface: one that fails does not stop the others.
-    pub fn sync(&mut self, program: &mut Xdp, pins: &Pins, uplinks: &[Link]) -> Vec<AttachError> {
-        let mut errors = Vec::new();
+    /// Makes the set of interfaces running `program` on its hook equal to `uplinks`. Errors
+    /// are per interface: one that fails does not stop the others.
+    pub fn sync<P: Hookable>(
+        &mut self,
+        program: &mut P,
+        pins: &Pins,
+        uplinks: &[Link],
+    ) -> Vec<AttachError> {
+        let hook = P::HOOK;
         let wanted: BTreeSet<u32> = uplinks.iter().map(|l| l.ifindex).collect();
 
-        // Pins of interfaces that are gone or no longer uplinks: removing the pin (and our fd)
-        // detaches the link.
+        // Pins of interfaces that are gone or no longer uplinks: removing the pin (the last
+        // reference) detaches the link.
         match pins.pinned_links() {
             Ok(pinned) => {
-                for (ifindex, path) in pinned {
-                    if !wanted.contains(&ifindex) {
-                        let name = self.attached.remove(&ifindex).map(|(n, _)| n);
-                        let _ = fs::remove_file(&path);
-                        info!(
-                            ifindex,
-                            iface = name.as_deref().unwrap_or("?"),
-                            "detached XDP: no longer an uplink"
-                        );
-                    }
+                for (_, ifindex, path) in
+                    pinned.into_iter().filter(|(h, i, _)| *h == hook && !wanted.contains(i))
+                {
+                    let name = self.attached.remove(&(hook, ifindex)).map(|(n, _)| n);
+                    let _ = fs::remove_file(&path);
+                    info!(
+                        hook = hook.name(),
+                        ifindex,
+                        iface = name.as_deref().unwrap_or("?"),
+                        "detached: no longer an uplink"
+                    );
                 }
             }
             Err(e) => warn!("{e}"),
         }
-        self.attached.retain(|ifindex, _| wanted.contains(ifindex));
+        self.attached.retain(|(h, ifindex), _| *h != hook || wanted.contains(ifindex));
 
+        let mut errors = Vec::new();
         for link in uplinks {
-            if self.attached.contains_key(&link.ifindex) {
+            if self.attached.contains_key(&(hook, link.ifindex)) {
                 continue;
             }
-            let path = pins.xdp_link(link.ifindex);
-            let result = if path.exists() {
-                adopt(program, &path).or_else(|e| {
-                    // A stale pin (its interface was replaced): start over on this interface.
-                    warn!(iface = %link.name, "{e}; attaching afresh");
-                    let _ = fs::remove_file(&path);
-                    attach(program, link, &path)
-                })
-            } else {
-                attach(program, link, &path)
-            };
-            match result {
+            match ensure(program, &pins.link(hook, link.ifindex), link) {
                 Ok(mode) => {
-                    info!(iface = %link.name, ifindex = link.ifindex, mode = mode.name(), "XDP protecting interface");
-                    self.attached
-                        .insert(link.ifindex, (link.name.clone(), mode));
+                    info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = mode.name(), "protecting interface");
+                    self.attached.insert((hook, link.ifindex), (link.name.clone(), mode));
                 }
                 Err(e) => errors.push(e),
             }
@@ -119,44 +173,31 @@ impl Attachments {
     }
 }
 
-/// Swaps `program` into a pinned link atomically: the link (and its id) stays, so there is no
-/// moment without a filter.
-fn adopt(program: &mut Xdp, path: &PathBuf) -> Result<Mode, AttachError> {
-    let adopt_err = |reason: String| AttachError::Adopt {
-        path: path.clone(),
-        reason,
-    };
-    let pinned = PinnedLink::from_pin(path).map_err(|e| adopt_err(e.to_string()))?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| adopt_err(e.to_string()))?;
-    let id = program
-        .attach_to_link(link)
-        .map_err(|e| adopt_err(e.to_string()))?;
-    // The pin keeps the link; the program need not manage it (dropping it only closes our fd).
-    drop(program.take_link(id));
-    Ok(Mode::Adopted)
-}
-
-fn attach(program: &mut Xdp, link: &Link, path: &PathBuf) -> Result<Mode, AttachError> {
-    let (id, mode) = match program.attach_to_if_index(link.ifindex, XdpMode::Driver) {
-        Ok(id) => (id, Mode::Native),
-        Err(native) => {
-            warn!(iface = %link.name, "native XDP unavailable ({native}); using generic mode");
-            let id = program
-                .attach_to_if_index(link.ifindex, XdpMode::Skb)
-                .map_err(|source| AttachError::Attach {
-                    iface: link.name.clone(),
-                    source,
-                })?;
-            (id, Mode::Generic)
+/// Adopts the link pinned at `path`, or attaches afresh and pins the new link there.
+fn ensure<P: Hookable>(program: &mut P, path: &Path, link: &Link) -> Result<Mode, AttachError> {
+    let hook = P::HOOK.name();
+    if path.exists() {
+        let adopted = PinnedLink::from_pin(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pinned| program.adopt(FdLink::from(pinned)));
+        match adopted {
+            Ok(()) => return Ok(Mode::Adopted),
+            // A stale pin (its interface was replaced): start over on this interface.
+            Err(e) => {
+                warn!(hook, iface = %link.name, "cannot take over {}: {e}; attaching afresh", path.display());
+                let _ = fs::remove_file(path);
+            }
         }
-    };
-    let pin_err = |reason: String| AttachError::Pin {
+    }
+    let (fd_link, mode) = program.attach_new(link).map_err(|reason| AttachError::Attach {
+        hook,
         iface: link.name.clone(),
-        path: path.clone(),
         reason,
-    };
-    let xdp_link = program.take_link(id).map_err(|e| pin_err(e.to_string()))?;
-    let fd_link = FdLink::try_from(xdp_link).map_err(|e| pin_err(e.to_string()))?;
-    fd_link.pin(path).map_err(|e| pin_err(e.to_string()))?;
+    })?;
+    fd_link.pin(path).map_err(|e| AttachError::Pin {
+        hook,
+        iface: link.name.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(mode)
 }

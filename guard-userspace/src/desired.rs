@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use guard_common::{
     addr::Addr,
-    maps::{AddrInfo, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey},
+    maps::{
+        AddrInfo, OPEN_NONE, PROTO_ANY, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey,
+    },
 };
 
 use crate::{
@@ -50,16 +52,9 @@ pub fn desired_state(
 
     // The host's own addresses (bridge gateways included): container-bound only through a
     // published port. Loopback needs no entry: the decision drops it before any lookup.
-    let gateways = snapshot
-        .networks
-        .iter()
-        .flat_map(|n| n.gateways.iter().copied());
-    let host: Vec<IpAddr> = host_addrs
-        .iter()
-        .copied()
-        .chain(gateways)
-        .filter(|ip| !ip.is_loopback())
-        .collect();
+    let gateways = snapshot.networks.iter().flat_map(|n| n.gateways.iter().copied());
+    let host: Vec<IpAddr> =
+        host_addrs.iter().copied().chain(gateways).filter(|ip| !ip.is_loopback()).collect();
     for ip in &host {
         tables.addrs.insert(Addr::from(*ip), AddrInfo::host());
     }
@@ -75,9 +70,7 @@ pub fn desired_state(
         tables.identities.insert(target, identity);
 
         for ip in &container.addresses {
-            tables
-                .addrs
-                .insert(Addr::from(*ip), AddrInfo::container(target));
+            tables.addrs.insert(Addr::from(*ip), AddrInfo::container(target));
         }
         for published in &container.published {
             for host_ip in bound_addresses(published, &host) {
@@ -87,10 +80,12 @@ pub fn desired_state(
                     proto: published.proto.number(),
                     _pad: 0,
                 };
+                // The rules are filled in once every opening is known.
                 let value = PublishedTarget {
                     target,
                     port: published.container_port,
-                    _pad: 0,
+                    rule: OPEN_NONE,
+                    all_ports: OPEN_NONE,
                 };
                 tables.published.insert(key, value);
             }
@@ -107,17 +102,65 @@ pub fn desired_state(
             label_errors,
         });
     }
+    fold_rules_into_lookups(&mut tables);
+    fill_prefilter(&mut tables, snapshot);
     Desired { tables, containers }
+}
+
+/// Copies each container's all-ports rule and each published port's rule into the ADDRS and
+/// PUBLISHED values, where the packet path finds them without another lookup, and marks which
+/// containers have single-port rules at all. All-ports rules then leave PORTS (their source
+/// lists stay in SOURCES under the all-ports key).
+fn fold_rules_into_lookups(tables: &mut TableSet) {
+    let all_ports: BTreeMap<u32, u8> = tables
+        .ports
+        .iter()
+        .filter(|(k, _)| k.proto == PROTO_ANY)
+        .map(|(k, r)| (k.target, r.open_to))
+        .collect();
+    tables.ports.retain(|k, _| k.proto != PROTO_ANY);
+    let with_port_rules: std::collections::BTreeSet<u32> =
+        tables.ports.keys().map(|k| k.target).collect();
+    for info in tables.addrs.values_mut().filter(|i| i.kind == AddrInfo::CONTAINER) {
+        info.all_ports = all_ports.get(&info.target).copied().unwrap_or(OPEN_NONE);
+        info.has_port_rules = u8::from(with_port_rules.contains(&info.target));
+    }
+    for (key, p) in tables.published.iter_mut() {
+        let rule = tables.ports.get(&PortKey::new(p.target, key.proto, p.port));
+        p.rule = rule.map_or(OPEN_NONE, |r| r.open_to);
+        p.all_ports = all_ports.get(&p.target).copied().unwrap_or(OPEN_NONE);
+    }
+}
+
+/// Sets the prefilter bits for every Docker subnet, every container address (even one outside
+/// any subnet Docker reported) and every published port. Host addresses outside Docker's
+/// subnets stay clear: traffic to the host's own services skips every lookup.
+fn fill_prefilter(tables: &mut TableSet, snapshot: &Snapshot) {
+    for network in &snapshot.networks {
+        for subnet in &network.subnets {
+            let (addr, len) = subnet.to_addr_prefix();
+            tables.prefilter.mark_prefix(&addr, len);
+        }
+    }
+    let containers: Vec<Addr> = tables
+        .addrs
+        .iter()
+        .filter(|(_, info)| info.kind == AddrInfo::CONTAINER)
+        .map(|(addr, _)| *addr)
+        .collect();
+    for addr in &containers {
+        tables.prefilter.mark_addr(addr);
+    }
+    for key in tables.published.keys() {
+        tables.prefilter.ports.set(key.port);
+    }
 }
 
 /// The host addresses a published port listens on.
 fn bound_addresses(published: &Published, host: &[IpAddr]) -> Vec<IpAddr> {
     if published.host_ip.is_unspecified() {
         let v4 = published.host_ip.is_ipv4();
-        host.iter()
-            .copied()
-            .filter(|ip| ip.is_ipv4() == v4)
-            .collect()
+        host.iter().copied().filter(|ip| ip.is_ipv4() == v4).collect()
     } else if published.host_ip.is_loopback() {
         Vec::new()
     } else {
@@ -130,9 +173,9 @@ fn bound_addresses(published: &Published, host: &[IpAddr]) -> Vec<IpAddr> {
 fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
     let keys: Vec<PortKey> = match opening.ports {
         PortSpec::All => vec![PortKey::all_ports(target)],
-        PortSpec::Range { proto, first, last } => (first..=last)
-            .map(|port| PortKey::new(target, proto.number(), port))
-            .collect(),
+        PortSpec::Range { proto, first, last } => {
+            (first..=last).map(|port| PortKey::new(target, proto.number(), port)).collect()
+        }
     };
     for key in keys {
         match &opening.sources {
@@ -148,13 +191,7 @@ fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
                 for cidr in cidrs {
                     let (addr, len) = cidr.to_addr_prefix();
                     let data = SourceKey { port: key, addr };
-                    tables.sources.insert(
-                        Lpm {
-                            len: SourceKey::PORT_BITS + len,
-                            data,
-                        },
-                        1,
-                    );
+                    tables.sources.insert(Lpm { len: SourceKey::PORT_BITS + len, data }, 1);
                 }
             }
         }
@@ -187,22 +224,14 @@ mod tests {
         Container {
             id: format!("{n:02x}").repeat(32),
             name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             addresses: vec![ip(addr)],
             published: vec![],
         }
     }
 
     fn publish(host_port: u16, container_port: u16) -> Published {
-        Published {
-            host_ip: ip("0.0.0.0"),
-            host_port,
-            container_port,
-            proto: Proto::Tcp,
-        }
+        Published { host_ip: ip("0.0.0.0"), host_port, container_port, proto: Proto::Tcp }
     }
 
     /// The seed scenario: db published without a label, api unpublished, web exposing 443,
@@ -213,8 +242,7 @@ mod tests {
         let api = container(2, "api", "172.30.0.3", &[]);
         let mut web = container(3, "web", "172.30.0.4", &[("guard.expose", "443/tcp")]);
         web.addresses.push(ip("fd00:30::4"));
-        web.published
-            .extend([publish(10443, 443), publish(18443, 8443)]);
+        web.published.extend([publish(10443, 443), publish(18443, 8443)]);
         let mut partner = container(
             4,
             "partner",
@@ -227,10 +255,7 @@ mod tests {
                 id: "n1".into(),
                 name: "project".into(),
                 bridge: Some("br-n1".into()),
-                subnets: vec![
-                    "172.30.0.0/24".parse().unwrap(),
-                    "fd00:30::/64".parse().unwrap(),
-                ],
+                subnets: vec!["172.30.0.0/24".parse().unwrap(), "fd00:30::/64".parse().unwrap()],
                 gateways: vec![ip("172.30.0.1"), ip("fd00:30::1")],
             }],
             containers: vec![db, api, web, partner],
@@ -247,10 +272,7 @@ mod tests {
         let pkt = Packet {
             src: ip(src).into(),
             dst: ip(dst).into(),
-            l4: L4::Ports {
-                proto: 6,
-                dport: port,
-            },
+            l4: L4::ports(6, 40000, port, true),
         };
         decide(&d.tables, &pkt)
     }
@@ -274,23 +296,11 @@ mod tests {
             assert_eq!(verdict(&d, src, "127.0.0.1", 5432), Reason::LoopbackDst);
             // The host's own services and routed-through traffic are not ours.
             assert_eq!(verdict(&d, src, HOST_UPLINK, 22), Reason::NotContainerBound);
-            assert_eq!(
-                verdict(&d, src, "172.30.0.1", 22),
-                Reason::NotContainerBound
-            );
-            assert_eq!(
-                verdict(&d, src, "192.0.2.1", 5432),
-                Reason::NotContainerBound
-            );
+            assert_eq!(verdict(&d, src, "172.30.0.1", 22), Reason::NotContainerBound);
+            assert_eq!(verdict(&d, src, "192.0.2.1", 5432), Reason::NotContainerBound);
         }
-        assert_eq!(
-            verdict(&d, OUTSIDE_A, "172.30.0.5", 9000),
-            Reason::AllowedSource
-        );
-        assert_eq!(
-            verdict(&d, OUTSIDE_A, HOST_UPLINK, 19000),
-            Reason::AllowedSource
-        );
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.5", 9000), Reason::AllowedSource);
+        assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 19000), Reason::AllowedSource);
         assert_eq!(verdict(&d, OUTSIDE_B, "172.30.0.5", 9000), Reason::Closed);
         assert_eq!(verdict(&d, OUTSIDE_B, HOST_UPLINK, 19000), Reason::Closed);
     }
@@ -311,27 +321,11 @@ mod tests {
             )],
         };
         let d = state(&snap);
-        assert_eq!(
-            verdict(&d, "10.1.1.1", "172.30.0.9", 80),
-            Reason::AllowedSource
-        );
-        assert_eq!(
-            verdict(&d, "192.0.2.9", "172.30.0.9", 80),
-            Reason::AllowedSource
-        );
-        assert_eq!(
-            verdict(&d, "198.51.100.1", "172.30.0.9", 80),
-            Reason::Closed
-        );
-        assert_eq!(
-            verdict(&d, "198.51.100.1", "172.30.0.9", 81),
-            Reason::Exposed
-        );
-        assert_eq!(
-            d.tables.sources.len(),
-            2,
-            "no source entries behind an exposed port"
-        );
+        assert_eq!(verdict(&d, "10.1.1.1", "172.30.0.9", 80), Reason::AllowedSource);
+        assert_eq!(verdict(&d, "192.0.2.9", "172.30.0.9", 80), Reason::AllowedSource);
+        assert_eq!(verdict(&d, "198.51.100.1", "172.30.0.9", 80), Reason::Closed);
+        assert_eq!(verdict(&d, "198.51.100.1", "172.30.0.9", 81), Reason::Exposed);
+        assert_eq!(d.tables.sources.len(), 2, "no source entries behind an exposed port");
     }
 
     #[test]
@@ -346,20 +340,11 @@ mod tests {
             )],
         };
         let d = state(&snap);
-        assert_eq!(
-            verdict(&d, "10.8.0.3", "172.30.0.9", 12345),
-            Reason::AllowedSource
-        );
-        let icmp = Packet {
-            src: ip("10.8.0.3").into(),
-            dst: ip("172.30.0.9").into(),
-            l4: L4::NoPorts,
-        };
+        assert_eq!(verdict(&d, "10.8.0.3", "172.30.0.9", 12345), Reason::AllowedSource);
+        let icmp =
+            Packet { src: ip("10.8.0.3").into(), dst: ip("172.30.0.9").into(), l4: L4::NO_PORTS };
         assert_eq!(decide(&d.tables, &icmp), Reason::AllowedSource);
-        let icmp_b = Packet {
-            src: ip("10.9.0.3").into(),
-            ..icmp
-        };
+        let icmp_b = Packet { src: ip("10.9.0.3").into(), ..icmp };
         assert_eq!(decide(&d.tables, &icmp_b), Reason::Closed);
     }
 
@@ -367,12 +352,7 @@ mod tests {
     fn bad_labels_leave_the_container_closed_and_are_reported() {
         let snap = Snapshot {
             networks: seed().networks,
-            containers: vec![container(
-                9,
-                "typo",
-                "172.30.0.9",
-                &[("guard.expose", "443/tpc")],
-            )],
+            containers: vec![container(9, "typo", "172.30.0.9", &[("guard.expose", "443/tpc")])],
         };
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
@@ -397,17 +377,11 @@ mod tests {
                 proto: Proto::Tcp,
             },
         ];
-        let snap = Snapshot {
-            networks: seed().networks,
-            containers: vec![web],
-        };
+        let snap = Snapshot { networks: seed().networks, containers: vec![web] };
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 8080), Reason::Exposed);
         // Not bound on the gateway address: that is the host's own port 8080.
-        assert_eq!(
-            verdict(&d, OUTSIDE_A, "172.30.0.1", 8080),
-            Reason::NotContainerBound
-        );
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.1", 8080), Reason::NotContainerBound);
         assert_eq!(d.tables.published.len(), 1);
     }
 
@@ -417,8 +391,7 @@ mod tests {
         // web (exposed) is gone; an unlabelled container holds its address now.
         let mut snap = seed();
         snap.containers.retain(|c| c.name != "web");
-        snap.containers
-            .push(container(7, "newcomer", "172.30.0.4", &[]));
+        snap.containers.push(container(7, "newcomer", "172.30.0.4", &[]));
         let mut ids = Identities::default();
         ids.assign(seed().containers.iter().map(|c| c.id.as_str()));
         let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));

@@ -27,10 +27,7 @@ pub enum DockerError {
     )]
     Connect(#[source] bollard::errors::Error),
     #[error("Docker API call {call} failed: {source}")]
-    Api {
-        call: &'static str,
-        source: bollard::errors::Error,
-    },
+    Api { call: &'static str, source: bollard::errors::Error },
 }
 
 pub struct DockerClient {
@@ -41,10 +38,7 @@ impl DockerClient {
     /// Connects through DOCKER_HOST or the local socket, at the daemon's API version.
     pub async fn connect() -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(DockerError::Connect)?;
+        let docker = docker.negotiate_version().await.map_err(DockerError::Connect)?;
         Ok(DockerClient { docker })
     }
 
@@ -53,21 +47,12 @@ impl DockerClient {
             .docker
             .list_networks(None::<ListNetworksOptions>)
             .await
-            .map_err(|source| DockerError::Api {
-                call: "list networks",
-                source,
-            })?;
+            .map_err(|source| DockerError::Api { call: "list networks", source })?;
         let containers = self
             .docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
+            .list_containers(Some(ListContainersOptions { all: false, ..Default::default() }))
             .await
-            .map_err(|source| DockerError::Api {
-                call: "list containers",
-                source,
-            })?;
+            .map_err(|source| DockerError::Api { call: "list containers", source })?;
         Ok(Snapshot {
             networks: networks.iter().map(network).collect(),
             containers: containers.iter().filter_map(container).collect(),
@@ -76,15 +61,10 @@ impl DockerClient {
 
     /// Container and network events; each one only means "look again".
     pub fn events(&self) -> impl Stream<Item = Result<(), DockerError>> + use<> {
-        let filters = HashMap::from([(
-            "type".to_string(),
-            vec!["container".into(), "network".into()],
-        )]);
+        let filters =
+            HashMap::from([("type".to_string(), vec!["container".into(), "network".into()])]);
         self.docker
-            .events(Some(EventsOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
+            .events(Some(EventsOptions { filters: Some(filters), ..Default::default() }))
             .filter_map(|event| async move {
                 match event {
                     Ok(e) => matches!(
@@ -92,10 +72,7 @@ impl DockerClient {
                         Some(EventMessageTypeEnum::CONTAINER | EventMessageTypeEnum::NETWORK)
                     )
                     .then_some(Ok(())),
-                    Err(source) => Some(Err(DockerError::Api {
-                        call: "events",
-                        source,
-                    })),
+                    Err(source) => Some(Err(DockerError::Api { call: "events", source })),
                 }
             })
     }
@@ -111,22 +88,12 @@ fn network(n: &DockerNetwork) -> Network {
         }
         None => None,
     };
-    let configs = n
-        .ipam
-        .as_ref()
-        .and_then(|i| i.config.clone())
-        .unwrap_or_default();
+    let configs = n.ipam.as_ref().and_then(|i| i.config.clone()).unwrap_or_default();
     Network {
         name: n.name.clone().unwrap_or_default(),
         bridge,
-        subnets: configs
-            .iter()
-            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
-            .collect(),
-        gateways: configs
-            .iter()
-            .filter_map(|c| c.gateway.as_deref()?.parse().ok())
-            .collect(),
+        subnets: configs.iter().filter_map(|c| c.subnet.as_deref()?.parse().ok()).collect(),
+        gateways: configs.iter().filter_map(|c| c.gateway.as_deref()?.parse().ok()).collect(),
         id,
     }
 }
@@ -139,10 +106,7 @@ fn container(c: &ContainerSummary) -> Option<Container> {
         .and_then(|n| n.first())
         .map(|n| n.trim_start_matches('/').to_string())
         .unwrap_or_else(|| id.chars().take(12).collect());
-    let endpoints = c
-        .network_settings
-        .as_ref()
-        .and_then(|s| s.networks.as_ref());
+    let endpoints = c.network_settings.as_ref().and_then(|s| s.networks.as_ref());
     let addresses: Vec<IpAddr> = endpoints
         .into_iter()
         .flat_map(|eps| eps.values())
@@ -156,11 +120,7 @@ fn container(c: &ContainerSummary) -> Option<Container> {
             _ => Proto::Tcp,
         };
         let host_ip =
-            p.ip.as_deref()
-                .filter(|s| !s.is_empty())
-                .unwrap_or("0.0.0.0")
-                .parse()
-                .ok()?;
+            p.ip.as_deref().filter(|s| !s.is_empty()).unwrap_or("0.0.0.0").parse().ok()?;
         Some(Published {
             host_ip,
             host_port: p.public_port?,
@@ -171,12 +131,7 @@ fn container(c: &ContainerSummary) -> Option<Container> {
     Some(Container {
         id,
         name,
-        labels: c
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect::<BTreeMap<_, _>>(),
+        labels: c.labels.clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>(),
         addresses,
         published: published.collect(),
     })

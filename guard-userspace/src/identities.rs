@@ -81,15 +81,9 @@ mod tests {
         let after_b_left = ids.assign([A]);
         assert_eq!(after_b_left[A], first[A]);
         let with_c = ids.assign([A, C]);
-        assert!(
-            with_c[C] > first[A] && with_c[C] > first[B],
-            "C must not inherit B's id"
-        );
+        assert!(with_c[C] > first[A] && with_c[C] > first[B], "C must not inherit B's id");
         let b_again = ids.assign([A, B, C]);
-        assert_ne!(
-            b_again[B], first[B],
-            "a returning identity gets a fresh id too"
-        );
+        assert_ne!(b_again[B], first[B], "a returning identity gets a fresh id too");
         assert!(b_again.values().all(|id| *id != 0));
     }
 

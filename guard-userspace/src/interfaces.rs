@@ -30,22 +30,14 @@ pub fn links() -> io::Result<Vec<Link>> {
         let master = fs::read_link(dir.join("master"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        links.push(Link {
-            name,
-            ifindex,
-            master,
-        });
+        links.push(Link { name, ifindex, master });
     }
     links.sort_by_key(|l| l.ifindex);
     Ok(links)
 }
 
 fn read_ifindex(dir: &Path) -> Option<u32> {
-    fs::read_to_string(dir.join("ifindex"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    fs::read_to_string(dir.join("ifindex")).ok()?.trim().parse().ok()
 }
 
 /// Every address on every interface (loopback included; the desired state filters).
@@ -76,11 +68,7 @@ pub fn select_uplinks(
         .iter()
         .filter(|l| l.name != "lo")
         .filter(|l| !docker_bridges.contains(&l.name))
-        .filter(|l| {
-            !l.master
-                .as_ref()
-                .is_some_and(|m| docker_bridges.contains(m))
-        })
+        .filter(|l| !l.master.as_ref().is_some_and(|m| docker_bridges.contains(m)))
         .filter(|l| !trusted.contains(&l.name))
         .cloned()
         .collect()
@@ -88,16 +76,8 @@ pub fn select_uplinks(
 
 /// The interfaces the operator named with `--iface`, those that exist right now.
 pub fn named(links: &[Link], names: &[String]) -> (Vec<Link>, Vec<String>) {
-    let found: Vec<Link> = links
-        .iter()
-        .filter(|l| names.contains(&l.name))
-        .cloned()
-        .collect();
-    let missing = names
-        .iter()
-        .filter(|n| !found.iter().any(|l| &l.name == *n))
-        .cloned()
-        .collect();
+    let found: Vec<Link> = links.iter().filter(|l| names.contains(&l.name)).cloned().collect();
+    let missing = names.iter().filter(|n| !found.iter().any(|l| &l.name == *n)).cloned().collect();
     (found, missing)
 }
 
@@ -106,11 +86,7 @@ mod tests {
     use super::*;
 
     fn link(name: &str, ifindex: u32, master: Option<&str>) -> Link {
-        Link {
-            name: name.into(),
-            ifindex,
-            master: master.map(Into::into),
-        }
+        Link { name: name.into(), ifindex, master: master.map(Into::into) }
     }
 
     #[test]

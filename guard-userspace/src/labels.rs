@@ -69,10 +69,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> (Vec<Opening>, Vec<Lab
         }
         match parse_label(key, value) {
             Ok(mut parsed) => openings.append(&mut parsed),
-            Err(problem) => errors.push(LabelError {
-                label: key.clone(),
-                problem,
-            }),
+            Err(problem) => errors.push(LabelError { label: key.clone(), problem }),
         }
     }
     (openings, errors)
@@ -105,11 +102,7 @@ fn parse_label(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
 fn openings(ports: Vec<PortSpec>, sources: Sources, rule: String) -> Vec<Opening> {
     ports
         .into_iter()
-        .map(|ports| Opening {
-            ports,
-            sources: sources.clone(),
-            rule: rule.clone(),
-        })
+        .map(|ports| Opening { ports, sources: sources.clone(), rule: rule.clone() })
         .collect()
 }
 
@@ -124,10 +117,7 @@ fn split_from(value: &str) -> Option<(&str, &str)> {
 }
 
 fn is_word_boundary(s: &str, start: usize, end: usize) -> bool {
-    let before = s[..start]
-        .chars()
-        .next_back()
-        .is_none_or(char::is_whitespace);
+    let before = s[..start].chars().next_back().is_none_or(char::is_whitespace);
     let after = s[end..].chars().next().is_none_or(char::is_whitespace);
     before && after
 }
@@ -137,15 +127,10 @@ pub fn parse_ports(list: &str) -> Result<Vec<PortSpec>, LabelProblem> {
     if list.trim().is_empty() {
         return Err(LabelProblem::Empty);
     }
-    let specs = list
-        .split(',')
-        .map(|item| parse_port_item(item.trim()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let singles: u32 = specs
-        .iter()
-        .filter(|s| !matches!(s, PortSpec::All))
-        .map(PortSpec::port_count)
-        .sum();
+    let specs =
+        list.split(',').map(|item| parse_port_item(item.trim())).collect::<Result<Vec<_>, _>>()?;
+    let singles: u32 =
+        specs.iter().filter(|s| !matches!(s, PortSpec::All)).map(PortSpec::port_count).sum();
     if singles > MAX_PORTS_PER_LABEL {
         return Err(LabelProblem::TooManyPorts(singles));
     }
@@ -163,9 +148,7 @@ fn parse_port_item(item: &str) -> Result<PortSpec, LabelProblem> {
         Some((range, proto)) => (range.trim(), proto.trim()),
         None => (item, "tcp"),
     };
-    let proto: Proto = proto
-        .parse()
-        .map_err(|()| LabelProblem::UnknownProto(proto.to_string()))?;
+    let proto: Proto = proto.parse().map_err(|()| LabelProblem::UnknownProto(proto.to_string()))?;
     let (first, last) = match range.split_once('-') {
         Some((first, last)) => {
             let bad_range = || LabelProblem::BadRange(item.to_string());
@@ -185,27 +168,19 @@ fn parse_port_item(item: &str) -> Result<PortSpec, LabelProblem> {
 }
 
 fn parse_port(s: &str) -> Result<u16, LabelProblem> {
-    s.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| LabelProblem::BadPort(s.to_string()))
+    s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| LabelProblem::BadPort(s.to_string()))
 }
 
 fn parse_sources(list: &str) -> Result<Vec<Cidr>, LabelProblem> {
-    let items: Vec<&str> = list
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let items: Vec<&str> =
+        list.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).collect();
     if items.is_empty() {
         return Err(LabelProblem::NoSources);
     }
     if items.len() > MAX_SOURCES_PER_LABEL {
         return Err(LabelProblem::TooManySources(items.len()));
     }
-    Ok(items
-        .into_iter()
-        .map(str::parse)
-        .collect::<Result<Vec<Cidr>, _>>()?)
+    Ok(items.into_iter().map(str::parse).collect::<Result<Vec<Cidr>, _>>()?)
 }
 
 #[cfg(test)]
@@ -213,10 +188,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn range(proto: Proto, first: u16, last: u16) -> PortSpec {
@@ -250,10 +222,7 @@ mod tests {
         );
         assert!(o.iter().all(|o| o.sources == Sources::Everyone));
         assert_eq!(o[0].rule, "label guard.expose");
-        assert_eq!(
-            one(EXPOSE, "443/TCP").unwrap()[0].ports,
-            range(Proto::Tcp, 443, 443)
-        );
+        assert_eq!(one(EXPOSE, "443/TCP").unwrap()[0].ports, range(Proto::Tcp, 443, 443));
     }
 
     #[test]
@@ -263,10 +232,7 @@ mod tests {
         assert_eq!(o[0].ports, range(Proto::Tcp, 5432, 5432));
         assert_eq!(
             o[0].sources,
-            Sources::Listed(vec![
-                "10.8.0.0/24".parse().unwrap(),
-                "192.0.2.7/32".parse().unwrap()
-            ])
+            Sources::Listed(vec!["10.8.0.0/24".parse().unwrap(), "192.0.2.7/32".parse().unwrap()])
         );
         let o = one("guard.allow.vpn", "* FROM fd00:8::/64").unwrap();
         assert_eq!(o[0].ports, PortSpec::All);
@@ -278,7 +244,8 @@ mod tests {
     #[test]
     fn every_bad_form_is_rejected_whole_with_its_reason() {
         use LabelProblem::*;
-        let cases: &[(&str, &str, fn(&LabelProblem) -> bool)] = &[
+        type Case = (&'static str, &'static str, fn(&LabelProblem) -> bool);
+        let cases: &[Case] = &[
             (EXPOSE, "", |p| *p == Empty),
             (EXPOSE, "  ", |p| *p == Empty),
             (EXPOSE, "443,", |p| *p == Empty),
@@ -295,18 +262,10 @@ mod tests {
             (EXPOSE, "443 from 10.0.0.0/8", |p| *p == FromInExpose),
             ("guard.allow.x", "5432", |p| *p == MissingFrom),
             ("guard.allow.x", "5432 from", |p| *p == NoSources),
-            ("guard.allow.x", "5432 from 10.0.0.0/33", |p| {
-                matches!(p, BadSource(_))
-            }),
-            ("guard.allow.x", "5432 from 10.0.0", |p| {
-                matches!(p, BadSource(_))
-            }),
-            ("guard.allow.x", "5432 from *", |p| {
-                matches!(p, BadSource(_))
-            }),
-            ("guard.allow.", "5432 from 10.0.0.1", |p| {
-                *p == MissingAllowName
-            }),
+            ("guard.allow.x", "5432 from 10.0.0.0/33", |p| matches!(p, BadSource(_))),
+            ("guard.allow.x", "5432 from 10.0.0", |p| matches!(p, BadSource(_))),
+            ("guard.allow.x", "5432 from *", |p| matches!(p, BadSource(_))),
+            ("guard.allow.", "5432 from 10.0.0.1", |p| *p == MissingAllowName),
             ("guard.exposed", "443", |p| *p == Unknown),
         ];
         for (key, value, expected) in cases {
@@ -315,14 +274,9 @@ mod tests {
         }
         let huge = "1,".repeat(MAX_VALUE_LEN);
         assert!(matches!(one(EXPOSE, &huge), Err(TooLong(_))));
-        let many: Vec<String> = (0..300)
-            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
-            .collect();
+        let many: Vec<String> = (0..300).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
         let value = format!("80 from {}", many.join(","));
-        assert!(matches!(
-            one("guard.allow.x", &value),
-            Err(TooManySources(300))
-        ));
+        assert!(matches!(one("guard.allow.x", &value), Err(TooManySources(300))));
     }
 
     #[test]
@@ -336,10 +290,7 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].label, "guard.allow.bad");
         let message = errors[0].to_string();
-        assert!(
-            message.contains("guard.allow.bad") && message.contains("nowhere"),
-            "{message}"
-        );
+        assert!(message.contains("guard.allow.bad") && message.contains("nowhere"), "{message}");
     }
 
     #[test]

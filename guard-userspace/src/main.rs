@@ -68,21 +68,16 @@ fn main() -> ExitCode {
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run {
-            ifaces,
-            trusted,
-            pin_dir,
-            resync_interval,
-        } => runtime.block_on(agent::run(RunOptions {
-            ifaces,
-            trusted,
-            pins: Pins::new(pin_dir),
-            resync: Duration::from_secs(resync_interval.max(1)),
-        })),
+        Command::Run { ifaces, trusted, pin_dir, resync_interval } => {
+            runtime.block_on(agent::run(RunOptions {
+                ifaces,
+                trusted,
+                pins: Pins::new(pin_dir),
+                resync: Duration::from_secs(resync_interval.max(1)),
+            }))
+        }
         Command::Status { pin_dir } => {
             print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir)))?);
             Ok(())

@@ -1,21 +1,24 @@
 //! The pinned policy maps: read them into a [`TableSet`], apply a [`Plan`] to them.
 
+use std::collections::BTreeMap;
+
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use guard_common::{
     addr::Addr,
     maps::{
-        self as names, AddrInfo, ContainerId, PortKey, PortRule, PublishedKey, PublishedTarget,
-        SourceKey,
+        self as names, AddrInfo, ContainerId, FlowKey, FlowSeen, PortKey, PortRule, PublishedKey,
+        PublishedTarget, SourceKey,
     },
+    prefilter::{self, Bitmap},
     reason::Reason,
 };
 
 use crate::{
     pins::Pins,
-    tables::{Lpm, Plan, TableDiff, TableSet},
+    tables::{Lpm, Plan, Prefilter, TableDiff, TableSet},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -25,21 +28,11 @@ pub enum MapsError {
     #[error(
         "opening pinned map {name} at {path}: {source} (is the agent installed at this --pin-dir?)"
     )]
-    Open {
-        name: &'static str,
-        path: String,
-        source: MapError,
-    },
+    Open { name: &'static str, path: String, source: MapError },
     #[error("map {name} has an unexpected type or layout: {source}")]
-    Layout {
-        name: &'static str,
-        source: MapError,
-    },
+    Layout { name: &'static str, source: MapError },
     #[error("reading map {name}: {source}")]
-    Read {
-        name: &'static str,
-        source: MapError,
-    },
+    Read { name: &'static str, source: MapError },
 }
 
 /// A map update that failed; the rest of the plan is still applied.
@@ -53,44 +46,33 @@ pub struct UpdateError {
 }
 
 pub struct PolicyMaps {
-    addrs: HashMap<MapData, Addr, AddrInfo>,
-    networks: LpmTrie<MapData, Addr, u32>,
-    published: HashMap<MapData, PublishedKey, PublishedTarget>,
-    ports: HashMap<MapData, PortKey, PortRule>,
-    sources: LpmTrie<MapData, SourceKey, u32>,
-    identities: HashMap<MapData, u32, ContainerId>,
+    addrs: Table<HashMap<MapData, Addr, AddrInfo>>,
+    networks: Table<LpmTrie<MapData, Addr, u32>>,
+    published: Table<HashMap<MapData, PublishedKey, PublishedTarget>>,
+    ports: Table<HashMap<MapData, PortKey, PortRule>>,
+    sources: Table<LpmTrie<MapData, SourceKey, u32>>,
+    identities: Table<HashMap<MapData, u32, ContainerId>>,
     counters: PerCpuArray<MapData, u64>,
+    prefilter: Array<MapData, Bitmap>,
+    flows: HashMap<MapData, FlowKey, FlowSeen>,
 }
 
 /// Where the maps come from: the object just loaded, or the pins an agent left.
 trait MapSource {
-    fn map(&mut self, name: &'static str) -> Result<MapData, MapsError>;
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError>;
 }
 
 impl MapSource for Ebpf {
-    fn map(&mut self, name: &'static str) -> Result<MapData, MapsError> {
-        let map = self.take_map(name).ok_or(MapsError::Missing { name })?;
-        // Every guard map is pinned by name, so its MapData is what every typed view wraps.
-        match map {
-            aya::maps::Map::HashMap(m)
-            | aya::maps::Map::LpmTrie(m)
-            | aya::maps::Map::PerCpuArray(m) => Ok(m),
-            _ => Err(MapsError::Layout {
-                name,
-                source: MapError::InvalidName { name: name.into() },
-            }),
-        }
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
+        self.take_map(name).ok_or(MapsError::Missing { name })
     }
 }
 
 impl MapSource for &Pins {
-    fn map(&mut self, name: &'static str) -> Result<MapData, MapsError> {
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
         let path = Pins::map(self, name);
-        MapData::from_pin(&path).map_err(|source| MapsError::Open {
-            name,
-            path: path.display().to_string(),
-            source,
-        })
+        let open_err = |source| MapsError::Open { name, path: path.display().to_string(), source };
+        Map::from_map_data(MapData::from_pin(&path).map_err(open_err)?).map_err(open_err)
     }
 }
 
@@ -103,162 +85,115 @@ impl PolicyMaps {
         Self::open(&mut { pins })
     }
 
-    fn open(source: &mut impl MapSource) -> Result<Self, MapsError> {
-        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    fn open(s: &mut impl MapSource) -> Result<Self, MapsError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            source: &mut impl MapSource,
             name: &'static str,
-            data: MapData,
         ) -> Result<T, MapsError> {
-            let map = aya::maps::Map::from_map_data(data)
-                .map_err(|source| MapsError::Layout { name, source })?;
-            T::try_from(map).map_err(|source| MapsError::Layout { name, source })
+            source.map(name)?.try_into().map_err(|source| MapsError::Layout { name, source })
+        }
+        fn table<T: TryFrom<Map, Error = MapError>>(
+            source: &mut impl MapSource,
+            name: &'static str,
+            capacity: u32,
+        ) -> Result<Table<T>, MapsError> {
+            Ok(Table { map: typed(source, name)?, name, capacity })
         }
         Ok(PolicyMaps {
-            addrs: typed(names::ADDRS, source.map(names::ADDRS)?)?,
-            networks: typed(names::NETWORKS, source.map(names::NETWORKS)?)?,
-            published: typed(names::PUBLISHED, source.map(names::PUBLISHED)?)?,
-            ports: typed(names::PORTS, source.map(names::PORTS)?)?,
-            sources: typed(names::SOURCES, source.map(names::SOURCES)?)?,
-            identities: typed(names::IDENTITIES, source.map(names::IDENTITIES)?)?,
-            counters: typed(names::COUNTERS, source.map(names::COUNTERS)?)?,
+            addrs: table(s, names::ADDRS, names::ADDRS_CAPACITY)?,
+            networks: table(s, names::NETWORKS, names::NETWORKS_CAPACITY)?,
+            published: table(s, names::PUBLISHED, names::PUBLISHED_CAPACITY)?,
+            ports: table(s, names::PORTS, names::PORTS_CAPACITY)?,
+            sources: table(s, names::SOURCES, names::SOURCES_CAPACITY)?,
+            identities: table(s, names::IDENTITIES, names::IDENTITIES_CAPACITY)?,
+            counters: typed(s, names::COUNTERS)?,
+            prefilter: typed(s, names::PREFILTER)?,
+            flows: typed(s, names::FLOWS)?,
         })
     }
 
     /// Everything the kernel holds now.
     pub fn read(&self) -> Result<TableSet, MapsError> {
-        fn collect<K: Ord, V, I: Iterator<Item = Result<(K, V), MapError>>>(
-            name: &'static str,
-            iter: I,
-        ) -> Result<std::collections::BTreeMap<K, V>, MapsError> {
-            iter.collect::<Result<_, _>>()
-                .map_err(|source| MapsError::Read { name, source })
-        }
-        fn lpm<K: aya::Pod + Ord, V>(
-            name: &'static str,
-            iter: impl Iterator<Item = Result<(Key<K>, V), MapError>>,
-        ) -> Result<std::collections::BTreeMap<Lpm<K>, V>, MapsError> {
-            collect(
-                name,
-                iter.map(|r| {
-                    r.map(|(k, v)| {
-                        (
-                            Lpm {
-                                len: k.prefix_len(),
-                                data: k.data(),
-                            },
-                            v,
-                        )
-                    })
-                }),
-            )
-        }
         Ok(TableSet {
-            addrs: collect(names::ADDRS, self.addrs.iter())?,
-            networks: lpm(names::NETWORKS, self.networks.iter())?,
-            published: collect(names::PUBLISHED, self.published.iter())?,
-            ports: collect(names::PORTS, self.ports.iter())?,
-            sources: lpm(names::SOURCES, self.sources.iter())?,
-            identities: collect(names::IDENTITIES, self.identities.iter())?,
+            addrs: self.addrs.read()?,
+            networks: self.networks.read()?,
+            published: self.published.read()?,
+            ports: self.ports.read()?,
+            sources: self.sources.read()?,
+            identities: self.identities.read()?,
+            prefilter: self.read_prefilter()?,
         })
+    }
+
+    fn read_prefilter(&self) -> Result<Prefilter, MapsError> {
+        let read = |entry: u32| {
+            self.prefilter
+                .get(&entry, 0)
+                .map(Box::new)
+                .map_err(|source| MapsError::Read { name: names::PREFILTER, source })
+        };
+        Ok(Prefilter {
+            v4: read(prefilter::V4_DESTINATIONS)?,
+            v6: read(prefilter::V6_DESTINATIONS)?,
+            ports: read(prefilter::PUBLISHED_PORTS)?,
+        })
+    }
+
+    fn write_prefilter(&mut self, prefilter: &Prefilter, errors: &mut Vec<UpdateError>) {
+        for (entry, bitmap) in prefilter.entries() {
+            if let Err(source) = self.prefilter.set(entry, bitmap, 0) {
+                errors.push(UpdateError {
+                    map: names::PREFILTER,
+                    op: "set",
+                    capacity: prefilter::ENTRIES,
+                    source,
+                });
+            }
+        }
     }
 
     /// Applies `plan` in the order that never opens more than either the old or the new state
     /// would: close, then protect and map, then open, then forget.
     ///
     /// 1. Remove openings that go away (ports, sources).
-    /// 2. Add subnets, addresses, published ports, identities. A new address points at its
-    ///    (possibly new) target id, whose openings do not exist yet.
+    /// 2. Widen the prefilter to old | new; add subnets, addresses, published ports,
+    ///    identities. A new address points at its (possibly new) target id, whose openings do
+    ///    not exist yet.
     /// 3. Add openings: source lists before the port rules that refer to them.
-    /// 4. Remove addresses, published ports, subnets and identities that are gone.
+    /// 4. Remove addresses, published ports, subnets and identities that are gone; narrow the
+    ///    prefilter to the new state.
+    ///
+    /// A failed update (a full map) is reported and the rest still applied.
     pub fn apply(&mut self, plan: &Plan) -> Vec<UpdateError> {
         let mut errors = Vec::new();
-        remove(
-            &mut self.ports,
-            &plan.ports,
-            names::PORTS,
-            names::PORTS_CAPACITY,
-            &mut errors,
-        );
-        remove_lpm(
-            &mut self.sources,
-            &plan.sources,
-            names::SOURCES,
-            names::SOURCES_CAPACITY,
-            &mut errors,
-        );
+        let e = &mut errors;
+        self.ports.remove_all(&plan.ports, e);
+        self.sources.remove_all(&plan.sources, e);
 
-        upsert_lpm(
-            &mut self.networks,
-            &plan.networks,
-            names::NETWORKS,
-            names::NETWORKS_CAPACITY,
-            &mut errors,
-        );
-        upsert(
-            &mut self.addrs,
-            &plan.addrs,
-            names::ADDRS,
-            names::ADDRS_CAPACITY,
-            &mut errors,
-        );
-        upsert(
-            &mut self.published,
-            &plan.published,
-            names::PUBLISHED,
-            names::PUBLISHED_CAPACITY,
-            &mut errors,
-        );
-        upsert(
-            &mut self.identities,
-            &plan.identities,
-            names::IDENTITIES,
-            names::IDENTITIES_CAPACITY,
-            &mut errors,
-        );
+        if let Some(change) = &plan.prefilter {
+            self.write_prefilter(&change.widened, e);
+        }
+        self.networks.upsert_all(&plan.networks, e);
+        self.addrs.upsert_all(&plan.addrs, e);
+        self.published.upsert_all(&plan.published, e);
+        self.identities.upsert_all(&plan.identities, e);
 
-        upsert_lpm(
-            &mut self.sources,
-            &plan.sources,
-            names::SOURCES,
-            names::SOURCES_CAPACITY,
-            &mut errors,
-        );
-        upsert(
-            &mut self.ports,
-            &plan.ports,
-            names::PORTS,
-            names::PORTS_CAPACITY,
-            &mut errors,
-        );
+        self.sources.upsert_all(&plan.sources, e);
+        self.ports.upsert_all(&plan.ports, e);
 
-        remove(
-            &mut self.addrs,
-            &plan.addrs,
-            names::ADDRS,
-            names::ADDRS_CAPACITY,
-            &mut errors,
-        );
-        remove(
-            &mut self.published,
-            &plan.published,
-            names::PUBLISHED,
-            names::PUBLISHED_CAPACITY,
-            &mut errors,
-        );
-        remove_lpm(
-            &mut self.networks,
-            &plan.networks,
-            names::NETWORKS,
-            names::NETWORKS_CAPACITY,
-            &mut errors,
-        );
-        remove(
-            &mut self.identities,
-            &plan.identities,
-            names::IDENTITIES,
-            names::IDENTITIES_CAPACITY,
-            &mut errors,
-        );
+        self.addrs.remove_all(&plan.addrs, e);
+        self.published.remove_all(&plan.published, e);
+        self.networks.remove_all(&plan.networks, e);
+        self.identities.remove_all(&plan.identities, e);
+        if let Some(change) = &plan.prefilter {
+            self.write_prefilter(&change.last, e);
+        }
         errors
+    }
+
+    /// Records an outbound flow as the TC egress program would (for tests and benchmarks).
+    pub fn remember_flow(&mut self, key: &FlowKey, seen_ns: FlowSeen) -> Result<(), MapError> {
+        self.flows.insert(key, seen_ns, 0)
     }
 
     /// Packets seen per reason, summed over CPUs.
@@ -266,91 +201,87 @@ impl PolicyMaps {
         Reason::ALL
             .iter()
             .map(|reason| {
-                let per_cpu =
-                    self.counters
-                        .get(&(*reason as u32), 0)
-                        .map_err(|source| MapsError::Read {
-                            name: names::COUNTERS,
-                            source,
-                        })?;
+                let per_cpu = self
+                    .counters
+                    .get(&(*reason as u32), 0)
+                    .map_err(|source| MapsError::Read { name: names::COUNTERS, source })?;
                 Ok((*reason, per_cpu.iter().sum()))
             })
             .collect()
     }
 }
 
-fn upsert<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    diff: &TableDiff<K, V>,
+/// A kernel map with the name and capacity its errors should mention.
+struct Table<M> {
+    map: M,
     name: &'static str,
     capacity: u32,
-    errors: &mut Vec<UpdateError>,
-) {
-    for (k, v) in &diff.upsert {
-        if let Err(source) = map.insert(k, v, 0) {
-            errors.push(UpdateError {
-                map: name,
-                op: "insert",
-                capacity,
-                source,
-            });
-        }
+}
+
+/// Read, insert and remove for the two kinds of keyed map, in the [`TableSet`]'s key types.
+trait KeyedMap<K, V> {
+    fn entries(&self) -> Result<BTreeMap<K, V>, MapError>;
+    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError>;
+    fn delete(&mut self, key: &K) -> Result<(), MapError>;
+}
+
+impl<K: aya::Pod + Ord, V: aya::Pod> KeyedMap<K, V> for HashMap<MapData, K, V> {
+    fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
+        self.iter().collect()
+    }
+    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+    fn delete(&mut self, key: &K) -> Result<(), MapError> {
+        self.remove(key)
     }
 }
 
-fn remove<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    diff: &TableDiff<K, V>,
-    name: &'static str,
-    capacity: u32,
-    errors: &mut Vec<UpdateError>,
-) {
-    for k in &diff.remove {
-        if let Err(source) = map.remove(k) {
-            errors.push(UpdateError {
-                map: name,
-                op: "remove",
-                capacity,
-                source,
-            });
-        }
+impl<K: aya::Pod + Ord, V: aya::Pod> KeyedMap<Lpm<K>, V> for LpmTrie<MapData, K, V> {
+    fn entries(&self) -> Result<BTreeMap<Lpm<K>, V>, MapError> {
+        self.iter()
+            .map(|r| r.map(|(k, v)| (Lpm { len: k.prefix_len(), data: k.data() }, v)))
+            .collect()
+    }
+    fn put(&mut self, key: &Lpm<K>, value: &V) -> Result<(), MapError> {
+        self.insert(&Key::new(key.len, key.data), value, 0)
+    }
+    fn delete(&mut self, key: &Lpm<K>) -> Result<(), MapError> {
+        self.remove(&Key::new(key.len, key.data))
     }
 }
 
-fn upsert_lpm<K: aya::Pod, V: aya::Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    diff: &TableDiff<Lpm<K>, V>,
-    name: &'static str,
-    capacity: u32,
-    errors: &mut Vec<UpdateError>,
-) {
-    for (k, v) in &diff.upsert {
-        if let Err(source) = map.insert(&Key::new(k.len, k.data), v, 0) {
-            errors.push(UpdateError {
-                map: name,
-                op: "insert",
-                capacity,
-                source,
-            });
+impl<M> Table<M> {
+    fn read<K, V>(&self) -> Result<BTreeMap<K, V>, MapsError>
+    where
+        M: KeyedMap<K, V>,
+    {
+        self.map.entries().map_err(|source| MapsError::Read { name: self.name, source })
+    }
+
+    fn upsert_all<K, V>(&mut self, diff: &TableDiff<K, V>, errors: &mut Vec<UpdateError>)
+    where
+        M: KeyedMap<K, V>,
+    {
+        for (key, value) in &diff.upsert {
+            if let Err(source) = self.map.put(key, value) {
+                errors.push(self.error("insert", source));
+            }
         }
     }
-}
 
-fn remove_lpm<K: aya::Pod, V: aya::Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    diff: &TableDiff<Lpm<K>, V>,
-    name: &'static str,
-    capacity: u32,
-    errors: &mut Vec<UpdateError>,
-) {
-    for k in &diff.remove {
-        if let Err(source) = map.remove(&Key::new(k.len, k.data)) {
-            errors.push(UpdateError {
-                map: name,
-                op: "remove",
-                capacity,
-                source,
-            });
+    fn remove_all<K, V>(&mut self, diff: &TableDiff<K, V>, errors: &mut Vec<UpdateError>)
+    where
+        M: KeyedMap<K, V>,
+    {
+        for key in &diff.remove {
+            if let Err(source) = self.map.delete(key) {
+                errors.push(self.error("remove", source));
+            }
         }
+    }
+
+    fn error(&self, op: &'static str, source: MapError) -> UpdateError {
+        UpdateError { map: self.name, op, capacity: self.capacity, source }
     }
 }

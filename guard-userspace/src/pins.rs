@@ -1,9 +1,11 @@
 //! Where everything lives on bpffs. One root directory (default /sys/fs/bpf/guard):
 //!
 //! ```text
-//! <root>/maps/GUARD_*         the policy maps and counters (pinned by name)
-//! <root>/xdp_program          the XDP program currently attached
-//! <root>/links/xdp-<ifindex>  one XDP link per protected interface
+//! <root>/maps/GUARD_*               the policy maps, flows and counters (pinned by name)
+//! <root>/xdp_program                the XDP program currently attached
+//! <root>/tc_egress_program          the TC egress program currently attached
+//! <root>/links/xdp-<ifindex>        one XDP link per protected interface
+//! <root>/links/tc-egress-<ifindex>  one TCX egress link per protected interface
 //! ```
 //!
 //! The pins are what keeps protection up when no agent runs; a new agent adopts them.
@@ -14,7 +16,33 @@ use std::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
-const LINK_PREFIX: &str = "xdp-";
+
+/// Where on an interface a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// XDP on ingress: the filter.
+    Xdp,
+    /// TCX on egress: flow memory.
+    TcEgress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::TcEgress];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::TcEgress => "tc-egress",
+        }
+    }
+
+    fn link_prefix(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp-",
+            Hook::TcEgress => "tc-egress-",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -54,29 +82,26 @@ impl Pins {
         self.maps_dir().join(name)
     }
 
-    pub fn program(&self) -> PathBuf {
-        self.root.join("xdp_program")
+    pub fn program(&self, hook: Hook) -> PathBuf {
+        self.root.join(match hook {
+            Hook::Xdp => "xdp_program",
+            Hook::TcEgress => "tc_egress_program",
+        })
     }
 
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
 
-    pub fn xdp_link(&self, ifindex: u32) -> PathBuf {
-        self.links_dir().join(format!("{LINK_PREFIX}{ifindex}"))
+    pub fn link(&self, hook: Hook, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{}{ifindex}", hook.link_prefix()))
     }
 
     /// Checks that the root's nearest existing ancestor is on bpffs, then creates the layout.
     pub fn create(&self) -> Result<(), PinError> {
-        let existing = self
-            .root
-            .ancestors()
-            .find(|p| p.exists())
-            .unwrap_or(Path::new("/"));
+        let existing = self.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         if !is_bpffs(existing) {
-            return Err(PinError::NotBpffs {
-                dir: existing.to_path_buf(),
-            });
+            return Err(PinError::NotBpffs { dir: existing.to_path_buf() });
         }
         for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| PinError::CreateDir { path: dir, source })?;
@@ -84,8 +109,8 @@ impl Pins {
         Ok(())
     }
 
-    /// The XDP links pinned under this root, by interface index.
-    pub fn pinned_links(&self) -> Result<Vec<(u32, PathBuf)>, PinError> {
+    /// The links pinned under this root: hook, interface index, pin.
+    pub fn pinned_links(&self) -> Result<Vec<(Hook, u32, PathBuf)>, PinError> {
         let dir = self.links_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -95,11 +120,12 @@ impl Pins {
         let mut links = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let ifindex = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(LINK_PREFIX)?.parse().ok());
-            if let Some(ifindex) = ifindex {
-                links.push((ifindex, entry.path()));
+            let Some(name) = name.to_str() else { continue };
+            for hook in Hook::ALL {
+                let ifindex = name.strip_prefix(hook.link_prefix()).and_then(|i| i.parse().ok());
+                if let Some(ifindex) = ifindex {
+                    links.push((hook, ifindex, entry.path()));
+                }
             }
         }
         links.sort();
@@ -119,12 +145,10 @@ mod tests {
     #[test]
     fn layout_under_one_root() {
         let pins = Pins::new("/sys/fs/bpf/guard");
-        assert_eq!(
-            pins.map("GUARD_ADDRS"),
-            Path::new("/sys/fs/bpf/guard/maps/GUARD_ADDRS")
-        );
-        assert_eq!(pins.xdp_link(7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
-        assert!(pins.program().starts_with(pins.root()));
+        assert_eq!(pins.map("GUARD_ADDRS"), Path::new("/sys/fs/bpf/guard/maps/GUARD_ADDRS"));
+        assert_eq!(pins.link(Hook::Xdp, 7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
+        assert_eq!(pins.link(Hook::TcEgress, 7), Path::new("/sys/fs/bpf/guard/links/tc-egress-7"));
+        assert!(pins.program(Hook::TcEgress).starts_with(pins.root()));
     }
 
     #[test]

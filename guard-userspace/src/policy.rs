@@ -25,9 +25,7 @@ impl Proto {
     }
 
     pub fn from_number(n: u8) -> Option<Proto> {
-        [Proto::Tcp, Proto::Udp, Proto::Sctp]
-            .into_iter()
-            .find(|p| p.number() == n)
+        [Proto::Tcp, Proto::Udp, Proto::Sctp].into_iter().find(|p| p.number() == n)
     }
 
     pub const fn name(self) -> &'static str {
@@ -98,19 +96,12 @@ pub struct BadCidr(pub String);
 
 impl Cidr {
     pub fn host(addr: IpAddr) -> Self {
-        Cidr {
-            addr,
-            prefix_len: if addr.is_ipv4() { 32 } else { 128 },
-        }
+        Cidr { addr, prefix_len: if addr.is_ipv4() { 32 } else { 128 } }
     }
 
     /// The prefix as the kernel's 128-bit tries see it (IPv4 is IPv4-mapped).
     pub fn to_addr_prefix(self) -> (Addr, u32) {
-        let bits = if self.addr.is_ipv4() {
-            V4_MAPPED_PREFIX
-        } else {
-            0
-        };
+        let bits = if self.addr.is_ipv4() { V4_MAPPED_PREFIX } else { 0 };
         (Addr::from(self.addr), bits + u32::from(self.prefix_len))
     }
 
@@ -131,33 +122,21 @@ impl FromStr for Cidr {
         let addr: IpAddr = ip.trim().parse().map_err(|_| bad())?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len {
-            Some(len) => len
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(bad)?,
+            Some(len) => len.trim().parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
             None => max,
         };
-        Ok(Cidr {
-            addr: mask(addr, prefix_len),
-            prefix_len,
-        })
+        Ok(Cidr { addr: mask(addr, prefix_len), prefix_len })
     }
 }
 
 fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(v4) => {
-            let m = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len))
-                .unwrap_or(0);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
             IpAddr::from((u32::from(v4) & m).to_be_bytes())
         }
         IpAddr::V6(v6) => {
-            let m = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len))
-                .unwrap_or(0);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
             IpAddr::from((u128::from(v6) & m).to_be_bytes())
         }
     }
@@ -191,38 +170,16 @@ mod tests {
 
     #[test]
     fn cidr_parses_hosts_and_prefixes_and_clears_host_bits() {
-        assert_eq!(
-            "192.0.2.7".parse::<Cidr>().unwrap().to_string(),
-            "192.0.2.7/32"
-        );
-        assert_eq!(
-            "10.8.0.9/24".parse::<Cidr>().unwrap().to_string(),
-            "10.8.0.0/24"
-        );
-        assert_eq!(
-            "fd00::1/64".parse::<Cidr>().unwrap().to_string(),
-            "fd00::/64"
-        );
-        assert_eq!(
-            "0.0.0.0/0".parse::<Cidr>().unwrap().to_string(),
-            "0.0.0.0/0"
-        );
-        assert_eq!(
-            " 10.0.0.0 / 8 ".trim().parse::<Cidr>().unwrap().prefix_len,
-            8
-        );
+        assert_eq!("192.0.2.7".parse::<Cidr>().unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!("10.8.0.9/24".parse::<Cidr>().unwrap().to_string(), "10.8.0.0/24");
+        assert_eq!("fd00::1/64".parse::<Cidr>().unwrap().to_string(), "fd00::/64");
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(" 10.0.0.0 / 8 ".trim().parse::<Cidr>().unwrap().prefix_len, 8);
     }
 
     #[test]
     fn cidr_rejects_garbage() {
-        for bad in [
-            "",
-            "10.0.0.0/33",
-            "fd00::/129",
-            "10.0.0/8",
-            "host.example",
-            "10.0.0.0/-1",
-        ] {
+        for bad in ["", "10.0.0.0/33", "fd00::/129", "10.0.0/8", "host.example", "10.0.0.0/-1"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should not parse");
         }
     }

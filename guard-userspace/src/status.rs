@@ -13,7 +13,7 @@ use crate::{
     identities::Identities,
     interfaces,
     maps::PolicyMaps,
-    pins::Pins,
+    pins::{Hook, Pins},
     policy::{Opening, PortSpec, Proto, Sources},
     tables::diff,
 };
@@ -22,11 +22,7 @@ pub async fn status(pins: &Pins) -> anyhow::Result<String> {
     let docker = DockerClient::connect().await?;
     let snapshot = docker.snapshot().await?;
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
-    let maps = if pins.exists() {
-        Some(PolicyMaps::from_pins(pins)?)
-    } else {
-        None
-    };
+    let maps = if pins.exists() { Some(PolicyMaps::from_pins(pins)?) } else { None };
     let current = maps.as_ref().map(PolicyMaps::read).transpose()?;
 
     // Use the agent's target ids, so the comparison with the maps is meaningful.
@@ -46,7 +42,8 @@ pub async fn status(pins: &Pins) -> anyhow::Result<String> {
             let names = interfaces::links().unwrap_or_default();
             let ifaces: Vec<String> = links
                 .iter()
-                .map(|(ifindex, _)| {
+                .filter(|(hook, _, _)| *hook == Hook::Xdp)
+                .map(|(_, ifindex, _)| {
                     names
                         .iter()
                         .find(|l| l.ifindex == *ifindex)
@@ -57,11 +54,7 @@ pub async fn status(pins: &Pins) -> anyhow::Result<String> {
                 out,
                 "protection: loaded at {} on {}",
                 pins.root().display(),
-                if ifaces.is_empty() {
-                    "no interface".into()
-                } else {
-                    ifaces.join(", ")
-                }
+                if ifaces.is_empty() { "no interface".into() } else { ifaces.join(", ") }
             )?;
             let pending = diff(current, &desired.tables).change_count();
             if pending == 0 {
@@ -98,24 +91,17 @@ fn table(containers: &[ContainerPolicy]) -> String {
         vec![["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE"].map(String::from)];
     for policy in containers {
         let c = &policy.container;
-        let mut ports: BTreeSet<(u16, Proto)> = c
-            .published
-            .iter()
-            .map(|p| (p.container_port, p.proto))
-            .collect();
+        let mut ports: BTreeSet<(u16, Proto)> =
+            c.published.iter().map(|p| (p.container_port, p.proto)).collect();
         for opening in &policy.openings {
-            if let PortSpec::Range { proto, first, last } = opening.ports {
-                if last - first < 16 {
-                    ports.extend((first..=last).map(|p| (p, proto)));
-                }
+            // Short ranges get a row per port; longer ones show in the rule column.
+            if let PortSpec::Range { proto, first, last } = opening.ports
+                && last - first < 16
+            {
+                ports.extend((first..=last).map(|p| (p, proto)));
             }
         }
-        let addresses = c
-            .addresses
-            .iter()
-            .map(IpAddr::to_string)
-            .collect::<Vec<_>>()
-            .join(" ");
+        let addresses = c.addresses.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(" ");
         let mut first_row = true;
         let mut push = |port: String, published: String, outside: String| {
             let (name, addrs) = if first_row {
@@ -136,11 +122,7 @@ fn table(containers: &[ContainerPolicy]) -> String {
             let covering = policy.openings.iter().filter(|o| covers(o, port, proto));
             push(
                 format!("{port}/{proto}"),
-                if published.is_empty() {
-                    "-".into()
-                } else {
-                    published.join(" ")
-                },
+                if published.is_empty() { "-".into() } else { published.join(" ") },
                 who(covering),
             );
         }
@@ -153,11 +135,7 @@ fn table(containers: &[ContainerPolicy]) -> String {
 fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
     match opening.ports {
         PortSpec::All => true,
-        PortSpec::Range {
-            proto: p,
-            first,
-            last,
-        } => p == proto && (first..=last).contains(&port),
+        PortSpec::Range { proto: p, first, last } => p == proto && (first..=last).contains(&port),
     }
 }
 
@@ -172,11 +150,8 @@ fn who<'a>(openings: impl Iterator<Item = &'a Opening>) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let everyone: Vec<&Opening> = openings
-        .iter()
-        .copied()
-        .filter(|o| o.sources == Sources::Everyone)
-        .collect();
+    let everyone: Vec<&Opening> =
+        openings.iter().copied().filter(|o| o.sources == Sources::Everyone).collect();
     if !everyone.is_empty() {
         return format!("everyone ({})", rules(&everyone));
     }
@@ -190,25 +165,17 @@ fn who<'a>(openings: impl Iterator<Item = &'a Opening>) -> String {
     if sources.is_empty() {
         "none".into()
     } else {
-        format!(
-            "{} ({})",
-            sources.into_iter().collect::<Vec<_>>().join(", "),
-            rules(&openings)
-        )
+        format!("{} ({})", sources.into_iter().collect::<Vec<_>>().join(", "), rules(&openings))
     }
 }
 
 fn render(rows: &[[String; 5]]) -> String {
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

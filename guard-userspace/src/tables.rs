@@ -3,14 +3,19 @@
 //! reconciling is a pure [`diff`] between two [`TableSet`]s.
 //!
 //! A [`TableSet`] also implements [`Tables`], which makes it the reference for the kernel's
-//! decision: `decide(&desired.tables, &packet)` is what the XDP program must answer.
+//! decision: `decide(&desired.tables, &packet)` is what the XDP program must answer. The
+//! reference ignores the prefilter (it answers "maybe" to everything), so any prefilter bit
+//! the agent failed to set shows up as a difference between kernel and reference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use guard_common::{
     addr::Addr,
     decision::Tables,
-    maps::{AddrInfo, ContainerId, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey},
+    maps::{
+        AddrInfo, ContainerId, FlowKey, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey,
+    },
+    prefilter::{self, Bitmap},
 };
 
 /// A longest-prefix-match key: `len` leading bits of `data`.
@@ -28,17 +33,98 @@ pub struct TableSet {
     pub ports: BTreeMap<PortKey, PortRule>,
     pub sources: BTreeMap<Lpm<SourceKey>, u32>,
     pub identities: BTreeMap<u32, ContainerId>,
+    pub prefilter: Prefilter,
+}
+
+/// The three prefilter bitmaps (see [`guard_common::prefilter`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prefilter {
+    pub v4: Box<Bitmap>,
+    pub v6: Box<Bitmap>,
+    pub ports: Box<Bitmap>,
+}
+
+impl Default for Prefilter {
+    fn default() -> Self {
+        let empty = || Box::new(Bitmap::empty());
+        Prefilter { v4: empty(), v6: empty(), ports: empty() }
+    }
+}
+
+impl Prefilter {
+    /// The bitmaps by map entry, in entry order.
+    pub fn entries(&self) -> [(u32, &Bitmap); 3] {
+        [
+            (prefilter::V4_DESTINATIONS, &self.v4),
+            (prefilter::V6_DESTINATIONS, &self.v6),
+            (prefilter::PUBLISHED_PORTS, &self.ports),
+        ]
+    }
+
+    pub fn entry_mut(&mut self, entry: u32) -> &mut Bitmap {
+        match entry {
+            prefilter::V4_DESTINATIONS => &mut self.v4,
+            prefilter::V6_DESTINATIONS => &mut self.v6,
+            _ => &mut self.ports,
+        }
+    }
+
+    /// Sets the bucket of one address.
+    pub fn mark_addr(&mut self, addr: &Addr) {
+        let (entry, bit) = prefilter::address_bucket(addr);
+        self.entry_mut(entry).set(bit);
+    }
+
+    /// Sets every bucket an address in `addr/len` (a 128-bit prefix length; IPv4 mapped) can
+    /// fall in.
+    pub fn mark_prefix(&mut self, addr: &Addr, len: u32) {
+        let b = &addr.0;
+        if addr.is_v4() {
+            // Buckets are /16s: a longer prefix is one bucket, a shorter one spans several.
+            let top16 = u16::from_be_bytes([b[12], b[13]]);
+            let v4_len = len.saturating_sub(96).min(32);
+            let spanned = 16u32.saturating_sub(v4_len);
+            let first = u32::from(top16) & !((1u32 << spanned) - 1);
+            for bucket in first..first + (1 << spanned) {
+                self.v4.set(bucket as u16);
+            }
+        } else if len < 16 {
+            self.v6.fill();
+        } else {
+            // Buckets are folds of the first 32 bits: enumerate the /32s the prefix spans.
+            let first32 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            let spanned = 32u32.saturating_sub(len.min(32));
+            let first = u64::from(first32) & !((1u64 << spanned) - 1);
+            for top in first..first + (1u64 << spanned) {
+                self.v6.set(prefilter::v6_fold(top as u32));
+            }
+        }
+    }
+
+    pub fn union(&self, other: &Prefilter) -> Prefilter {
+        Prefilter {
+            v4: Box::new(self.v4.union(&other.v4)),
+            v6: Box::new(self.v6.union(&other.v6)),
+            ports: Box::new(self.ports.union(&other.ports)),
+        }
+    }
 }
 
 impl Tables for TableSet {
+    fn may_hold_container(&self, _: &Addr) -> bool {
+        true
+    }
+
+    fn may_be_published(&self, _: u16) -> bool {
+        true
+    }
+
     fn addr_info(&self, addr: &Addr) -> Option<AddrInfo> {
         self.addrs.get(addr).copied()
     }
 
     fn in_docker_network(&self, addr: &Addr) -> bool {
-        self.networks
-            .keys()
-            .any(|net| addr.in_prefix(&net.data, net.len))
+        self.networks.keys().any(|net| addr.in_prefix(&net.data, net.len))
     }
 
     fn published(&self, key: &PublishedKey) -> Option<PublishedTarget> {
@@ -53,6 +139,43 @@ impl Tables for TableSet {
         self.sources.keys().any(|s| {
             s.data.port == *key && src.in_prefix(&s.data.addr, s.len - SourceKey::PORT_BITS)
         })
+    }
+
+    fn flow_seen(&self, _: &FlowKey) -> bool {
+        false
+    }
+}
+
+/// The reference with flow memory: `tables` plus the flows the egress program has seen.
+pub struct WithFlows<'a> {
+    pub tables: &'a TableSet,
+    pub flows: &'a BTreeSet<FlowKey>,
+}
+
+impl Tables for WithFlows<'_> {
+    fn may_hold_container(&self, dst: &Addr) -> bool {
+        self.tables.may_hold_container(dst)
+    }
+    fn may_be_published(&self, port: u16) -> bool {
+        self.tables.may_be_published(port)
+    }
+    fn published(&self, key: &PublishedKey) -> Option<PublishedTarget> {
+        self.tables.published(key)
+    }
+    fn addr_info(&self, addr: &Addr) -> Option<AddrInfo> {
+        self.tables.addr_info(addr)
+    }
+    fn in_docker_network(&self, addr: &Addr) -> bool {
+        self.tables.in_docker_network(addr)
+    }
+    fn port_rule(&self, key: &PortKey) -> Option<PortRule> {
+        self.tables.port_rule(key)
+    }
+    fn source_listed(&self, key: &PortKey, src: &Addr) -> bool {
+        self.tables.source_listed(key, src)
+    }
+    fn flow_seen(&self, key: &FlowKey) -> bool {
+        self.flows.contains(key)
     }
 }
 
@@ -76,16 +199,9 @@ fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> TableDiff<K, V> {
-    let upsert = desired
-        .iter()
-        .filter(|(k, v)| current.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    let remove = current
-        .keys()
-        .filter(|k| !desired.contains_key(k))
-        .copied()
-        .collect();
+    let upsert =
+        desired.iter().filter(|(k, v)| current.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    let remove = current.keys().filter(|k| !desired.contains_key(k)).copied().collect();
     TableDiff { upsert, remove }
 }
 
@@ -99,6 +215,16 @@ pub struct Plan {
     pub ports: TableDiff<PortKey, PortRule>,
     pub sources: TableDiff<Lpm<SourceKey>, u32>,
     pub identities: TableDiff<u32, ContainerId>,
+    pub prefilter: Option<PrefilterChange>,
+}
+
+/// A prefilter change is applied in two steps so the filter never hides anything either the
+/// old or the new state holds: `widened` (old | new) before the other maps change, `last`
+/// (new) after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefilterChange {
+    pub widened: Prefilter,
+    pub last: Prefilter,
 }
 
 impl Plan {
@@ -113,6 +239,7 @@ impl Plan {
             + self.ports.len()
             + self.sources.len()
             + self.identities.len()
+            + self.prefilter.as_ref().map_or(0, |_| 1)
     }
 }
 
@@ -124,6 +251,10 @@ pub fn diff(current: &TableSet, desired: &TableSet) -> Plan {
         ports: diff_map(&current.ports, &desired.ports),
         sources: diff_map(&current.sources, &desired.sources),
         identities: diff_map(&current.identities, &desired.identities),
+        prefilter: (current.prefilter != desired.prefilter).then(|| PrefilterChange {
+            widened: current.prefilter.union(&desired.prefilter),
+            last: desired.prefilter.clone(),
+        }),
     }
 }
 
@@ -138,25 +269,15 @@ mod tests {
     #[test]
     fn diff_of_equal_sets_is_empty_and_finds_every_change() {
         let mut current = TableSet::default();
-        current
-            .addrs
-            .insert(a("172.18.0.2"), AddrInfo::container(1));
-        current
-            .addrs
-            .insert(a("172.18.0.3"), AddrInfo::container(2));
-        current
-            .ports
-            .insert(PortKey::new(1, 6, 443), PortRule::everyone());
+        current.addrs.insert(a("172.18.0.2"), AddrInfo::container(1));
+        current.addrs.insert(a("172.18.0.3"), AddrInfo::container(2));
+        current.ports.insert(PortKey::new(1, 6, 443), PortRule::everyone());
         assert!(diff(&current, &current).is_empty());
 
         let mut desired = current.clone();
-        desired
-            .addrs
-            .insert(a("172.18.0.2"), AddrInfo::container(5)); // changed value
+        desired.addrs.insert(a("172.18.0.2"), AddrInfo::container(5)); // changed value
         desired.addrs.remove(&a("172.18.0.3")); // gone
-        desired
-            .addrs
-            .insert(a("172.18.0.4"), AddrInfo::container(6)); // new
+        desired.addrs.insert(a("172.18.0.4"), AddrInfo::container(6)); // new
         desired.ports.clear();
         let plan = diff(&current, &desired);
         assert_eq!(
@@ -172,23 +293,40 @@ mod tests {
     }
 
     #[test]
+    fn prefilter_marks_every_bucket_a_prefix_can_reach() {
+        let cases = [
+            ("172.30.0.0", 96 + 24, &["172.30.0.1", "172.30.0.255"][..], &["172.31.0.1"][..]),
+            ("10.0.0.0", 96 + 8, &["10.0.0.1", "10.255.255.255", "10.128.3.4"], &["11.0.0.1"]),
+            ("172.16.0.0", 96 + 12, &["172.16.0.1", "172.31.255.1"], &["172.32.0.1"]),
+            ("fd00:30::", 64, &["fd00:30::1", "fd00:30::ffff:1"], &["fd00:31::1"]),
+            ("2001:db8::", 29, &["2001:db8::1", "2001:dbf:ffff::1"], &["2001:dc0::1"]),
+        ];
+        for (net, len, inside, outside) in cases {
+            let mut p = Prefilter::default();
+            p.mark_prefix(&a(net), len);
+            for ip in inside {
+                let (entry, bit) = prefilter::address_bucket(&a(ip));
+                assert!(p.entry_mut(entry).get(bit), "{ip} in {net}/{len} must pass the filter");
+            }
+            for ip in outside {
+                let (entry, bit) = prefilter::address_bucket(&a(ip));
+                assert!(!p.entry_mut(entry).get(bit), "{ip} outside {net}/{len} is filtered");
+            }
+        }
+        let mut p = Prefilter::default();
+        p.mark_prefix(&a("fd00::"), 8);
+        assert_eq!(p.v6.count(), 65536, "a v6 prefix shorter than /16 opens the whole filter");
+    }
+
+    #[test]
     fn reference_lookups_follow_prefixes() {
         let mut t = TableSet::default();
-        t.networks.insert(
-            Lpm {
-                len: 96 + 16,
-                data: a("172.18.0.0"),
-            },
-            1,
-        );
+        t.networks.insert(Lpm { len: 96 + 16, data: a("172.18.0.0") }, 1);
         let key = PortKey::new(1, 6, 5432);
         t.sources.insert(
             Lpm {
                 len: SourceKey::PORT_BITS + 96 + 24,
-                data: SourceKey {
-                    port: key,
-                    addr: a("10.8.0.0"),
-                },
+                data: SourceKey { port: key, addr: a("10.8.0.0") },
             },
             1,
         );

@@ -5,7 +5,7 @@ use std::{fs, io, path::Path};
 
 use guard_common::maps as names;
 
-use crate::pins::Pins;
+use crate::pins::{Hook, Pins};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unloaded {
@@ -23,10 +23,12 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     }
     // Links first: removing a link's last reference detaches the program from its interface.
     let links = pins.pinned_links().map_err(io::Error::other)?;
-    for (_, path) in &links {
+    for (_, _, path) in &links {
         remove_file(path)?;
     }
-    remove_file(&pins.program())?;
+    for hook in Hook::ALL {
+        remove_file(&pins.program(hook))?;
+    }
     let mut maps = 0;
     for name in names::ALL {
         if remove_file(&pins.map(name))? {
@@ -40,27 +42,18 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!(
-                        "{} still holds pins guard did not create: {e}",
-                        dir.display()
-                    ),
+                    format!("{} still holds pins guard did not create: {e}", dir.display()),
                 ));
             }
         }
     }
-    Ok(Unloaded::Removed {
-        links: links.len(),
-        maps,
-    })
+    Ok(Unloaded::Removed { links: links.len(), maps })
 }
 
 fn remove_file(path: &Path) -> io::Result<bool> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("removing {}: {e}", path.display()),
-        )),
+        Err(e) => Err(io::Error::new(e.kind(), format!("removing {}: {e}", path.display()))),
     }
 }

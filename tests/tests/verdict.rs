@@ -9,6 +9,7 @@
 mod frames;
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -17,9 +18,11 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use frames::{Frame, Transport::*};
+use frames::{Ext, Frame, Transport::*};
 use guard_common::{
+    addr::Addr,
     decision::decide,
+    maps::{FLOW_TIMEOUT_NS, FlowKey},
     reason::{Reason, Verdict},
 };
 use guard_userspace::{
@@ -30,7 +33,7 @@ use guard_userspace::{
     pins::Pins,
     policy::Proto,
     snapshot::{Container, Network, Published, Snapshot},
-    tables::diff,
+    tables::{WithFlows, diff},
     unload::unload,
 };
 
@@ -56,6 +59,8 @@ struct Loaded {
     ebpf: Ebpf,
     maps: PolicyMaps,
     desired: Desired,
+    /// The flows put into flow memory (and still fresh), for the reference.
+    flows: BTreeSet<FlowKey>,
     pins: Pins,
 }
 
@@ -68,10 +73,7 @@ impl Loaded {
         // Tests run on parallel threads of one process: each loads into a directory of its own.
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pins = Pins::new(format!(
-            "/sys/fs/bpf/guard-verdict-{}-{n}",
-            std::process::id()
-        ));
+        let pins = Pins::new(format!("/sys/fs/bpf/guard-verdict-{}-{n}", std::process::id()));
         let mut ebpf = loader::load(&pins).expect("the kernel loads the XDP program");
         let mut maps = PolicyMaps::from_ebpf(&mut ebpf).expect("maps are in the object");
         let snapshot = seed_snapshot();
@@ -82,26 +84,21 @@ impl Loaded {
         let plan = diff(&maps.read().expect("read maps"), &desired.tables);
         let failures = maps.apply(&plan);
         assert!(failures.is_empty(), "map updates failed: {failures:?}");
-        assert_eq!(
-            maps.read().unwrap(),
-            desired.tables,
-            "the maps hold the desired state"
-        );
-        Loaded {
-            ebpf,
-            maps,
-            desired,
-            pins,
+        assert_eq!(maps.read().unwrap(), desired.tables, "the maps hold the desired state");
+        Loaded { ebpf, maps, desired, flows: BTreeSet::new(), pins }
+    }
+
+    /// Puts a flow into flow memory as the TC egress program would have, `age_ns` ago.
+    fn remember(&mut self, flow: FlowKey, age_ns: u64) {
+        self.maps.remember_flow(&flow, monotonic_ns() - age_ns).expect("insert flow");
+        if flow.proto == 6 || age_ns < FLOW_TIMEOUT_NS {
+            self.flows.insert(flow);
         }
     }
 
     fn counter(&self, reason: Reason) -> u64 {
         let counters = self.maps.counters().expect("read counters");
-        counters
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, n)| n)
-            .unwrap()
+        counters.into_iter().find(|(r, _)| *r == reason).map(|(_, n)| n).unwrap()
     }
 
     /// Runs the frame through the kernel; checks the verdict, the counted reason and the
@@ -111,26 +108,17 @@ impl Loaded {
         let before = self.counter(expected);
         let program = loader::xdp_program(&mut self.ebpf).unwrap();
         let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&bytes),
-                ..Default::default()
-            })
+            .test_run(TestRunOptions { data_in: Some(&bytes), ..Default::default() })
             .unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN failed: {e}"));
         let want = match expected.verdict() {
             Verdict::Pass => XDP_PASS,
             Verdict::Drop => XDP_DROP,
         };
-        assert_eq!(
-            result.return_value, want,
-            "{name}: kernel verdict (expected {expected:?})"
-        );
-        assert_eq!(
-            self.counter(expected) - before,
-            1,
-            "{name}: counted as {expected:?}"
-        );
+        assert_eq!(result.return_value, want, "{name}: kernel verdict (expected {expected:?})");
+        assert_eq!(self.counter(expected) - before, 1, "{name}: counted as {expected:?}");
         if !matches!(expected, Reason::NotIp | Reason::MalformedIp) {
-            let reference = decide(&self.desired.tables, &frame.packet());
+            let model = WithFlows { tables: &self.desired.tables, flows: &self.flows };
+            let reference = decide(&model, &frame.packet());
             assert_eq!(reference, expected, "{name}: reference decision");
         }
     }
@@ -148,38 +136,23 @@ fn container(n: u8, name: &str, addrs: &[&str], labels: &[(&str, &str)]) -> Cont
     Container {
         id: format!("{n:02x}").repeat(32),
         name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         published: vec![],
     }
 }
 
 fn publish(host_ip: &str, host_port: u16, container_port: u16, proto: Proto) -> Published {
-    Published {
-        host_ip: host_ip.parse().unwrap(),
-        host_port,
-        container_port,
-        proto,
-    }
+    Published { host_ip: host_ip.parse().unwrap(), host_port, container_port, proto }
 }
 
 /// The seed scenario plus a container open to one network on all ports.
 fn seed_snapshot() -> Snapshot {
     let mut db = container(1, "db", &[DB], &[]);
-    db.published = vec![
-        publish("0.0.0.0", 5432, 5432, Proto::Tcp),
-        publish("::", 5432, 5432, Proto::Tcp),
-    ];
+    db.published =
+        vec![publish("0.0.0.0", 5432, 5432, Proto::Tcp), publish("::", 5432, 5432, Proto::Tcp)];
     let api = container(2, "api", &[API], &[]);
-    let mut web = container(
-        3,
-        "web",
-        &[WEB, WEB6],
-        &[("guard.expose", "443/tcp,53/udp,9/sctp")],
-    );
+    let mut web = container(3, "web", &[WEB, WEB6], &[("guard.expose", "443/tcp,53/udp,9/sctp")]);
     web.published = vec![
         publish("0.0.0.0", 10443, 443, Proto::Tcp),
         publish("0.0.0.0", 18443, 8443, Proto::Tcp),
@@ -204,10 +177,7 @@ fn seed_snapshot() -> Snapshot {
             id: "n1".into(),
             name: "project".into(),
             bridge: Some("br-n1".into()),
-            subnets: vec![
-                "172.30.0.0/24".parse().unwrap(),
-                "fd00:30::/64".parse().unwrap(),
-            ],
+            subnets: vec!["172.30.0.0/24".parse().unwrap(), "fd00:30::/64".parse().unwrap()],
             gateways: vec![GATEWAY.parse().unwrap(), "fd00:30::1".parse().unwrap()],
         }],
         containers: vec![db, api, web, partner, vpn],
@@ -219,121 +189,33 @@ fn seed_scenario_direct_and_published_v4() {
     let mut g = Loaded::seed();
     use Reason::*;
     let cases = [
-        (
-            "exposed, direct",
-            Frame::new(OUTSIDE_A, WEB, Tcp(443)),
-            Exposed,
-        ),
-        (
-            "exposed, published",
-            Frame::new(OUTSIDE_B, HOST, Tcp(10443)),
-            Exposed,
-        ),
-        (
-            "exposed, published on the gateway",
-            Frame::new(OUTSIDE_B, GATEWAY, Tcp(10443)),
-            Exposed,
-        ),
-        (
-            "exposed udp, published",
-            Frame::new(OUTSIDE_B, HOST, Udp(10053)),
-            Exposed,
-        ),
-        (
-            "exposed sctp, direct",
-            Frame::new(OUTSIDE_B, WEB, Sctp(9)),
-            Exposed,
-        ),
-        (
-            "unlabelled published db, direct",
-            Frame::new(OUTSIDE_A, DB, Tcp(5432)),
-            Closed,
-        ),
-        (
-            "unlabelled published db, published",
-            Frame::new(OUTSIDE_A, HOST, Tcp(5432)),
-            Closed,
-        ),
-        (
-            "published db via gateway",
-            Frame::new(OUTSIDE_A, GATEWAY, Tcp(5432)),
-            Closed,
-        ),
-        (
-            "unpublished api",
-            Frame::new(OUTSIDE_A, API, Tcp(8080)),
-            Closed,
-        ),
-        (
-            "web's other port, direct",
-            Frame::new(OUTSIDE_A, WEB, Tcp(8443)),
-            Closed,
-        ),
-        (
-            "web's other port, published",
-            Frame::new(OUTSIDE_A, HOST, Tcp(18443)),
-            Closed,
-        ),
-        (
-            "exposed port number but udp",
-            Frame::new(OUTSIDE_A, WEB, Udp(443)),
-            Closed,
-        ),
-        (
-            "allowed source, direct",
-            Frame::new(OUTSIDE_A, PARTNER, Tcp(9000)),
-            AllowedSource,
-        ),
-        (
-            "allowed source, published",
-            Frame::new(OUTSIDE_A, HOST, Tcp(19000)),
-            AllowedSource,
-        ),
-        (
-            "other source, direct",
-            Frame::new(OUTSIDE_B, PARTNER, Tcp(9000)),
-            Closed,
-        ),
-        (
-            "other source, published",
-            Frame::new(OUTSIDE_B, HOST, Tcp(19000)),
-            Closed,
-        ),
-        (
-            "address nobody holds",
-            Frame::new(OUTSIDE_A, "172.30.0.200", Tcp(80)),
-            UnassignedAddr,
-        ),
-        (
-            "host's own service",
-            Frame::new(OUTSIDE_A, HOST, Tcp(22)),
-            NotContainerBound,
-        ),
-        (
-            "host service on the gateway",
-            Frame::new(OUTSIDE_A, GATEWAY, Tcp(22)),
-            NotContainerBound,
-        ),
+        ("exposed, direct", Frame::new(OUTSIDE_A, WEB, Tcp(443)), Exposed),
+        ("exposed, published", Frame::new(OUTSIDE_B, HOST, Tcp(10443)), Exposed),
+        ("exposed, published on the gateway", Frame::new(OUTSIDE_B, GATEWAY, Tcp(10443)), Exposed),
+        ("exposed udp, published", Frame::new(OUTSIDE_B, HOST, Udp(10053)), Exposed),
+        ("exposed sctp, direct", Frame::new(OUTSIDE_B, WEB, Sctp(9)), Exposed),
+        ("unlabelled published db, direct", Frame::new(OUTSIDE_A, DB, Tcp(5432)), Closed),
+        ("unlabelled published db, published", Frame::new(OUTSIDE_A, HOST, Tcp(5432)), Closed),
+        ("published db via gateway", Frame::new(OUTSIDE_A, GATEWAY, Tcp(5432)), Closed),
+        ("unpublished api", Frame::new(OUTSIDE_A, API, Tcp(8080)), Closed),
+        ("web's other port, direct", Frame::new(OUTSIDE_A, WEB, Tcp(8443)), Closed),
+        ("web's other port, published", Frame::new(OUTSIDE_A, HOST, Tcp(18443)), Closed),
+        ("exposed port number but udp", Frame::new(OUTSIDE_A, WEB, Udp(443)), Closed),
+        ("allowed source, direct", Frame::new(OUTSIDE_A, PARTNER, Tcp(9000)), AllowedSource),
+        ("allowed source, published", Frame::new(OUTSIDE_A, HOST, Tcp(19000)), AllowedSource),
+        ("other source, direct", Frame::new(OUTSIDE_B, PARTNER, Tcp(9000)), Closed),
+        ("other source, published", Frame::new(OUTSIDE_B, HOST, Tcp(19000)), Closed),
+        ("address nobody holds", Frame::new(OUTSIDE_A, "172.30.0.200", Tcp(80)), UnassignedAddr),
+        ("host's own service", Frame::new(OUTSIDE_A, HOST, Tcp(22)), NotContainerBound),
+        ("host service on the gateway", Frame::new(OUTSIDE_A, GATEWAY, Tcp(22)), NotContainerBound),
         (
             "routed through the host",
             Frame::new(OUTSIDE_A, "192.0.2.80", Tcp(5432)),
             NotContainerBound,
         ),
-        (
-            "loopback from an uplink",
-            Frame::new(OUTSIDE_A, "127.0.0.1", Tcp(5432)),
-            LoopbackDst,
-        ),
-        (
-            "forged container source",
-            Frame::new(DB, API, Tcp(8080)),
-            Closed,
-        ),
-        (
-            "forged loopback source",
-            Frame::new("127.0.0.1", DB, Tcp(5432)),
-            Closed,
-        ),
+        ("loopback from an uplink", Frame::new(OUTSIDE_A, "127.0.0.1", Tcp(5432)), LoopbackDst),
+        ("forged container source", Frame::new(DB, API, Tcp(8080)), Closed),
+        ("forged loopback source", Frame::new("127.0.0.1", DB, Tcp(5432)), Closed),
     ];
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);
@@ -345,51 +227,15 @@ fn seed_scenario_v6() {
     let mut g = Loaded::seed();
     use Reason::*;
     let cases = [
-        (
-            "exposed, direct v6",
-            Frame::new(OUTSIDE6, WEB6, Tcp(443)),
-            Exposed,
-        ),
-        (
-            "closed, direct v6",
-            Frame::new(OUTSIDE6, WEB6, Tcp(8443)),
-            Closed,
-        ),
-        (
-            "exposed, published v6",
-            Frame::new(OUTSIDE6, HOST6, Tcp(10443)),
-            Exposed,
-        ),
-        (
-            "db published v6",
-            Frame::new(OUTSIDE6, HOST6, Tcp(5432)),
-            Closed,
-        ),
-        (
-            "v6 address nobody holds",
-            Frame::new(OUTSIDE6, "fd00:30::99", Tcp(80)),
-            UnassignedAddr,
-        ),
-        (
-            "v6 host service",
-            Frame::new(OUTSIDE6, HOST6, Tcp(22)),
-            NotContainerBound,
-        ),
-        (
-            "v6 routed through",
-            Frame::new(OUTSIDE6, "2001:db8:99::1", Tcp(443)),
-            NotContainerBound,
-        ),
-        (
-            "v6 loopback from an uplink",
-            Frame::new(OUTSIDE6, "::1", Tcp(5432)),
-            LoopbackDst,
-        ),
-        (
-            "icmpv6 to a container",
-            Frame::new(OUTSIDE6, WEB6, Icmp),
-            Closed,
-        ),
+        ("exposed, direct v6", Frame::new(OUTSIDE6, WEB6, Tcp(443)), Exposed),
+        ("closed, direct v6", Frame::new(OUTSIDE6, WEB6, Tcp(8443)), Closed),
+        ("exposed, published v6", Frame::new(OUTSIDE6, HOST6, Tcp(10443)), Exposed),
+        ("db published v6", Frame::new(OUTSIDE6, HOST6, Tcp(5432)), Closed),
+        ("v6 address nobody holds", Frame::new(OUTSIDE6, "fd00:30::99", Tcp(80)), UnassignedAddr),
+        ("v6 host service", Frame::new(OUTSIDE6, HOST6, Tcp(22)), NotContainerBound),
+        ("v6 routed through", Frame::new(OUTSIDE6, "2001:db8:99::1", Tcp(443)), NotContainerBound),
+        ("v6 loopback from an uplink", Frame::new(OUTSIDE6, "::1", Tcp(5432)), LoopbackDst),
+        ("icmpv6 to a container", Frame::new(OUTSIDE6, WEB6, Icmp), Closed),
     ];
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);
@@ -401,26 +247,10 @@ fn port_less_traffic_and_fragments_follow_the_all_ports_rule() {
     let mut g = Loaded::seed();
     use Reason::*;
     let cases = [
-        (
-            "icmp to an exposed container",
-            Frame::new(OUTSIDE_A, WEB, Icmp),
-            Closed,
-        ),
-        (
-            "icmp to a host address",
-            Frame::new(OUTSIDE_A, HOST, Icmp),
-            NotContainerBound,
-        ),
-        (
-            "icmp from the allowed network",
-            Frame::new(OUTSIDE_A, VPN_ONLY, Icmp),
-            AllowedSource,
-        ),
-        (
-            "icmp from elsewhere",
-            Frame::new(OUTSIDE_B, VPN_ONLY, Icmp),
-            Closed,
-        ),
+        ("icmp to an exposed container", Frame::new(OUTSIDE_A, WEB, Icmp), Closed),
+        ("icmp to a host address", Frame::new(OUTSIDE_A, HOST, Icmp), NotContainerBound),
+        ("icmp from the allowed network", Frame::new(OUTSIDE_A, VPN_ONLY, Icmp), AllowedSource),
+        ("icmp from elsewhere", Frame::new(OUTSIDE_B, VPN_ONLY, Icmp), Closed),
         (
             "any port from the allowed network",
             Frame::new(OUTSIDE_A, VPN_ONLY, Udp(5353)),
@@ -441,11 +271,7 @@ fn port_less_traffic_and_fragments_follow_the_all_ports_rule() {
             Frame::new(OUTSIDE_A, HOST, Tcp(22)).later_fragment(),
             NotContainerBound,
         ),
-        (
-            "v6 all-ports source",
-            Frame::new(OUTSIDE6, "fd00:30::4", Icmp),
-            Closed,
-        ),
+        ("v6 all-ports source", Frame::new(OUTSIDE6, "fd00:30::4", Icmp), Closed),
     ];
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);
@@ -462,36 +288,12 @@ fn framing_vlan_options_and_malformed() {
         f
     };
     let cases = [
-        (
-            "802.1Q, closed",
-            Frame::new(OUTSIDE_A, DB, Tcp(5432)).vlans(&[10]),
-            Closed,
-        ),
-        (
-            "802.1Q, exposed",
-            Frame::new(OUTSIDE_A, WEB, Tcp(443)).vlans(&[10]),
-            Exposed,
-        ),
-        (
-            "QinQ, closed",
-            Frame::new(OUTSIDE_A, HOST, Tcp(5432)).vlans(&[100, 10]),
-            Closed,
-        ),
-        (
-            "QinQ v6, closed",
-            Frame::new(OUTSIDE6, WEB6, Tcp(8443)).vlans(&[100, 10]),
-            Closed,
-        ),
-        (
-            "IPv4 options, closed",
-            Frame::new(OUTSIDE_A, DB, Tcp(5432)).ip_options(12),
-            Closed,
-        ),
-        (
-            "IPv4 options, exposed",
-            Frame::new(OUTSIDE_A, WEB, Tcp(443)).ip_options(40),
-            Exposed,
-        ),
+        ("802.1Q, closed", Frame::new(OUTSIDE_A, DB, Tcp(5432)).vlans(&[10]), Closed),
+        ("802.1Q, exposed", Frame::new(OUTSIDE_A, WEB, Tcp(443)).vlans(&[10]), Exposed),
+        ("QinQ, closed", Frame::new(OUTSIDE_A, HOST, Tcp(5432)).vlans(&[100, 10]), Closed),
+        ("QinQ v6, closed", Frame::new(OUTSIDE6, WEB6, Tcp(8443)).vlans(&[100, 10]), Closed),
+        ("IPv4 options, closed", Frame::new(OUTSIDE_A, DB, Tcp(5432)).ip_options(12), Closed),
+        ("IPv4 options, exposed", Frame::new(OUTSIDE_A, WEB, Tcp(443)).ip_options(40), Exposed),
         (
             "TCP cut short, container",
             Frame::new(OUTSIDE_A, WEB, Tcp(443)).truncate(14 + 20 + 10),
@@ -524,12 +326,8 @@ fn framing_vlan_options_and_malformed() {
     // A frame that is not IP passes untouched and is counted as such.
     let before = g.counter(NotIp);
     let program = loader::xdp_program(&mut g.ebpf).unwrap();
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(&arp),
-            ..Default::default()
-        })
-        .unwrap();
+    let result =
+        program.test_run(TestRunOptions { data_in: Some(&arp), ..Default::default() }).unwrap();
     assert_eq!(result.return_value, XDP_PASS, "ARP passes");
     assert_eq!(g.counter(NotIp) - before, 1, "ARP counted as not_ip");
 }
@@ -541,12 +339,123 @@ fn bad_ihl_is_malformed_not_read_past() {
     frame[14] = 0x43; // IHL 3: shorter than the fixed header
     let before = g.counter(Reason::MalformedIp);
     let program = loader::xdp_program(&mut g.ebpf).unwrap();
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            ..Default::default()
-        })
-        .unwrap();
+    let result =
+        program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
     assert_eq!(result.return_value, XDP_PASS);
     assert_eq!(g.counter(Reason::MalformedIp) - before, 1);
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn flow(remote: &str, remote_port: u16, local: &str, local_port: u16, proto: u8) -> FlowKey {
+    let addr = |s: &str| Addr::from(s.parse::<IpAddr>().unwrap());
+    FlowKey {
+        remote: addr(remote),
+        local: addr(local),
+        remote_port,
+        local_port,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let mut g = Loaded::seed();
+    use Reason::*;
+    let hop = Ext::HopByHop;
+    let cases = [
+        (
+            "hop-by-hop, exposed",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443)).v6_extensions(&[hop]),
+            Exposed,
+        ),
+        ("hop-by-hop, closed", Frame::new(OUTSIDE6, WEB6, Tcp(8443)).v6_extensions(&[hop]), Closed),
+        (
+            "routing + destination options, exposed",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443)).v6_extensions(&[Ext::Routing, Ext::DestOpts]),
+            Exposed,
+        ),
+        (
+            "first fragment carries the ports",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443)).v6_extensions(&[Ext::Fragment { offset: 0 }]),
+            Exposed,
+        ),
+        (
+            "later fragment to an exposed port",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443)).v6_extensions(&[Ext::Fragment { offset: 100 }]),
+            Closed,
+        ),
+        (
+            "later fragment to the host",
+            Frame::new(OUTSIDE6, HOST6, Tcp(22)).v6_extensions(&[Ext::Fragment { offset: 100 }]),
+            NotContainerBound,
+        ),
+        (
+            "more extension headers than walked: port-less",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443)).v6_extensions(&[hop; 7]),
+            Closed,
+        ),
+        (
+            "extension header cut short",
+            Frame::new(OUTSIDE6, WEB6, Tcp(443))
+                .v6_extensions(&[Ext::Routing])
+                .truncate(14 + 40 + 2),
+            MalformedL4,
+        ),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
+}
+
+#[test]
+fn replies_to_flows_started_inside_are_never_dropped() {
+    let mut g = Loaded::seed();
+    use Reason::*;
+    // A masqueraded connection that got the host port Docker publishes for db (5432).
+    g.remember(flow(OUTSIDE_A, 9999, HOST, 5432, 6), 0);
+    // A container on a network without NAT asked an outside DNS server.
+    g.remember(flow(OUTSIDE_A, 53, DB, 40001, 17), 0);
+    // A UDP flow whose last packet left long ago.
+    g.remember(flow(OUTSIDE_A, 123, DB, 40002, 17), FLOW_TIMEOUT_NS + 1_000_000_000);
+    let cases = [
+        (
+            "SYN-ACK on the colliding published port",
+            Frame::new(OUTSIDE_A, HOST, Tcp(5432)).sport(9999).syn_ack(),
+            Reply,
+        ),
+        ("ACK on it", Frame::new(OUTSIDE_A, HOST, Tcp(5432)).sport(9999).established(), Reply),
+        (
+            "a new connection from the same remote port is not a reply",
+            Frame::new(OUTSIDE_A, HOST, Tcp(5432)).sport(9999),
+            Closed,
+        ),
+        (
+            "another remote port",
+            Frame::new(OUTSIDE_A, HOST, Tcp(5432)).sport(9998).established(),
+            Closed,
+        ),
+        (
+            "another remote host",
+            Frame::new(OUTSIDE_B, HOST, Tcp(5432)).sport(9999).established(),
+            Closed,
+        ),
+        ("UDP reply to a container", Frame::new(OUTSIDE_A, DB, Udp(40001)).sport(53), Reply),
+        ("UDP reply, expired", Frame::new(OUTSIDE_A, DB, Udp(40002)).sport(123), Closed),
+        (
+            "UDP reply, wrong protocol",
+            Frame::new(OUTSIDE_A, DB, Tcp(40001)).sport(53).established(),
+            Closed,
+        ),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
 }

@@ -25,10 +25,10 @@ impl Transport {
         }
     }
 
-    fn header(self) -> Vec<u8> {
+    fn header(self, sport: u16, tcp_flags: u8) -> Vec<u8> {
         let with_port = |len: usize, port: u16| {
             let mut h = vec![0u8; len];
-            h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
             h[2..4].copy_from_slice(&port.to_be_bytes());
             h
         };
@@ -36,7 +36,7 @@ impl Transport {
             Transport::Tcp(port) => {
                 let mut h = with_port(20, port);
                 h[12] = 5 << 4; // data offset
-                h[13] = 0x02; // SYN
+                h[13] = tcp_flags;
                 h
             }
             Transport::Udp(port) => with_port(8, port),
@@ -45,6 +45,21 @@ impl Transport {
         }
     }
 }
+
+/// An IPv6 extension header to put before the transport header.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    /// A fragment header; a non-zero offset makes a later fragment.
+    Fragment {
+        offset: u16,
+    },
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]
 pub struct Frame {
@@ -58,6 +73,9 @@ pub struct Frame {
     pub frag_offset: u16,
     /// Cut the frame to this many bytes.
     pub truncate: Option<usize>,
+    pub sport: u16,
+    pub tcp_flags: u8,
+    pub v6_extensions: Vec<Ext>,
 }
 
 impl Frame {
@@ -70,7 +88,33 @@ impl Frame {
             ip_options: 0,
             frag_offset: 0,
             truncate: None,
+            sport: 40000,
+            tcp_flags: TCP_SYN,
+            v6_extensions: Vec::new(),
         }
+    }
+
+    /// From this source port.
+    pub fn sport(mut self, port: u16) -> Self {
+        self.sport = port;
+        self
+    }
+
+    /// A TCP segment of an established connection (ACK), not a connection attempt.
+    pub fn established(mut self) -> Self {
+        self.tcp_flags = TCP_ACK;
+        self
+    }
+
+    /// A TCP SYN-ACK: the answer to a connection attempt.
+    pub fn syn_ack(mut self) -> Self {
+        self.tcp_flags = TCP_SYN | TCP_ACK;
+        self
+    }
+
+    pub fn v6_extensions(mut self, exts: &[Ext]) -> Self {
+        self.v6_extensions = exts.to_vec();
+        self
     }
 
     pub fn vlans(mut self, tags: &[u16]) -> Self {
@@ -93,11 +137,6 @@ impl Frame {
         self
     }
 
-    /// Byte offset of the IP header.
-    pub fn ip_offset(&self) -> usize {
-        14 + 4 * self.vlans.len()
-    }
-
     pub fn bytes(&self) -> Vec<u8> {
         let v6 = self.dst.is_ipv6();
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
@@ -112,12 +151,32 @@ impl Frame {
             f.extend_from_slice(&vid.to_be_bytes());
             f.extend_from_slice(&ether_types[i + 1].to_be_bytes());
         }
-        let payload = if self.frag_offset != 0 {
+        let mut payload = if self.frag_offset != 0 {
             vec![0u8; 16]
         } else {
-            self.transport.header()
+            self.transport.header(self.sport, self.tcp_flags)
         };
-        let proto = self.transport.proto(v6);
+        let mut proto = self.transport.proto(v6);
+        // Extension headers are chained back to front: each names the one after it.
+        for ext in self.v6_extensions.iter().rev() {
+            let (kind, mut header) = match *ext {
+                Ext::HopByHop => (0u8, vec![0u8; 8]),
+                Ext::Routing => (43, vec![0u8; 24]),
+                Ext::DestOpts => (60, vec![0u8; 16]),
+                Ext::Fragment { offset } => {
+                    let mut h = vec![0u8; 8];
+                    h[2..4].copy_from_slice(&(offset << 3).to_be_bytes());
+                    (44, h)
+                }
+            };
+            header[0] = proto;
+            if !matches!(ext, Ext::Fragment { .. }) {
+                header[1] = (header.len() / 8 - 1) as u8;
+            }
+            header.extend_from_slice(&payload);
+            payload = header;
+            proto = kind;
+        }
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 let ihl = 5 + self.ip_options / 4;
@@ -151,26 +210,28 @@ impl Frame {
 
     /// What the reference decision should be given for this frame, if it parses.
     pub fn packet(&self) -> Packet {
-        let ip_header = if self.dst.is_ipv6() {
-            40
-        } else {
-            20 + self.ip_options
-        };
-        let full = self.ip_offset() + ip_header + self.transport.header().len();
-        let truncated = self.truncate.is_some_and(|len| len < full);
+        let whole = Frame { truncate: None, ..self.clone() }.bytes().len();
+        let truncated = self.truncate.is_some_and(|len| len < whole);
+        // More extension headers than the program walks: decided as port-less.
+        let too_many_extensions = self.v6_extensions.len() > 6;
+        let later_fragment = too_many_extensions
+            || self.frag_offset != 0
+            || self
+                .v6_extensions
+                .iter()
+                .any(|e| matches!(e, Ext::Fragment { offset } if *offset != 0));
         let l4 = match self.transport {
-            _ if self.frag_offset != 0 => L4::NoPorts,
-            Transport::Icmp => L4::NoPorts,
-            _ if truncated => L4::Truncated,
-            Transport::Tcp(p) | Transport::Udp(p) | Transport::Sctp(p) => L4::Ports {
-                proto: self.transport.proto(false),
-                dport: p,
-            },
+            _ if later_fragment => L4::NO_PORTS,
+            Transport::Icmp => L4::NO_PORTS,
+            _ if truncated => L4::TRUNCATED,
+            Transport::Tcp(p) | Transport::Udp(p) | Transport::Sctp(p) => L4::ports(
+                self.transport.proto(false),
+                self.sport,
+                p,
+                matches!(self.transport, Transport::Tcp(_))
+                    && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            ),
         };
-        Packet {
-            src: self.src.into(),
-            dst: self.dst.into(),
-            l4,
-        }
+        Packet { src: self.src.into(), dst: self.dst.into(), l4 }
     }
 }
