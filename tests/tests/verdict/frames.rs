@@ -4,7 +4,10 @@
 
 use std::net::IpAddr;
 
-use guard_common::decision::{L4, Packet};
+use guard_common::{
+    decision::{L4, Packet},
+    reason::Reason,
+};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Transport {
@@ -206,6 +209,19 @@ impl Frame {
             f.truncate(len);
         }
         f
+    }
+
+    /// The reason the parser stops with, for frames cut before the end of the IP header (the
+    /// reference decision starts where parsing succeeded).
+    pub fn parse_failure(&self) -> Option<Reason> {
+        let ip_start = 14 + 4 * self.vlans.len();
+        let ip_end = ip_start + if self.dst.is_ipv6() { 40 } else { 20 };
+        match self.truncate? {
+            // Cut inside the VLAN tags: the EtherType is unknown, so it is not IP.
+            len if len < ip_start => Some(Reason::NotIp),
+            len if len < ip_end => Some(Reason::MalformedIp),
+            _ => None,
+        }
     }
 
     /// What the reference decision should be given for this frame, if it parses.

@@ -1,0 +1,307 @@
+//! Random policies and random frames for the differential test. A small SplitMix64 keeps the
+//! test free of dependencies and makes every run replayable from its seed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use guard_common::{addr::Addr, maps::FlowKey};
+use guard_userspace::{
+    policy::Proto,
+    snapshot::{Container, Network, Published, Snapshot},
+};
+
+use super::frames::{Ext, Frame, Transport};
+
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    pub fn port(&mut self) -> u16 {
+        1 + self.below(65535) as u16
+    }
+}
+
+/// A random Docker world: networks, containers with labels and published ports, host
+/// addresses; plus the addresses worth aiming frames at.
+pub struct World {
+    pub snapshot: Snapshot,
+    pub host: Vec<IpAddr>,
+    pub subnets: Vec<(IpAddr, u8)>,
+    /// Ports that matter (published, opened): frames aim at these most of the time.
+    pub ports: Vec<u16>,
+    /// Sources named in allow labels (and addresses inside them).
+    pub sources: Vec<IpAddr>,
+    pub flows: Vec<FlowKey>,
+}
+
+/// An address inside `net/len` (host part random).
+fn inside(rng: &mut Rng, net: IpAddr, len: u8) -> IpAddr {
+    match net {
+        IpAddr::V4(v4) => {
+            let host_bits = 32 - u32::from(len);
+            let mask = if host_bits == 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) | (rng.next() as u32 & mask)))
+        }
+        IpAddr::V6(v6) => {
+            let host_bits = 128 - u32::from(len);
+            let mask = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+            let r = (u128::from(rng.next()) << 64) | u128::from(rng.next());
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) | (r & mask)))
+        }
+    }
+}
+
+impl World {
+    pub fn random(rng: &mut Rng, index: usize) -> World {
+        let mut subnets = Vec::new();
+        let mut networks = Vec::new();
+        for n in 0..1 + rng.below(3) as u8 {
+            let v4_len = *rng.pick(&[12u8, 16, 20, 24, 28]);
+            let v4 = IpAddr::V4(Ipv4Addr::new(172, 16 + n * 4, 0, 0));
+            let v6_len = *rng.pick(&[48u8, 56, 64]);
+            let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x30 + u16::from(n), 0, 0, 0, 0, 0, 0));
+            subnets.extend([(v4, v4_len), (v6, v6_len)]);
+            networks.push(Network {
+                id: format!("net{n}"),
+                name: format!("net{n}"),
+                bridge: Some(format!("br-net{n}")),
+                subnets: vec![
+                    format!("{v4}/{v4_len}").parse().unwrap(),
+                    format!("{v6}/{v6_len}").parse().unwrap(),
+                ],
+                gateways: vec![inside(rng, v4, v4_len), inside(rng, v6, v6_len)],
+            });
+        }
+        let host: Vec<IpAddr> = vec![
+            "198.18.0.1".parse().unwrap(),
+            "2001:db8:18::1".parse().unwrap(),
+            inside(rng, "198.19.0.0".parse().unwrap(), 16),
+        ];
+        let mut ports = Vec::new();
+        let mut sources = Vec::new();
+        let mut containers = Vec::new();
+        for c in 0..1 + rng.below(12) {
+            let mut addresses = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                let (net, len) = *rng.pick(&subnets);
+                addresses.push(inside(rng, net, len));
+            }
+            let mut published = Vec::new();
+            for _ in 0..rng.below(4) {
+                let container_port = rng.port();
+                let host_port = if rng.chance(30) { container_port } else { rng.port() };
+                let host_ip = match rng.below(5) {
+                    0 => "127.0.0.1".parse().unwrap(),
+                    1 => *rng.pick(&host),
+                    2 => "::".parse().unwrap(),
+                    _ => "0.0.0.0".parse().unwrap(),
+                };
+                let proto = *rng.pick(&[Proto::Tcp, Proto::Tcp, Proto::Udp, Proto::Sctp]);
+                ports.extend([container_port, host_port]);
+                published.push(Published { host_ip, host_port, container_port, proto });
+            }
+            let mut labels = std::collections::BTreeMap::new();
+            let port_spec = |rng: &mut Rng, ports: &mut Vec<u16>| -> String {
+                let port =
+                    if !ports.is_empty() && rng.chance(70) { *rng.pick(ports) } else { rng.port() };
+                ports.push(port);
+                match rng.below(6) {
+                    0 => "*".into(),
+                    1 => format!("{port}-{}/tcp", port.saturating_add(rng.below(5) as u16)),
+                    2 => format!("{port}/udp"),
+                    3 => format!("{port}/sctp"),
+                    _ => format!("{port}"),
+                }
+            };
+            if rng.chance(40) {
+                labels.insert("guard.expose".into(), port_spec(rng, &mut ports));
+            }
+            for a in 0..rng.below(3) {
+                let spec = port_spec(rng, &mut ports);
+                let mut cidrs = Vec::new();
+                for _ in 0..1 + rng.below(3) {
+                    let (net, len) = if rng.chance(60) {
+                        ("198.51.100.0".parse::<IpAddr>().unwrap(), *rng.pick(&[24u8, 28, 32]))
+                    } else {
+                        ("2001:db8:51::".parse::<IpAddr>().unwrap(), *rng.pick(&[48u8, 64, 128]))
+                    };
+                    let net = inside(rng, net, len);
+                    sources.push(net);
+                    cidrs.push(format!("{net}/{len}"));
+                }
+                labels.insert(
+                    format!("guard.allow.a{a}"),
+                    format!("{spec} from {}", cidrs.join(", ")),
+                );
+            }
+            if rng.chance(5) {
+                labels.insert("guard.expose".into(), "443/tpc".into()); // rejected: stays closed
+            }
+            containers.push(Container {
+                id: format!("{:016x}{:016x}{:016x}{:016x}", index, c, rng.next(), rng.next()),
+                name: format!("c{index}-{c}"),
+                labels,
+                addresses,
+                published,
+            });
+        }
+        let mut world = World {
+            snapshot: Snapshot { networks, containers },
+            host,
+            subnets,
+            ports,
+            sources,
+            flows: Vec::new(),
+        };
+        for _ in 0..rng.below(6) {
+            let frame = world.frame(rng);
+            if let Some(flow) = reply_flow(&frame) {
+                world.flows.push(flow);
+            }
+        }
+        world
+    }
+
+    fn destination(&self, rng: &mut Rng) -> IpAddr {
+        let containers: Vec<IpAddr> =
+            self.snapshot.containers.iter().flat_map(|c| c.addresses.iter().copied()).collect();
+        let gateways: Vec<IpAddr> =
+            self.snapshot.networks.iter().flat_map(|n| n.gateways.iter().copied()).collect();
+        match rng.below(10) {
+            0..=2 => *rng.pick(&containers),
+            3..=4 => *rng.pick(&self.host),
+            5 => *rng.pick(&gateways),
+            6 => {
+                let (net, len) = *rng.pick(&self.subnets);
+                inside(rng, net, len)
+            }
+            7 => *rng.pick(&["127.0.0.1", "127.9.9.9", "::1"].map(|s| s.parse().unwrap())),
+            _ => {
+                // Routed through the host, or near a Docker network without being in it.
+                let far = ["192.0.2.0", "10.0.0.0", "2001:db8:99::", "fd00:31::"];
+                let net: IpAddr = rng.pick(&far).parse().unwrap();
+                inside(rng, net, if net.is_ipv4() { 24 } else { 64 })
+            }
+        }
+    }
+
+    fn source(&self, rng: &mut Rng, v6: bool) -> IpAddr {
+        let same_family: Vec<IpAddr> =
+            self.sources.iter().copied().filter(|s| s.is_ipv6() == v6).collect();
+        if !same_family.is_empty() && rng.chance(50) {
+            *rng.pick(&same_family)
+        } else if v6 {
+            inside(rng, "2001:db8:77::".parse().unwrap(), 48)
+        } else {
+            inside(rng, "203.0.113.0".parse().unwrap(), 24)
+        }
+    }
+
+    /// A random frame aimed at this world.
+    pub fn frame(&self, rng: &mut Rng) -> Frame {
+        let mut dst = self.destination(rng);
+        // Keep the two ends of one family.
+        let v6 = dst.is_ipv6();
+        let mut src = self.source(rng, v6);
+        if src.is_ipv6() != dst.is_ipv6() {
+            dst = src;
+        }
+        let port = if !self.ports.is_empty() && rng.chance(75) {
+            *rng.pick(&self.ports)
+        } else {
+            rng.port()
+        };
+        let transport = match rng.below(8) {
+            0..=3 => Transport::Tcp(port),
+            4..=5 => Transport::Udp(port),
+            6 => Transport::Sctp(port),
+            _ => Transport::Icmp,
+        };
+        // A reply to one of the flows started inside, now and then.
+        if !self.flows.is_empty() && rng.chance(15) {
+            let flow = *rng.pick(&self.flows);
+            src = IpAddr::from(flow.remote);
+            dst = IpAddr::from(flow.local);
+            let transport = match flow.proto {
+                6 => Transport::Tcp(flow.local_port),
+                17 => Transport::Udp(flow.local_port),
+                _ => Transport::Sctp(flow.local_port),
+            };
+            let frame =
+                Frame::new(&src.to_string(), &dst.to_string(), transport).sport(flow.remote_port);
+            return if rng.chance(30) { frame } else { frame.syn_ack() };
+        }
+        let mut frame = Frame::new(&src.to_string(), &dst.to_string(), transport).sport(rng.port());
+        match rng.below(4) {
+            0 => frame = frame.established(),
+            1 => frame = frame.syn_ack(),
+            _ => {}
+        }
+        if rng.chance(20) {
+            frame = frame.vlans(&[10, 20][..1 + rng.below(2) as usize]);
+        }
+        if !v6 && rng.chance(15) {
+            frame = frame.ip_options(4 * (1 + rng.below(10) as usize));
+        }
+        if !v6 && rng.chance(8) {
+            frame = frame.later_fragment();
+        }
+        if v6 && rng.chance(20) {
+            let choices = [Ext::HopByHop, Ext::Routing, Ext::DestOpts, Ext::Fragment { offset: 0 }];
+            let mut exts: Vec<Ext> = (0..1 + rng.below(3)).map(|_| *rng.pick(&choices)).collect();
+            if rng.chance(25) {
+                exts.push(Ext::Fragment { offset: 1 + rng.below(100) as u16 });
+            }
+            if rng.chance(10) {
+                exts = vec![Ext::HopByHop; 7];
+            }
+            frame = frame.v6_extensions(&exts);
+        }
+        if frame.v6_extensions.is_empty() && frame.frag_offset == 0 && rng.chance(8) {
+            let whole = frame.bytes().len();
+            frame = frame.truncate(14 + rng.below(whole as u64 - 14) as usize);
+        }
+        frame
+    }
+}
+
+/// The flow (as the egress program records it) that `frame` would be a reply to, if it has
+/// ports.
+fn reply_flow(frame: &Frame) -> Option<FlowKey> {
+    let (proto, port) = match frame.transport {
+        Transport::Tcp(p) => (6, p),
+        Transport::Udp(p) => (17, p),
+        Transport::Sctp(p) => (132, p),
+        Transport::Icmp => return None,
+    };
+    Some(FlowKey {
+        remote: Addr::from(frame.src),
+        local: Addr::from(frame.dst),
+        remote_port: frame.sport,
+        local_port: port,
+        proto,
+        _pad: [0; 3],
+    })
+}
