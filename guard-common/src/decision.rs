@@ -13,9 +13,9 @@ use crate::{
     addr::Addr,
     maps::{
         AddrInfo, FlowKey, OPEN_EVERYONE, OPEN_LISTED, OPEN_NONE, PortKey, PortRule, PublishedKey,
-        PublishedTarget,
+        PublishedTarget, TARGET_AUDIT,
     },
-    reason::Reason,
+    reason::{Decision, Reason, Verdict},
 };
 
 /// What the decision needs to know about a packet that arrived on an uplink.
@@ -80,20 +80,40 @@ pub trait Tables {
     /// Whether a flow the host or a container started left through an uplink with `key`
     /// (and, for protocols without connection state, recently enough).
     fn flow_seen(&self, key: &FlowKey) -> bool;
+    /// Whether the policy file trusts `src` (treats it as inside). Consulted only before a drop.
+    fn source_trusted(&self, src: &Addr) -> bool;
+    /// Whether the whole host is in audit mode.
+    fn audit_all(&self) -> bool;
 }
 
-/// The verdict (through its reason) for a packet that arrived on an uplink.
+/// The decision for a packet that arrived on an uplink: [`classify`], then what the policy
+/// file says about would-drops (trusted sources pass; audit mode counts and passes).
 #[inline(always)]
-pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
+pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Decision {
+    let (reason, target_flags) = classify(tables, pkt);
+    if reason.verdict() == Verdict::Pass {
+        return Decision::enforced(reason);
+    }
+    if matches!(reason, Reason::Closed | Reason::UnassignedAddr) && tables.source_trusted(&pkt.src)
+    {
+        return Decision::enforced(Reason::TrustedSource);
+    }
+    Decision { reason, audited: target_flags & TARGET_AUDIT != 0 || tables.audit_all() }
+}
+
+/// The reason for a packet's verdict under the rules alone, and the flags of the container it
+/// is bound for (0 if none).
+#[inline(always)]
+pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, u8) {
     if pkt.dst.is_loopback() {
-        return Reason::LoopbackDst;
+        return (Reason::LoopbackDst, 0);
     }
     let dst_may_hold = tables.may_hold_container(&pkt.dst);
     let l4 = pkt.l4;
     let published_port = (l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport))
         .then_some((l4.proto, l4.dport));
     if !dst_may_hold && published_port.is_none() {
-        return Reason::NotContainerBound;
+        return (Reason::NotContainerBound, 0);
     }
 
     // Published: a host address (gateways included) and a port Docker publishes on it.
@@ -101,11 +121,11 @@ pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
         let key = PublishedKey { addr: pkt.dst, port: dport, proto, _pad: 0 };
         if let Some(p) = tables.published(&key) {
             let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
-            return judge(tables, pkt, p.target, port, p.all_ports);
+            return (judge(tables, pkt, p.target, port, p.all_ports), p.flags);
         }
     }
     if !dst_may_hold {
-        return Reason::NotContainerBound;
+        return (Reason::NotContainerBound, 0);
     }
 
     // Direct: a container's address, or an address in a Docker network.
@@ -122,14 +142,14 @@ pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
                     Some((key, rule))
                 }
                 L4Kind::NoPorts => None,
-                L4Kind::Truncated => return Reason::MalformedL4,
+                L4Kind::Truncated => return (Reason::MalformedL4, info.flags),
             };
-            judge(tables, pkt, info.target, port, info.all_ports)
+            (judge(tables, pkt, info.target, port, info.all_ports), info.flags)
         }
         // One of the host's own addresses, not on a published port: the host's business.
-        Some(_) => Reason::NotContainerBound,
-        None if tables.in_docker_network(&pkt.dst) => Reason::UnassignedAddr,
-        None => Reason::NotContainerBound,
+        Some(_) => (Reason::NotContainerBound, 0),
+        None if tables.in_docker_network(&pkt.dst) => (Reason::UnassignedAddr, 0),
+        None => (Reason::NotContainerBound, 0),
     }
 }
 

@@ -32,10 +32,14 @@ pub const IDENTITIES: &str = "GUARD_IDENTS";
 pub const COUNTERS: &str = "GUARD_COUNTERS";
 pub const PREFILTER: &str = "GUARD_PREFILTER";
 pub const FLOWS: &str = "GUARD_FLOWS";
+pub const TRUSTED: &str = "GUARD_TRUSTED";
+pub const CONFIG: &str = "GUARD_CONFIG";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 9] =
-    [ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS, PREFILTER, FLOWS];
+pub const ALL: [&str; 11] = [
+    ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS, PREFILTER, FLOWS, TRUSTED,
+    CONFIG,
+];
 
 const _: () = {
     let mut i = 0;
@@ -59,6 +63,12 @@ pub const SOURCES_CAPACITY: u32 = 65_536;
 pub const IDENTITIES_CAPACITY: u32 = 65_536;
 /// Outbound flows remembered so their replies pass (least recently used are forgotten).
 pub const FLOWS_CAPACITY: u32 = 65_536;
+/// Trusted source prefixes from the policy file.
+pub const TRUSTED_CAPACITY: u32 = 4_096;
+
+/// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
+/// pass and are counted as such.
+pub const TARGET_AUDIT: u8 = 1;
 
 /// Who a port (or a whole container) is open to, as stored in rule fields.
 pub const OPEN_NONE: u8 = 0;
@@ -78,7 +88,8 @@ pub struct AddrInfo {
     pub all_ports: u8,
     /// 1 if [`PORTS`] holds single-port rules for this target: without, no lookup is needed.
     pub has_port_rules: u8,
-    pub _pad: u8,
+    /// `TARGET_*` flags.
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 8);
 
@@ -87,10 +98,16 @@ impl AddrInfo {
     pub const HOST: u8 = 2;
 
     pub const fn container(target: u32) -> Self {
-        AddrInfo { target, kind: Self::CONTAINER, all_ports: OPEN_NONE, has_port_rules: 0, _pad: 0 }
+        AddrInfo {
+            target,
+            kind: Self::CONTAINER,
+            all_ports: OPEN_NONE,
+            has_port_rules: 0,
+            flags: 0,
+        }
     }
     pub const fn host() -> Self {
-        AddrInfo { target: 0, kind: Self::HOST, all_ports: OPEN_NONE, has_port_rules: 0, _pad: 0 }
+        AddrInfo { target: 0, kind: Self::HOST, all_ports: OPEN_NONE, has_port_rules: 0, flags: 0 }
     }
 }
 
@@ -121,8 +138,11 @@ pub struct PublishedTarget {
     pub rule: u8,
     /// The container's all-ports rule, an `OPEN_*` value.
     pub all_ports: u8,
+    /// `TARGET_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 8);
+const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 12);
 
 /// Protocol value of a [`PortKey`] that stands for every port of every protocol (`*`), and
 /// the rule that decides port-less packets (ICMP, later fragments). Such keys appear only in
@@ -211,6 +231,20 @@ pub type FlowSeen = u64;
 /// conntrack's UDP stream timeout. TCP replies need no clock: a bare SYN is never a reply.
 pub const FLOW_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
 
+/// Value of the one-entry [`CONFIG`] array: settings of the whole host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 4);
+
+/// Audit mode for the whole host: nothing is dropped, would-drops are counted.
+pub const CONFIG_AUDIT_ALL: u32 = 1;
+/// [`TRUSTED`] holds prefixes: look sources up there before dropping (without, skip it).
+pub const CONFIG_HAS_TRUSTED: u32 = 2;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -223,5 +257,6 @@ mod user {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for ContainerId {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for crate::prefilter::Bitmap {}
 }

@@ -33,10 +33,12 @@ pub enum Reason {
     /// Would have been dropped, but answers a flow the host or a container started (flow
     /// memory): replies are never dropped.
     Reply = 9,
+    /// Would have been dropped, but the source is trusted by the policy file (inside).
+    TrustedSource = 10,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -49,6 +51,7 @@ impl Reason {
         Reason::LoopbackDst,
         Reason::MalformedL4,
         Reason::Reply,
+        Reason::TrustedSource,
     ];
 
     #[inline(always)]
@@ -59,7 +62,8 @@ impl Reason {
             | Reason::NotContainerBound
             | Reason::Exposed
             | Reason::AllowedSource
-            | Reason::Reply => Verdict::Pass,
+            | Reason::Reply
+            | Reason::TrustedSource => Verdict::Pass,
             Reason::Closed | Reason::UnassignedAddr | Reason::LoopbackDst | Reason::MalformedL4 => {
                 Verdict::Drop
             }
@@ -79,11 +83,41 @@ impl Reason {
             Reason::LoopbackDst => "loopback_dst",
             Reason::MalformedL4 => "malformed_l4",
             Reason::Reply => "reply",
+            Reason::TrustedSource => "trusted_source",
         }
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {
         Self::ALL.get(v as usize).copied()
+    }
+}
+
+/// The per-CPU counter array: one slot per reason as enforced, then one per reason that
+/// would have dropped but passed in audit mode.
+pub const COUNTER_SLOTS: u32 = 2 * Reason::COUNT;
+
+/// What the program did with a packet: the reason, and whether a drop was waived by audit
+/// mode (`audited` implies the reason's verdict is drop, and the packet passed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    pub audited: bool,
+}
+
+impl Decision {
+    #[inline(always)]
+    pub const fn verdict(self) -> Verdict {
+        if self.audited { Verdict::Pass } else { self.reason.verdict() }
+    }
+
+    /// The counter slot this decision is counted in.
+    #[inline(always)]
+    pub const fn counter_slot(self) -> u32 {
+        self.reason as u32 + if self.audited { Reason::COUNT } else { 0 }
+    }
+
+    pub const fn enforced(reason: Reason) -> Decision {
+        Decision { reason, audited: false }
     }
 }
 

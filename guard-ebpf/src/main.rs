@@ -22,12 +22,13 @@ use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables, decide},
     maps::{
-        ADDRS_CAPACITY, AddrInfo, ContainerId, FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen,
-        IDENTITIES_CAPACITY, NETWORKS_CAPACITY, PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey,
-        PortRule, PublishedKey, PublishedTarget, SOURCES_CAPACITY, SourceKey,
+        ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, Config, ContainerId,
+        FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
+        PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
+        SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
     },
     prefilter::{self, Bitmap},
-    reason::{Reason, Verdict},
+    reason::{COUNTER_SLOTS, Decision, Verdict},
 };
 use parse::Frame;
 
@@ -48,11 +49,20 @@ static GUARD_SOURCES: LpmTrie<SourceKey, u32> = LpmTrie::pinned(SOURCES_CAPACITY
 #[map]
 static GUARD_IDENTS: HashMap<u32, ContainerId> = HashMap::pinned(IDENTITIES_CAPACITY, 0);
 #[map]
-static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 #[map]
 static GUARD_PREFILTER: Array<Bitmap> = Array::pinned(prefilter::ENTRIES, 0);
 #[map]
 static GUARD_FLOWS: LruHashMap<FlowKey, FlowSeen> = LruHashMap::pinned(FLOWS_CAPACITY, 0);
+#[map]
+static GUARD_TRUSTED: LpmTrie<Addr, u32> = LpmTrie::pinned(TRUSTED_CAPACITY, 0);
+#[map]
+static GUARD_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[inline(always)]
+fn config_flag(flag: u32) -> bool {
+    GUARD_CONFIG.get(0).is_some_and(|c| c.flags & flag != 0)
+}
 
 /// Whether `bit` is set in prefilter entry `entry`. A missing entry cannot happen (arrays are
 /// preallocated); if it did, answer "maybe", which costs a lookup but never opens anything.
@@ -114,17 +124,27 @@ impl Tables for Maps {
         // TCP needs no clock: a bare SYN never reaches here. Others expire.
         key.proto == 6 || unsafe { bpf_ktime_get_ns() }.saturating_sub(seen) < FLOW_TIMEOUT_NS
     }
+
+    #[inline(always)]
+    fn source_trusted(&self, src: &Addr) -> bool {
+        config_flag(CONFIG_HAS_TRUSTED) && GUARD_TRUSTED.get(Key::new(128, *src)).is_some()
+    }
+
+    #[inline(always)]
+    fn audit_all(&self) -> bool {
+        config_flag(CONFIG_AUDIT_ALL)
+    }
 }
 
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let reason = match parse::parse(frame) {
+    let decision = match parse::parse(frame) {
         Ok(packet) => decide(&Maps, &packet),
-        Err(reason) => reason,
+        Err(reason) => Decision::enforced(reason),
     };
-    count(reason);
-    match reason.verdict() {
+    count(decision);
+    match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
@@ -170,8 +190,8 @@ fn remember(key: &FlowKey) {
 }
 
 #[inline(always)]
-fn count(reason: Reason) {
-    if let Some(counter) = GUARD_COUNTERS.get_ptr_mut(reason as u32) {
+fn count(decision: Decision) {
+    if let Some(counter) = GUARD_COUNTERS.get_ptr_mut(decision.counter_slot()) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
     }

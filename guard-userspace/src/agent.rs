@@ -4,7 +4,7 @@
 //! applies the difference, and a periodic pass repairs whatever an event stream missed. When
 //! Docker is away the maps stay exactly as they are (never opened, never emptied).
 
-use std::{collections::BTreeSet, fs, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, fs, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use aya::Ebpf;
@@ -24,6 +24,7 @@ use crate::{
     loader,
     maps::PolicyMaps,
     pins::{Hook, Pins},
+    policy_file::{self, Mode, PolicyFile},
     tables::diff,
 };
 
@@ -33,6 +34,10 @@ pub struct RunOptions {
     pub trusted: Vec<String>,
     pub pins: Pins,
     pub resync: Duration,
+    /// The policy file (absent is fine: the defaults).
+    pub config: PathBuf,
+    /// Overrides the file's mode.
+    pub mode: Option<Mode>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -48,6 +53,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             bail!("no interface named {} (see `ip link`)", missing.join(", "));
         }
     }
+    // A bad file at start is fatal: the pinned protection (with the last good file's
+    // openings) stays in place until the operator fixes it.
+    let text = read_policy_text(&opts.config)?;
+    let policy = parse_policy(&opts, text.as_deref())?;
+    info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
     let mut agent = Agent {
         ebpf,
         maps,
@@ -55,12 +65,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         attachments: Attachments::default(),
         opts,
         warnings: Warnings::default(),
+        policy,
+        policy_text: text,
     };
 
     let wake = Arc::new(Notify::new());
     tokio::spawn(follow_docker_events(wake.clone()));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
 
     let mut docker: Option<DockerClient> = None;
     let mut synced = false;
@@ -97,6 +110,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            _ = sighup.recv() => info!("SIGHUP: reloading the policy file"),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -112,16 +126,44 @@ struct Agent {
     attachments: Attachments,
     opts: RunOptions,
     warnings: Warnings,
+    policy: PolicyFile,
+    /// The file's text when `policy` was parsed from it (None: absent).
+    policy_text: Option<String>,
 }
 
 impl Agent {
+    /// Re-reads the policy file; a changed file that parses replaces the policy, one that
+    /// does not is reported and the policy in force stays.
+    fn reload_policy(&mut self) {
+        let text = match read_policy_text(&self.opts.config) {
+            Ok(text) => text,
+            Err(e) => return warn!("{e:#}; keeping the policy in force"),
+        };
+        if text == self.policy_text {
+            return;
+        }
+        match parse_policy(&self.opts, text.as_deref()) {
+            Ok(policy) => {
+                info!(mode = %policy.mode, rules = policy.rules.len(), "policy file changed: reloaded");
+                self.policy = policy;
+                self.policy_text = text;
+            }
+            Err(e) => {
+                warn!("{e:#}; keeping the policy in force");
+                // Report a broken file once, not on every pass.
+                self.policy_text = text;
+            }
+        }
+    }
+
     async fn reconcile(&mut self, docker: &DockerClient) -> anyhow::Result<()> {
+        self.reload_policy();
         let snapshot = docker.snapshot().await?;
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
         let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        let desired = desired_state(&snapshot, &host_addrs, &targets);
+        let desired = desired_state(&snapshot, &host_addrs, &targets, &self.policy);
         let mut warnings = Vec::new();
         for policy in &desired.containers {
             for error in &policy.label_errors {
@@ -160,7 +202,9 @@ impl Agent {
         if self.opts.ifaces.is_empty() {
             let bridges: BTreeSet<String> =
                 snapshot.networks.iter().filter_map(|n| n.bridge.clone()).collect();
-            return interfaces::select_uplinks(links, &bridges, &self.opts.trusted);
+            let trusted: Vec<String> =
+                self.opts.trusted.iter().chain(&self.policy.trusted_interfaces).cloned().collect();
+            return interfaces::select_uplinks(links, &bridges, &trusted);
         }
         let (found, missing) = interfaces::named(links, &self.opts.ifaces);
         for name in missing {
@@ -169,6 +213,26 @@ impl Agent {
         }
         found
     }
+}
+
+fn read_policy_text(path: &std::path::Path) -> anyhow::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the policy file {}", path.display())),
+    }
+}
+
+/// The policy from the file's text (None: the defaults), with `--mode` applied.
+fn parse_policy(opts: &RunOptions, text: Option<&str>) -> anyhow::Result<PolicyFile> {
+    let mut policy = match text {
+        Some(text) => policy_file::parse(text, &opts.config.display().to_string())?,
+        None => PolicyFile::default(),
+    };
+    if let Some(mode) = opts.mode {
+        policy.mode = mode;
+    }
+    Ok(policy)
 }
 
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as

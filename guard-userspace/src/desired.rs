@@ -1,6 +1,7 @@
 //! The desired state: what every policy map must hold, computed from a Docker snapshot, the
 //! host's addresses and the target ids. A pure function: no Docker, no kernel.
 
+use guard_common::maps::{CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, TARGET_AUDIT};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use guard_common::{
@@ -14,6 +15,7 @@ use crate::{
     identities::decode_hex,
     labels::{LabelError, parse_labels},
     policy::{Opening, PortSpec, Sources},
+    policy_file::{Mode, PolicyFile, apply_rules},
     snapshot::{Container, Published, Snapshot},
     tables::{Lpm, TableSet},
 };
@@ -25,6 +27,7 @@ pub struct ContainerPolicy {
     pub target: u32,
     pub openings: Vec<Opening>,
     pub label_errors: Vec<LabelError>,
+    pub mode: Mode,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -34,13 +37,23 @@ pub struct Desired {
 }
 
 /// `host_addrs` are every address of every host interface; `targets` maps container ids to
-/// target ids (see [`crate::identities`]). A container without a target id is left closed.
+/// target ids (see [`crate::identities`]); `policy` is the operator's policy file. A container
+/// without a target id is left closed.
 pub fn desired_state(
     snapshot: &Snapshot,
     host_addrs: &[IpAddr],
     targets: &BTreeMap<String, u32>,
+    policy: &PolicyFile,
 ) -> Desired {
     let mut tables = TableSet::default();
+    if policy.mode == Mode::Audit {
+        tables.config.flags |= CONFIG_AUDIT_ALL;
+    }
+    for cidr in &policy.trusted_sources {
+        let (addr, len) = cidr.to_addr_prefix();
+        tables.trusted.insert(Lpm { len, data: addr }, 1);
+        tables.config.flags |= CONFIG_HAS_TRUSTED;
+    }
 
     // Protection first: every Docker subnet, so an address no container holds yet is closed.
     for network in &snapshot.networks {
@@ -86,12 +99,15 @@ pub fn desired_state(
                     port: published.container_port,
                     rule: OPEN_NONE,
                     all_ports: OPEN_NONE,
+                    flags: 0,
+                    _pad: [0; 3],
                 };
                 tables.published.insert(key, value);
             }
         }
 
-        let (openings, label_errors) = parse_labels(&container.labels);
+        let (from_labels, label_errors) = parse_labels(&container.labels);
+        let (openings, mode) = apply_rules(policy, container, from_labels);
         for opening in &openings {
             open(&mut tables, target, opening);
         }
@@ -100,18 +116,22 @@ pub fn desired_state(
             target,
             openings,
             label_errors,
+            mode,
         });
     }
-    fold_rules_into_lookups(&mut tables);
+    let audited: std::collections::BTreeSet<u32> =
+        containers.iter().filter(|c| c.mode == Mode::Audit).map(|c| c.target).collect();
+    fold_rules_into_lookups(&mut tables, &audited);
     fill_prefilter(&mut tables, snapshot);
     Desired { tables, containers }
 }
 
-/// Copies each container's all-ports rule and each published port's rule into the ADDRS and
-/// PUBLISHED values, where the packet path finds them without another lookup, and marks which
-/// containers have single-port rules at all. All-ports rules then leave PORTS (their source
-/// lists stay in SOURCES under the all-ports key).
-fn fold_rules_into_lookups(tables: &mut TableSet) {
+/// Copies each container's all-ports rule, each published port's rule and the audit flag into
+/// the ADDRS and PUBLISHED values, where the packet path finds them without another lookup, and
+/// marks which containers have single-port rules at all. All-ports rules then leave PORTS
+/// (their source lists stay in SOURCES under the all-ports key).
+fn fold_rules_into_lookups(tables: &mut TableSet, audited: &std::collections::BTreeSet<u32>) {
+    let flags = |target: &u32| if audited.contains(target) { TARGET_AUDIT } else { 0 };
     let all_ports: BTreeMap<u32, u8> = tables
         .ports
         .iter()
@@ -124,11 +144,13 @@ fn fold_rules_into_lookups(tables: &mut TableSet) {
     for info in tables.addrs.values_mut().filter(|i| i.kind == AddrInfo::CONTAINER) {
         info.all_ports = all_ports.get(&info.target).copied().unwrap_or(OPEN_NONE);
         info.has_port_rules = u8::from(with_port_rules.contains(&info.target));
+        info.flags = flags(&info.target);
     }
     for (key, p) in tables.published.iter_mut() {
         let rule = tables.ports.get(&PortKey::new(p.target, key.proto, p.port));
         p.rule = rule.map_or(OPEN_NONE, |r| r.open_to);
         p.all_ports = all_ports.get(&p.target).copied().unwrap_or(OPEN_NONE);
+        p.flags = flags(&p.target);
     }
 }
 
@@ -224,6 +246,7 @@ mod tests {
         Container {
             id: format!("{n:02x}").repeat(32),
             name: name.into(),
+            image: "busybox".into(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             addresses: vec![ip(addr)],
             published: vec![],
@@ -265,7 +288,12 @@ mod tests {
     fn state(snapshot: &Snapshot) -> Desired {
         let mut ids = Identities::default();
         let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        desired_state(snapshot, &[ip(HOST_UPLINK), ip("127.0.0.1")], &targets)
+        desired_state(
+            snapshot,
+            &[ip(HOST_UPLINK), ip("127.0.0.1")],
+            &targets,
+            &PolicyFile::default(),
+        )
     }
 
     fn verdict(d: &Desired, src: &str, dst: &str, port: u16) -> Reason {
@@ -274,7 +302,7 @@ mod tests {
             dst: ip(dst).into(),
             l4: L4::ports(6, 40000, port, true),
         };
-        decide(&d.tables, &pkt)
+        decide(&d.tables, &pkt).reason
     }
 
     #[test]
@@ -343,9 +371,9 @@ mod tests {
         assert_eq!(verdict(&d, "10.8.0.3", "172.30.0.9", 12345), Reason::AllowedSource);
         let icmp =
             Packet { src: ip("10.8.0.3").into(), dst: ip("172.30.0.9").into(), l4: L4::NO_PORTS };
-        assert_eq!(decide(&d.tables, &icmp), Reason::AllowedSource);
+        assert_eq!(decide(&d.tables, &icmp).reason, Reason::AllowedSource);
         let icmp_b = Packet { src: ip("10.9.0.3").into(), ..icmp };
-        assert_eq!(decide(&d.tables, &icmp_b), Reason::Closed);
+        assert_eq!(decide(&d.tables, &icmp_b).reason, Reason::Closed);
     }
 
     #[test]
@@ -395,12 +423,53 @@ mod tests {
         let mut ids = Identities::default();
         ids.assign(seed().containers.iter().map(|c| c.id.as_str()));
         let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
-        let d2 = desired_state(&snap, &[ip(HOST_UPLINK)], &targets);
+        let d2 = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &PolicyFile::default());
         assert_eq!(verdict(&d1, OUTSIDE_A, "172.30.0.4", 443), Reason::Exposed);
         assert_eq!(verdict(&d2, OUTSIDE_A, "172.30.0.4", 443), Reason::Closed);
         assert_ne!(
             d1.tables.addrs[&ip("172.30.0.4").into()],
             d2.tables.addrs[&ip("172.30.0.4").into()]
         );
+    }
+
+    #[test]
+    fn policy_file_rules_audit_and_trusted_sources() {
+        let file = crate::policy_file::parse(
+            r#"
+trusted_sources = ["10.251.2.0/24"]
+[[rule]]
+match = { container = "db" }
+mode = "audit"
+[[rule]]
+match = { container = "api" }
+expose = ["8080"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let snap = seed();
+        let mut ids = Identities::default();
+        let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
+        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &file);
+        let decision = |src: &str, dst: &str, port: u16| {
+            let l4 = L4::ports(6, 40000, port, true);
+            decide(&d.tables, &Packet { src: ip(src).into(), dst: ip(dst).into(), l4 })
+        };
+        // The audited db: the drop is counted as such, and the packet passes.
+        let db = decision(OUTSIDE_A, "172.30.0.2", 5432);
+        assert_eq!((db.reason, db.audited), (Reason::Closed, true));
+        assert_eq!(db.verdict(), guard_common::reason::Verdict::Pass);
+        let published_db = decision(OUTSIDE_A, HOST_UPLINK, 5432);
+        assert_eq!((published_db.reason, published_db.audited), (Reason::Closed, true));
+        // Not audited: web's closed port still drops.
+        let web = decision(OUTSIDE_A, "172.30.0.4", 8443);
+        assert_eq!((web.reason, web.audited), (Reason::Closed, false));
+        // A file rule opens api's port without a label.
+        assert_eq!(decision(OUTSIDE_A, "172.30.0.3", 8080).reason, Reason::Exposed);
+        // Outside host B is trusted: inside, for closed ports and unassigned addresses.
+        assert_eq!(decision(OUTSIDE_B, "172.30.0.4", 8443).reason, Reason::TrustedSource);
+        assert_eq!(decision(OUTSIDE_B, "172.30.0.99", 1).reason, Reason::TrustedSource);
+        assert_eq!(decision(OUTSIDE_B, "127.0.0.1", 1).reason, Reason::LoopbackDst);
+        assert!(d.containers.iter().any(|c| c.container.name == "db" && c.mode == Mode::Audit));
     }
 }

@@ -131,6 +131,7 @@ fn container(c: &ContainerSummary) -> Option<Container> {
     Some(Container {
         id,
         name,
+        image: c.image.clone().unwrap_or_default(),
         labels: c.labels.clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>(),
         addresses,
         published: published.collect(),

@@ -10,6 +10,7 @@ pub mod desired;
 pub mod identities;
 pub mod labels;
 pub mod policy;
+pub mod policy_file;
 pub mod snapshot;
 pub mod tables;
 

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
     pins::{DEFAULT_PIN_DIR, Pins},
+    policy_file::{self, Mode},
     status,
     unload::{self, Unloaded},
 };
@@ -36,11 +37,24 @@ enum Command {
         /// Seconds between full reconciles (events trigger one at once anyway).
         #[arg(long, value_name = "SECS", default_value_t = 5)]
         resync_interval: u64,
+        /// The policy file (TOML); absent is fine. Reloaded on change and on SIGHUP.
+        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Override the policy file's mode: `audit` drops nothing and counts would-drops.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
     },
     /// Show every container port, how it is published and who outside may reach it.
     Status {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a policy file without touching anything; exits 1 if it does not parse.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
     /// Remove every link, program, map and pin guard created (stop `guard run` first).
     Unload {
@@ -70,16 +84,31 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run { ifaces, trusted, pin_dir, resync_interval } => {
-            runtime.block_on(agent::run(RunOptions {
+        Command::Run { ifaces, trusted, pin_dir, resync_interval, config, mode } => runtime
+            .block_on(agent::run(RunOptions {
                 ifaces,
                 trusted,
                 pins: Pins::new(pin_dir),
                 resync: Duration::from_secs(resync_interval.max(1)),
-            }))
+                config,
+                mode,
+            })),
+        Command::Status { pin_dir, config } => {
+            print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir), &config))?);
+            Ok(())
         }
-        Command::Status { pin_dir } => {
-            print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir)))?);
+        Command::CheckConfig { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let policy = policy_file::parse(&text, &file.display().to_string())?;
+            println!(
+                "{}: ok (mode {}, {} rules, {} trusted sources, {} trusted interfaces)",
+                file.display(),
+                policy.mode,
+                policy.rules.len(),
+                policy.trusted_sources.len(),
+                policy.trusted_interfaces.len()
+            );
             Ok(())
         }
         Command::Unload { pin_dir } => {

@@ -9,11 +9,11 @@ use aya::{
 use guard_common::{
     addr::Addr,
     maps::{
-        self as names, AddrInfo, ContainerId, FlowKey, FlowSeen, PortKey, PortRule, PublishedKey,
-        PublishedTarget, SourceKey,
+        self as names, AddrInfo, Config, ContainerId, FlowKey, FlowSeen, PortKey, PortRule,
+        PublishedKey, PublishedTarget, SourceKey,
     },
     prefilter::{self, Bitmap},
-    reason::Reason,
+    reason::{Decision, Reason},
 };
 
 use crate::{
@@ -55,6 +55,8 @@ pub struct PolicyMaps {
     counters: PerCpuArray<MapData, u64>,
     prefilter: Array<MapData, Bitmap>,
     flows: HashMap<MapData, FlowKey, FlowSeen>,
+    trusted: Table<LpmTrie<MapData, Addr, u32>>,
+    config: Array<MapData, Config>,
 }
 
 /// Where the maps come from: the object just loaded, or the pins an agent left.
@@ -109,6 +111,8 @@ impl PolicyMaps {
             counters: typed(s, names::COUNTERS)?,
             prefilter: typed(s, names::PREFILTER)?,
             flows: typed(s, names::FLOWS)?,
+            trusted: table(s, names::TRUSTED, names::TRUSTED_CAPACITY)?,
+            config: typed(s, names::CONFIG)?,
         })
     }
 
@@ -122,6 +126,11 @@ impl PolicyMaps {
             sources: self.sources.read()?,
             identities: self.identities.read()?,
             prefilter: self.read_prefilter()?,
+            trusted: self.trusted.read()?,
+            config: self
+                .config
+                .get(&0, 0)
+                .map_err(|source| MapsError::Read { name: names::CONFIG, source })?,
         })
     }
 
@@ -177,6 +186,12 @@ impl PolicyMaps {
         self.addrs.upsert_all(&plan.addrs, e);
         self.published.upsert_all(&plan.published, e);
         self.identities.upsert_all(&plan.identities, e);
+        self.trusted.upsert_all(&plan.trusted, e);
+        if let Some(config) = &plan.config
+            && let Err(source) = self.config.set(0, config, 0)
+        {
+            e.push(UpdateError { map: names::CONFIG, op: "set", capacity: 1, source });
+        }
 
         self.sources.upsert_all(&plan.sources, e);
         self.ports.upsert_all(&plan.ports, e);
@@ -185,6 +200,7 @@ impl PolicyMaps {
         self.published.remove_all(&plan.published, e);
         self.networks.remove_all(&plan.networks, e);
         self.identities.remove_all(&plan.identities, e);
+        self.trusted.remove_all(&plan.trusted, e);
         if let Some(change) = &plan.prefilter {
             self.write_prefilter(&change.last, e);
         }
@@ -196,16 +212,19 @@ impl PolicyMaps {
         self.flows.insert(key, seen_ns, 0)
     }
 
-    /// Packets seen per reason, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(Reason, u64)>, MapsError> {
-        Reason::ALL
+    /// Packets seen per decision (reason, and whether audit mode waived a drop), summed over
+    /// CPUs.
+    pub fn counters(&self) -> Result<Vec<(Decision, u64)>, MapsError> {
+        let decisions = Reason::ALL
             .iter()
-            .map(|reason| {
+            .flat_map(|reason| [false, true].map(|audited| Decision { reason: *reason, audited }));
+        decisions
+            .map(|decision| {
                 let per_cpu = self
                     .counters
-                    .get(&(*reason as u32), 0)
+                    .get(&decision.counter_slot(), 0)
                     .map_err(|source| MapsError::Read { name: names::COUNTERS, source })?;
-                Ok((*reason, per_cpu.iter().sum()))
+                Ok((decision, per_cpu.iter().sum()))
             })
             .collect()
     }

@@ -26,6 +26,8 @@ pub struct Container {
     /// Docker's full container id (64 hex digits): the identity policy follows.
     pub id: String,
     pub name: String,
+    /// The image as the container was created from it (e.g. `nginx:1.27`).
+    pub image: String,
     pub labels: BTreeMap<String, String>,
     /// Every address the container holds, on every network, both families.
     pub addresses: Vec<IpAddr>,

@@ -15,10 +15,12 @@ use crate::{
     maps::PolicyMaps,
     pins::{Hook, Pins},
     policy::{Opening, PortSpec, Proto, Sources},
+    policy_file,
     tables::diff,
 };
 
-pub async fn status(pins: &Pins) -> anyhow::Result<String> {
+pub async fn status(pins: &Pins, config: &std::path::Path) -> anyhow::Result<String> {
+    let policy = policy_file::load(config)?;
     let docker = DockerClient::connect().await?;
     let snapshot = docker.snapshot().await?;
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
@@ -28,7 +30,7 @@ pub async fn status(pins: &Pins) -> anyhow::Result<String> {
     // Use the agent's target ids, so the comparison with the maps is meaningful.
     let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
     let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-    let desired = desired_state(&snapshot, &host_addrs, &targets);
+    let desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
 
     let mut out = String::new();
     match &current {

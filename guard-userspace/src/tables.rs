@@ -7,6 +7,7 @@
 //! reference ignores the prefilter (it answers "maybe" to everything), so any prefilter bit
 //! the agent failed to set shows up as a difference between kernel and reference.
 
+use guard_common::maps::{CONFIG_AUDIT_ALL, Config};
 use std::collections::{BTreeMap, BTreeSet};
 
 use guard_common::{
@@ -34,6 +35,8 @@ pub struct TableSet {
     pub sources: BTreeMap<Lpm<SourceKey>, u32>,
     pub identities: BTreeMap<u32, ContainerId>,
     pub prefilter: Prefilter,
+    pub trusted: BTreeMap<Lpm<Addr>, u32>,
+    pub config: Config,
 }
 
 /// The three prefilter bitmaps (see [`guard_common::prefilter`]).
@@ -144,6 +147,14 @@ impl Tables for TableSet {
     fn flow_seen(&self, _: &FlowKey) -> bool {
         false
     }
+
+    fn source_trusted(&self, src: &Addr) -> bool {
+        self.trusted.keys().any(|t| src.in_prefix(&t.data, t.len))
+    }
+
+    fn audit_all(&self) -> bool {
+        self.config.flags & CONFIG_AUDIT_ALL != 0
+    }
 }
 
 /// The reference with flow memory: `tables` plus the flows the egress program has seen.
@@ -176,6 +187,12 @@ impl Tables for WithFlows<'_> {
     }
     fn flow_seen(&self, key: &FlowKey) -> bool {
         self.flows.contains(key)
+    }
+    fn source_trusted(&self, src: &Addr) -> bool {
+        self.tables.source_trusted(src)
+    }
+    fn audit_all(&self) -> bool {
+        self.tables.audit_all()
     }
 }
 
@@ -216,6 +233,8 @@ pub struct Plan {
     pub sources: TableDiff<Lpm<SourceKey>, u32>,
     pub identities: TableDiff<u32, ContainerId>,
     pub prefilter: Option<PrefilterChange>,
+    pub trusted: TableDiff<Lpm<Addr>, u32>,
+    pub config: Option<Config>,
 }
 
 /// A prefilter change is applied in two steps so the filter never hides anything either the
@@ -240,6 +259,8 @@ impl Plan {
             + self.sources.len()
             + self.identities.len()
             + self.prefilter.as_ref().map_or(0, |_| 1)
+            + self.trusted.len()
+            + self.config.map_or(0, |_| 1)
     }
 }
 
@@ -255,6 +276,8 @@ pub fn diff(current: &TableSet, desired: &TableSet) -> Plan {
             widened: current.prefilter.union(&desired.prefilter),
             last: desired.prefilter.clone(),
         }),
+        trusted: diff_map(&current.trusted, &desired.trusted),
+        config: (current.config != desired.config).then_some(desired.config),
     }
 }
 

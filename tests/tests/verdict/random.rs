@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use guard_common::{addr::Addr, maps::FlowKey};
 use guard_userspace::{
     policy::Proto,
+    policy_file::{self, PolicyFile},
     snapshot::{Container, Network, Published, Snapshot},
 };
 
@@ -54,6 +55,7 @@ pub struct World {
     /// Sources named in allow labels (and addresses inside them).
     pub sources: Vec<IpAddr>,
     pub flows: Vec<FlowKey>,
+    pub policy: PolicyFile,
 }
 
 /// An address inside `net/len` (host part random).
@@ -162,6 +164,7 @@ impl World {
             containers.push(Container {
                 id: format!("{:016x}{:016x}{:016x}{:016x}", index, c, rng.next(), rng.next()),
                 name: format!("c{index}-{c}"),
+                image: "busybox".into(),
                 labels,
                 addresses,
                 published,
@@ -174,7 +177,9 @@ impl World {
             ports,
             sources,
             flows: Vec::new(),
+            policy: PolicyFile::default(),
         };
+        world.policy = world.random_policy(rng);
         for _ in 0..rng.below(6) {
             let frame = world.frame(rng);
             if let Some(flow) = reply_flow(&frame) {
@@ -182,6 +187,46 @@ impl World {
             }
         }
         world
+    }
+
+    /// A policy file: sometimes global audit, trusted sources, rules that open ports, replace
+    /// labels or audit one container. Written as TOML and parsed, like the operator's.
+    fn random_policy(&self, rng: &mut Rng) -> PolicyFile {
+        let mut text = String::new();
+        if rng.chance(15) {
+            text += "mode = \"audit\"\n";
+        }
+        if rng.chance(30) {
+            let trusted = if rng.chance(50) { "203.0.113.0/26" } else { "2001:db8:77::/49" };
+            text += &format!("trusted_sources = [\"{trusted}\"]\n");
+        }
+        for container in &self.snapshot.containers {
+            match rng.below(8) {
+                0 => {
+                    text += &format!(
+                        "[[rule]]\nmatch = {{ container = \"{}\" }}\nmode = \"audit\"\n",
+                        container.name
+                    )
+                }
+                1 => {
+                    let port = if self.ports.is_empty() { 80 } else { *rng.pick(&self.ports) };
+                    let replace = rng.chance(50);
+                    text += &format!(
+                        "[[rule]]\nmatch = {{ container = \"{}\" }}\nexpose = [\"{port}\"]\nreplace = {replace}\n",
+                        container.name
+                    );
+                }
+                2 => {
+                    text += &format!(
+                        "[[rule]]\nmatch = {{ image = \"busy*\", container = \"{}\" }}\nallow = [{{ ports = \"*\", from = [\"203.0.113.0/25\"] }}]\n",
+                        container.name
+                    )
+                }
+                _ => {}
+            }
+        }
+        policy_file::parse(&text, "random.toml")
+            .unwrap_or_else(|e| panic!("generated policy: {e}\n{text}"))
     }
 
     fn destination(&self, rng: &mut Rng) -> IpAddr {

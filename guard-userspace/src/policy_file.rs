@@ -1,0 +1,398 @@
+//! The operator's policy file (TOML): the mode, trusted sources and interfaces, and rules that
+//! add to or replace a container's exposure without recreating it (labels are fixed at create).
+//!
+//! ```toml
+//! mode = "enforce"                      # or "audit": count would-drops, drop nothing
+//! trusted_sources = ["10.0.0.0/8"]      # treated as inside: never dropped
+//! trusted_interfaces = ["wg0"]          # never filtered
+//!
+//! [[rule]]
+//! name = "office reaches the shop database"
+//! match = { compose_project = "shop", compose_service = "db" }
+//! allow = [{ ports = "5432/tcp", from = ["192.0.2.0/24"] }]
+//! ```
+//!
+//! A file that does not parse is rejected whole, with the line and column of the problem, and
+//! the policy in force stays as it was.
+
+use std::{fmt, fs, io, ops::Range, path::Path};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    labels::{LabelProblem, parse_ports},
+    policy::{Cidr, Opening, Sources},
+    snapshot::Container,
+};
+
+pub const DEFAULT_PATH: &str = "/etc/container-guard/guard.toml";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop what the policy does not allow.
+    #[default]
+    Enforce,
+    /// Drop nothing; count and report every would-drop.
+    Audit,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyFile {
+    pub mode: Mode,
+    pub trusted_sources: Vec<Cidr>,
+    pub trusted_interfaces: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    /// `rule "NAME"` or `rule #N` (1-based), for status and explain.
+    pub name: String,
+    pub matcher: Matcher,
+    pub openings: Vec<Opening>,
+    /// Replace the exposure that labels (and earlier rules) gave, instead of adding to it.
+    pub replace: bool,
+    /// Audit mode for the matched containers only.
+    pub mode: Option<Mode>,
+}
+
+/// Every given criterion must hold. Names and images take `*` wildcards.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Matcher {
+    pub container: Option<String>,
+    pub compose_project: Option<String>,
+    pub compose_service: Option<String>,
+    pub image: Option<String>,
+    /// `key=value`, or `key` for "has this label".
+    pub label: Option<String>,
+}
+
+const COMPOSE_PROJECT: &str = "com.docker.compose.project";
+const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+impl Matcher {
+    pub fn matches(&self, c: &Container) -> bool {
+        let label = |key: &str| c.labels.get(key).map(String::as_str);
+        self.container.as_deref().is_none_or(|p| glob(p, &c.name))
+            && self.image.as_deref().is_none_or(|p| glob(p, &c.image))
+            && self.compose_project.as_deref().is_none_or(|p| label(COMPOSE_PROJECT) == Some(p))
+            && self.compose_service.as_deref().is_none_or(|p| label(COMPOSE_SERVICE) == Some(p))
+            && self.label.as_deref().is_none_or(|l| match l.split_once('=') {
+                Some((k, v)) => label(k) == Some(v),
+                None => label(l).is_some(),
+            })
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Matcher::default()
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let Some((first, rest)) = pattern.split_once('*') else { return pattern == text };
+    let Some(mut remaining) = text.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = rest.split('*').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i == parts.len() - 1 {
+            return remaining.ends_with(part);
+        }
+        match remaining.find(part) {
+            Some(at) => remaining = &remaining[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: String, line: usize, column: usize, message: String },
+}
+
+/// Reads the file at `path`; a missing file is an empty policy (the defaults).
+pub fn load(path: &Path) -> Result<PolicyFile, FileError> {
+    match fs::read_to_string(path) {
+        Ok(text) => parse(&text, &path.display().to_string()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PolicyFile::default()),
+        Err(source) => Err(FileError::Read { path: path.display().to_string(), source }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    trusted_sources: Vec<Spanned<String>>,
+    #[serde(default)]
+    trusted_interfaces: Vec<String>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    #[serde(rename = "match")]
+    matcher: Matcher,
+    #[serde(default)]
+    expose: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<RawAllow>,
+    #[serde(default)]
+    replace: bool,
+    mode: Option<Mode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    ports: Spanned<String>,
+    from: Vec<Spanned<String>>,
+}
+
+/// Parses and validates a whole file; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
+    let invalid = |span: Range<usize>, message: String| {
+        let (line, column) = line_column(text, span.start);
+        FileError::Invalid { path: origin.to_string(), line, column, message }
+    };
+    let raw: RawFile = toml::from_str(text)
+        .map_err(|e| invalid(e.span().unwrap_or(0..0), e.message().to_string()))?;
+
+    let cidr = |s: &Spanned<String>| {
+        s.get_ref().trim().parse::<Cidr>().map_err(|e| invalid(s.span(), e.to_string()))
+    };
+    let trusted_sources = raw.trusted_sources.iter().map(cidr).collect::<Result<_, _>>()?;
+
+    let mut rules = Vec::new();
+    for (i, spanned) in raw.rules.iter().enumerate() {
+        let span = spanned.span();
+        let r = spanned.get_ref();
+        let name = match &r.name {
+            Some(n) => format!("rule {n:?}"),
+            None => format!("rule #{}", i + 1),
+        };
+        if r.matcher.is_empty() {
+            return Err(invalid(
+                span,
+                format!(
+                    "{name} matches nothing: give match = {{ container = \"*\" }} to match every container"
+                ),
+            ));
+        }
+        if r.expose.is_empty() && r.allow.is_empty() && r.mode.is_none() && !r.replace {
+            return Err(invalid(
+                span,
+                format!("{name} has no effect: give expose, allow, replace or mode"),
+            ));
+        }
+        let origin_rule = format!("file {name}");
+        let ports = |s: &Spanned<String>| {
+            parse_ports(s.get_ref()).map_err(|p: LabelProblem| invalid(s.span(), p.to_string()))
+        };
+        let mut openings = Vec::new();
+        for spec in &r.expose {
+            for ports in ports(spec)? {
+                openings.push(Opening {
+                    ports,
+                    sources: Sources::Everyone,
+                    rule: origin_rule.clone(),
+                });
+            }
+        }
+        for allow in &r.allow {
+            if allow.from.is_empty() {
+                return Err(invalid(
+                    allow.ports.span(),
+                    format!("{name}: allow needs at least one source in `from`"),
+                ));
+            }
+            let sources: Vec<Cidr> = allow.from.iter().map(cidr).collect::<Result<_, _>>()?;
+            for ports in ports(&allow.ports)? {
+                openings.push(Opening {
+                    ports,
+                    sources: Sources::Listed(sources.clone()),
+                    rule: origin_rule.clone(),
+                });
+            }
+        }
+        rules.push(Rule {
+            name,
+            matcher: r.matcher.clone(),
+            openings,
+            replace: r.replace,
+            mode: r.mode,
+        });
+    }
+    Ok(PolicyFile {
+        mode: raw.mode,
+        trusted_sources,
+        trusted_interfaces: raw.trusted_interfaces,
+        rules,
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A container's openings once the file's rules have had their say, and whether it is audited.
+pub fn apply_rules(
+    file: &PolicyFile,
+    container: &Container,
+    from_labels: Vec<Opening>,
+) -> (Vec<Opening>, Mode) {
+    let mut openings = from_labels;
+    let mut mode = file.mode;
+    for rule in file.rules.iter().filter(|r| r.matcher.matches(container)) {
+        if rule.replace {
+            openings.clear();
+        }
+        openings.extend(rule.openings.iter().cloned());
+        if rule.mode == Some(Mode::Audit) {
+            mode = Mode::Audit;
+        }
+    }
+    (openings, mode)
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::policy::{PortSpec, Proto};
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn container(name: &str, image: &str, labels_: &[(&str, &str)]) -> Container {
+        Container {
+            id: "a".repeat(64),
+            name: name.into(),
+            image: image.into(),
+            labels: labels(labels_),
+            addresses: vec![],
+            published: vec![],
+        }
+    }
+
+    const EXAMPLE: &str = r#"
+mode = "audit"
+trusted_sources = ["10.0.0.0/8", "fd00:8::/64"]
+trusted_interfaces = ["wg0"]
+
+[[rule]]
+name = "office db"
+match = { compose_project = "shop", compose_service = "db" }
+allow = [{ ports = "5432/tcp", from = ["192.0.2.0/24", "198.51.100.7"] }]
+
+[[rule]]
+match = { image = "nginx:*" }
+expose = ["443", "80/tcp"]
+replace = true
+mode = "enforce"
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let f = parse(EXAMPLE, "guard.toml").unwrap();
+        assert_eq!(f.mode, Mode::Audit);
+        assert_eq!(f.trusted_sources.len(), 2);
+        assert_eq!(f.trusted_interfaces, ["wg0"]);
+        assert_eq!(f.rules.len(), 2);
+        assert_eq!(f.rules[0].name, "rule \"office db\"");
+        assert_eq!(f.rules[1].name, "rule #2");
+        assert_eq!(f.rules[1].openings.len(), 2);
+        assert_eq!(f.rules[0].openings[0].rule, "file rule \"office db\"");
+        assert_eq!(parse("", "x").unwrap(), PolicyFile::default());
+    }
+
+    #[test]
+    fn rules_add_to_or_replace_label_openings() {
+        let f = parse(EXAMPLE, "guard.toml").unwrap();
+        let label_opening = Opening {
+            ports: PortSpec::Range { proto: Proto::Tcp, first: 8080, last: 8080 },
+            sources: Sources::Everyone,
+            rule: "label guard.expose".into(),
+        };
+        let db = container(
+            "shop-db-1",
+            "postgres:16",
+            &[(COMPOSE_PROJECT, "shop"), (COMPOSE_SERVICE, "db")],
+        );
+        let (openings, mode) = apply_rules(&f, &db, vec![label_opening.clone()]);
+        assert_eq!(openings.len(), 2, "added to the label's");
+        assert_eq!(mode, Mode::Audit, "the file's mode");
+        let web = container("web", "nginx:1.27", &[]);
+        let (openings, _) = apply_rules(&f, &web, vec![label_opening]);
+        assert_eq!(openings.len(), 2);
+        assert!(openings.iter().all(|o| o.rule == "file rule #2"), "replaced the label's");
+        let other = container("other", "redis", &[(COMPOSE_PROJECT, "shop")]);
+        assert!(apply_rules(&f, &other, vec![]).0.is_empty());
+    }
+
+    #[test]
+    fn errors_point_at_line_and_column() {
+        let cases = [
+            ("mode = \"permissive\"\n", 1, "permissive"),
+            ("trusted_sources = [\"10.0.0.0/8\",\n  \"10.0.0.0/33\"]\n", 2, "10.0.0.0/33"),
+            ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n", 3, "icmp"),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"5432\", from = [\"nowhere\"] }]\n",
+                3,
+                "nowhere",
+            ),
+            ("[[rule]]\nmatch = { contianer = \"db\" }\nexpose = [\"443\"]\n", 2, "contianer"),
+            ("[[rule]]\nmatch = {}\nexpose = [\"443\"]\n", 1, "matches nothing"),
+            ("[[rule]]\nmatch = { container = \"db\" }\n", 1, "no effect"),
+            ("expose = 443\n", 1, "expose"),
+            ("mode = \n", 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let err = parse(text, "guard.toml").expect_err(text);
+            let message = err.to_string();
+            assert!(message.starts_with(&format!("guard.toml:{line}:")), "{text:?} gave {message}");
+            assert!(message.contains(needle), "{text:?} gave {message}");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("nginx:*", "nginx:1.27"));
+        assert!(glob("*", ""));
+        assert!(glob("shop-*-1", "shop-db-1"));
+        assert!(!glob("shop-*-1", "shop-db-2"));
+        assert!(glob("a*b*c", "a-b-b-c"));
+        assert!(!glob("nginx", "nginx:1"));
+    }
+
+    #[test]
+    fn a_missing_file_is_the_default_policy() {
+        assert_eq!(load(Path::new("/nonexistent/guard.toml")).unwrap(), PolicyFile::default());
+    }
+}
