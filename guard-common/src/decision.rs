@@ -86,53 +86,81 @@ pub trait Tables {
     fn audit_all(&self) -> bool;
 }
 
-/// The decision for a packet that arrived on an uplink: [`classify`], then what the policy
-/// file says about would-drops (trusted sources pass; audit mode counts and passes).
+/// The container a container-bound packet is for, as the decision resolved it. Plain fields
+/// (no `Option`), for the same reason as [`L4`]: the kernel never sees undefined bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// The target id; 0 when the packet is not bound for a container.
+    pub target: u32,
+    /// The container port (host byte order); 0 for port-less packets.
+    pub port: u16,
+    pub proto: u8,
+    /// 1 if it came through a port Docker publishes, 0 if routed to the container directly.
+    pub published: u8,
+    /// The target's `TARGET_*` flags.
+    pub flags: u8,
+}
+
+/// The decision for a packet that arrived on an uplink.
 #[inline(always)]
 pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Decision {
-    let (reason, target_flags) = classify(tables, pkt);
+    decide_resolved(tables, pkt).0
+}
+
+/// [`decide`], and the container it resolved (for `guard explain`). First [`classify`] under
+/// the rules alone, then what the policy file says about would-drops: trusted sources pass,
+/// audit mode counts and passes.
+#[inline(always)]
+pub fn decide_resolved<T: Tables>(tables: &T, pkt: &Packet) -> (Decision, Resolved) {
+    let (reason, resolved) = classify(tables, pkt);
     if reason.verdict() == Verdict::Pass {
-        return Decision::enforced(reason);
+        return (Decision::enforced(reason), resolved);
     }
     if matches!(reason, Reason::Closed | Reason::UnassignedAddr) && tables.source_trusted(&pkt.src)
     {
-        return Decision::enforced(Reason::TrustedSource);
+        return (Decision::enforced(Reason::TrustedSource), resolved);
     }
-    Decision { reason, audited: target_flags & TARGET_AUDIT != 0 || tables.audit_all() }
+    let audited = resolved.flags & TARGET_AUDIT != 0 || tables.audit_all();
+    (Decision { reason, audited }, resolved)
 }
 
-/// The reason for a packet's verdict under the rules alone, and the flags of the container it
-/// is bound for (0 if none).
+/// The reason for a packet's verdict under the rules alone, and the container it is bound for.
 #[inline(always)]
-pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, u8) {
+pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
+    let none = Resolved::default();
     if pkt.dst.is_loopback() {
-        return (Reason::LoopbackDst, 0);
+        return (Reason::LoopbackDst, none);
     }
-    let dst_may_hold = tables.may_hold_container(&pkt.dst);
     let l4 = pkt.l4;
     let published_port = (l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport))
         .then_some((l4.proto, l4.dport));
+    let dst_may_hold = tables.may_hold_container(&pkt.dst);
     if !dst_may_hold && published_port.is_none() {
-        return (Reason::NotContainerBound, 0);
+        return (Reason::NotContainerBound, none);
     }
 
     // Published: a host address (gateways included) and a port Docker publishes on it.
     if let Some((proto, dport)) = published_port {
         let key = PublishedKey { addr: pkt.dst, port: dport, proto, _pad: 0 };
         if let Some(p) = tables.published(&key) {
+            let resolved =
+                Resolved { target: p.target, port: p.port, proto, published: 1, flags: p.flags };
             let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
-            return (judge(tables, pkt, p.target, port, p.all_ports), p.flags);
+            return (judge(tables, pkt, p.target, port, p.all_ports), resolved);
         }
     }
     if !dst_may_hold {
-        return (Reason::NotContainerBound, 0);
+        return (Reason::NotContainerBound, none);
     }
 
     // Direct: a container's address, or an address in a Docker network.
     match tables.addr_info(&pkt.dst) {
         Some(info) if info.kind == AddrInfo::CONTAINER => {
+            let mut resolved = Resolved { target: info.target, flags: info.flags, ..none };
             let port = match l4.kind {
                 L4Kind::Ports => {
+                    resolved.port = l4.dport;
+                    resolved.proto = l4.proto;
                     let key = PortKey::new(info.target, l4.proto, l4.dport);
                     let rule = if info.has_port_rules != 0 {
                         tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
@@ -142,14 +170,14 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, u8) {
                     Some((key, rule))
                 }
                 L4Kind::NoPorts => None,
-                L4Kind::Truncated => return (Reason::MalformedL4, info.flags),
+                L4Kind::Truncated => return (Reason::MalformedL4, resolved),
             };
-            (judge(tables, pkt, info.target, port, info.all_ports), info.flags)
+            (judge(tables, pkt, info.target, port, info.all_ports), resolved)
         }
         // One of the host's own addresses, not on a published port: the host's business.
-        Some(_) => (Reason::NotContainerBound, 0),
-        None if tables.in_docker_network(&pkt.dst) => (Reason::UnassignedAddr, 0),
-        None => (Reason::NotContainerBound, 0),
+        Some(_) => (Reason::NotContainerBound, none),
+        None if tables.in_docker_network(&pkt.dst) => (Reason::UnassignedAddr, none),
+        None => (Reason::NotContainerBound, none),
     }
 }
 

@@ -17,6 +17,8 @@ pub mod tables;
 pub mod agent;
 pub mod attach;
 pub mod docker;
+pub mod explain;
+pub mod frames;
 pub mod interfaces;
 pub mod loader;
 pub mod maps;

@@ -1,10 +1,11 @@
 //! `guard`: the container-guard agent and its CLI.
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
+    explain,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
     status,
@@ -46,6 +47,27 @@ enum Command {
     },
     /// Show every container port, how it is published and who outside may reach it.
     Status {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Why a packet from SRC to DST gets its verdict: runs the loaded program on it.
+    ///
+    /// Prints the kernel's verdict (`pass` or `drop`) on the first line, then the reason, the
+    /// container and the rule that decided.
+    Explain {
+        /// The source address (an outside host).
+        src: IpAddr,
+        /// ADDRESS[:PORT[/PROTO]]; IPv6 with a port in brackets. Without a port: ICMP.
+        #[arg(value_name = "DST[:PORT[/PROTO]]")]
+        dst: String,
+        /// The interface the packet arrives on (default: the first protected uplink).
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+        /// Print {"verdict", "reason", "container", "rule", ...} as JSON.
+        #[arg(long)]
+        json: bool,
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
@@ -95,6 +117,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             })),
         Command::Status { pin_dir, config } => {
             print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir), &config))?);
+            Ok(())
+        }
+        Command::Explain { src, dst, iface, json, pin_dir, config } => {
+            let (dst, port) = explain::parse_destination(&dst)?;
+            let query = explain::Query { src, dst, port };
+            let pins = Pins::new(pin_dir);
+            let e = runtime.block_on(explain::explain(&pins, &config, query, iface.as_deref()))?;
+            if json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                print!("{}", explain::render(&e));
+            }
             Ok(())
         }
         Command::CheckConfig { file } => {

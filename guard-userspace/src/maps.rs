@@ -212,6 +212,14 @@ impl PolicyMaps {
         self.flows.insert(key, seen_ns, 0)
     }
 
+    /// Every flow in flow memory, with when it last left the host (CLOCK_MONOTONIC ns).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowSeen)>, MapsError> {
+        self.flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Read { name: names::FLOWS, source })
+    }
+
     /// Packets seen per decision (reason, and whether audit mode waived a drop), summed over
     /// CPUs.
     pub fn counters(&self) -> Result<Vec<(Decision, u64)>, MapsError> {

@@ -5,8 +5,6 @@
 //!
 //! Needs root (CAP_BPF) and bpffs; run through `cargo xtask test`.
 
-#[path = "verdict/frames.rs"]
-mod frames;
 #[path = "verdict/random.rs"]
 mod random;
 
@@ -20,7 +18,7 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use frames::{Ext, Frame, Transport::*};
+use guard_userspace::frames::{Ext, Frame, Transport::*};
 use guard_common::{
     addr::Addr,
     decision::decide,

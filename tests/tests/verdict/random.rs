@@ -10,7 +10,7 @@ use guard_userspace::{
     snapshot::{Container, Network, Published, Snapshot},
 };
 
-use super::frames::{Ext, Frame, Transport};
+use guard_userspace::frames::{Ext, Frame, Transport};
 
 pub struct Rng(u64);
 

@@ -1,6 +1,7 @@
-//! Crafted frames: Ethernet (optionally VLAN-tagged), IPv4 (optionally with options or as a
-//! later fragment) or IPv6, and a transport header. Checksums are left zero: XDP never checks
-//! them, and neither does guard.
+//! Synthesised frames: Ethernet (optionally VLAN-tagged), IPv4 (optionally with options or as
+//! a later fragment) or IPv6 (optionally with extension headers), and a transport header.
+//! `guard explain` runs the loaded program on one; the verdict tests on thousands.
+//! Checksums are left zero: XDP never checks them, and neither does guard.
 
 use std::net::IpAddr;
 

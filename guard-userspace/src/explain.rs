@@ -1,0 +1,343 @@
+//! `guard explain SRC DST[:PORT[/PROTO]]`: why a packet from SRC to DST gets its verdict.
+//!
+//! The verdict is the kernel's: the pinned XDP program — the one attached to the uplinks —
+//! runs on a synthesised frame through BPF_PROG_TEST_RUN. The reason comes from the program's
+//! own counters when the host is quiet enough to tell (exactly one counter moved), and from the
+//! reference decision over the pinned maps otherwise; the rule and the container come from the
+//! desired state, named through Docker.
+
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path, str::FromStr};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use guard_common::{
+    decision::decide_resolved,
+    maps::{FLOW_TIMEOUT_NS, FlowKey},
+    reason::{Decision, Reason, Verdict},
+};
+use serde::Serialize;
+
+use crate::{
+    desired::{ContainerPolicy, desired_state},
+    docker::DockerClient,
+    frames::{Frame, Transport},
+    identities::{Identities, encode_hex},
+    interfaces,
+    maps::PolicyMaps,
+    pins::{Hook, Pins},
+    policy::{PortSpec, Proto, Sources},
+    policy_file,
+    tables::WithFlows,
+};
+
+/// What to explain: a source and a destination, with a port unless the packet is port-less
+/// (then an ICMP echo is synthesised).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Query {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub port: Option<(u16, Proto)>,
+}
+
+/// `DST[:PORT[/PROTO]]`; IPv6 with a port in brackets (`[fd00::4]:443/tcp`).
+pub fn parse_destination(s: &str) -> anyhow::Result<(IpAddr, Option<(u16, Proto)>)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "{s:?}: expected ADDRESS[:PORT[/PROTO]], e.g. 172.17.0.2:5432/tcp or [fd00::4]:443"
+        )
+    };
+    if let Ok(ip) = IpAddr::from_str(s) {
+        return Ok((ip, None));
+    }
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:").ok_or_else(bad)?,
+        None => s.rsplit_once(':').ok_or_else(bad)?,
+    };
+    let ip: IpAddr = host.parse().map_err(|_| bad())?;
+    let (port, proto) = port.split_once('/').unwrap_or((port, "tcp"));
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    let proto: Proto = proto
+        .parse()
+        .map_err(|()| anyhow::anyhow!("unknown protocol {proto:?}: expected tcp, udp or sctp"))?;
+    Ok((ip, Some((port, proto))))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// The kernel's verdict: "pass" or "drop".
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    /// A drop waived by audit mode.
+    pub audited: bool,
+    /// The container the packet is bound for, if any.
+    pub container: Option<String>,
+    /// The rule that decided (a label, a file rule, trusted sources, flow memory, the default).
+    pub rule: String,
+    /// One sentence for people.
+    pub detail: String,
+    /// Whether the reason was read from the kernel's own counters (else: the reference
+    /// decision over the pinned maps, which agreed with the kernel's verdict).
+    pub reason_from_kernel: bool,
+}
+
+pub async fn explain(
+    pins: &Pins,
+    config: &Path,
+    query: Query,
+    iface: Option<&str>,
+) -> anyhow::Result<Explanation> {
+    if query.src.is_ipv4() != query.dst.is_ipv4() {
+        bail!("source and destination must be of one address family");
+    }
+    if !pins.exists() {
+        bail!("guard is not loaded at {}: start it with `guard run`", pins.root().display());
+    }
+    let maps = PolicyMaps::from_pins(pins)?;
+    let tables = maps.read()?;
+    let now = monotonic_ns();
+    let flows: BTreeSet<FlowKey> = maps
+        .flows()?
+        .into_iter()
+        .filter(|(k, seen)| k.proto == 6 || now.saturating_sub(*seen) < FLOW_TIMEOUT_NS)
+        .map(|(k, _)| k)
+        .collect();
+
+    let transport = match query.port {
+        Some((port, Proto::Tcp)) => Transport::Tcp(port),
+        Some((port, Proto::Udp)) => Transport::Udp(port),
+        Some((port, Proto::Sctp)) => Transport::Sctp(port),
+        None => Transport::Icmp,
+    };
+    let frame =
+        Frame { src: query.src, dst: query.dst, ..Frame::new("0.0.0.0", "0.0.0.0", transport) };
+    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &frame.bytes(), iface)?;
+
+    let (reference, resolved) =
+        decide_resolved(&WithFlows { tables: &tables, flows: &flows }, &frame.packet());
+    let decision = match kernel_decision {
+        Some(d) => d,
+        None if reference.verdict() == kernel_verdict => reference,
+        None => bail!(
+            "the kernel says {kernel_verdict:?} but the maps say {:?} ({}): is an agent of another version running?",
+            reference.verdict(),
+            reference.reason.name()
+        ),
+    };
+
+    // Name the container and the rule through Docker and the policy file (best effort: the
+    // verdict above stands without them).
+    let policy = if resolved.target == 0 {
+        None
+    } else {
+        container_policy(&tables.identities, resolved.target, config).await.ok().flatten()
+    };
+    let container = policy.as_ref().map(|p| p.container.name.clone()).or_else(|| {
+        tables.identities.get(&resolved.target).map(|id| encode_hex(&id.0)[..12].to_string())
+    });
+    let port = (resolved.port != 0).then(|| (resolved.port, Proto::from_number(resolved.proto)));
+    let rule = rule_for(decision, policy.as_ref(), port, query.src);
+    let detail = detail(decision, &query, container.as_deref(), port, resolved.published != 0);
+    Ok(Explanation {
+        verdict: if kernel_verdict == Verdict::Pass { "pass" } else { "drop" },
+        reason: decision.reason.name(),
+        audited: decision.audited,
+        container,
+        rule,
+        detail,
+        reason_from_kernel: kernel_decision.is_some(),
+    })
+}
+
+/// Runs the pinned program once on `frame`; the verdict, and the decision if exactly one
+/// counter moved (on a busy host other packets move them too).
+fn run_pinned(
+    pins: &Pins,
+    maps: &PolicyMaps,
+    frame: &[u8],
+    iface: Option<&str>,
+) -> anyhow::Result<(Verdict, Option<Decision>)> {
+    let path = pins.program(Hook::Xdp);
+    let program = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
+        .with_context(|| format!("opening the pinned program {}", path.display()))?;
+    let ifindex = match iface {
+        Some(name) => interfaces::links()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .map(|l| l.ifindex)
+            .ok_or_else(|| anyhow::anyhow!("no interface named {name} (see `ip link`)"))?,
+        None => pins.pinned_links()?.iter().find(|(h, _, _)| *h == Hook::Xdp).map_or(0, |l| l.1),
+    };
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> =
+        [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let before = maps.counters()?;
+    let result = program
+        .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..Default::default() })
+        .context("running the pinned program (BPF_PROG_TEST_RUN)")?;
+    let after = maps.counters()?;
+    let moved: Vec<(Decision, u64)> = after
+        .iter()
+        .zip(&before)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((d, a), (_, b))| (*d, a - b))
+        .collect();
+    let verdict = match result.return_value {
+        1 => Verdict::Drop,
+        2 => Verdict::Pass,
+        other => bail!("the program returned {other}, neither XDP_DROP nor XDP_PASS"),
+    };
+    let decision = match moved.as_slice() {
+        [(d, 1)] => Some(*d),
+        _ => None,
+    };
+    Ok((verdict, decision))
+}
+
+/// The desired-state view of the container behind `target`.
+async fn container_policy(
+    identities: &std::collections::BTreeMap<u32, guard_common::maps::ContainerId>,
+    target: u32,
+    config: &Path,
+) -> anyhow::Result<Option<ContainerPolicy>> {
+    let docker = DockerClient::connect().await?;
+    let snapshot = docker.snapshot().await?;
+    let policy = policy_file::load(config)?;
+    let mut ids = Identities::adopt(identities.clone());
+    let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+    let host = interfaces::host_addresses()?;
+    let desired = desired_state(&snapshot, &host, &targets, &policy);
+    Ok(desired.containers.into_iter().find(|c| c.target == target))
+}
+
+/// The rule behind a decision.
+fn rule_for(
+    decision: Decision,
+    policy: Option<&ContainerPolicy>,
+    port: Option<(u16, Option<Proto>)>,
+    src: IpAddr,
+) -> String {
+    let opening = |everyone: bool| {
+        policy?.openings.iter().find(|o| {
+            let covers = match (o.ports, port) {
+                (PortSpec::All, _) => true,
+                (PortSpec::Range { proto, first, last }, Some((p, Some(pp)))) => {
+                    proto == pp && (first..=last).contains(&p)
+                }
+                _ => false,
+            };
+            covers
+                && match &o.sources {
+                    Sources::Everyone => everyone,
+                    Sources::Listed(cidrs) => !everyone && cidrs.iter().any(|c| c.contains(src)),
+                }
+        })
+    };
+    match decision.reason {
+        Reason::Exposed => opening(true).map_or("an expose rule".into(), |o| o.rule.clone()),
+        Reason::AllowedSource => opening(false).map_or("an allow rule".into(), |o| o.rule.clone()),
+        Reason::Closed => "default: closed to outside".into(),
+        Reason::UnassignedAddr => "default: Docker network addresses are closed".into(),
+        Reason::Reply => "flow memory".into(),
+        Reason::TrustedSource => "policy file: trusted_sources".into(),
+        Reason::LoopbackDst => "loopback is never reachable from an uplink".into(),
+        Reason::MalformedL4 | Reason::MalformedIp => "malformed frames fail closed".into(),
+        Reason::NotContainerBound | Reason::NotIp => "none: not guard's business".into(),
+    }
+}
+
+fn detail(
+    decision: Decision,
+    q: &Query,
+    container: Option<&str>,
+    port: Option<(u16, Option<Proto>)>,
+    published: bool,
+) -> String {
+    let mut s = String::new();
+    let target = match (container, port) {
+        (Some(c), Some((p, Some(proto)))) => format!("container {c} port {p}/{proto}"),
+        (Some(c), _) => format!("container {c}"),
+        (None, _) => format!("{}", q.dst),
+    };
+    let path = if published { " through a port Docker publishes" } else { "" };
+    let _ = match decision.reason {
+        Reason::Exposed => write!(s, "{target} is open to everyone{path}"),
+        Reason::AllowedSource => write!(s, "{target} is open to {}{path}", q.src),
+        Reason::Closed => write!(s, "no label or policy rule opens {target} to {}{path}", q.src),
+        Reason::UnassignedAddr => {
+            write!(s, "{} is in a Docker network but no container holds it", q.dst)
+        }
+        Reason::Reply => write!(s, "answers a flow that {target} started (flow memory){path}"),
+        Reason::TrustedSource => write!(s, "{} is a trusted source: treated as inside", q.src),
+        Reason::LoopbackDst => {
+            write!(s, "{} is a loopback address; from an uplink it is an attack", q.dst)
+        }
+        Reason::NotContainerBound => write!(
+            s,
+            "{} is not bound for a container: the host's own traffic, or routed through it",
+            q.dst
+        ),
+        Reason::MalformedL4 | Reason::MalformedIp | Reason::NotIp => {
+            write!(s, "the frame is malformed")
+        }
+    };
+    if decision.audited {
+        s.push_str("; audit mode: it would be dropped, and passes");
+    }
+    s
+}
+
+/// The text output: the verdict alone on the first line, for scripts.
+pub fn render(e: &Explanation) -> String {
+    let mut out = format!(
+        "{}\nreason: {}{}\n",
+        e.verdict,
+        e.reason,
+        if e.audited { " (audit mode: would drop)" } else { "" }
+    );
+    if let Some(c) = &e.container {
+        let _ = writeln!(out, "container: {c}");
+    }
+    let _ = writeln!(out, "rule: {}", e.rule);
+    let _ = writeln!(out, "{}", e.detail);
+    if !e.reason_from_kernel {
+        out.push_str("(the host is busy: the reason is the reference decision over the pinned maps, which agrees with the kernel's verdict)\n");
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(parse_destination("172.17.0.2").unwrap(), (ip("172.17.0.2"), None));
+        assert_eq!(
+            parse_destination("172.17.0.2:5432").unwrap(),
+            (ip("172.17.0.2"), Some((5432, Proto::Tcp)))
+        );
+        assert_eq!(
+            parse_destination("10.0.0.1:53/udp").unwrap(),
+            (ip("10.0.0.1"), Some((53, Proto::Udp)))
+        );
+        assert_eq!(
+            parse_destination("[fd00::4]:443/tcp").unwrap(),
+            (ip("fd00::4"), Some((443, Proto::Tcp)))
+        );
+        assert_eq!(parse_destination("fd00::4").unwrap(), (ip("fd00::4"), None));
+        for bad in
+            ["", "host:80", "10.0.0.1:0", "10.0.0.1:99999", "10.0.0.1:80/icmp", "[fd00::4]443"]
+        {
+            assert!(parse_destination(bad).is_err(), "{bad:?}");
+        }
+    }
+}
