@@ -4,6 +4,7 @@
 //! - [`maps`]: map names, capacities and the `#[repr(C)]` keys and values.
 //! - [`prefilter`]: the bitmaps that let most traffic pass without a single hash lookup.
 //! - [`reason`]: why a packet got its verdict (one per-CPU counter each).
+//! - [`events`]: per-container drop counters and the rate-limited drop events.
 //! - [`decision`]: the policy decision itself, written once over a [`decision::Tables`] trait.
 //!   The XDP program implements the trait with BPF maps; the agent implements it with the desired
 //!   state, so user space can test and explain verdicts against the very same definition.
@@ -14,6 +15,7 @@ extern crate std;
 
 pub mod addr;
 pub mod decision;
+pub mod events;
 pub mod maps;
 pub mod prefilter;
 pub mod reason;

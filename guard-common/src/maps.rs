@@ -34,11 +34,28 @@ pub const PREFILTER: &str = "GUARD_PREFILTER";
 pub const FLOWS: &str = "GUARD_FLOWS";
 pub const TRUSTED: &str = "GUARD_TRUSTED";
 pub const CONFIG: &str = "GUARD_CONFIG";
+pub const DROPS: &str = "GUARD_DROPS";
+pub const EVENTS: &str = "GUARD_EVENTS";
+pub const EVENT_LIMIT: &str = "GUARD_EVLIMIT";
+pub const EVENT_STATS: &str = "GUARD_EVSTATS";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 11] = [
-    ADDRS, NETWORKS, PUBLISHED, PORTS, SOURCES, IDENTITIES, COUNTERS, PREFILTER, FLOWS, TRUSTED,
+pub const ALL: [&str; 15] = [
+    ADDRS,
+    NETWORKS,
+    PUBLISHED,
+    PORTS,
+    SOURCES,
+    IDENTITIES,
+    COUNTERS,
+    PREFILTER,
+    FLOWS,
+    TRUSTED,
     CONFIG,
+    DROPS,
+    EVENTS,
+    EVENT_LIMIT,
+    EVENT_STATS,
 ];
 
 const _: () = {
@@ -65,6 +82,8 @@ pub const IDENTITIES_CAPACITY: u32 = 65_536;
 pub const FLOWS_CAPACITY: u32 = 65_536;
 /// Trusted source prefixes from the policy file.
 pub const TRUSTED_CAPACITY: u32 = 4_096;
+/// Container ports with drop counters (the agent removes those of containers that are gone).
+pub const DROPS_CAPACITY: u32 = 65_536;
 
 /// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
 /// pass and are counted as such.

@@ -18,9 +18,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
+use aya_ebpf::{
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::{PerCpuHashMap, RingBuf},
+};
 use guard_common::{
     addr::Addr,
-    decision::{L4Kind, Tables, decide},
+    decision::{L4Kind, Tables},
     maps::{
         ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, Config, ContainerId,
         FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
@@ -29,6 +33,14 @@ use guard_common::{
     },
     prefilter::{self, Bitmap},
     reason::{COUNTER_SLOTS, Decision, Verdict},
+};
+use guard_common::{
+    decision::{Packet, Resolved, decide_resolved},
+    events::{
+        DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
+        EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
+    },
+    maps::DROPS_CAPACITY,
 };
 use parse::Frame;
 
@@ -58,6 +70,14 @@ static GUARD_FLOWS: LruHashMap<FlowKey, FlowSeen> = LruHashMap::pinned(FLOWS_CAP
 static GUARD_TRUSTED: LpmTrie<Addr, u32> = LpmTrie::pinned(TRUSTED_CAPACITY, 0);
 #[map]
 static GUARD_CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static GUARD_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(DROPS_CAPACITY, 0);
+#[map]
+static GUARD_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+#[map]
+static GUARD_EVLIMIT: PerCpuArray<Limiter> = PerCpuArray::pinned(1, 0);
+#[map]
+static GUARD_EVSTATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS, 0);
 
 #[inline(always)]
 fn config_flag(flag: u32) -> bool {
@@ -140,13 +160,84 @@ impl Tables for Maps {
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
     let decision = match parse::parse(frame) {
-        Ok(packet) => decide(&Maps, &packet),
+        Ok(packet) => {
+            let (decision, resolved) = decide_resolved(&Maps, &packet);
+            if decision.reason.verdict() == Verdict::Drop {
+                record_drop(&packet, decision, resolved, ctx.ingress_ifindex() as u32);
+            }
+            decision
+        }
         Err(reason) => Decision::enforced(reason),
     };
     count(decision);
     match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// A drop (or an audited would-drop): the container port's counter, and an event if this CPU
+/// has not used up its share for this second.
+#[inline(always)]
+fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex: u32) {
+    let mut flags = 0;
+    if resolved.published != 0 {
+        flags |= DROP_PUBLISHED;
+    }
+    if decision.audited {
+        flags |= DROP_AUDITED;
+    }
+    if resolved.target != 0 {
+        let key =
+            DropKey { target: resolved.target, port: resolved.port, proto: resolved.proto, flags };
+        match GUARD_DROPS.get_ptr_mut(&key) {
+            // SAFETY: this CPU's slot.
+            Some(count) => unsafe { *count += 1 },
+            None => {
+                let _ = GUARD_DROPS.insert(&key, &1, 0);
+            }
+        }
+    }
+
+    let Some(limiter) = GUARD_EVLIMIT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot; the coarse clock is enough for a per-second budget.
+    let limiter = unsafe { &mut *limiter };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(limiter.window_start_ns) > 1_000_000_000 {
+        limiter.window_start_ns = now;
+        limiter.emitted = 0;
+    }
+    if limiter.emitted >= EVENTS_PER_SECOND_PER_CPU {
+        bump_event_stat(EVENTS_SUPPRESSED);
+        return;
+    }
+    limiter.emitted += 1;
+    let l4 = packet.l4;
+    let event = DropEvent {
+        src: packet.src,
+        dst: packet.dst,
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        target: resolved.target,
+        ifindex,
+        sport: l4.sport,
+        dport: l4.dport,
+        container_port: resolved.port,
+        proto: if resolved.proto != 0 { resolved.proto } else { l4.proto },
+        reason: decision.reason as u8,
+        flags,
+        _pad: [0; 7],
+    };
+    match GUARD_EVENTS.output::<DropEvent>(&event, 0) {
+        Ok(()) => bump_event_stat(EVENTS_EMITTED),
+        Err(_) => bump_event_stat(EVENTS_LOST),
+    }
+}
+
+#[inline(always)]
+fn bump_event_stat(slot: u32) {
+    if let Some(counter) = GUARD_EVSTATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe { *counter += 1 };
     }
 }
 

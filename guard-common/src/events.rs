@@ -1,0 +1,81 @@
+//! Drops as the operator sees them: per-container counters and sampled events.
+//!
+//! Exact totals per reason live in the counters map. On top, every drop bound for a container
+//! bumps a per-CPU counter keyed by the container port ([`DropKey`]), and drops are reported as
+//! [`DropEvent`]s through a ring buffer — at most [`EVENTS_PER_SECOND_PER_CPU`] per CPU and
+//! second, so a flood cannot flood user space; the rest are counted as suppressed.
+
+use crate::addr::Addr;
+
+/// Key of [`crate::maps::DROPS`]: a container port that packets were dropped at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub target: u32,
+    /// Container port, host byte order; 0 for port-less packets.
+    pub port: u16,
+    pub proto: u8,
+    /// `DROP_*` flags.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
+
+/// The packet came through a port Docker publishes (not routed to the container directly).
+pub const DROP_PUBLISHED: u8 = 1;
+/// Audit mode waived the drop: the packet passed.
+pub const DROP_AUDITED: u8 = 2;
+
+/// One reported drop (or audit-mode would-drop).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    pub src: Addr,
+    pub dst: Addr,
+    /// CLOCK_MONOTONIC.
+    pub time_ns: u64,
+    /// The container's target id; 0 when not bound for a known container.
+    pub target: u32,
+    pub ifindex: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// The container port it was bound for (0 if none or port-less).
+    pub container_port: u16,
+    pub proto: u8,
+    /// A [`crate::reason::Reason`].
+    pub reason: u8,
+    /// `DROP_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 64);
+
+/// Events a CPU may report per second; the rest are counted in [`EVENT_STATS`] slots.
+pub const EVENTS_PER_SECOND_PER_CPU: u32 = 50;
+/// Size of the ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Per-CPU rate limiter state (one entry of [`crate::maps::EVENT_LIMIT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limiter {
+    pub window_start_ns: u64,
+    pub emitted: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Limiter>() == 16);
+
+/// Slots of [`crate::maps::EVENT_STATS`] (per-CPU counters).
+pub const EVENT_STATS: u32 = 3;
+pub const EVENTS_EMITTED: u32 = 0;
+/// Over the rate limit.
+pub const EVENTS_SUPPRESSED: u32 = 1;
+/// The ring buffer was full (user space not keeping up).
+pub const EVENTS_LOST: u32 = 2;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: #[repr(C)], explicit padding, no pointers.
+    unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::Limiter {}
+}
