@@ -4,7 +4,22 @@
 //! applies the difference, and a periodic pass repairs whatever an event stream missed. When
 //! Docker is away the maps stay exactly as they are (never opened, never emptied).
 
-use std::{collections::BTreeSet, fs, path::PathBuf, sync::Arc, time::Duration};
+use aya::maps::{MapData, RingBuf};
+use guard_common::events::DropEvent;
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    drops::{Clock, DropRecord, RecentDrops},
+    http::{self, Shared},
+    metrics::AgentState,
+};
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use aya::Ebpf;
@@ -38,14 +53,20 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Overrides the file's mode.
     pub mode: Option<Mode>,
+    /// Where `/metrics`, `/healthz` and `/drops` are served.
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let listener = http::bind(opts.metrics_addr).await?;
     let mut ebpf = loader::load(&opts.pins)?;
     pin_programs(&mut ebpf, &opts.pins)?;
     let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
+    let events =
+        ebpf.take_map(guard_common::maps::EVENTS).context("the object has no event ring")?;
+    let events = RingBuf::try_from(events)?;
     let ids = Identities::adopt(maps.read()?.identities);
     if !opts.ifaces.is_empty() {
         let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
@@ -58,6 +79,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let text = read_policy_text(&opts.config)?;
     let policy = parse_policy(&opts, text.as_deref())?;
     info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
+    let shared = Arc::new(Shared {
+        state: Mutex::new(AgentState { mode: policy.mode.to_string(), ..Default::default() }),
+        drops: RecentDrops::new(),
+        pins: opts.pins.clone(),
+        heartbeat: Mutex::new(Instant::now()),
+        stale_after: opts.resync * 3 + MAX_BACKOFF,
+    });
+    tokio::spawn(http::serve(listener, shared.clone()));
+    tokio::spawn(consume_drop_events(events, shared.clone()));
+    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz and /drops");
     let mut agent = Agent {
         ebpf,
         maps,
@@ -67,6 +98,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         warnings: Warnings::default(),
         policy,
         policy_text: text,
+        shared: shared.clone(),
     };
 
     let wake = Arc::new(Notify::new());
@@ -85,9 +117,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 Err(e) => warn!("{e}; retrying in {backoff:?}, protection unchanged"),
             }
         }
+        *shared.heartbeat.lock().expect("not poisoned") = Instant::now();
         let mut wait = agent.opts.resync;
         if let Some(client) = &docker {
-            match agent.reconcile(client).await {
+            let started = Instant::now();
+            let result = agent.reconcile(client).await;
+            let mut state = shared.state.lock().expect("not poisoned");
+            state.docker_connected = result
+                .as_ref()
+                .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |_| true);
+            if result.is_ok() {
+                state.synced = true;
+                state.sync_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            drop(state);
+            match result {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
                     if !synced {
@@ -129,6 +173,8 @@ struct Agent {
     policy: PolicyFile,
     /// The file's text when `policy` was parsed from it (None: absent).
     policy_text: Option<String>,
+    /// What `/metrics` and the drop log read.
+    shared: Arc<Shared>,
 }
 
 impl Agent {
@@ -145,11 +191,13 @@ impl Agent {
         match parse_policy(&self.opts, text.as_deref()) {
             Ok(policy) => {
                 info!(mode = %policy.mode, rules = policy.rules.len(), "policy file changed: reloaded");
+                self.shared.state.lock().expect("not poisoned").reloads_ok += 1;
                 self.policy = policy;
                 self.policy_text = text;
             }
             Err(e) => {
                 warn!("{e:#}; keeping the policy in force");
+                self.shared.state.lock().expect("not poisoned").reloads_failed += 1;
                 // Report a broken file once, not on every pass.
                 self.policy_text = text;
             }
@@ -176,11 +224,13 @@ impl Agent {
 
         // Maps before links: a new link must never run against maps that are still empty.
         let plan = diff(&self.maps.read()?, &desired.tables);
+        let mut failures = Vec::new();
         if !plan.is_empty() {
-            let failures = self.maps.apply(&plan);
+            failures = self.maps.apply(&plan);
             info!(changes = plan.change_count(), failed = failures.len(), "maps updated");
             warnings.extend(failures.iter().map(ToString::to_string));
         }
+        self.maps.forget_drops(&targets.values().copied().collect());
 
         let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
         let pins = &self.opts.pins;
@@ -190,6 +240,30 @@ impl Agent {
         errors.extend(self.attachments.sync(tc, pins, &uplinks));
         warnings.extend(errors.iter().map(ToString::to_string));
         self.warnings.report(warnings);
+
+        let mut state = self.shared.state.lock().expect("not poisoned");
+        state.mode = self.policy.mode.to_string();
+        state.names =
+            desired.containers.iter().map(|c| (c.target, c.container.name.clone())).collect();
+        state.ifaces = links.iter().map(|l| (l.ifindex, l.name.clone())).collect();
+        state.label_errors = desired
+            .containers
+            .iter()
+            .flat_map(|c| {
+                c.label_errors.iter().map(|e| (c.container.name.clone(), e.label.clone()))
+            })
+            .collect();
+        state.attachments = self
+            .attachments
+            .modes()
+            .map(|(hook, iface, mode)| {
+                (hook.name().to_string(), iface.to_string(), mode.name().to_string())
+            })
+            .collect();
+        state.map_entries = desired.tables.sizes();
+        for failure in &failures {
+            *state.update_errors.entry(failure.map).or_default() += 1;
+        }
         Ok(())
     }
 
@@ -281,6 +355,39 @@ async fn follow_docker_events(wake: Arc<Notify>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Reads drop events off the kernel's ring buffer: each becomes a log line naming the container
+/// and port, and a record for `/drops`.
+async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
+    let clock = Clock::new();
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
+    // always reports that same fd.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!("cannot watch the drop event ring: {e}; drops are still counted"),
+    };
+    loop {
+        let mut ready = match fd.readable_mut().await {
+            Ok(ready) => ready,
+            Err(e) => return warn!("drop event ring: {e}; drops are still counted"),
+        };
+        let ring = ready.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<DropEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole DropEvent; read_unaligned needs no alignment.
+            let event: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let record = {
+                let state = shared.state.lock().expect("not poisoned");
+                DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)
+            };
+            info!(target: "guard::drops", "{}", record.line());
+            shared.drops.push(record);
+        }
+        ready.clear_ready();
     }
 }
 

@@ -30,7 +30,17 @@ pub enum LoadError {
 /// Loads the object, reusing (or creating and pinning) the maps under `pins`, and loads both
 /// programs into the kernel. Nothing is attached yet.
 pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
+    let fresh = !pins.exists();
     pins.create()?;
+    let loaded = load_into(pins);
+    if loaded.is_err() && fresh {
+        // Leave nothing behind from a load that failed (the maps it pinned, the directories).
+        let _ = crate::unload::unload(pins);
+    }
+    loaded
+}
+
+fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
     xdp_program(&mut ebpf)?.load()?;
     tc_egress_program(&mut ebpf)?.load()?;

@@ -1,11 +1,17 @@
 //! `guard`: the container-guard agent and its CLI.
 
-use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
-    explain,
+    drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
     status,
@@ -18,8 +24,17 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "guard", version, about)]
 struct Cli {
+    /// Log lines for people (`text`, coloured on a terminal) or for collectors (`json`).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +59,21 @@ enum Command {
         /// Override the policy file's mode: `audit` drops nothing and counts would-drops.
         #[arg(long, value_enum)]
         mode: Option<Mode>,
+        /// Where to serve /metrics, /healthz and /drops (keep it on loopback unless a
+        /// firewall guards it).
+        #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
+        metrics_addr: SocketAddr,
+    },
+    /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
+    Drops {
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's --metrics-addr.
+        #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
+        metrics_addr: String,
     },
     /// Show every container port, how it is published and who outside may reach it.
     Status {
@@ -87,13 +117,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,15 +135,20 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run { ifaces, trusted, pin_dir, resync_interval, config, mode } => runtime
-            .block_on(agent::run(RunOptions {
+        Command::Run { ifaces, trusted, pin_dir, resync_interval, config, mode, metrics_addr } => {
+            runtime.block_on(agent::run(RunOptions {
                 ifaces,
                 trusted,
                 pins: Pins::new(pin_dir),
                 resync: Duration::from_secs(resync_interval.max(1)),
                 config,
                 mode,
-            })),
+                metrics_addr,
+            }))
+        }
+        Command::Drops { follow, json, metrics_addr } => {
+            runtime.block_on(drops::show(&metrics_addr, follow, json))
+        }
         Command::Status { pin_dir, config } => {
             print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir), &config))?);
             Ok(())
@@ -151,7 +185,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     println!("nothing to unload: no pins at {}", pin_dir.display())
                 }
                 Unloaded::Removed { links, maps } => println!(
-                    "unloaded: {links} XDP links detached, {maps} maps and the program removed from {}",
+                    "unloaded: {links} links detached (XDP and TC), {maps} maps and the programs removed from {}",
                     pin_dir.display()
                 ),
             }

@@ -1,5 +1,7 @@
 //! The pinned policy maps: read them into a [`TableSet`], apply a [`Plan`] to them.
 
+use aya::maps::PerCpuHashMap;
+use guard_common::events::DropKey;
 use std::collections::BTreeMap;
 
 use aya::{
@@ -57,6 +59,8 @@ pub struct PolicyMaps {
     flows: HashMap<MapData, FlowKey, FlowSeen>,
     trusted: Table<LpmTrie<MapData, Addr, u32>>,
     config: Array<MapData, Config>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    event_stats: PerCpuArray<MapData, u64>,
 }
 
 /// Where the maps come from: the object just loaded, or the pins an agent left.
@@ -113,6 +117,8 @@ impl PolicyMaps {
             flows: typed(s, names::FLOWS)?,
             trusted: table(s, names::TRUSTED, names::TRUSTED_CAPACITY)?,
             config: typed(s, names::CONFIG)?,
+            drops: typed(s, names::DROPS)?,
+            event_stats: typed(s, names::EVENT_STATS)?,
         })
     }
 
@@ -210,6 +216,42 @@ impl PolicyMaps {
     /// Records an outbound flow as the TC egress program would (for tests and benchmarks).
     pub fn remember_flow(&mut self, key: &FlowKey, seen_ns: FlowSeen) -> Result<(), MapError> {
         self.flows.insert(key, seen_ns, 0)
+    }
+
+    /// Packets dropped (or waived by audit) per container port, summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropKey, u64)>, MapsError> {
+        let read_err = |source| MapsError::Read { name: names::DROPS, source };
+        self.drops
+            .iter()
+            .map(|r| r.map(|(k, per_cpu)| (k, per_cpu.iter().sum())).map_err(read_err))
+            .collect()
+    }
+
+    /// Forgets the drop counters of containers that are gone (their target ids never return).
+    pub fn forget_drops(&mut self, live_targets: &std::collections::BTreeSet<u32>) {
+        let gone: Vec<DropKey> = self
+            .drops
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live_targets.contains(&k.target))
+            .collect();
+        for key in gone {
+            let _ = self.drops.remove(&key);
+        }
+    }
+
+    /// Drop events emitted, suppressed by the rate limit and lost to a full ring, summed over
+    /// CPUs.
+    pub fn event_stats(&self) -> Result<[u64; 3], MapsError> {
+        let mut out = [0; 3];
+        for (slot, total) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .event_stats
+                .get(&(slot as u32), 0)
+                .map_err(|source| MapsError::Read { name: names::EVENT_STATS, source })?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(out)
     }
 
     /// Every flow in flow memory, with when it last left the host (CLOCK_MONOTONIC ns).

@@ -113,6 +113,22 @@ impl Prefilter {
     }
 }
 
+impl TableSet {
+    /// (map, entries, capacity) of every keyed policy map, for fill-level metrics.
+    pub fn sizes(&self) -> Vec<(&'static str, usize, u32)> {
+        use guard_common::maps as m;
+        vec![
+            (m::ADDRS, self.addrs.len(), m::ADDRS_CAPACITY),
+            (m::NETWORKS, self.networks.len(), m::NETWORKS_CAPACITY),
+            (m::PUBLISHED, self.published.len(), m::PUBLISHED_CAPACITY),
+            (m::PORTS, self.ports.len(), m::PORTS_CAPACITY),
+            (m::SOURCES, self.sources.len(), m::SOURCES_CAPACITY),
+            (m::IDENTITIES, self.identities.len(), m::IDENTITIES_CAPACITY),
+            (m::TRUSTED, self.trusted.len(), m::TRUSTED_CAPACITY),
+        ]
+    }
+}
+
 impl Tables for TableSet {
     fn may_hold_container(&self, _: &Addr) -> bool {
         true

@@ -1,0 +1,269 @@
+//! Drop events, from the kernel's ring buffer to the operator: enriched with the container's
+//! name, logged, kept (the most recent ones) for `/drops`, and shown by `guard drops`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    sync::Mutex,
+    time::SystemTime,
+};
+
+use anyhow::Context as _;
+use guard_common::{
+    events::{DROP_AUDITED, DROP_PUBLISHED, DropEvent},
+    reason::Reason,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    sync::broadcast,
+};
+
+use crate::policy::Proto;
+
+/// How many recent drops `/drops` returns.
+const RECENT: usize = 1000;
+
+/// A drop as the operator reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DropRecord {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: String,
+    pub container: Option<String>,
+    pub container_port: Option<u16>,
+    /// "published" or "direct" for container-bound packets.
+    pub path: Option<String>,
+    pub reason: String,
+    /// Audit mode waived the drop: the packet passed.
+    pub audited: bool,
+    pub iface: Option<String>,
+}
+
+impl DropRecord {
+    pub fn from_event(
+        e: &DropEvent,
+        names: &BTreeMap<u32, String>,
+        ifaces: &BTreeMap<u32, String>,
+        clock: &Clock,
+    ) -> Self {
+        let proto = match Proto::from_number(e.proto) {
+            Some(p) => p.name().to_string(),
+            None => match e.proto {
+                1 => "icmp".into(),
+                58 => "icmpv6".into(),
+                n => format!("proto-{n}"),
+            },
+        };
+        let bound = e.target != 0;
+        DropRecord {
+            time: clock.wall_seconds(e.time_ns),
+            src: e.src.into(),
+            sport: e.sport,
+            dst: e.dst.into(),
+            dport: e.dport,
+            proto,
+            container: bound
+                .then(|| names.get(&e.target).cloned().unwrap_or(format!("target {}", e.target))),
+            container_port: (bound && e.container_port != 0).then_some(e.container_port),
+            path: bound
+                .then(|| if e.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" }.into()),
+            reason: Reason::from_u32(u32::from(e.reason)).map_or("unknown", Reason::name).into(),
+            audited: e.flags & DROP_AUDITED != 0,
+            iface: ifaces.get(&e.ifindex).cloned(),
+        }
+    }
+
+    /// One line for people: what was dropped, bound for what, and why.
+    pub fn line(&self) -> String {
+        let verb = if self.audited { "would drop (audit)" } else { "dropped" };
+        let to = match (&self.container, self.container_port) {
+            (Some(c), Some(p)) => format!(
+                " (container {c} port {p}/{}, {})",
+                self.proto,
+                self.path.as_deref().unwrap_or("?")
+            ),
+            (Some(c), None) => format!(" (container {c})"),
+            _ => String::new(),
+        };
+        let via = self.iface.as_deref().map(|i| format!(" on {i}")).unwrap_or_default();
+        format!(
+            "{verb} {} {}:{} -> {}:{}{to}{via}: {}",
+            self.proto, self.src, self.sport, self.dst, self.dport, self.reason
+        )
+    }
+}
+
+/// Turns CLOCK_MONOTONIC stamps into wall-clock time.
+pub struct Clock {
+    wall_at_start: SystemTime,
+    mono_at_start_ns: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock { wall_at_start: SystemTime::now(), mono_at_start_ns: monotonic_ns() }
+    }
+
+    fn wall_seconds(&self, mono_ns: u64) -> f64 {
+        let offset = mono_ns as i128 - self.mono_at_start_ns as i128;
+        let start = self.wall_at_start.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        start.as_secs_f64() + offset as f64 / 1e9
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The most recent drops, and a channel to follow new ones.
+pub struct RecentDrops {
+    recent: Mutex<VecDeque<DropRecord>>,
+    new: broadcast::Sender<DropRecord>,
+}
+
+impl RecentDrops {
+    pub fn new() -> Self {
+        RecentDrops {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            new: broadcast::channel(RECENT).0,
+        }
+    }
+
+    pub fn push(&self, record: DropRecord) {
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(record.clone());
+        let _ = self.new.send(record);
+    }
+
+    pub fn snapshot(&self) -> Vec<DropRecord> {
+        self.recent.lock().expect("not poisoned").iter().cloned().collect()
+    }
+
+    pub fn follow(&self) -> broadcast::Receiver<DropRecord> {
+        self.new.subscribe()
+    }
+}
+
+impl Default for RecentDrops {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `guard drops`: prints the agent's recent drops (and, with `follow`, new ones as they come).
+pub async fn show(metrics_addr: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(metrics_addr).await.with_context(|| {
+        format!(
+            "cannot reach the agent at {metrics_addr}: is `guard run` running (see --metrics-addr)?"
+        )
+    })?;
+    let path = if follow { "/drops?follow=1" } else { "/drops" };
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+    let mut lines = BufReader::new(stream).lines();
+    // Skip the status line and headers.
+    while let Some(line) = lines.next_line().await? {
+        if line.is_empty() {
+            break;
+        }
+    }
+    while let Some(line) = lines.next_line().await? {
+        if json {
+            println!("{line}");
+        } else {
+            let record: DropRecord =
+                serde_json::from_str(&line).context("a drop record from the agent")?;
+            println!("{}", record.line());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_common::addr::Addr;
+
+    use super::*;
+
+    #[test]
+    fn records_name_the_container_and_port() {
+        let ip = |s: &str| Addr::from(s.parse::<IpAddr>().unwrap());
+        let event = DropEvent {
+            src: ip("10.251.1.2"),
+            dst: ip("10.251.1.1"),
+            time_ns: monotonic_ns(),
+            target: 7,
+            ifindex: 5,
+            sport: 40000,
+            dport: 15432,
+            container_port: 5432,
+            proto: 6,
+            reason: Reason::Closed as u8,
+            flags: DROP_PUBLISHED,
+            _pad: [0; 7],
+        };
+        let names = BTreeMap::from([(7, "db".to_string())]);
+        let ifaces = BTreeMap::from([(5, "eth0".to_string())]);
+        let record = DropRecord::from_event(&event, &names, &ifaces, &Clock::new());
+        assert_eq!(
+            record.line(),
+            "dropped tcp 10.251.1.2:40000 -> 10.251.1.1:15432 (container db port 5432/tcp, published) on eth0: closed"
+        );
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<DropRecord>(&json).unwrap(), record);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((record.time - now).abs() < 5.0, "wall clock conversion");
+        let audited = DropEvent { flags: DROP_AUDITED, target: 0, ..event };
+        let line = DropRecord::from_event(&audited, &names, &ifaces, &Clock::new()).line();
+        assert!(line.starts_with("would drop (audit) tcp"), "{line}");
+    }
+
+    #[test]
+    fn recent_drops_are_bounded_and_followable() {
+        let recent = RecentDrops::new();
+        let mut follower = recent.follow();
+        let record = |i: u16| DropRecord {
+            time: 0.0,
+            src: "10.0.0.1".parse().unwrap(),
+            sport: i,
+            dst: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+            proto: "tcp".into(),
+            container: None,
+            container_port: None,
+            path: None,
+            reason: "closed".into(),
+            audited: false,
+            iface: None,
+        };
+        for i in 0..(RECENT as u16 + 10) {
+            recent.push(record(i));
+        }
+        let kept = recent.snapshot();
+        assert_eq!(kept.len(), RECENT);
+        assert_eq!(kept[0].sport, 10, "the oldest are forgotten first");
+        let mut late = recent.follow();
+        recent.push(record(7));
+        recent.push(record(8));
+        assert_eq!((late.try_recv().unwrap().sport, late.try_recv().unwrap().sport), (7, 8));
+        assert!(follower.try_recv().is_ok(), "an early follower sees records too");
+    }
+}

@@ -1,0 +1,154 @@
+//! The agent's HTTP endpoint (loopback by default): `/metrics` (Prometheus), `/healthz`
+//! (liveness), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones).
+//!
+//! A deliberately small HTTP/1.0 server on tokio: three read-only routes do not need a web
+//! framework, and every extra dependency is code running as root.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    drops::RecentDrops,
+    maps::PolicyMaps,
+    metrics::{self, AgentState, KernelCounters},
+    pins::Pins,
+};
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9184";
+
+/// What the endpoint serves, shared with the reconcile loop.
+pub struct Shared {
+    pub state: Mutex<AgentState>,
+    pub drops: RecentDrops,
+    pub pins: Pins,
+    /// When the reconcile loop last went round (liveness).
+    pub heartbeat: Mutex<Instant>,
+    /// How long without a heartbeat before /healthz fails.
+    pub stale_after: Duration,
+}
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &shared).await {
+                        debug!(%peer, "http: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("http: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} for metrics: {e} (choose another --metrics-addr)")
+    })
+}
+
+async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let request = lines.next_line().await?.unwrap_or_default();
+    // Headers are not needed: read them off so the client sees a clean close.
+    while let Some(line) = lines.next_line().await? {
+        if line.is_empty() {
+            break;
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if method != "GET" {
+        return respond(&mut write, "405 Method Not Allowed", "text/plain", "GET only\n").await;
+    }
+    match path {
+        "/metrics" => {
+            let body = metrics_text(shared);
+            respond(&mut write, "200 OK", "text/plain; version=0.0.4", &body).await
+        }
+        "/healthz" => {
+            let age = shared.heartbeat.lock().expect("not poisoned").elapsed();
+            if age <= shared.stale_after {
+                respond(&mut write, "200 OK", "text/plain", "ok\n").await
+            } else {
+                let body = format!("reconcile loop silent for {age:?}\n");
+                respond(&mut write, "503 Service Unavailable", "text/plain", &body).await
+            }
+        }
+        "/drops" => {
+            let mut follow =
+                query.split('&').any(|kv| kv == "follow=1").then(|| shared.drops.follow());
+            let mut body = String::new();
+            for record in shared.drops.snapshot() {
+                body += &serde_json::to_string(&record).unwrap_or_default();
+                body.push('\n');
+            }
+            let head = "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n";
+            write.write_all(head.as_bytes()).await?;
+            write.write_all(body.as_bytes()).await?;
+            if let Some(follow) = follow.as_mut() {
+                loop {
+                    match follow.recv().await {
+                        Ok(record) => {
+                            let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
+                            write.write_all(line.as_bytes()).await?;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!("a /drops follower fell {n} records behind; they are skipped");
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            write.shutdown().await
+        }
+        _ => {
+            respond(&mut write, "404 Not Found", "text/plain", "try /metrics, /healthz or /drops\n")
+                .await
+        }
+    }
+}
+
+fn metrics_text(shared: &Shared) -> String {
+    let state = shared.state.lock().expect("not poisoned").clone();
+    // Read the kernel's counters from the pins, so a scrape never waits for the reconcile loop.
+    let kernel = PolicyMaps::from_pins(&shared.pins).ok().and_then(|maps| {
+        Some(KernelCounters {
+            packets: maps.counters().ok()?,
+            drops: maps.drops().ok()?,
+            events: maps.event_stats().ok()?,
+        })
+    });
+    metrics::render(&state, kernel.as_ref())
+}
+
+async fn respond(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await?;
+    write.shutdown().await
+}

@@ -1,0 +1,254 @@
+//! What the agent exports for monitoring, in Prometheus' text format: packets by reason, drops
+//! per container port, drop-event health, sync latency, map fill levels, XDP modes, Docker
+//! connection state, policy reloads and rejected labels.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use guard_common::{
+    events::{DROP_AUDITED, DROP_PUBLISHED, DropKey},
+    reason::{Decision, Verdict},
+};
+
+use crate::policy::Proto;
+
+/// Upper bounds (seconds) of the sync-latency histogram buckets.
+const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    counts: [u64; SYNC_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (bound, count) in SYNC_BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// The agent's own state, updated by the reconcile loop.
+#[derive(Clone, Debug, Default)]
+pub struct AgentState {
+    pub docker_connected: bool,
+    pub synced: bool,
+    pub mode: String,
+    pub sync_seconds: Histogram,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// (container, label) of every label that was rejected.
+    pub label_errors: Vec<(String, String)>,
+    /// (hook, interface, mode) of every attachment.
+    pub attachments: Vec<(String, String, String)>,
+    /// Container names by target id.
+    pub names: BTreeMap<u32, String>,
+    /// Interface names by index.
+    pub ifaces: BTreeMap<u32, String>,
+    /// (map, entries, capacity) after the last sync.
+    pub map_entries: Vec<(&'static str, usize, u32)>,
+    pub update_errors: BTreeMap<&'static str, u64>,
+}
+
+/// What the kernel's maps said at scrape time.
+pub struct KernelCounters {
+    pub packets: Vec<(Decision, u64)>,
+    pub drops: Vec<(DropKey, u64)>,
+    /// Emitted, suppressed, lost.
+    pub events: [u64; 3],
+}
+
+pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family("guard_packets_total", "counter", "Packets seen on uplinks, by reason and verdict.");
+    let mut body = String::new();
+    if let Some(k) = kernel {
+        for (d, n) in &k.packets {
+            let verdict = if d.verdict() == Verdict::Pass { "pass" } else { "drop" };
+            let _ = writeln!(
+                body,
+                "guard_packets_total{{reason=\"{}\",verdict=\"{verdict}\",audited=\"{}\"}} {n}",
+                d.reason.name(),
+                d.audited
+            );
+        }
+    }
+    out.push_str(&body);
+    body.clear();
+
+    let _ = writeln!(
+        out,
+        "# HELP guard_container_drops_total Packets dropped (or, audited, that would have been) per container port.\n# TYPE guard_container_drops_total counter"
+    );
+    if let Some(k) = kernel {
+        for (key, n) in &k.drops {
+            let container =
+                state.names.get(&key.target).cloned().unwrap_or(format!("target-{}", key.target));
+            let proto =
+                Proto::from_number(key.proto).map_or("any".to_string(), |p| p.name().into());
+            let path = if key.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" };
+            let _ = writeln!(
+                out,
+                "guard_container_drops_total{{container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",audited=\"{}\"}} {n}",
+                escape(&container),
+                key.port,
+                key.flags & DROP_AUDITED != 0
+            );
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP guard_drop_events_total Drop events: reported, suppressed by the kernel's rate limit, lost to a full ring.\n# TYPE guard_drop_events_total counter"
+    );
+    if let Some(k) = kernel {
+        for (outcome, n) in ["reported", "suppressed", "lost"].iter().zip(k.events) {
+            let _ = writeln!(out, "guard_drop_events_total{{outcome=\"{outcome}\"}} {n}");
+        }
+    }
+
+    let h = &state.sync_seconds;
+    let _ = writeln!(
+        out,
+        "# HELP guard_sync_duration_seconds Time to compute and apply the desired state.\n# TYPE guard_sync_duration_seconds histogram"
+    );
+    for (bound, count) in SYNC_BUCKETS.iter().zip(h.counts) {
+        let _ = writeln!(out, "guard_sync_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "guard_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(
+        out,
+        "guard_sync_duration_seconds_sum {}\nguard_sync_duration_seconds_count {}",
+        h.sum, h.count
+    );
+
+    let _ = writeln!(
+        out,
+        "# HELP guard_map_entries Entries in each policy map after the last sync.\n# TYPE guard_map_entries gauge"
+    );
+    for (map, n, _) in &state.map_entries {
+        let _ = writeln!(out, "guard_map_entries{{map=\"{map}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_map_capacity Capacity of each policy map.\n# TYPE guard_map_capacity gauge"
+    );
+    for (map, _, capacity) in &state.map_entries {
+        let _ = writeln!(out, "guard_map_capacity{{map=\"{map}\"}} {capacity}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_map_update_errors_total Map updates that failed (a full map).\n# TYPE guard_map_update_errors_total counter"
+    );
+    for (map, n) in &state.update_errors {
+        let _ = writeln!(out, "guard_map_update_errors_total{{map=\"{map}\"}} {n}");
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP guard_attached Programs attached, by hook, interface and mode (XDP native or generic).\n# TYPE guard_attached gauge"
+    );
+    for (hook, iface, mode) in &state.attachments {
+        let _ = writeln!(
+            out,
+            "guard_attached{{hook=\"{hook}\",iface=\"{}\",mode=\"{mode}\"}} 1",
+            escape(iface)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_docker_connected Whether the Docker API answered the last sync.\n# TYPE guard_docker_connected gauge\nguard_docker_connected {}",
+        u8::from(state.docker_connected)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_synced Whether the maps have held Docker's state at least once since start.\n# TYPE guard_synced gauge\nguard_synced {}",
+        u8::from(state.synced)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_config_reloads_total Policy file reloads, by result.\n# TYPE guard_config_reloads_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "guard_config_reloads_total{{result=\"ok\"}} {}\nguard_config_reloads_total{{result=\"error\"}} {}",
+        state.reloads_ok, state.reloads_failed
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_audit_mode Whether the whole host is in audit mode.\n# TYPE guard_audit_mode gauge\nguard_audit_mode {}",
+        u8::from(state.mode == "audit")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_label_errors Labels rejected (the container stays closed), by container and label.\n# TYPE guard_label_errors gauge"
+    );
+    for (container, label) in &state.label_errors {
+        let _ = writeln!(
+            out,
+            "guard_label_errors{{container=\"{}\",label=\"{}\"}} 1",
+            escape(container),
+            escape(label)
+        );
+    }
+    out
+}
+
+/// Escapes a Prometheus label value.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_common::reason::Reason;
+
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_labels() {
+        let mut state = AgentState {
+            docker_connected: true,
+            synced: true,
+            mode: "enforce".into(),
+            ..Default::default()
+        };
+        state.sync_seconds.observe(0.003);
+        state.names.insert(7, "db".into());
+        state.label_errors.push(("web".into(), "guard.expose".into()));
+        state.attachments.push(("xdp".into(), "eth0".into(), "native".into()));
+        state.map_entries.push(("GUARD_ADDRS", 12, 65536));
+        let kernel = KernelCounters {
+            packets: vec![
+                (Decision::enforced(Reason::Closed), 5),
+                (Decision { reason: Reason::Closed, audited: true }, 2),
+            ],
+            drops: vec![(DropKey { target: 7, port: 5432, proto: 6, flags: DROP_PUBLISHED }, 5)],
+            events: [3, 1, 0],
+        };
+        let text = render(&state, Some(&kernel));
+        for needle in [
+            "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"} 5",
+            "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"} 2",
+            "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"} 5",
+            "guard_drop_events_total{outcome=\"suppressed\"} 1",
+            "guard_sync_duration_seconds_bucket{le=\"0.005\"} 1",
+            "guard_sync_duration_seconds_bucket{le=\"0.001\"} 0",
+            "guard_map_entries{map=\"GUARD_ADDRS\"} 12",
+            "guard_attached{hook=\"xdp\",iface=\"eth0\",mode=\"native\"} 1",
+            "guard_docker_connected 1",
+            "guard_label_errors{container=\"web\",label=\"guard.expose\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("guard_")), "{text}");
+    }
+}
