@@ -77,6 +77,9 @@ enum Command {
     },
     /// Show every container port, how it is published and who outside may reach it.
     Status {
+        /// The same report as JSON.
+        #[arg(long)]
+        json: bool,
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
@@ -149,8 +152,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Drops { follow, json, metrics_addr } => {
             runtime.block_on(drops::show(&metrics_addr, follow, json))
         }
-        Command::Status { pin_dir, config } => {
-            print!("{}", runtime.block_on(status::status(&Pins::new(pin_dir), &config))?);
+        Command::Status { json, pin_dir, config } => {
+            let report = runtime.block_on(status::report(&Pins::new(pin_dir), &config))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
             Ok(())
         }
         Command::Explain { src, dst, iface, json, pin_dir, config } => {

@@ -1,11 +1,13 @@
 //! `guard status`: every container, its ports, how they are published, and who outside may
 //! reach each; plus whether the kernel's maps match that (they do while an agent runs).
 //!
-//! It works with or without a running agent: it reads Docker and, if present, the pins.
+//! It works with or without a running agent: it reads Docker, the policy file and, if present,
+//! the pins. One [`Report`] is built; the table and `--json` are two renderings of it.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
+use serde::Serialize;
 
 use crate::{
     desired::{ContainerPolicy, desired_state},
@@ -19,7 +21,54 @@ use crate::{
     tables::diff,
 };
 
-pub async fn status(pins: &Pins, config: &std::path::Path) -> anyhow::Result<String> {
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub protection: Protection,
+    pub mode: String,
+    pub containers: Vec<ContainerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Protection {
+    pub loaded: bool,
+    pub pin_dir: String,
+    /// Interfaces with the XDP filter attached.
+    pub interfaces: Vec<String>,
+    /// Map entries that differ from Docker's state (0 while an agent keeps them in sync).
+    pub pending_changes: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ContainerReport {
+    pub name: String,
+    pub id: String,
+    pub addresses: Vec<String>,
+    pub mode: String,
+    pub ports: Vec<PortReport>,
+    /// Who may reach every port not listed, and port-less traffic.
+    pub other_ports: Reach,
+    pub label_errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortReport {
+    pub port: u16,
+    pub proto: String,
+    /// host address:port pairs Docker publishes it on.
+    pub published: Vec<String>,
+    pub outside: Reach,
+}
+
+/// Who outside may reach a port: local (the host) and bridge (other containers) always may.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Reach {
+    /// "everyone", "listed" or "none".
+    pub who: &'static str,
+    pub sources: Vec<String>,
+    pub rules: Vec<String>,
+}
+
+pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
     let policy = policy_file::load(config)?;
     let docker = DockerClient::connect().await?;
     let snapshot = docker.snapshot().await?;
@@ -32,106 +81,71 @@ pub async fn status(pins: &Pins, config: &std::path::Path) -> anyhow::Result<Str
     let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
     let desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
 
-    let mut out = String::new();
-    match &current {
-        None => writeln!(
-            out,
-            "protection: NOT LOADED (no pins at {}); `guard run` starts it",
-            pins.root().display()
-        )?,
-        Some(current) => {
-            let links = pins.pinned_links()?;
-            let names = interfaces::links().unwrap_or_default();
-            let ifaces: Vec<String> = links
-                .iter()
-                .filter(|(hook, _, _)| *hook == Hook::Xdp)
-                .map(|(_, ifindex, _)| {
-                    names
-                        .iter()
-                        .find(|l| l.ifindex == *ifindex)
-                        .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
-                })
-                .collect();
-            writeln!(
-                out,
-                "protection: loaded at {} on {}",
-                pins.root().display(),
-                if ifaces.is_empty() { "no interface".into() } else { ifaces.join(", ") }
-            )?;
-            let pending = diff(current, &desired.tables).change_count();
-            if pending == 0 {
-                writeln!(out, "maps: in sync with Docker")?;
-            } else {
-                writeln!(
-                    out,
-                    "maps: {pending} entries differ from Docker's state (is `guard run` running?)"
-                )?;
-            }
-        }
-    }
-    writeln!(out)?;
-    out.push_str(&table(&desired.containers));
-    writeln!(
-        out,
-        "\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else."
-    )?;
-    for policy in &desired.containers {
-        for error in &policy.label_errors {
-            writeln!(
-                out,
-                "warning: container {}: {error}; ignored, its ports stay closed",
-                policy.container.name
-            )?;
-        }
-    }
-    Ok(out)
+    let links = interfaces::links().unwrap_or_default();
+    let interfaces = match &current {
+        None => Vec::new(),
+        Some(_) => pins
+            .pinned_links()?
+            .iter()
+            .filter(|(hook, _, _)| *hook == Hook::Xdp)
+            .map(|(_, ifindex, _)| {
+                links
+                    .iter()
+                    .find(|l| l.ifindex == *ifindex)
+                    .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
+            })
+            .collect(),
+    };
+    Ok(Report {
+        protection: Protection {
+            loaded: current.is_some(),
+            pin_dir: pins.root().display().to_string(),
+            interfaces,
+            pending_changes: current.map(|c| diff(&c, &desired.tables).change_count()),
+        },
+        mode: policy.mode.to_string(),
+        containers: desired.containers.iter().map(container_report).collect(),
+    })
 }
 
-/// One row per known port of each container, and one for all its other ports.
-fn table(containers: &[ContainerPolicy]) -> String {
-    let mut rows =
-        vec![["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE"].map(String::from)];
-    for policy in containers {
-        let c = &policy.container;
-        let mut ports: BTreeSet<(u16, Proto)> =
-            c.published.iter().map(|p| (p.container_port, p.proto)).collect();
-        for opening in &policy.openings {
-            // Short ranges get a row per port; longer ones show in the rule column.
-            if let PortSpec::Range { proto, first, last } = opening.ports
-                && last - first < 16
-            {
-                ports.extend((first..=last).map(|p| (p, proto)));
-            }
+fn container_report(policy: &ContainerPolicy) -> ContainerReport {
+    let c = &policy.container;
+    let mut ports: BTreeSet<(u16, Proto)> =
+        c.published.iter().map(|p| (p.container_port, p.proto)).collect();
+    for opening in &policy.openings {
+        // Short ranges get a row per port; longer ones show up under other_ports' rules.
+        if let PortSpec::Range { proto, first, last } = opening.ports
+            && last - first < 16
+        {
+            ports.extend((first..=last).map(|p| (p, proto)));
         }
-        let addresses = c.addresses.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(" ");
-        let mut first_row = true;
-        let mut push = |port: String, published: String, outside: String| {
-            let (name, addrs) = if first_row {
-                (c.name.clone(), addresses.clone())
-            } else {
-                (String::new(), String::new())
-            };
-            first_row = false;
-            rows.push([name, addrs, port, published, outside]);
-        };
-        for (port, proto) in ports {
-            let published: Vec<String> = c
+    }
+    let ports = ports
+        .into_iter()
+        .map(|(port, proto)| PortReport {
+            port,
+            proto: proto.name().into(),
+            published: c
                 .published
                 .iter()
                 .filter(|p| p.container_port == port && p.proto == proto)
-                .map(|p| format!("{}:{}", p.host_ip, p.host_port))
-                .collect();
-            let covering = policy.openings.iter().filter(|o| covers(o, port, proto));
-            push(
-                format!("{port}/{proto}"),
-                if published.is_empty() { "-".into() } else { published.join(" ") },
-                who(covering),
-            );
-        }
-        let all = policy.openings.iter().filter(|o| o.ports == PortSpec::All);
-        push("other".into(), "-".into(), who(all));
+                .map(|p| match p.host_ip {
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", p.host_port),
+                    v4 => format!("{v4}:{}", p.host_port),
+                })
+                .collect(),
+            outside: reach(policy.openings.iter().filter(|o| covers(o, port, proto))),
+        })
+        .collect();
+    ContainerReport {
+        name: c.name.clone(),
+        id: c.id.chars().take(12).collect(),
+        addresses: c.addresses.iter().map(ToString::to_string).collect(),
+        mode: policy.mode.to_string(),
+        ports,
+        other_ports: reach(policy.openings.iter().filter(|o| o.ports == PortSpec::All)),
+        label_errors: policy.label_errors.iter().map(ToString::to_string).collect(),
     }
-    render(&rows)
 }
 
 fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
@@ -141,21 +155,16 @@ fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
     }
 }
 
-/// "everyone", a source list, or "none", with the rules that said so.
-fn who<'a>(openings: impl Iterator<Item = &'a Opening>) -> String {
+/// Everyone wins over a source list; source lists add up.
+fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
     let openings: Vec<&Opening> = openings.collect();
     let rules = |os: &[&Opening]| {
-        os.iter()
-            .map(|o| o.rule.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
-            .join(", ")
+        os.iter().map(|o| o.rule.clone()).collect::<BTreeSet<_>>().into_iter().collect()
     };
     let everyone: Vec<&Opening> =
         openings.iter().copied().filter(|o| o.sources == Sources::Everyone).collect();
     if !everyone.is_empty() {
-        return format!("everyone ({})", rules(&everyone));
+        return Reach { who: "everyone", sources: Vec::new(), rules: rules(&everyone) };
     }
     let sources: BTreeSet<String> = openings
         .iter()
@@ -165,21 +174,124 @@ fn who<'a>(openings: impl Iterator<Item = &'a Opening>) -> String {
         })
         .collect();
     if sources.is_empty() {
-        "none".into()
+        Reach { who: "none", sources: Vec::new(), rules: Vec::new() }
     } else {
-        format!("{} ({})", sources.into_iter().collect::<Vec<_>>().join(", "), rules(&openings))
+        Reach { who: "listed", sources: sources.into_iter().collect(), rules: rules(&openings) }
     }
 }
 
-fn render(rows: &[[String; 5]]) -> String {
+impl Reach {
+    fn text(&self) -> String {
+        let rules = if self.rules.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.rules.join(", "))
+        };
+        match self.who {
+            "listed" => format!("{}{rules}", self.sources.join(", ")),
+            who => format!("{who}{rules}"),
+        }
+    }
+}
+
+/// The table for people.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let p = &report.protection;
+    let _ = match (p.loaded, p.pending_changes) {
+        (false, _) => writeln!(
+            out,
+            "protection: NOT LOADED (no pins at {}); `guard run` starts it",
+            p.pin_dir
+        ),
+        (true, pending) => {
+            let on = if p.interfaces.is_empty() {
+                "no interface".into()
+            } else {
+                p.interfaces.join(", ")
+            };
+            let _ =
+                writeln!(out, "protection: loaded at {} on {on}; mode {}", p.pin_dir, report.mode);
+            match pending {
+                Some(0) => writeln!(out, "maps: in sync with Docker"),
+                Some(n) => writeln!(
+                    out,
+                    "maps: {n} entries differ from Docker's state (is `guard run` running?)"
+                ),
+                None => Ok(()),
+            }
+        }
+    };
+    out.push('\n');
+    let mut rows =
+        vec![["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE"].map(String::from)];
+    for c in &report.containers {
+        let name = if c.mode == "audit" { format!("{} (audit)", c.name) } else { c.name.clone() };
+        let mut first = Some((name, c.addresses.join(" ")));
+        let mut push = |port: String, published: String, outside: String| {
+            let (name, addrs) = first.take().unwrap_or_default();
+            rows.push([name, addrs, port, published, outside]);
+        };
+        for port in &c.ports {
+            let published =
+                if port.published.is_empty() { "-".into() } else { port.published.join(" ") };
+            push(format!("{}/{}", port.port, port.proto), published, port.outside.text());
+        }
+        push("other".into(), "-".into(), c.other_ports.text());
+    }
     let widths: Vec<usize> =
         (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let line: Vec<String> =
             row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    out.push_str("\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else.\n");
+    for c in &report.containers {
+        for error in &c.label_errors {
+            let _ = writeln!(
+                out,
+                "warning: container {}: {error}; ignored, its ports stay closed",
+                c.name
+            );
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opening(ports: PortSpec, sources: Sources, rule: &str) -> Opening {
+        Opening { ports, sources, rule: rule.into() }
+    }
+
+    #[test]
+    fn reach_prefers_everyone_and_unions_lists() {
+        let p5432 = PortSpec::Range { proto: Proto::Tcp, first: 5432, last: 5432 };
+        let a = opening(
+            p5432,
+            Sources::Listed(vec!["10.0.0.0/8".parse().unwrap()]),
+            "label guard.allow.a",
+        );
+        let b = opening(
+            PortSpec::All,
+            Sources::Listed(vec!["192.0.2.7".parse().unwrap()]),
+            "file rule #1",
+        );
+        let all = opening(p5432, Sources::Everyone, "label guard.expose");
+        let listed = reach([&a, &b].into_iter());
+        assert_eq!(listed.who, "listed");
+        assert_eq!(listed.sources, ["10.0.0.0/8", "192.0.2.7/32"]);
+        assert_eq!(listed.text(), "10.0.0.0/8, 192.0.2.7/32 (file rule #1, label guard.allow.a)");
+        assert_eq!(reach([&a, &all].into_iter()).text(), "everyone (label guard.expose)");
+        assert_eq!(reach(std::iter::empty()).text(), "none");
+        assert!(
+            covers(&b, 1, Proto::Udp)
+                && covers(&a, 5432, Proto::Tcp)
+                && !covers(&a, 5432, Proto::Udp)
+        );
+    }
 }
