@@ -24,6 +24,8 @@ const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
 pub const DROP_PUBLISHED: u8 = 1;
 /// Audit mode waived the drop: the packet passed.
 pub const DROP_AUDITED: u8 = 2;
+/// Dropped by the bridge gate, after NAT (the XDP filter did not know the target yet).
+pub const DROP_AT_GATE: u8 = 4;
 
 /// One reported drop (or audit-mode would-drop).
 #[repr(C)]

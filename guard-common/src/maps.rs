@@ -11,7 +11,12 @@
 //!    published port travel in the [`ADDRS`]/[`PUBLISHED`] values, so a closed container costs
 //!    one hash lookup; [`PORTS`] holds single-port rules, [`SOURCES`] the allowed prefixes.
 //! 4. Would-drop only: is it a reply to a flow the host or a container started? [`FLOWS`],
-//!    written by the TC egress program.
+//!    written by the TC egress program on the uplinks and the TC ingress program on Docker's
+//!    bridges.
+//!
+//! The bridge gate (TC egress on Docker's bridges) asks the same questions again after NAT, for
+//! packets that arrived on one of the [`UPLINKS`]: it closes the moment between Docker
+//! publishing a new container's port and the agent learning of it.
 //!
 //! Containers are named in the kernel by a *target id* the agent allocates per container
 //! identity ([`IDENTITIES`] keeps the reverse mapping for the agent and its CLI), so a container
@@ -38,9 +43,11 @@ pub const DROPS: &str = "GUARD_DROPS";
 pub const EVENTS: &str = "GUARD_EVENTS";
 pub const EVENT_LIMIT: &str = "GUARD_EVLIMIT";
 pub const EVENT_STATS: &str = "GUARD_EVSTATS";
+pub const UPLINKS: &str = "GUARD_UPLINKS";
+pub const GATE_COUNTERS: &str = "GUARD_GATE";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     ADDRS,
     NETWORKS,
     PUBLISHED,
@@ -56,6 +63,8 @@ pub const ALL: [&str; 15] = [
     EVENTS,
     EVENT_LIMIT,
     EVENT_STATS,
+    UPLINKS,
+    GATE_COUNTERS,
 ];
 
 const _: () = {
@@ -84,6 +93,8 @@ pub const FLOWS_CAPACITY: u32 = 65_536;
 pub const TRUSTED_CAPACITY: u32 = 4_096;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
+/// Interfaces guard protects (by index): packets that arrived on one are from outside.
+pub const UPLINKS_CAPACITY: u32 = 1_024;
 
 /// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
 /// pass and are counted as such.

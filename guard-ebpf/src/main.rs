@@ -1,7 +1,15 @@
-//! guard's kernel side, on every uplink:
+//! guard's kernel side.
+//!
+//! On every uplink:
 //! - `guard_xdp` (XDP ingress) drops container-bound packets from outside unless opened;
 //! - `guard_tc_egress` (TCX egress) remembers outbound flows whose replies would otherwise look
 //!   container-bound, so they are never dropped.
+//!
+//! On every Docker bridge:
+//! - `guard_tc_gate` (TCX egress) decides again after NAT, for packets that arrived on an
+//!   uplink: a container the agent has not learnt of yet is closed from its first packet;
+//! - `guard_tc_bridge_in` (TCX ingress) remembers the flows containers start, so the gate lets
+//!   their replies through.
 //!
 //! Entry points are thin and total: parse, decide with the shared
 //! [`guard_common::decision::decide`], count the reason, return the reason's verdict.
@@ -12,7 +20,7 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -22,6 +30,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     maps::{PerCpuHashMap, RingBuf},
 };
+use guard_common::events::DROP_AT_GATE;
 use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables},
@@ -40,7 +49,7 @@ use guard_common::{
         DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
         EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
     },
-    maps::DROPS_CAPACITY,
+    maps::{DROPS_CAPACITY, UPLINKS_CAPACITY},
 };
 use parse::Frame;
 
@@ -78,6 +87,10 @@ static GUARD_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 static GUARD_EVLIMIT: PerCpuArray<Limiter> = PerCpuArray::pinned(1, 0);
 #[map]
 static GUARD_EVSTATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS, 0);
+#[map]
+static GUARD_UPLINKS: HashMap<u32, u32> = HashMap::pinned(UPLINKS_CAPACITY, 0);
+#[map]
+static GUARD_GATE: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[inline(always)]
 fn config_flag(flag: u32) -> bool {
@@ -159,28 +172,74 @@ impl Tables for Maps {
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let decision = match parse::parse(frame) {
-        Ok(packet) => {
-            let (decision, resolved) = decide_resolved(&Maps, &packet);
-            if decision.reason.verdict() == Verdict::Drop {
-                record_drop(&packet, decision, resolved, ctx.ingress_ifindex() as u32);
-            }
-            decision
-        }
-        Err(reason) => Decision::enforced(reason),
-    };
-    count(decision);
+    let decision = judge_frame(frame, ctx.ingress_ifindex() as u32, 0);
+    count(&GUARD_COUNTERS, decision);
     match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
 
+/// Parses and decides; a drop (or audited would-drop) is recorded with `flags` added.
+#[inline(always)]
+fn judge_frame(frame: Frame, ifindex: u32, flags: u8) -> Decision {
+    match parse::parse(frame) {
+        Ok(packet) => {
+            let (decision, resolved) = decide_resolved(&Maps, &packet);
+            if decision.reason.verdict() == Verdict::Drop {
+                record_drop(&packet, decision, resolved, ifindex, flags);
+            }
+            decision
+        }
+        Err(reason) => Decision::enforced(reason),
+    }
+}
+
+/// The bridge gate: packets the host sends into a Docker network, after NAT. Only those that
+/// arrived on an uplink are judged; the host's own and other containers' pass untouched.
+#[classifier]
+pub fn guard_tc_gate(ctx: TcContext) -> i32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: the value is not used, only its presence.
+    if unsafe { GUARD_UPLINKS.get(&ingress) }.is_none() {
+        return TC_ACT_UNSPEC;
+    }
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let decision = judge_frame(frame, ingress, DROP_AT_GATE);
+    count(&GUARD_GATE, decision);
+    match decision.verdict() {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// Packets containers send out through the host: remember their flows, so the gate knows the
+/// replies (which arrive on an uplink and are de-NATed to the container) are replies.
+#[classifier]
+pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    if let Ok(packet) = parse::parse(frame) {
+        let l4 = packet.l4;
+        if l4.kind == L4Kind::Ports {
+            remember(&FlowKey {
+                remote: packet.dst,
+                local: packet.src,
+                remote_port: l4.dport,
+                local_port: l4.sport,
+                proto: l4.proto,
+                _pad: [0; 3],
+            });
+        }
+    }
+    TC_ACT_UNSPEC
+}
+
 /// A drop (or an audited would-drop): the container port's counter, and an event if this CPU
 /// has not used up its share for this second.
 #[inline(always)]
-fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex: u32) {
-    let mut flags = 0;
+fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex: u32, flags: u8) {
+    let mut flags = flags;
     if resolved.published != 0 {
         flags |= DROP_PUBLISHED;
     }
@@ -281,8 +340,8 @@ fn remember(key: &FlowKey) {
 }
 
 #[inline(always)]
-fn count(decision: Decision) {
-    if let Some(counter) = GUARD_COUNTERS.get_ptr_mut(decision.counter_slot()) {
+fn count(counters: &PerCpuArray<u64>, decision: Decision) {
+    if let Some(counter) = counters.get_ptr_mut(decision.counter_slot()) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *counter += 1 };
     }

@@ -222,6 +222,11 @@ impl Agent {
             }
         }
 
+        let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
+        let bridges = docker_bridges(&links, &snapshot);
+        let mut desired = desired;
+        desired.tables.uplinks = uplinks.iter().map(|l| (l.ifindex, 1)).collect();
+
         // Maps before links: a new link must never run against maps that are still empty.
         let plan = diff(&self.maps.read()?, &desired.tables);
         let mut failures = Vec::new();
@@ -232,12 +237,19 @@ impl Agent {
         }
         self.maps.forget_drops(&targets.values().copied().collect());
 
-        let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
         let pins = &self.opts.pins;
-        let xdp = loader::xdp_program(&mut self.ebpf)?;
-        let mut errors = self.attachments.sync(xdp, pins, &uplinks);
-        let tc = loader::tc_egress_program(&mut self.ebpf)?;
-        errors.extend(self.attachments.sync(tc, pins, &uplinks));
+        let mut errors = Vec::new();
+        for hook in Hook::ALL {
+            let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
+            errors.extend(match hook {
+                Hook::Xdp => {
+                    self.attachments.sync(loader::xdp_program(&mut self.ebpf)?, hook, pins, on)
+                }
+                _ => {
+                    self.attachments.sync(loader::tc_program(&mut self.ebpf, hook)?, hook, pins, on)
+                }
+            });
+        }
         warnings.extend(errors.iter().map(ToString::to_string));
         self.warnings.report(warnings);
 
@@ -309,6 +321,13 @@ fn parse_policy(opts: &RunOptions, text: Option<&str>) -> anyhow::Result<PolicyF
     Ok(policy)
 }
 
+/// Docker's bridges that exist right now: the bridge gate and its flow memory go on them.
+fn docker_bridges(links: &[Link], snapshot: &crate::snapshot::Snapshot) -> Vec<Link> {
+    let names: BTreeSet<&str> =
+        snapshot.networks.iter().filter_map(|n| n.bridge.as_deref()).collect();
+    links.iter().filter(|l| names.contains(l.name.as_str())).cloned().collect()
+}
+
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
 /// `guard explain` can find the programs that are attached.
 fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
@@ -320,7 +339,7 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
         }
         let pinned = match hook {
             Hook::Xdp => loader::xdp_program(ebpf)?.pin(&path),
-            Hook::TcEgress => loader::tc_egress_program(ebpf)?.pin(&path),
+            _ => loader::tc_program(ebpf, hook)?.pin(&path),
         };
         pinned.with_context(|| {
             format!("pinning the {} program at {}", hook.name(), path.display())

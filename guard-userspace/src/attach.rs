@@ -1,5 +1,6 @@
-//! Programs on the uplinks: XDP on ingress (native first, generic where the driver has none)
-//! and TCX on egress. Every link is pinned; the links a previous agent pinned are adopted with
+//! Programs on interfaces: on the uplinks XDP on ingress (native first, generic where the
+//! driver has none) and TCX on egress; on Docker's bridges TCX on both sides. Every link is
+//! pinned; the links a previous agent pinned are adopted with
 //! an atomic program swap (the link and its id stay, so there is no moment without a filter);
 //! links on interfaces that are gone or no longer uplinks are removed.
 
@@ -54,19 +55,16 @@ pub enum AttachError {
     Pin { hook: &'static str, iface: String, reason: String },
 }
 
-/// A program that can be put on an interface, or swapped into a pinned link.
+/// A program that can be put on an interface at a hook, or swapped into a pinned link.
 pub trait Hookable {
-    const HOOK: Hook;
-    /// Attaches to `link` and returns the link as an fd, to be pinned.
-    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String>;
+    /// Attaches to `link` at `hook` and returns the link as an fd, to be pinned.
+    fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String>;
     /// Atomically replaces the program in a pinned link.
     fn adopt(&mut self, pinned: FdLink) -> Result<(), String>;
 }
 
 impl Hookable for Xdp {
-    const HOOK: Hook = Hook::Xdp;
-
-    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String> {
+    fn attach_new(&mut self, _: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
         let (id, mode) = match self.attach_to_if_index(link.ifindex, XdpMode::Driver) {
             Ok(id) => (id, Mode::Native),
             Err(native) => {
@@ -92,13 +90,14 @@ impl Hookable for Xdp {
 }
 
 impl Hookable for SchedClassifier {
-    const HOOK: Hook = Hook::TcEgress;
-
-    fn attach_new(&mut self, link: &Link) -> Result<(FdLink, Mode), String> {
+    fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
+        let direction = match hook {
+            Hook::BridgeIngress => TcAttachType::Ingress,
+            _ => TcAttachType::Egress,
+        };
         let options = TcAttachOptions::TcxOrder(LinkOrder::default());
-        let id = self
-            .attach_with_options(&link.name, TcAttachType::Egress, options)
-            .map_err(|e| e.to_string())?;
+        let id =
+            self.attach_with_options(&link.name, direction, options).map_err(|e| e.to_string())?;
         let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         Ok((fd_link, Mode::Tcx))
@@ -124,16 +123,16 @@ impl Attachments {
         self.attached.iter().map(|((hook, _), (name, mode))| (*hook, name.as_str(), *mode))
     }
 
-    /// Makes the set of interfaces running `program` on its hook equal to `uplinks`. Errors
-    /// are per interface: one that fails does not stop the others.
-    pub fn sync<P: Hookable>(
+    /// Makes the set of interfaces running `program` at `hook` equal to `links`. Errors are
+    /// per interface: one that fails does not stop the others.
+    pub fn sync(
         &mut self,
-        program: &mut P,
+        program: &mut impl Hookable,
+        hook: Hook,
         pins: &Pins,
-        uplinks: &[Link],
+        links: &[Link],
     ) -> Vec<AttachError> {
-        let hook = P::HOOK;
-        let wanted: BTreeSet<u32> = uplinks.iter().map(|l| l.ifindex).collect();
+        let wanted: BTreeSet<u32> = links.iter().map(|l| l.ifindex).collect();
 
         // Pins of interfaces that are gone or no longer uplinks: removing the pin (the last
         // reference) detaches the link.
@@ -157,11 +156,11 @@ impl Attachments {
         self.attached.retain(|(h, ifindex), _| *h != hook || wanted.contains(ifindex));
 
         let mut errors = Vec::new();
-        for link in uplinks {
+        for link in links {
             if self.attached.contains_key(&(hook, link.ifindex)) {
                 continue;
             }
-            match ensure(program, &pins.link(hook, link.ifindex), link) {
+            match ensure(program, hook, &pins.link(hook, link.ifindex), link) {
                 Ok(mode) => {
                     info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = mode.name(), "protecting interface");
                     self.attached.insert((hook, link.ifindex), (link.name.clone(), mode));
@@ -174,8 +173,13 @@ impl Attachments {
 }
 
 /// Adopts the link pinned at `path`, or attaches afresh and pins the new link there.
-fn ensure<P: Hookable>(program: &mut P, path: &Path, link: &Link) -> Result<Mode, AttachError> {
-    let hook = P::HOOK.name();
+fn ensure(
+    program: &mut impl Hookable,
+    hook: Hook,
+    path: &Path,
+    link: &Link,
+) -> Result<Mode, AttachError> {
+    let hook_name = hook.name();
     if path.exists() {
         let adopted = PinnedLink::from_pin(path)
             .map_err(|e| e.to_string())
@@ -184,18 +188,18 @@ fn ensure<P: Hookable>(program: &mut P, path: &Path, link: &Link) -> Result<Mode
             Ok(()) => return Ok(Mode::Adopted),
             // A stale pin (its interface was replaced): start over on this interface.
             Err(e) => {
-                warn!(hook, iface = %link.name, "cannot take over {}: {e}; attaching afresh", path.display());
+                warn!(hook = hook_name, iface = %link.name, "cannot take over {}: {e}; attaching afresh", path.display());
                 let _ = fs::remove_file(path);
             }
         }
     }
-    let (fd_link, mode) = program.attach_new(link).map_err(|reason| AttachError::Attach {
-        hook,
+    let (fd_link, mode) = program.attach_new(hook, link).map_err(|reason| AttachError::Attach {
+        hook: hook_name,
         iface: link.name.clone(),
         reason,
     })?;
     fd_link.pin(path).map_err(|e| AttachError::Pin {
-        hook,
+        hook: hook_name,
         iface: link.name.clone(),
         reason: e.to_string(),
     })?;

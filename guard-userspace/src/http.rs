@@ -131,6 +131,7 @@ fn metrics_text(shared: &Shared) -> String {
     let kernel = PolicyMaps::from_pins(&shared.pins).ok().and_then(|maps| {
         Some(KernelCounters {
             packets: maps.counters().ok()?,
+            gate: maps.gate_counters().ok()?,
             drops: maps.drops().ok()?,
             events: maps.event_stats().ok()?,
         })

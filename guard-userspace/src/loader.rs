@@ -1,19 +1,25 @@
-//! The eBPF object (XDP filter, TC egress flow memory), embedded in the binary at build time,
-//! loaded with its maps pinned.
+//! The eBPF object (see guard-ebpf for its four programs), embedded in the binary at build
+//! time, loaded with its maps pinned.
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 
-use crate::pins::{PinError, Pins};
+use crate::pins::{Hook, PinError, Pins};
 
 /// The object guard-userspace/build.rs built from guard-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
 
-/// Entry points in guard-ebpf.
-pub const XDP_PROGRAM: &str = "guard_xdp";
-pub const TC_EGRESS_PROGRAM: &str = "guard_tc_egress";
+/// The entry point in guard-ebpf that runs on each hook.
+pub fn program_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Xdp => "guard_xdp",
+        Hook::TcEgress => "guard_tc_egress",
+        Hook::BridgeGate => "guard_tc_gate",
+        Hook::BridgeIngress => "guard_tc_bridge_in",
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -43,18 +49,21 @@ pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
 fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
     xdp_program(&mut ebpf)?.load()?;
-    tc_egress_program(&mut ebpf)?.load()?;
+    for hook in [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress] {
+        tc_program(&mut ebpf, hook)?.load()?;
+    }
     Ok(ebpf)
 }
 
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    let name = XDP_PROGRAM;
+    let name = program_name(Hook::Xdp);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
 
-pub fn tc_egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
-    let name = TC_EGRESS_PROGRAM;
+/// The TC program of `hook` (any hook but [`Hook::Xdp`]).
+pub fn tc_program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, LoadError> {
+    let name = program_name(hook);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }

@@ -61,6 +61,8 @@ pub struct PolicyMaps {
     config: Array<MapData, Config>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     event_stats: PerCpuArray<MapData, u64>,
+    uplinks: Table<HashMap<MapData, u32, u32>>,
+    gate_counters: PerCpuArray<MapData, u64>,
 }
 
 /// Where the maps come from: the object just loaded, or the pins an agent left.
@@ -119,6 +121,8 @@ impl PolicyMaps {
             config: typed(s, names::CONFIG)?,
             drops: typed(s, names::DROPS)?,
             event_stats: typed(s, names::EVENT_STATS)?,
+            uplinks: table(s, names::UPLINKS, names::UPLINKS_CAPACITY)?,
+            gate_counters: typed(s, names::GATE_COUNTERS)?,
         })
     }
 
@@ -133,6 +137,7 @@ impl PolicyMaps {
             identities: self.identities.read()?,
             prefilter: self.read_prefilter()?,
             trusted: self.trusted.read()?,
+            uplinks: self.uplinks.read()?,
             config: self
                 .config
                 .get(&0, 0)
@@ -193,6 +198,7 @@ impl PolicyMaps {
         self.published.upsert_all(&plan.published, e);
         self.identities.upsert_all(&plan.identities, e);
         self.trusted.upsert_all(&plan.trusted, e);
+        self.uplinks.upsert_all(&plan.uplinks, e);
         if let Some(config) = &plan.config
             && let Err(source) = self.config.set(0, config, 0)
         {
@@ -207,6 +213,7 @@ impl PolicyMaps {
         self.networks.remove_all(&plan.networks, e);
         self.identities.remove_all(&plan.identities, e);
         self.trusted.remove_all(&plan.trusted, e);
+        self.uplinks.remove_all(&plan.uplinks, e);
         if let Some(change) = &plan.prefilter {
             self.write_prefilter(&change.last, e);
         }
@@ -262,22 +269,33 @@ impl PolicyMaps {
             .map_err(|source| MapsError::Read { name: names::FLOWS, source })
     }
 
-    /// Packets seen per decision (reason, and whether audit mode waived a drop), summed over
-    /// CPUs.
+    /// Packets seen on the uplinks per decision (reason, and whether audit mode waived a drop),
+    /// summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Decision, u64)>, MapsError> {
-        let decisions = Reason::ALL
-            .iter()
-            .flat_map(|reason| [false, true].map(|audited| Decision { reason: *reason, audited }));
-        decisions
-            .map(|decision| {
-                let per_cpu = self
-                    .counters
-                    .get(&decision.counter_slot(), 0)
-                    .map_err(|source| MapsError::Read { name: names::COUNTERS, source })?;
-                Ok((decision, per_cpu.iter().sum()))
-            })
-            .collect()
+        read_counters(&self.counters, names::COUNTERS)
     }
+
+    /// The same for the bridge gate: packets from uplinks judged again after NAT.
+    pub fn gate_counters(&self) -> Result<Vec<(Decision, u64)>, MapsError> {
+        read_counters(&self.gate_counters, names::GATE_COUNTERS)
+    }
+}
+
+fn read_counters(
+    counters: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+) -> Result<Vec<(Decision, u64)>, MapsError> {
+    let decisions = Reason::ALL
+        .iter()
+        .flat_map(|reason| [false, true].map(|audited| Decision { reason: *reason, audited }));
+    decisions
+        .map(|decision| {
+            let per_cpu = counters
+                .get(&decision.counter_slot(), 0)
+                .map_err(|source| MapsError::Read { name, source })?;
+            Ok((decision, per_cpu.iter().sum()))
+        })
+        .collect()
 }
 
 /// A kernel map with the name and capacity its errors should mention.

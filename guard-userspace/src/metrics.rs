@@ -58,6 +58,8 @@ pub struct AgentState {
 /// What the kernel's maps said at scrape time.
 pub struct KernelCounters {
     pub packets: Vec<(Decision, u64)>,
+    /// The bridge gate's decisions (packets from uplinks, after NAT).
+    pub gate: Vec<(Decision, u64)>,
     pub drops: Vec<(DropKey, u64)>,
     /// Emitted, suppressed, lost.
     pub events: [u64; 3],
@@ -65,24 +67,31 @@ pub struct KernelCounters {
 
 pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str| {
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    family("guard_packets_total", "counter", "Packets seen on uplinks, by reason and verdict.");
-    let mut body = String::new();
-    if let Some(k) = kernel {
-        for (d, n) in &k.packets {
+    for (name, help, pick) in [
+        ("guard_packets_total", "Packets seen on uplinks (XDP), by reason and verdict.", 0),
+        (
+            "guard_gate_packets_total",
+            "Packets from uplinks judged again after NAT at the bridge gate.",
+            1,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let Some(k) = kernel else { continue };
+        let counters = if pick == 0 { &k.packets } else { &k.gate };
+        let mut body = String::new();
+        for (d, n) in counters {
             let verdict = if d.verdict() == Verdict::Pass { "pass" } else { "drop" };
+            let (reason, audited) = (d.reason.name(), d.audited);
             let _ = writeln!(
                 body,
-                "guard_packets_total{{reason=\"{}\",verdict=\"{verdict}\",audited=\"{}\"}} {n}",
-                d.reason.name(),
-                d.audited
+                "{name}{{reason=\"{reason}\",verdict=\"{verdict}\",audited=\"{audited}\"}} {n}"
             );
         }
+        out.push_str(&body);
     }
-    out.push_str(&body);
-    body.clear();
 
     let _ = writeln!(
         out,
@@ -231,6 +240,7 @@ mod tests {
                 (Decision::enforced(Reason::Closed), 5),
                 (Decision { reason: Reason::Closed, audited: true }, 2),
             ],
+            gate: vec![(Decision::enforced(Reason::UnassignedAddr), 9)],
             drops: vec![(DropKey { target: 7, port: 5432, proto: 6, flags: DROP_PUBLISHED }, 5)],
             events: [3, 1, 0],
         };
@@ -240,6 +250,7 @@ mod tests {
             "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"} 2",
             "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"} 5",
             "guard_drop_events_total{outcome=\"suppressed\"} 1",
+            "guard_gate_packets_total{reason=\"unassigned_addr\",verdict=\"drop\",audited=\"false\"} 9",
             "guard_sync_duration_seconds_bucket{le=\"0.005\"} 1",
             "guard_sync_duration_seconds_bucket{le=\"0.001\"} 0",
             "guard_map_entries{map=\"GUARD_ADDRS\"} 12",

@@ -1,11 +1,12 @@
 //! Where everything lives on bpffs. One root directory (default /sys/fs/bpf/guard):
 //!
 //! ```text
-//! <root>/maps/GUARD_*               the policy maps, flows and counters (pinned by name)
-//! <root>/xdp_program                the XDP program currently attached
-//! <root>/tc_egress_program          the TC egress program currently attached
-//! <root>/links/xdp-<ifindex>        one XDP link per protected interface
-//! <root>/links/tc-egress-<ifindex>  one TCX egress link per protected interface
+//! <root>/maps/GUARD_*                    the policy maps, flows and counters (pinned by name)
+//! <root>/<hook>_program                  each program currently attached (see [`Hook`])
+//! <root>/links/xdp-<ifindex>             one link per uplink and hook: XDP ingress,
+//! <root>/links/tc-egress-<ifindex>         TCX egress,
+//! <root>/links/bridge-gate-<ifindex>     and per Docker bridge: TCX egress (the gate),
+//! <root>/links/bridge-ingress-<ifindex>    TCX ingress
 //! ```
 //!
 //! The pins are what keeps protection up when no agent runs; a new agent adopts them.
@@ -20,27 +21,30 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
 /// Where on an interface a program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
-    /// XDP on ingress: the filter.
+    /// XDP on an uplink's ingress: the filter.
     Xdp,
-    /// TCX on egress: flow memory.
+    /// TCX on an uplink's egress: flow memory for the host's masqueraded flows.
     TcEgress,
+    /// TCX on a Docker bridge's egress: the gate after NAT.
+    BridgeGate,
+    /// TCX on a Docker bridge's ingress: flow memory for the flows containers start.
+    BridgeIngress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::TcEgress];
+    pub const ALL: [Hook; 4] = [Hook::Xdp, Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress];
 
     pub fn name(self) -> &'static str {
         match self {
             Hook::Xdp => "xdp",
             Hook::TcEgress => "tc-egress",
+            Hook::BridgeGate => "bridge-gate",
+            Hook::BridgeIngress => "bridge-ingress",
         }
     }
 
-    fn link_prefix(self) -> &'static str {
-        match self {
-            Hook::Xdp => "xdp-",
-            Hook::TcEgress => "tc-egress-",
-        }
+    fn link_prefix(self) -> String {
+        format!("{}-", self.name())
     }
 }
 
@@ -83,10 +87,7 @@ impl Pins {
     }
 
     pub fn program(&self, hook: Hook) -> PathBuf {
-        self.root.join(match hook {
-            Hook::Xdp => "xdp_program",
-            Hook::TcEgress => "tc_egress_program",
-        })
+        self.root.join(format!("{}_program", hook.name().replace('-', "_")))
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -122,7 +123,7 @@ impl Pins {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             for hook in Hook::ALL {
-                let ifindex = name.strip_prefix(hook.link_prefix()).and_then(|i| i.parse().ok());
+                let ifindex = name.strip_prefix(&hook.link_prefix()).and_then(|i| i.parse().ok());
                 if let Some(ifindex) = ifindex {
                     links.push((hook, ifindex, entry.path()));
                 }

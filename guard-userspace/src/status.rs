@@ -79,16 +79,22 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
     // Use the agent's target ids, so the comparison with the maps is meaningful.
     let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
     let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-    let desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
+    let mut desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
 
     let links = interfaces::links().unwrap_or_default();
+    let protected: Vec<u32> = pins
+        .pinned_links()?
+        .iter()
+        .filter(|(hook, _, _)| *hook == Hook::Xdp)
+        .map(|(_, ifindex, _)| *ifindex)
+        .collect();
+    // The agent's uplinks are the interfaces it protects.
+    desired.tables.uplinks = protected.iter().map(|i| (*i, 1)).collect();
     let interfaces = match &current {
         None => Vec::new(),
-        Some(_) => pins
-            .pinned_links()?
+        Some(_) => protected
             .iter()
-            .filter(|(hook, _, _)| *hook == Hook::Xdp)
-            .map(|(_, ifindex, _)| {
+            .map(|ifindex| {
                 links
                     .iter()
                     .find(|l| l.ifindex == *ifindex)

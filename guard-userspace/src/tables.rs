@@ -37,6 +37,8 @@ pub struct TableSet {
     pub prefilter: Prefilter,
     pub trusted: BTreeMap<Lpm<Addr>, u32>,
     pub config: Config,
+    /// Interface indexes of the uplinks: the bridge gate judges what arrived on them.
+    pub uplinks: BTreeMap<u32, u32>,
 }
 
 /// The three prefilter bitmaps (see [`guard_common::prefilter`]).
@@ -251,6 +253,7 @@ pub struct Plan {
     pub prefilter: Option<PrefilterChange>,
     pub trusted: TableDiff<Lpm<Addr>, u32>,
     pub config: Option<Config>,
+    pub uplinks: TableDiff<u32, u32>,
 }
 
 /// A prefilter change is applied in two steps so the filter never hides anything either the
@@ -277,6 +280,7 @@ impl Plan {
             + self.prefilter.as_ref().map_or(0, |_| 1)
             + self.trusted.len()
             + self.config.map_or(0, |_| 1)
+            + self.uplinks.len()
     }
 }
 
@@ -294,6 +298,7 @@ pub fn diff(current: &TableSet, desired: &TableSet) -> Plan {
         }),
         trusted: diff_map(&current.trusted, &desired.trusted),
         config: (current.config != desired.config).then_some(desired.config),
+        uplinks: diff_map(&current.uplinks, &desired.uplinks),
     }
 }
 
