@@ -275,6 +275,56 @@ pub const CONFIG_AUDIT_ALL: u32 = 1;
 /// [`TRUSTED`] holds prefixes: look sources up there before dropping (without, skip it).
 pub const CONFIG_HAS_TRUSTED: u32 = 2;
 
+/// Bump when a map's meaning changes without its shape changing.
+pub const LAYOUT_REVISION: u32 = 1;
+
+/// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
+/// agent never adopts maps of another layout: an upgrade that changes one fills new maps and
+/// swaps the programs atomically, then drops the old maps.
+pub const LAYOUT: u32 = fnv1a(&[
+    LAYOUT_REVISION,
+    core::mem::size_of::<Addr>() as u32,
+    core::mem::size_of::<AddrInfo>() as u32,
+    core::mem::size_of::<PublishedKey>() as u32,
+    core::mem::size_of::<PublishedTarget>() as u32,
+    core::mem::size_of::<PortKey>() as u32,
+    core::mem::size_of::<PortRule>() as u32,
+    core::mem::size_of::<SourceKey>() as u32,
+    core::mem::size_of::<ContainerId>() as u32,
+    core::mem::size_of::<FlowKey>() as u32,
+    core::mem::size_of::<Config>() as u32,
+    core::mem::size_of::<crate::events::DropKey>() as u32,
+    core::mem::size_of::<crate::events::DropEvent>() as u32,
+    core::mem::size_of::<crate::events::Limiter>() as u32,
+    core::mem::size_of::<crate::prefilter::Bitmap>() as u32,
+    ADDRS_CAPACITY,
+    NETWORKS_CAPACITY,
+    PUBLISHED_CAPACITY,
+    PORTS_CAPACITY,
+    SOURCES_CAPACITY,
+    IDENTITIES_CAPACITY,
+    FLOWS_CAPACITY,
+    TRUSTED_CAPACITY,
+    DROPS_CAPACITY,
+    UPLINKS_CAPACITY,
+    crate::reason::COUNTER_SLOTS,
+    crate::prefilter::ENTRIES,
+    crate::events::EVENTS_RING_BYTES,
+    crate::events::EVENT_STATS,
+    ALL.len() as u32,
+]);
+
+const fn fnv1a(words: &[u32]) -> u32 {
+    let mut hash = 0x811c_9dc5u32;
+    let mut i = 0;
+    while i < words.len() {
+        hash ^= words[i];
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;

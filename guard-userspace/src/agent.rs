@@ -137,6 +137,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     if !synced {
                         synced = true;
                         info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
+                        // Every link runs this build's program (and maps) now: maps of another
+                        // layout, left by an agent of another version, serve nothing.
+                        drop_other_layouts(&agent.opts.pins);
                     }
                 }
                 Err(e) => {
@@ -319,6 +322,16 @@ fn parse_policy(opts: &RunOptions, text: Option<&str>) -> anyhow::Result<PolicyF
         policy.mode = mode;
     }
     Ok(policy)
+}
+
+fn drop_other_layouts(pins: &Pins) {
+    for dir in pins.other_layouts() {
+        let removed = fs::read_dir(&dir)
+            .map(|entries| entries.flatten().filter(|e| fs::remove_file(e.path()).is_ok()).count())
+            .unwrap_or(0);
+        let _ = fs::remove_dir(&dir);
+        info!(dir = %dir.display(), maps = removed, "removed the maps of an older layout");
+    }
 }
 
 /// Docker's bridges that exist right now: the bridge gate and its flow memory go on them.

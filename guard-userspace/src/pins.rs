@@ -1,7 +1,7 @@
 //! Where everything lives on bpffs. One root directory (default /sys/fs/bpf/guard):
 //!
 //! ```text
-//! <root>/maps/GUARD_*                    the policy maps, flows and counters (pinned by name)
+//! <root>/maps/<layout>/GUARD_*           the maps (pinned by name), per map layout
 //! <root>/<hook>_program                  each program currently attached (see [`Hook`])
 //! <root>/links/xdp-<ifindex>             one link per uplink and hook: XDP ingress,
 //! <root>/links/tc-egress-<ifindex>         TCX egress,
@@ -78,8 +78,28 @@ impl Pins {
         self.root.exists()
     }
 
+    /// The maps of this build's layout (see [`guard_common::maps::LAYOUT`]).
     pub fn maps_dir(&self) -> PathBuf {
+        self.layouts_dir().join(format!("{:08x}", guard_common::maps::LAYOUT))
+    }
+
+    /// Where every layout's map directory lives.
+    pub fn layouts_dir(&self) -> PathBuf {
         self.root.join("maps")
+    }
+
+    /// Map directories of other layouts (left by an agent of another version).
+    pub fn other_layouts(&self) -> Vec<PathBuf> {
+        let current = self.maps_dir();
+        fs::read_dir(self.layouts_dir())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir() && *p != current)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -104,7 +124,7 @@ impl Pins {
         if !is_bpffs(existing) {
             return Err(PinError::NotBpffs { dir: existing.to_path_buf() });
         }
-        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
+        for dir in [self.root.clone(), self.layouts_dir(), self.maps_dir(), self.links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| PinError::CreateDir { path: dir, source })?;
         }
         Ok(())
@@ -146,7 +166,11 @@ mod tests {
     #[test]
     fn layout_under_one_root() {
         let pins = Pins::new("/sys/fs/bpf/guard");
-        assert_eq!(pins.map("GUARD_ADDRS"), Path::new("/sys/fs/bpf/guard/maps/GUARD_ADDRS"));
+        let layout = format!("{:08x}", guard_common::maps::LAYOUT);
+        assert_eq!(
+            pins.map("GUARD_ADDRS"),
+            Path::new("/sys/fs/bpf/guard/maps").join(layout).join("GUARD_ADDRS")
+        );
         assert_eq!(pins.link(Hook::Xdp, 7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
         assert_eq!(pins.link(Hook::TcEgress, 7), Path::new("/sys/fs/bpf/guard/links/tc-egress-7"));
         assert!(pins.program(Hook::TcEgress).starts_with(pins.root()));

@@ -29,13 +29,23 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for hook in Hook::ALL {
         remove_file(&pins.program(hook))?;
     }
+    // Every layout's maps: this build's and any an agent of another version left.
     let mut maps = 0;
-    for name in names::ALL {
-        if remove_file(&pins.map(name))? {
-            maps += 1;
+    let layouts = fs::read_dir(pins.layouts_dir())
+        .map(|e| e.flatten().map(|e| e.path()).collect())
+        .unwrap_or(Vec::new());
+    for layout in &layouts {
+        for name in names::ALL {
+            if remove_file(&layout.join(name))? {
+                maps += 1;
+            }
         }
     }
-    for dir in [pins.links_dir(), pins.maps_dir(), pins.root().to_path_buf()] {
+    for dir in layouts.iter().cloned().chain([
+        pins.links_dir(),
+        pins.layouts_dir(),
+        pins.root().to_path_buf(),
+    ]) {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
