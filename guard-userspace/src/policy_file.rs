@@ -392,6 +392,14 @@ mode = "enforce"
     }
 
     #[test]
+    fn the_example_file_in_the_repo_parses() {
+        let text = include_str!("../../examples/guard.toml");
+        let f = parse(text, "examples/guard.toml").unwrap();
+        assert_eq!((f.mode, f.rules.len(), f.trusted_sources.len()), (Mode::Enforce, 4, 2));
+        assert!(f.rules[2].replace && f.rules[2].openings.is_empty());
+    }
+
+    #[test]
     fn a_missing_file_is_the_default_policy() {
         assert_eq!(load(Path::new("/nonexistent/guard.toml")).unwrap(), PolicyFile::default());
     }
