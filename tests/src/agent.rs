@@ -1,6 +1,7 @@
 //! The `guard` agent under test, run as a child process with its own pin directory.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -62,6 +64,14 @@ impl Agent {
             command.args(["--iface", iface]);
         }
         command.arg("--pin-dir").arg(&pin_dir);
+        // If the test process is killed outright, take the agent down with it rather than
+        // leave it running against a vanished test bed; its pins are then leftovers that
+        // the next run unloads. (The signal fires when the spawning thread exits; the agent
+        // never outlives the test thread that owns it anyway.)
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| Ok(set_pdeathsig(Signal::SIGTERM)?));
+        }
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,12 +81,7 @@ impl Agent {
         let log = Arc::new(Mutex::new(String::new()));
         collect_lines(child.stdout.take(), &log);
         collect_lines(child.stderr.take(), &log);
-        let mut agent = Self {
-            child: Some(child),
-            pin_dir,
-            log,
-            unloaded: false,
-        };
+        let mut agent = Self { child: Some(child), pin_dir, log, unloaded: false };
         agent.wait_ready();
         agent
     }
@@ -86,10 +91,7 @@ impl Agent {
         while !self.log().contains(READY_MARKER) {
             let child = self.child.as_mut().expect("agent running");
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "guard run exited ({status}) before `{READY_MARKER}`:\n{}",
-                    self.log()
-                );
+                panic!("guard run exited ({status}) before `{READY_MARKER}`:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
@@ -112,10 +114,7 @@ impl Agent {
     /// `guard status` for this agent's pins, or why it failed.
     pub fn status(&self) -> String {
         let pin_dir = self.pin_dir.to_string_lossy();
-        match try_run(
-            &guard_bin().to_string_lossy(),
-            &["status", "--pin-dir", &pin_dir],
-        ) {
+        match try_run(&guard_bin().to_string_lossy(), &["status", "--pin-dir", &pin_dir]) {
             Ok(out) | Err(out) => out,
         }
     }
@@ -127,10 +126,7 @@ impl Agent {
         match status {
             Some(status) if status.success() => {}
             Some(status) => panic!("guard run exited with {status} on SIGTERM:\n{}", self.log()),
-            None => panic!(
-                "guard run ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}",
-                self.log()
-            ),
+            None => panic!("guard run ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}", self.log()),
         }
     }
 
@@ -176,7 +172,7 @@ impl Drop for Agent {
         {
             // Panicking during an unwind aborts the test binary; report instead.
             if failing {
-                eprintln!("cleanup: {e}");
+                cmd::warn(format!("cleanup: {e}"));
             } else {
                 panic!("{e}\nagent log:\n{}", self.log());
             }
@@ -187,10 +183,7 @@ impl Drop for Agent {
 /// `guard unload --pin-dir DIR`, then checks that DIR is gone.
 fn unload_pins(pin_dir: &Path) -> Result<(), String> {
     let dir = pin_dir.to_string_lossy();
-    try_run(
-        &guard_bin().to_string_lossy(),
-        &["unload", "--pin-dir", &dir],
-    )?;
+    try_run(&guard_bin().to_string_lossy(), &["unload", "--pin-dir", &dir])?;
     if pin_dir.exists() {
         return Err(format!("`guard unload` left {dir} behind"));
     }
@@ -228,7 +221,7 @@ pub(crate) fn remove_leftover_pins() {
         if pid.is_empty() || Path::new("/proc").join(pid).exists() {
             continue;
         }
-        eprintln!("removing leftover pins {}", entry.path().display());
+        cmd::warn(format!("removing leftover pins {}", entry.path().display()));
         let unloaded = find_guard_bin().is_some() && unload_pins(&entry.path()).is_ok();
         if !unloaded {
             let _ = std::fs::remove_dir_all(entry.path());

@@ -1,7 +1,8 @@
 //! Running the external tools of the test bed (`ip`, `iptables`, `docker`, `guard`) with a
 //! time limit, so a wedged daemon fails the test instead of hanging it.
 
-use std::io::Read;
+use std::fmt::Display;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
@@ -51,11 +52,7 @@ pub fn output(command: &mut Command, timeout: Duration) -> Result<Output, String
     let status = wait_bounded(&mut child, timeout);
     let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
     match status {
-        Some(status) => Ok(Output {
-            status,
-            stdout,
-            stderr,
-        }),
+        Some(status) => Ok(Output { status, stdout, stderr }),
         None => Err(format!(
             "still running after {timeout:?}, killed; stderr: {}",
             String::from_utf8_lossy(&stderr).trim()
@@ -92,7 +89,12 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>
 /// The first executable named `program` on `$PATH`.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
+}
+
+/// Reports a cleanup problem or a leftover being removed. Straight to stderr, past libtest's
+/// capture, which would swallow it for a test that passes: a host left changed must never
+/// go unnoticed.
+pub fn warn(message: impl Display) {
+    let _ = writeln!(std::io::stderr(), "e2e test bed: {message}");
 }

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::cmd::{self, run, try_run};
-use crate::probe;
+use crate::probe::{self, EchoServer};
 
 /// Prefix of every container and network the test bed creates.
 pub const PREFIX: &str = "guard-e2e-";
@@ -15,11 +15,7 @@ pub const PREFIX: &str = "guard-e2e-";
 /// The docker CLI. The test bed talks to a 20.10 daemon (API 1.41); Debian's docker.io puts
 /// the matching client in /usr/bin, which a newer client earlier on `$PATH` would not be.
 pub fn docker_bin() -> &'static str {
-    if Path::new("/usr/bin/docker").is_file() {
-        "/usr/bin/docker"
-    } else {
-        "docker"
-    }
+    if Path::new("/usr/bin/docker").is_file() { "/usr/bin/docker" } else { "docker" }
 }
 
 /// `docker args`, stdout; panics with stderr on failure.
@@ -37,7 +33,7 @@ pub(crate) fn require_daemon_and_image() {
         Path::new("/usr/bin/docker").is_file() || cmd::find_in_path("docker").is_some(),
         "docker CLI not found: apt-get install -y docker.io"
     );
-    if let Err(e) = try_run(docker_bin(), &["info", "--format", "{{.ServerVersion}}"]) {
+    if let Err(e) = try_run(docker_bin(), &["version", "--format", "{{.Server.Version}}"]) {
         panic!("dockerd is not answering ({e}): start it with `dockerd > /tmp/dockerd.log 2>&1 &`");
     }
     let image = image();
@@ -53,12 +49,12 @@ pub(crate) fn remove_leftovers() {
     let filter = format!("name={PREFIX}");
     let containers = docker(&["ps", "-aq", "--filter", &filter]);
     for id in containers.split_whitespace() {
-        eprintln!("removing leftover container {id}");
+        cmd::warn(format!("removing leftover container {id}"));
         let _ = try_run(docker_bin(), &["rm", "-f", "-v", id]);
     }
     let networks = docker(&["network", "ls", "-q", "--filter", &filter]);
     for id in networks.split_whitespace() {
-        eprintln!("removing leftover network {id}");
+        cmd::warn(format!("removing leftover network {id}"));
         let _ = try_run(docker_bin(), &["network", "rm", id]);
     }
 }
@@ -77,10 +73,7 @@ impl Network {
     /// `subnet_v4` like "10.250.0.0/24"; its gateway is the subnet's first address, as
     /// Docker would pick. Likewise for `v6` ("fd00:250::/64").
     pub fn create(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
-        assert!(
-            name.starts_with(PREFIX),
-            "network {name} lacks the test prefix"
-        );
+        assert!(name.starts_with(PREFIX), "network {name} lacks the test prefix");
         let gateway_v4 = first_host_v4(subnet_v4);
         let mut args = vec![
             "network".to_owned(),
@@ -95,12 +88,7 @@ impl Network {
         }
         args.push(name.to_owned());
         docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        Self {
-            name: name.to_owned(),
-            subnet_v4: subnet_v4.to_owned(),
-            gateway_v4,
-            v6,
-        }
+        Self { name: name.to_owned(), subnet_v4: subnet_v4.to_owned(), gateway_v4, v6 }
     }
 
     pub fn name(&self) -> &str {
@@ -119,7 +107,7 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         if let Err(e) = try_run(docker_bin(), &["network", "rm", &self.name]) {
-            eprintln!("cleanup: {e}");
+            cmd::warn(format!("cleanup: {e}"));
         }
     }
 }
@@ -177,18 +165,9 @@ impl Container {
         for publish in spec.publish {
             args.push(format!("--publish={publish}"));
         }
-        args.extend([
-            image(),
-            "sh".to_owned(),
-            "-c".to_owned(),
-            spec.command.to_owned(),
-        ]);
+        args.extend([image(), "sh".to_owned(), "-c".to_owned(), spec.command.to_owned()]);
         docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let container = Self {
-            name,
-            ip: spec.ip,
-            ip6: spec.ip6,
-        };
+        let container = Self { name, ip: spec.ip, ip6: spec.ip6 };
         if let Some(ip) = spec.ip {
             for &port in spec.listens_on {
                 probe::wait_for_tcp(SocketAddr::from((ip, port)), Duration::from_secs(15));
@@ -203,22 +182,17 @@ impl Container {
 
     /// The fixed IPv4 address it was started with.
     pub fn ip(&self) -> Ipv4Addr {
-        self.ip
-            .unwrap_or_else(|| panic!("{} was started without --ip", self.name))
+        self.ip.unwrap_or_else(|| panic!("{} was started without --ip", self.name))
     }
 
     pub fn ip6(&self) -> Ipv6Addr {
-        self.ip6
-            .unwrap_or_else(|| panic!("{} was started without --ip6", self.name))
+        self.ip6.unwrap_or_else(|| panic!("{} was started without --ip6", self.name))
     }
 
     /// `docker exec NAME args`; the caller judges the exit status.
     pub fn exec(&self, args: &[&str]) -> Output {
         cmd::output(
-            Command::new(docker_bin())
-                .arg("exec")
-                .arg(&self.name)
-                .args(args),
+            Command::new(docker_bin()).arg("exec").arg(&self.name).args(args),
             cmd::COMMAND_TIMEOUT,
         )
         .unwrap_or_else(|e| panic!("docker exec {} {args:?}: {e}", self.name))
@@ -233,12 +207,18 @@ impl Container {
         assert!(pid != "0", "{} is not running", self.name);
         PathBuf::from(format!("/proc/{pid}/ns/net"))
     }
+
+    /// A UDP echo server on `addr` inside the container's network namespace: busybox has no
+    /// UDP server, and to the network it is a listener in the container like any other.
+    pub fn udp_echo(&self, addr: SocketAddr, lifetime: Duration) -> EchoServer {
+        EchoServer::udp(self.netns_path(), addr, lifetime)
+    }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
         if let Err(e) = try_run(docker_bin(), &["rm", "-f", "-v", &self.name]) {
-            eprintln!("cleanup: {e}");
+            cmd::warn(format!("cleanup: {e}"));
         }
     }
 }

@@ -13,13 +13,60 @@ pub mod host;
 pub mod netns;
 pub mod probe;
 
-/// Checks what the privileged tiers need and removes leftovers of crashed runs. Call it
-/// first in every test: a test bed that is not there must fail loudly, never skip.
-pub fn prepare_test_bed() {
+use std::fs::{File, OpenOptions};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+/// Exclusive use of the test bed, held for a test's whole life (drop it last).
+///
+/// The tests share fixed names, addresses and host settings, and each run removes whatever
+/// carries the test prefixes as leftovers of a crashed run: two tests must never overlap,
+/// neither two threads (someone forgot `--test-threads=1`) nor two processes (two people or
+/// tiers running the suite at once). An flock does both: every caller opens the file anew,
+/// and the kernel drops the lock when a killed run's file is closed.
+pub struct Exclusive {
+    _lock: Flock<File>,
+}
+
+const LOCK_PATH: &str = "/run/guard-e2e.lock";
+/// A whole run takes well under a minute; anything longer is a stuck run to look at.
+const LOCK_WAIT: Duration = Duration::from_secs(300);
+
+fn lock_test_bed() -> Exclusive {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_PATH)
+            .unwrap_or_else(|e| panic!("open {LOCK_PATH}: {e}"));
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Exclusive { _lock: lock },
+            Err((_, Errno::EWOULDBLOCK)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "another end-to-end run has held {LOCK_PATH} for {LOCK_WAIT:?}"
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+            Err((_, e)) => panic!("flock {LOCK_PATH}: {e}"),
+        }
+    }
+}
+
+/// Checks what the privileged tiers need, takes the test bed for this test, and removes
+/// leftovers of crashed runs. Call it first in every test and keep the returned guard until
+/// the test's resources are gone: a test bed that is not there must fail loudly, never skip.
+pub fn prepare_test_bed() -> Exclusive {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the end-to-end tests need root (namespaces, veths, XDP): run them with `cargo xtask test`"
     );
+    let exclusive = lock_test_bed();
     for tool in ["ip", "iptables"] {
         assert!(
             cmd::find_in_path(tool).is_some(),
@@ -29,12 +76,15 @@ pub fn prepare_test_bed() {
     docker::require_daemon_and_image();
     host::ensure_bpffs();
     remove_leftovers();
+    exclusive
 }
 
 /// Removes what a run killed before its drops ran may have left: containers and networks
-/// first (they hold the bridge), then namespaces, host-side veths and agent pin dirs.
+/// first (they hold the bridge), then namespaces, host-side veths, agent pin dirs, and the
+/// host settings it changed.
 fn remove_leftovers() {
     docker::remove_leftovers();
     netns::remove_leftovers();
     agent::remove_leftover_pins();
+    host::restore_leftover_settings();
 }

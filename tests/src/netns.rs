@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::cmd::{run, try_run};
-use crate::probe::{self, EchoServer};
+use crate::cmd::{self, run, try_run};
+use crate::probe::{self, EchoServer, Proto};
 
 /// Prefix of every namespace the test bed creates.
 pub const NETNS_PREFIX: &str = "guard-e2e-";
@@ -34,9 +34,7 @@ pub fn in_netns<R: Send>(ns: &Path, f: impl FnOnce() -> R + Send) -> R {
             f()
         });
         // Re-raise a panic of `f` with its own message rather than a generic one.
-        worker
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
@@ -47,14 +45,9 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Self {
-        assert!(
-            name.starts_with(NETNS_PREFIX),
-            "namespace {name} lacks the test prefix"
-        );
+        assert!(name.starts_with(NETNS_PREFIX), "namespace {name} lacks the test prefix");
         run("ip", &["netns", "add", name]);
-        let ns = Self {
-            name: name.to_owned(),
-        };
+        let ns = Self { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -83,7 +76,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = try_run("ip", &["netns", "del", &self.name]) {
-            eprintln!("cleanup: {e}");
+            cmd::warn(format!("cleanup: {e}"));
         }
     }
 }
@@ -98,29 +91,12 @@ pub struct Veth {
 
 impl Veth {
     pub fn new(host: &str, peer: &str, peer_ns: &Netns) -> Self {
-        assert!(
-            host.starts_with(LINK_PREFIX),
-            "interface {host} lacks the test prefix"
-        );
+        assert!(host.starts_with(LINK_PREFIX), "interface {host} lacks the test prefix");
         run(
             "ip",
-            &[
-                "link",
-                "add",
-                host,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-                "netns",
-                peer_ns.name(),
-            ],
+            &["link", "add", host, "type", "veth", "peer", "name", peer, "netns", peer_ns.name()],
         );
-        let veth = Self {
-            host: host.to_owned(),
-            peer: peer.to_owned(),
-        };
+        let veth = Self { host: host.to_owned(), peer: peer.to_owned() };
         run("ip", &["link", "set", host, "up"]);
         peer_ns.ip(&["link", "set", peer, "up"]);
         veth
@@ -140,7 +116,7 @@ impl Drop for Veth {
         if link_exists(&self.host)
             && let Err(e) = try_run("ip", &["link", "del", &self.host])
         {
-            eprintln!("cleanup: {e}");
+            cmd::warn(format!("cleanup: {e}"));
         }
     }
 }
@@ -179,16 +155,7 @@ impl OutsideHost {
         let netns = Netns::new(&format!("{NETNS_PREFIX}{name}"));
         let veth = Veth::new(&format!("{LINK_PREFIX}{name}-h"), "uplink0", &netns);
         let host = Self { veth, netns, n };
-        run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", host.host_v4()),
-                "dev",
-                host.host_end(),
-            ],
-        );
+        run("ip", &["addr", "add", &format!("{}/24", host.host_v4()), "dev", host.host_end()]);
         // nodad: an address is unusable while duplicate detection runs (about a second),
         // and nothing else can hold it on a point-to-point veth.
         run(
@@ -204,23 +171,12 @@ impl OutsideHost {
             ],
         );
         let peer = host.veth.peer().to_owned();
-        host.netns
-            .ip(&["addr", "add", &format!("{}/24", host.v4()), "dev", &peer]);
-        host.netns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", host.v6()),
-            "dev",
-            &peer,
-            "nodad",
-        ]);
+        host.netns.ip(&["addr", "add", &format!("{}/24", host.v4()), "dev", &peer]);
+        host.netns.ip(&["-6", "addr", "add", &format!("{}/64", host.v6()), "dev", &peer, "nodad"]);
         // The probes' worth rests on running inside the namespace (the root namespace reaches
         // every container anyway): only there can a socket bind the host's own addresses.
         let (v4, v6) = (host.v4(), host.v6());
-        let bound = host
-            .netns
-            .run(|| UdpSocket::bind((v4, 0)).and(UdpSocket::bind((v6, 0))));
+        let bound = host.netns.run(|| UdpSocket::bind((v4, 0)).and(UdpSocket::bind((v6, 0))));
         bound.unwrap_or_else(|e| panic!("cannot bind {v4} / {v6} in {}: {e}", host.netns.name()));
         host
     }
@@ -262,28 +218,25 @@ impl OutsideHost {
         } else {
             IpAddr::from(self.host_v4())
         };
-        self.netns
-            .ip(&["route", "add", subnet, "via", &via.to_string()]);
+        self.netns.ip(&["route", "add", subnet, "via", &via.to_string()]);
     }
 
-    /// Whether a TCP handshake from this host to `addr` completes within
-    /// [`probe::PROBE_TIMEOUT`].
-    pub fn tcp_connect(&self, addr: SocketAddr) -> bool {
-        self.netns.run(|| probe::tcp_connect(addr))
+    /// Whether a TCP handshake from this host to `addr` completes within `timeout`.
+    pub fn tcp_connect(&self, addr: SocketAddr, timeout: Duration) -> bool {
+        self.netns.run(|| probe::tcp_connect(addr, timeout))
     }
 
-    /// [`Self::tcp_connect`] for many targets at once, in parallel: a dropped SYN costs the
-    /// full timeout, and the scenarios probe dozens of closed ports.
-    pub fn tcp_connect_all(&self, addrs: &[SocketAddr]) -> Vec<bool> {
+    /// [`probe::reachable`] for many targets at once, in parallel: a dropped packet costs
+    /// the full timeout, and the scenarios probe dozens of closed ports.
+    pub fn reachable_all(&self, targets: &[(Proto, SocketAddr, Duration)]) -> Vec<bool> {
         thread::scope(|scope| {
-            let probes: Vec<_> = addrs
+            let probes: Vec<_> = targets
                 .iter()
-                .map(|&addr| scope.spawn(move || self.tcp_connect(addr)))
+                .map(|&(proto, addr, timeout)| {
+                    scope.spawn(move || self.netns.run(|| probe::reachable(proto, addr, timeout)))
+                })
                 .collect();
-            probes
-                .into_iter()
-                .map(|p| p.join().expect("probe thread panicked"))
-                .collect()
+            probes.into_iter().map(|p| p.join().expect("probe thread panicked")).collect()
         })
     }
 
@@ -305,7 +258,7 @@ pub(crate) fn remove_leftovers() {
         // Lines look like "guard-e2e-a (id: 3)" or just "guard-e2e-a".
         let name = line.split_whitespace().next().unwrap_or_default();
         if name.starts_with(NETNS_PREFIX) {
-            eprintln!("removing leftover namespace {name}");
+            cmd::warn(format!("removing leftover namespace {name}"));
             let _ = try_run("ip", &["netns", "del", name]);
         }
     }
@@ -315,7 +268,7 @@ pub(crate) fn remove_leftovers() {
     for link in links.flatten() {
         let name = link.file_name().to_string_lossy().into_owned();
         if name.starts_with(LINK_PREFIX) {
-            eprintln!("removing leftover interface {name}");
+            cmd::warn(format!("removing leftover interface {name}"));
             let _ = try_run("ip", &["link", "del", &name]);
         }
     }

@@ -3,7 +3,7 @@
 //! [`crate::netns::in_netns`]).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,82 +19,118 @@ use nix::sys::time::{TimeVal, TimeValLike};
 
 use crate::netns::in_netns;
 
-/// How long a probe waits for an answer. Everything is one veth hop away, so an answer
-/// takes well under a millisecond; a silent drop costs this much.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The timeout of a probe that expects silence, i.e. what a silent drop costs. Everything
+/// is one veth hop away: an answer takes well under a millisecond on an idle machine.
+pub const QUICK: Duration = Duration::from_secs(1);
+/// The timeout of a probe that must get through: it outlasts the first SYN retransmission
+/// (at 1 s), which a loaded 2-core machine occasionally needs (seen once: a forking busybox
+/// httpd missed a 1 s handshake while the outside hosts probed it).
+pub const PATIENT: Duration = Duration::from_secs(3);
 
-/// Whether a TCP handshake to `addr` completes within [`PROBE_TIMEOUT`].
-pub fn tcp_connect(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok()
+/// A transport protocol, for probes and echo servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
 }
 
-/// [`tcp_connect`] to many targets in parallel, from the caller's namespace (the root one:
-/// threads inherit the namespace of the thread that creates them).
-pub fn tcp_connect_all(addrs: &[SocketAddr]) -> Vec<bool> {
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// Whether a TCP handshake to `addr` completes within `timeout`.
+pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
+
+/// Whether `addr` answers: a TCP handshake, or for UDP a datagram echoed back (the test
+/// bed's UDP listeners are echo servers), within `timeout`.
+pub fn reachable(proto: Proto, addr: SocketAddr, timeout: Duration) -> bool {
+    match proto {
+        Proto::Tcp => tcp_connect(addr, timeout),
+        Proto::Udp => {
+            let any = SocketAddr::new(unspecified(addr), 0);
+            udp_roundtrip(any, addr, b"probe", timeout).as_deref() == Some(b"probe")
+        }
+    }
+}
+
+/// [`reachable`] for many targets in parallel (a silent drop costs the full timeout), from
+/// the caller's namespace: threads start in the namespace of the thread that creates them.
+pub fn reachable_all(targets: &[(Proto, SocketAddr, Duration)]) -> Vec<bool> {
     thread::scope(|scope| {
-        let probes: Vec<_> = addrs
+        let probes: Vec<_> = targets
             .iter()
-            .map(|&addr| scope.spawn(move || tcp_connect(addr)))
+            .map(|&(proto, addr, timeout)| scope.spawn(move || reachable(proto, addr, timeout)))
             .collect();
-        probes
-            .into_iter()
-            .map(|p| p.join().expect("probe thread panicked"))
-            .collect()
+        probes.into_iter().map(|p| p.join().expect("probe thread panicked")).collect()
     })
+}
+
+/// The wildcard address of `addr`'s family.
+pub fn unspecified(addr: SocketAddr) -> IpAddr {
+    match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 /// Waits (bounded) until `addr` accepts TCP connections: containers start their listeners a
 /// moment after `docker run` returns.
 pub fn wait_for_tcp(addr: SocketAddr, within: Duration) {
     let deadline = Instant::now() + within;
-    while !tcp_connect(addr) {
-        assert!(
-            Instant::now() < deadline,
-            "{addr} does not accept connections after {within:?}"
-        );
+    while !tcp_connect(addr, QUICK) {
+        assert!(Instant::now() < deadline, "{addr} does not accept connections after {within:?}");
         thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Sends `payload` from a UDP socket bound to `local` to `remote` and returns the first
-/// datagram that comes back from `remote` within [`PROBE_TIMEOUT`], if any.
-pub fn udp_roundtrip(local: SocketAddr, remote: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+/// datagram that comes back within `timeout`, if any. From any address:
+/// docker-proxy, which serves published ports on v6, answers a datagram sent to one host
+/// address (a bridge gateway) from whichever address routing picks (the link's).
+pub fn udp_roundtrip(
+    local: SocketAddr,
+    remote: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
     let socket = UdpSocket::bind(local).unwrap_or_else(|e| panic!("bind UDP {local}: {e}"));
-    socket
-        .set_read_timeout(Some(PROBE_TIMEOUT))
-        .expect("set UDP read timeout");
-    socket
-        .send_to(payload, remote)
-        .unwrap_or_else(|e| panic!("send UDP to {remote}: {e}"));
+    socket.set_read_timeout(Some(timeout)).expect("set UDP read timeout");
+    socket.send_to(payload, remote).ok()?;
     let mut buf = [0u8; 512];
     match socket.recv_from(&mut buf) {
-        Ok((n, from)) if from == remote => Some(buf[..n].to_vec()),
+        Ok((n, _)) => Some(buf[..n].to_vec()),
         _ => None,
     }
 }
 
 /// Connects from `local` (a fixed source port, which std's `TcpStream` cannot do) to
 /// `remote`, sends `payload` and returns what comes back before the peer closes or
-/// [`PROBE_TIMEOUT`] passes; `None` if the handshake does not complete in time.
-pub fn tcp_roundtrip(local: SocketAddr, remote: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
-    let family = if local.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
+/// `timeout` passes; `None` if the handshake does not complete within `timeout`.
+pub fn tcp_roundtrip(
+    local: SocketAddr,
+    remote: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let family = if local.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("TCP socket");
     // The same source port is used again by later checks; a TIME_WAIT must not stop it.
     setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
     bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
         .unwrap_or_else(|e| panic!("bind TCP {local}: {e}"));
     // SO_SNDTIMEO bounds a blocking connect() on Linux.
-    let timeout = TimeVal::milliseconds(PROBE_TIMEOUT.as_millis() as i64);
-    setsockopt(&fd, sockopt::SendTimeout, &timeout).expect("SO_SNDTIMEO");
+    let connect_timeout = TimeVal::milliseconds(timeout.as_millis() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &connect_timeout).expect("SO_SNDTIMEO");
     connect(fd.as_raw_fd(), &SockaddrStorage::from(remote)).ok()?;
     let mut stream = TcpStream::from(fd);
-    stream
-        .set_read_timeout(Some(PROBE_TIMEOUT))
-        .expect("TCP read timeout");
+    stream.set_read_timeout(Some(timeout)).expect("TCP read timeout");
     stream.write_all(payload).ok()?;
     let mut reply = Vec::new();
     // A timeout after part of the reply still returns that part.
@@ -109,12 +145,6 @@ pub struct EchoServer {
     stop: Arc<AtomicBool>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Clone, Copy)]
-enum Proto {
-    Tcp,
-    Udp,
 }
 
 /// How often the serving loop looks at its stop flag and deadline.
@@ -146,9 +176,7 @@ impl EchoServer {
                                 Ok(l) => l,
                                 Err(e) => return bound_tx.send(Err(e)).unwrap(),
                             };
-                            listener
-                                .set_nonblocking(true)
-                                .expect("nonblocking listener");
+                            listener.set_nonblocking(true).expect("nonblocking listener");
                             bound_tx.send(Ok(())).unwrap();
                             serve_tcp(&listener, &peers, running);
                         }
@@ -157,9 +185,7 @@ impl EchoServer {
                                 Ok(s) => s,
                                 Err(e) => return bound_tx.send(Err(e)).unwrap(),
                             };
-                            socket
-                                .set_read_timeout(Some(POLL))
-                                .expect("UDP read timeout");
+                            socket.set_read_timeout(Some(POLL)).expect("UDP read timeout");
                             bound_tx.send(Ok(())).unwrap();
                             serve_udp(&socket, &peers, running);
                         }
@@ -173,11 +199,7 @@ impl EchoServer {
             Ok(Err(e)) => panic!("echo server cannot bind {addr}: {e}"),
             Err(e) => panic!("echo server on {addr} did not start: {e}"),
         }
-        Self {
-            stop,
-            peers,
-            thread: Some(thread),
-        }
+        Self { stop, peers, thread: Some(thread) }
     }
 
     /// The source addresses of everything echoed so far, as the server saw them.
@@ -191,10 +213,10 @@ fn serve_tcp(listener: &TcpListener, peers: &Mutex<Vec<SocketAddr>>, running: im
         match listener.accept() {
             Ok((mut conn, peer)) => {
                 peers.lock().unwrap().push(peer);
-                // One read is enough for the one-line payloads the tests send; closing
-                // afterwards lets a client like busybox nc exit.
+                // One read is enough for the tiny payloads the tests send; closing afterwards
+                // ends the client's read.
                 let _ = conn.set_nonblocking(false);
-                let _ = conn.set_read_timeout(Some(PROBE_TIMEOUT));
+                let _ = conn.set_read_timeout(Some(PATIENT));
                 let mut buf = [0u8; 512];
                 if let Ok(n) = conn.read(&mut buf) {
                     let _ = conn.write_all(&buf[..n]);

@@ -12,8 +12,8 @@ use tests::agent::Agent;
 use tests::docker::{Container, ContainerSpec, Network};
 use tests::host::RoutingHost;
 use tests::netns::{OutsideHost, in_netns, xdp_attached};
-use tests::prepare_test_bed;
-use tests::probe::{self, EchoServer, Proto, tcp_roundtrip, udp_roundtrip};
+use tests::probe::{self, EchoServer, PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip};
+use tests::{Exclusive, prepare_test_bed};
 
 const SUBNET_V4: &str = "10.250.0.0/24";
 const SUBNET_V6: &str = "fd00:250::/64";
@@ -141,17 +141,18 @@ struct Attempt {
 }
 
 /// Everything a scenario runs against. Field order is drop order: outside hosts, then the
-/// project, then the host settings.
+/// project, then the host settings, and the exclusive hold on the test bed last.
 struct Bed {
     a: OutsideHost,
     b: OutsideHost,
     project: Project,
     _routing: RoutingHost,
+    _exclusive: Exclusive,
 }
 
 impl Bed {
     fn new() -> Self {
-        prepare_test_bed();
+        let exclusive = prepare_test_bed();
         let project = Project::start();
         let routing = RoutingHost::enable();
         let outside = |name, n| {
@@ -160,7 +161,8 @@ impl Bed {
             host.route_via_host(SUBNET_V6);
             host
         };
-        Self { a: outside("a", 1), b: outside("b", 2), project, _routing: routing }
+        let (a, b) = (outside("a", 1), outside("b", 2));
+        Self { a, b, project, _routing: routing, _exclusive: exclusive }
     }
 
     /// The host ends of the outside links: the uplinks the agent guards.
@@ -209,7 +211,11 @@ impl Bed {
         let mut wrong = Vec::new();
         for (tag, host) in [("A", &self.a), ("B", &self.b)] {
             let attempts = self.outside_attempts(host, guarded);
-            let targets: Vec<_> = attempts.iter().map(|t| (t.proto, t.addr)).collect();
+            // Patience only where an answer is expected: silence costs the full timeout.
+            let targets: Vec<_> = attempts
+                .iter()
+                .map(|t| (t.proto, t.addr, if t.expected { PATIENT } else { QUICK }))
+                .collect();
             let reached = host.reachable_all(&targets);
             for (attempt, reached) in attempts.iter().zip(reached) {
                 let line = format!(
@@ -241,18 +247,19 @@ impl Bed {
     fn check_host_reaches_containers(&self) {
         let mut targets = Vec::new();
         for t in self.project.targets() {
-            targets.push((t.proto, SocketAddr::new(t.container.ip().into(), t.port)));
-            targets.push((t.proto, SocketAddr::new(t.container.ip6().into(), t.port)));
+            let mut target = |addr| targets.push((t.proto, addr, PATIENT));
+            target(SocketAddr::new(t.container.ip().into(), t.port));
+            target(SocketAddr::new(t.container.ip6().into(), t.port));
             if let Some(host_port) = t.published {
-                targets.push((t.proto, SocketAddr::from(([127, 0, 0, 1], host_port))));
-                targets.push((t.proto, SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], host_port))));
+                target(SocketAddr::from(([127, 0, 0, 1], host_port)));
+                target(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], host_port)));
             }
         }
         let blocked: Vec<_> = targets
             .iter()
             .zip(probe::reachable_all(&targets))
             .filter(|(_, reached)| !reached)
-            .map(|((proto, addr), _)| format!("{addr}/{proto}"))
+            .map(|((proto, addr, _), _)| format!("{addr}/{proto}"))
             .collect();
         assert!(blocked.is_empty(), "the host cannot reach {}", blocked.join(", "));
     }
@@ -284,7 +291,8 @@ impl Bed {
         // UDP, from the container's own stack (busybox has no UDP client).
         for dns in [IpAddr::from(p.dns.ip()), p.dns.ip6().into()] {
             let addr = SocketAddr::new(dns, 5353);
-            let reached = in_netns(&p.api.netns_path(), || probe::reachable(Proto::Udp, addr));
+            let reached =
+                in_netns(&p.api.netns_path(), || probe::reachable(Proto::Udp, addr, PATIENT));
             assert!(reached, "api cannot reach {addr}/udp");
         }
     }
@@ -322,14 +330,16 @@ impl Bed {
                 let (echo, reply) = match proto {
                     Proto::Tcp => {
                         let echo = a.tcp_echo(remote, Duration::from_secs(30));
-                        let reply =
-                            in_netns(&api.netns_path(), || tcp_roundtrip(local, remote, payload));
+                        let reply = in_netns(&api.netns_path(), || {
+                            tcp_roundtrip(local, remote, payload, PATIENT)
+                        });
                         (echo, reply)
                     }
                     Proto::Udp => {
                         let echo = a.udp_echo(remote, Duration::from_secs(30));
-                        let reply =
-                            in_netns(&api.netns_path(), || udp_roundtrip(local, remote, payload));
+                        let reply = in_netns(&api.netns_path(), || {
+                            udp_roundtrip(local, remote, payload, PATIENT)
+                        });
                         (echo, reply)
                     }
                 };
@@ -378,7 +388,10 @@ fn without_agent_outside_hosts_reach_every_container_port() {
 fn with_agent_outside_hosts_reach_only_what_labels_open() {
     let bed = Bed::new();
     let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
-    assert!(bed.a.tcp_connect(db), "test bed broken: A cannot reach {db} before the agent runs");
+    assert!(
+        bed.a.tcp_connect(db, PATIENT),
+        "test bed broken: A cannot reach {db} before the agent runs"
+    );
 
     let agent = bed.start_agent();
     bed.check_outside(true);
@@ -401,11 +414,14 @@ fn stopped_agent_keeps_protection_until_unloaded() {
     let db_published = SocketAddr::new(bed.a.host_v4().into(), 5432);
 
     let mut agent = bed.start_agent();
-    assert!(!bed.a.tcp_connect(db), "A reaches {db} while the agent runs");
+    assert!(!bed.a.tcp_connect(db, QUICK), "A reaches {db} while the agent runs");
     agent.terminate();
-    assert!(!bed.a.tcp_connect(db), "A reaches {db} once the agent stopped: protection lost");
     assert!(
-        !bed.a.tcp_connect(db_published),
+        !bed.a.tcp_connect(db, QUICK),
+        "A reaches {db} once the agent stopped: protection lost"
+    );
+    assert!(
+        !bed.a.tcp_connect(db_published, QUICK),
         "A reaches {db_published} once the agent stopped: protection lost"
     );
     for uplink in bed.uplinks() {
@@ -416,5 +432,8 @@ fn stopped_agent_keeps_protection_until_unloaded() {
     for uplink in bed.uplinks() {
         assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
     }
-    assert!(bed.a.tcp_connect(db), "after unload A reaches {db} again, as before the agent");
+    assert!(
+        bed.a.tcp_connect(db, PATIENT),
+        "after unload A reaches {db} again, as before the agent"
+    );
 }

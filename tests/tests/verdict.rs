@@ -18,13 +18,13 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use guard_userspace::frames::{Ext, Frame, Transport::*};
 use guard_common::{
     addr::Addr,
     decision::decide,
     maps::{FLOW_TIMEOUT_NS, FlowKey},
     reason::{Decision, Reason, Verdict},
 };
+use guard_userspace::frames::{Ext, Frame, Transport::*};
 use guard_userspace::{
     desired::{Desired, desired_state},
     identities::Identities,
