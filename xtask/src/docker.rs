@@ -39,17 +39,12 @@ pub fn ensure_daemon(target_dir: &Path) -> Result<()> {
         return Ok(());
     }
     let log_path = target_dir.join("dockerd.log");
-    println!(
-        "xtask: starting dockerd in the background (log: {}) ...",
-        log_path.display()
-    );
+    println!("xtask: starting dockerd in the background (log: {}) ...", log_path.display());
     fs::create_dir_all(target_dir)?;
     let log =
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new("dockerd");
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches dockerd from our terminal and
     // process group, so Ctrl-C on xtask or guard does not reach it.
     unsafe {
@@ -71,10 +66,7 @@ pub fn ensure_daemon(target_dir: &Path) -> Result<()> {
             return fail_with_log(&log_path, &format!("dockerd exited ({status})"));
         }
         if Instant::now() >= deadline {
-            return fail_with_log(
-                &log_path,
-                "dockerd did not answer `docker info` within 60 s",
-            );
+            return fail_with_log(&log_path, "dockerd did not answer `docker info` within 60 s");
         }
         sleep(Duration::from_millis(500));
     }
@@ -92,10 +84,7 @@ fn fail_with_log(log_path: &Path, what: &str) -> Result<()> {
 
 /// Build `guard-test:busybox` from Debian's busybox-static unless it exists.
 pub fn ensure_test_image() -> Result<()> {
-    if succeeds_within(
-        docker().args(["image", "inspect", TEST_IMAGE]),
-        INFO_TIMEOUT,
-    ) {
+    if succeeds_within(docker().args(["image", "inspect", TEST_IMAGE]), INFO_TIMEOUT) {
         println!("xtask: test image {TEST_IMAGE} present");
         return Ok(());
     }
@@ -147,9 +136,7 @@ fn import(root: &Path) -> Result<()> {
         .context("running tar")?;
     let tar_out = tar.stdout.take().context("tar has no stdout")?;
     let mut import = docker();
-    import
-        .args(["import", "-c", "ENV PATH=/bin", "-", TEST_IMAGE])
-        .stdin(tar_out);
+    import.args(["import", "-c", "ENV PATH=/bin", "-", TEST_IMAGE]).stdin(tar_out);
     let imported = sh(&mut import);
     let tar_status = tar.wait()?;
     imported?;

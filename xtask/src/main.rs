@@ -1,7 +1,8 @@
-//! `cargo xtask`: prepare this machine, run the agent, run the test tiers.
+//! `cargo xtask`: prepare this machine, run the agent, run the test tiers, benchmark the data path.
 //!
 //! Every step says what it does and does nothing when it is already satisfied.
 
+mod bench;
 mod docker;
 mod run;
 mod setup;
@@ -37,6 +38,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Install the prerequisites, mount bpffs, start dockerd and build the test image.
     Setup,
+    /// Install what is missing, run the data-path benchmark and print its report
+    /// (target/bench/report.{md,json,png}).
+    Bench(bench::BenchArgs),
 }
 
 /// Where the workspace lives.
@@ -59,9 +63,8 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cmd: Cmd) -> Result<bool> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask has no parent directory")?;
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?;
     env::set_current_dir(root).with_context(|| format!("cd {}", root.display()))?;
     match cmd {
         Cmd::Run { args } => {
@@ -76,6 +79,10 @@ fn dispatch(cmd: Cmd) -> Result<bool> {
             require_root("run as root: setup installs packages, mounts bpffs and starts dockerd")?;
             setup::machine(&ctx()?).map(|()| true)
         }
+        Cmd::Bench(args) => {
+            require_root("run as root: the benchmark loads XDP programs and builds a test bed")?;
+            bench::bench(&ctx()?, &args).map(|()| true)
+        }
     }
 }
 
@@ -83,12 +90,9 @@ fn ctx() -> Result<Ctx> {
     let out =
         capture(Command::new("cargo").args(["metadata", "--format-version", "1", "--no-deps"]))?;
     let meta: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
-    let target_dir = meta["target_directory"]
-        .as_str()
-        .context("cargo metadata has no target_directory")?;
-    Ok(Ctx {
-        target_dir: target_dir.into(),
-    })
+    let target_dir =
+        meta["target_directory"].as_str().context("cargo metadata has no target_directory")?;
+    Ok(Ctx { target_dir: target_dir.into() })
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -128,9 +132,7 @@ fn show(cmd: &Command) -> String {
 
 /// Run with inherited stdio; fail unless it exits 0.
 fn sh(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("running {}", show(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", show(cmd));
     }
@@ -139,10 +141,8 @@ fn sh(cmd: &mut Command) -> Result<()> {
 
 /// Run and return its stdout; fail unless it exits 0.
 fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", show(cmd)))?;
+    let out =
+        cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {}", show(cmd)))?;
     if !out.status.success() {
         bail!("{} failed ({})", show(cmd), out.status);
     }
@@ -151,11 +151,8 @@ fn capture(cmd: &mut Command) -> Result<String> {
 
 /// Whether it exits 0 within `timeout` (killed otherwise); output discarded.
 fn succeeds_within(cmd: &mut Command, timeout: Duration) -> bool {
-    let Ok(mut child) = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let Ok(mut child) =
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
     else {
         return false;
     };

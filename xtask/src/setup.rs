@@ -9,15 +9,8 @@ use anyhow::{Context, Result};
 use crate::{Ctx, docker, sh};
 
 /// Debian packages the build (llvm-22-dev), the agent (docker.io) and the tests need.
-const APT_PACKAGES: &[&str] = &[
-    "docker.io",
-    "llvm-22-dev",
-    "busybox-static",
-    "iptables",
-    "iproute2",
-    "bpftool",
-    "nftables",
-];
+const APT_PACKAGES: &[&str] =
+    &["docker.io", "llvm-22-dev", "busybox-static", "iptables", "iproute2", "bpftool", "nftables"];
 
 /// bpf-linker built against Debian's LLVM 22: its BTF is accepted by the kernel.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -66,11 +59,7 @@ fn rust_src() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         println!("xtask: apt packages present: {}", APT_PACKAGES.join(" "));
         return Ok(());
@@ -108,13 +97,7 @@ fn bpf_linker() -> Result<()> {
     );
     sh(Command::new("cargo")
         .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
-        .args([
-            "--locked",
-            "--force",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
+        .args(["--locked", "--force", "--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
 }

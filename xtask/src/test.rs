@@ -43,14 +43,7 @@ impl Tier {
     /// `cargo ARGS -- HARNESS_ARGS user-args`
     fn cargo_args(self) -> &'static [&'static str] {
         match self {
-            Tier::Unit => &[
-                "test",
-                "--workspace",
-                "--exclude",
-                "guard-ebpf",
-                "--exclude",
-                "tests",
-            ],
+            Tier::Unit => &["test", "--workspace", "--exclude", "guard-ebpf", "--exclude", "tests"],
             Tier::Verdict => &["test", "-p", "tests", "--test", "verdict"],
             Tier::E2e => &["test", "-p", "tests", "--test", "e2e"],
         }
@@ -85,11 +78,7 @@ impl Outcome {
 
     /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101)`
     fn describe(&self) -> String {
-        let Counts {
-            passed,
-            failed,
-            ignored,
-        } = self.counts;
+        let Counts { passed, failed, ignored } = self.counts;
         let mut s = format!("{} {passed} passed", self.tier.name());
         if failed > 0 {
             s += &format!(" {failed} failed");
@@ -128,11 +117,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
     }
 
     let tiers: Vec<String> = outcomes.iter().map(Outcome::describe).collect();
-    println!(
-        "xtask test: {} (in {} s)",
-        tiers.join(", "),
-        start.elapsed().as_secs()
-    );
+    println!("xtask test: {} (in {} s)", tiers.join(", "), start.elapsed().as_secs());
     let passed: u64 = outcomes.iter().map(|o| o.counts.passed).sum();
     let failed: u64 = outcomes.iter().map(|o| o.counts.failed).sum();
     println!("{passed} passed, {failed} failed");
@@ -150,21 +135,12 @@ fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
         .env("GUARD_TEST_IMAGE", TEST_IMAGE)
         .stdout(Stdio::piped());
     println!("xtask: tier {}: {} ...", tier.name(), show(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {}", show(&cmd)))?;
-    let mut tee = Tee {
-        out: io::stdout(),
-        copy: Vec::new(),
-    };
+    let mut child = cmd.spawn().with_context(|| format!("running {}", show(&cmd)))?;
+    let mut tee = Tee { out: io::stdout(), copy: Vec::new() };
     io::copy(child.stdout.as_mut().context("no stdout")?, &mut tee)?;
     let status = child.wait()?;
     let counts = parse_counts(&String::from_utf8_lossy(&tee.copy));
-    Ok(Outcome {
-        tier,
-        counts,
-        status,
-    })
+    Ok(Outcome { tier, counts, status })
 }
 
 /// Writes through to stdout at once and keeps a copy.
@@ -227,21 +203,11 @@ mod tests {
             \n\
             test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 5 filtered out; finished in 1.20s\n\
             test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s\n";
-        assert_eq!(
-            parse_counts(out),
-            Counts {
-                passed: 5,
-                failed: 1,
-                ignored: 1
-            }
-        );
+        assert_eq!(parse_counts(out), Counts { passed: 5, failed: 1, ignored: 1 });
     }
 
     #[test]
     fn no_result_line_means_nothing_ran() {
-        assert_eq!(
-            parse_counts("error: could not compile `tests`\n"),
-            Counts::default()
-        );
+        assert_eq!(parse_counts("error: could not compile `tests`\n"), Counts::default());
     }
 }

@@ -1,0 +1,94 @@
+//! `cargo xtask bench`: the data-path benchmark (tests/benches/datapath), one run, its report
+//! printed.
+
+use std::fs;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{Ctx, setup, sh, show};
+
+/// Debian packages only the benchmark needs: ethtool reads the veth's XDP drop counters,
+/// DejaVu Sans draws the chart's text.
+const BENCH_PACKAGES: &[&str] = &["ethtool", "fonts-dejavu-core"];
+
+/// Every option is the benchmark's environment variable of the same name
+/// (`--flood-repeat` is GUARD_BENCH_FLOOD_REPEAT); unset ones keep their defaults.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// BPF_PROG_TEST_RUN repeat per per-packet run [default: 1000000]
+    #[arg(long)]
+    repeat: Option<u64>,
+    /// Per-packet rounds; the median is reported [default: 5]
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Frames per flood [default: 10000000]
+    #[arg(long)]
+    flood_repeat: Option<u64>,
+    /// Floods per variant; the median is reported [default: 3]
+    #[arg(long)]
+    flood_rounds: Option<u64>,
+    /// Live-frames batch size [default: 64]
+    #[arg(long)]
+    batch: Option<u64>,
+}
+
+/// Installs what is missing, runs `cargo bench -p tests --bench datapath` and prints
+/// `<target>/bench/report.md`.
+pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
+    setup::prerequisites()?;
+    setup::bpffs()?;
+    packages()?;
+
+    let out = ctx.target_dir.join("bench");
+    // A failed run must not leave the previous run's report looking current.
+    for file in ["report.md", "report.json", "report.png"] {
+        let _ = fs::remove_file(out.join(file));
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args(["bench", "-p", "tests", "--bench", "datapath"]).env("GUARD_BENCH_OUT", &out);
+    for (name, value) in [
+        ("GUARD_BENCH_REPEAT", args.repeat),
+        ("GUARD_BENCH_ROUNDS", args.rounds),
+        ("GUARD_BENCH_FLOOD_REPEAT", args.flood_repeat),
+        ("GUARD_BENCH_FLOOD_ROUNDS", args.flood_rounds),
+        ("GUARD_BENCH_BATCH", args.batch),
+    ] {
+        if let Some(value) = value {
+            cmd.env(name, value.to_string());
+        }
+    }
+    println!("xtask: running {} (a few minutes at the defaults) ...", show(&cmd));
+    sh(&mut cmd)?;
+
+    let report = out.join("report.md");
+    let md =
+        fs::read_to_string(&report).with_context(|| format!("reading {}", report.display()))?;
+    println!("{md}");
+    println!("xtask: report.md, report.json and report.png are in {}", out.display());
+    Ok(())
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("xtask: apt packages present: {}", BENCH_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("xtask: installing {} with apt-get ...", missing.join(" "));
+    let apt = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    sh(apt().arg("update"))?;
+    sh(apt().args(["install", "-y"]).args(&missing))
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout == b"install ok installed")
+}
