@@ -45,7 +45,11 @@ impl Tier {
         match self {
             Tier::Unit => &["test", "--workspace", "--exclude", "guard-ebpf", "--exclude", "tests"],
             Tier::Verdict => &["test", "-p", "tests", "--test", "verdict"],
-            Tier::E2e => &["test", "-p", "tests", "--test", "e2e"],
+            // Everything with a real dockerd: the seed scenario, lifecycle and faults, the
+            // agent as a container.
+            Tier::E2e => &[
+                "test", "-p", "tests", "--test", "e2e", "--test", "lifecycle", "--test", "container",
+            ],
         }
     }
 
