@@ -67,11 +67,10 @@ impl core::fmt::Debug for Bitmap {
 /// The prefilter entry and bit an address falls in.
 #[inline(always)]
 pub fn address_bucket(addr: &Addr) -> (u32, u16) {
-    let b = &addr.0;
     if addr.is_v4() {
-        (V4_DESTINATIONS, u16::from_be_bytes([b[12], b[13]]))
+        (V4_DESTINATIONS, (u32::from_be(addr.0[3]) >> 16) as u16)
     } else {
-        (V6_DESTINATIONS, v6_fold(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+        (V6_DESTINATIONS, v6_fold(u32::from_be(addr.0[0])))
     }
 }
 

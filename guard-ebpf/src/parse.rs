@@ -7,17 +7,10 @@
 //! the decision's call ([`L4Kind::Truncated`]), because only the decision knows if the packet is
 //! container-bound.
 
-use core::mem::size_of;
-
 use guard_common::{
     addr::Addr,
     decision::{L4, Packet},
     reason::Reason,
-};
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    vlan::VlanHdr,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -46,36 +39,46 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Bounds-checked pointer to a `T` at `offset` bytes into the frame.
+    /// Pointer to `len` bytes at `offset`, if the frame holds them. Each header is checked
+    /// once, and every field is read through the pointer this returns: the verifier does not
+    /// carry a bounds check over to a pointer computed separately, even at the same offset.
     #[inline(always)]
-    fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
-        if self.data + offset + size_of::<T>() > self.data_end {
+    fn header(&self, offset: usize, len: usize) -> Option<usize> {
+        let start = self.data + offset;
+        if start + len > self.data_end {
             return None;
         }
-        Some((self.data + offset) as *const T)
+        Some(start)
     }
+}
 
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        // SAFETY: ptr_at checked that size_of::<T>() bytes lie inside the frame.
-        self.ptr_at::<T>(offset).map(|p| unsafe { p.read_unaligned() })
-    }
+/// Loads a field of a header that [`Frame::header`] bounds-checked.
+///
+/// Typed loads, not byte arrays: LLVM splits loads of `[u8; N]` into N byte loads. Packet
+/// fields need not be aligned for the BPF target (the verifier permits unaligned packet access
+/// unless BPF_F_STRICT_ALIGNMENT is asked for, and the JITs of the architectures guard runs on
+/// handle it), so a plain typed load is both valid there and the cheapest.
+macro_rules! load {
+    ($ty:ty, $header:expr, $offset:expr) => {
+        // SAFETY: `$header` was bounds-checked to cover `$offset + size_of::<$ty>()` bytes.
+        unsafe { core::ptr::read(($header + $offset) as *const $ty) }
+    };
 }
 
 #[inline(always)]
 pub fn parse(frame: Frame) -> Result<Packet, Reason> {
-    let eth: EthHdr = frame.read(0).ok_or(Reason::NotIp)?;
-    let mut ether_type = u16::from_be(eth.ether_type);
-    let mut offset = EthHdr::LEN;
+    let eth = frame.header(0, 14).ok_or(Reason::NotIp)?;
+    let mut ether_type = u16::from_be(load!(u16, eth, 12));
+    let mut offset = 14;
 
     // 802.1Q, and 802.1ad outer tags (QinQ): at most two, a bounded loop for the verifier.
     for _ in 0..2 {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        let vlan: VlanHdr = frame.read(offset).ok_or(Reason::NotIp)?;
-        ether_type = u16::from_be(vlan.ether_type);
-        offset += VlanHdr::LEN;
+        let vlan = frame.header(offset, 4).ok_or(Reason::NotIp)?;
+        ether_type = u16::from_be(load!(u16, vlan, 2));
+        offset += 4;
     }
 
     match ether_type {
@@ -87,29 +90,33 @@ pub fn parse(frame: Frame) -> Result<Packet, Reason> {
 
 #[inline(always)]
 fn parse_v4(frame: Frame, offset: usize) -> Result<Packet, Reason> {
-    let ip: Ipv4Hdr = frame.read(offset).ok_or(Reason::MalformedIp)?;
-    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
-    if header_len < Ipv4Hdr::LEN {
+    let ip = frame.header(offset, 20).ok_or(Reason::MalformedIp)?;
+    let header_len = ((load!(u8, ip, 0) & 0x0f) as usize) * 4;
+    if header_len < 20 {
         return Err(Reason::MalformedIp);
     }
-    let frag_offset = u16::from_be_bytes(ip.frags) & 0x1fff;
+    let src = Addr::from_v4_word(load!(u32, ip, 12));
+    let dst = Addr::from_v4_word(load!(u32, ip, 16));
+    let frag_offset = u16::from_be(load!(u16, ip, 6)) & 0x1fff;
     let l4 = if frag_offset != 0 {
         // A later fragment carries no ports.
         L4::NO_PORTS
     } else {
-        parse_l4(frame, offset + header_len, ip.proto)
+        parse_l4(frame, offset + header_len, load!(u8, ip, 9))
     };
-    Ok(Packet { src: Addr::from_v4(ip.src_addr), dst: Addr::from_v4(ip.dst_addr), l4 })
+    Ok(Packet { src, dst, l4 })
 }
 
 #[inline(always)]
 fn parse_v6(frame: Frame, offset: usize) -> Result<Packet, Reason> {
-    let ip: Ipv6Hdr = frame.read(offset).ok_or(Reason::MalformedIp)?;
-    let packet =
-        |l4| Packet { src: Addr::from_v6(ip.src_addr), dst: Addr::from_v6(ip.dst_addr), l4 };
+    let ip = frame.header(offset, 40).ok_or(Reason::MalformedIp)?;
+    let word = |at: usize| load!(u32, ip, at);
+    let src = Addr([word(8), word(12), word(16), word(20)]);
+    let dst = Addr([word(24), word(28), word(32), word(36)]);
+    let packet = |l4| Packet { src, dst, l4 };
 
-    let mut next = ip.next_hdr;
-    let mut offset = offset + Ipv6Hdr::LEN;
+    let mut next = load!(u8, ip, 6);
+    let mut offset = offset + 40;
     for _ in 0..MAX_V6_EXTENSIONS {
         // Every extension header starts with (next header, length).
         let len_unit = match next {
@@ -118,49 +125,50 @@ fn parse_v6(frame: Frame, offset: usize) -> Result<Packet, Reason> {
             IPPROTO_FRAGMENT => 0,
             _ => return Ok(packet(parse_l4(frame, offset, next))),
         };
-        let Some(head) = frame.read::<[u8; 4]>(offset) else {
+        let Some(ext) = frame.header(offset, 4) else {
             return Ok(packet(L4::TRUNCATED));
         };
-        next = head[0];
+        next = load!(u8, ext, 0);
+        let len = load!(u8, ext, 1) as usize;
         offset += match len_unit {
             // Fragment header: fixed 8 bytes; a later fragment carries no ports.
             0 => {
-                if u16::from_be_bytes([head[2], head[3]]) >> 3 != 0 {
+                if u16::from_be(load!(u16, ext, 2)) >> 3 != 0 {
                     return Ok(packet(L4::NO_PORTS));
                 }
                 8
             }
             // AH counts 4-byte units minus 2; the others 8-byte units minus 1.
-            4 => (head[1] as usize + 2) * 4,
-            _ => (head[1] as usize + 1) * 8,
+            4 => (len + 2) * 4,
+            _ => (len + 1) * 8,
         };
     }
     // Too many extension headers to follow: decided as port-less.
     Ok(packet(L4::NO_PORTS))
 }
 
-/// The transport header, read as one block of its minimal well-formed length: one bounds
-/// check covers every field (the verifier does not carry a check over to a pointer computed
-/// separately, even at the same offset).
+/// The transport header, checked for its minimal well-formed length (one check per protocol,
+/// so each path's check covers the bytes it reads): TCP, UDP and SCTP all start with the two
+/// ports; TCP's flags are byte 13.
 #[inline(always)]
 fn parse_l4(frame: Frame, offset: usize, proto: u8) -> L4 {
-    let (head, syn_only) = match proto {
-        IPPROTO_TCP => match frame.read::<[u8; 20]>(offset) {
-            // Flags are byte 13: SYN without ACK opens a connection.
-            Some(h) => ([h[0], h[1], h[2], h[3]], h[13] & 0x12 == 0x02),
+    let (l4, syn_only) = match proto {
+        IPPROTO_TCP => match frame.header(offset, 20) {
+            // SYN without ACK opens a connection.
+            Some(l4) => (l4, load!(u8, l4, 13) & 0x12 == 0x02),
             None => return L4::TRUNCATED,
         },
-        IPPROTO_UDP => match frame.read::<[u8; 8]>(offset) {
-            Some(h) => ([h[0], h[1], h[2], h[3]], false),
+        IPPROTO_UDP => match frame.header(offset, 8) {
+            Some(l4) => (l4, false),
             None => return L4::TRUNCATED,
         },
-        IPPROTO_SCTP => match frame.read::<[u8; 12]>(offset) {
-            Some(h) => ([h[0], h[1], h[2], h[3]], false),
+        IPPROTO_SCTP => match frame.header(offset, 12) {
+            Some(l4) => (l4, false),
             None => return L4::TRUNCATED,
         },
         _ => return L4::NO_PORTS,
     };
-    let sport = u16::from_be_bytes([head[0], head[1]]);
-    let dport = u16::from_be_bytes([head[2], head[3]]);
+    let sport = u16::from_be(load!(u16, l4, 0));
+    let dport = u16::from_be(load!(u16, l4, 2));
     L4::ports(proto, sport, dport, syn_only)
 }

@@ -83,7 +83,7 @@ impl Prefilter {
     /// Sets every bucket an address in `addr/len` (a 128-bit prefix length; IPv4 mapped) can
     /// fall in.
     pub fn mark_prefix(&mut self, addr: &Addr, len: u32) {
-        let b = &addr.0;
+        let b = addr.octets();
         if addr.is_v4() {
             // Buckets are /16s: a longer prefix is one bucket, a shorter one spans several.
             let top16 = u16::from_be_bytes([b[12], b[13]]);
