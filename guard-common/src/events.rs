@@ -62,7 +62,8 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 pub struct Limiter {
     pub window_start_ns: u64,
     pub emitted: u32,
-    pub _pad: u32,
+    /// Drops suppressed since the window was last checked against the clock.
+    pub suppressed_since_check: u32,
 }
 const _: () = assert!(core::mem::size_of::<Limiter>() == 16);
 

@@ -259,23 +259,33 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
     }
 
     let Some(limiter) = GUARD_EVLIMIT.get_ptr_mut(0) else { return };
-    // SAFETY: this CPU's slot; the coarse clock is enough for a per-second budget.
+    // SAFETY: this CPU's slot.
     let limiter = unsafe { &mut *limiter };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // Over the budget (a flood), the clock is read only every 64th drop, to notice that a new
+    // second has begun; under it, the event needs a timestamp anyway, and that one read also
+    // rolls the window.
+    if limiter.emitted >= EVENTS_PER_SECOND_PER_CPU {
+        limiter.suppressed_since_check = limiter.suppressed_since_check.wrapping_add(1);
+        bump_event_stat(EVENTS_SUPPRESSED);
+        if limiter.suppressed_since_check & 63 == 0
+            && unsafe { bpf_ktime_get_coarse_ns() }.wrapping_sub(limiter.window_start_ns)
+                > 1_000_000_000
+        {
+            limiter.emitted = 0;
+        }
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(limiter.window_start_ns) > 1_000_000_000 {
         limiter.window_start_ns = now;
         limiter.emitted = 0;
-    }
-    if limiter.emitted >= EVENTS_PER_SECOND_PER_CPU {
-        bump_event_stat(EVENTS_SUPPRESSED);
-        return;
     }
     limiter.emitted += 1;
     let l4 = packet.l4;
     let event = DropEvent {
         src: packet.src,
         dst: packet.dst,
-        time_ns: unsafe { bpf_ktime_get_ns() },
+        time_ns: now,
         target: resolved.target,
         ifindex,
         sport: l4.sport,
