@@ -45,25 +45,46 @@ fn find_guard_bin() -> Option<PathBuf> {
 pub struct Agent {
     child: Option<Child>,
     pin_dir: PathBuf,
+    /// `guard run` arguments other than `--pin-dir`, kept for [`Agent::restart`].
+    args: Vec<String>,
     log: Arc<Mutex<String>>,
+    /// Where the current process's output starts in `log` (a restart appends to it).
+    log_start: usize,
     unloaded: bool,
 }
 
 impl Agent {
     /// Starts `guard run` guarding `ifaces` and waits until it reports the initial sync.
     pub fn start(ifaces: &[&str]) -> Self {
+        Self::start_with(ifaces, &[])
+    }
+
+    /// Like [`Agent::start`], with more `guard run` arguments (`--metrics-addr`,
+    /// `--resync-interval`, ...). No `ifaces` means no `--iface` at all: the agent then guards
+    /// every uplink of the machine, its real ones included.
+    pub fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let pin_dir = Path::new("/sys/fs/bpf").join(format!(
             "{PIN_PREFIX}{}-{}",
             std::process::id(),
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = Command::new(guard_bin());
-        command.arg("run");
+        let mut args = Vec::new();
         for iface in ifaces {
-            command.args(["--iface", iface]);
+            args.extend(["--iface".to_owned(), (*iface).to_owned()]);
         }
-        command.arg("--pin-dir").arg(&pin_dir);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut agent = Self { child: None, pin_dir, args, log, log_start: 0, unloaded: false };
+        agent.spawn();
+        agent
+    }
+
+    /// Runs `guard run` with this agent's arguments and pin directory, and waits until it
+    /// reports the initial sync.
+    fn spawn(&mut self) {
+        let mut command = Command::new(guard_bin());
+        command.arg("run").args(&self.args).arg("--pin-dir").arg(&self.pin_dir);
         // If the test process is killed outright, take the agent down with it rather than
         // leave it running against a vanished test bed; its pins are then leftovers that
         // the next run unloads. (The signal fires when the spawning thread exits; the agent
@@ -78,17 +99,49 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {:?}: {e}", guard_bin()));
-        let log = Arc::new(Mutex::new(String::new()));
-        collect_lines(child.stdout.take(), &log);
-        collect_lines(child.stderr.take(), &log);
-        let mut agent = Self { child: Some(child), pin_dir, log, unloaded: false };
-        agent.wait_ready();
-        agent
+        self.log_start = self.log.lock().unwrap().len();
+        collect_lines(child.stdout.take(), &self.log);
+        collect_lines(child.stderr.take(), &self.log);
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// The agent's process id (it must be running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Whether the agent process is still alive (it has not exited or been killed).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL, as a crash would: no cleanup runs in the agent; the pins stay.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let pid = Pid::from_raw(child.id() as i32);
+        // The child is ours and not yet reaped, so the pid cannot have been reused.
+        let _ = kill(pid, Signal::SIGKILL);
+        let status = cmd::wait_bounded(&mut child, STOP_TIMEOUT);
+        assert!(status.is_some(), "guard run survived SIGKILL for {STOP_TIMEOUT:?}");
+    }
+
+    /// Starts `guard run` again on the same pin directory, with the same arguments, after
+    /// [`Agent::kill`] or [`Agent::terminate`]; waits until the new process reports its
+    /// initial sync.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: the agent still runs");
+        self.spawn();
+    }
+
+    /// What the current (last started) agent process has logged so far.
+    pub fn log_of_current_run(&self) -> String {
+        self.log.lock().unwrap()[self.log_start..].to_owned()
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !self.log().contains(READY_MARKER) {
+        while !self.log_of_current_run().contains(READY_MARKER) {
             let child = self.child.as_mut().expect("agent running");
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("guard run exited ({status}) before `{READY_MARKER}`:\n{}", self.log());

@@ -180,6 +180,14 @@ impl Container {
         &self.name
     }
 
+    /// `docker rename`; `new_name` without the prefix, like [`ContainerSpec::name`]. Drop then
+    /// removes the container under its new name.
+    pub fn rename(&mut self, new_name: &str) {
+        let new_name = format!("{PREFIX}{new_name}");
+        docker(&["rename", &self.name, &new_name]);
+        self.name = new_name;
+    }
+
     /// The fixed IPv4 address it was started with.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip.unwrap_or_else(|| panic!("{} was started without --ip", self.name))

@@ -9,9 +9,12 @@
 pub mod agent;
 pub mod cmd;
 pub mod docker;
+pub mod dockerd;
 pub mod host;
 pub mod netns;
+pub mod observe;
 pub mod probe;
+pub mod prober;
 
 use std::fs::{File, OpenOptions};
 use std::thread;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod docker;
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Install what is missing, run the data-path benchmark and print its report
     /// (target/bench/report.{md,json,png}).
     Bench(bench::BenchArgs),
+    /// Build a static guard and the FROM scratch image `container-guard:dev` (docker build);
+    /// print its size.
+    Image(image::ImageArgs),
 }
 
 /// Where the workspace lives.
@@ -82,6 +86,10 @@ fn dispatch(cmd: Cmd) -> Result<bool> {
         Cmd::Bench(args) => {
             require_root("run as root: the benchmark loads XDP programs and builds a test bed")?;
             bench::bench(&ctx()?, &args).map(|()| true)
+        }
+        Cmd::Image(args) => {
+            require_root("run as root: building the image needs dockerd (started if it is not up)")?;
+            image::image(&ctx()?, &args).map(|()| true)
         }
     }
 }

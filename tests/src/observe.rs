@@ -1,0 +1,246 @@
+//! Looking at the agent from outside, the way an operator would: the kernel's own view of
+//! programs, maps and links (bpftool), the agent's `guard status --json`, its `/metrics`, and
+//! its memory use.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::agent::guard_bin;
+use crate::cmd::{run, try_run};
+
+/// Parses a tool's JSON output, naming the command on failure.
+fn json(what: &str, text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("parse `{what}` output: {e}: {text}"))
+}
+
+/// `bpftool -j ARGS`.
+pub fn bpftool(args: &[&str]) -> Value {
+    let mut full = vec!["-j"];
+    full.extend_from_slice(args);
+    let out = run("bpftool", &full);
+    // bpftool prints nothing (not `[]`) for an empty list on some versions.
+    if out.trim().is_empty() { Value::Array(Vec::new()) } else { json("bpftool", &out) }
+}
+
+/// A pinned link as the kernel reports it: its id and the id of the program it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkIds {
+    pub link: u64,
+    pub prog: u64,
+}
+
+/// Every link pinned under `<pin_dir>/links`, by pin name (`xdp-7`, `tc-egress-7`, ...).
+pub fn pinned_links(pin_dir: &Path) -> BTreeMap<String, LinkIds> {
+    let dir = pin_dir.join("links");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            let info = bpftool(&["link", "show", "pinned", &path.to_string_lossy()]);
+            let id = |key: &str| {
+                info[key]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no {key} for {}: {info}", path.display()))
+            };
+            let ids = LinkIds { link: id("id"), prog: id("prog_id") };
+            (entry.file_name().to_string_lossy().into_owned(), ids)
+        })
+        .collect()
+}
+
+/// Every map pinned under `<pin_dir>/maps/<layout>/`, by name, with its kernel id.
+pub fn pinned_maps(pin_dir: &Path) -> BTreeMap<String, u64> {
+    let mut maps = BTreeMap::new();
+    let layouts = pin_dir.join("maps");
+    for layout in std::fs::read_dir(&layouts).into_iter().flatten().flatten() {
+        for map in std::fs::read_dir(layout.path()).into_iter().flatten().flatten() {
+            let info = bpftool(&["map", "show", "pinned", &map.path().to_string_lossy()]);
+            let id = info["id"].as_u64().unwrap_or_else(|| panic!("no map id: {info}"));
+            maps.insert(map.file_name().to_string_lossy().into_owned(), id);
+        }
+    }
+    maps
+}
+
+/// The number of entries in a pinned map (`bpftool map dump`).
+pub fn map_entry_count(pin_dir: &Path, name: &str) -> usize {
+    let layouts = pin_dir.join("maps");
+    let layout = std::fs::read_dir(&layouts)
+        .unwrap_or_else(|e| panic!("read {}: {e}", layouts.display()))
+        .flatten()
+        .next()
+        .unwrap_or_else(|| panic!("no map layout under {}", layouts.display()));
+    let path = layout.path().join(name);
+    bpftool(&["map", "dump", "pinned", &path.to_string_lossy()]).as_array().map_or(0, Vec::len)
+}
+
+/// The ids of guard's objects in the kernel (programs named `guard_*`, maps named `GUARD_*`,
+/// links running a guard program), whoever loaded them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuardObjects {
+    pub progs: BTreeSet<u64>,
+    pub maps: BTreeSet<u64>,
+    pub links: BTreeSet<u64>,
+}
+
+impl GuardObjects {
+    pub fn list() -> Self {
+        let ids = |value: &Value, prefix: &str| -> BTreeSet<u64> {
+            value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| o["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+                .filter_map(|o| o["id"].as_u64())
+                .collect()
+        };
+        let progs = ids(&bpftool(&["prog", "show"]), "guard_");
+        let maps = ids(&bpftool(&["map", "show"]), "GUARD_");
+        let links = bpftool(&["link", "show"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)))
+            .filter_map(|l| l["id"].as_u64())
+            .collect();
+        Self { progs, maps, links }
+    }
+
+    /// Every program, map and link in the kernel, whatever its name (to tell whether given
+    /// ids are gone).
+    pub fn all() -> Self {
+        let ids = |value: Value| -> BTreeSet<u64> {
+            value.as_array().into_iter().flatten().filter_map(|o| o["id"].as_u64()).collect()
+        };
+        Self {
+            progs: ids(bpftool(&["prog", "show"])),
+            maps: ids(bpftool(&["map", "show"])),
+            links: ids(bpftool(&["link", "show"])),
+        }
+    }
+
+    /// What `self` has that `before` did not: the objects one agent created.
+    pub fn since(&self, before: &GuardObjects) -> GuardObjects {
+        GuardObjects {
+            progs: self.progs.difference(&before.progs).copied().collect(),
+            maps: self.maps.difference(&before.maps).copied().collect(),
+            links: self.links.difference(&before.links).copied().collect(),
+        }
+    }
+
+    /// Those of `self`'s ids that are still in `now`.
+    pub fn still_in(&self, now: &GuardObjects) -> GuardObjects {
+        GuardObjects {
+            progs: self.progs.intersection(&now.progs).copied().collect(),
+            maps: self.maps.intersection(&now.maps).copied().collect(),
+            links: self.links.intersection(&now.links).copied().collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.progs.is_empty() && self.maps.is_empty() && self.links.is_empty()
+    }
+}
+
+/// `guard status --json --pin-dir DIR`, parsed; `Err` with the output if it fails.
+pub fn status_json(pin_dir: &Path) -> Result<Value, String> {
+    let out = try_run(
+        &guard_bin().to_string_lossy(),
+        &["status", "--json", "--pin-dir", &pin_dir.to_string_lossy()],
+    )?;
+    serde_json::from_str(&out).map_err(|e| format!("parse `guard status --json`: {e}: {out}"))
+}
+
+/// `protection.pending_changes` of a status report (None: no maps loaded, or null).
+pub fn pending_changes(status: &Value) -> Option<u64> {
+    status["protection"]["pending_changes"].as_u64()
+}
+
+/// The container names of a status report.
+pub fn status_containers(status: &Value) -> BTreeSet<String> {
+    status["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `guard explain SRC DST --json [--iface IF]` against `pin_dir`: the kernel's verdict
+/// ("pass" / "drop") and the reason.
+pub fn explain(pin_dir: &Path, src: &str, dst: &str, iface: Option<&str>) -> (String, String) {
+    let dir = pin_dir.to_string_lossy();
+    let mut args = vec!["explain", src, dst, "--json", "--pin-dir", &dir];
+    if let Some(iface) = iface {
+        args.extend(["--iface", iface]);
+    }
+    let out = run(&guard_bin().to_string_lossy(), &args);
+    let v = json("guard explain", &out);
+    let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    (field("verdict"), field("reason"))
+}
+
+/// A TCP port on 127.0.0.1 nothing listens on right now (for `--metrics-addr`).
+pub fn free_local_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// `GET path` over HTTP/1.0; the body, or why it failed.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let timeout = Duration::from_secs(5);
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("read from {addr}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+        return Err(format!("GET http://{addr}{path}: {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of the metric line whose name and labels are exactly `series` (e.g.
+/// `guard_map_update_errors_total{map="GUARD_PORTS"}`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Resident memory of process `pid`, in KiB (`VmRSS` of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Whether `ifname` (root namespace) has an XDP program or a TCX/clsact attachment, per
+/// iproute2: (xdp attached, qdiscs other than the default).
+pub fn iface_hooks(ifname: &str) -> (bool, Vec<String>) {
+    let links = json("ip -j -d link", &run("ip", &["-j", "-d", "link", "show", "dev", ifname]));
+    let xdp = links[0].get("xdp").is_some();
+    let qdiscs = json("tc -j qdisc", &run("tc", &["-j", "qdisc", "show", "dev", ifname]));
+    let special = qdiscs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["kind"].as_str())
+        .filter(|k| matches!(*k, "clsact" | "ingress"))
+        .map(str::to_owned)
+        .collect();
+    (xdp, special)
+}

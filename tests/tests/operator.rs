@@ -1,0 +1,338 @@
+//! Operator experience (issue 5), end to end against a real dockerd and an outside host:
+//! the policy file (rules, reload on SIGHUP, a broken file keeps the policy in force), audit
+//! mode, `guard explain` against what real traffic does, drop events and their rate limit,
+//! `/metrics` and `/healthz`, `guard status --json` with and without a running agent, JSON
+//! logs, and `guard check-config`.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tests::{
+    Exclusive,
+    agent::{Agent, guard_bin},
+    docker::{Container, ContainerSpec, Network},
+    host::RoutingHost,
+    netns::OutsideHost,
+    prepare_test_bed,
+    probe::{PATIENT, QUICK},
+};
+
+const SUBNET_V4: &str = "10.249.0.0/24";
+const METRICS: &str = "127.0.0.1:19184";
+
+/// One network with a database (published, no label) and a web server (443 exposed by label,
+/// 8443 not), outside host A, and a policy file of the test's own. Field order is drop order.
+struct Bed {
+    a: OutsideHost,
+    db: Container,
+    web: Container,
+    _net: Network,
+    config: PathBuf,
+    _routing: RoutingHost,
+    _exclusive: Exclusive,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let exclusive = prepare_test_bed();
+        let net = Network::create("guard-e2e-op", SUBNET_V4, None);
+        let db = Container::run(ContainerSpec {
+            name: "op-db",
+            network: Some(&net),
+            ip: Some("10.249.0.10".parse().unwrap()),
+            publish: &["25432:5432"],
+            command: "exec httpd -f -p 5432 -h /www",
+            listens_on: &[5432],
+            ..Default::default()
+        });
+        let web = Container::run(ContainerSpec {
+            name: "op-web",
+            network: Some(&net),
+            ip: Some("10.249.0.11".parse().unwrap()),
+            labels: &[("guard.expose", "443/tcp")],
+            publish: &["20443:443", "28443:8443"],
+            command: "httpd -p 443 -h /www && exec httpd -f -p 8443 -h /www",
+            listens_on: &[443, 8443],
+            ..Default::default()
+        });
+        let routing = RoutingHost::enable();
+        let a = OutsideHost::new("op", 5);
+        a.route_via_host(SUBNET_V4);
+        let config = std::env::temp_dir().join(format!("guard-e2e-op-{}.toml", std::process::id()));
+        fs::write(&config, "").unwrap();
+        Bed { a, db, web, _net: net, config, _routing: routing, _exclusive: exclusive }
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let config = self.config.to_string_lossy().into_owned();
+        let mut args =
+            vec!["--config", &config, "--metrics-addr", METRICS, "--resync-interval", "1"];
+        args.extend_from_slice(extra);
+        Agent::start_with(&[self.a.host_end()], &args)
+    }
+
+    fn db(&self) -> SocketAddr {
+        SocketAddr::new(self.db.ip().into(), 5432)
+    }
+
+    fn db_published(&self) -> SocketAddr {
+        SocketAddr::new(self.a.host_v4().into(), 25432)
+    }
+
+    /// Rewrites the policy file and tells the agent to reload it.
+    fn write_policy(&self, agent: &Agent, text: &str) {
+        fs::write(&self.config, text).unwrap();
+        nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.config);
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `within` has passed.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// GET `path` from the agent's HTTP endpoint: (status line, body).
+fn http_get(path: &str) -> (String, String) {
+    let mut stream =
+        TcpStream::connect(METRICS).unwrap_or_else(|e| panic!("connect {METRICS}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
+/// The value of the metric line that starts with `series` (0 if absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn guard(args: &[&str]) -> std::process::Output {
+    Command::new(guard_bin()).args(args).output().expect("run guard")
+}
+
+#[test]
+fn policy_file_rules_reload_and_audit_mode() {
+    let bed = Bed::new();
+    let agent = bed.agent(&[]);
+    assert!(!bed.a.tcp_connect(bed.db(), QUICK), "db is open before any rule");
+
+    // A rule opens db to A, without recreating anything.
+    let rule = format!(
+        "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
+        bed.a.v4()
+    );
+    bed.write_policy(&agent, &rule);
+    assert!(
+        eventually(Duration::from_secs(10), || bed.a.tcp_connect(bed.db(), QUICK)),
+        "the file rule did not open db to A:\n{}",
+        agent.log()
+    );
+    assert!(
+        bed.a.tcp_connect(bed.db_published(), PATIENT),
+        "db's published port stays closed to A"
+    );
+
+    // A broken file is reported with line and column; the rule in force stays.
+    bed.write_policy(&agent, "mode = \"permissive\"\n");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let log = agent.log();
+            log.contains(".toml:1:") && log.contains("keeping the policy in force")
+        }),
+        "no line:column error for the broken file:\n{}",
+        agent.log()
+    );
+    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "a broken file closed what the rule opened");
+    let (_, metrics) = http_get("/metrics");
+    assert!(metric(&metrics, "guard_config_reloads_total{result=\"error\"}") >= 1, "{metrics}");
+
+    // Audit mode: nothing is dropped, the would-drops are counted as such.
+    bed.write_policy(&agent, "mode = \"audit\"\n");
+    let audited = "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"}";
+    let web_8443 = SocketAddr::new(bed.web.ip().into(), 8443);
+    assert!(
+        eventually(Duration::from_secs(10), || bed.a.tcp_connect(web_8443, QUICK)),
+        "audit mode still drops web:8443:\n{}",
+        agent.log()
+    );
+    let before = metric(&http_get("/metrics").1, audited);
+    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "audit mode: A cannot reach db");
+    let after = metric(&http_get("/metrics").1, audited);
+    assert!(after > before, "the would-drop counter did not grow ({before} -> {after})");
+    assert!(http_get("/metrics").1.contains("guard_audit_mode 1"));
+
+    // Back to enforce: closed again.
+    bed.write_policy(&agent, "mode = \"enforce\"\n");
+    assert!(
+        eventually(Duration::from_secs(10), || !bed.a.tcp_connect(web_8443, QUICK)),
+        "enforce mode did not close web:8443 again"
+    );
+    agent.unload();
+}
+
+#[test]
+fn explain_agrees_with_real_traffic() {
+    let bed = Bed::new();
+    let agent = bed.agent(&[]);
+    let a = bed.a.v4().to_string();
+    let web = bed.web.ip();
+    let cases = [
+        (bed.db(), "closed"),
+        (bed.db_published(), "closed"),
+        (SocketAddr::new(web.into(), 443), "exposed"),
+        (SocketAddr::new(bed.a.host_v4().into(), 20443), "exposed"),
+        (SocketAddr::new(web.into(), 8443), "closed"),
+        (SocketAddr::new(bed.a.host_v4().into(), 28443), "closed"),
+    ];
+    let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
+    for (target, reason) in cases {
+        let reached = bed.a.tcp_connect(target, if reason == "exposed" { PATIENT } else { QUICK });
+        let out =
+            guard(&["explain", &a, &format!("{target}/tcp"), "--pin-dir", &pin_dir, "--json"]);
+        assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("explain --json");
+        let verdict = if reached { "pass" } else { "drop" };
+        assert_eq!(e["verdict"], verdict, "explain {target} disagrees with real traffic: {e}");
+        assert_eq!(e["reason"], reason, "explain {target}: {e}");
+        assert!(e["container"].as_str().is_some_and(|c| c.starts_with("guard-e2e-op-")), "{e}");
+        assert!(e["rule"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+    }
+    // The text form: the verdict alone on the first line.
+    let out = guard(&["explain", &a, &format!("{}/tcp", bed.db()), "--pin-dir", &pin_dir]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some("drop"));
+    agent.unload();
+}
+
+#[test]
+fn drops_metrics_status_and_json_logs() {
+    let bed = Bed::new();
+    let mut agent = bed.agent(&["--log-format", "json"]);
+    let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
+
+    // A few connection attempts, then a bounded UDP burst to a closed port: far over the
+    // kernel's event budget (50 per CPU and second), so some events must be suppressed.
+    assert!(!bed.a.tcp_connect(bed.db(), QUICK));
+    assert!(!bed.a.tcp_connect(bed.db_published(), QUICK));
+    let target = SocketAddr::new(bed.db.ip().into(), 5999);
+    let sent = bed.a.netns().run(|| {
+        let socket = UdpSocket::bind((bed.a.v4(), 0)).unwrap();
+        (0..2000).filter(|_| socket.send_to(b"x", target).is_ok()).count()
+    });
+    assert_eq!(sent, 2000);
+
+    // Drop events name the container and port.
+    let drops = guard(&["drops", "--json", "--metrics-addr", METRICS]);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&drops.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON drop record"))
+        .collect();
+    assert!(
+        records.iter().any(|r| r["container"] == "guard-e2e-op-db"
+            && r["container_port"] == 5432
+            && r["path"] == "published"),
+        "no published drop of db:5432 in {records:?}"
+    );
+    assert!(records.iter().any(|r| r["container_port"] == 5432 && r["path"] == "direct"));
+    let text = guard(&["drops", "--metrics-addr", METRICS]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("(container guard-e2e-op-db port 5432/tcp")
+    );
+
+    // Metrics, scraped while it runs.
+    let (status, metrics) = http_get("/metrics");
+    assert!(status.contains("200"), "{status}");
+    for needle in [
+        "guard_container_drops_total{container=\"guard-e2e-op-db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"}",
+        "guard_docker_connected 1",
+        "guard_synced 1",
+        "guard_sync_duration_seconds_count",
+        "guard_map_entries{map=\"GUARD_ADDRS\"}",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+    }
+    assert!(
+        metric(
+            &metrics,
+            "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"}"
+        ) >= 2000
+    );
+    assert!(metric(&metrics, "guard_drop_events_total{outcome=\"suppressed\"}") > 0, "{metrics}");
+    assert!(
+        metrics.contains(&format!("guard_attached{{hook=\"xdp\",iface=\"{}\"", bed.a.host_end()))
+    );
+    assert!(http_get("/healthz").0.contains("200"));
+
+    // Status, while the agent runs and after it stopped: it reads the pins and Docker.
+    for running in [true, false] {
+        if !running {
+            agent.terminate();
+        }
+        let out = guard(&["status", "--json", "--pin-dir", &pin_dir, "--config", "/nonexistent"]);
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+        assert_eq!(report["protection"]["loaded"], true);
+        assert_eq!(report["protection"]["pending_changes"], 0, "{report}");
+        let db = report["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "guard-e2e-op-db")
+            .unwrap_or_else(|| panic!("db missing from {report}"));
+        assert_eq!(db["ports"][0]["port"], 5432);
+        assert_eq!(db["ports"][0]["outside"]["who"], "none");
+        let table = guard(&["status", "--pin-dir", &pin_dir, "--config", "/nonexistent"]);
+        assert!(String::from_utf8_lossy(&table.stdout).contains("guard-e2e-op-web"));
+    }
+
+    // Every log line the agent wrote is JSON.
+    let log = agent.log();
+    assert!(log.lines().count() > 3, "{log}");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    agent.unload();
+}
+
+#[test]
+fn check_config_validates_without_touching_anything() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/guard.toml");
+    let ok = guard(&["check-config", example]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok (mode enforce, 4 rules"));
+
+    let bad = std::env::temp_dir().join(format!("guard-e2e-bad-{}.toml", std::process::id()));
+    fs::write(&bad, "[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n").unwrap();
+    let out = guard(&["check-config", &bad.to_string_lossy()]);
+    fs::remove_file(&bad).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".toml:3:") && err.contains("icmp"), "{err}");
+}
