@@ -103,6 +103,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let wake = Arc::new(Notify::new());
     tokio::spawn(follow_docker_events(wake.clone()));
+    tokio::spawn(follow_interface_changes(wake.clone()));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -387,6 +388,41 @@ async fn follow_docker_events(wake: Arc<Notify>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Wakes the reconciler when interfaces or addresses change (a new uplink is protected, an
+/// address added later counts for published ports, within a moment rather than a resync).
+async fn follow_interface_changes(wake: Arc<Notify>) {
+    let socket = match interfaces::change_notifications() {
+        Ok(socket) => socket,
+        Err(e) => {
+            return warn!("cannot follow interface changes ({e}); relying on the periodic resync");
+        }
+    };
+    // SAFETY: the OwnedFd is owned by the AsyncFd for as long as it is registered.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            return warn!("cannot follow interface changes ({e}); relying on the periodic resync");
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(mut ready) = fd.readable_mut().await else { return };
+        // Drain everything queued, then wake once.
+        loop {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(ready.get_inner());
+            match nix::sys::socket::recv(raw, &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                // ENOBUFS: messages were lost; a resync sees everything anyway.
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => break,
+            }
+        }
+        ready.clear_ready();
+        wake.notify_one();
     }
 }
 

@@ -58,6 +58,26 @@ pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(ips)
 }
 
+/// A socket that becomes readable whenever a link or an address appears, changes or goes
+/// (rtnetlink's link and address groups). Nothing is parsed: the agent is level-triggered, a
+/// message only means "look again".
+pub fn change_notifications() -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    const GROUPS: u32 = libc::RTMGRP_LINK as u32
+        | libc::RTMGRP_IPV4_IFADDR as u32
+        | libc::RTMGRP_IPV6_IFADDR as u32;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &NetlinkAddr::new(0, GROUPS))?;
+    Ok(fd)
+}
+
 /// The uplinks among `links`, given Docker's bridge names and the trusted interfaces.
 pub fn select_uplinks(
     links: &[Link],
