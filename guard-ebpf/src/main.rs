@@ -219,18 +219,10 @@ pub fn guard_tc_gate(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    if let Ok(packet) = parse::parse(frame) {
-        let l4 = packet.l4;
-        if l4.kind == L4Kind::Ports {
-            remember(&FlowKey {
-                remote: packet.dst,
-                local: packet.src,
-                remote_port: l4.dport,
-                local_port: l4.sport,
-                proto: l4.proto,
-                _pad: [0; 3],
-            });
-        }
+    if let Ok(packet) = parse::parse(frame)
+        && let Some(flow) = outbound_flow(&packet)
+    {
+        remember(&flow);
     }
     TC_ACT_UNSPEC
 }
@@ -316,25 +308,30 @@ fn bump_event_stat(slot: u32) {
 #[classifier]
 pub fn guard_tc_egress(ctx: TcContext) -> i32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    if let Ok(packet) = parse::parse(frame) {
-        let l4 = packet.l4;
-        if l4.kind == L4Kind::Ports {
-            let (entry, bit) = prefilter::address_bucket(&packet.src);
-            if prefilter_bit(prefilter::PUBLISHED_PORTS, l4.sport) || prefilter_bit(entry, bit) {
-                let key = FlowKey {
-                    remote: packet.dst,
-                    local: packet.src,
-                    remote_port: l4.dport,
-                    local_port: l4.sport,
-                    proto: l4.proto,
-                    _pad: [0; 3],
-                };
-                remember(&key);
-            }
+    if let Ok(packet) = parse::parse(frame)
+        && let Some(flow) = outbound_flow(&packet)
+    {
+        let (entry, bit) = prefilter::address_bucket(&packet.src);
+        if prefilter_bit(prefilter::PUBLISHED_PORTS, flow.local_port) || prefilter_bit(entry, bit) {
+            remember(&flow);
         }
     }
     // TCX_NEXT: no opinion, let any other program (or the default) decide.
     TC_ACT_UNSPEC
+}
+
+/// The flow an outbound packet belongs to, keyed as its replies will arrive.
+#[inline(always)]
+fn outbound_flow(packet: &Packet) -> Option<FlowKey> {
+    let l4 = packet.l4;
+    (l4.kind == L4Kind::Ports).then_some(FlowKey {
+        remote: packet.dst,
+        local: packet.src,
+        remote_port: l4.dport,
+        local_port: l4.sport,
+        proto: l4.proto,
+        _pad: [0; 3],
+    })
 }
 
 /// Records a flow, rewriting its timestamp at most once a second per flow (an update per

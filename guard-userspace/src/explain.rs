@@ -94,7 +94,7 @@ pub async fn explain(
     }
     let maps = PolicyMaps::from_pins(pins)?;
     let tables = maps.read()?;
-    let now = monotonic_ns();
+    let now = crate::drops::monotonic_ns();
     let flows: BTreeSet<FlowKey> = maps
         .flows()?
         .into_iter()
@@ -303,14 +303,6 @@ pub fn render(e: &Explanation) -> String {
         out.push_str("(the host is busy: the reason is the reference decision over the pinned maps, which agrees with the kernel's verdict)\n");
     }
     out
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -31,6 +31,17 @@ struct Cli {
     command: Command,
 }
 
+/// Where the agent's pins and policy file are; every command that reads them takes these.
+#[derive(clap::Args)]
+struct Paths {
+    /// The bpffs directory guard pins its programs, links and maps under.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// The policy file (TOML); absent is fine. `guard run` reloads it on change and on SIGHUP.
+    #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -48,14 +59,11 @@ enum Command {
         /// Never filter this interface (repeatable); traffic arriving on it counts as inside.
         #[arg(long = "trust-iface", value_name = "IF")]
         trusted: Vec<String>,
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
         /// Seconds between full reconciles (events trigger one at once anyway).
         #[arg(long, value_name = "SECS", default_value_t = 5)]
         resync_interval: u64,
-        /// The policy file (TOML); absent is fine. Reloaded on change and on SIGHUP.
-        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
-        config: PathBuf,
         /// Override the policy file's mode: `audit` drops nothing and counts would-drops.
         #[arg(long, value_enum)]
         mode: Option<Mode>,
@@ -80,10 +88,8 @@ enum Command {
         /// The same report as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
-        config: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
     },
     /// Why a packet from SRC to DST gets its verdict: runs the loaded program on it.
     ///
@@ -101,10 +107,8 @@ enum Command {
         /// Print {"verdict", "reason", "container", "rule", ...} as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
-        config: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
     },
     /// Validate a policy file without touching anything; exits 1 if it does not parse.
     CheckConfig {
@@ -138,22 +142,22 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run { ifaces, trusted, pin_dir, resync_interval, config, mode, metrics_addr } => {
-            runtime.block_on(agent::run(RunOptions {
+        Command::Run { ifaces, trusted, paths, resync_interval, mode, metrics_addr } => runtime
+            .block_on(agent::run(RunOptions {
                 ifaces,
                 trusted,
-                pins: Pins::new(pin_dir),
+                pins: Pins::new(paths.pin_dir),
                 resync: Duration::from_secs(resync_interval.max(1)),
-                config,
+                config: paths.config,
                 mode,
                 metrics_addr,
-            }))
-        }
+            })),
         Command::Drops { follow, json, metrics_addr } => {
             runtime.block_on(drops::show(&metrics_addr, follow, json))
         }
-        Command::Status { json, pin_dir, config } => {
-            let report = runtime.block_on(status::report(&Pins::new(pin_dir), &config))?;
+        Command::Status { json, paths } => {
+            let report =
+                runtime.block_on(status::report(&Pins::new(paths.pin_dir), &paths.config))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -161,11 +165,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Explain { src, dst, iface, json, pin_dir, config } => {
+        Command::Explain { src, dst, iface, json, paths } => {
             let (dst, port) = explain::parse_destination(&dst)?;
             let query = explain::Query { src, dst, port };
-            let pins = Pins::new(pin_dir);
-            let e = runtime.block_on(explain::explain(&pins, &config, query, iface.as_deref()))?;
+            let pins = Pins::new(paths.pin_dir);
+            let e = runtime.block_on(explain::explain(
+                &pins,
+                &paths.config,
+                query,
+                iface.as_deref(),
+            ))?;
             if json {
                 println!("{}", serde_json::to_string(&e)?);
             } else {
