@@ -60,7 +60,19 @@ pub struct RunOptions {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Everything that can be wrong with the arguments is checked before anything is loaded, so
+    // a start that fails leaves nothing behind. A bad policy file at start is fatal: the pinned
+    // protection (with the last good file's openings) stays in place until it is fixed.
+    if !opts.ifaces.is_empty() {
+        let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
+        if !missing.is_empty() {
+            bail!("no interface named {} (see `ip link`)", missing.join(", "));
+        }
+    }
+    let text = read_policy_text(&opts.config)?;
+    let policy = parse_policy(&opts, text.as_deref())?;
     let listener = http::bind(opts.metrics_addr).await?;
+
     let mut ebpf = loader::load(&opts.pins)?;
     pin_programs(&mut ebpf, &opts.pins)?;
     let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
@@ -68,16 +80,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ebpf.take_map(guard_common::maps::EVENTS).context("the object has no event ring")?;
     let events = RingBuf::try_from(events)?;
     let ids = Identities::adopt(maps.read()?.identities);
-    if !opts.ifaces.is_empty() {
-        let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
-        if !missing.is_empty() {
-            bail!("no interface named {} (see `ip link`)", missing.join(", "));
-        }
-    }
-    // A bad file at start is fatal: the pinned protection (with the last good file's
-    // openings) stays in place until the operator fixes it.
-    let text = read_policy_text(&opts.config)?;
-    let policy = parse_policy(&opts, text.as_deref())?;
     info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState { mode: policy.mode.to_string(), ..Default::default() }),

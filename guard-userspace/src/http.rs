@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoint (loopback by default): `/metrics` (Prometheus), `/healthz`
-//! (liveness), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones).
+//! (liveness: the reconcile loop goes round), `/readyz` (readiness: synced with Docker at
+//! least once), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones).
 //!
 //! A deliberately small HTTP/1.0 server on tokio: three read-only routes do not need a web
 //! framework, and every extra dependency is code running as root.
@@ -91,6 +92,15 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 respond(&mut write, "503 Service Unavailable", "text/plain", &body).await
             }
         }
+        // Ready once the maps have held Docker's state: before that, nothing is opened yet.
+        "/readyz" => {
+            if shared.state.lock().expect("not poisoned").synced {
+                respond(&mut write, "200 OK", "text/plain", "ready\n").await
+            } else {
+                let body = "not synced with Docker yet\n";
+                respond(&mut write, "503 Service Unavailable", "text/plain", body).await
+            }
+        }
         "/drops" => {
             let mut follow =
                 query.split('&').any(|kv| kv == "follow=1").then(|| shared.drops.follow());
@@ -119,8 +129,13 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             write.shutdown().await
         }
         _ => {
-            respond(&mut write, "404 Not Found", "text/plain", "try /metrics, /healthz or /drops\n")
-                .await
+            respond(
+                &mut write,
+                "404 Not Found",
+                "text/plain",
+                "try /metrics, /healthz, /readyz or /drops\n",
+            )
+            .await
         }
     }
 }

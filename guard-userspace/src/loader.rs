@@ -25,7 +25,9 @@ pub fn program_name(hook: Hook) -> &'static str {
 pub enum LoadError {
     #[error(transparent)]
     Pins(#[from] PinError),
-    #[error("loading the eBPF object failed (are you root, with CAP_BPF and CAP_NET_ADMIN?): {0}")]
+    #[error(
+        "loading the eBPF object failed: {0} (guard needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; in a Docker 20.10 container, --cap-add SYS_ADMIN: see the README)"
+    )]
     Object(#[from] EbpfError),
     #[error("the eBPF object has no program {0}: the build is broken")]
     MissingProgram(&'static str),

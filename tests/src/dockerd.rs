@@ -2,7 +2,7 @@
 //! daemon is shared with every other test, so [`DockerdOutage`] brings it back on drop,
 //! whatever happened in between.
 
-use std::fs::{self, File};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -56,7 +56,7 @@ impl DockerdOutage {
     }
 
     /// Starts dockerd the way `cargo xtask` does (xtask/src/docker.rs): in its own session,
-    /// its output in `<target>/dockerd.log`; waits until `docker info` answers.
+    /// its output in `<target>/dockerd.log` (appended); waits until `docker info` answers.
     pub fn end(&mut self) {
         if let Err(e) = start(&self.log_path) {
             panic!("{e}");
@@ -79,7 +79,13 @@ fn start(log_path: &PathBuf) -> Result<(), String> {
     if let Some(dir) = log_path.parent() {
         let _ = fs::create_dir_all(dir);
     }
-    let log = File::create(log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+    // Appended to, unlike xtask's first start: the log of the daemon that was stopped is
+    // what explains a failure around the restart.
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
     let mut command = Command::new("dockerd");
     command.stdin(Stdio::null()).stdout(log).stderr(log_err);

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cmd;
+pub mod container_agent;
 pub mod docker;
 pub mod dockerd;
 pub mod host;
@@ -15,6 +16,7 @@ pub mod netns;
 pub mod observe;
 pub mod probe;
 pub mod prober;
+pub mod seed;
 
 use std::fs::{File, OpenOptions};
 use std::thread;

@@ -203,7 +203,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(|e| format!("read from {addr}: {e}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    let status = head.split_whitespace().nth(1);
+    if !head.starts_with("HTTP/1.") || status != Some("200") {
         return Err(format!("GET http://{addr}{path}: {}", head.lines().next().unwrap_or("")));
     }
     Ok(body.to_owned())

@@ -1,2 +1,594 @@
-//! The agent as a container (issue 6): the image built with `docker build`, run with exactly
-//! the capabilities of deploy/compose.yaml, against the seed scenario.
+//! The agent as a container (issue 6): the image built with `cargo xtask image` (a static
+//! binary, `docker build` FROM scratch), run by docker-compose from deploy/compose.yaml, so with
+//! exactly its capabilities and mounts, against the real dockerd and the seed scenario; and
+//! the three deployment files, validated offline.
+//!
+//! Needs root, a running dockerd, the busybox test image, docker-compose (Debian), a docker CLI
+//! with `docker stack config` and kubernetes-validate (PyPI). `cargo xtask test` runs these
+//! with the e2e tier, one at a time (`--test-threads=1`). A missing tool fails the test with
+//! what to install; nothing is skipped.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::cmd::{self, find_in_path};
+use tests::container_agent::{
+    CONTAINER, ContainerAgent, METRICS_ADDR, build_image, docker_compose_bin, workspace_file,
+};
+use tests::docker::docker;
+use tests::netns::xdp_attached;
+use tests::observe::{self, GuardObjects};
+use tests::probe::{PATIENT, QUICK};
+use tests::prober::{Outcome, Prober, summarize};
+use tests::seed::SeedBed;
+
+/// The least-privilege capability set: the one capability every deployment file grants
+/// (after dropping all). On Docker Engine 20.10 it is the only set that works: the engine
+/// rejects CAP_BPF and CAP_PERFMON ("unknown capability"), and its default seccomp profile
+/// allows bpf(2) only to a container with CAP_SYS_ADMIN; the kernel accepts CAP_SYS_ADMIN in
+/// place of CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN. README.md ("Run it as a container") has
+/// what breaks without it.
+const CAPS: &[&str] = &["SYS_ADMIN"];
+/// Where the agent's inputs live on the host, mounted at the same path in the container.
+const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+const BPFFS: &str = "/sys/fs/bpf";
+const POLICY_DIR: &str = "/etc/container-guard";
+const DEFAULT_METRICS: &str = "127.0.0.1:9184";
+
+// ---------------------------------------------------------------------------------------
+// The deployment files: what they grant, and that their tools accept them.
+// ---------------------------------------------------------------------------------------
+
+/// The YAML documents of a deployment file, as JSON, parsed by PyYAML (Debian's
+/// python3-yaml, which docker-compose depends on).
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    let python = if Path::new("/usr/bin/python3").is_file() {
+        PathBuf::from("/usr/bin/python3")
+    } else {
+        find_in_path("python3").expect("python3 not found: apt-get install -y python3-yaml")
+    };
+    let script = "import json, sys, yaml\n\
+                  json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)";
+    let out =
+        cmd::output(Command::new(&python).args(["-c", script]).arg(path), cmd::COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'yaml'"),
+        "{} has no PyYAML: apt-get install -y python3-yaml",
+        python.display()
+    );
+    assert!(out.status.success(), "{} does not parse as YAML: {stderr}", path.display());
+    serde_json::from_slice(&out.stdout).expect("PyYAML's JSON")
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected a list, got {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap_or_else(|| panic!("expected a string, got {s}")).to_owned())
+        .collect()
+}
+
+fn caps() -> Vec<String> {
+    CAPS.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// `--metrics-addr` of a `guard run` command line (its default if absent).
+fn metrics_addr(command: &[String]) -> String {
+    assert_eq!(command.first().map(String::as_str), Some("run"), "not `guard run`: {command:?}");
+    command
+        .windows(2)
+        .find(|w| w[0] == "--metrics-addr")
+        .map_or(DEFAULT_METRICS.to_owned(), |w| w[1].clone())
+}
+
+/// The compose file's service: no privileged, host network, all capabilities dropped and
+/// exactly [`CAPS`] added, read-only root, no-new-privileges, default seccomp, the socket
+/// read-only and bpffs at the same paths, restarted unless stopped.
+#[test]
+fn compose_file_grants_exactly_the_least_privilege_set() {
+    let path = workspace_file("deploy/compose.yaml");
+    let docs = yaml_documents(&path);
+    let services = docs[0]["services"].as_object().expect("services");
+    assert_eq!(services.len(), 1, "one service: {:?}", services.keys());
+    let guard = &docs[0]["services"]["guard"];
+    assert_eq!(guard["privileged"], json!(false), "privileged must be (explicitly) false");
+    assert_eq!(guard["network_mode"], "host");
+    assert_eq!(strings(&guard["cap_drop"]), ["ALL"]);
+    assert_eq!(strings(&guard["cap_add"]), caps());
+    assert_eq!(guard["read_only"], json!(true));
+    assert_eq!(guard["restart"], "unless-stopped");
+    let security = strings(&guard["security_opt"]);
+    assert!(security.contains(&"no-new-privileges:true".to_owned()), "{security:?}");
+    assert!(
+        !security.iter().any(|s| s.contains("unconfined")),
+        "the default seccomp profile suffices: {security:?}"
+    );
+    let volumes = strings(&guard["volumes"]);
+    for wanted in [
+        format!("{DOCKER_SOCKET}:{DOCKER_SOCKET}:ro"),
+        format!("{BPFFS}:{BPFFS}"),
+        format!("{POLICY_DIR}:{POLICY_DIR}:ro"),
+    ] {
+        assert!(volumes.contains(&wanted), "compose volumes lack {wanted}: {volumes:?}");
+    }
+    assert_eq!(volumes.len(), 3, "nothing else mounted: {volumes:?}");
+    assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
+    for key in ["pid", "ipc", "devices", "userns_mode", "cgroup_parent"] {
+        assert!(guard.get(key).is_none(), "compose service sets {key}");
+    }
+}
+
+/// The Swarm stack: a global service with the same capabilities and binds on the host
+/// network, and none of the keys `docker stack deploy` ignores (a privilege it silently drops
+/// would mean a different agent than the one tested).
+#[test]
+fn stack_file_grants_exactly_the_least_privilege_set() {
+    let docs = yaml_documents(&workspace_file("deploy/stack.yaml"));
+    let stack = &docs[0];
+    let guard = &stack["services"]["guard"];
+    assert_eq!(strings(&guard["cap_drop"]), ["ALL"]);
+    assert_eq!(strings(&guard["cap_add"]), caps());
+    assert_eq!(guard["read_only"], json!(true));
+    assert_eq!(guard["deploy"]["mode"], "global");
+    assert_eq!(strings(&guard["networks"]), ["host"]);
+    assert_eq!(stack["networks"]["host"], json!({"external": true, "name": "host"}));
+    // What Docker 20.10's `docker stack deploy` reports as "Ignoring unsupported options".
+    for ignored in [
+        "build",
+        "cgroup_parent",
+        "devices",
+        "domainname",
+        "external_links",
+        "ipc",
+        "links",
+        "mac_address",
+        "network_mode",
+        "pid",
+        "privileged",
+        "restart",
+        "security_opt",
+        "shm_size",
+        "userns_mode",
+    ] {
+        assert!(guard.get(ignored).is_none(), "Swarm ignores `{ignored}`: leave it out");
+    }
+    let binds: BTreeMap<String, (String, bool)> = guard["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| {
+            assert_eq!(v["type"], "bind", "{v}");
+            let target = v["target"].as_str().expect("target").to_owned();
+            let source = v["source"].as_str().expect("source").to_owned();
+            (target, (source, v["read_only"].as_bool().unwrap_or(false)))
+        })
+        .collect();
+    let expected: BTreeMap<String, (String, bool)> =
+        [(DOCKER_SOCKET, true), (BPFFS, false), (POLICY_DIR, true)]
+            .into_iter()
+            .map(|(p, ro)| (p.to_owned(), (p.to_owned(), ro)))
+            .collect();
+    assert_eq!(binds, expected);
+    assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
+}
+
+/// The DaemonSet: every node (tolerates every taint), host network, the same capabilities,
+/// the socket and bpffs as hostPath volumes at the same paths, probes on /healthz at the
+/// agent's metrics address, requests and limits, in its own namespace.
+#[test]
+fn daemonset_grants_exactly_the_least_privilege_set() {
+    let docs = yaml_documents(&workspace_file("deploy/daemonset.yaml"));
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["Namespace", "DaemonSet"]);
+    let (namespace, ds) = (&docs[0], &docs[1]);
+    assert_eq!(ds["metadata"]["namespace"], namespace["metadata"]["name"]);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], json!(true));
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]), "run on every node");
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], json!(false));
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(strings(&sc["capabilities"]["add"]), caps());
+    assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+
+    let host_paths: BTreeMap<&str, &str> = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["hostPath"]["path"].as_str().unwrap()))
+        .collect();
+    let mounts: BTreeMap<&str, (&str, bool)> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            let path = host_paths[m["name"].as_str().unwrap()];
+            (path, (m["mountPath"].as_str().unwrap(), m["readOnly"].as_bool().unwrap_or(false)))
+        })
+        .collect();
+    let expected: BTreeMap<&str, (&str, bool)> = [
+        (DOCKER_SOCKET, (DOCKER_SOCKET, true)),
+        (BPFFS, (BPFFS, false)),
+        (POLICY_DIR, (POLICY_DIR, true)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(mounts, expected);
+
+    let metrics = metrics_addr(&strings(&c["args"]));
+    let (host, port) = metrics.rsplit_once(':').unwrap();
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["host"], host, "{probe}: the agent listens on {metrics}");
+        assert_eq!(get["port"].to_string(), port, "{probe}: the agent listens on {metrics}");
+    }
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(c["resources"][kind][resource].is_string(), "no {kind}.{resource}");
+        }
+    }
+}
+
+/// The README's `docker run` line grants the same set (the docs are what operators copy).
+#[test]
+fn readme_docker_run_grants_the_same_set() {
+    let readme = std::fs::read_to_string(workspace_file("README.md")).expect("README.md");
+    let section = readme
+        .split("## Run it as a container")
+        .nth(1)
+        .expect("README.md has a `## Run it as a container` section");
+    let run: String = section
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("docker run"))
+        .take_while(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!run.is_empty(), "no `docker run` command in the section");
+    let mut granted: Vec<String> = run
+        .split("--cap-add ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next())
+        .map(String::from)
+        .collect();
+    granted.sort();
+    assert_eq!(granted, caps(), "README: {run}");
+    for flag in [
+        "--cap-drop ALL",
+        "--network host",
+        "--read-only",
+        "-v /var/run/docker.sock:/var/run/docker.sock:ro",
+        "-v /sys/fs/bpf:/sys/fs/bpf",
+    ] {
+        assert!(run.contains(flag), "README's docker run lacks `{flag}`: {run}");
+    }
+    assert!(!run.contains("--privileged"), "README: {run}");
+}
+
+/// `docker-compose config` accepts the compose file (Debian's docker-compose 1.29).
+#[test]
+fn compose_file_validates() {
+    let path = workspace_file("deploy/compose.yaml");
+    let out = cmd::output(
+        Command::new(docker_compose_bin()).arg("--file").arg(&path).args(["config", "--quiet"]),
+        cmd::COMMAND_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("docker-compose config: {e}"));
+    assert!(
+        out.status.success(),
+        "docker-compose rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The stack file passes `docker stack config` (the compose v3 schema of the docker CLI that
+/// deploys stacks; Debian's 20.10 client lacks the command, so a newer one is looked for) and
+/// `docker-compose config` (the v3.8 schema, deploy keys included).
+#[test]
+fn stack_file_validates() {
+    let path = workspace_file("deploy/stack.yaml");
+    let candidates = ["/usr/local/bin/docker", "/usr/bin/docker"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(find_in_path("docker"));
+    let client = candidates
+        .filter(|c| c.is_file())
+        .find(|c| {
+            cmd::output(Command::new(c).args(["stack", "config", "--help"]), cmd::COMMAND_TIMEOUT)
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--compose-file"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no docker CLI with `docker stack config` (Debian's 20.10 has none; docker CLI \
+                 23 or later does): install one as /usr/local/bin/docker"
+            )
+        });
+    let out = cmd::output(
+        Command::new(&client).args(["stack", "config", "--compose-file"]).arg(&path),
+        cmd::COMMAND_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("docker stack config: {e}"));
+    assert!(
+        out.status.success(),
+        "`{} stack config` rejects {}: {}",
+        client.display(),
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cmd::output(
+        Command::new(docker_compose_bin()).arg("--file").arg(&path).args(["config", "--quiet"]),
+        cmd::COMMAND_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("docker-compose config: {e}"));
+    assert!(
+        out.status.success(),
+        "docker-compose rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `kubernetes-validate` script, or its module through python3 when pip put the script
+/// somewhere off PATH; panics with what to install if neither is there.
+fn kubernetes_validate() -> Command {
+    if let Some(script) = find_in_path("kubernetes-validate") {
+        return Command::new(script);
+    }
+    let python = find_in_path("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
+    let importable = cmd::output(
+        Command::new(&python).args(["-c", "import kubernetes_validate"]),
+        cmd::COMMAND_TIMEOUT,
+    )
+    .is_ok_and(|o| o.status.success());
+    assert!(
+        importable,
+        "kubernetes-validate not found: python3 -m pip install kubernetes-validate (PyPI; it \
+         ships the Kubernetes schemas, no network needed to validate)"
+    );
+    let mut command = Command::new(python);
+    command.args(["-m", "kubernetes_validate"]);
+    command
+}
+
+/// `kubernetes-validate --strict` accepts the DaemonSet and its namespace, offline, against
+/// the newest Kubernetes schema it ships and an older one still in wide use.
+#[test]
+fn daemonset_validates() {
+    let path = workspace_file("deploy/daemonset.yaml");
+    for version in [None, Some("1.28.0")] {
+        let mut command = kubernetes_validate();
+        command.arg("--strict");
+        if let Some(version) = version {
+            command.args(["--kubernetes-version", version]);
+        }
+        let out = cmd::output(command.arg(&path), cmd::COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("kubernetes-validate: {e}"));
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        println!("{}", report.trim());
+        assert!(out.status.success(), "kubernetes-validate rejects {}: {report}", path.display());
+        assert_eq!(report.matches("passed").count(), 2, "both resources validated: {report}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The containerised agent against the seed scenario.
+// ---------------------------------------------------------------------------------------
+
+/// The image: entrypoint /guard, nothing but the binary, and `guard --help` runs in it.
+fn check_image(image: &str) {
+    let inspect: Value = serde_json::from_str(&docker(&["image", "inspect", image])).unwrap();
+    let config = &inspect[0]["Config"];
+    assert_eq!(config["Entrypoint"], json!(["/guard"]), "{config}");
+    let size = inspect[0]["Size"].as_u64().unwrap();
+    println!("image {image}: {size} bytes ({:.1} MiB)", size as f64 / 1048576.0);
+    let help = docker(&["run", "--rm", "--network", "none", image, "--help"]);
+    assert!(help.contains("Usage: guard"), "{help}");
+}
+
+/// The running agent container has exactly the compose file's privileges.
+fn check_privileges(agent: &ContainerAgent) {
+    let host = agent.inspect()["HostConfig"].clone();
+    assert_eq!(host["CapAdd"], json!(CAPS), "{host}");
+    assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
+    assert_eq!(host["Privileged"], json!(false));
+    assert_eq!(host["NetworkMode"], "host");
+    assert_eq!(host["ReadonlyRootfs"], json!(true));
+    assert_eq!(host["PidMode"], "", "the host's pid namespace is not needed");
+    let security = strings(&host["SecurityOpt"]);
+    assert_eq!(security, ["no-new-privileges:true"], "default seccomp, nothing loosened");
+    // The kernel's view: the agent process holds CAP_SYS_ADMIN and nothing else.
+    let pid = agent.inspect()["State"]["Pid"].as_u64().expect("agent pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default()
+    };
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    assert_eq!(u64::from_str_radix(field("CapEff:"), 16), Ok(CAP_SYS_ADMIN), "{status}");
+    assert_eq!(u64::from_str_radix(field("CapBnd:"), 16), Ok(CAP_SYS_ADMIN), "{status}");
+    assert_eq!(field("Seccomp:"), "2", "the default seccomp filter applies");
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+/// The seed scenario with the agent as a container: outside hosts reach only what the labels
+/// open, over every path and both families; the host and the containers are untouched;
+/// `guard status` works in the agent's container; the stopped container leaves protection in place, and
+/// `guard unload` from the image removes every pin, link, program and map.
+#[test]
+fn containerised_agent_passes_the_seed_scenario() {
+    let image = build_image();
+    check_image(image);
+    let bed = SeedBed::new();
+    let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
+    assert!(bed.a.tcp_connect(db, PATIENT), "test bed broken: A cannot reach {db} unguarded");
+
+    let before = GuardObjects::list();
+    let agent = ContainerAgent::start(&bed.uplinks());
+    let created = GuardObjects::list().since(&before);
+    check_privileges(&agent);
+    bed.check_outside(true);
+    bed.check_inside();
+
+    let health = observe::http_get(METRICS_ADDR.parse().unwrap(), "/healthz");
+    assert_eq!(health.as_deref().map(str::trim), Ok("ok"), "/healthz of the container");
+
+    let pin_dir = agent.pin_dir().display().to_string();
+    let status = agent.exec(&["status", "--pin-dir", &pin_dir]);
+    let status_text = String::from_utf8_lossy(&status.stdout);
+    println!("guard status (docker exec):\n{status_text}");
+    assert!(status.status.success(), "status: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(status_text.contains("maps: in sync with Docker"), "{status_text}");
+    for uplink in bed.uplinks() {
+        assert!(status_text.contains(uplink), "status does not name {uplink}: {status_text}");
+    }
+    assert!(status_text.contains(bed.project.db.name()), "{status_text}");
+
+    agent.stop();
+    assert!(!bed.a.tcp_connect(db, QUICK), "A reaches {db} once the agent container stopped");
+    for uplink in bed.uplinks() {
+        assert!(xdp_attached(uplink), "stopping the container took XDP off {uplink}");
+    }
+
+    agent.unload();
+    for uplink in bed.uplinks() {
+        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
+    }
+    let left = created.still_in(&GuardObjects::all());
+    assert!(left.is_empty(), "objects of the agent container survived unload: {left:?}");
+    assert!(bed.a.tcp_connect(db, PATIENT), "after unload A reaches {db} again, as before");
+    assert!(
+        docker(&["ps", "-a", "--filter", &format!("name={CONTAINER}"), "-q"]).trim().is_empty(),
+        "the agent container is still there"
+    );
+}
+
+/// `docker restart` of the agent container leaks nothing: outside host A connects about 20
+/// times a second to closed ports (by container address and by published port) and to an
+/// exposed one, before, during and after the restart; not one handshake to a closed port
+/// completes, the exposed port keeps answering, and the new agent adopts the pinned links
+/// (same link and map ids, new program ids) instead of attaching afresh.
+#[test]
+fn restarting_the_agent_container_leaks_nothing() {
+    let image = build_image();
+    check_image(image);
+    let bed = SeedBed::new();
+    let agent = ContainerAgent::start(&bed.uplinks());
+    check_privileges(&agent);
+    let p = &bed.project;
+    let closed = [
+        ("db:5432 direct", SocketAddr::new(p.db.ip().into(), 5432)),
+        ("db:5432 published", SocketAddr::new(bed.a.host_v4().into(), 5432)),
+        ("web:8443 published", SocketAddr::new(bed.a.host_v4().into(), 18443)),
+        ("api:8080 direct v6", SocketAddr::new(p.api.ip6().into(), 8080)),
+    ];
+    let exposed = ("web:443 direct", SocketAddr::new(p.web.ip().into(), 443));
+    let targets: Vec<SocketAddr> = closed.iter().map(|(_, a)| *a).chain([exposed.1]).collect();
+
+    let links_before = observe::pinned_links(agent.pin_dir());
+    let maps_before = observe::pinned_maps(agent.pin_dir());
+    let prober = Prober::start(
+        bed.a.netns().path(),
+        &targets,
+        20,
+        Duration::from_millis(1500),
+        Duration::from_secs(120),
+    );
+    thread::sleep(Duration::from_secs(2));
+    let restart_at = prober.elapsed();
+    let (took, log) = agent.restart();
+    let synced_at = prober.elapsed();
+    println!("docker restart {CONTAINER}: synced again after {took:.2?}");
+    thread::sleep(Duration::from_secs(2));
+    let report = prober.finish();
+
+    let mut leaks = Vec::new();
+    for (i, (what, addr)) in closed.iter().enumerate() {
+        for (phase, from, to) in [
+            ("before", Duration::ZERO, restart_at),
+            ("during restart", restart_at, synced_at),
+            ("after", synced_at, Duration::MAX),
+        ] {
+            let attempts = report.window(i, from, to);
+            println!("closed {what:<20} {addr:<22} {phase:<15} {}", summarize(&attempts));
+            assert!(!attempts.is_empty() || phase != "before", "no probes {phase}");
+        }
+        let established = report.established(i);
+        if let Some(first) = established.first() {
+            leaks.push(format!(
+                "{what} {addr}: {} handshakes, first at {:?}",
+                established.len(),
+                first.sent
+            ));
+        }
+    }
+    let e = closed.len();
+    for (phase, from, to) in [
+        ("before", Duration::ZERO, restart_at),
+        ("during restart", restart_at, synced_at),
+        ("after", synced_at, Duration::MAX),
+    ] {
+        let attempts = report.window(e, from, to);
+        println!(
+            "exposed {:<19} {:<22} {phase:<15} {}",
+            exposed.0,
+            exposed.1,
+            summarize(&attempts)
+        );
+        let answered =
+            attempts.iter().filter(|a| matches!(a.outcome, Outcome::Established(_))).count();
+        assert!(
+            answered == attempts.len(),
+            "the exposed {} did not always answer {phase} the restart: {}",
+            exposed.0,
+            summarize(&attempts)
+        );
+    }
+    assert!(report.rate(0) >= 15.0, "probing too slow to mean anything: {:.1}/s", report.rate(0));
+    assert!(
+        leaks.is_empty(),
+        "closed ports reached around `docker restart`:\n{}",
+        leaks.join("\n")
+    );
+
+    // The new run took over the pinned links rather than attaching again.
+    for uplink in bed.uplinks() {
+        let adopted = log.lines().any(|l| {
+            l.contains("hook=\"xdp\"")
+                && l.contains(&format!("iface={uplink}"))
+                && l.contains("adopted")
+        });
+        assert!(adopted, "the restarted agent did not adopt the XDP link of {uplink}:\n{log}");
+    }
+    let links_after = observe::pinned_links(agent.pin_dir());
+    assert_eq!(
+        links_before.keys().collect::<Vec<_>>(),
+        links_after.keys().collect::<Vec<_>>(),
+        "the pinned links changed"
+    );
+    for (name, before) in &links_before {
+        let after = links_after[name];
+        assert_eq!(before.link, after.link, "link {name} was replaced, not adopted");
+        assert_ne!(before.prog, after.prog, "link {name} still runs the old program");
+    }
+    assert_eq!(maps_before, observe::pinned_maps(agent.pin_dir()), "the maps were recreated");
+
+    bed.check_outside(true);
+    let started = Instant::now();
+    agent.unload();
+    println!("stop and unload: {:.2?}", started.elapsed());
+    for uplink in bed.uplinks() {
+        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
+    }
+}

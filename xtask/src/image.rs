@@ -44,10 +44,15 @@ pub fn image(ctx: &Ctx, args: &ImageArgs) -> Result<()> {
     fs::create_dir_all(staged.parent().context("no parent")?)?;
     // Copy via a temporary name: docker never sees a half-written binary.
     let tmp = staged.with_extension("tmp");
-    fs::copy(&bin, &tmp).with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
+    fs::copy(&bin, &tmp)
+        .with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
     fs::rename(&tmp, staged)?;
     let root = std::env::current_dir()?;
-    println!("xtask: building image {} with docker build (context: {}) ...", args.tag, root.display());
+    println!(
+        "xtask: building image {} with docker build (context: {}) ...",
+        args.tag,
+        root.display()
+    );
     sh(docker::docker().args(["build", "--tag", &args.tag, "--file", "Dockerfile", "."]))?;
     let size = capture(docker::docker().args(["image", "inspect", "-f", "{{.Size}}", &args.tag]))?;
     let size: u64 = size.trim().parse().with_context(|| format!("image size {size:?}"))?;

@@ -88,7 +88,7 @@ fn dispatch(cmd: Cmd) -> Result<bool> {
             bench::bench(&ctx()?, &args).map(|()| true)
         }
         Cmd::Image(args) => {
-            require_root("run as root: building the image needs dockerd (started if it is not up)")?;
+            require_root("run as root: the image is built by dockerd (started if it is down)")?;
             image::image(&ctx()?, &args).map(|()| true)
         }
     }

@@ -8,9 +8,22 @@ use anyhow::{Context, Result};
 
 use crate::{Ctx, docker, sh};
 
-/// Debian packages the build (llvm-22-dev), the agent (docker.io) and the tests need.
-const APT_PACKAGES: &[&str] =
-    &["docker.io", "llvm-22-dev", "busybox-static", "iptables", "iproute2", "bpftool", "nftables"];
+/// Debian packages the build (llvm-22-dev), the agent (docker.io) and the tests need
+/// (docker-compose validates and runs deploy/compose.yaml, and brings python3-yaml).
+const APT_PACKAGES: &[&str] = &[
+    "docker.io",
+    "llvm-22-dev",
+    "busybox-static",
+    "iptables",
+    "iproute2",
+    "bpftool",
+    "nftables",
+    "docker-compose",
+];
+
+/// PyPI packages the tests need: kubernetes-validate checks deploy/daemonset.yaml offline
+/// (it ships the Kubernetes schemas).
+const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes_validate")];
 
 /// bpf-linker built against Debian's LLVM 22: its BTF is accepted by the kernel.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -19,6 +32,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Everything `cargo xtask setup` does; `cargo xtask test` does it first too.
 pub fn machine(ctx: &Ctx) -> Result<()> {
     prerequisites()?;
+    pip_packages()?;
     bpffs()?;
     docker::ensure_daemon(&ctx.target_dir)?;
     docker::ensure_test_image()
@@ -29,6 +43,27 @@ pub fn prerequisites() -> Result<()> {
     rust_src()?;
     apt_packages()?;
     bpf_linker()
+}
+
+fn pip_packages() -> Result<()> {
+    for (package, module) in PIP_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            println!("xtask: python package present: {package}");
+            continue;
+        }
+        println!("xtask: installing {package} with pip (the tests validate deploy/ with it)");
+        let ok = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", package])
+            .status()
+            .is_ok_and(|s| s.success());
+        anyhow::ensure!(ok, "python3 -m pip install {package} failed");
+    }
+    Ok(())
 }
 
 fn rust_src() -> Result<()> {

@@ -48,8 +48,17 @@ impl Tier {
             // Everything with a real dockerd: the seed scenario, lifecycle and faults, the
             // agent as a container.
             Tier::E2e => &[
-                "test", "-p", "tests", "--test", "e2e", "--test", "lifecycle", "--test", "operator",
-                "--test", "container",
+                "test",
+                "-p",
+                "tests",
+                "--test",
+                "e2e",
+                "--test",
+                "lifecycle",
+                "--test",
+                "operator",
+                "--test",
+                "container",
             ],
         }
     }

@@ -1,0 +1,316 @@
+//! The agent as a container (issue 6): the image `cargo xtask image` builds, run by
+//! docker-compose from the repository's own deploy/compose.yaml, so the test runs with exactly
+//! the capabilities, mounts and options an operator gets. A small override file only names
+//! the container, points the agent at the test bed's uplinks and its own pin directory, and
+//! mounts an empty policy directory (whatever /etc/container-guard holds on this machine must
+//! not change the verdicts).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agent::{READY_MARKER, guard_bin};
+use crate::cmd::{self, find_in_path, try_run};
+use crate::docker::{docker, docker_bin};
+
+/// The tag `cargo xtask image` builds.
+pub const IMAGE: &str = "container-guard:dev";
+/// The compose project and the agent container's name (the test prefix: a killed run's
+/// container is removed by the next run's leftover cleanup).
+pub const PROJECT: &str = "guard-e2e-agent";
+pub const CONTAINER: &str = "guard-e2e-agent";
+/// The service in deploy/compose.yaml.
+pub const SERVICE: &str = "guard";
+/// Not the default 9184: an agent an operator runs on this machine may hold that.
+pub const METRICS_ADDR: &str = "127.0.0.1:19184";
+/// Pin directories are `/sys/fs/bpf/guard-e2e-<pid>-ctr<n>`, like [`crate::agent`]'s: the pid
+/// tells the leftover cleanup whether the run that made one is gone.
+const PIN_PREFIX: &str = "guard-e2e-";
+/// A cold `cargo build --release` of the static binary (eBPF included) takes minutes on two
+/// cores; an up-to-date one a few seconds.
+const IMAGE_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Loading, attaching and the first sync take well under a second; `docker restart` adds the
+/// container's own start.
+const READY_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The workspace root (tests/ is one of its members).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A file of the workspace, e.g. `deploy/compose.yaml`.
+pub fn workspace_file(path: &str) -> PathBuf {
+    workspace_root().join(path)
+}
+
+/// Runs `cargo xtask image` (the static build, the checks, `docker build`) once per test
+/// process and returns the tag. Panics with its output if it fails.
+pub fn build_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let started = Instant::now();
+        let out = cmd::output(
+            Command::new(&cargo).args(["xtask", "image"]).current_dir(workspace_root()),
+            IMAGE_BUILD_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("`cargo xtask image`: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "`cargo xtask image` failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let size = stdout.lines().rfind(|l| l.contains(" bytes")).unwrap_or_default();
+        println!("cargo xtask image: {} ({:.0?})", size.trim(), started.elapsed());
+    });
+    IMAGE
+}
+
+/// The host's `guard` ([`guard_bin`]); a relative `GUARD_BIN` (`target/debug/guard`) is
+/// taken from the workspace root, since tests run in tests/.
+pub fn host_guard_bin() -> PathBuf {
+    let bin = guard_bin();
+    if bin.is_relative() && !bin.exists() { workspace_root().join(bin) } else { bin }
+}
+
+/// The docker-compose CLI (Debian's docker-compose, 1.29): panics if it is missing.
+pub fn docker_compose_bin() -> PathBuf {
+    find_in_path("docker-compose").unwrap_or_else(|| {
+        panic!("docker-compose not found: apt-get install -y docker-compose (the tests need it)")
+    })
+}
+
+/// `guard run` in a container started by docker-compose from deploy/compose.yaml. Drop stops
+/// and removes the container and unloads whatever it pinned (from the host binary, if the
+/// test did not get to [`ContainerAgent::unload`]).
+pub struct ContainerAgent {
+    pin_dir: PathBuf,
+    /// Holds the override file and the empty policy directory.
+    workdir: PathBuf,
+    unloaded: bool,
+}
+
+impl ContainerAgent {
+    /// `docker-compose up -d` with the repository's compose file, guarding `ifaces` only
+    /// (never every uplink: that would take the machine's real interfaces), and waits until
+    /// the agent logs its first sync.
+    pub fn start(ifaces: &[&str]) -> Self {
+        assert!(!ifaces.is_empty(), "the test agent must be told its uplinks");
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{PIN_PREFIX}{pid}-ctr{n}"));
+        let workdir = std::env::temp_dir().join(format!("guard-e2e-compose-{pid}-{n}"));
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(workdir.join("config")).expect("create the compose work directory");
+        let mut command = vec!["run".to_owned()];
+        for iface in ifaces {
+            command.extend(["--iface".to_owned(), (*iface).to_owned()]);
+        }
+        command.extend(["--pin-dir".to_owned(), pin_dir.display().to_string()]);
+        command.extend(["--metrics-addr".to_owned(), METRICS_ADDR.to_owned()]);
+        let override_file = format!(
+            "services:\n  {SERVICE}:\n    container_name: {CONTAINER}\n    command: {}\n    \
+             volumes:\n      - {}:/etc/container-guard:ro\n",
+            serde_json::to_string(&command).unwrap(),
+            workdir.join("config").display()
+        );
+        fs::write(workdir.join("override.yaml"), override_file).expect("write the override file");
+        let agent = Self { pin_dir, workdir, unloaded: false };
+        agent.compose(&["up", "-d", "--no-build"]).unwrap_or_else(|e| panic!("{e}"));
+        agent.wait_ready(1);
+        agent
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// `docker-compose -p PROJECT -f deploy/compose.yaml -f override.yaml ARGS`, with
+    /// GUARD_IMAGE set to the image under test; stdout, or the failure with stderr.
+    fn compose(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.compose_output(args)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`docker-compose {}` failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ))
+        }
+    }
+
+    fn compose_output(&self, args: &[&str]) -> Result<Output, String> {
+        let mut command = Command::new(docker_compose_bin());
+        command
+            .args(["--project-name", PROJECT, "--file"])
+            .arg(workspace_file("deploy/compose.yaml"))
+            .arg("--file")
+            .arg(self.workdir.join("override.yaml"))
+            .args(args)
+            .env("GUARD_IMAGE", IMAGE);
+        cmd::output(&mut command, cmd::COMMAND_TIMEOUT)
+            .map_err(|e| format!("`docker-compose {}`: {e}", args.join(" ")))
+    }
+
+    /// Everything the agent container has logged, over all its runs (`docker logs`).
+    pub fn logs(&self) -> String {
+        match cmd::output(
+            Command::new(docker_bin()).args(["logs", CONTAINER]),
+            cmd::COMMAND_TIMEOUT,
+        ) {
+            Ok(out) => {
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr)
+            }
+            Err(e) => format!("(docker logs {CONTAINER}: {e})"),
+        }
+    }
+
+    /// How often the agent has logged its first sync: once per run of the container.
+    fn ready_count(&self) -> usize {
+        self.logs().matches(READY_MARKER).count()
+    }
+
+    /// `docker inspect` of the agent container.
+    pub fn inspect(&self) -> Value {
+        let out = docker(&["inspect", CONTAINER]);
+        let v: Value = serde_json::from_str(&out).expect("parse docker inspect");
+        v[0].clone()
+    }
+
+    /// Waits until the agent has logged [`READY_MARKER`] `runs` times in all; panics with
+    /// the log if the container stops or it takes longer than [`READY_TIMEOUT`].
+    fn wait_ready(&self, runs: usize) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.ready_count() >= runs {
+                return;
+            }
+            let state = self.inspect()["State"].clone();
+            let restarting = state["Restarting"].as_bool() == Some(true);
+            assert!(
+                state["Running"].as_bool() == Some(true) || restarting,
+                "the agent container stopped ({}) before `{READY_MARKER}`:\n{}",
+                state,
+                self.logs()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the agent container did not log `{READY_MARKER}` (run {runs}) within \
+                 {READY_TIMEOUT:?}:\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `docker restart` of the agent container; returns once the new run has synced, with
+    /// how long that took and the new run's log.
+    pub fn restart(&self) -> (Duration, String) {
+        let before = self.logs();
+        let runs = before.matches(READY_MARKER).count();
+        let started = Instant::now();
+        docker(&["restart", "--time", "10", CONTAINER]);
+        self.wait_ready(runs + 1);
+        let elapsed = started.elapsed();
+        let logs = self.logs();
+        let this_run = logs.get(before.len()..).unwrap_or(&logs).to_owned();
+        (elapsed, this_run)
+    }
+
+    /// `docker exec` of `/guard ARGS` in the running agent container: the same
+    /// capabilities, mounts and network as the agent. (`docker-compose run` cannot start a
+    /// second container of a host-network service: compose 1.29 adds links to it, which
+    /// dockerd refuses next to host networking.)
+    pub fn exec(&self, args: &[&str]) -> Output {
+        cmd::output(
+            Command::new(docker_bin()).args(["exec", CONTAINER, "/guard"]).args(args),
+            cmd::COMMAND_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("docker exec {CONTAINER} /guard {args:?}: {e}"))
+    }
+
+    /// Stops the agent container the way compose does (SIGTERM), asserts the agent exited
+    /// cleanly, and removes it. The pinned protection stays.
+    pub fn stop(&self) {
+        self.compose(&["stop"]).unwrap_or_else(|e| panic!("{e}"));
+        let state = self.inspect()["State"].clone();
+        assert_eq!(
+            state["ExitCode"].as_i64(),
+            Some(0),
+            "the agent did not exit cleanly on SIGTERM ({state}):\n{}",
+            self.logs()
+        );
+        self.compose(&["down"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Stops the container if it still runs, then `guard unload` from the image, in a
+    /// container that gets nothing but bpffs: removing pins is unlinking files, which needs
+    /// no capability. Asserts the pin directory is gone.
+    pub fn unload(mut self) {
+        if self.container_exists() {
+            self.stop();
+        }
+        let pin_dir = self.pin_dir.display().to_string();
+        let bpffs = "/sys/fs/bpf:/sys/fs/bpf";
+        let out = cmd::output(
+            Command::new(docker_bin())
+                .args(["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--read-only"])
+                .args(["--volume", bpffs, IMAGE, "unload", "--pin-dir", &pin_dir]),
+            cmd::COMMAND_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("docker run {IMAGE} unload: {e}"));
+        self.unloaded = true;
+        assert!(
+            out.status.success(),
+            "`guard unload` in the image failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        println!("guard unload (image): {}", String::from_utf8_lossy(&out.stdout).trim());
+        assert!(!self.pin_dir.exists(), "`guard unload` left {pin_dir} behind");
+    }
+
+    fn container_exists(&self) -> bool {
+        try_run(docker_bin(), &["inspect", "--format", "{{.Id}}", CONTAINER]).is_ok()
+    }
+}
+
+impl Drop for ContainerAgent {
+    fn drop(&mut self) {
+        let failing = thread::panicking();
+        if failing && self.container_exists() {
+            eprintln!("--- agent container log ---\n{}", self.logs());
+        }
+        if self.container_exists()
+            && let Err(e) = self.compose(&["down"])
+        {
+            cmd::warn(format!("cleanup: {e}"));
+            let _ = try_run(docker_bin(), &["rm", "-f", CONTAINER]);
+        }
+        if !self.unloaded && self.pin_dir.exists() {
+            // The host binary: the image may be what is broken.
+            let dir = self.pin_dir.display().to_string();
+            let unloaded =
+                try_run(&host_guard_bin().to_string_lossy(), &["unload", "--pin-dir", &dir]);
+            if let Err(e) = unloaded {
+                cmd::warn(format!("cleanup: {e}"));
+                let _ = fs::remove_dir_all(&self.pin_dir);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
