@@ -57,7 +57,8 @@ pub struct RunOptions {
     pub metrics_addr: std::net::SocketAddr,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between attempts to reach Docker (and between reconciles that failed).
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Everything that can be wrong with the arguments is checked before anything is loaded, so
@@ -104,7 +105,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
 
     let wake = Arc::new(Notify::new());
-    tokio::spawn(follow_docker_events(wake.clone()));
+    let docker_back = Arc::new(Notify::new());
+    tokio::spawn(follow_docker_events(wake.clone(), docker_back.clone()));
     tokio::spawn(follow_interface_changes(wake.clone()));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -112,53 +114,62 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut docker: Option<DockerClient> = None;
     let mut synced = false;
-    let mut backoff = Duration::from_secs(1);
+    // Failed attempts (to connect, or to reconcile) back off; wake-ups in between (a burst of
+    // events as a daemon stops) do not count as attempts, so they cannot inflate the delay.
+    let mut backoff = Backoff::default();
     loop {
-        if docker.is_none() {
-            match DockerClient::connect().await {
-                Ok(client) => docker = Some(client),
-                Err(e) => warn!("{e}; retrying in {backoff:?}, protection unchanged"),
-            }
-        }
         *shared.heartbeat.lock().expect("not poisoned") = Instant::now();
-        let mut wait = agent.opts.resync;
-        if let Some(client) = &docker {
-            let started = Instant::now();
-            let result = agent.reconcile(client).await;
-            let mut state = shared.state.lock().expect("not poisoned");
-            state.docker_connected = result
-                .as_ref()
-                .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |_| true);
-            if result.is_ok() {
-                state.synced = true;
-                state.sync_seconds.observe(started.elapsed().as_secs_f64());
-            }
-            drop(state);
-            match result {
-                Ok(()) => {
-                    backoff = Duration::from_secs(1);
-                    if !synced {
-                        synced = true;
-                        info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
-                        // Every link runs this build's program (and maps) now: maps of another
-                        // layout, left by an agent of another version, serve nothing.
-                        drop_other_layouts(&agent.opts.pins);
+        if backoff.due() {
+            if docker.is_none() {
+                match DockerClient::connect().await {
+                    Ok(client) => docker = Some(client),
+                    Err(e) => {
+                        let delay = backoff.failed();
+                        warn!("{e}; retrying in {delay:?}, protection unchanged");
                     }
                 }
-                Err(e) => {
-                    warn!("reconcile failed: {e:#}; retrying in {backoff:?}, protection unchanged");
-                    if e.downcast_ref::<DockerError>().is_some() {
-                        docker = None;
+            }
+            if let Some(client) = &docker {
+                let started = Instant::now();
+                let result = agent.reconcile(client).await;
+                let mut state = shared.state.lock().expect("not poisoned");
+                state.docker_connected = result
+                    .as_ref()
+                    .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |_| true);
+                if result.is_ok() {
+                    state.synced = true;
+                    state.sync_seconds.observe(started.elapsed().as_secs_f64());
+                }
+                drop(state);
+                match result {
+                    Ok(()) => {
+                        backoff.succeeded();
+                        if !synced {
+                            synced = true;
+                            info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
+                            // Every link runs this build's program (and maps) now: maps of
+                            // another layout, left by an agent of another version, serve
+                            // nothing.
+                            drop_other_layouts(&agent.opts.pins);
+                        }
+                    }
+                    Err(e) => {
+                        let delay = backoff.failed();
+                        warn!(
+                            "reconcile failed: {e:#}; retrying in {delay:?}, protection unchanged"
+                        );
+                        if e.downcast_ref::<DockerError>().is_some() {
+                            docker = None;
+                        }
                     }
                 }
             }
         }
-        if docker.is_none() || !synced {
-            wait = backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
+        let wait = backoff.remaining().unwrap_or(agent.opts.resync);
         tokio::select! {
             _ = wake.notified() => {}
+            // The event stream reached Docker again: try at once, whatever the backoff says.
+            _ = docker_back.notified() => backoff.succeeded(),
             _ = tokio::time::sleep(wait) => {}
             _ = sighup.recv() => info!("SIGHUP: reloading the policy file"),
             _ = sigterm.recv() => break,
@@ -364,32 +375,62 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wakes the reconciler on every container or network event; reconnects with backoff.
-async fn follow_docker_events(wake: Arc<Notify>) {
+/// Wakes the reconciler on every container or network event; reconnects with backoff and
+/// says so (`docker_back`) when the stream is up again, so the reconciler resyncs at once.
+async fn follow_docker_events(wake: Arc<Notify>, docker_back: Arc<Notify>) {
     let mut backoff = Duration::from_secs(1);
     loop {
         match DockerClient::connect().await {
             Ok(client) => {
+                backoff = Duration::from_secs(1);
+                docker_back.notify_one();
                 let mut events = Box::pin(client.events());
                 while let Some(event) = events.next().await {
                     match event {
-                        Ok(()) => {
-                            backoff = Duration::from_secs(1);
-                            wake.notify_one();
-                        }
+                        Ok(()) => wake.notify_one(),
                         Err(e) => {
                             warn!("Docker event stream: {e}");
                             break;
                         }
                     }
                 }
-                // The stream ended: the daemon restarted or went away. Resync when it returns.
+                // The stream ended: the daemon restarted or went away.
                 wake.notify_one();
             }
             Err(e) => warn!("Docker event stream: {e}; retrying in {backoff:?}"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// When the next attempt may be made after failures: 1 s, doubling up to [`MAX_BACKOFF`].
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    next: Option<Instant>,
+}
+
+impl Backoff {
+    fn due(&self) -> bool {
+        self.next.is_none_or(|next| Instant::now() >= next)
+    }
+
+    /// Records a failed attempt; the delay until the next one.
+    fn failed(&mut self) -> Duration {
+        let delay = (Duration::from_secs(1) * 2u32.saturating_pow(self.failures)).min(MAX_BACKOFF);
+        self.failures += 1;
+        self.next = Some(Instant::now() + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Time left before the next attempt, if one is pending.
+    fn remaining(&self) -> Option<Duration> {
+        self.next.map(|next| next.saturating_duration_since(Instant::now()))
     }
 }
 

@@ -39,8 +39,10 @@ pub enum MapsError {
 
 /// A map update that failed; the rest of the plan is still applied.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} in map {map} failed: {source} (map full? capacity {capacity})")]
+#[error("{op} of {key} in map {map} failed: {} (map full? capacity {capacity})", errno(source))]
 pub struct UpdateError {
+    /// The entry, for the operator: which opening or address is missing.
+    pub key: String,
     pub map: &'static str,
     pub op: &'static str,
     pub capacity: u32,
@@ -165,6 +167,7 @@ impl PolicyMaps {
                 errors.push(UpdateError {
                     map: names::PREFILTER,
                     op: "set",
+                    key: format!("entry {entry}"),
                     capacity: prefilter::ENTRIES,
                     source,
                 });
@@ -202,7 +205,8 @@ impl PolicyMaps {
         if let Some(config) = &plan.config
             && let Err(source) = self.config.set(0, config, 0)
         {
-            e.push(UpdateError { map: names::CONFIG, op: "set", capacity: 1, source });
+            let key = "entry 0".into();
+            e.push(UpdateError { map: names::CONFIG, op: "set", key, capacity: 1, source });
         }
 
         self.sources.upsert_all(&plan.sources, e);
@@ -298,6 +302,17 @@ fn read_counters(
         .collect()
 }
 
+/// The OS error under a map error (aya's own message names only the syscall).
+fn errno(e: &MapError) -> String {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let mut last = e.to_string();
+    while let Some(err) = source {
+        last = err.to_string();
+        source = err.source();
+    }
+    format!("{e}: {last}")
+}
+
 /// A kernel map with the name and capacity its errors should mention.
 struct Table<M> {
     map: M,
@@ -346,29 +361,35 @@ impl<M> Table<M> {
         self.map.entries().map_err(|source| MapsError::Read { name: self.name, source })
     }
 
-    fn upsert_all<K, V>(&mut self, diff: &TableDiff<K, V>, errors: &mut Vec<UpdateError>)
-    where
+    fn upsert_all<K: std::fmt::Debug, V>(
+        &mut self,
+        diff: &TableDiff<K, V>,
+        errors: &mut Vec<UpdateError>,
+    ) where
         M: KeyedMap<K, V>,
     {
         for (key, value) in &diff.upsert {
             if let Err(source) = self.map.put(key, value) {
-                errors.push(self.error("insert", source));
+                errors.push(self.error("insert", format!("{key:?}"), source));
             }
         }
     }
 
-    fn remove_all<K, V>(&mut self, diff: &TableDiff<K, V>, errors: &mut Vec<UpdateError>)
-    where
+    fn remove_all<K: std::fmt::Debug, V>(
+        &mut self,
+        diff: &TableDiff<K, V>,
+        errors: &mut Vec<UpdateError>,
+    ) where
         M: KeyedMap<K, V>,
     {
         for key in &diff.remove {
             if let Err(source) = self.map.delete(key) {
-                errors.push(self.error("remove", source));
+                errors.push(self.error("remove", format!("{key:?}"), source));
             }
         }
     }
 
-    fn error(&self, op: &'static str, source: MapError) -> UpdateError {
-        UpdateError { map: self.name, op, capacity: self.capacity, source }
+    fn error(&self, op: &'static str, key: String, source: MapError) -> UpdateError {
+        UpdateError { map: self.name, op, key, capacity: self.capacity, source }
     }
 }

@@ -53,6 +53,9 @@ pub struct ContainerReport {
 #[derive(Debug, Serialize)]
 pub struct PortReport {
     pub port: u16,
+    /// The end of a range of opened ports (`port`-`last_port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_port: Option<u16>,
     pub proto: String,
     /// host address:port pairs Docker publishes it on.
     pub published: Vec<String>,
@@ -116,31 +119,35 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
 
 fn container_report(policy: &ContainerPolicy) -> ContainerReport {
     let c = &policy.container;
-    let mut ports: BTreeSet<(u16, Proto)> =
-        c.published.iter().map(|p| (p.container_port, p.proto)).collect();
+    // One row per published or single opened port; a longer opened range gets one row of its
+    // own (first-last), so nothing that is open goes unreported.
+    let mut ports: BTreeSet<(u16, u16, Proto)> =
+        c.published.iter().map(|p| (p.container_port, p.container_port, p.proto)).collect();
     for opening in &policy.openings {
-        // Short ranges get a row per port; longer ones show up under other_ports' rules.
-        if let PortSpec::Range { proto, first, last } = opening.ports
-            && last - first < 16
-        {
-            ports.extend((first..=last).map(|p| (p, proto)));
+        if let PortSpec::Range { proto, first, last } = opening.ports {
+            if last - first < 16 {
+                ports.extend((first..=last).map(|p| (p, p, proto)));
+            } else {
+                ports.insert((first, last, proto));
+            }
         }
     }
     let ports = ports
         .into_iter()
-        .map(|(port, proto)| PortReport {
-            port,
+        .map(|(first, last, proto)| PortReport {
+            port: first,
+            last_port: (last != first).then_some(last),
             proto: proto.name().into(),
             published: c
                 .published
                 .iter()
-                .filter(|p| p.container_port == port && p.proto == proto)
+                .filter(|p| (first..=last).contains(&p.container_port) && p.proto == proto)
                 .map(|p| match p.host_ip {
                     std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", p.host_port),
                     v4 => format!("{v4}:{}", p.host_port),
                 })
                 .collect(),
-            outside: reach(policy.openings.iter().filter(|o| covers(o, port, proto))),
+            outside: reach(policy.openings.iter().filter(|o| covers(o, first, proto))),
         })
         .collect();
     ContainerReport {
@@ -241,7 +248,8 @@ pub fn render(report: &Report) -> String {
         for port in &c.ports {
             let published =
                 if port.published.is_empty() { "-".into() } else { port.published.join(" ") };
-            push(format!("{}/{}", port.port, port.proto), published, port.outside.text());
+            let range = port.last_port.map(|last| format!("-{last}")).unwrap_or_default();
+            push(format!("{}{range}/{}", port.port, port.proto), published, port.outside.text());
         }
         push("other".into(), "-".into(), c.other_ports.text());
     }

@@ -83,14 +83,14 @@ fn wait_until(what: &str, within: Duration, f: impl FnMut() -> bool) -> Duration
 }
 
 /// One TCP reachability expectation from an outside host.
-struct Expect<'a> {
-    what: &'a str,
+struct Expect {
+    what: String,
     addr: SocketAddr,
     open: bool,
 }
 
-fn expect(what: &str, addr: SocketAddr, open: bool) -> Expect<'_> {
-    Expect { what, addr, open }
+fn expect(what: impl Into<String>, addr: SocketAddr, open: bool) -> Expect {
+    Expect { what: what.into(), addr, open }
 }
 
 /// Probes every expectation from `from` at once (silence costs the full timeout, so they run
@@ -116,6 +116,17 @@ fn check(from: &OutsideHost, context: &str, expectations: &[Expect]) {
         }
     }
     assert!(wrong.is_empty(), "outside reachability is wrong:\n{}", wrong.join("\n"));
+}
+
+/// Before the agent runs, `from` must reach `closed` (the test bed reproduces the exposure),
+/// or "blocked" later proves nothing.
+fn require_exposure(from: &OutsideHost, closed: &[SocketAddr]) {
+    for addr in closed {
+        assert!(
+            from.tcp_connect(*addr, PATIENT),
+            "test bed broken: {addr} is not reachable from outside even without the agent"
+        );
+    }
 }
 
 /// Waits (bounded) until `from` completes a handshake with `addr`: an opening that must come.
@@ -199,6 +210,7 @@ fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links(
     });
     let _routing = RoutingHost::enable();
     let a = outside("crash", 11, &[SUBNET]);
+    require_exposure(&a, &[sock(ip, 8080), sock(a.host_v4(), 21081)]);
     let (mut agent, _) = start_agent(&[a.host_end()], &[]);
     let pin_dir = agent.pin_dir().to_owned();
 
@@ -209,7 +221,7 @@ fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links(
         ("exposed, published", sock(a.host_v4(), 21080), true),
     ];
     let checks: Vec<Expect> =
-        targets.iter().map(|(w, addr, open)| expect(w, *addr, *open)).collect();
+        targets.iter().map(|(w, addr, open)| expect(*w, *addr, *open)).collect();
     check(&a, "agent running", &checks);
 
     let links_before = observe::pinned_links(&pin_dir);
@@ -635,10 +647,11 @@ fn policy_follows_container_identity_not_its_address() {
 /// away the agent keeps running, retries with a growing backoff and leaves the maps exactly
 /// as they were: the kernel still drops the closed port and passes the exposed one (`guard
 /// explain`, the loaded program's own verdict; live-restore is off, so the containers stop
-/// with the daemon and an end-to-end probe would prove nothing). When it is back, with new
-/// containers started at once, the agent reconnects and resyncs: `guard status` shows the
-/// maps in sync with Docker (within 10 s of its return), and the new containers' openings
-/// work from outside.
+/// with the daemon and an end-to-end probe would prove nothing). When it is back the agent
+/// reconnects by itself, with nothing else happening, within 10 s (its backoff after an
+/// outage of about 9 s is 8 s) and drops the entries of the containers that stopped; then
+/// new containers are started and the old ones started again: `guard status` shows the maps
+/// in sync with Docker, and the openings work from outside.
 #[test]
 fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     const SUBNET: &str = "10.252.5.0/24";
@@ -661,6 +674,7 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     let exposed = run("dockerd-exposed", 11, &[("guard.expose", "80/tcp")], &["25080:80"], 80);
     let _routing = RoutingHost::enable();
     let a = outside("dockerd", 14, &[SUBNET]);
+    require_exposure(&a, &[sock(ip(10), 8080), sock(a.host_v4(), 25081)]);
     let (mut agent, metrics) = start_agent(&[a.host_end()], &[]);
     check(
         &a,
@@ -691,37 +705,54 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
             })
             .collect()
     };
-    let maps_before = dump(agent.pin_dir());
-    let explain = |pin_dir: &Path, dst: SocketAddr| {
-        observe::explain(pin_dir, &a.v4().to_string(), &format!("{dst}/tcp"), Some(a.host_end()))
+    let maps_running = dump(agent.pin_dir());
+    let targets = [
+        ("closed, direct", sock(ip(10), 8080)),
+        ("closed, published", sock(a.host_v4(), 25081)),
+        ("exposed, direct", sock(ip(11), 80)),
+        ("exposed, published", sock(a.host_v4(), 25080)),
+    ];
+    let verdicts = |pin_dir: &Path| -> Vec<String> {
+        let src = a.v4().to_string();
+        targets
+            .iter()
+            .map(|(_, dst)| {
+                let dst = format!("{dst}/tcp");
+                observe::explain(pin_dir, &src, &dst, Some(a.host_end())).0
+            })
+            .collect()
     };
-    assert_eq!(explain(agent.pin_dir(), sock(ip(10), 8080)).0, "drop");
-    assert_eq!(explain(agent.pin_dir(), sock(ip(11), 80)).0, "pass");
+    assert_eq!(verdicts(agent.pin_dir()), ["drop", "drop", "pass", "pass"], "kernel verdicts");
 
     let log_before = agent.log().len();
     let mut outage = DockerdOutage::begin();
     let down_at = Instant::now();
     println!("dockerd stopped");
+    // The daemon stops the containers on its way out, and the agent may hear of that while
+    // the API still answers: "unchanged" means unchanged from when Docker went away (give a
+    // reconcile that was under way then a moment to finish).
+    thread::sleep(Duration::from_secs(1));
+    let maps_away = dump(agent.pin_dir());
+    let verdicts_away = verdicts(agent.pin_dir());
+    println!(
+        "when Docker went away the maps {} the running containers' (verdicts {verdicts_away:?})",
+        if maps_away == maps_running { "still held" } else { "no longer held" }
+    );
     // Long enough for a few retries (1 s, 2 s, 4 s backoff) and a periodic resync (5 s).
-    thread::sleep(Duration::from_secs(8));
+    thread::sleep(Duration::from_secs(7));
     assert!(agent.running(), "the agent exited while Docker was away:\n{}", agent.log());
     assert!(
         xdp_attached(a.host_end()),
         "the XDP program left {} while Docker was away",
         a.host_end()
     );
-    assert_eq!(maps_before, dump(agent.pin_dir()), "the maps changed while Docker was away");
-    let verdicts = [
-        ("closed, direct", sock(ip(10), 8080), "drop"),
-        ("closed, published", sock(a.host_v4(), 25081), "drop"),
-        ("exposed, direct", sock(ip(11), 80), "pass"),
-        ("exposed, published", sock(a.host_v4(), 25080), "pass"),
-    ];
-    for (what, dst, want) in verdicts {
-        let (verdict, reason) = explain(agent.pin_dir(), dst);
-        println!("Docker away: {what:<20} {dst:<20} kernel verdict {verdict} ({reason})");
-        assert_eq!(verdict, want, "{what} ({dst}) while Docker was away");
+    assert_eq!(maps_away, dump(agent.pin_dir()), "the maps changed while Docker was away");
+    let verdicts_later = verdicts(agent.pin_dir());
+    for ((what, dst), verdict) in targets.iter().zip(&verdicts_later) {
+        println!("Docker away: {what:<20} {dst:<20} kernel verdict {verdict}");
     }
+    assert_eq!(verdicts_later, verdicts_away, "kernel verdicts changed while Docker was away");
+    assert_eq!(verdicts_later[..2], ["drop", "drop"], "closed port while Docker was away");
     let scrape = observe::http_get(metrics, "/metrics").expect("metrics while Docker is away");
     assert_eq!(
         observe::metric(&scrape, "guard_docker_connected"),
@@ -747,8 +778,25 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     outage.end();
     let up_at = Instant::now();
     println!("dockerd back after {:.1?}", up_at - down_at);
-    // Changes as soon as the daemon answers: new containers, and the old ones started again
-    // (they stopped with the daemon).
+    // First with nothing changing: the agent must come back by its own retries. The maps
+    // still hold the containers that stopped with the daemon; a resync removes them.
+    let reconnected = poll_until(Duration::from_secs(45), || {
+        let connected = observe::http_get(metrics, "/metrics")
+            .is_ok_and(|m| observe::metric(&m, "guard_docker_connected") == Some(1.0));
+        connected
+            && observe::status_json(agent.pin_dir()).is_ok_and(|s| {
+                observe::pending_changes(&s) == Some(0)
+                    && !observe::status_containers(&s)
+                        .iter()
+                        .any(|n| n.starts_with("guard-e2e-dockerd"))
+            })
+    });
+    println!(
+        "agent reconnected and resynced {reconnected:.1?} after dockerd answered again (no change meanwhile)"
+    );
+    // Then changes: new containers, and the old ones started again (they stopped with the
+    // daemon).
+    let changed_at = Instant::now();
     let new_exposed =
         run("dockerd-new-exposed", 20, &[("guard.expose", "80/tcp")], &["25082:80"], 80);
     let new_closed = run("dockerd-new-closed", 21, &[], &["25083:80"], 80);
@@ -758,9 +806,9 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
         .map(|c| c.name().to_owned())
         .collect();
     let status = wait_in_sync(&agent, "guard-e2e-dockerd", Some(&want), Duration::from_secs(60));
-    let resynced = up_at.elapsed();
+    let resynced = changed_at.elapsed();
     println!(
-        "in sync {resynced:.1?} after dockerd answered again: {} containers, pending_changes {:?}",
+        "in sync {resynced:.1?} after the changes: {} containers, pending_changes {:?}",
         observe::status_containers(&status).len(),
         observe::pending_changes(&status)
     );
@@ -788,11 +836,13 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     );
     assert!(agent.running(), "the agent exited:\n{}", agent.log());
     // An honest backoff (1, 2, 4, 8 s ...) retries within 8 s of the daemon's return after an
-    // outage this short; until then the new containers' openings are missing.
+    // outage this short; until then the maps keep the stopped containers' entries and
+    // `guard_docker_connected` says 0.
     assert!(
-        resynced <= RESYNC_BOUND,
-        "the agent resynced {resynced:.1?} after dockerd answered again (outage {:.1?}), not \
-         within {RESYNC_BOUND:?}; its retries while Docker was away:\n{}",
+        reconnected.is_some_and(|t| t <= RESYNC_BOUND),
+        "the agent reconnected {reconnected:.1?} after dockerd answered again (outage {:.1?}; \
+         None: not within 45 s), not within {RESYNC_BOUND:?}; its retries while Docker was \
+         away:\n{}",
         up_at - down_at,
         retries.join("\n")
     );
@@ -859,7 +909,8 @@ fn storm_of_starts_and_removals_leaves_maps_equal_to_docker() {
                     .map(|k| {
                         let i = t * PER_THREAD + k;
                         let publish = format!("{}:80", 26000 + i);
-                        let publish: &[&str] = if i % 4 == 0 { &[publish.as_str()] } else { &[] };
+                        let publish: &[&str] =
+                            if i.is_multiple_of(4) { &[publish.as_str()] } else { &[] };
                         Container::run(ContainerSpec {
                             name: &format!("storm-{i}"),
                             network: Some(net),
@@ -989,10 +1040,7 @@ fn malformed_labels_are_reported_and_leave_the_container_closed() {
     let log = agent.log();
     let mut expectations = vec![expect("good label (control)", sock(good.ip(), 80), true)];
     let mut wrong = Vec::new();
-    let whats: Vec<String> = cases.iter().map(|(name, ..)| format!("{name}, direct")).collect();
-    let whats_pub: Vec<String> =
-        cases.iter().map(|(name, ..)| format!("{name}, published")).collect();
-    for (i, ((_, key, _, problem), c)) in cases.iter().zip(&containers).enumerate() {
+    for (i, ((name, key, _, problem), c)) in cases.iter().zip(&containers).enumerate() {
         let warnings = lines_with(
             &log,
             &["WARN", &format!("container {}:", c.name()), &format!("label {key}")],
@@ -1020,8 +1068,9 @@ fn malformed_labels_are_reported_and_leave_the_container_closed() {
         if observe::metric(&scrape, &series) != Some(1.0) {
             wrong.push(format!("no `{series} 1` in /metrics"));
         }
-        expectations.push(expect(&whats[i], sock(c.ip(), 80), false));
-        expectations.push(expect(&whats_pub[i], sock(a.host_v4(), 27080 + i as u16), false));
+        expectations.push(expect(format!("{name}, direct"), sock(c.ip(), 80), false));
+        let published = sock(a.host_v4(), 27080 + i as u16);
+        expectations.push(expect(format!("{name}, published"), published, false));
     }
     check(&a, "malformed labels", &expectations);
     assert!(wrong.is_empty(), "{}\n--- metrics ---\n{scrape}", wrong.join("\n"));
@@ -1039,7 +1088,8 @@ fn malformed_labels_are_reported_and_leave_the_container_closed() {
 fn full_ports_map_is_reported_and_never_opens_the_wrong_port() {
     const SUBNET: &str = "10.252.8.0/24";
     let capacity = guard_common::maps::PORTS_CAPACITY as usize;
-    let per_container = tests_labels_max_ports();
+    // One map entry per port; the parser's limit of single ports per label.
+    let per_container = guard_userspace::labels::MAX_PORTS_PER_LABEL as usize;
     let count = capacity / per_container + 1;
     let _exclusive = prepare_test_bed();
     let net = Network::create("guard-e2e-lc-full", SUBNET, None);
@@ -1113,15 +1163,15 @@ fn full_ports_map_is_reported_and_never_opens_the_wrong_port() {
     let installed: Vec<usize> = (0..count).filter(|i| verdicts[*i] == "pass").collect();
     assert!(!missing.is_empty(), "every opening fits: the map did not overflow");
     assert!(!installed.is_empty(), "no opening was installed at all");
-    let labels: Vec<(String, String)> = (0..count)
-        .map(|i| {
-            (format!("full-{i}:80 ({})", verdicts[i]), format!("full-{i}:8080 (nobody opened)"))
-        })
-        .collect();
     let mut expectations = Vec::new();
-    for i in 0..count {
-        expectations.push(expect(&labels[i].0, sock(ip(i), 80), verdicts[i] == "pass"));
-        expectations.push(expect(&labels[i].1, sock(ip(i), 8080), false));
+    for (i, verdict) in verdicts.iter().enumerate() {
+        let open = verdict == "pass";
+        expectations.push(expect(format!("full-{i}:80 ({verdict})"), sock(ip(i), 80), open));
+        expectations.push(expect(
+            format!("full-{i}:8080 (nobody opened)"),
+            sock(ip(i), 8080),
+            false,
+        ));
     }
     expectations.push(expect("full-nobody:80 (no label)", sock(nobody_ip, 80), false));
     check(&a, "map full", &expectations);
@@ -1144,11 +1194,6 @@ fn full_ports_map_is_reported_and_never_opens_the_wrong_port() {
     println!("map full: full-{waiting}:80 opened {took:.1?} after full-{freed} was removed");
     wait_in_sync(&agent, "guard-e2e-full", None, Duration::from_secs(20));
     drop(fill);
-}
-
-/// The label parser's limit of single ports per label (each is one map entry).
-fn tests_labels_max_ports() -> usize {
-    guard_userspace::labels::MAX_PORTS_PER_LABEL as usize
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1201,6 +1246,8 @@ fn new_uplinks_and_addresses_are_protected_and_removed_ones_do_no_harm() {
     let mut gaps = Vec::new();
 
     // A new uplink: how long until it is guarded, and what got through meanwhile.
+    // The clock starts before the veth exists: the time to protection is an upper bound.
+    let appeared = Instant::now();
     let b = outside("ifnew", 19, &[SUBNET]);
     let prober = Prober::start(
         b.netns().path(),
@@ -1209,7 +1256,8 @@ fn new_uplinks_and_addresses_are_protected_and_removed_ones_do_no_harm() {
         Duration::from_millis(500),
         Duration::from_secs(15),
     );
-    let attached = poll_until(Duration::from_secs(12), || xdp_attached(b.host_end()));
+    let attached = poll_until(Duration::from_secs(12), || xdp_attached(b.host_end()))
+        .map(|_| appeared.elapsed());
     thread::sleep(Duration::from_millis(600));
     let report = prober.finish();
     let leaks = report.established(0);

@@ -43,12 +43,22 @@ impl Tier {
     /// `cargo ARGS -- HARNESS_ARGS user-args`
     fn cargo_args(self) -> &'static [&'static str] {
         match self {
-            Tier::Unit => &["test", "--workspace", "--exclude", "guard-ebpf", "--exclude", "tests"],
-            Tier::Verdict => &["test", "-p", "tests", "--test", "verdict"],
+            // --no-fail-fast: a failing test binary must not hide the results of the others.
+            Tier::Unit => &[
+                "test",
+                "--no-fail-fast",
+                "--workspace",
+                "--exclude",
+                "guard-ebpf",
+                "--exclude",
+                "tests",
+            ],
+            Tier::Verdict => &["test", "--no-fail-fast", "-p", "tests", "--test", "verdict"],
             // Everything with a real dockerd: the seed scenario, lifecycle and faults, the
             // agent as a container.
             Tier::E2e => &[
                 "test",
+                "--no-fail-fast",
                 "-p",
                 "tests",
                 "--test",
