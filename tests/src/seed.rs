@@ -294,10 +294,17 @@ impl SeedBed {
     }
 
     /// A container's outbound TCP and UDP connections to outside host A get their replies,
-    /// over both families, from an ephemeral source port and from one that is also a
-    /// published host port of the same protocol (v4 is masqueraded with the source port
-    /// kept, so those replies look exactly like inbound connections to web:8443 and
-    /// dns:5353). See tests/tests/e2e.rs for the full reasoning.
+    /// over both families, from an ordinary ephemeral source port and from a source port
+    /// that is also a published host port of the same protocol:
+    /// - v4 is masqueraded, and MASQUERADE keeps a free source port: the replies then arrive
+    ///   addressed to a host address and a published port, exactly what an inbound
+    ///   connection to web:8443 (TCP) or dns:5353 (UDP) looks like. Docker draws published
+    ///   ports from the ephemeral range, so this happens in real use, DNS over UDP included.
+    /// - v6 is not NATed, so every reply is addressed to the container itself.
+    ///
+    /// The connections are made from the container's network namespace with std sockets:
+    /// busybox nc can neither choose its source port (its -p only applies to -l) nor speak
+    /// UDP. The packets take the same path as any process's in the container would.
     fn check_outbound_replies(&self) {
         let api = &self.project.api;
         let a = &self.a;

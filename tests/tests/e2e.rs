@@ -1,381 +1,25 @@
 //! End to end, the issue's scenario: a compose-like project on a real dockerd, two outside
-//! hosts on their own links, and the `guard` agent on the host ends of those links.
+//! hosts on their own links, and the `guard` agent on the host ends of those links. The
+//! project, the outside hosts and every check live in `tests::seed`, which the containerised
+//! agent's tests (container.rs) run too.
 //!
 //! Needs root, a running dockerd and the busybox test image; `cargo xtask test` provides all
 //! three and runs these tests one at a time (`--test-threads=1`): they share the dockerd,
 //! the addresses below and the host's forwarding settings.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use tests::agent::Agent;
-use tests::docker::{Container, ContainerSpec, Network};
-use tests::host::RoutingHost;
-use tests::netns::{OutsideHost, in_netns, xdp_attached};
-use tests::probe::{self, EchoServer, PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip};
-use tests::{Exclusive, prepare_test_bed};
-
-const SUBNET_V4: &str = "10.250.0.0/24";
-const SUBNET_V6: &str = "fd00:250::/64";
-/// Long enough for any one test; the servers stop with the project anyway.
-const SERVER_LIFETIME: Duration = Duration::from_secs(180);
-
-/// The project. TCP listeners are busybox httpd (serves /www/index.html, "ok", on both
-/// families); UDP listeners are echo servers in the container's namespace.
-struct Project {
-    // Drop order is field order: servers, then containers, then their network.
-    _udp_servers: Vec<EchoServer>,
-    db: Container,
-    api: Container,
-    web: Container,
-    dns: Container,
-    reports: Container,
-    net: Network,
-}
-
-impl Project {
-    fn start() -> Self {
-        let net = Network::create("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6));
-        let run = |name: &str,
-                   host: u8,
-                   labels: &[(&str, &str)],
-                   publish: &[&str],
-                   command: &str,
-                   listens_on: &[u16]| {
-            Container::run(ContainerSpec {
-                name,
-                network: Some(&net),
-                ip: Some(format!("10.250.0.{host}").parse().unwrap()),
-                ip6: Some(format!("fd00:250::{host}").parse().unwrap()),
-                labels,
-                publish,
-                command,
-                listens_on,
-            })
-        };
-        // The database: published the way compose files do, no label, so it must end up
-        // closed to the outside.
-        let db = run("db", 10, &[], &["5432:5432"], "exec httpd -f -p 5432 -h /www", &[5432]);
-        // An internal API, not even published: still reachable by routing without the guard.
-        let api = run("api", 11, &[], &[], "exec httpd -f -p 8080 -h /www", &[8080]);
-        // The front end: 443 public by label, 8443 (an admin port) published but not exposed.
-        let web = run(
-            "web",
-            12,
-            &[("guard.expose", "443/tcp")],
-            &["10443:443", "18443:8443"],
-            "httpd -p 443 -h /www && exec httpd -f -p 8443 -h /www",
-            &[443, 8443],
-        );
-        // A DNS server: 53/udp public by label; 53/tcp published too but the label names
-        // udp only; 5353/udp (mDNS-ish, published) stays closed.
-        let dns = run(
-            "dns",
-            13,
-            &[("guard.expose", "53/udp")],
-            &["1053:53/udp", "1053:53/tcp", "15353:5353/udp"],
-            "exec httpd -f -p 53 -h /www",
-            &[53],
-        );
-        // A partner feed: 9000 open to outside host A only (both its addresses), 9001 not.
-        let reports = run(
-            "reports",
-            14,
-            &[("guard.allow.partner", "9000/tcp from 10.251.1.2, fd00:251:1::2")],
-            &["19000:9000", "19001:9001"],
-            "httpd -p 9000 -h /www && exec httpd -f -p 9001 -h /www",
-            &[9000, 9001],
-        );
-        let mut udp_servers = Vec::new();
-        for port in [53, 5353] {
-            for ip in [IpAddr::from(dns.ip()), dns.ip6().into()] {
-                udp_servers.push(dns.udp_echo(SocketAddr::new(ip, port), SERVER_LIFETIME));
-            }
-        }
-        Self { _udp_servers: udp_servers, db, api, web, dns, reports, net }
-    }
-
-    /// Every container port, with its published host port and which outside hosts the
-    /// labels open it to.
-    fn targets(&self) -> Vec<Target<'_>> {
-        use Proto::{Tcp, Udp};
-        let target = |name, container, proto, port, published, open_to_a, open_to_b| Target {
-            name,
-            container,
-            proto,
-            port,
-            published,
-            open_to_a,
-            open_to_b,
-        };
-        vec![
-            target("db:5432", &self.db, Tcp, 5432, Some(5432), false, false),
-            target("api:8080", &self.api, Tcp, 8080, None, false, false),
-            target("web:443", &self.web, Tcp, 443, Some(10443), true, true),
-            target("web:8443", &self.web, Tcp, 8443, Some(18443), false, false),
-            target("dns:53/udp", &self.dns, Udp, 53, Some(1053), true, true),
-            target("dns:53/tcp", &self.dns, Tcp, 53, Some(1053), false, false),
-            target("dns:5353/udp", &self.dns, Udp, 5353, Some(15353), false, false),
-            target("reports:9000", &self.reports, Tcp, 9000, Some(19000), true, false),
-            target("reports:9001", &self.reports, Tcp, 9001, Some(19001), false, false),
-        ]
-    }
-}
-
-struct Target<'a> {
-    name: &'static str,
-    container: &'a Container,
-    proto: Proto,
-    port: u16,
-    published: Option<u16>,
-    open_to_a: bool,
-    open_to_b: bool,
-}
-
-/// One way to try a target.
-struct Attempt {
-    what: String,
-    proto: Proto,
-    addr: SocketAddr,
-    expected: bool,
-}
-
-/// Everything a scenario runs against. Field order is drop order: outside hosts, then the
-/// project, then the host settings, and the exclusive hold on the test bed last.
-struct Bed {
-    a: OutsideHost,
-    b: OutsideHost,
-    project: Project,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
-}
-
-impl Bed {
-    fn new() -> Self {
-        let exclusive = prepare_test_bed();
-        let project = Project::start();
-        let routing = RoutingHost::enable();
-        let outside = |name, n| {
-            let host = OutsideHost::new(name, n);
-            host.route_via_host(SUBNET_V4);
-            host.route_via_host(SUBNET_V6);
-            host
-        };
-        let (a, b) = (outside("a", 1), outside("b", 2));
-        Self { a, b, project, _routing: routing, _exclusive: exclusive }
-    }
-
-    /// The host ends of the outside links: the uplinks the agent guards.
-    fn uplinks(&self) -> [&str; 2] {
-        [self.a.host_end(), self.b.host_end()]
-    }
-
-    fn start_agent(&self) -> Agent {
-        Agent::start(&self.uplinks())
-    }
-
-    /// The ways `from` can try each target: the container's addresses (direct routing), and
-    /// for published ports every host address it can reach: its link's v4 and v6 address
-    /// (docker-proxy listens on v6) and the bridge gateways (host addresses too, reached
-    /// through the routes to the Docker subnets). `expected`: what a guarded host must
-    /// answer; without the agent every one of them is open, which is the bug.
-    fn outside_attempts(&self, from: &OutsideHost, guarded: bool) -> Vec<Attempt> {
-        let net = &self.project.net;
-        let is_a = from.v4() == self.a.v4();
-        let mut attempts = Vec::new();
-        for t in self.project.targets() {
-            let open = !guarded || if is_a { t.open_to_a } else { t.open_to_b };
-            let mut attempt = |how: &str, ip: IpAddr, port| {
-                attempts.push(Attempt {
-                    what: format!("{} {how}", t.name),
-                    proto: t.proto,
-                    addr: SocketAddr::new(ip, port),
-                    expected: open,
-                });
-            };
-            attempt("direct v4", t.container.ip().into(), t.port);
-            attempt("direct v6", t.container.ip6().into(), t.port);
-            if let Some(host_port) = t.published {
-                attempt("published, link v4", from.host_v4().into(), host_port);
-                attempt("published, link v6", from.host_v6().into(), host_port);
-                attempt("published, gateway v4", net.gateway_v4.into(), host_port);
-                attempt("published, gateway v6", net.gateway_v6().into(), host_port);
-            }
-        }
-        attempts
-    }
-
-    /// Probes every outside attempt from both hosts; prints the whole table (the record of
-    /// what the network sees) and panics listing every attempt that went the wrong way.
-    fn check_outside(&self, guarded: bool) {
-        let mut wrong = Vec::new();
-        for (tag, host) in [("A", &self.a), ("B", &self.b)] {
-            let attempts = self.outside_attempts(host, guarded);
-            // Patience only where an answer is expected: silence costs the full timeout.
-            let targets: Vec<_> = attempts
-                .iter()
-                .map(|t| (t.proto, t.addr, if t.expected { PATIENT } else { QUICK }))
-                .collect();
-            let reached = host.reachable_all(&targets);
-            for (attempt, reached) in attempts.iter().zip(reached) {
-                let line = format!(
-                    "{tag} -> {:<36} {} {:<24} {}",
-                    attempt.what,
-                    attempt.proto,
-                    attempt.addr.to_string(),
-                    if reached { "reachable" } else { "blocked" }
-                );
-                println!("{line}");
-                if reached != attempt.expected {
-                    wrong.push(format!("{line}, expected the opposite"));
-                }
-            }
-        }
-        assert!(wrong.is_empty(), "outside reachability is wrong:\n{}", wrong.join("\n"));
-    }
-
-    /// What must work with or without the agent: the host and the containers themselves,
-    /// and the replies to the containers' own outbound connections.
-    fn check_inside(&self) {
-        self.check_host_reaches_containers();
-        self.check_containers_reach_each_other();
-        self.check_outbound_replies();
-    }
-
-    /// The host (local zone) reaches every port by container address and through the
-    /// published ports on loopback (docker-proxy).
-    fn check_host_reaches_containers(&self) {
-        let mut targets = Vec::new();
-        for t in self.project.targets() {
-            let mut target = |addr| targets.push((t.proto, addr, PATIENT));
-            target(SocketAddr::new(t.container.ip().into(), t.port));
-            target(SocketAddr::new(t.container.ip6().into(), t.port));
-            if let Some(host_port) = t.published {
-                target(SocketAddr::from(([127, 0, 0, 1], host_port)));
-                target(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], host_port)));
-            }
-        }
-        let blocked: Vec<_> = targets
-            .iter()
-            .zip(probe::reachable_all(&targets))
-            .filter(|(_, reached)| !reached)
-            .map(|((proto, addr, _), _)| format!("{addr}/{proto}"))
-            .collect();
-        assert!(blocked.is_empty(), "the host cannot reach {}", blocked.join(", "));
-    }
-
-    /// Containers (bridge zone) reach each other directly, over both families, and through
-    /// a published port on the gateway (hairpin).
-    fn check_containers_reach_each_other(&self) {
-        let p = &self.project;
-        let gw = p.net.gateway_v4;
-        let cases = [
-            (&p.api, format!("http://{}:5432/", p.db.ip())),
-            (&p.api, format!("http://[{}]:5432/", p.db.ip6())),
-            (&p.api, format!("http://{}:8443/", p.web.ip())),
-            (&p.api, format!("http://{gw}:5432/")),
-            (&p.web, format!("http://{}:8080/", p.api.ip())),
-            (&p.reports, format!("http://[{}]:8080/", p.api.ip6())),
-        ];
-        for (from, url) in cases {
-            // busybox wget's own -T crashes; timeout bounds it instead.
-            let out = from.exec(&["timeout", "3", "wget", "-q", "-O", "-", &url]);
-            assert!(
-                String::from_utf8_lossy(&out.stdout).trim() == "ok",
-                "{} cannot fetch {url} ({}): {}",
-                from.name(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        // UDP, from the container's own stack (busybox has no UDP client).
-        for dns in [IpAddr::from(p.dns.ip()), p.dns.ip6().into()] {
-            let addr = SocketAddr::new(dns, 5353);
-            let reached =
-                in_netns(&p.api.netns_path(), || probe::reachable(Proto::Udp, addr, PATIENT));
-            assert!(reached, "api cannot reach {addr}/udp");
-        }
-    }
-
-    /// A container's outbound TCP and UDP connections to outside host A get their replies,
-    /// over both families, from an ordinary ephemeral source port and from a source port
-    /// that is also a published host port of the same protocol:
-    /// - v4 is masqueraded, and MASQUERADE keeps a free source port: the replies then arrive
-    ///   addressed to a host address and a published port, exactly what an inbound
-    ///   connection to web:8443 (TCP) or dns:5353 (UDP) looks like. Docker draws published
-    ///   ports from the ephemeral range, so this happens in real use, DNS over UDP included.
-    /// - v6 is not NATed, so every reply is addressed to the container itself.
-    ///
-    /// The connections are made from the container's network namespace with std sockets:
-    /// busybox nc can neither choose its source port (its -p only applies to -l) nor speak
-    /// UDP. The packets take the same path as any process's in the container would.
-    fn check_outbound_replies(&self) {
-        let api = &self.project.api;
-        let a = &self.a;
-        let mut wrong = Vec::new();
-        for (remote_ip, seen_as) in [
-            (IpAddr::from(a.v4()), IpAddr::from(a.host_v4())),
-            (IpAddr::from(a.v6()), IpAddr::from(api.ip6())),
-        ] {
-            let cases = [
-                (Proto::Tcp, 0),
-                (Proto::Tcp, 18443), // published: web:8443/tcp
-                (Proto::Udp, 0),
-                (Proto::Udp, 15353), // published: dns:5353/udp
-            ];
-            for (proto, source_port) in cases {
-                let remote = SocketAddr::new(remote_ip, 7000);
-                let local = SocketAddr::new(probe::unspecified(remote), source_port);
-                let payload = b"e2e-outbound";
-                let (echo, reply) = match proto {
-                    Proto::Tcp => {
-                        let echo = a.tcp_echo(remote, Duration::from_secs(30));
-                        let reply = in_netns(&api.netns_path(), || {
-                            tcp_roundtrip(local, remote, payload, PATIENT)
-                        });
-                        (echo, reply)
-                    }
-                    Proto::Udp => {
-                        let echo = a.udp_echo(remote, Duration::from_secs(30));
-                        let reply = in_netns(&api.netns_path(), || {
-                            udp_roundtrip(local, remote, payload, PATIENT)
-                        });
-                        (echo, reply)
-                    }
-                };
-                let case = format!("api {proto} from port {source_port} to {remote}");
-                // The server only hears of a TCP connection whose handshake completed, so a
-                // dropped SYN-ACK leaves it empty; a UDP server always hears.
-                let peers = echo.peers();
-                if let Some(peer) = peers.first() {
-                    assert!(
-                        peers.len() == 1 && peer.ip() == seen_as,
-                        "{case}: outside host A saw {peers:?}, expected {seen_as}"
-                    );
-                    assert!(
-                        source_port == 0 || peer.port() == source_port,
-                        "{case}: NAT changed the source port to {peer}: case not tested"
-                    );
-                }
-                let seen = peers.first().map_or("nothing".into(), |p| p.to_string());
-                let answered = reply.as_deref() == Some(payload);
-                let outcome = if answered { "reply received" } else { "NO REPLY" };
-                println!("{case} (A saw {seen}): {outcome}");
-                if !answered {
-                    wrong.push(format!("{case} (A saw {seen}) got no reply"));
-                }
-            }
-        }
-        assert!(wrong.is_empty(), "outbound connections broken:\n{}", wrong.join("\n"));
-    }
-}
+use tests::netns::xdp_attached;
+use tests::probe::{PATIENT, QUICK};
+use tests::seed::SeedBed;
 
 /// Step 1 of the issue: without the agent, the test bed must show the exposure, or the
 /// other tests prove nothing. Outside hosts reach every container port, published or not,
 /// by container address and through every host address.
 #[test]
 fn without_agent_outside_hosts_reach_every_container_port() {
-    let bed = Bed::new();
+    let bed = SeedBed::new();
     bed.check_outside(false);
     bed.check_inside();
 }
@@ -386,14 +30,14 @@ fn without_agent_outside_hosts_reach_every_container_port() {
 /// untouched. Step 3: unloading leaves no pins and no XDP program.
 #[test]
 fn with_agent_outside_hosts_reach_only_what_labels_open() {
-    let bed = Bed::new();
+    let bed = SeedBed::new();
     let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
     assert!(
         bed.a.tcp_connect(db, PATIENT),
         "test bed broken: A cannot reach {db} before the agent runs"
     );
 
-    let agent = bed.start_agent();
+    let agent = Agent::start(&bed.uplinks());
     bed.check_outside(true);
     bed.check_inside();
 
@@ -409,11 +53,11 @@ fn with_agent_outside_hosts_reach_only_what_labels_open() {
 /// removes everything and the host is back to how it was found (exposed, here).
 #[test]
 fn stopped_agent_keeps_protection_until_unloaded() {
-    let bed = Bed::new();
+    let bed = SeedBed::new();
     let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
     let db_published = SocketAddr::new(bed.a.host_v4().into(), 5432);
 
-    let mut agent = bed.start_agent();
+    let mut agent = Agent::start(&bed.uplinks());
     assert!(!bed.a.tcp_connect(db, QUICK), "A reaches {db} while the agent runs");
     agent.terminate();
     assert!(
