@@ -33,7 +33,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     let mut maps = 0;
     let layouts = fs::read_dir(pins.layouts_dir())
         .map(|e| e.flatten().map(|e| e.path()).collect())
-        .unwrap_or(Vec::new());
+        .unwrap_or_default();
     for layout in &layouts {
         for name in names::ALL {
             if remove_file(&layout.join(name))? {
