@@ -31,7 +31,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     }
     // Every layout's maps: this build's and any an agent of another version left.
     let mut maps = 0;
-    let layouts = fs::read_dir(pins.layouts_dir())
+    let layouts: Vec<std::path::PathBuf> = fs::read_dir(pins.layouts_dir())
         .map(|e| e.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     for layout in &layouts {
