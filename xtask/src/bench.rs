@@ -39,7 +39,7 @@ pub struct BenchArgs {
 pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
     setup::prerequisites()?;
     setup::bpffs()?;
-    packages()?;
+    setup::apt_install(BENCH_PACKAGES)?;
 
     let out = ctx.target_dir.join("bench");
     // A failed run must not leave the previous run's report looking current.
@@ -68,27 +68,4 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
     println!("{md}");
     println!("xtask: report.md, report.json and report.png are in {}", out.display());
     Ok(())
-}
-
-fn packages() -> Result<()> {
-    let missing: Vec<&str> = BENCH_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        println!("xtask: apt packages present: {}", BENCH_PACKAGES.join(" "));
-        return Ok(());
-    }
-    println!("xtask: installing {} with apt-get ...", missing.join(" "));
-    let apt = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    };
-    sh(apt().arg("update"))?;
-    sh(apt().args(["install", "-y"]).args(&missing))
-}
-
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .output()
-        .is_ok_and(|out| out.status.success() && out.stdout == b"install ok installed")
 }

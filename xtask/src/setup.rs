@@ -41,7 +41,7 @@ pub fn machine(ctx: &Ctx) -> Result<()> {
 /// What building the workspace needs.
 pub fn prerequisites() -> Result<()> {
     rust_src()?;
-    apt_packages()?;
+    apt_install(APT_PACKAGES)?;
     bpf_linker()
 }
 
@@ -93,10 +93,12 @@ fn rust_src() -> Result<()> {
     sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+/// Installs whichever of `packages` dpkg does not report installed (one `apt-get update`
+/// first, only when something is missing).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
-        println!("xtask: apt packages present: {}", APT_PACKAGES.join(" "));
+        println!("xtask: apt packages present: {}", packages.join(" "));
         return Ok(());
     }
     println!("xtask: installing {} with apt-get ...", missing.join(" "));
