@@ -335,8 +335,8 @@ impl Frame {
                 return Some(Reason::NotIp);
             }
             if self.vlans.len() > MAX_VLAN_TAGS {
-                // Still tagged after the walk (or cut inside the next tag).
-                return Some(if len < walked + 2 { Reason::NotIp } else { Reason::Unreadable });
+                // Still tagged after the walk: the last tag walked names another tag.
+                return Some(Reason::Unreadable);
             }
         }
         if len < self.link_len() + if self.dst.is_ipv6() { 40 } else { 20 } {
