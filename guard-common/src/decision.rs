@@ -58,6 +58,9 @@ pub struct L4 {
     pub dport: u16,
     /// The packet opens a flow (a TCP SYN without ACK, an ICMP echo request): never a reply.
     pub opens: bool,
+    /// These are the ports of the flow an ICMP error quotes, not of the packet itself (see
+    /// [`crate::parse`]): judged like that flow's reply, never remembered as a flow.
+    pub quoted: bool,
 }
 
 impl L4 {
@@ -66,12 +69,25 @@ impl L4 {
     pub const UNREADABLE: L4 = L4::without_ports(L4Kind::Unreadable);
 
     const fn without_ports(kind: L4Kind) -> L4 {
-        L4 { kind, proto: 0, sport: 0, dport: 0, opens: false }
+        L4 { kind, proto: 0, sport: 0, dport: 0, opens: false, quoted: false }
     }
 
     #[inline(always)]
     pub const fn ports(proto: u8, sport: u16, dport: u16, opens: bool) -> L4 {
-        L4 { kind: L4Kind::Ports, proto, sport, dport, opens }
+        L4 { kind: L4Kind::Ports, proto, sport, dport, opens, quoted: false }
+    }
+
+    /// The reply an ICMP error about a flow with `quoted` ports stands for.
+    #[inline(always)]
+    pub const fn standing_for(quoted: L4) -> L4 {
+        L4 {
+            kind: L4Kind::Ports,
+            proto: quoted.proto,
+            sport: quoted.dport,
+            dport: quoted.sport,
+            opens: false,
+            quoted: true,
+        }
     }
 }
 
@@ -286,24 +302,27 @@ fn opening<T: Tables>(tables: &T, rule: u8, key: &PortKey, src: &Addr) -> Option
 
 /// The flow an outbound packet (one the host or a container sends) belongs to, keyed as its
 /// replies will arrive, if flow memory must remember it: only when those replies would
-/// otherwise be dropped. A packet from a port the policy opens to its destination answers an
-/// opening and needs no memory; remembering it anyway would let an outsider flood an exposed
-/// port with spoofed SYNs and evict, with the answers, the entries real replies need. An ICMP
-/// echo reply answers someone else's request and is never remembered.
+/// otherwise be dropped, enforced. A packet to a source the policy lets in (an opened port, a
+/// trusted source, a container in audit mode) answers it and needs no memory; remembering it
+/// anyway would let an outsider flood such a port with spoofed SYNs and evict, with the
+/// answers, the entries real replies need. An ICMP echo reply answers someone else's request,
+/// and an ICMP error someone else's packet: neither is ever remembered.
 #[inline(always)]
 pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<FlowKey> {
     let l4 = outbound.l4;
-    if l4.kind != L4Kind::Ports || (is_icmp(l4.proto) && !l4.opens) {
+    if l4.kind != L4Kind::Ports || l4.quoted || (is_icmp(l4.proto) && !l4.opens) {
         return None;
     }
-    // The reply, judged as a new flow by the rules alone (no flow memory, no audit).
+    // The reply, judged as a new flow (no flow memory).
     let reply = Packet {
         src: outbound.dst,
         dst: outbound.src,
         l4: L4::ports(l4.proto, l4.dport, l4.sport, true),
     };
-    let (reason, _) = classify(tables, &reply);
-    matches!(reason, Reason::Closed | Reason::UnassignedAddr).then_some(FlowKey {
+    let (decision, _) = decide_resolved(tables, &reply);
+    let enforced_drop = decision.verdict() == Verdict::Drop;
+    let judged = matches!(decision.reason, Reason::Closed | Reason::UnassignedAddr);
+    (enforced_drop && judged).then_some(FlowKey {
         remote: outbound.dst,
         local: outbound.src,
         remote_port: l4.dport,

@@ -9,13 +9,15 @@
 //! | what the frame is | result | verdict |
 //! |---|---|---|
 //! | not IP (ARP, LLDP, ...) | [`Reason::NotIp`] | pass: not ours |
-//! | IP header cut short | [`Reason::MalformedIp`] | pass: the kernel discards it too |
+//! | IP header cut short, or longer than its total length | [`Reason::MalformedIp`] | pass: the kernel discards it too |
 //! | more VLAN tags than [`MAX_VLAN_TAGS`] | [`Reason::Unreadable`] | drop |
 //! | IPv6 from an IPv4-mapped source | [`Reason::MappedSource`] | drop |
 //! | IPv6 extension headers past [`MAX_V6_EXTENSIONS`] | [`L4Kind::Unreadable`] | drop |
 //! | TCP/UDP/SCTP with fewer than the 4 bytes of its ports | [`L4Kind::Unreadable`] | drop |
 //! | a later fragment | [`L4Kind::LaterFragment`] | pass (see [`L4Kind`]) |
 //! | ICMP error quoting a flow of this host | the reply it stands for | as that reply |
+//!
+//! Transport bytes are read up to the end of the IP packet, never into link-layer padding.
 //!
 //! The drops hold whatever the destination: the receive path walks any number of VID-0
 //! priority tags (`__netif_receive_skb_core`), reassembles any fragment and follows any
@@ -91,6 +93,39 @@ impl Bytes for &[u8] {
     }
 }
 
+/// A frame cut where its IP packet ends, as the kernel trims it (`ip_rcv_core`, `ipv6_rcv`):
+/// link-layer padding after the packet is never read as transport bytes. (A first fragment
+/// may carry as little as the 8 bytes of ports and sequence number; the padding after it is
+/// the sender's to choose, and must not pass for its TCP flags.)
+struct Clamped<'a, B> {
+    frame: &'a B,
+    end: usize,
+}
+
+impl<B: Bytes> Bytes for Clamped<'_, B> {
+    type Window = B::Window;
+
+    #[inline(always)]
+    fn window(&self, offset: usize, len: usize) -> Option<B::Window> {
+        if offset + len > self.end {
+            return None;
+        }
+        self.frame.window(offset, len)
+    }
+    #[inline(always)]
+    fn u8_at(&self, window: B::Window, at: usize) -> u8 {
+        self.frame.u8_at(window, at)
+    }
+    #[inline(always)]
+    fn u16_at(&self, window: B::Window, at: usize) -> u16 {
+        self.frame.u16_at(window, at)
+    }
+    #[inline(always)]
+    fn u32_at(&self, window: B::Window, at: usize) -> u32 {
+        self.frame.u32_at(window, at)
+    }
+}
+
 /// How a link frames its packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {
@@ -158,6 +193,12 @@ fn parse_v4<B: Bytes>(frame: &B, offset: usize) -> Result<Packet, Reason> {
     if frag_offset != 0 {
         return Ok(Packet { src, dst, l4: L4::LATER_FRAGMENT });
     }
+    let total_len = u16::from_be(frame.u16_at(ip, 2)) as usize;
+    if total_len < header_len {
+        // ip_rcv_core discards it.
+        return Err(Reason::MalformedIp);
+    }
+    let frame = &Clamped { frame, end: offset + total_len };
     let l4_offset = offset + header_len;
     if proto == IPPROTO_ICMP
         && let Some(quoted) = icmp_error_quote(frame, l4_offset, false)
@@ -176,7 +217,17 @@ fn parse_v6<B: Bytes>(frame: &B, offset: usize) -> Result<Packet, Reason> {
     if src.is_v4() {
         return Err(Reason::MappedSource);
     }
-    let (next, l4_offset, l4) = walk_v6_extensions(frame, frame.u8_at(ip, 6), offset + 40);
+    let first = frame.u8_at(ip, 6);
+    let payload_len = u16::from_be(frame.u16_at(ip, 4)) as usize;
+    // A zero payload length behind a hop-by-hop header announces a jumbogram (RFC 2675),
+    // whose length the kernel takes from the option: read to the frame's end.
+    let end = if payload_len == 0 && first == IPPROTO_HOPOPTS {
+        usize::MAX
+    } else {
+        offset + 40 + payload_len
+    };
+    let frame = &Clamped { frame, end };
+    let (next, l4_offset, l4) = walk_v6_extensions(frame, first, offset + 40);
     if let Some(l4) = l4 {
         return Ok(Packet { src, dst, l4 });
     }
@@ -320,17 +371,28 @@ fn stands_for<B: Bytes>(frame: &B, quote: Quote, src: Addr, dst: Addr) -> Packet
     if quoted.kind != crate::decision::L4Kind::Ports {
         return plain;
     }
-    Packet { src: quoted_dst, dst, l4: L4::ports(quoted.proto, quoted.dport, quoted.sport, false) }
+    Packet { src: quoted_dst, dst, l4: L4::standing_for(quoted) }
 }
 
-/// (source, destination, protocol, transport offset) of a quoted IP header. Extension headers
-/// in a quoted IPv6 packet are not followed: such an error is judged as plain ICMP.
+/// (source, destination, protocol, transport offset) of a quoted IP header. Of the extension
+/// headers a quoted IPv6 packet may carry only a first fragment's is followed; an error
+/// quoting any other chain is judged as the plain ICMP message it is.
 #[inline(always)]
 fn quoted_header<B: Bytes>(frame: &B, quote: Quote) -> Option<(Addr, Addr, u8, usize)> {
     if quote.v6 {
         let ip = frame.window(quote.offset, 40)?;
         let (src, dst) = v6_addresses(frame, ip);
-        Some((src, dst, frame.u8_at(ip, 6), quote.offset + 40))
+        let next = frame.u8_at(ip, 6);
+        if next != IPPROTO_FRAGMENT {
+            return Some((src, dst, next, quote.offset + 40));
+        }
+        // "Packet too big" about a fragmented datagram quotes its first fragment: step over
+        // the fragment header to the ports.
+        let fragment = frame.window(quote.offset + 40, 8)?;
+        if u16::from_be(frame.u16_at(fragment, 2)) >> 3 != 0 {
+            return None;
+        }
+        Some((src, dst, frame.u8_at(fragment, 0), quote.offset + 48))
     } else {
         let ip = frame.window(quote.offset, 20)?;
         let header_len = ((frame.u8_at(ip, 0) & 0x0f) as usize) * 4;

@@ -34,7 +34,7 @@ use guard_common::events::DROP_AT_GATE;
 use guard_common::parse::{self as parser, Bytes, Framing};
 use guard_common::{
     addr::Addr,
-    decision::Tables,
+    decision::{L4Kind, Tables},
     maps::{
         ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, Config, ContainerId,
         FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
@@ -42,7 +42,7 @@ use guard_common::{
         SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
     },
     prefilter::{self, Bitmap},
-    reason::{COUNTER_SLOTS, Decision, Verdict},
+    reason::{COUNTER_SLOTS, Decision, Reason, Verdict},
 };
 use guard_common::{
     decision::{Packet, Resolved, decide_parsed, flow_to_remember},
@@ -242,7 +242,11 @@ fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
 /// Parses and decides; a drop (or audited would-drop) is recorded with `flags` added.
 #[inline(always)]
 fn judge_frame(frame: Frame, framing: Framing, ifindex: u32, flags: u8) -> Decision {
-    let parsed = parser::parse(&frame, framing);
+    judge(parser::parse(&frame, framing), ifindex, flags)
+}
+
+#[inline(always)]
+fn judge(parsed: Result<Packet, Reason>, ifindex: u32, flags: u8) -> Decision {
     let (decision, resolved) = decide_parsed(&Maps, parsed);
     if decision.reason.verdict() == Verdict::Drop
         && let Ok(packet) = parsed
@@ -252,31 +256,58 @@ fn judge_frame(frame: Frame, framing: Framing, ifindex: u32, flags: u8) -> Decis
     decision
 }
 
-/// Whether the packet arrived on an uplink (by the interface the kernel received it on).
+/// The uplink the packet arrived on, if it arrived on one (by the interface the kernel
+/// received it on: none for packets the host sends, a bridge for containers' packets).
 #[inline(always)]
-fn arrived_on_uplink(ctx: &TcContext) -> bool {
+fn uplink_ingress(ctx: &TcContext) -> Option<u32> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: the value is not used, only its presence.
-    unsafe { GUARD_UPLINKS.get(&ingress) }.is_some()
+    unsafe { GUARD_UPLINKS.get(&ingress) }.map(|_| ingress)
 }
 
 /// The bridge gate: packets the host sends into a Docker network, after NAT. Only those that
 /// arrived on an uplink are judged; the host's own and other containers' pass untouched.
 #[classifier]
 pub fn guard_tc_gate(ctx: TcContext) -> i32 {
-    if !arrived_on_uplink(&ctx) {
+    let Some(ingress) = uplink_ingress(&ctx) else {
         return TC_ACT_UNSPEC;
-    }
-    // SAFETY: as above.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let decision = judge_frame(frame, Framing::Ethernet, ingress, DROP_AT_GATE);
+    };
+    let decision = judge(parse_skb(&ctx), ingress, DROP_AT_GATE);
     count(&GUARD_GATE, decision);
     match decision.verdict() {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// How much of a packet the gate makes linear when its first reading falls short: Ethernet,
+/// the longest IPv4 header, ICMP, the quoted packet's headers and its ports, with room for
+/// IPv6 and a fragment header.
+const GATE_PULL: u32 = 256;
+
+/// Parses a packet at the gate. An skb's linear head may end before what the parser needs:
+/// drivers pull only the outer headers, so the packet an ICMP error quotes (a router's
+/// "fragmentation needed" to a container on a routed network) can sit in page fragments. When
+/// the first reading finds no ports and the skb holds more than its head, the head is pulled
+/// and the packet read again; ordinary packets, whose ports are in the head, pay nothing.
+#[inline(always)]
+fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let parsed = parser::parse(&frame, Framing::Ethernet);
+    let short = match parsed {
+        Ok(packet) => matches!(packet.l4.kind, L4Kind::NoPorts | L4Kind::Unreadable),
+        Err(reason) => reason == Reason::Unreadable,
+    };
+    let head = (frame.data_end - frame.data) as u32;
+    if !short || head >= ctx.len() {
+        return parsed;
+    }
+    if ctx.pull_data(ctx.len().min(GATE_PULL)).is_err() {
+        return parsed;
+    }
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    parser::parse(&frame, Framing::Ethernet)
 }
 
 /// Packets containers send out through the host: remember the flows they start, so the gate
@@ -304,12 +335,20 @@ pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Why flow memory and not the kernel's connection tracking (`bpf_xdp_ct_lookup`,
+/// `bpf_skb_ct_lookup`, 5.19/6.0 on): those are kfuncs, and aya 0.14's loader cannot relocate
+/// kfunc calls (aya-obj 0.3 has no ksym relocation), and aya 0.15 on needs a newer rustc than
+/// this project's machines carry (TOOLCHAIN.md). Nor would they cover Debian 11's 5.10. So the programs keep
+/// their own memory, and keep it small and unpoisonable: what is remembered is decided by
+/// [`flow_to_remember`] (only flows whose replies would otherwise drop), by whom it is seen
+/// (only flows started here), and ICMP errors and later fragments need no entry of their own.
+///
 /// Only flows that start on the host (no ingress interface) or in a container (received on a
 /// bridge) are remembered: a packet the host merely forwards from one uplink to another could
 /// carry any source, and remembering it would let an outsider plant the "reply" it sends next.
 #[inline(always)]
 fn record_started_here(ctx: &TcContext, framing: Framing) {
-    if !arrived_on_uplink(ctx) {
+    if uplink_ingress(ctx).is_none() {
         record_outbound(ctx, framing);
     }
 }

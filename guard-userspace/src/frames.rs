@@ -79,10 +79,10 @@ impl Transport {
                 } else {
                     vec![3, 4, 0, 0, 0, 0, 0x05, 0x00]
                 };
+                // The IP header, its extension headers and 8 bytes of what follows.
+                let headers = quoted.transport_start() - quoted.link_len();
                 let quoted = quoted.ip_packet();
-                let ip_len =
-                    if quoted[0] >> 4 == 6 { 40 } else { usize::from(quoted[0] & 0x0f) * 4 };
-                h.extend_from_slice(&quoted[..quoted.len().min(ip_len + 8)]);
+                h.extend_from_slice(&quoted[..quoted.len().min(headers + 8)]);
                 h
             }
         }
@@ -133,6 +133,12 @@ pub struct Frame {
     /// IPv4 "more fragments": with offset 0, a first fragment.
     pub more_fragments: bool,
     pub framing: Framing,
+    /// Keep only this many bytes of the transport header inside the IP packet (its length
+    /// fields say so), unlike `truncate`, which cuts the frame short of what they say.
+    pub transport_cut: Option<usize>,
+    /// Link-layer padding after the IP packet (short Ethernet frames are padded to 60 bytes
+    /// with whatever the sender puts there).
+    pub padding: Vec<u8>,
 }
 
 impl Frame {
@@ -150,7 +156,21 @@ impl Frame {
             v6_extensions: Vec::new(),
             more_fragments: false,
             framing: Framing::Ethernet,
+            transport_cut: None,
+            padding: Vec::new(),
         }
+    }
+
+    /// Keeps `len` bytes of the transport header inside the IP packet.
+    pub fn transport_cut(mut self, len: usize) -> Self {
+        self.transport_cut = Some(len);
+        self
+    }
+
+    /// Pads the frame after its IP packet with `bytes`.
+    pub fn padding(mut self, bytes: &[u8]) -> Self {
+        self.padding = bytes.to_vec();
+        self
     }
 
     /// A bare IP packet, as generic XDP sees it on an L3 link (tun, WireGuard).
@@ -214,6 +234,7 @@ impl Frame {
             Framing::Ip => Vec::new(),
         };
         f.extend_from_slice(&self.ip_packet());
+        f.extend_from_slice(&self.padding);
         if let Some(len) = self.truncate {
             f.truncate(len);
         }
@@ -246,6 +267,9 @@ impl Frame {
         } else {
             self.transport.header(self.sport, self.tcp_flags, v6)
         };
+        if let Some(len) = self.transport_cut {
+            payload.truncate(len);
+        }
         let mut proto = self.transport.proto(v6);
         // Extension headers are chained back to front: each names the one after it.
         for ext in self.v6_extensions.iter().rev() {
@@ -320,8 +344,9 @@ impl Frame {
     }
 
     /// The bytes of the transport header the frame holds.
+    /// Padding after the IP packet is not part of it.
     fn transport_bytes(&self) -> usize {
-        let whole = Frame { truncate: None, ..self.clone() }.bytes().len();
+        let whole = self.link_len() + self.ip_packet().len();
         self.truncate.unwrap_or(whole).min(whole).saturating_sub(self.transport_start())
     }
 
@@ -393,13 +418,14 @@ impl Frame {
             Transport::IcmpError(quoted) => {
                 // Judged as the reply it stands for, if it quotes a flow from this destination.
                 let q = quoted.packet();
-                let from_here = q.src == dst && quoted.v6_extensions.is_empty();
+                // Of a quoted chain, only a first fragment's header is followed.
+                let followed = match quoted.v6_extensions.as_slice() {
+                    [] | [Ext::Fragment { offset: 0 }] => true,
+                    _ => false,
+                };
+                let from_here = q.src == dst && followed;
                 if from_here && q.l4.kind == guard_common::decision::L4Kind::Ports {
-                    Packet {
-                        src: q.dst,
-                        dst,
-                        l4: L4::ports(q.l4.proto, q.l4.dport, q.l4.sport, false),
-                    }
+                    Packet { src: q.dst, dst, l4: L4::standing_for(q.l4) }
                 } else {
                     packet(L4::NO_PORTS)
                 }

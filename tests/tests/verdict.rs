@@ -797,6 +797,7 @@ fn icmp_echo_and_errors_are_judged_as_the_replies_they_are() {
     g.remember(flow(OUTSIDE_A, 0, DB, 77, 1), 0);
     g.remember(flow(OUTSIDE_A, 53, DB, 40001, 17), 0);
     g.remember(flow(OUTSIDE_A, 9999, HOST, 5432, 6), 0);
+    g.remember(flow(OUTSIDE6, 53, WEB6, 40001, 17), 0);
     let echo = |reply, id| Echo { reply, id };
     let error =
         |router: &str, to: &str, quoted: Frame| Frame::new(router, to, IcmpError(Box::new(quoted)));
@@ -841,6 +842,28 @@ fn icmp_echo_and_errors_are_judged_as_the_replies_they_are() {
             Exposed,
         ),
         (
+            "packet too big for web's fragmented DNS query",
+            error(
+                ROUTER6,
+                WEB6,
+                Frame::new(WEB6, OUTSIDE6, Udp(53))
+                    .sport(40001)
+                    .v6_extensions(&[Ext::Fragment { offset: 0 }]),
+            ),
+            Reply,
+        ),
+        (
+            "packet too big quoting a later fragment is plain ICMP",
+            error(
+                ROUTER6,
+                WEB6,
+                Frame::new(WEB6, OUTSIDE6, Udp(53))
+                    .sport(40001)
+                    .v6_extensions(&[Ext::Fragment { offset: 9 }]),
+            ),
+            Closed,
+        ),
+        (
             "packet too big for a closed port's flow nobody started",
             error(ROUTER6, WEB6, Frame::new(WEB6, OUTSIDE6, Tcp(50000)).sport(8443)),
             Closed,
@@ -854,6 +877,9 @@ fn icmp_echo_and_errors_are_judged_as_the_replies_they_are() {
 #[test]
 fn tiny_first_fragments_and_mapped_sources() {
     let mut g = Loaded::seed();
+    // An established connection: its segments are replies, a first fragment without flags
+    // is not.
+    g.remember(flow(OUTSIDE_A, 41000, DB, 5432, 6), 0);
     use Reason::*;
     let tcp_at = 14 + 20;
     let cases = [
@@ -871,6 +897,16 @@ fn tiny_first_fragments_and_mapped_sources() {
             "first fragment too short for the ports, published",
             Frame::new(OUTSIDE_A, HOST, Tcp(5432)).first_fragment().truncate(tcp_at + 3),
             Unreadable,
+        ),
+        (
+            "a first fragment's flags are not read from the link padding",
+            Frame::new(OUTSIDE_A, DB, Tcp(5432))
+                .sport(41000)
+                .established()
+                .first_fragment()
+                .transport_cut(8)
+                .padding(&[0x10; 26]),
+            Closed,
         ),
         (
             "IPv4-mapped source to a v6 published port",
@@ -1095,6 +1131,17 @@ fn recorders_remember_only_flows_started_inside_whose_replies_would_drop() {
             None,
         ),
         (
+            "a container's port-unreachable about a probe",
+            Hook::BridgeIngress,
+            Frame::new(
+                DB,
+                OUTSIDE_A,
+                IcmpError(Box::new(Frame::new(OUTSIDE_A, DB, Udp(5353)).sport(40000))),
+            ),
+            BRIDGE,
+            None,
+        ),
+        (
             "a closed container's connection out",
             Hook::BridgeIngress,
             Frame::new(DB, OUTSIDE_B, Tcp(443)).sport(40003),
@@ -1105,6 +1152,44 @@ fn recorders_remember_only_flows_started_inside_whose_replies_would_drop() {
     for (name, hook, frame, ingress, expected) in cases {
         let before = g.remembered();
         assert_eq!(g.run_tc(hook, &frame.bytes(), ingress), TC_ACT_UNSPEC, "{name}: never drops");
+        let added: Vec<FlowKey> = g.remembered().difference(&before).copied().collect();
+        assert_eq!(added, expected.into_iter().collect::<Vec<_>>(), "{name}: remembered");
+    }
+}
+
+#[test]
+fn answers_to_trusted_or_audited_sources_are_not_remembered() {
+    // A source the policy file trusts, or a container in audit mode, is let in: its answers
+    // need no memory, and remembering them would let spoofed SYNs churn flow memory.
+    let mut g = Loaded::empty();
+    let policy = policy_file::parse(
+        "trusted_sources = [\"198.18.3.0/24\"]\n[[rule]]\nmatch = { container = \"api\" }\nmode = \"audit\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    let host: Vec<IpAddr> = [HOST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&seed_snapshot(), &host, &policy);
+    let mut g = g.with_uplink();
+    let cases = [
+        (
+            "db answering a trusted source",
+            Frame::new(DB, "198.18.3.7", Tcp(50000)).sport(5432).syn_ack(),
+            None,
+        ),
+        (
+            "the audited api answering anyone",
+            Frame::new(API, OUTSIDE_B, Tcp(50000)).sport(8080).syn_ack(),
+            None,
+        ),
+        (
+            "db's own connection out",
+            Frame::new(DB, OUTSIDE_B, Tcp(443)).sport(40004),
+            Some(flow(OUTSIDE_B, 443, DB, 40004, 6)),
+        ),
+    ];
+    for (name, frame, expected) in cases {
+        let before = g.remembered();
+        g.run_tc(Hook::BridgeIngress, &frame.bytes(), BRIDGE);
         let added: Vec<FlowKey> = g.remembered().difference(&before).copied().collect();
         assert_eq!(added, expected.into_iter().collect::<Vec<_>>(), "{name}: remembered");
     }
