@@ -295,10 +295,15 @@ mod tests {
     struct ScratchLinks(Vec<String>);
 
     impl ScratchLinks {
-        fn ip(&mut self, args: &[&str], creates: &str) {
+        /// `ip ARGS`, which creates interface `creates`.
+        fn add(&mut self, args: &[&str], creates: &str) {
+            Self::ip(args);
+            self.0.push(creates.to_string());
+        }
+
+        fn ip(args: &[&str]) {
             let out = std::process::Command::new("ip").args(args).output().expect("run ip");
             assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            self.0.push(creates.to_string());
         }
     }
 
@@ -311,29 +316,48 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_tells_a_veth_from_a_tap_and_a_tun() {
+    fn the_kernel_tells_a_veth_from_a_tap_a_macvlan_and_a_tun() {
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("skipped: needs root to create interfaces");
         }
         let id = std::process::id() % 100_000;
-        let (veth, peer, tap, tun) =
-            (format!("guv{id}"), format!("guvp{id}"), format!("gut{id}"), format!("guu{id}"));
+        let [veth, peer, macvlan, tap, tun, bridge] =
+            ["v", "p", "m", "t", "u", "b"].map(|kind| format!("gu{kind}{id}"));
         let mut scratch = ScratchLinks(Vec::new());
-        scratch.ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer], &veth);
-        scratch.ip(&["tuntap", "add", &tap, "mode", "tap"], &tap);
-        scratch.ip(&["tuntap", "add", &tun, "mode", "tun"], &tun);
+        scratch.add(&["link", "add", &veth, "type", "veth", "peer", "name", &peer], &veth);
+        scratch.add(&["link", "add", &macvlan, "link", &peer, "type", "macvlan"], &macvlan);
+        scratch.add(&["tuntap", "add", &tap, "mode", "tap"], &tap);
+        scratch.add(&["tuntap", "add", &tun, "mode", "tun"], &tun);
+        scratch.add(&["link", "add", &bridge, "type", "bridge"], &bridge);
+        for port in [&veth, &macvlan, &tap] {
+            ScratchLinks::ip(&["link", "set", port, "master", &bridge]);
+        }
         let all = links().expect("/sys/class/net is readable");
         let find = |name: &str| {
             all.iter()
-                .find(|l| l.name == name)
+                .find(|l| l.name == *name)
                 .unwrap_or_else(|| panic!("{name} is listed"))
                 .clone()
         };
         assert_eq!(driver(&veth).as_deref(), Some("veth"));
+        assert_eq!(driver(&macvlan).as_deref(), Some("macvlan"));
         assert!(find(&veth).is_veth && find(&peer).is_veth, "both ends of a veth pair are veths");
         assert!(!find(&tap).is_veth, "a tap is not a veth: {:?}", driver(&tap));
         assert_eq!(find(&tap).framing(), Some(Framing::Ethernet), "a tap carries Ethernet");
         assert_eq!(find(&tun).link_type, 65534, "a tun is ARPHRD_NONE");
         assert_eq!(find(&tun).framing(), Some(Framing::Ip), "a tun carries IP");
+
+        // The bridge taken for a Docker bridge: its veth port is a container's side, its
+        // macvlan and tap ports are uplinks.
+        let ours: Vec<Link> =
+            all.into_iter().filter(|l| l.name.ends_with(&id.to_string())).collect();
+        let uplinks: Vec<String> = select_uplinks(&ours, &BTreeSet::from([bridge.clone()]), &[])
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        for name in [&peer, &macvlan, &tap, &tun] {
+            assert!(uplinks.contains(name), "{name} is an uplink: {uplinks:?}");
+        }
+        assert!(!uplinks.contains(&veth) && !uplinks.contains(&bridge), "{uplinks:?}");
     }
 }
