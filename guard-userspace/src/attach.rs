@@ -230,9 +230,9 @@ impl Attachments {
                     let framing = framing_at(hook, link).unwrap_or(Framing::Ethernet);
                     let what = Attached { mode, framing };
                     if vanished {
-                        warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = %what.label(), "link {} on {} vanished (pin removed or link detached): re-attached", hook.name(), link.name);
+                        warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "link {} on {} vanished (pin removed or link detached): re-attached", hook.name(), link.name);
                     } else {
-                        info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = %what.label(), "protecting interface");
+                        info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "protecting interface");
                     }
                     self.attached.insert((hook, link.ifindex), (link.name.clone(), what));
                 }
