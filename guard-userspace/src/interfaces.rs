@@ -146,22 +146,43 @@ pub fn driver(ifname: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
-/// Every address on every interface (loopback included; the desired state filters).
+/// Every address the host receives on, on every interface (loopback included; the desired
+/// state filters): its unicast addresses, the IPv4 broadcast address of each of its subnets and
+/// its IPv6 anycast addresses (a forwarding host answers each prefix's subnet-router anycast
+/// address). docker-proxy's wildcard sockets receive on all of them.
 pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    let mut ips: Vec<IpAddr> = addrs
-        .filter_map(|a| a.address)
-        .filter_map(|sa| {
-            if let Some(v4) = sa.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect();
+    let ip_of = |sa: &nix::sys::socket::SockaddrStorage| {
+        if let Some(v4) = sa.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        }
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for a in addrs {
+        ips.extend(a.address.as_ref().and_then(ip_of));
+        // Point-to-point links report their peer in the same field: not ours.
+        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT) {
+            ips.extend(a.broadcast.as_ref().and_then(ip_of).filter(IpAddr::is_ipv4));
+        }
+    }
+    ips.extend(anycast6(&fs::read_to_string(ANYCAST6).unwrap_or_default()));
     ips.sort();
     ips.dedup();
     Ok(ips)
+}
+
+const ANYCAST6: &str = "/proc/net/anycast6";
+
+/// The addresses in /proc/net/anycast6: `ifindex name address(32 hex digits) refcount`.
+fn anycast6(table: &str) -> Vec<IpAddr> {
+    table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .filter_map(|hex| u128::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 32))
+        .map(|bits| IpAddr::V6(bits.into()))
+        .collect()
 }
 
 /// A socket that becomes readable whenever a link or an address appears, changes or goes
@@ -281,6 +302,15 @@ mod tests {
         let (found, missing) = named(&links, &["h0".into(), "nope".into()]);
         assert_eq!(found, vec![link("h0", 5, None)]);
         assert_eq!(missing, vec!["nope".to_string()]);
+    }
+
+    #[test]
+    fn anycast_table_is_read() {
+        let table = "2    eth0            20010db8000000010000000000000000     1\n\
+                     3    br0             fd000000000000000000000000000000     2\n\
+                     bad line\n";
+        let expected: Vec<IpAddr> = ["2001:db8:0:1::", "fd00::"].map(|a| a.parse().unwrap()).into();
+        assert_eq!(anycast6(table), expected);
     }
 
     #[test]
