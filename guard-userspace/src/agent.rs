@@ -360,14 +360,12 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
             format!("pinning the {} program at {}", hook.name(), path.display())
         })?;
     }
-    // The L3 entry point, where the object has it (see loader::load).
-    if let Ok(program) = loader::xdp_program_for(ebpf, Framing::Ip) {
-        let path = pins.xdp_program(Framing::Ip);
-        remove_old_pin(&path)?;
-        program
-            .pin(&path)
-            .with_context(|| format!("pinning the L3 XDP program at {}", path.display()))?;
-    }
+    // The L3 entry point has no hook of its own: it shares XDP's, per link.
+    let path = pins.xdp_program(Framing::Ip);
+    remove_old_pin(&path)?;
+    loader::xdp_program_for(ebpf, Framing::Ip)?
+        .pin(&path)
+        .with_context(|| format!("pinning the L3 XDP program at {}", path.display()))?;
     Ok(())
 }
 

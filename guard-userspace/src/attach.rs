@@ -76,7 +76,7 @@ impl Attached {
     pub fn label(self) -> String {
         match self.framing {
             Framing::Ethernet => self.mode.name().to_string(),
-            Framing::Ip => format!("{}/{}", self.mode.name(), self.framing.name()),
+            Framing::Ip => format!("{}/ip", self.mode.name()),
         }
     }
 }

@@ -23,44 +23,32 @@ pub struct Link {
 impl Link {
     /// How XDP sees this link's packets; None for a type guard cannot read.
     pub fn framing(&self) -> Option<Framing> {
-        Framing::of_link_type(self.link_type)
+        framing_of_link_type(self.link_type)
     }
 }
 
-/// Where a packet starts when XDP sees it, which decides the XDP entry point that can read it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Framing {
-    /// An Ethernet header first (ARPHRD_ETHER: NICs, veth, macvlan, vxlan, tap, bond).
-    Ethernet,
-    /// The IP header first: L3 devices have no link header, and generic XDP hands the program
-    /// the packet from the network header on (tun, wireguard, ipip, sit, gre, ppp).
-    Ip,
-}
+/// How XDP sees a link's packets, which decides the XDP entry point that can read them: an
+/// Ethernet header first (NICs, veth, macvlan, vxlan, tap, bond), or the IP header first (L3
+/// devices have no link header, and generic XDP hands over the packet from the network header
+/// on: tun, wireguard, ipip, sit, gre, ppp).
+pub use guard_common::parse::Framing;
 
-impl Framing {
-    pub fn of_link_type(link_type: u16) -> Option<Framing> {
-        // include/uapi/linux/if_arp.h
-        const ETHER: u16 = 1;
-        const PPP: u16 = 512;
-        const RAWIP: u16 = 519;
-        const TUNNEL: u16 = 768; // ipip
-        const TUNNEL6: u16 = 769; // ip6tnl
-        const SIT: u16 = 776;
-        const IPGRE: u16 = 778;
-        const IP6GRE: u16 = 823;
-        const NONE: u16 = 65534; // tun, wireguard
-        match link_type {
-            ETHER => Some(Framing::Ethernet),
-            PPP | RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => Some(Framing::Ip),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Framing::Ethernet => "ether",
-            Framing::Ip => "ip",
-        }
+/// The framing of an ARPHRD_* link type; None for a type guard cannot read.
+pub fn framing_of_link_type(link_type: u16) -> Option<Framing> {
+    // include/uapi/linux/if_arp.h
+    const ETHER: u16 = 1;
+    const PPP: u16 = 512;
+    const RAWIP: u16 = 519;
+    const TUNNEL: u16 = 768; // ipip
+    const TUNNEL6: u16 = 769; // ip6tnl
+    const SIT: u16 = 776;
+    const IPGRE: u16 = 778;
+    const IP6GRE: u16 = 823;
+    const NONE: u16 = 65534; // tun, wireguard
+    match link_type {
+        ETHER => Some(Framing::Ethernet),
+        PPP | RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => Some(Framing::Ip),
+        _ => None,
     }
 }
 
@@ -278,13 +266,13 @@ mod tests {
 
     #[test]
     fn framing_follows_the_link_type() {
-        assert_eq!(Framing::of_link_type(1), Some(Framing::Ethernet));
+        assert_eq!(framing_of_link_type(1), Some(Framing::Ethernet));
         for l3 in [65534, 768, 769, 776, 778, 512, 519] {
-            assert_eq!(Framing::of_link_type(l3), Some(Framing::Ip), "ARPHRD {l3}");
+            assert_eq!(framing_of_link_type(l3), Some(Framing::Ip), "ARPHRD {l3}");
         }
         // Infiniband, IEEE 802.11 radiotap, CAN: nothing guard can read.
         for other in [32, 803, 280] {
-            assert_eq!(Framing::of_link_type(other), None, "ARPHRD {other}");
+            assert_eq!(framing_of_link_type(other), None, "ARPHRD {other}");
         }
     }
 

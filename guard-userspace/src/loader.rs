@@ -62,11 +62,8 @@ pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
 
 fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
-    xdp_program(&mut ebpf)?.load()?;
-    // An object without the L3 entry point still guards every Ethernet uplink; its L3 uplinks
-    // are reported as unguarded (see `for_link`) rather than failing the whole load.
-    if let Ok(ip) = xdp_program_for(&mut ebpf, Framing::Ip) {
-        ip.load()?;
+    for framing in [Framing::Ethernet, Framing::Ip] {
+        xdp_program_for(&mut ebpf, framing)?.load()?;
     }
     for hook in [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress] {
         tc_program(&mut ebpf, hook)?.load()?;
