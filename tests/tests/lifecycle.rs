@@ -1492,7 +1492,13 @@ fn vanished_links_are_re_attached() {
     let index = ifindex(a.host_end());
     let (xdp, tc) = (format!("xdp-{index}"), format!("tc-egress-{index}"));
     let links = agent.pin_dir().join("links");
-    let link_id = |pin: &str| observe::pinned_links(agent.pin_dir()).get(pin).map(|ids| ids.link);
+    // One pin at a time, and absent is an answer: the agent replaces pins while we look.
+    let link_id = |pin: &str| {
+        let path = links.join(pin);
+        let shown = try_run("bpftool", &["-j", "link", "show", "pinned", &path.to_string_lossy()]);
+        let shown: serde_json::Value = serde_json::from_str(&shown.ok()?).ok()?;
+        shown["id"].as_u64()
+    };
     let back_as_new_link = |what: &str, pin: &str, old: u64| {
         let took =
             wait_until(&format!("{pin} re-attached after {what}"), Duration::from_secs(10), || {
