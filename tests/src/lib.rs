@@ -11,12 +11,14 @@ pub mod cmd;
 pub mod container_agent;
 pub mod docker;
 pub mod dockerd;
+pub mod frames;
 pub mod host;
 pub mod netns;
 pub mod observe;
 pub mod probe;
 pub mod prober;
 pub mod seed;
+pub mod tun;
 
 use std::fs::{File, OpenOptions};
 use std::thread;
