@@ -273,6 +273,7 @@ fn rule_for(
         Reason::TrustedSource => "policy file: trusted_sources".into(),
         Reason::LoopbackDst => "loopback is never reachable from an uplink".into(),
         Reason::Unreadable | Reason::MappedSource => "frames guard cannot read fail closed".into(),
+        Reason::SpoofedSource => "a container's address never arrives on an uplink".into(),
         Reason::MalformedIp => "malformed frames are the kernel's to discard".into(),
         Reason::LaterFragment => "later fragments follow their first fragment".into(),
         Reason::NotContainerBound | Reason::NotIp => "none: not guard's business".into(),
@@ -311,6 +312,9 @@ fn detail(
             q.dst
         ),
         Reason::Unreadable => write!(s, "the frame cannot be read far enough to judge"),
+        Reason::SpoofedSource => {
+            write!(s, "{} is a container on this host: from an uplink it is forged", q.src)
+        }
         Reason::MappedSource => {
             write!(s, "{} is an IPv4-mapped IPv6 source, which no host sends from", q.src)
         }
