@@ -149,6 +149,12 @@ pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
                 .and_then(|m| m.as_sockaddr_in())
                 .map_or(32, |m| u32::from(m.ip()).leading_ones());
             ips.extend(v4_local_addresses(v4.ip(), prefix));
+            // A broadcast address set by hand (`brd 10.0.0.77`) is routed as one too. On a
+            // point-to-point link the same field holds the peer: not ours.
+            if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT) {
+                let brd = a.broadcast.as_ref().and_then(|sa| sa.as_sockaddr_in());
+                ips.extend(brd.map(|b| IpAddr::V4(b.ip())));
+            }
         } else if let Some(v6) = a.address.as_ref().and_then(|sa| sa.as_sockaddr_in6()) {
             ips.push(IpAddr::V6(v6.ip()));
         }
@@ -162,8 +168,8 @@ pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
 /// An IPv4 address and what the kernel receives along with it: for a prefix shorter than 31
 /// bits, the subnet's broadcast address (`fib_add_ifaddr` adds that route whether or not the
 /// address was given a broadcast address) and its lowest address (a broadcast address too on
-/// kernels before 5.14). Computed, not read from the address's broadcast field: `ip addr add`
-/// without `brd +`, and point-to-point links, leave that field empty or holding the peer.
+/// kernels before 5.14). Computed, not only read from the address's broadcast field: `ip addr
+/// add` without `brd +`, and point-to-point links, leave that field empty or holding the peer.
 fn v4_local_addresses(addr: std::net::Ipv4Addr, prefix: u32) -> Vec<IpAddr> {
     let mut out = vec![IpAddr::V4(addr)];
     if prefix < 31 {
