@@ -16,6 +16,7 @@ pub mod netns;
 pub mod observe;
 pub mod probe;
 pub mod prober;
+pub mod raw;
 pub mod seed;
 
 use std::fs::{File, OpenOptions};
