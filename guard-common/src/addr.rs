@@ -78,6 +78,22 @@ impl Addr {
             && self.0[3] == u32::from_ne_bytes([0, 0, 0, 1])
     }
 
+    /// A multicast or broadcast destination (IPv4 224.0.0.0 and up, 255.255.255.255 included;
+    /// IPv6 ff00::/8): delivered to whatever listens on the wildcard address.
+    #[inline(always)]
+    pub fn is_group(&self) -> bool {
+        if self.is_v4() {
+            return self.0[3].to_ne_bytes()[0] >= 224;
+        }
+        self.0[0].to_ne_bytes()[0] == 0xff
+    }
+
+    /// The wildcard address of this address's family: `0.0.0.0` (IPv4-mapped) or `::`.
+    #[inline(always)]
+    pub fn wildcard(&self) -> Addr {
+        if self.is_v4() { Addr::from_v4_word(0) } else { Addr([0; 4]) }
+    }
+
     /// Whether `self` lies in `net/prefix_len` (prefix counted over all 128 bits).
     pub fn in_prefix(&self, net: &Addr, prefix_len: u32) -> bool {
         let (a, n) = (self.octets(), net.octets());
@@ -155,6 +171,18 @@ mod tests {
         assert!(!a("fd00:2::5").in_prefix(&a("fd00:1::"), 64));
         assert!(a("fd00:2::5").in_prefix(&a("::"), 0));
         assert!(a("1.2.3.4").in_prefix(&a("1.2.3.4"), 128));
+    }
+
+    #[test]
+    fn groups_and_wildcards() {
+        for group in ["224.0.0.1", "239.1.2.3", "255.255.255.255", "ff02::1", "ff05::2"] {
+            assert!(a(group).is_group(), "{group}");
+        }
+        for unicast in ["10.0.0.255", "223.255.255.255", "fe80::1", "2001:db8::ff"] {
+            assert!(!a(unicast).is_group(), "{unicast}");
+        }
+        assert_eq!(a("224.0.0.1").wildcard(), a("0.0.0.0"));
+        assert_eq!(a("ff02::1").wildcard(), a("::"));
     }
 
     #[test]

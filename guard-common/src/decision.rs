@@ -29,13 +29,21 @@ pub struct Packet {
 /// What kind of transport layer a packet has, as far as the decision cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4Kind {
-    /// TCP, UDP or SCTP, with its ports.
+    /// TCP, UDP or SCTP with its ports; or an ICMP echo, its identifier as the local port
+    /// (see [`crate::parse`]).
     Ports,
-    /// A protocol without ports (ICMP, ...) or a later fragment: only a container's all-ports
-    /// rule can open it.
+    /// A protocol without ports (other ICMP, GRE, ...): only a container's all-ports rule can
+    /// open it.
     NoPorts,
-    /// A ported protocol whose header is cut short.
-    Truncated,
+    /// A later fragment. It passes: the kernel delivers nothing of a fragmented packet until it
+    /// is reassembled with its first fragment, which carries the ports and is judged, and it
+    /// discards overlapping fragments (Linux 4.19 on, both families), so a later fragment
+    /// cannot rewrite the ports its first fragment was judged by. Dropping them would break
+    /// every large reply.
+    LaterFragment,
+    /// A transport header (or extension-header chain) that cannot be read far enough to judge:
+    /// dropped (see [`crate::parse`]).
+    Unreadable,
 }
 
 /// The transport layer. A plain struct rather than an enum with fields on purpose: every
@@ -48,19 +56,38 @@ pub struct L4 {
     /// Host byte order; 0 unless `kind` is [`L4Kind::Ports`].
     pub sport: u16,
     pub dport: u16,
-    /// A TCP segment that opens a connection (SYN without ACK): never a reply.
-    pub syn_only: bool,
+    /// The packet opens a flow (a TCP SYN without ACK, an ICMP echo request): never a reply.
+    pub opens: bool,
+    /// These are the ports of the flow an ICMP error quotes, not of the packet itself (see
+    /// [`crate::parse`]): judged like that flow's reply, never remembered as a flow.
+    pub quoted: bool,
 }
 
 impl L4 {
-    pub const NO_PORTS: L4 =
-        L4 { kind: L4Kind::NoPorts, proto: 0, sport: 0, dport: 0, syn_only: false };
-    pub const TRUNCATED: L4 =
-        L4 { kind: L4Kind::Truncated, proto: 0, sport: 0, dport: 0, syn_only: false };
+    pub const NO_PORTS: L4 = L4::without_ports(L4Kind::NoPorts);
+    pub const LATER_FRAGMENT: L4 = L4::without_ports(L4Kind::LaterFragment);
+    pub const UNREADABLE: L4 = L4::without_ports(L4Kind::Unreadable);
+
+    const fn without_ports(kind: L4Kind) -> L4 {
+        L4 { kind, proto: 0, sport: 0, dport: 0, opens: false, quoted: false }
+    }
 
     #[inline(always)]
-    pub const fn ports(proto: u8, sport: u16, dport: u16, syn_only: bool) -> L4 {
-        L4 { kind: L4Kind::Ports, proto, sport, dport, syn_only }
+    pub const fn ports(proto: u8, sport: u16, dport: u16, opens: bool) -> L4 {
+        L4 { kind: L4Kind::Ports, proto, sport, dport, opens, quoted: false }
+    }
+
+    /// The reply an ICMP error about a flow with `quoted` ports stands for.
+    #[inline(always)]
+    pub const fn standing_for(quoted: L4) -> L4 {
+        L4 {
+            kind: L4Kind::Ports,
+            proto: quoted.proto,
+            sport: quoted.dport,
+            dport: quoted.sport,
+            opens: false,
+            quoted: true,
+        }
     }
 }
 
@@ -107,6 +134,22 @@ pub fn decide<T: Tables>(tables: &T, pkt: &Packet) -> Decision {
     decide_resolved(tables, pkt).0
 }
 
+/// The decision for a frame as [`crate::parse`] left it: a packet, or the reason parsing
+/// stopped. Audit mode waives a parse-time drop like any other.
+#[inline(always)]
+pub fn decide_parsed<T: Tables>(
+    tables: &T,
+    parsed: Result<Packet, Reason>,
+) -> (Decision, Resolved) {
+    match parsed {
+        Ok(pkt) => decide_resolved(tables, &pkt),
+        Err(reason) => {
+            let audited = reason.verdict() == Verdict::Drop && tables.audit_all();
+            (Decision { reason, audited }, Resolved::default())
+        }
+    }
+}
+
 /// [`decide`], and the container it resolved (for `guard explain`). First [`classify`] under
 /// the rules alone, then what the policy file says about would-drops: trusted sources pass,
 /// audit mode counts and passes.
@@ -132,22 +175,26 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
         return (Reason::LoopbackDst, none);
     }
     let l4 = pkt.l4;
-    let published_port = (l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport))
-        .then_some((l4.proto, l4.dport));
+    match l4.kind {
+        L4Kind::LaterFragment => return (Reason::LaterFragment, none),
+        L4Kind::Unreadable => return (Reason::Unreadable, none),
+        L4Kind::Ports | L4Kind::NoPorts => {}
+    }
+    // Plain booleans, not an Option of the port: LLVM once spilled the undefined payload of a
+    // `None` to the stack, which the verifier rejects (`!read_ok`), as with `L4`.
+    let port_published = l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport);
     let dst_may_hold = tables.may_hold_container(&pkt.dst);
-    if !dst_may_hold && published_port.is_none() {
+    if !dst_may_hold && !port_published {
         return (Reason::NotContainerBound, none);
     }
 
     // Published: a host address (gateways included) and a port Docker publishes on it.
-    if let Some((proto, dport)) = published_port {
-        let key = PublishedKey { addr: pkt.dst, port: dport, proto, _pad: 0 };
-        if let Some(p) = tables.published(&key) {
-            let resolved =
-                Resolved { target: p.target, port: p.port, proto, published: 1, flags: p.flags };
-            let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
-            return (judge(tables, pkt, p.target, port, p.all_ports), resolved);
-        }
+    if port_published && let Some(p) = published_target(tables, &pkt.dst, l4.proto, l4.dport) {
+        let proto = l4.proto;
+        let resolved =
+            Resolved { target: p.target, port: p.port, proto, published: 1, flags: p.flags };
+        let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
+        return (judge(tables, pkt, p.target, port, p.all_ports), resolved);
     }
     if !dst_may_hold {
         return (Reason::NotContainerBound, none);
@@ -157,28 +204,50 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
     match tables.addr_info(&pkt.dst) {
         Some(info) if info.kind == AddrInfo::CONTAINER => {
             let mut resolved = Resolved { target: info.target, flags: info.flags, ..none };
-            let port = match l4.kind {
-                L4Kind::Ports => {
-                    resolved.port = l4.dport;
-                    resolved.proto = l4.proto;
-                    let key = PortKey::new(info.target, l4.proto, l4.dport);
-                    let rule = if info.has_port_rules != 0 {
-                        tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
-                    } else {
-                        OPEN_NONE
-                    };
-                    Some((key, rule))
-                }
-                L4Kind::NoPorts => None,
-                L4Kind::Truncated => return (Reason::MalformedL4, resolved),
-            };
+            let port = (l4.kind == L4Kind::Ports).then(|| {
+                resolved.port = l4.dport;
+                resolved.proto = l4.proto;
+                let key = PortKey::new(info.target, l4.proto, l4.dport);
+                let rule = if info.has_port_rules != 0 {
+                    tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
+                } else {
+                    OPEN_NONE
+                };
+                (key, rule)
+            });
             (judge(tables, pkt, info.target, port, info.all_ports), resolved)
         }
         // One of the host's own addresses, not on a published port: the host's business.
         Some(_) => (Reason::NotContainerBound, none),
-        None if tables.in_docker_network(&pkt.dst) => (Reason::UnassignedAddr, none),
+        // A container the agent has not learnt of yet: closed, but its replies pass.
+        None if tables.in_docker_network(&pkt.dst) => {
+            (if is_reply(tables, pkt) { Reason::Reply } else { Reason::UnassignedAddr }, none)
+        }
         None => (Reason::NotContainerBound, none),
     }
+}
+
+/// The container port behind (`dst`, `proto`, `port`), if Docker publishes it there. A
+/// broadcast or multicast destination reaches whatever listens on the wildcard address
+/// (docker-proxy relays UDP and SCTP from it, and Docker does not NAT such packets), so it is
+/// looked up as the wildcard address of its family, where the agent puts every port published
+/// on `0.0.0.0` or `::`. The host's subnet broadcast and anycast addresses are host addresses
+/// to the agent, and are found directly.
+#[inline(always)]
+fn published_target<T: Tables>(
+    tables: &T,
+    dst: &Addr,
+    proto: u8,
+    port: u16,
+) -> Option<PublishedTarget> {
+    let key = PublishedKey { addr: *dst, port, proto, _pad: 0 };
+    if let Some(p) = tables.published(&key) {
+        return Some(p);
+    }
+    if !dst.is_group() {
+        return None;
+    }
+    tables.published(&PublishedKey { addr: dst.wildcard(), port, proto, _pad: 0 })
 }
 
 /// Container-bound: open to this source through the port's rule or the all-ports rule, a
@@ -199,9 +268,15 @@ fn judge<T: Tables>(
     if let Some(reason) = opening(tables, all_ports, &PortKey::all_ports(target), &pkt.src) {
         return reason;
     }
+    if is_reply(tables, pkt) { Reason::Reply } else { Reason::Closed }
+}
+
+/// Whether the packet answers a flow the host or a container started (flow memory).
+#[inline(always)]
+fn is_reply<T: Tables>(tables: &T, pkt: &Packet) -> bool {
     let l4 = pkt.l4;
-    if l4.kind != L4Kind::Ports || l4.syn_only {
-        return Reason::Closed;
+    if l4.kind != L4Kind::Ports || l4.opens {
+        return false;
     }
     let flow = FlowKey {
         remote: pkt.src,
@@ -211,7 +286,7 @@ fn judge<T: Tables>(
         proto: l4.proto,
         _pad: [0; 3],
     };
-    if tables.flow_seen(&flow) { Reason::Reply } else { Reason::Closed }
+    tables.flow_seen(&flow)
 }
 
 #[inline(always)]
@@ -223,4 +298,41 @@ fn opening<T: Tables>(tables: &T, rule: u8, key: &PortKey, src: &Addr) -> Option
     } else {
         None
     }
+}
+
+/// The flow an outbound packet (one the host or a container sends) belongs to, keyed as its
+/// replies will arrive, if flow memory must remember it: only when those replies would
+/// otherwise be dropped, enforced. A packet to a source the policy lets in (an opened port, a
+/// trusted source, a container in audit mode) answers it and needs no memory; remembering it
+/// anyway would let an outsider flood such a port with spoofed SYNs and evict, with the
+/// answers, the entries real replies need. An ICMP echo reply answers someone else's request,
+/// and an ICMP error someone else's packet: neither is ever remembered.
+#[inline(always)]
+pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<FlowKey> {
+    let l4 = outbound.l4;
+    if l4.kind != L4Kind::Ports || l4.quoted || (is_icmp(l4.proto) && !l4.opens) {
+        return None;
+    }
+    // The reply, judged as a new flow (no flow memory).
+    let reply = Packet {
+        src: outbound.dst,
+        dst: outbound.src,
+        l4: L4::ports(l4.proto, l4.dport, l4.sport, true),
+    };
+    let (decision, _) = decide_resolved(tables, &reply);
+    let enforced_drop = decision.verdict() == Verdict::Drop;
+    let judged = matches!(decision.reason, Reason::Closed | Reason::UnassignedAddr);
+    (enforced_drop && judged).then_some(FlowKey {
+        remote: outbound.dst,
+        local: outbound.src,
+        remote_port: l4.dport,
+        local_port: l4.sport,
+        proto: l4.proto,
+        _pad: [0; 3],
+    })
+}
+
+#[inline(always)]
+fn is_icmp(proto: u8) -> bool {
+    proto == crate::parse::IPPROTO_ICMP || proto == crate::parse::IPPROTO_ICMPV6
 }

@@ -5,6 +5,8 @@
 //! - [`prefilter`]: the bitmaps that let most traffic pass without a single hash lookup.
 //! - [`reason`]: why a packet got its verdict (one per-CPU counter each).
 //! - [`events`]: per-container drop counters and the rate-limited drop events.
+//! - [`parse`]: frame to packet, written once for the kernel's packet memory and user space's
+//!   byte slices, with every fail behaviour named in one table.
 //! - [`decision`]: the policy decision itself, written once over a [`decision::Tables`] trait.
 //!   The XDP program implements the trait with BPF maps; the agent implements it with the desired
 //!   state, so user space can test and explain verdicts against the very same definition.
@@ -17,5 +19,6 @@ pub mod addr;
 pub mod decision;
 pub mod events;
 pub mod maps;
+pub mod parse;
 pub mod prefilter;
 pub mod reason;

@@ -276,7 +276,7 @@ pub const CONFIG_AUDIT_ALL: u32 = 1;
 pub const CONFIG_HAS_TRUSTED: u32 = 2;
 
 /// Bump when a map's meaning changes without its shape changing.
-pub const LAYOUT_REVISION: u32 = 1;
+pub const LAYOUT_REVISION: u32 = 2;
 
 /// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
 /// agent never adopts maps of another layout: an upgrade that changes one fills new maps and

@@ -28,17 +28,23 @@ pub enum Reason {
     UnassignedAddr = 6,
     /// Addressed to 127.0.0.0/8 or ::1 from an uplink (route_localnet class of attacks).
     LoopbackDst = 7,
-    /// Container-bound, but the transport header is cut short: cannot be matched, fail closed.
-    MalformedL4 = 8,
+    /// A frame the filter cannot read far enough to judge (more VLAN tags than it walks, an
+    /// IPv6 extension-header chain longer than it walks, a transport header without its
+    /// ports): fail closed, whatever the destination (see [`crate::parse`]).
+    Unreadable = 8,
     /// Would have been dropped, but answers a flow the host or a container started (flow
     /// memory): replies are never dropped.
     Reply = 9,
     /// Would have been dropped, but the source is trusted by the policy file (inside).
     TrustedSource = 10,
+    /// A later fragment: judged by its first fragment, without which it is never delivered.
+    LaterFragment = 11,
+    /// IPv6 from an IPv4-mapped source (`::ffff:a.b.c.d`), which would pass for IPv4.
+    MappedSource = 12,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -49,9 +55,11 @@ impl Reason {
         Reason::Closed,
         Reason::UnassignedAddr,
         Reason::LoopbackDst,
-        Reason::MalformedL4,
+        Reason::Unreadable,
         Reason::Reply,
         Reason::TrustedSource,
+        Reason::LaterFragment,
+        Reason::MappedSource,
     ];
 
     #[inline(always)]
@@ -63,10 +71,13 @@ impl Reason {
             | Reason::Exposed
             | Reason::AllowedSource
             | Reason::Reply
-            | Reason::TrustedSource => Verdict::Pass,
-            Reason::Closed | Reason::UnassignedAddr | Reason::LoopbackDst | Reason::MalformedL4 => {
-                Verdict::Drop
-            }
+            | Reason::TrustedSource
+            | Reason::LaterFragment => Verdict::Pass,
+            Reason::Closed
+            | Reason::UnassignedAddr
+            | Reason::LoopbackDst
+            | Reason::Unreadable
+            | Reason::MappedSource => Verdict::Drop,
         }
     }
 
@@ -81,9 +92,11 @@ impl Reason {
             Reason::Closed => "closed",
             Reason::UnassignedAddr => "unassigned_addr",
             Reason::LoopbackDst => "loopback_dst",
-            Reason::MalformedL4 => "malformed_l4",
+            Reason::Unreadable => "unreadable",
             Reason::Reply => "reply",
             Reason::TrustedSource => "trusted_source",
+            Reason::LaterFragment => "later_fragment",
+            Reason::MappedSource => "mapped_source",
         }
     }
 

@@ -1,9 +1,11 @@
 //! guard's kernel side.
 //!
-//! On every uplink:
-//! - `guard_xdp` (XDP ingress) drops container-bound packets from outside unless opened;
-//! - `guard_tc_egress` (TCX egress) remembers outbound flows whose replies would otherwise look
-//!   container-bound, so they are never dropped.
+//! On every uplink, in the variant for its framing (Ethernet, or the IP header first on tun,
+//! WireGuard and other L3 links):
+//! - `guard_xdp` / `guard_xdp_ip` (XDP ingress) drops container-bound packets from outside
+//!   unless opened;
+//! - `guard_tc_egress` / `guard_tc_egress_ip` (TC egress) remembers the flows the host and its
+//!   containers start whose replies would otherwise be dropped, so they never are.
 //!
 //! On every Docker bridge:
 //! - `guard_tc_gate` (TCX egress) decides again after NAT, for packets that arrived on an
@@ -11,13 +13,11 @@
 //! - `guard_tc_bridge_in` (TCX ingress) remembers the flows containers start, so the gate lets
 //!   their replies through.
 //!
-//! Entry points are thin and total: parse, decide with the shared
-//! [`guard_common::decision::decide`], count the reason, return the reason's verdict.
+//! Entry points are thin and total: parse with the shared [`guard_common::parse`], decide with
+//! the shared [`guard_common::decision`], count the reason, return the reason's verdict.
 //! No logging on the packet path.
 #![no_std]
 #![no_main]
-
-mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
@@ -31,6 +31,7 @@ use aya_ebpf::{
     maps::{PerCpuHashMap, RingBuf},
 };
 use guard_common::events::DROP_AT_GATE;
+use guard_common::parse::{self as parser, Bytes, Framing};
 use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables},
@@ -41,17 +42,16 @@ use guard_common::{
         SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
     },
     prefilter::{self, Bitmap},
-    reason::{COUNTER_SLOTS, Decision, Verdict},
+    reason::{COUNTER_SLOTS, Decision, Reason, Verdict},
 };
 use guard_common::{
-    decision::{Packet, Resolved, decide_resolved},
+    decision::{Packet, Resolved, decide_parsed, flow_to_remember},
     events::{
         DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
         EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
     },
     maps::{DROPS_CAPACITY, UPLINKS_CAPACITY},
 };
-use parse::Frame;
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
 // those names and pins them under the same names.
@@ -169,10 +169,69 @@ impl Tables for Maps {
     }
 }
 
+/// The bytes of a packet in kernel memory, `[data, data_end)`.
+#[derive(Clone, Copy)]
+struct Frame {
+    data: usize,
+    data_end: usize,
+}
+
+/// Reads a field of a window [`Frame::window`] bounds-checked.
+///
+/// Typed loads, not byte arrays: LLVM splits loads of `[u8; N]` into N byte loads. Packet
+/// fields need not be aligned for the BPF target (the verifier permits unaligned packet access
+/// unless BPF_F_STRICT_ALIGNMENT is asked for, and the JITs of the architectures guard runs on
+/// handle it), so a plain typed load is both valid there and the cheapest.
+macro_rules! load {
+    ($ty:ty, $window:expr, $at:expr) => {
+        // SAFETY: the parser reads only inside a window that `window` checked.
+        unsafe { core::ptr::read(($window + $at) as *const $ty) }
+    };
+}
+
+impl Bytes for Frame {
+    /// A pointer into the packet. Each header is checked once and every field is read through
+    /// the pointer this returns: the verifier does not carry a bounds check over to a pointer
+    /// computed separately, even at the same offset.
+    type Window = usize;
+
+    #[inline(always)]
+    fn window(&self, offset: usize, len: usize) -> Option<usize> {
+        let start = self.data + offset;
+        if start + len > self.data_end {
+            return None;
+        }
+        Some(start)
+    }
+    #[inline(always)]
+    fn u8_at(&self, window: usize, at: usize) -> u8 {
+        load!(u8, window, at)
+    }
+    #[inline(always)]
+    fn u16_at(&self, window: usize, at: usize) -> u16 {
+        load!(u16, window, at)
+    }
+    #[inline(always)]
+    fn u32_at(&self, window: usize, at: usize) -> u32 {
+        load!(u32, window, at)
+    }
+}
+
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
+    filter(&ctx, Framing::Ethernet)
+}
+
+/// For links whose frames start with the IP header (tun, WireGuard, ipip, sit, GRE, PPP).
+#[xdp]
+pub fn guard_xdp_ip(ctx: XdpContext) -> u32 {
+    filter(&ctx, Framing::Ip)
+}
+
+#[inline(always)]
+fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let decision = judge_frame(frame, ctx.ingress_ifindex() as u32, 0);
+    let decision = judge_frame(frame, framing, ctx.ingress_ifindex() as u32, 0);
     count(&GUARD_COUNTERS, decision);
     match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
@@ -182,31 +241,39 @@ pub fn guard_xdp(ctx: XdpContext) -> u32 {
 
 /// Parses and decides; a drop (or audited would-drop) is recorded with `flags` added.
 #[inline(always)]
-fn judge_frame(frame: Frame, ifindex: u32, flags: u8) -> Decision {
-    match parse::parse(frame) {
-        Ok(packet) => {
-            let (decision, resolved) = decide_resolved(&Maps, &packet);
-            if decision.reason.verdict() == Verdict::Drop {
-                record_drop(&packet, decision, resolved, ifindex, flags);
-            }
-            decision
-        }
-        Err(reason) => Decision::enforced(reason),
+fn judge_frame(frame: Frame, framing: Framing, ifindex: u32, flags: u8) -> Decision {
+    judge(parser::parse(&frame, framing), ifindex, flags)
+}
+
+#[inline(always)]
+fn judge(parsed: Result<Packet, Reason>, ifindex: u32, flags: u8) -> Decision {
+    let (decision, resolved) = decide_parsed(&Maps, parsed);
+    if decision.reason.verdict() == Verdict::Drop
+        && let Ok(packet) = parsed
+    {
+        record_drop(&packet, decision, resolved, ifindex, flags);
     }
+    decision
+}
+
+/// The uplink the packet arrived on, if it arrived on one (by the interface the kernel
+/// received it on: none for packets the host sends, a bridge for containers' packets).
+#[inline(always)]
+fn uplink_ingress(ctx: &TcContext) -> Option<u32> {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: the value is not used, only its presence.
+    unsafe { GUARD_UPLINKS.get(&ingress) }.map(|_| ingress)
 }
 
 /// The bridge gate: packets the host sends into a Docker network, after NAT. Only those that
 /// arrived on an uplink are judged; the host's own and other containers' pass untouched.
 #[classifier]
 pub fn guard_tc_gate(ctx: TcContext) -> i32 {
-    // SAFETY: reading a field of the context the kernel handed us.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    // SAFETY: the value is not used, only its presence.
-    if unsafe { GUARD_UPLINKS.get(&ingress) }.is_none() {
+    let Some(ingress) = uplink_ingress(&ctx) else {
         return TC_ACT_UNSPEC;
-    }
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let decision = judge_frame(frame, ingress, DROP_AT_GATE);
+    };
+    let decision = judge(parse_skb(&ctx), ingress, DROP_AT_GATE);
     count(&GUARD_GATE, decision);
     match decision.verdict() {
         Verdict::Pass => TC_ACT_UNSPEC,
@@ -214,17 +281,86 @@ pub fn guard_tc_gate(ctx: TcContext) -> i32 {
     }
 }
 
-/// Packets containers send out through the host: remember their flows, so the gate knows the
-/// replies (which arrive on an uplink and are de-NATed to the container) are replies.
+/// How much of a packet the gate makes linear when its first reading falls short: Ethernet,
+/// the longest IPv4 header, ICMP, the quoted packet's headers and its ports, with room for
+/// IPv6 and a fragment header.
+const GATE_PULL: u32 = 256;
+
+/// Parses a packet at the gate. An skb's linear head may end before what the parser needs:
+/// drivers pull only the outer headers, so the packet an ICMP error quotes (a router's
+/// "fragmentation needed" to a container on a routed network) can sit in page fragments. When
+/// the first reading finds no ports and the skb holds more than its head, the head is pulled
+/// and the packet read again; ordinary packets, whose ports are in the head, pay nothing.
+#[inline(always)]
+fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let parsed = parser::parse(&frame, Framing::Ethernet);
+    let short = match parsed {
+        Ok(packet) => matches!(packet.l4.kind, L4Kind::NoPorts | L4Kind::Unreadable),
+        Err(reason) => reason == Reason::Unreadable,
+    };
+    let head = (frame.data_end - frame.data) as u32;
+    if !short || head >= ctx.len() {
+        return parsed;
+    }
+    if ctx.pull_data(ctx.len().min(GATE_PULL)).is_err() {
+        return parsed;
+    }
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    parser::parse(&frame, Framing::Ethernet)
+}
+
+/// Packets containers send out through the host: remember the flows they start, so the gate
+/// knows the replies (which arrive on an uplink and are de-NATed to the container) are replies.
 #[classifier]
 pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
+    record_outbound(&ctx, Framing::Ethernet);
+    TC_ACT_UNSPEC
+}
+
+/// Packets leaving through an uplink: remember the flows the host and its containers start
+/// whose replies would look container-bound (a masqueraded connection that happened to get a
+/// host port Docker publishes; a container on a network without NAT). Never drops or changes
+/// anything: TCX_NEXT lets any other program (or the default) decide.
+#[classifier]
+pub fn guard_tc_egress(ctx: TcContext) -> i32 {
+    record_started_here(&ctx, Framing::Ethernet);
+    TC_ACT_UNSPEC
+}
+
+/// [`guard_tc_egress`] for links whose frames start with the IP header.
+#[classifier]
+pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
+    record_started_here(&ctx, Framing::Ip);
+    TC_ACT_UNSPEC
+}
+
+/// Why flow memory and not the kernel's connection tracking (`bpf_xdp_ct_lookup`,
+/// `bpf_skb_ct_lookup`, 5.19/6.0 on): those are kfuncs, and aya 0.14's loader cannot relocate
+/// kfunc calls (aya-obj 0.3 has no ksym relocation), and aya 0.15 on needs a newer rustc than
+/// this project's machines carry (TOOLCHAIN.md). Nor would they cover Debian 11's 5.10. So the programs keep
+/// their own memory, and keep it small and unpoisonable: what is remembered is decided by
+/// [`flow_to_remember`] (only flows whose replies would otherwise drop), by whom it is seen
+/// (only flows started here), and ICMP errors and later fragments need no entry of their own.
+///
+/// Only flows that start on the host (no ingress interface) or in a container (received on a
+/// bridge) are remembered: a packet the host merely forwards from one uplink to another could
+/// carry any source, and remembering it would let an outsider plant the "reply" it sends next.
+#[inline(always)]
+fn record_started_here(ctx: &TcContext, framing: Framing) {
+    if uplink_ingress(ctx).is_none() {
+        record_outbound(ctx, framing);
+    }
+}
+
+#[inline(always)]
+fn record_outbound(ctx: &TcContext, framing: Framing) {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    if let Ok(packet) = parse::parse(frame)
-        && let Some(flow) = outbound_flow(&packet)
+    if let Ok(packet) = parser::parse(&frame, framing)
+        && let Some(flow) = flow_to_remember(&Maps, &packet)
     {
         remember(&flow);
     }
-    TC_ACT_UNSPEC
 }
 
 /// A drop (or an audited would-drop): the container port's counter, and an event if this CPU
@@ -300,38 +436,6 @@ fn bump_event_stat(slot: u32) {
         // SAFETY: per-CPU slot.
         unsafe { *counter += 1 };
     }
-}
-
-/// Remembers outbound flows whose replies would look container-bound: from a host port that
-/// Docker also publishes (a masqueraded connection that happened to get that port), or from a
-/// container address (networks without NAT). Never drops or changes anything.
-#[classifier]
-pub fn guard_tc_egress(ctx: TcContext) -> i32 {
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    if let Ok(packet) = parse::parse(frame)
-        && let Some(flow) = outbound_flow(&packet)
-    {
-        let (entry, bit) = prefilter::address_bucket(&packet.src);
-        if prefilter_bit(prefilter::PUBLISHED_PORTS, flow.local_port) || prefilter_bit(entry, bit) {
-            remember(&flow);
-        }
-    }
-    // TCX_NEXT: no opinion, let any other program (or the default) decide.
-    TC_ACT_UNSPEC
-}
-
-/// The flow an outbound packet belongs to, keyed as its replies will arrive.
-#[inline(always)]
-fn outbound_flow(packet: &Packet) -> Option<FlowKey> {
-    let l4 = packet.l4;
-    (l4.kind == L4Kind::Ports).then_some(FlowKey {
-        remote: packet.dst,
-        local: packet.src,
-        remote_port: l4.dport,
-        local_port: l4.sport,
-        proto: l4.proto,
-        _pad: [0; 3],
-    })
 }
 
 /// Records a flow, rewriting its timestamp at most once a second per flow (an update per

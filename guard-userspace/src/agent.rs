@@ -35,7 +35,7 @@ use crate::{
     desired::desired_state,
     docker::{DockerClient, DockerError},
     identities::Identities,
-    interfaces::{self, Link},
+    interfaces::{self, Framing, Link},
     loader,
     maps::PolicyMaps,
     pins::{Hook, Pins},
@@ -258,14 +258,7 @@ impl Agent {
         let mut errors = Vec::new();
         for hook in Hook::ALL {
             let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
-            errors.extend(match hook {
-                Hook::Xdp => {
-                    self.attachments.sync(loader::xdp_program(&mut self.ebpf)?, hook, pins, on)
-                }
-                _ => {
-                    self.attachments.sync(loader::tc_program(&mut self.ebpf, hook)?, hook, pins, on)
-                }
-            });
+            errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
         warnings.extend(errors.iter().map(ToString::to_string));
         self.warnings.report(warnings);
@@ -284,10 +277,8 @@ impl Agent {
             .collect();
         state.attachments = self
             .attachments
-            .modes()
-            .map(|(hook, iface, mode)| {
-                (hook.name().to_string(), iface.to_string(), mode.name().to_string())
-            })
+            .all()
+            .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
             .collect();
         state.map_entries = desired.tables.sizes();
         for failure in &failures {
@@ -360,10 +351,7 @@ fn docker_bridges(links: &[Link], snapshot: &crate::snapshot::Snapshot) -> Vec<L
 fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
     for hook in Hook::ALL {
         let path = pins.program(hook);
-        if path.exists() {
-            fs::remove_file(&path)
-                .with_context(|| format!("removing old pin {}", path.display()))?;
-        }
+        remove_old_pin(&path)?;
         let pinned = match hook {
             Hook::Xdp => loader::xdp_program(ebpf)?.pin(&path),
             _ => loader::tc_program(ebpf, hook)?.pin(&path),
@@ -371,6 +359,19 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
         pinned.with_context(|| {
             format!("pinning the {} program at {}", hook.name(), path.display())
         })?;
+    }
+    // The L3 entry point has no hook of its own: it shares XDP's, per link.
+    let path = pins.xdp_program(Framing::Ip);
+    remove_old_pin(&path)?;
+    loader::xdp_program_for(ebpf, Framing::Ip)?
+        .pin(&path)
+        .with_context(|| format!("pinning the L3 XDP program at {}", path.display()))?;
+    Ok(())
+}
+
+fn remove_old_pin(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        fs::remove_file(path).with_context(|| format!("removing old pin {}", path.display()))?;
     }
     Ok(())
 }

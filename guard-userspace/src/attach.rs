@@ -3,6 +3,14 @@
 //! pinned; the links a previous agent pinned are adopted with
 //! an atomic program swap (the link and its id stay, so there is no moment without a filter);
 //! links on interfaces that are gone or no longer uplinks are removed.
+//!
+//! XDP comes in two framings (see [`Framing`]): Ethernet uplinks get `guard_xdp`, L3 uplinks
+//! (tun, wireguard, ipip...) `guard_xdp_ip`, always in generic mode. An uplink of a link type
+//! guard cannot read is reported, never silently left open.
+//!
+//! Nothing attached is trusted forever: every pass checks that each link still has its pin and
+//! is still attached to its interface (a pin can be removed, a link detached with `bpftool link
+//! detach`), and attaches again what vanished.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,7 +27,8 @@ use aya::programs::{
 use tracing::{info, warn};
 
 use crate::{
-    interfaces::Link,
+    interfaces::{Framing, Link},
+    link_info::{PinnedLinkState, pinned_link_state},
     pins::{Hook, Pins},
 };
 
@@ -55,6 +64,28 @@ pub enum AttachError {
     Pin { hook: &'static str, iface: String, reason: String },
 }
 
+/// What an attachment is: how it runs, and for XDP which framing its program reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub mode: Mode,
+    pub framing: Framing,
+}
+
+impl Attached {
+    /// "native", "generic", "tcx", "adopted"; L3 XDP adds its framing: "generic/ip".
+    pub fn label(self) -> String {
+        match self.framing {
+            Framing::Ethernet => self.mode.name().to_string(),
+            Framing::Ip => format!("{}/ip", self.mode.name()),
+        }
+    }
+}
+
+/// Picks the program to put on a link at a hook: at XDP, the entry point of its framing.
+pub trait Programs {
+    fn for_link(&mut self, hook: Hook, link: &Link) -> Result<&mut dyn Hookable, String>;
+}
+
 /// A program that can be put on an interface at a hook, or swapped into a pinned link.
 pub trait Hookable {
     /// Attaches to `link` at `hook` and returns the link as an fd, to be pinned.
@@ -65,14 +96,24 @@ pub trait Hookable {
 
 impl Hookable for Xdp {
     fn attach_new(&mut self, _: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
-        let (id, mode) = match self.attach_to_if_index(link.ifindex, XdpMode::Driver) {
-            Ok(id) => (id, Mode::Native),
-            Err(native) => {
-                warn!(iface = %link.name, "native XDP unavailable ({native}); using generic mode");
-                let id = self
-                    .attach_to_if_index(link.ifindex, XdpMode::Skb)
-                    .map_err(|e| format!("native and generic mode: {e}"))?;
-                (id, Mode::Generic)
+        let (id, mode) = if link.framing() == Some(Framing::Ip) {
+            // An L3 device's native hook, where it has one, need not see what the host
+            // receives (tun runs it only for tap frames); generic XDP runs in the core receive
+            // path of every device and hands over the packet from its IP header on.
+            let id = self
+                .attach_to_if_index(link.ifindex, XdpMode::Skb)
+                .map_err(|e| format!("generic mode: {e}"))?;
+            (id, Mode::Generic)
+        } else {
+            match self.attach_to_if_index(link.ifindex, XdpMode::Driver) {
+                Ok(id) => (id, Mode::Native),
+                Err(native) => {
+                    warn!(iface = %link.name, "native XDP unavailable ({native}); using generic mode");
+                    let id = self
+                        .attach_to_if_index(link.ifindex, XdpMode::Skb)
+                        .map_err(|e| format!("native and generic mode: {e}"))?;
+                    (id, Mode::Generic)
+                }
             }
         };
         let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
@@ -114,20 +155,20 @@ impl Hookable for SchedClassifier {
 /// The (hook, interface) pairs this agent has put its programs on.
 #[derive(Debug, Default)]
 pub struct Attachments {
-    attached: BTreeMap<(Hook, u32), (String, Mode)>,
+    attached: BTreeMap<(Hook, u32), (String, Attached)>,
 }
 
 impl Attachments {
-    /// (hook, interface, mode) of every attachment.
-    pub fn modes(&self) -> impl Iterator<Item = (Hook, &str, Mode)> {
-        self.attached.iter().map(|((hook, _), (name, mode))| (*hook, name.as_str(), *mode))
+    /// (hook, interface, what) of every attachment.
+    pub fn all(&self) -> impl Iterator<Item = (Hook, &str, Attached)> {
+        self.attached.iter().map(|((hook, _), (name, what))| (*hook, name.as_str(), *what))
     }
 
-    /// Makes the set of interfaces running `program` at `hook` equal to `links`. Errors are
-    /// per interface: one that fails does not stop the others.
+    /// Makes the set of interfaces running their program at `hook` equal to `links`. Errors
+    /// are per interface: one that fails does not stop the others.
     pub fn sync(
         &mut self,
-        program: &mut impl Hookable,
+        programs: &mut impl Programs,
         hook: Hook,
         pins: &Pins,
         links: &[Link],
@@ -157,39 +198,111 @@ impl Attachments {
 
         let mut errors = Vec::new();
         for link in links {
-            if self.attached.contains_key(&(hook, link.ifindex)) {
-                continue;
-            }
-            match ensure(program, hook, &pins.link(hook, link.ifindex), link) {
-                Ok(mode) => {
-                    info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = mode.name(), "protecting interface");
-                    self.attached.insert((hook, link.ifindex), (link.name.clone(), mode));
+            let path = pins.link(hook, link.ifindex);
+            let vanished = match self.attached.get(&(hook, link.ifindex)) {
+                None => false,
+                Some((_, what)) if Some(what.framing) != framing_at(hook, link) => {
+                    info!(hook = hook.name(), iface = %link.name, "link type changed: attaching the program of its framing");
+                    remove_stale_pin(&path);
+                    false
                 }
-                Err(e) => errors.push(e),
+                Some(_) => match still_attached(&path, link) {
+                    Ok(true) => continue,
+                    Ok(false) => true,
+                    Err(e) => {
+                        // Cannot tell (bpffs unreadable?): leave it; the next pass looks again.
+                        warn!(hook = hook.name(), iface = %link.name, "cannot check the link pinned at {}: {e}", path.display());
+                        continue;
+                    }
+                },
+            };
+            self.attached.remove(&(hook, link.ifindex));
+            let ensured = programs
+                .for_link(hook, link)
+                .map_err(|reason| AttachError::Attach {
+                    hook: hook.name(),
+                    iface: link.name.clone(),
+                    reason,
+                })
+                .and_then(|program| ensure(program, hook, &path, link));
+            match ensured {
+                Ok(mode) => {
+                    let framing = framing_at(hook, link).unwrap_or(Framing::Ethernet);
+                    let what = Attached { mode, framing };
+                    if vanished {
+                        warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "link {} on {} vanished (pin removed or link detached): re-attached", hook.name(), link.name);
+                    } else {
+                        info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "protecting interface");
+                    }
+                    self.attached.insert((hook, link.ifindex), (link.name.clone(), what));
+                }
+                Err(e) => {
+                    if vanished {
+                        warn!(hook = hook.name(), iface = %link.name, "link {} on {} vanished (pin removed or link detached) and cannot be re-attached: {e}", hook.name(), link.name);
+                    }
+                    errors.push(e);
+                }
             }
         }
         errors
     }
 }
 
+/// The framing of the program at `hook` on `link`: XDP reads the link's own; the TC programs
+/// run on an skb and are the same for every link.
+fn framing_at(hook: Hook, link: &Link) -> Option<Framing> {
+    match hook {
+        Hook::Xdp => link.framing(),
+        _ => Some(Framing::Ethernet),
+    }
+}
+
+/// Whether the link pinned at `path` is still there and attached to `link`. A link that is
+/// detached (or attached elsewhere) loses its pin here, so a fresh one can take its place.
+fn still_attached(path: &Path, link: &Link) -> std::io::Result<bool> {
+    match pinned_link_state(path)? {
+        PinnedLinkState::Attached { ifindex } if ifindex == link.ifindex => Ok(true),
+        PinnedLinkState::Missing => Ok(false),
+        PinnedLinkState::Attached { .. } | PinnedLinkState::Detached => {
+            remove_stale_pin(path);
+            Ok(false)
+        }
+    }
+}
+
+fn remove_stale_pin(path: &Path) {
+    if let Err(e) = fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing the stale pin {}: {e}", path.display());
+    }
+}
+
 /// Adopts the link pinned at `path`, or attaches afresh and pins the new link there.
 fn ensure(
-    program: &mut impl Hookable,
+    program: &mut dyn Hookable,
     hook: Hook,
     path: &Path,
     link: &Link,
 ) -> Result<Mode, AttachError> {
     let hook_name = hook.name();
     if path.exists() {
-        let adopted = PinnedLink::from_pin(path)
-            .map_err(|e| e.to_string())
-            .and_then(|pinned| program.adopt(FdLink::from(pinned)));
+        // A pinned link whose interface was replaced, or that someone detached, cannot take a
+        // program: start over on this interface.
+        let adopted = match pinned_link_state(path) {
+            Ok(PinnedLinkState::Attached { ifindex }) if ifindex == link.ifindex => {
+                PinnedLink::from_pin(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pinned| program.adopt(FdLink::from(pinned)))
+            }
+            Ok(state) => Err(format!("the link is {state:?}")),
+            Err(e) => Err(e.to_string()),
+        };
         match adopted {
             Ok(()) => return Ok(Mode::Adopted),
-            // A stale pin (its interface was replaced): start over on this interface.
             Err(e) => {
                 warn!(hook = hook_name, iface = %link.name, "cannot take over {}: {e}; attaching afresh", path.display());
-                let _ = fs::remove_file(path);
+                remove_stale_pin(path);
             }
         }
     }

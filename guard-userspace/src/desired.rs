@@ -50,8 +50,9 @@ pub fn desired_state(
         tables.config.flags |= CONFIG_AUDIT_ALL;
     }
     for cidr in &policy.trusted_sources {
-        let (addr, len) = cidr.to_addr_prefix();
-        tables.trusted.insert(Lpm { len, data: addr }, 1);
+        for (addr, len) in cidr.to_source_prefixes() {
+            tables.trusted.insert(Lpm { len, data: addr }, 1);
+        }
         tables.config.flags |= CONFIG_HAS_TRUSTED;
     }
 
@@ -178,11 +179,16 @@ fn fill_prefilter(tables: &mut TableSet, snapshot: &Snapshot) {
     }
 }
 
-/// The host addresses a published port listens on.
+/// The host addresses a published port listens on. A port published on the wildcard address
+/// of a family (`0.0.0.0` or `::`, never both: Docker reports one binding per family) is
+/// listed under every host address of that family, and under the wildcard address itself,
+/// where the decision looks up broadcast and multicast destinations (docker-proxy receives
+/// those on its wildcard socket).
 fn bound_addresses(published: &Published, host: &[IpAddr]) -> Vec<IpAddr> {
     if published.host_ip.is_unspecified() {
         let v4 = published.host_ip.is_ipv4();
-        host.iter().copied().filter(|ip| ip.is_ipv4() == v4).collect()
+        let family = host.iter().copied().filter(|ip| ip.is_ipv4() == v4);
+        family.chain([published.host_ip]).collect()
     } else if published.host_ip.is_loopback() {
         Vec::new()
     } else {
@@ -210,8 +216,7 @@ fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
                     continue;
                 }
                 tables.ports.insert(key, PortRule::listed());
-                for cidr in cidrs {
-                    let (addr, len) = cidr.to_addr_prefix();
+                for (addr, len) in cidrs.iter().flat_map(|c| c.to_source_prefixes()) {
                     let data = SourceKey { port: key, addr };
                     tables.sources.insert(Lpm { len: SourceKey::PORT_BITS + len, data }, 1);
                 }

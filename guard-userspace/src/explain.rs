@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path, str::
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use guard_common::{
-    decision::decide_resolved,
+    decision::decide_parsed,
     maps::{FLOW_TIMEOUT_NS, FlowKey},
     reason::{Decision, Reason, Verdict},
 };
@@ -110,10 +110,12 @@ pub async fn explain(
     };
     let frame =
         Frame { src: query.src, dst: query.dst, ..Frame::new("0.0.0.0", "0.0.0.0", transport) };
-    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &frame.bytes(), iface)?;
+    let bytes = frame.bytes();
+    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &bytes, iface)?;
 
+    let parsed = guard_common::parse::parse(&bytes.as_slice(), frame.framing);
     let (reference, resolved) =
-        decide_resolved(&WithFlows { tables: &tables, flows: &flows }, &frame.packet());
+        decide_parsed(&WithFlows { tables: &tables, flows: &flows }, parsed);
     let decision = match kernel_decision {
         Some(d) => d,
         None if reference.verdict() == kernel_verdict => reference,
@@ -240,7 +242,9 @@ fn rule_for(
         Reason::Reply => "flow memory".into(),
         Reason::TrustedSource => "policy file: trusted_sources".into(),
         Reason::LoopbackDst => "loopback is never reachable from an uplink".into(),
-        Reason::MalformedL4 | Reason::MalformedIp => "malformed frames fail closed".into(),
+        Reason::Unreadable | Reason::MappedSource => "frames guard cannot read fail closed".into(),
+        Reason::MalformedIp => "malformed frames are the kernel's to discard".into(),
+        Reason::LaterFragment => "later fragments follow their first fragment".into(),
         Reason::NotContainerBound | Reason::NotIp => "none: not guard's business".into(),
     }
 }
@@ -276,9 +280,14 @@ fn detail(
             "{} is not bound for a container: the host's own traffic, or routed through it",
             q.dst
         ),
-        Reason::MalformedL4 | Reason::MalformedIp | Reason::NotIp => {
-            write!(s, "the frame is malformed")
+        Reason::Unreadable => write!(s, "the frame cannot be read far enough to judge"),
+        Reason::MappedSource => {
+            write!(s, "{} is an IPv4-mapped IPv6 source, which no host sends from", q.src)
         }
+        Reason::LaterFragment => {
+            write!(s, "a later fragment is delivered only with its first, which is judged")
+        }
+        Reason::MalformedIp | Reason::NotIp => write!(s, "the frame is malformed"),
     };
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");

@@ -14,6 +14,42 @@ pub struct Link {
     pub ifindex: u32,
     /// The bridge (or bond) this interface is enslaved to.
     pub master: Option<String>,
+    /// Whether the driver is veth: only a veth in a Docker bridge is a container's side.
+    pub is_veth: bool,
+    /// The ARPHRD_* type (/sys/class/net/X/type), which says how its frames start.
+    pub link_type: u16,
+}
+
+impl Link {
+    /// How XDP sees this link's packets; None for a type guard cannot read.
+    pub fn framing(&self) -> Option<Framing> {
+        framing_of_link_type(self.link_type)
+    }
+}
+
+/// How XDP sees a link's packets, which decides the XDP entry point that can read them: an
+/// Ethernet header first (NICs, veth, macvlan, vxlan, tap, bond), or the IP header first (L3
+/// devices have no link header, and generic XDP hands over the packet from the network header
+/// on: tun, wireguard, ipip, sit, gre, ppp).
+pub use guard_common::parse::Framing;
+
+/// The framing of an ARPHRD_* link type; None for a type guard cannot read.
+pub fn framing_of_link_type(link_type: u16) -> Option<Framing> {
+    // include/uapi/linux/if_arp.h
+    const ETHER: u16 = 1;
+    const PPP: u16 = 512;
+    const RAWIP: u16 = 519;
+    const TUNNEL: u16 = 768; // ipip
+    const TUNNEL6: u16 = 769; // ip6tnl
+    const SIT: u16 = 776;
+    const IPGRE: u16 = 778;
+    const IP6GRE: u16 = 823;
+    const NONE: u16 = 65534; // tun, wireguard
+    match link_type {
+        ETHER => Some(Framing::Ethernet),
+        PPP | RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => Some(Framing::Ip),
+        _ => None,
+    }
 }
 
 /// Every interface of the host network namespace.
@@ -27,35 +63,114 @@ pub fn links() -> io::Result<Vec<Link>> {
         let Some(ifindex) = read_ifindex(&dir) else {
             continue;
         };
+        let Some(link_type) = read_number(&dir, "type") else {
+            continue;
+        };
         let master = fs::read_link(dir.join("master"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        links.push(Link { name, ifindex, master });
+        let is_veth = driver(&name).is_some_and(|d| d == "veth");
+        links.push(Link { name, ifindex, master, is_veth, link_type });
     }
     links.sort_by_key(|l| l.ifindex);
     Ok(links)
 }
 
 fn read_ifindex(dir: &Path) -> Option<u32> {
-    fs::read_to_string(dir.join("ifindex")).ok()?.trim().parse().ok()
+    read_number(dir, "ifindex")
 }
 
-/// Every address on every interface (loopback included; the desired state filters).
+fn read_number<T: std::str::FromStr>(dir: &Path, file: &str) -> Option<T> {
+    fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+}
+
+/// The interface's driver as ethtool reports it ("veth", "tun", "macvlan", "e1000e"...); None
+/// when the interface is gone or its driver does not say. Names are chosen by whoever creates
+/// an interface, so they say nothing about what it is; the driver does.
+pub fn driver(ifname: &str) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// struct ethtool_drvinfo (include/uapi/linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    /// struct ifreq with its union as the data pointer SIOCETHTOOL reads.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: all-zero is a valid DrvInfo (plain integers and byte arrays).
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes at most one ethtool_drvinfo through
+    // `data`, both alive for the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// Every address the host receives on, on every interface (loopback included; the desired
+/// state filters): its unicast addresses, the IPv4 broadcast address of each of its subnets and
+/// its IPv6 anycast addresses (a forwarding host answers each prefix's subnet-router anycast
+/// address). docker-proxy's wildcard sockets receive on all of them.
 pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    let mut ips: Vec<IpAddr> = addrs
-        .filter_map(|a| a.address)
-        .filter_map(|sa| {
-            if let Some(v4) = sa.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect();
+    let ip_of = |sa: &nix::sys::socket::SockaddrStorage| {
+        if let Some(v4) = sa.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        }
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for a in addrs {
+        ips.extend(a.address.as_ref().and_then(ip_of));
+        // Point-to-point links report their peer in the same field: not ours.
+        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT) {
+            ips.extend(a.broadcast.as_ref().and_then(ip_of).filter(IpAddr::is_ipv4));
+        }
+    }
+    ips.extend(anycast6(&fs::read_to_string(ANYCAST6).unwrap_or_default()));
     ips.sort();
     ips.dedup();
     Ok(ips)
+}
+
+const ANYCAST6: &str = "/proc/net/anycast6";
+
+/// The addresses in /proc/net/anycast6: `ifindex name address(32 hex digits) refcount`.
+fn anycast6(table: &str) -> Vec<IpAddr> {
+    table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .filter_map(|hex| u128::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 32))
+        .map(|bits| IpAddr::V6(bits.into()))
+        .collect()
 }
 
 /// A socket that becomes readable whenever a link or an address appears, changes or goes
@@ -88,7 +203,9 @@ pub fn select_uplinks(
         .iter()
         .filter(|l| l.name != "lo")
         .filter(|l| !docker_bridges.contains(&l.name))
-        .filter(|l| !l.master.as_ref().is_some_and(|m| docker_bridges.contains(m)))
+        // A container's side is a veth in a Docker bridge. Any other port of such a bridge (a
+        // NIC, a tap, a macvlan or vxlan someone added) lets outside frames into it: an uplink.
+        .filter(|l| !(l.is_veth && l.master.as_ref().is_some_and(|m| docker_bridges.contains(m))))
         .filter(|l| !trusted.contains(&l.name))
         .cloned()
         .collect()
@@ -106,7 +223,8 @@ mod tests {
     use super::*;
 
     fn link(name: &str, ifindex: u32, master: Option<&str>) -> Link {
-        Link { name: name.into(), ifindex, master: master.map(Into::into) }
+        let is_veth = name.starts_with("veth");
+        Link { name: name.into(), ifindex, master: master.map(Into::into), is_veth, link_type: 1 }
     }
 
     #[test]
@@ -131,6 +249,42 @@ mod tests {
     }
 
     #[test]
+    fn a_docker_bridge_port_that_is_not_a_veth_is_an_uplink() {
+        let renamed_veth = Link { is_veth: true, ..link("eth7", 5, Some("docker0")) };
+        let links = vec![
+            link("docker0", 3, None),
+            link("veth1a2b3c", 4, Some("docker0")),
+            renamed_veth,
+            link("enp3s0", 6, Some("docker0")), // a NIC someone bridged into docker0
+            link("tap0", 7, Some("br-0123456789ab")),
+        ];
+        let bridges: BTreeSet<String> = ["docker0", "br-0123456789ab"].map(String::from).into();
+        let names: Vec<String> =
+            select_uplinks(&links, &bridges, &[]).into_iter().map(|l| l.name).collect();
+        assert_eq!(names, ["enp3s0", "tap0"], "veths (whatever their name) are containers' sides");
+    }
+
+    #[test]
+    fn framing_follows_the_link_type() {
+        assert_eq!(framing_of_link_type(1), Some(Framing::Ethernet));
+        for l3 in [65534, 768, 769, 776, 778, 512, 519] {
+            assert_eq!(framing_of_link_type(l3), Some(Framing::Ip), "ARPHRD {l3}");
+        }
+        // Infiniband, IEEE 802.11 radiotap, CAN: nothing guard can read.
+        for other in [32, 803, 280] {
+            assert_eq!(framing_of_link_type(other), None, "ARPHRD {other}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_not_a_veth_and_has_its_own_link_type() {
+        let lo = links().expect("/sys/class/net is readable").into_iter().find(|l| l.name == "lo");
+        let lo = lo.expect("this host has lo");
+        assert!(!lo.is_veth, "lo is not a veth");
+        assert_eq!(lo.link_type, 772, "ARPHRD_LOOPBACK");
+    }
+
+    #[test]
     fn named_interfaces_report_the_missing_ones() {
         let links = vec![link("eth0", 2, None), link("h0", 5, None)];
         let (found, missing) = named(&links, &["h0".into(), "nope".into()]);
@@ -139,10 +293,89 @@ mod tests {
     }
 
     #[test]
+    fn anycast_table_is_read() {
+        let table = "2    eth0            20010db8000000010000000000000000     1\n\
+                     3    br0             fd000000000000000000000000000000     2\n\
+                     bad line\n";
+        let expected: Vec<IpAddr> = ["2001:db8:0:1::", "fd00::"].map(|a| a.parse().unwrap()).into();
+        assert_eq!(anycast6(table), expected);
+    }
+
+    #[test]
     fn this_host_has_loopback() {
         let links = links().expect("/sys/class/net is readable");
         assert!(links.iter().any(|l| l.name == "lo"));
         let addrs = host_addresses().expect("getifaddrs works");
         assert!(addrs.iter().any(|a| a.is_loopback()));
+    }
+
+    /// Interfaces made with `ip`, deleted when dropped.
+    struct ScratchLinks(Vec<String>);
+
+    impl ScratchLinks {
+        /// `ip ARGS`, which creates interface `creates`.
+        fn add(&mut self, args: &[&str], creates: &str) {
+            Self::ip(args);
+            self.0.push(creates.to_string());
+        }
+
+        fn ip(args: &[&str]) {
+            let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    impl Drop for ScratchLinks {
+        fn drop(&mut self) {
+            for name in self.0.iter().rev() {
+                let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_tells_a_veth_from_a_tap_a_macvlan_and_a_tun() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("skipped: needs root to create interfaces");
+        }
+        let id = std::process::id() % 100_000;
+        let [veth, peer, macvlan, tap, tun, bridge] =
+            ["v", "p", "m", "t", "u", "b"].map(|kind| format!("gu{kind}{id}"));
+        let mut scratch = ScratchLinks(Vec::new());
+        scratch.add(&["link", "add", &veth, "type", "veth", "peer", "name", &peer], &veth);
+        scratch.add(&["link", "add", &macvlan, "link", &peer, "type", "macvlan"], &macvlan);
+        scratch.add(&["tuntap", "add", &tap, "mode", "tap"], &tap);
+        scratch.add(&["tuntap", "add", &tun, "mode", "tun"], &tun);
+        scratch.add(&["link", "add", &bridge, "type", "bridge"], &bridge);
+        for port in [&veth, &macvlan, &tap] {
+            ScratchLinks::ip(&["link", "set", port, "master", &bridge]);
+        }
+        let all = links().expect("/sys/class/net is readable");
+        let find = |name: &str| {
+            all.iter()
+                .find(|l| l.name == *name)
+                .unwrap_or_else(|| panic!("{name} is listed"))
+                .clone()
+        };
+        assert_eq!(driver(&veth).as_deref(), Some("veth"));
+        assert_eq!(driver(&macvlan).as_deref(), Some("macvlan"));
+        assert!(find(&veth).is_veth && find(&peer).is_veth, "both ends of a veth pair are veths");
+        assert!(!find(&tap).is_veth, "a tap is not a veth: {:?}", driver(&tap));
+        assert_eq!(find(&tap).framing(), Some(Framing::Ethernet), "a tap carries Ethernet");
+        assert_eq!(find(&tun).link_type, 65534, "a tun is ARPHRD_NONE");
+        assert_eq!(find(&tun).framing(), Some(Framing::Ip), "a tun carries IP");
+
+        // The bridge taken for a Docker bridge: its veth port is a container's side, its
+        // macvlan and tap ports are uplinks.
+        let ours: Vec<Link> =
+            all.into_iter().filter(|l| l.name.ends_with(&id.to_string())).collect();
+        let uplinks: Vec<String> = select_uplinks(&ours, &BTreeSet::from([bridge.clone()]), &[])
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        for name in [&peer, &macvlan, &tap, &tun] {
+            assert!(uplinks.contains(name), "{name} is an uplink: {uplinks:?}");
+        }
+        assert!(!uplinks.contains(&veth) && !uplinks.contains(&bridge), "{uplinks:?}");
     }
 }

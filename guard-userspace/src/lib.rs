@@ -3,7 +3,7 @@
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`interfaces`] (links and
 //! addresses), [`pins`] (bpffs layout), [`loader`] (the embedded program), [`attach`] (XDP
-//! links), [`maps`] (reading and writing the pinned maps). Commands: [`agent`] (`guard run`),
+//! links), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing the pinned maps). Commands: [`agent`] (`guard run`),
 //! [`status`], [`unload`].
 
 pub mod desired;
@@ -22,6 +22,7 @@ pub mod explain;
 pub mod frames;
 pub mod http;
 pub mod interfaces;
+pub mod link_info;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

@@ -6,7 +6,11 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 
-use crate::pins::{Hook, PinError, Pins};
+use crate::{
+    attach::{Hookable, Programs},
+    interfaces::{Framing, Link},
+    pins::{Hook, PinError, Pins},
+};
 
 /// The object guard-userspace/build.rs built from guard-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
@@ -14,10 +18,18 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gu
 /// The entry point in guard-ebpf that runs on each hook.
 pub fn program_name(hook: Hook) -> &'static str {
     match hook {
-        Hook::Xdp => "guard_xdp",
+        Hook::Xdp => xdp_program_name(Framing::Ethernet),
         Hook::TcEgress => "guard_tc_egress",
         Hook::BridgeGate => "guard_tc_gate",
         Hook::BridgeIngress => "guard_tc_bridge_in",
+    }
+}
+
+/// The XDP entry point that reads packets of `framing`.
+pub fn xdp_program_name(framing: Framing) -> &'static str {
+    match framing {
+        Framing::Ethernet => "guard_xdp",
+        Framing::Ip => "guard_xdp_ip",
     }
 }
 
@@ -50,15 +62,23 @@ pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
 
 fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
-    xdp_program(&mut ebpf)?.load()?;
+    for framing in [Framing::Ethernet, Framing::Ip] {
+        xdp_program_for(&mut ebpf, framing)?.load()?;
+    }
     for hook in [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress] {
         tc_program(&mut ebpf, hook)?.load()?;
     }
     Ok(ebpf)
 }
 
+/// The XDP program for Ethernet uplinks.
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    let name = program_name(Hook::Xdp);
+    xdp_program_for(ebpf, Framing::Ethernet)
+}
+
+/// The XDP program that reads packets of `framing`.
+pub fn xdp_program_for(ebpf: &mut Ebpf, framing: Framing) -> Result<&mut Xdp, LoadError> {
+    let name = xdp_program_name(framing);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
@@ -68,4 +88,19 @@ pub fn tc_program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, L
     let name = program_name(hook);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
+}
+
+impl Programs for Ebpf {
+    fn for_link(&mut self, hook: Hook, link: &Link) -> Result<&mut dyn Hookable, String> {
+        if hook != Hook::Xdp {
+            return Ok(tc_program(self, hook).map_err(|e| e.to_string())?);
+        }
+        let framing = link.framing().ok_or_else(|| {
+            format!(
+                "its link type (ARPHRD {}) is neither Ethernet nor IP, which guard cannot read: this uplink is NOT guarded (trust it with --trust-iface if that is intended)",
+                link.link_type
+            )
+        })?;
+        Ok(xdp_program_for(self, framing).map_err(|e| e.to_string())?)
+    }
 }

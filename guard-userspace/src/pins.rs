@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/maps/<layout>/GUARD_*           the maps (pinned by name), per map layout
 //! <root>/<hook>_program                  each program currently attached (see [`Hook`])
+//! <root>/xdp_ip_program                  and XDP's for L3 uplinks
 //! <root>/links/xdp-<ifindex>             one link per uplink and hook: XDP ingress,
 //! <root>/links/tc-egress-<ifindex>         TCX egress,
 //! <root>/links/bridge-gate-<ifindex>     and per Docker bridge: TCX egress (the gate),
@@ -10,9 +11,15 @@
 //! ```
 //!
 //! The pins are what keeps protection up when no agent runs; a new agent adopts them.
+//!
+//! bpffs is mounted mode 1777, so anyone on the host can create `/sys/fs/bpf/guard` before
+//! the agent first runs and keep write access to it: plant maps the agent would adopt (with
+//! openings in them), or remove links. So the agent creates its directories mode 0700 and
+//! refuses any that someone else owns or can write (see [`Pins::create`]).
 
 use std::{
     fs, io,
+    os::unix::fs::{DirBuilderExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -58,6 +65,36 @@ pub enum PinError {
     CreateDir { path: PathBuf, source: io::Error },
     #[error("cannot read pin directory {path}: {source}")]
     ReadDir { path: PathBuf, source: io::Error },
+    #[error(
+        "pin directory {path} {problem}: whoever can write there can plant maps or remove links; remove it (rm -r {path}) or choose another --pin-dir"
+    )]
+    Untrusted { path: PathBuf, problem: Untrusted },
+    #[error(
+        "{path}, on the way to the pin directory, {problem}: whoever can write there can replace the pin directory; choose a --pin-dir whose parents only root can write"
+    )]
+    UntrustedParent { path: PathBuf, problem: Untrusted },
+}
+
+/// Why a directory on the way to, or under, the pin root is not trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untrusted {
+    Symlink,
+    NotADirectory,
+    Owner { uid: u32 },
+    Writable { mode: u32 },
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Untrusted::Symlink => write!(f, "is a symbolic link"),
+            Untrusted::NotADirectory => write!(f, "is not a directory"),
+            Untrusted::Owner { uid } => write!(f, "is owned by uid {uid}, not root"),
+            Untrusted::Writable { mode } => {
+                write!(f, "is writable by group or others (mode {mode:04o})")
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +147,15 @@ impl Pins {
         self.root.join(format!("{}_program", hook.name().replace('-', "_")))
     }
 
+    /// The pinned XDP program of `framing`: [`Hook::Xdp`]'s for Ethernet, its own for L3
+    /// uplinks (so `guard explain` can run the program an L3 interface runs).
+    pub fn xdp_program(&self, framing: crate::interfaces::Framing) -> PathBuf {
+        match framing {
+            crate::interfaces::Framing::Ethernet => self.program(Hook::Xdp),
+            crate::interfaces::Framing::Ip => self.root.join("xdp_ip_program"),
+        }
+    }
+
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
@@ -118,14 +164,33 @@ impl Pins {
         self.links_dir().join(format!("{}{ifindex}", hook.link_prefix()))
     }
 
-    /// Checks that the root's nearest existing ancestor is on bpffs, then creates the layout.
+    /// Checks that the root's nearest existing ancestor is on bpffs and that only root can
+    /// replace the root, then creates the layout (mode 0700) and checks every directory of it,
+    /// new or found: each must be root's and writable by nobody else.
     pub fn create(&self) -> Result<(), PinError> {
         let existing = self.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         if !is_bpffs(existing) {
             return Err(PinError::NotBpffs { dir: existing.to_path_buf() });
         }
+        for parent in self.root.ancestors().skip(1) {
+            check_parent(parent)?;
+        }
+        // Parents before children, each created alone: create_dir_all would follow a planted
+        // symlink in the middle. A directory someone else made first is caught by the check.
         for dir in [self.root.clone(), self.layouts_dir(), self.maps_dir(), self.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|source| PinError::CreateDir { path: dir, source })?;
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(PinError::CreateDir { path: dir, source }),
+            }
+            check_dir(&dir)?;
+        }
+        // Other layouts' map directories are read and emptied by the agent too.
+        let layouts = self.layouts_dir();
+        let entries = fs::read_dir(&layouts)
+            .map_err(|source| PinError::ReadDir { path: layouts.clone(), source })?;
+        for entry in entries.flatten() {
+            check_dir(&entry.path())?;
         }
         Ok(())
     }
@@ -154,6 +219,50 @@ impl Pins {
     }
 }
 
+/// The owners a pin directory may have: root, or the agent's own user (an agent run without
+/// root, with capabilities only, owns what it creates).
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// A directory of the layout, looked at with lstat so a symlink is seen as one.
+fn check_dir(path: &Path) -> Result<(), PinError> {
+    let meta = fs::symlink_metadata(path)
+        .map_err(|source| PinError::ReadDir { path: path.to_path_buf(), source })?;
+    match problem_with(&meta, false) {
+        Some(problem) => Err(PinError::Untrusted { path: path.to_path_buf(), problem }),
+        None => Ok(()),
+    }
+}
+
+/// A directory above the root (if it exists yet): whoever can write it can rename the root
+/// away and put their own in its place.
+fn check_parent(path: &Path) -> Result<(), PinError> {
+    let Ok(meta) = fs::metadata(path) else { return Ok(()) };
+    match problem_with(&meta, true) {
+        Some(problem) => Err(PinError::UntrustedParent { path: path.to_path_buf(), problem }),
+        None => Ok(()),
+    }
+}
+
+/// What makes a directory untrusted. Above the root a shared directory is fine when the sticky
+/// bit keeps others from renaming what is not theirs (bpffs itself: mode 1777, root's).
+fn problem_with(meta: &fs::Metadata, above_root: bool) -> Option<Untrusted> {
+    const STICKY: u32 = 0o1000;
+    let shared_but_sticky = above_root && meta.mode() & STICKY != 0;
+    if meta.file_type().is_symlink() {
+        Some(Untrusted::Symlink)
+    } else if !meta.is_dir() {
+        Some(Untrusted::NotADirectory)
+    } else if !trusted_owner(meta.uid()) {
+        Some(Untrusted::Owner { uid: meta.uid() })
+    } else if meta.mode() & 0o022 != 0 && !shared_but_sticky {
+        Some(Untrusted::Writable { mode: meta.mode() & 0o7777 })
+    } else {
+        None
+    }
+}
+
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
@@ -174,6 +283,102 @@ mod tests {
         assert_eq!(pins.link(Hook::Xdp, 7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
         assert_eq!(pins.link(Hook::TcEgress, 7), Path::new("/sys/fs/bpf/guard/links/tc-egress-7"));
         assert!(pins.program(Hook::TcEgress).starts_with(pins.root()));
+    }
+
+    /// A scratch directory on bpffs, removed with everything in it when dropped.
+    struct BpffsScratch(PathBuf);
+
+    impl BpffsScratch {
+        /// None when this run cannot use bpffs (not root, or no bpffs at /sys/fs/bpf): the unit
+        /// tier needs no root, the check then runs in CI where it is root.
+        fn new(name: &str) -> Option<Self> {
+            if !nix::unistd::geteuid().is_root() || !is_bpffs(Path::new("/sys/fs/bpf")) {
+                eprintln!("skipped: needs root and bpffs at /sys/fs/bpf");
+                return None;
+            }
+            let dir =
+                PathBuf::from(format!("/sys/fs/bpf/guard-unit-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+            Some(BpffsScratch(dir))
+        }
+    }
+
+    impl Drop for BpffsScratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn chown(path: &Path, uid: u32) {
+        std::os::unix::fs::chown(path, Some(uid), None)
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    }
+
+    fn refusal(pins: &Pins) -> String {
+        pins.create().expect_err("an untrusted pin directory must be refused").to_string()
+    }
+
+    #[test]
+    fn creates_the_root_0700_and_refuses_directories_others_own_or_can_write() {
+        let Some(scratch) = BpffsScratch::new("pins") else { return };
+        let pins = Pins::new(scratch.0.join("guard"));
+        pins.create().expect("a fresh pin root is created");
+        let mode = fs::metadata(pins.root()).expect("root exists").mode() & 0o7777;
+        assert_eq!(mode, 0o700, "the pin root's mode");
+        pins.create().expect("our own pin root is accepted again");
+
+        // Someone else's root: the attack (bpffs is 1777, anyone can pre-create it).
+        chown(pins.root(), 65534);
+        let err = refusal(&pins);
+        let root = pins.root().display().to_string();
+        assert!(
+            err.contains("owned by uid 65534") && err.contains(&format!("rm -r {root}")),
+            "{err}"
+        );
+        chown(pins.root(), 0);
+
+        // A subdirectory that others can write.
+        chmod(&pins.links_dir(), 0o777);
+        let err = refusal(&pins);
+        assert!(err.contains(&pins.links_dir().display().to_string()), "{err}");
+        assert!(err.contains("writable by group or others (mode 0777)"), "{err}");
+        chmod(&pins.links_dir(), 0o700);
+
+        // Another layout's map directory owned by someone else.
+        let other = pins.layouts_dir().join("0badf00d");
+        fs::create_dir(&other).expect("create another layout");
+        chown(&other, 1000);
+        let err = refusal(&pins);
+        assert!(err.contains("0badf00d") && err.contains("uid 1000"), "{err}");
+        fs::remove_dir(&other).expect("remove the other layout");
+
+        // A symlink in place of a subdirectory (lstat, not stat).
+        fs::remove_dir(pins.links_dir()).expect("remove links/");
+        std::os::unix::fs::symlink(&scratch.0, pins.links_dir()).expect("plant a symlink");
+        let err = refusal(&pins);
+        assert!(err.contains("is a symbolic link"), "{err}");
+        fs::remove_file(pins.links_dir()).expect("remove the symlink");
+        pins.create().expect("a repaired layout is accepted");
+    }
+
+    #[test]
+    fn refuses_a_root_whose_parent_others_can_write() {
+        let Some(scratch) = BpffsScratch::new("parent") else { return };
+        let parent = scratch.0.join("shared");
+        fs::create_dir(&parent).expect("create the parent");
+        chmod(&parent, 0o777);
+        let err = refusal(&Pins::new(parent.join("guard")));
+        assert!(err.contains("on the way to the pin directory") && err.contains("0777"), "{err}");
+        // With the sticky bit (as bpffs itself) nobody can rename our root away.
+        chmod(&parent, 0o1777);
+        Pins::new(parent.join("guard")).create().expect("a sticky parent is fine");
     }
 
     #[test]

@@ -91,30 +91,58 @@ pub struct Cidr {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not an IP address or CIDR (examples: 192.0.2.7, 10.8.0.0/24, fd00::/64)")]
-pub struct BadCidr(pub String);
+pub enum BadCidr {
+    #[error("{0:?} is not an IP address or CIDR (examples: 192.0.2.7, 10.8.0.0/24, fd00::/64)")]
+    Syntax(String),
+    #[error("{0:?} is an IPv4-mapped IPv6 prefix: write IPv4 sources as IPv4 (e.g. 10.8.0.0/24)")]
+    V4Mapped(String),
+}
+
+/// The IPv4-mapped range `::ffff:0:0/96`, where the kernel's tries keep every IPv4 address.
+const V4_MAPPED: u128 = 0xffff << 32;
 
 impl Cidr {
     pub fn host(addr: IpAddr) -> Self {
         Cidr { addr, prefix_len: if addr.is_ipv4() { 32 } else { 128 } }
     }
 
-    /// The prefix as the kernel's 128-bit tries see it (IPv4 is IPv4-mapped).
+    /// The prefix as the kernel's 128-bit tries see it (IPv4 is IPv4-mapped). For a Docker
+    /// subnet; a prefix that selects *sources* goes through [`Cidr::to_source_prefixes`].
     pub fn to_addr_prefix(self) -> (Addr, u32) {
         let bits = if self.addr.is_ipv4() { V4_MAPPED_PREFIX } else { 0 };
         (Addr::from(self.addr), bits + u32::from(self.prefix_len))
     }
 
+    /// The prefixes that select exactly this prefix's sources in a 128-bit trie. An IPv6 prefix
+    /// short enough to contain `::ffff:0:0/96` (`::/0` up to `::/80`) would also select every
+    /// IPv4 source there, so it is stored as the prefixes around that range: one sibling per
+    /// level between its length and 96 (`::/0` becomes 96 entries).
+    pub fn to_source_prefixes(self) -> Vec<(Addr, u32)> {
+        let (net, len) = self.to_addr_prefix();
+        if self.addr.is_ipv4() || !covers(u128::from_be_bytes(net.octets()), len, V4_MAPPED, 96) {
+            return vec![(net, len)];
+        }
+        (len + 1..=V4_MAPPED_PREFIX)
+            .map(|level| {
+                // The mapped range's ancestor at `level`, with its last bit flipped.
+                let ancestor = V4_MAPPED & prefix_mask(level);
+                let sibling = ancestor ^ (1u128 << (128 - level));
+                (Addr::from_v6(sibling.to_be_bytes()), level)
+            })
+            .collect()
+    }
+
+    /// Whether `ip` is one of this prefix's sources; an IPv6 prefix never holds an IPv4 source.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let (net, len) = self.to_addr_prefix();
-        Addr::from(ip).in_prefix(&net, len)
+        self.addr.is_ipv4() == ip.is_ipv4() && Addr::from(ip).in_prefix(&net, len)
     }
 }
 
 impl FromStr for Cidr {
     type Err = BadCidr;
     fn from_str(s: &str) -> Result<Self, BadCidr> {
-        let bad = || BadCidr(s.to_string());
+        let bad = || BadCidr::Syntax(s.to_string());
         let (ip, len) = match s.split_once('/') {
             Some((ip, len)) => (ip, Some(len)),
             None => (s, None),
@@ -125,8 +153,24 @@ impl FromStr for Cidr {
             Some(len) => len.trim().parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
             None => max,
         };
-        Ok(Cidr { addr: mask(addr, prefix_len), prefix_len })
+        let cidr = Cidr { addr: mask(addr, prefix_len), prefix_len };
+        if let IpAddr::V6(v6) = cidr.addr
+            && prefix_len >= 96
+            && covers(V4_MAPPED, 96, u128::from(v6), u32::from(prefix_len))
+        {
+            return Err(BadCidr::V4Mapped(s.to_string()));
+        }
+        Ok(cidr)
     }
+}
+
+fn prefix_mask(len: u32) -> u128 {
+    u128::MAX.checked_shl(128 - len).unwrap_or(0)
+}
+
+/// Whether `outer/outer_len` contains `inner/inner_len`.
+fn covers(outer: u128, outer_len: u32, inner: u128, inner_len: u32) -> bool {
+    outer_len <= inner_len && (outer ^ inner) & prefix_mask(outer_len) == 0
 }
 
 fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
@@ -193,6 +237,39 @@ mod tests {
         assert_eq!(c.to_addr_prefix().1, 96 + 24);
         let v6: Cidr = "fd00:1::/48".parse().unwrap();
         assert_eq!(v6.to_addr_prefix().1, 48);
+    }
+
+    #[test]
+    fn ipv6_sources_never_cover_ipv4() {
+        let any6: Cidr = "::/0".parse().unwrap();
+        assert!(!any6.contains("198.51.100.7".parse().unwrap()));
+        assert!(any6.contains("2001:db8::1".parse().unwrap()));
+        let prefixes = any6.to_source_prefixes();
+        assert_eq!(prefixes.len(), 96);
+        let in_any = |ip: &str| {
+            let a = Addr::from(ip.parse::<IpAddr>().unwrap());
+            prefixes.iter().any(|(net, len)| a.in_prefix(net, *len))
+        };
+        for v6 in ["::", "::1", "2001:db8::1", "fe80::1", "ffff::", "::fffe:0:0", "::1:0:0:0"] {
+            assert!(in_any(v6), "{v6} is an IPv6 source of ::/0");
+        }
+        for v4 in ["0.0.0.0", "198.51.100.7", "255.255.255.255"] {
+            assert!(!in_any(v4), "{v4} is not an IPv6 source");
+        }
+        // A prefix that does not reach the mapped range stays one entry.
+        let doc: Cidr = "2001:db8::/32".parse().unwrap();
+        assert_eq!(doc.to_source_prefixes(), vec![doc.to_addr_prefix()]);
+        let v4: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(v4.to_source_prefixes(), vec![v4.to_addr_prefix()]);
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_are_refused() {
+        for bad in ["::ffff:10.0.0.0/104", "::ffff:0:0/96", "::ffff:192.0.2.7"] {
+            let err = bad.parse::<Cidr>().unwrap_err();
+            assert!(matches!(err, BadCidr::V4Mapped(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("write IPv4 sources as IPv4"), "{err}");
+        }
     }
 
     #[test]

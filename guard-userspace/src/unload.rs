@@ -5,7 +5,10 @@ use std::{fs, io, path::Path};
 
 use guard_common::maps as names;
 
-use crate::pins::{Hook, Pins};
+use crate::{
+    interfaces::Framing,
+    pins::{Hook, Pins},
+};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unloaded {
@@ -29,6 +32,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for hook in Hook::ALL {
         remove_file(&pins.program(hook))?;
     }
+    remove_file(&pins.xdp_program(Framing::Ip))?;
     // Every layout's maps: this build's and any an agent of another version left.
     let mut maps = 0;
     let layouts: Vec<std::path::PathBuf> = fs::read_dir(pins.layouts_dir())

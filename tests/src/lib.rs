@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod container_agent;
 pub mod docker;
 pub mod dockerd;
+pub mod frames;
 pub mod host;
 pub mod netns;
 pub mod observe;
@@ -18,6 +19,7 @@ pub mod probe;
 pub mod prober;
 pub mod raw;
 pub mod seed;
+pub mod tun;
 
 use std::fs::{File, OpenOptions};
 use std::thread;

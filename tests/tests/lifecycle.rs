@@ -8,7 +8,7 @@
 //! pin directory, and every wait is bounded.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,12 +17,14 @@ use tests::agent::Agent;
 use tests::cmd::{run, try_run};
 use tests::docker::{Container, ContainerSpec, Network, docker};
 use tests::dockerd::DockerdOutage;
+use tests::frames::{self, TCP_SYN, Tcp};
 use tests::host::RoutingHost;
-use tests::netns::{OutsideHost, xdp_attached};
+use tests::netns::{LINK_PREFIX, OutsideHost, xdp_attached};
 use tests::observe::{self, GuardObjects};
 use tests::prepare_test_bed;
 use tests::probe::{self, PATIENT, Proto, QUICK};
 use tests::prober::{Outcome, Prober, summarize};
+use tests::tun::Tun;
 
 // ---------------------------------------------------------------------------------------
 // Shared pieces
@@ -38,6 +40,37 @@ fn serve(ports: &[u16]) -> String {
     }
     command.push_str("sleep 1000000 & wait");
     command
+}
+
+/// One container on a Docker network of its own: network `guard-e2e-lc-NAME`, 10.252.N.0/24,
+/// container `NAME-app` at 10.252.N.10 serving `ports`.
+struct App {
+    // Field order is drop order: the container goes before its network.
+    _container: Container,
+    net: Network,
+    ip: Ipv4Addr,
+}
+
+impl App {
+    fn start(name: &str, n: u8, labels: &[(&str, &str)], ports: &[u16]) -> Self {
+        let net =
+            Network::create(&format!("guard-e2e-lc-{name}"), &format!("10.252.{n}.0/24"), None);
+        let ip = Ipv4Addr::new(10, 252, n, 10);
+        let container = Container::run(ContainerSpec {
+            name: &format!("{name}-app"),
+            network: Some(&net),
+            ip: Some(ip),
+            labels,
+            command: &serve(ports),
+            listens_on: ports,
+            ..Default::default()
+        });
+        App { _container: container, net, ip }
+    }
+
+    fn subnet(&self) -> &str {
+        &self.net.subnet_v4
+    }
 }
 
 /// An outside host that routes `subnets` via the host.
@@ -1371,21 +1404,12 @@ fn foreign_interfaces(ours: &[&str]) -> Vec<String> {
 /// before guard.
 #[test]
 fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
-    const SUBNET: &str = "10.252.10.0/24";
     let _exclusive = prepare_test_bed();
-    let net = Network::create("guard-e2e-lc-unload", SUBNET, None);
-    let ip: Ipv4Addr = "10.252.10.10".parse().unwrap();
-    let _app = Container::run(ContainerSpec {
-        name: "unload-app",
-        network: Some(&net),
-        ip: Some(ip),
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let app = App::start("unload", 10, &[], &[80]);
+    let ip = app.ip;
     let _routing = RoutingHost::enable();
-    let a = outside("unload", 20, &[SUBNET]);
-    let net_id = docker(&["network", "inspect", "--format", "{{.Id}}", net.name()]);
+    let a = outside("unload", 20, &[app.subnet()]);
+    let net_id = docker(&["network", "inspect", "--format", "{{.Id}}", app.net.name()]);
     let bridge = format!("br-{}", &net_id.trim()[..12]);
 
     let before = GuardObjects::list();
@@ -1437,6 +1461,115 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
         &[expect("closed, now unguarded", sock(ip, 80), true)],
     );
     drop(agent);
+}
+
+fn ifindex(ifname: &str) -> u32 {
+    let path = Path::new("/sys/class/net").join(ifname).join("ifindex");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.trim().parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A link the agent pinned that someone removes (its pin) or detaches (`bpftool link detach`,
+/// which keeps the pin) comes back within a few reconcile passes, and the port it closed is
+/// closed again.
+#[test]
+fn vanished_links_are_re_attached() {
+    let _exclusive = prepare_test_bed();
+    let app = App::start("vanish", 41, &[], &[80]);
+    let ip = app.ip;
+    let _routing = RoutingHost::enable();
+    let a = outside("vanish", 41, &[app.subnet()]);
+    require_exposure(&a, &[sock(ip, 80)]);
+    let (agent, _) = start_agent(&[a.host_end()], &["--resync-interval", "1"]);
+    let closed = [expect("closed", sock(ip, 80), false)];
+    check(&a, "agent running", &closed);
+
+    let index = ifindex(a.host_end());
+    let (xdp, tc) = (format!("xdp-{index}"), format!("tc-egress-{index}"));
+    let links = agent.pin_dir().join("links");
+    // One pin at a time, and absent is an answer: the agent replaces pins while we look.
+    let link_id = |pin: &str| {
+        let path = links.join(pin);
+        let shown = try_run("bpftool", &["-j", "link", "show", "pinned", &path.to_string_lossy()]);
+        let shown: serde_json::Value = serde_json::from_str(&shown.ok()?).ok()?;
+        shown["id"].as_u64()
+    };
+    let back_as_new_link = |what: &str, pin: &str, old: u64| {
+        let took =
+            wait_until(&format!("{pin} re-attached after {what}"), Duration::from_secs(10), || {
+                links.join(pin).exists()
+                    && link_id(pin).is_some_and(|id| id != old)
+                    && xdp_attached(a.host_end())
+            });
+        println!("{pin}: re-attached {took:.1?} after {what}");
+    };
+
+    // Removing the pins drops the last reference: the links detach at once.
+    let (old_xdp, old_tc) = (link_id(&xdp).unwrap(), link_id(&tc).unwrap());
+    for pin in [&xdp, &tc] {
+        std::fs::remove_file(links.join(pin))
+            .unwrap_or_else(|e| panic!("rm {}: {e}", links.join(pin).display()));
+    }
+    back_as_new_link("its pin was removed", &xdp, old_xdp);
+    back_as_new_link("its pin was removed", &tc, old_tc);
+    check(&a, "after the pins were removed", &closed);
+
+    // A detached link keeps its pin but runs nowhere.
+    let old_xdp = link_id(&xdp).unwrap();
+    run("bpftool", &["link", "detach", "id", &old_xdp.to_string()]);
+    back_as_new_link("bpftool link detach", &xdp, old_xdp);
+    check(&a, "after the link was detached", &closed);
+
+    let log = agent.log();
+    let warned =
+        lines_with(&log, &["WARN", "vanished (pin removed or link detached): re-attached"]);
+    assert!(warned.len() >= 3, "expected a warning per vanished link, got {warned:?}\n{log}");
+    agent.unload();
+}
+
+/// An L3 uplink (a tun, like wireguard or ipip: no link header) gets the IP-framed XDP entry
+/// point: a SYN arriving on it for a closed container port is dropped, one for an exposed port
+/// is answered.
+#[test]
+fn an_l3_uplink_is_guarded_from_its_ip_header_on() {
+    let _exclusive = prepare_test_bed();
+    let app = App::start("tun", 42, &[("guard.expose", "8080/tcp")], &[80, 8080]);
+    let ip = app.ip;
+    let _routing = RoutingHost::enable();
+    let tun = Tun::new(&format!("{LINK_PREFIX}tun"));
+    run("ip", &["addr", "add", "10.251.42.1/24", "dev", tun.name()]);
+    run("ip", &["link", "set", tun.name(), "up"]);
+    // An outside host behind the tun: the host routes the answer back through it.
+    let outside_ip: Ipv4Addr = "10.251.42.2".parse().unwrap();
+    let mut next_sport = 41_000;
+    let mut answered = |port: u16, within: Duration| {
+        next_sport += 1;
+        let syn = Tcp { src: outside_ip, dst: ip, sport: next_sport, dport: port, flags: TCP_SYN };
+        tun.send(&syn.packet());
+        let from = SocketAddrV4::new(ip, port);
+        tun.receive_until(within, |p| frames::is_syn_ack(p, from, next_sport))
+    };
+    assert!(answered(80, PATIENT), "test bed broken: no SYN-ACK through the tun without the agent");
+
+    let (agent, metrics) = start_agent(&[tun.name()], &[]);
+    assert!(xdp_attached(tun.name()), "no XDP program on {}:\n{}", tun.name(), agent.log());
+    let text = observe::http_get(metrics, "/metrics").expect("the agent serves /metrics");
+    let series =
+        format!("guard_attached{{hook=\"xdp\",iface=\"{}\",mode=\"generic/ip\"}}", tun.name());
+    assert_eq!(observe::metric(&text, &series), Some(1.0), "{series} in:\n{text}");
+
+    let closed = "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"}";
+    let drops_before = observe::metric(&text, closed).unwrap_or(0.0);
+    assert!(!answered(80, QUICK), "a SYN to a closed port got through the tun:\n{}", agent.log());
+    assert!(answered(8080, PATIENT), "a SYN to an exposed port was dropped on the tun");
+    let text = observe::http_get(metrics, "/metrics").expect("the agent serves /metrics");
+    let drops = observe::metric(&text, closed).unwrap_or(0.0);
+    assert!(
+        drops > drops_before,
+        "the closed-port drop was not counted ({drops_before} -> {drops})"
+    );
+    agent.unload();
 }
 
 /// The kernel objects that appeared since `before`, plus every map the new guard programs

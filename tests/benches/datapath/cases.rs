@@ -12,10 +12,10 @@ use std::rc::Rc;
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use guard_common::reason::{Reason, Verdict};
+use tests::frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp};
 
 use crate::{
     Params,
-    frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp},
     world::{
         ALLOWED_PORT, CLOSED_PORT, Guard, HOST_SERVICE_PORT, LOCAL_PORT, MapSizes, OUTSIDE, REMOTE,
         REMOTE_PORT, UPLINK, World,

@@ -16,11 +16,11 @@ use anyhow::{Context, Result, bail};
 use aya::programs::xdp::{XdpLink, XdpMode};
 use guard_common::reason::Reason;
 use nix::sched::{CloneFlags, setns};
+use tests::frames::Tcp;
 
 use crate::{
     Params,
     cases::median,
-    frames::Tcp,
     rawbpf,
     testbed::{
         self, Bed, COMMENT, HOST_IF, NFT_TABLE, OUT_IF, OUT_NS, USER_CHAIN, Undo, UndoStack, run,

@@ -24,7 +24,6 @@
 mod cases;
 mod chart;
 mod flood;
-mod frames;
 mod rawbpf;
 mod report;
 mod testbed;

@@ -10,6 +10,7 @@ use guard_userspace::{
     snapshot::{Container, Network, Published, Snapshot},
 };
 
+use guard_common::parse::MAX_VLAN_TAGS;
 use guard_userspace::frames::{Ext, Frame, Transport};
 
 pub struct Rng(u64);
@@ -98,6 +99,8 @@ impl World {
         }
         let host: Vec<IpAddr> = vec![
             "198.18.0.1".parse().unwrap(),
+            // The broadcast address of the host's subnet, as interfaces::host_addresses lists it.
+            "198.18.0.255".parse().unwrap(),
             "2001:db8:18::1".parse().unwrap(),
             inside(rng, "198.19.0.0".parse().unwrap(), 16),
         ];
@@ -243,6 +246,11 @@ impl World {
                 inside(rng, net, len)
             }
             7 => *rng.pick(&["127.0.0.1", "127.9.9.9", "::1"].map(|s| s.parse().unwrap())),
+            8 if rng.chance(50) => {
+                // Broadcast and multicast: docker-proxy's wildcard sockets receive them.
+                let groups = ["255.255.255.255", "224.0.0.1", "239.1.2.3", "ff02::1", "ff05::1:3"];
+                rng.pick(&groups).parse().unwrap()
+            }
             _ => {
                 // Routed through the host, or near a Docker network without being in it.
                 let far = ["192.0.2.0", "10.0.0.0", "2001:db8:99::", "fd00:31::"];
@@ -269,7 +277,7 @@ impl World {
         let mut dst = self.destination(rng);
         // Keep the two ends of one family.
         let v6 = dst.is_ipv6();
-        let mut src = self.source(rng, v6);
+        let src = self.source(rng, v6);
         if src.is_ipv6() != dst.is_ipv6() {
             dst = src;
         }
@@ -278,24 +286,42 @@ impl World {
         } else {
             rng.port()
         };
-        let transport = match rng.below(8) {
+        let transport = match rng.below(9) {
             0..=3 => Transport::Tcp(port),
             4..=5 => Transport::Udp(port),
             6 => Transport::Sctp(port),
-            _ => Transport::Icmp,
+            7 => Transport::Icmp,
+            _ => Transport::Echo { reply: rng.chance(50), id: port },
         };
-        // A reply to one of the flows started inside, now and then.
+        // A reply to one of the flows started inside, now and then; or an ICMP error about it.
         if !self.flows.is_empty() && rng.chance(15) {
             let flow = *rng.pick(&self.flows);
-            src = IpAddr::from(flow.remote);
-            dst = IpAddr::from(flow.local);
-            let transport = match flow.proto {
+            let (remote, local) = (IpAddr::from(flow.remote), IpAddr::from(flow.local));
+            let reply = match flow.proto {
                 6 => Transport::Tcp(flow.local_port),
                 17 => Transport::Udp(flow.local_port),
+                1 | 58 => Transport::Echo { reply: true, id: flow.local_port },
                 _ => Transport::Sctp(flow.local_port),
             };
-            let frame =
-                Frame::new(&src.to_string(), &dst.to_string(), transport).sport(flow.remote_port);
+            let frame = Frame::new(&remote.to_string(), &local.to_string(), reply.clone())
+                .sport(flow.remote_port);
+            if rng.chance(25) {
+                // What the flow's own packet looked like on the way out, quoted by a router.
+                let out = match reply {
+                    Transport::Echo { id, .. } => Transport::Echo { reply: false, id },
+                    Transport::Tcp(_) => Transport::Tcp(flow.remote_port),
+                    Transport::Udp(_) => Transport::Udp(flow.remote_port),
+                    _ => Transport::Sctp(flow.remote_port),
+                };
+                let quoted =
+                    Frame::new(&local.to_string(), &remote.to_string(), out).sport(flow.local_port);
+                let router = self.source(rng, local.is_ipv6());
+                return Frame::new(
+                    &router.to_string(),
+                    &local.to_string(),
+                    Transport::IcmpError(Box::new(quoted)),
+                );
+            }
             return if rng.chance(30) { frame } else { frame.syn_ack() };
         }
         let mut frame = Frame::new(&src.to_string(), &dst.to_string(), transport).sport(rng.port());
@@ -305,13 +331,25 @@ impl World {
             _ => {}
         }
         if rng.chance(20) {
-            frame = frame.vlans(&[10, 20][..1 + rng.below(2) as usize]);
+            // Mostly one or two tags; now and then a stack up to past the parser's walk.
+            let tags =
+                if rng.chance(70) { 1 + rng.below(2) } else { rng.below(MAX_VLAN_TAGS as u64 + 3) };
+            frame = frame.vlans(&vec![0; tags as usize]);
+        }
+        if rng.chance(10) {
+            frame = frame.l3();
+        }
+        if v6 && rng.chance(3) {
+            // An IPv4-mapped source.
+            frame.src = IpAddr::V4(Ipv4Addr::new(198, 51, 100, rng.below(256) as u8));
         }
         if !v6 && rng.chance(15) {
             frame = frame.ip_options(4 * (1 + rng.below(10) as usize));
         }
         if !v6 && rng.chance(8) {
             frame = frame.later_fragment();
+        } else if !v6 && rng.chance(8) {
+            frame = frame.first_fragment();
         }
         if v6 && rng.chance(20) {
             let choices = [Ext::HopByHop, Ext::Routing, Ext::DestOpts, Ext::Fragment { offset: 0 }];
@@ -319,14 +357,16 @@ impl World {
             if rng.chance(25) {
                 exts.push(Ext::Fragment { offset: 1 + rng.below(100) as u16 });
             }
-            if rng.chance(10) {
-                exts = vec![Ext::HopByHop; 7];
+            if rng.chance(15) {
+                exts = vec![Ext::HopByHop; 6 + rng.below(5) as usize];
             }
             frame = frame.v6_extensions(&exts);
         }
-        if frame.v6_extensions.is_empty() && frame.frag_offset == 0 && rng.chance(8) {
-            let whole = frame.bytes().len();
-            frame = frame.truncate(14 + rng.below(whole as u64 - 14) as usize);
+        if frame.frag_offset == 0 && rng.chance(8) {
+            let whole = frame.bytes().len() as u64;
+            let start = if rng.chance(50) { whole.saturating_sub(24) } else { 0 };
+            // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
+            frame = frame.truncate((start + rng.below(whole - start)).max(14) as usize);
         }
         frame
     }
@@ -335,17 +375,22 @@ impl World {
 /// The flow (as the egress program records it) that `frame` would be a reply to, if it has
 /// ports.
 fn reply_flow(frame: &Frame) -> Option<FlowKey> {
-    let (proto, port) = match frame.transport {
-        Transport::Tcp(p) => (6, p),
-        Transport::Udp(p) => (17, p),
-        Transport::Sctp(p) => (132, p),
-        Transport::Icmp => return None,
+    if frame.src.is_ipv4() != frame.dst.is_ipv4() {
+        return None;
+    }
+    let (proto, remote_port, local_port) = match frame.transport {
+        Transport::Tcp(p) => (6, frame.sport, p),
+        Transport::Udp(p) => (17, frame.sport, p),
+        Transport::Sctp(p) => (132, frame.sport, p),
+        // An echo request the local end sent with this identifier.
+        Transport::Echo { id, .. } => (if frame.dst.is_ipv6() { 58 } else { 1 }, 0, id),
+        Transport::Icmp | Transport::IcmpError(_) => return None,
     };
     Some(FlowKey {
         remote: Addr::from(frame.src),
         local: Addr::from(frame.dst),
-        remote_port: frame.sport,
-        local_port: port,
+        remote_port,
+        local_port,
         proto,
         _pad: [0; 3],
     })

@@ -1,6 +1,7 @@
-//! The frames the benchmark sends: Ethernet + IPv4 + TCP with valid checksums (the flood's
-//! frames go through the kernel's stack in the iptables and nftables variants, and conntrack
-//! checks the TCP checksum), and an ARP request for the floor.
+//! Frames that real stacks accept: Ethernet + IPv4 + TCP with valid checksums (the bench's
+//! flood goes through the kernel's stack in the iptables and nftables variants, and conntrack
+//! checks the TCP checksum; a SYN written into a tun reaches a container's stack), and an ARP
+//! request for the bench's floor.
 
 use std::net::Ipv4Addr;
 
@@ -35,7 +36,13 @@ impl Tcp {
         f.extend_from_slice(&dst_mac);
         f.extend_from_slice(&src_mac);
         f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&self.packet());
+        f.resize(MIN_FRAME, 0);
+        f
+    }
 
+    /// The IPv4 packet alone (what an L3 link such as a tun carries).
+    pub fn packet(&self) -> Vec<u8> {
         let mut ip = [0u8; 20];
         ip[0] = 0x45;
         ip[2..4].copy_from_slice(&40u16.to_be_bytes()); // total length: IP + TCP, no payload
@@ -67,11 +74,21 @@ impl Tcp {
         let sum = checksum(&[&pseudo, &tcp]);
         tcp[16..18].copy_from_slice(&sum.to_be_bytes());
 
-        f.extend_from_slice(&ip);
-        f.extend_from_slice(&tcp);
-        f.resize(MIN_FRAME, 0);
-        f
+        [ip.as_slice(), tcp.as_slice()].concat()
     }
+}
+
+/// Whether `packet` (IPv4, from its IP header on) is a TCP SYN-ACK from `from` to local port
+/// `to_port`: the answer of a listening socket, so the SYN got through.
+pub fn is_syn_ack(packet: &[u8], from: std::net::SocketAddrV4, to_port: u16) -> bool {
+    let ihl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
+    let Some(tcp) = packet.get(ihl..ihl + 20) else { return false };
+    packet[0] >> 4 == 4
+        && packet[9] == 6
+        && packet[12..16] == from.ip().octets()
+        && tcp[0..2] == from.port().to_be_bytes()
+        && tcp[2..4] == to_port.to_be_bytes()
+        && tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
 }
 
 /// An ARP request: not IP, so guard passes it after looking at the EtherType only.
