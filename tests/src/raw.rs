@@ -12,6 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+pub use crate::frames::{Mac, TCP_SYN};
+use crate::frames::{TCP_ACK, checksum};
 use crate::netns::Netns;
 use crate::probe::Outcome;
 
@@ -29,11 +31,8 @@ pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
-pub const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
-pub type Mac = [u8; 6];
 pub const BROADCAST_MAC: Mac = [0xff; 6];
 
 /// The Ethernet address an IP multicast group maps to (RFC 1112 section 6.4, RFC 2464 section 7).
@@ -64,25 +63,6 @@ pub fn ethernet(dst: Mac, src: Mac, tags: &[u16], ether_type: u16, payload: &[u8
     frame.extend_from_slice(&ether_type.to_be_bytes());
     frame.extend_from_slice(payload);
     frame
-}
-
-/// The Internet checksum (RFC 1071) over the concatenation of `parts`.
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum = 0u32;
-    let mut odd: Option<u8> = None;
-    for byte in parts.iter().flat_map(|p| p.iter().copied()) {
-        match odd.take() {
-            Some(high) => sum += u32::from(u16::from_be_bytes([high, byte])),
-            None => odd = Some(byte),
-        }
-    }
-    if let Some(high) = odd {
-        sum += u32::from(high) << 8;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// The pseudo-header of a transport checksum (RFC 793, RFC 8200 section 8.1).
