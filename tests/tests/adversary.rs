@@ -4,9 +4,11 @@
 //! chains, a spoofed-SYN flood), and the replies that must never be dropped (ping, path-MTU
 //! discovery through a router, fragmented UDP replies, an idle connection through a flood).
 //!
-//! Every attack is first shown to work without the agent (the test bed reproduces the hole,
-//! or the later silence would prove nothing), then must be silent with it: dropped, not
-//! refused. Every reply case must work with the agent running, in enforce mode.
+//! Every attack is first shown to reach its target without the agent (the test bed reproduces
+//! the hole, or the later silence would prove nothing), then must be silent with it: dropped,
+//! not refused. Two shapes Linux refuses by itself (an IPv4-mapped IPv6 source, an IPv6 first
+//! fragment without the whole TCP header) are still held to guard's own verdict. Every reply
+//! case must work without the agent and with it, in enforce mode.
 //!
 //! Needs root, a running dockerd and the busybox test image; `cargo xtask test --tier e2e`
 //! provides all three and runs the tests one at a time. Addresses: the Docker network is
@@ -210,8 +212,8 @@ fn packets_with_verdict(metrics: SocketAddr, verdict: &str) -> f64 {
 // Attacks
 // ---------------------------------------------------------------------------------------
 
-/// Priority-tagged SYNs (VID 0, which the receiving kernel strips in its core receive path
-/// however many there are, with no vlan device) to a port Docker publishes without any label
+/// Priority-tagged SYNs (VID 0, which the receiving kernel strips in its core receive path,
+/// with no vlan device, up to 8 deep here) to a port Docker publishes without any label
 /// (docker-proxy serves it on [::]), to a closed container's own addresses, and to a closed
 /// container on a macvlan network (no bridge gate behind the XDP filter there). Untagged
 /// frames are the control.
@@ -289,6 +291,9 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
     ];
     let received = || listeners.iter().map(|l| l.peers().len()).sum::<usize>();
 
+    // The host's address on A's link is added without `brd`, as `ip addr add` does by default:
+    // the kernel still routes 10.251.41.255 as that subnet's broadcast (a `broadcast` route in
+    // its local table), though the address carries no broadcast attribute to read.
     let datagrams = || {
         let cases: [(&str, raw::Mac, IpAddr, IpAddr); 5] = [
             ("unicast to the host v4 (control)", host_mac, a.v4().into(), a.host_v4().into()),
