@@ -174,6 +174,16 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
     if pkt.dst.is_loopback() {
         return (Reason::LoopbackDst, none);
     }
+    // A container's own packets leave through an uplink; one arriving on it with a
+    // container's address is forged. Checked for every packet, container-bound or not: sent
+    // through the host to the forger itself, it would reach a Docker bridge's flow memory
+    // (a physical port enslaved to a bridge) as a flow the container started. The prefilter
+    // bit keeps this to a bit test for sources outside Docker's address buckets.
+    if tables.may_hold_container(&pkt.src)
+        && tables.addr_info(&pkt.src).is_some_and(|info| info.kind == AddrInfo::CONTAINER)
+    {
+        return (Reason::SpoofedSource, none);
+    }
     let l4 = pkt.l4;
     match l4.kind {
         L4Kind::LaterFragment => return (Reason::LaterFragment, none),

@@ -41,10 +41,13 @@ pub enum Reason {
     LaterFragment = 11,
     /// IPv6 from an IPv4-mapped source (`::ffff:a.b.c.d`), which would pass for IPv4.
     MappedSource = 12,
+    /// From an uplink, with the address of a container on this host as its source: forged.
+    /// Such a packet could otherwise plant a flow in flow memory on the container's behalf.
+    SpoofedSource = 13,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -60,6 +63,7 @@ impl Reason {
         Reason::TrustedSource,
         Reason::LaterFragment,
         Reason::MappedSource,
+        Reason::SpoofedSource,
     ];
 
     #[inline(always)]
@@ -77,7 +81,8 @@ impl Reason {
             | Reason::UnassignedAddr
             | Reason::LoopbackDst
             | Reason::Unreadable
-            | Reason::MappedSource => Verdict::Drop,
+            | Reason::MappedSource
+            | Reason::SpoofedSource => Verdict::Drop,
         }
     }
 
@@ -97,6 +102,7 @@ impl Reason {
             Reason::TrustedSource => "trusted_source",
             Reason::LaterFragment => "later_fragment",
             Reason::MappedSource => "mapped_source",
+            Reason::SpoofedSource => "spoofed_source",
         }
     }
 

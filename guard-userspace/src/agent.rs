@@ -35,7 +35,7 @@ use crate::{
     desired::desired_state,
     docker::{DockerClient, DockerError},
     identities::Identities,
-    interfaces::{self, Framing, Link},
+    interfaces::{self, Link},
     loader,
     maps::PolicyMaps,
     pins::{Hook, Pins},
@@ -349,23 +349,13 @@ fn docker_bridges(links: &[Link], snapshot: &crate::snapshot::Snapshot) -> Vec<L
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
 /// `guard explain` can find the programs that are attached.
 fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
-    for hook in Hook::ALL {
-        let path = pins.program(hook);
+    for (hook, framing) in loader::PROGRAMS {
+        let path = pins.program(hook, framing);
         remove_old_pin(&path)?;
-        let pinned = match hook {
-            Hook::Xdp => loader::xdp_program(ebpf)?.pin(&path),
-            _ => loader::tc_program(ebpf, hook)?.pin(&path),
-        };
-        pinned.with_context(|| {
+        loader::pin_program(ebpf, hook, framing, &path).with_context(|| {
             format!("pinning the {} program at {}", hook.name(), path.display())
         })?;
     }
-    // The L3 entry point has no hook of its own: it shares XDP's, per link.
-    let path = pins.xdp_program(Framing::Ip);
-    remove_old_pin(&path)?;
-    loader::xdp_program_for(ebpf, Framing::Ip)?
-        .pin(&path)
-        .with_context(|| format!("pinning the L3 XDP program at {}", path.display()))?;
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use crate::{
     frames::{Frame, Transport},
     identities::{Identities, encode_hex},
     interfaces,
+    interfaces::Framing,
     maps::PolicyMaps,
     pins::{Hook, Pins},
     policy::{PortSpec, Proto, Sources},
@@ -108,10 +109,15 @@ pub async fn explain(
         Some((port, Proto::Sctp)) => Transport::Sctp(port),
         None => Transport::Icmp,
     };
-    let frame =
-        Frame { src: query.src, dst: query.dst, ..Frame::new("0.0.0.0", "0.0.0.0", transport) };
+    let (ifindex, framing) = interface(pins, iface)?;
+    let frame = Frame {
+        src: query.src,
+        dst: query.dst,
+        framing,
+        ..Frame::new("0.0.0.0", "0.0.0.0", transport)
+    };
     let bytes = frame.bytes();
-    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &bytes, iface)?;
+    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &bytes, ifindex, framing)?;
 
     let parsed = guard_common::parse::parse(&bytes.as_slice(), frame.framing);
     let (reference, resolved) =
@@ -150,25 +156,49 @@ pub async fn explain(
     })
 }
 
-/// Runs the pinned program once on `frame`; the verdict, and the decision if exactly one
-/// counter moved (on a busy host other packets move them too).
+/// The interface a packet is explained as arriving on (the one named, or the first guarded
+/// uplink), and how that link frames its packets.
+fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<(u32, Framing)> {
+    let links = interfaces::links()?;
+    let link = match iface {
+        Some(name) => Some(
+            links
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no interface named {name} (see `ip link`)"))?,
+        ),
+        None => pins
+            .pinned_links()?
+            .iter()
+            .find(|(h, _, _)| *h == Hook::Xdp)
+            .and_then(|(_, ifindex, _)| links.iter().find(|l| l.ifindex == *ifindex)),
+    };
+    let Some(link) = link else {
+        return Ok((0, Framing::Ethernet));
+    };
+    let framing = link.framing().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has link type {}, which guard cannot read: nothing on it is judged",
+            link.name,
+            link.link_type
+        )
+    })?;
+    Ok((link.ifindex, framing))
+}
+
+/// Runs the pinned program of `framing` once on `frame`, as if it arrived on `ifindex`; the
+/// verdict, and the decision if exactly one counter moved (on a busy host other packets move
+/// them too).
 fn run_pinned(
     pins: &Pins,
     maps: &PolicyMaps,
     frame: &[u8],
-    iface: Option<&str>,
+    ifindex: u32,
+    framing: Framing,
 ) -> anyhow::Result<(Verdict, Option<Decision>)> {
-    let path = pins.program(Hook::Xdp);
+    let path = pins.program(Hook::Xdp, framing);
     let program = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
         .with_context(|| format!("opening the pinned program {}", path.display()))?;
-    let ifindex = match iface {
-        Some(name) => interfaces::links()?
-            .into_iter()
-            .find(|l| l.name == name)
-            .map(|l| l.ifindex)
-            .ok_or_else(|| anyhow::anyhow!("no interface named {name} (see `ip link`)"))?,
-        None => pins.pinned_links()?.iter().find(|(h, _, _)| *h == Hook::Xdp).map_or(0, |l| l.1),
-    };
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: Vec<u8> =
         [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
@@ -243,6 +273,7 @@ fn rule_for(
         Reason::TrustedSource => "policy file: trusted_sources".into(),
         Reason::LoopbackDst => "loopback is never reachable from an uplink".into(),
         Reason::Unreadable | Reason::MappedSource => "frames guard cannot read fail closed".into(),
+        Reason::SpoofedSource => "a container's address never arrives on an uplink".into(),
         Reason::MalformedIp => "malformed frames are the kernel's to discard".into(),
         Reason::LaterFragment => "later fragments follow their first fragment".into(),
         Reason::NotContainerBound | Reason::NotIp => "none: not guard's business".into(),
@@ -281,6 +312,9 @@ fn detail(
             q.dst
         ),
         Reason::Unreadable => write!(s, "the frame cannot be read far enough to judge"),
+        Reason::SpoofedSource => {
+            write!(s, "{} is a container on this host: from an uplink it is forged", q.src)
+        }
         Reason::MappedSource => {
             write!(s, "{} is an IPv4-mapped IPv6 source, which no host sends from", q.src)
         }

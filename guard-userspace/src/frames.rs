@@ -419,10 +419,8 @@ impl Frame {
                 // Judged as the reply it stands for, if it quotes a flow from this destination.
                 let q = quoted.packet();
                 // Of a quoted chain, only a first fragment's header is followed.
-                let followed = match quoted.v6_extensions.as_slice() {
-                    [] | [Ext::Fragment { offset: 0 }] => true,
-                    _ => false,
-                };
+                let followed =
+                    matches!(quoted.v6_extensions.as_slice(), [] | [Ext::Fragment { offset: 0 }]);
                 let from_here = q.src == dst && followed;
                 if from_here && q.l4.kind == guard_common::decision::L4Kind::Ports {
                     Packet { src: q.dst, dst, l4: L4::standing_for(q.l4) }

@@ -135,30 +135,44 @@ pub fn driver(ifname: &str) -> Option<String> {
 }
 
 /// Every address the host receives on, on every interface (loopback included; the desired
-/// state filters): its unicast addresses, the IPv4 broadcast address of each of its subnets and
-/// its IPv6 anycast addresses (a forwarding host answers each prefix's subnet-router anycast
+/// state filters): its unicast addresses, the broadcast addresses of its IPv4 subnets and its
+/// IPv6 anycast addresses (a forwarding host answers each prefix's subnet-router anycast
 /// address). docker-proxy's wildcard sockets receive on all of them.
 pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    let ip_of = |sa: &nix::sys::socket::SockaddrStorage| {
-        if let Some(v4) = sa.as_sockaddr_in() {
-            Some(IpAddr::V4(v4.ip()))
-        } else {
-            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-        }
-    };
     let mut ips: Vec<IpAddr> = Vec::new();
     for a in addrs {
-        ips.extend(a.address.as_ref().and_then(ip_of));
-        // Point-to-point links report their peer in the same field: not ours.
-        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT) {
-            ips.extend(a.broadcast.as_ref().and_then(ip_of).filter(IpAddr::is_ipv4));
+        if let Some(v4) = a.address.as_ref().and_then(|sa| sa.as_sockaddr_in()) {
+            let prefix = a
+                .netmask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map_or(32, |m| u32::from(m.ip()).leading_ones());
+            ips.extend(v4_local_addresses(v4.ip(), prefix));
+        } else if let Some(v6) = a.address.as_ref().and_then(|sa| sa.as_sockaddr_in6()) {
+            ips.push(IpAddr::V6(v6.ip()));
         }
     }
     ips.extend(anycast6(&fs::read_to_string(ANYCAST6).unwrap_or_default()));
     ips.sort();
     ips.dedup();
     Ok(ips)
+}
+
+/// An IPv4 address and what the kernel receives along with it: for a prefix shorter than 31
+/// bits, the subnet's broadcast address (`fib_add_ifaddr` adds that route whether or not the
+/// address was given a broadcast address) and its lowest address (a broadcast address too on
+/// kernels before 5.14). Computed, not read from the address's broadcast field: `ip addr add`
+/// without `brd +`, and point-to-point links, leave that field empty or holding the peer.
+fn v4_local_addresses(addr: std::net::Ipv4Addr, prefix: u32) -> Vec<IpAddr> {
+    let mut out = vec![IpAddr::V4(addr)];
+    if prefix < 31 {
+        let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+        let bits = u32::from(addr);
+        out.push(IpAddr::V4((bits | !mask).into()));
+        out.push(IpAddr::V4((bits & mask).into()));
+    }
+    out
 }
 
 const ANYCAST6: &str = "/proc/net/anycast6";
@@ -290,6 +304,16 @@ mod tests {
         let (found, missing) = named(&links, &["h0".into(), "nope".into()]);
         assert_eq!(found, vec![link("h0", 5, None)]);
         assert_eq!(missing, vec!["nope".to_string()]);
+    }
+
+    #[test]
+    fn an_ipv4_subnet_brings_its_broadcast_and_lowest_address() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ip = "10.66.0.7".parse().unwrap();
+        assert_eq!(v4_local_addresses(ip, 24), [a("10.66.0.7"), a("10.66.0.255"), a("10.66.0.0")]);
+        assert_eq!(v4_local_addresses(ip, 31), [a("10.66.0.7")]);
+        assert_eq!(v4_local_addresses(ip, 32), [a("10.66.0.7")]);
+        assert_eq!(v4_local_addresses(ip, 0)[1], a("255.255.255.255"));
     }
 
     #[test]

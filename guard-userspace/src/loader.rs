@@ -15,21 +15,26 @@ use crate::{
 /// The object guard-userspace/build.rs built from guard-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
 
-/// The entry point in guard-ebpf that runs on each hook.
-pub fn program_name(hook: Hook) -> &'static str {
-    match hook {
-        Hook::Xdp => xdp_program_name(Framing::Ethernet),
-        Hook::TcEgress => "guard_tc_egress",
-        Hook::BridgeGate => "guard_tc_gate",
-        Hook::BridgeIngress => "guard_tc_bridge_in",
-    }
-}
+/// Every entry point of the object: the hook it runs on and the framing it reads. Uplinks
+/// get the variant of their link's framing; Docker's bridges are Ethernet.
+pub const PROGRAMS: [(Hook, Framing); 6] = [
+    (Hook::Xdp, Framing::Ethernet),
+    (Hook::Xdp, Framing::Ip),
+    (Hook::TcEgress, Framing::Ethernet),
+    (Hook::TcEgress, Framing::Ip),
+    (Hook::BridgeGate, Framing::Ethernet),
+    (Hook::BridgeIngress, Framing::Ethernet),
+];
 
-/// The XDP entry point that reads packets of `framing`.
-pub fn xdp_program_name(framing: Framing) -> &'static str {
-    match framing {
-        Framing::Ethernet => "guard_xdp",
-        Framing::Ip => "guard_xdp_ip",
+/// The entry point in guard-ebpf that runs on `hook` for links of `framing`.
+pub fn program_name(hook: Hook, framing: Framing) -> &'static str {
+    match (hook, framing) {
+        (Hook::Xdp, Framing::Ethernet) => "guard_xdp",
+        (Hook::Xdp, Framing::Ip) => "guard_xdp_ip",
+        (Hook::TcEgress, Framing::Ethernet) => "guard_tc_egress",
+        (Hook::TcEgress, Framing::Ip) => "guard_tc_egress_ip",
+        (Hook::BridgeGate, _) => "guard_tc_gate",
+        (Hook::BridgeIngress, _) => "guard_tc_bridge_in",
     }
 }
 
@@ -45,6 +50,8 @@ pub enum LoadError {
     MissingProgram(&'static str),
     #[error("the kernel rejected a program: {0}")]
     Program(#[from] ProgramError),
+    #[error("pinning a program: {0}")]
+    PinProgram(#[from] aya::pin::PinError),
 }
 
 /// Loads the object, reusing (or creating and pinning) the maps under `pins`, and loads both
@@ -62,11 +69,11 @@ pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
 
 fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
-    for framing in [Framing::Ethernet, Framing::Ip] {
-        xdp_program_for(&mut ebpf, framing)?.load()?;
-    }
-    for hook in [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress] {
-        tc_program(&mut ebpf, hook)?.load()?;
+    for (hook, framing) in PROGRAMS {
+        match hook {
+            Hook::Xdp => xdp_program_for(&mut ebpf, framing)?.load()?,
+            _ => tc_program_for(&mut ebpf, hook, framing)?.load()?,
+        }
     }
     Ok(ebpf)
 }
@@ -78,21 +85,44 @@ pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
 
 /// The XDP program that reads packets of `framing`.
 pub fn xdp_program_for(ebpf: &mut Ebpf, framing: Framing) -> Result<&mut Xdp, LoadError> {
-    let name = xdp_program_name(framing);
+    let name = program_name(Hook::Xdp, framing);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
 
-/// The TC program of `hook` (any hook but [`Hook::Xdp`]).
+/// The TC program of `hook` (any hook but [`Hook::Xdp`]) for Ethernet links.
 pub fn tc_program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, LoadError> {
-    let name = program_name(hook);
+    tc_program_for(ebpf, hook, Framing::Ethernet)
+}
+
+/// The TC program of `hook` for links of `framing`.
+pub fn tc_program_for(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    framing: Framing,
+) -> Result<&mut SchedClassifier, LoadError> {
+    let name = program_name(hook, framing);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
+}
+
+/// Pins `hook`'s program of `framing` at `path`.
+pub fn pin_program(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    framing: Framing,
+    path: &std::path::Path,
+) -> Result<(), LoadError> {
+    match hook {
+        Hook::Xdp => xdp_program_for(ebpf, framing)?.pin(path)?,
+        _ => tc_program_for(ebpf, hook, framing)?.pin(path)?,
+    }
+    Ok(())
 }
 
 impl Programs for Ebpf {
     fn for_link(&mut self, hook: Hook, link: &Link) -> Result<&mut dyn Hookable, String> {
-        if hook != Hook::Xdp {
+        if matches!(hook, Hook::BridgeGate | Hook::BridgeIngress) {
             return Ok(tc_program(self, hook).map_err(|e| e.to_string())?);
         }
         let framing = link.framing().ok_or_else(|| {
@@ -101,6 +131,9 @@ impl Programs for Ebpf {
                 link.link_type
             )
         })?;
-        Ok(xdp_program_for(self, framing).map_err(|e| e.to_string())?)
+        Ok(match hook {
+            Hook::Xdp => xdp_program_for(self, framing).map_err(|e| e.to_string())?,
+            _ => tc_program_for(self, hook, framing).map_err(|e| e.to_string())?,
+        })
     }
 }

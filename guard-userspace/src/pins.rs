@@ -143,17 +143,14 @@ impl Pins {
         self.maps_dir().join(name)
     }
 
-    pub fn program(&self, hook: Hook) -> PathBuf {
-        self.root.join(format!("{}_program", hook.name().replace('-', "_")))
-    }
-
-    /// The pinned XDP program of `framing`: [`Hook::Xdp`]'s for Ethernet, its own for L3
-    /// uplinks (so `guard explain` can run the program an L3 interface runs).
-    pub fn xdp_program(&self, framing: crate::interfaces::Framing) -> PathBuf {
-        match framing {
-            crate::interfaces::Framing::Ethernet => self.program(Hook::Xdp),
-            crate::interfaces::Framing::Ip => self.root.join("xdp_ip_program"),
-        }
+    /// The pinned program of `hook` for links of `framing` (Ethernet's keeps the name it always
+    /// had), so tools such as `guard explain` can run what an interface runs.
+    pub fn program(&self, hook: Hook, framing: crate::interfaces::Framing) -> PathBuf {
+        let suffix = match framing {
+            crate::interfaces::Framing::Ethernet => "",
+            crate::interfaces::Framing::Ip => "_ip",
+        };
+        self.root.join(format!("{}{suffix}_program", hook.name().replace('-', "_")))
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -282,7 +279,9 @@ mod tests {
         );
         assert_eq!(pins.link(Hook::Xdp, 7), Path::new("/sys/fs/bpf/guard/links/xdp-7"));
         assert_eq!(pins.link(Hook::TcEgress, 7), Path::new("/sys/fs/bpf/guard/links/tc-egress-7"));
-        assert!(pins.program(Hook::TcEgress).starts_with(pins.root()));
+        use crate::interfaces::Framing;
+        assert!(pins.program(Hook::TcEgress, Framing::Ethernet).starts_with(pins.root()));
+        assert_eq!(pins.program(Hook::Xdp, Framing::Ip), pins.root().join("xdp_ip_program"));
     }
 
     /// A scratch directory on bpffs, removed with everything in it when dropped.

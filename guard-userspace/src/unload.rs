@@ -5,10 +5,7 @@ use std::{fs, io, path::Path};
 
 use guard_common::maps as names;
 
-use crate::{
-    interfaces::Framing,
-    pins::{Hook, Pins},
-};
+use crate::pins::Pins;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unloaded {
@@ -29,10 +26,9 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for (_, _, path) in &links {
         remove_file(path)?;
     }
-    for hook in Hook::ALL {
-        remove_file(&pins.program(hook))?;
+    for (hook, framing) in crate::loader::PROGRAMS {
+        remove_file(&pins.program(hook, framing))?;
     }
-    remove_file(&pins.xdp_program(Framing::Ip))?;
     // Every layout's maps: this build's and any an agent of another version left.
     let mut maps = 0;
     let layouts: Vec<std::path::PathBuf> = fs::read_dir(pins.layouts_dir())

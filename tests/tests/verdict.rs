@@ -281,7 +281,13 @@ fn seed_scenario_direct_and_published_v4() {
             NotContainerBound,
         ),
         ("loopback from an uplink", Frame::new(OUTSIDE_A, "127.0.0.1", Tcp(5432)), LoopbackDst),
-        ("forged container source", Frame::new(DB, API, Tcp(8080)), Closed),
+        ("forged container source", Frame::new(DB, API, Tcp(8080)), SpoofedSource),
+        (
+            "forged container source, to the forger itself",
+            Frame::new(DB, OUTSIDE_A, Udp(40000)).sport(5353),
+            SpoofedSource,
+        ),
+        ("forged gateway source", Frame::new(GATEWAY, API, Tcp(8080)), Closed),
         ("forged loopback source", Frame::new("127.0.0.1", DB, Tcp(5432)), Closed),
     ];
     for (name, frame, expected) in &cases {

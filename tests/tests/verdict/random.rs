@@ -277,9 +277,20 @@ impl World {
         let mut dst = self.destination(rng);
         // Keep the two ends of one family.
         let v6 = dst.is_ipv6();
-        let src = self.source(rng, v6);
+        let mut src = self.source(rng, v6);
         if src.is_ipv6() != dst.is_ipv6() {
             dst = src;
+        }
+        // Now and then a forged source: one of the world's containers.
+        let containers: Vec<IpAddr> = self
+            .snapshot
+            .containers
+            .iter()
+            .flat_map(|c| c.addresses.iter().copied())
+            .filter(|a| a.is_ipv6() == dst.is_ipv6())
+            .collect();
+        if !containers.is_empty() && rng.chance(3) {
+            src = *rng.pick(&containers);
         }
         let port = if !self.ports.is_empty() && rng.chance(75) {
             *rng.pick(&self.ports)
