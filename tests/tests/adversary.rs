@@ -293,9 +293,16 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
 
     // The host's address on A's link is added without `brd`, as `ip addr add` does by default:
     // the kernel still routes 10.251.41.255 as that subnet's broadcast (a `broadcast` route in
-    // its local table), though the address carries no broadcast attribute to read.
+    // its local table), though the address carries no broadcast attribute to read. A second
+    // address names its broadcast address itself, off the subnet's usual one: the kernel
+    // routes that one as a broadcast too. It goes with A's veth.
+    let custom_brd = Ipv4Addr::new(10, 251, 44, 77);
+    run(
+        "ip",
+        &["addr", "add", "10.251.44.1/24", "brd", &custom_brd.to_string(), "dev", a.host_end()],
+    );
     let datagrams = || {
-        let cases: [(&str, raw::Mac, IpAddr, IpAddr); 5] = [
+        let cases: [(&str, raw::Mac, IpAddr, IpAddr); 6] = [
             ("unicast to the host v4 (control)", host_mac, a.v4().into(), a.host_v4().into()),
             (
                 "subnet broadcast 10.251.41.255",
@@ -304,6 +311,12 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
                 Ipv4Addr::new(10, 251, 41, 255).into(),
             ),
             ("limited broadcast", raw::BROADCAST_MAC, a.v4().into(), Ipv4Addr::BROADCAST.into()),
+            (
+                "configured broadcast 10.251.44.77",
+                raw::BROADCAST_MAC,
+                a.v4().into(),
+                custom_brd.into(),
+            ),
             (
                 "all-hosts 224.0.0.1",
                 raw::multicast_mac(Ipv4Addr::new(224, 0, 0, 1).into()),
