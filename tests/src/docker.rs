@@ -73,6 +73,17 @@ impl Network {
     /// `subnet_v4` like "10.250.0.0/24"; its gateway is the subnet's first address, as
     /// Docker would pick. Likewise for `v6` ("fd00:250::/64").
     pub fn create(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
+        Self::create_with(name, subnet_v4, v6, &[])
+    }
+
+    /// A macvlan network (bridge mode) on `parent`: its containers sit on `parent`'s segment
+    /// with their own MAC addresses, with no Docker bridge (and so no bridge gate) on the way.
+    pub fn create_macvlan(name: &str, subnet_v4: &str, parent: &str) -> Self {
+        let parent = format!("--opt=parent={parent}");
+        Self::create_with(name, subnet_v4, None, &["--driver=macvlan", &parent])
+    }
+
+    fn create_with(name: &str, subnet_v4: &str, v6: Option<&str>, extra: &[&str]) -> Self {
         assert!(name.starts_with(PREFIX), "network {name} lacks the test prefix");
         let gateway_v4 = first_host_v4(subnet_v4);
         let mut args = vec![
@@ -81,6 +92,7 @@ impl Network {
             format!("--subnet={subnet_v4}"),
             format!("--gateway={gateway_v4}"),
         ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let v6 = v6.map(|subnet| (subnet.to_owned(), first_host_v6(subnet)));
         if let Some((subnet, gateway)) = &v6 {
             args.extend(["--ipv6".to_owned(), format!("--subnet={subnet}")]);
@@ -195,6 +207,13 @@ impl Container {
 
     pub fn ip6(&self) -> Ipv6Addr {
         self.ip6.unwrap_or_else(|| panic!("{} was started without --ip6", self.name))
+    }
+
+    /// The MAC address of its interface on `network`.
+    pub fn mac(&self, network: &Network) -> String {
+        let format =
+            format!("{{{{(index .NetworkSettings.Networks \"{}\").MacAddress}}}}", network.name());
+        docker(&["inspect", "--format", &format, &self.name]).trim().to_owned()
     }
 
     /// `docker exec NAME args`; the caller judges the exit status.

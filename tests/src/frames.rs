@@ -106,8 +106,9 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f
 }
 
-/// The Internet checksum (RFC 1071) over the concatenation of `parts` (each of even length).
-fn checksum(parts: &[&[u8]]) -> u16 {
+/// The Internet checksum (RFC 1071) over the concatenation of `parts` (each of even length
+/// but the last).
+pub(crate) fn checksum(parts: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     for part in parts {
         for pair in part.chunks(2) {

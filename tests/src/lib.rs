@@ -17,6 +17,7 @@ pub mod netns;
 pub mod observe;
 pub mod probe;
 pub mod prober;
+pub mod raw;
 pub mod seed;
 pub mod tun;
 

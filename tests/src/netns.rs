@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sched::{CloneFlags, setns};
 
 use crate::cmd::{self, run, try_run};
-use crate::probe::{self, EchoServer, Proto};
+use crate::probe::{self, EchoServer, Outcome, Proto};
 
 /// Prefix of every namespace the test bed creates.
 pub const NETNS_PREFIX: &str = "guard-e2e-";
@@ -226,14 +226,19 @@ impl OutsideHost {
         self.netns.run(|| probe::tcp_connect(addr, timeout))
     }
 
-    /// [`probe::reachable`] for many targets at once, in parallel: a dropped packet costs
-    /// the full timeout, and the scenarios probe dozens of closed ports.
-    pub fn reachable_all(&self, targets: &[(Proto, SocketAddr, Duration)]) -> Vec<bool> {
+    /// [`probe::tcp_outcome`] from this host: answered, refused or silent.
+    pub fn tcp_outcome(&self, addr: SocketAddr, timeout: Duration) -> Outcome {
+        self.netns.run(|| probe::tcp_outcome(addr, timeout))
+    }
+
+    /// [`probe::outcome`] for many targets at once, in parallel: a dropped packet costs the
+    /// full timeout, and the scenarios probe dozens of closed ports.
+    pub fn outcome_all(&self, targets: &[(Proto, SocketAddr, Duration)]) -> Vec<Outcome> {
         thread::scope(|scope| {
             let probes: Vec<_> = targets
                 .iter()
                 .map(|&(proto, addr, timeout)| {
-                    scope.spawn(move || self.netns.run(|| probe::reachable(proto, addr, timeout)))
+                    scope.spawn(move || self.netns.run(|| probe::outcome(proto, addr, timeout)))
                 })
                 .collect();
             probes.into_iter().map(|p| p.join().expect("probe thread panicked")).collect()

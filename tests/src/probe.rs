@@ -43,33 +43,113 @@ impl std::fmt::Display for Proto {
     }
 }
 
-/// Whether a TCP handshake to `addr` completes within `timeout`.
-pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> bool {
-    TcpStream::connect_timeout(&addr, timeout).is_ok()
+/// What came back to a probe. Silence and refusal are different findings: a RST or an ICMP
+/// error means the packet got through to a stack (nothing listens there), only silence means
+/// it was dropped on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handshake completed, or the UDP echo came back.
+    Answered,
+    /// A RST or an ICMP error (port, host or network unreachable) came back.
+    Refused,
+    /// Nothing came back within the timeout.
+    Silent,
 }
 
-/// Whether `addr` answers: a TCP handshake, or for UDP a datagram echoed back (the test
-/// bed's UDP listeners are echo servers), within `timeout`.
-pub fn reachable(proto: Proto, addr: SocketAddr, timeout: Duration) -> bool {
-    match proto {
-        Proto::Tcp => tcp_connect(addr, timeout),
-        Proto::Udp => {
-            let any = SocketAddr::new(unspecified(addr), 0);
-            udp_roundtrip(any, addr, b"probe", timeout).as_deref() == Some(b"probe")
-        }
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Answered => "answered",
+            Outcome::Refused => "refused",
+            Outcome::Silent => "silent",
+        })
     }
 }
 
-/// [`reachable`] for many targets in parallel (a silent drop costs the full timeout), from
-/// the caller's namespace: threads start in the namespace of the thread that creates them.
-pub fn reachable_all(targets: &[(Proto, SocketAddr, Duration)]) -> Vec<bool> {
+/// The outcome of a socket error: which errors mean something came back, which mean nothing
+/// did; anything else is a broken test bed, not a finding.
+fn error_outcome(e: &std::io::Error, what: &str) -> Outcome {
+    match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Outcome::Silent,
+        ErrorKind::ConnectionRefused
+        | ErrorKind::ConnectionReset
+        | ErrorKind::HostUnreachable
+        | ErrorKind::NetworkUnreachable => Outcome::Refused,
+        _ => panic!("{what}: {e}"),
+    }
+}
+
+/// Whether a TCP handshake to `addr` completes within `timeout`.
+pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> bool {
+    tcp_outcome(addr, timeout) == Outcome::Answered
+}
+
+/// A TCP handshake to `addr`: completed, refused (RST or ICMP error) or unanswered within
+/// `timeout`.
+pub fn tcp_outcome(addr: SocketAddr, timeout: Duration) -> Outcome {
+    match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(_) => Outcome::Answered,
+        Err(e) => error_outcome(&e, &format!("TCP connect to {addr}")),
+    }
+}
+
+/// A probe of `addr`: a TCP handshake, or for UDP a datagram echoed back (the test bed's UDP
+/// listeners are echo servers), within `timeout`.
+pub fn outcome(proto: Proto, addr: SocketAddr, timeout: Duration) -> Outcome {
+    match proto {
+        Proto::Tcp => tcp_outcome(addr, timeout),
+        Proto::Udp => udp_outcome(addr, timeout),
+    }
+}
+
+/// Whether `addr` answers (see [`outcome`]).
+pub fn reachable(proto: Proto, addr: SocketAddr, timeout: Duration) -> bool {
+    outcome(proto, addr, timeout) == Outcome::Answered
+}
+
+/// [`outcome`] for many targets in parallel (a silent drop costs the full timeout), from the
+/// caller's namespace: threads start in the namespace of the thread that creates them.
+pub fn outcome_all(targets: &[(Proto, SocketAddr, Duration)]) -> Vec<Outcome> {
     thread::scope(|scope| {
         let probes: Vec<_> = targets
             .iter()
-            .map(|&(proto, addr, timeout)| scope.spawn(move || reachable(proto, addr, timeout)))
+            .map(|&(proto, addr, timeout)| scope.spawn(move || outcome(proto, addr, timeout)))
             .collect();
         probes.into_iter().map(|p| p.join().expect("probe thread panicked")).collect()
     })
+}
+
+/// A datagram to `addr` from an unconnected socket (docker-proxy may answer from another
+/// address than the one asked, see [`udp_roundtrip`]) that reports ICMP errors: with
+/// IP_RECVERR even an unconnected socket's next receive fails with the error an ICMP port or
+/// host unreachable carried.
+fn udp_outcome(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let any = SocketAddr::new(unspecified(addr), 0);
+    let socket = UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind UDP {any}: {e}"));
+    let (level, option) = match addr {
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_RECVERR),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int-sized option value for the duration of the call.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert!(set == 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
+    socket.set_read_timeout(Some(timeout)).expect("set UDP read timeout");
+    socket.send_to(b"probe", addr).unwrap_or_else(|e| panic!("UDP send to {addr}: {e}"));
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) if &buf[..n] == b"probe" => Outcome::Answered,
+        Ok((n, from)) => panic!("UDP probe of {addr}: {from} sent {n} bytes that are no echo"),
+        Err(e) => error_outcome(&e, &format!("UDP probe of {addr}")),
+    }
 }
 
 /// The wildcard address of `addr`'s family.
@@ -103,7 +183,8 @@ pub fn udp_roundtrip(
     let socket = UdpSocket::bind(local).unwrap_or_else(|e| panic!("bind UDP {local}: {e}"));
     socket.set_read_timeout(Some(timeout)).expect("set UDP read timeout");
     socket.send_to(payload, remote).ok()?;
-    let mut buf = [0u8; 512];
+    // Room for any datagram: large replies arrive fragmented and are reassembled first.
+    let mut buf = vec![0u8; 65536];
     match socket.recv_from(&mut buf) {
         Ok((n, _)) => Some(buf[..n].to_vec()),
         _ => None,
@@ -229,7 +310,8 @@ fn serve_tcp(listener: &TcpListener, peers: &Mutex<Vec<SocketAddr>>, running: im
 }
 
 fn serve_udp(socket: &UdpSocket, peers: &Mutex<Vec<SocketAddr>>, running: impl Fn() -> bool) {
-    let mut buf = [0u8; 512];
+    // Any datagram, echoed whole: a large request makes a large (fragmented) reply.
+    let mut buf = vec![0u8; 65536];
     while running() {
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {

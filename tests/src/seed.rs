@@ -13,7 +13,9 @@ use std::time::Duration;
 use crate::docker::{Container, ContainerSpec, Network};
 use crate::host::RoutingHost;
 use crate::netns::{OutsideHost, in_netns};
-use crate::probe::{self, EchoServer, PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip};
+use crate::probe::{
+    self, EchoServer, Outcome, PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip,
+};
 use crate::{Exclusive, prepare_test_bed};
 
 pub const SUBNET_V4: &str = "10.250.0.0/24";
@@ -137,7 +139,9 @@ struct Attempt {
     what: String,
     proto: Proto,
     addr: SocketAddr,
-    expected: bool,
+    /// Answered where open; where closed, silent: a drop, never a RST (which would mean the
+    /// packet got through to a stack).
+    expected: Outcome,
 }
 
 /// Everything the scenario runs against, without an agent. Field order is drop order:
@@ -186,7 +190,7 @@ impl SeedBed {
                     what: format!("{} {how}", t.name),
                     proto: t.proto,
                     addr: SocketAddr::new(ip, port),
-                    expected: open,
+                    expected: if open { Outcome::Answered } else { Outcome::Silent },
                 });
             };
             attempt("direct v4", t.container.ip().into(), t.port);
@@ -210,20 +214,22 @@ impl SeedBed {
             // Patience only where an answer is expected: silence costs the full timeout.
             let targets: Vec<_> = attempts
                 .iter()
-                .map(|t| (t.proto, t.addr, if t.expected { PATIENT } else { QUICK }))
+                .map(|t| {
+                    let patience = if t.expected == Outcome::Answered { PATIENT } else { QUICK };
+                    (t.proto, t.addr, patience)
+                })
                 .collect();
-            let reached = host.reachable_all(&targets);
-            for (attempt, reached) in attempts.iter().zip(reached) {
+            let outcomes = host.outcome_all(&targets);
+            for (attempt, outcome) in attempts.iter().zip(outcomes) {
                 let line = format!(
-                    "{tag} -> {:<36} {} {:<24} {}",
+                    "{tag} -> {:<36} {} {:<24} {outcome}",
                     attempt.what,
                     attempt.proto,
                     attempt.addr.to_string(),
-                    if reached { "reachable" } else { "blocked" }
                 );
                 println!("{line}");
-                if reached != attempt.expected {
-                    wrong.push(format!("{line}, expected the opposite"));
+                if outcome != attempt.expected {
+                    wrong.push(format!("{line}, expected {}", attempt.expected));
                 }
             }
         }
@@ -253,8 +259,8 @@ impl SeedBed {
         }
         let blocked: Vec<_> = targets
             .iter()
-            .zip(probe::reachable_all(&targets))
-            .filter(|(_, reached)| !reached)
+            .zip(probe::outcome_all(&targets))
+            .filter(|(_, outcome)| *outcome != Outcome::Answered)
             .map(|((proto, addr, _), _)| format!("{addr}/{proto}"))
             .collect();
         assert!(blocked.is_empty(), "the host cannot reach {}", blocked.join(", "));

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use tests::agent::Agent;
 use tests::netns::xdp_attached;
+use tests::probe::Outcome::Silent;
 use tests::probe::{PATIENT, QUICK};
 use tests::seed::SeedBed;
 
@@ -58,15 +59,17 @@ fn stopped_agent_keeps_protection_until_unloaded() {
     let db_published = SocketAddr::new(bed.a.host_v4().into(), 5432);
 
     let mut agent = Agent::start(&bed.uplinks());
-    assert!(!bed.a.tcp_connect(db, QUICK), "A reaches {db} while the agent runs");
+    assert_eq!(bed.a.tcp_outcome(db, QUICK), Silent, "{db} not dropped while the agent runs");
     agent.terminate();
-    assert!(
-        !bed.a.tcp_connect(db, QUICK),
-        "A reaches {db} once the agent stopped: protection lost"
+    assert_eq!(
+        bed.a.tcp_outcome(db, QUICK),
+        Silent,
+        "{db} not dropped once the agent stopped: protection lost"
     );
-    assert!(
-        !bed.a.tcp_connect(db_published, QUICK),
-        "A reaches {db_published} once the agent stopped: protection lost"
+    assert_eq!(
+        bed.a.tcp_outcome(db_published, QUICK),
+        Silent,
+        "{db_published} not dropped once the agent stopped: protection lost"
     );
     for uplink in bed.uplinks() {
         assert!(xdp_attached(uplink), "the stopped agent took its XDP program off {uplink}");

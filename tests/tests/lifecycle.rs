@@ -22,7 +22,7 @@ use tests::host::RoutingHost;
 use tests::netns::{LINK_PREFIX, OutsideHost, xdp_attached};
 use tests::observe::{self, GuardObjects};
 use tests::prepare_test_bed;
-use tests::probe::{PATIENT, Proto, QUICK};
+use tests::probe::{self, PATIENT, Proto, QUICK};
 use tests::prober::{Outcome, Prober, summarize};
 use tests::tun::Tun;
 
@@ -127,25 +127,21 @@ fn expect(what: impl Into<String>, addr: SocketAddr, open: bool) -> Expect {
 }
 
 /// Probes every expectation from `from` at once (silence costs the full timeout, so they run
-/// in parallel); prints each line and panics listing the ones that went the wrong way.
+/// in parallel); prints each line and panics listing the ones that went the wrong way. Open
+/// means answered; closed means silent (dropped), never refused (a RST got through).
 fn check(from: &OutsideHost, context: &str, expectations: &[Expect]) {
     let targets: Vec<_> = expectations
         .iter()
         .map(|e| (Proto::Tcp, e.addr, if e.open { PATIENT } else { QUICK }))
         .collect();
-    let reached = from.reachable_all(&targets);
+    let outcomes = from.outcome_all(&targets);
     let mut wrong = Vec::new();
-    for (e, reached) in expectations.iter().zip(reached) {
-        let line = format!(
-            "{context}: {:<40} {:<22} {}",
-            e.what,
-            e.addr.to_string(),
-            if reached { "reachable" } else { "blocked" }
-        );
+    for (e, outcome) in expectations.iter().zip(outcomes) {
+        let line = format!("{context}: {:<40} {:<22} {outcome}", e.what, e.addr.to_string());
         println!("{line}");
-        if reached != e.open {
-            wrong
-                .push(format!("{line}, expected {}", if e.open { "reachable" } else { "blocked" }));
+        let expected = if e.open { probe::Outcome::Answered } else { probe::Outcome::Silent };
+        if outcome != expected {
+            wrong.push(format!("{line}, expected {expected}"));
         }
     }
     assert!(wrong.is_empty(), "outside reachability is wrong:\n{}", wrong.join("\n"));

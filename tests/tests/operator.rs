@@ -21,7 +21,10 @@ use tests::{
     host::RoutingHost,
     netns::OutsideHost,
     prepare_test_bed,
-    probe::{PATIENT, QUICK},
+    probe::{
+        Outcome::{self, Silent},
+        PATIENT, QUICK,
+    },
 };
 
 const SUBNET_V4: &str = "10.249.0.0/24";
@@ -141,7 +144,7 @@ fn guard(args: &[&str]) -> std::process::Output {
 fn policy_file_rules_reload_and_audit_mode() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    assert!(!bed.a.tcp_connect(bed.db(), QUICK), "db is open before any rule");
+    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent, "db is not dropped before any rule");
 
     // A rule opens db to A, without recreating anything.
     let rule = format!(
@@ -191,7 +194,7 @@ fn policy_file_rules_reload_and_audit_mode() {
     // Back to enforce: closed again.
     bed.write_policy(&agent, "mode = \"enforce\"\n");
     assert!(
-        eventually(Duration::from_secs(10), || !bed.a.tcp_connect(web_8443, QUICK)),
+        eventually(Duration::from_secs(10), || bed.a.tcp_outcome(web_8443, QUICK) == Silent),
         "enforce mode did not close web:8443 again"
     );
     agent.unload();
@@ -213,12 +216,17 @@ fn explain_agrees_with_real_traffic() {
     ];
     let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
     for (target, reason) in cases {
-        let reached = bed.a.tcp_connect(target, if reason == "exposed" { PATIENT } else { QUICK });
+        let outcome = bed.a.tcp_outcome(target, if reason == "exposed" { PATIENT } else { QUICK });
         let out =
             guard(&["explain", &a, &format!("{target}/tcp"), "--pin-dir", &pin_dir, "--json"]);
         assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
         let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("explain --json");
-        let verdict = if reached { "pass" } else { "drop" };
+        // A drop is silence; a RST or ICMP error would mean the packet got through.
+        let verdict = match outcome {
+            Outcome::Answered => "pass",
+            Outcome::Silent => "drop",
+            Outcome::Refused => panic!("{target}: refused, so neither dropped nor served"),
+        };
         assert_eq!(e["verdict"], verdict, "explain {target} disagrees with real traffic: {e}");
         assert_eq!(e["reason"], reason, "explain {target}: {e}");
         assert!(e["container"].as_str().is_some_and(|c| c.starts_with("guard-e2e-op-")), "{e}");
@@ -238,8 +246,8 @@ fn drops_metrics_status_and_json_logs() {
 
     // A few connection attempts, then a bounded UDP burst to a closed port: far over the
     // kernel's event budget (50 per CPU and second), so some events must be suppressed.
-    assert!(!bed.a.tcp_connect(bed.db(), QUICK));
-    assert!(!bed.a.tcp_connect(bed.db_published(), QUICK));
+    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent);
+    assert_eq!(bed.a.tcp_outcome(bed.db_published(), QUICK), Silent);
     let target = SocketAddr::new(bed.db.ip().into(), 5999);
     let sent = bed.a.netns().run(|| {
         let socket = UdpSocket::bind((bed.a.v4(), 0)).unwrap();

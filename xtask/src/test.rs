@@ -55,7 +55,8 @@ impl Tier {
             ],
             Tier::Verdict => &["test", "--no-fail-fast", "-p", "tests", "--test", "verdict"],
             // Everything with a real dockerd: the seed scenario, lifecycle and faults, the
-            // agent as a container.
+            // agent as a container, attacks from an outside host and the replies they must
+            // not break.
             Tier::E2e => &[
                 "test",
                 "--no-fail-fast",
@@ -69,6 +70,8 @@ impl Tier {
                 "operator",
                 "--test",
                 "container",
+                "--test",
+                "adversary",
             ],
         }
     }
