@@ -111,6 +111,10 @@ pub trait Tables {
     fn source_trusted(&self, src: &Addr) -> bool;
     /// Whether the whole host is in audit mode.
     fn audit_all(&self) -> bool;
+    /// Whether the host would keep a unicast packet for `dst` rather than forward it: one of
+    /// its addresses, broadcast or anycast ones, or a local route (AnyIP), including any the
+    /// agent has not listed yet. Asked only on the would-pass path of a published port.
+    fn delivered_locally(&self, dst: &Addr) -> bool;
 }
 
 /// The container a container-bound packet is for, as the decision resolved it. Plain fields
@@ -237,12 +241,14 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
     }
 }
 
-/// The container port behind (`dst`, `proto`, `port`), if Docker publishes it there. A
-/// broadcast or multicast destination reaches whatever listens on the wildcard address
-/// (docker-proxy relays UDP and SCTP from it, and Docker does not NAT such packets), so it is
-/// looked up as the wildcard address of its family, where the agent puts every port published
-/// on `0.0.0.0` or `::`. The host's subnet broadcast and anycast addresses are host addresses
-/// to the agent, and are found directly.
+/// The container port behind (`dst`, `proto`, `port`), if Docker publishes it there. A port
+/// published on `0.0.0.0` or `::` is listed under every host address the agent knows, and
+/// under the wildcard address of its family. Any other destination the host keeps for itself
+/// reaches that wildcard socket too (docker-proxy relays from it, and Docker's DNAT takes
+/// every local address): broadcast and multicast, and unicast the kernel's FIB calls local
+/// though the agent has not listed it (an AnyIP route, an address added since its last pass).
+/// Those are looked up as the wildcard address. The FIB is asked only here, after the exact
+/// lookup missed on a published port, so ordinary traffic never pays for it.
 #[inline(always)]
 fn published_target<T: Tables>(
     tables: &T,
@@ -254,7 +260,7 @@ fn published_target<T: Tables>(
     if let Some(p) = tables.published(&key) {
         return Some(p);
     }
-    if !dst.is_group() {
+    if !dst.is_group() && !tables.delivered_locally(dst) {
         return None;
     }
     tables.published(&PublishedKey { addr: dst.wildcard(), port, proto, _pad: 0 })

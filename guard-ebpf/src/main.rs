@@ -20,8 +20,13 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as bpf_fib_lookup_t, xdp_action,
+    },
+    cty::c_void,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -105,7 +110,12 @@ fn prefilter_bit(entry: u32, bit: u16) -> bool {
 }
 
 /// The policy tables, as BPF maps.
-struct Maps;
+struct Maps {
+    /// The program's context (`xdp_md` or `__sk_buff`), for the FIB helper.
+    ctx: *mut c_void,
+    /// The interface the packet arrived on, for the FIB lookup.
+    ifindex: u32,
+}
 
 impl Tables for Maps {
     #[inline(always)]
@@ -167,7 +177,37 @@ impl Tables for Maps {
     fn audit_all(&self) -> bool {
         config_flag(CONFIG_AUDIT_ALL)
     }
+
+    /// The kernel's own answer: a FIB lookup as if forwarding the packet. Anything but "it
+    /// goes out through this neighbour" (a local, broadcast or anycast route; no route;
+    /// forwarding off on the interface; an error) is taken as kept here: the packet is then
+    /// judged by the wildcard publish, which can only close what the host would not forward.
+    #[inline(always)]
+    fn delivered_locally(&self, dst: &Addr) -> bool {
+        // struct bpf_fib_lookup as words: family | l4_protocol | sport, dport | tot_len,
+        // ifindex, tos/flowinfo, source (4 words), destination (4 words), vlan, MACs.
+        let mut params = [0u32; 16];
+        params[0] = if dst.is_v4() { AF_INET } else { AF_INET6 };
+        params[2] = self.ifindex;
+        if dst.is_v4() {
+            params[8] = dst.0[3];
+        } else {
+            params[8..12].copy_from_slice(&dst.0);
+        }
+        // SAFETY: `params` is the 64-byte struct the helper reads and writes.
+        let rc = unsafe {
+            bpf_fib_lookup(self.ctx, params.as_mut_ptr() as *mut bpf_fib_lookup_t, 64, 0)
+        };
+        !matches!(
+            rc as u32,
+            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
+        )
+    }
 }
+
+/// Address families, as `struct bpf_fib_lookup` takes them (the first byte of its first word).
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// The bytes of a packet in kernel memory, `[data, data_end)`.
 #[derive(Clone, Copy)]
@@ -231,7 +271,8 @@ pub fn guard_xdp_ip(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let decision = judge_frame(frame, framing, ctx.ingress_ifindex() as u32, 0);
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 };
+    let decision = judge(&maps, parser::parse(&frame, framing), 0);
     count(&GUARD_COUNTERS, decision);
     match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
@@ -239,19 +280,14 @@ fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
     }
 }
 
-/// Parses and decides; a drop (or audited would-drop) is recorded with `flags` added.
+/// Decides; a drop (or audited would-drop) is recorded with `flags` added.
 #[inline(always)]
-fn judge_frame(frame: Frame, framing: Framing, ifindex: u32, flags: u8) -> Decision {
-    judge(parser::parse(&frame, framing), ifindex, flags)
-}
-
-#[inline(always)]
-fn judge(parsed: Result<Packet, Reason>, ifindex: u32, flags: u8) -> Decision {
-    let (decision, resolved) = decide_parsed(&Maps, parsed);
+fn judge(maps: &Maps, parsed: Result<Packet, Reason>, flags: u8) -> Decision {
+    let (decision, resolved) = decide_parsed(maps, parsed);
     if decision.reason.verdict() == Verdict::Drop
         && let Ok(packet) = parsed
     {
-        record_drop(&packet, decision, resolved, ifindex, flags);
+        record_drop(&packet, decision, resolved, maps.ifindex, flags);
     }
     decision
 }
@@ -273,7 +309,8 @@ pub fn guard_tc_gate(ctx: TcContext) -> i32 {
     let Some(ingress) = uplink_ingress(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let decision = judge(parse_skb(&ctx), ingress, DROP_AT_GATE);
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress };
+    let decision = judge(&maps, parse_skb(&ctx), DROP_AT_GATE);
     count(&GUARD_GATE, decision);
     match decision.verdict() {
         Verdict::Pass => TC_ACT_UNSPEC,
@@ -356,8 +393,11 @@ fn record_started_here(ctx: &TcContext, framing: Framing) {
 #[inline(always)]
 fn record_outbound(ctx: &TcContext, framing: Framing) {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress };
     if let Ok(packet) = parser::parse(&frame, framing)
-        && let Some(flow) = flow_to_remember(&Maps, &packet)
+        && let Some(flow) = flow_to_remember(&maps, &packet)
     {
         remember(&flow);
     }

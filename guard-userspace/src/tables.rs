@@ -173,6 +173,12 @@ impl Tables for TableSet {
     fn audit_all(&self) -> bool {
         self.config.flags & CONFIG_AUDIT_ALL != 0
     }
+
+    /// The host addresses the agent listed; the kernel also asks its FIB, which can know
+    /// more (see [`guard_common::decision::Tables::delivered_locally`]).
+    fn delivered_locally(&self, dst: &Addr) -> bool {
+        self.addrs.get(dst).is_some_and(|info| info.kind == AddrInfo::HOST)
+    }
 }
 
 /// The reference with flow memory: `tables` plus the flows the egress program has seen.
@@ -211,6 +217,9 @@ impl Tables for WithFlows<'_> {
     }
     fn audit_all(&self) -> bool {
         self.tables.audit_all()
+    }
+    fn delivered_locally(&self, dst: &Addr) -> bool {
+        self.tables.delivered_locally(dst)
     }
 }
 

@@ -78,6 +78,7 @@ impl Loaded {
             nix::unistd::geteuid().is_root(),
             "the verdict tier needs root: run `cargo xtask test`"
         );
+        isolate_network();
         // Tests run on parallel threads of one process: each loads into a directory of its own.
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +183,40 @@ impl Loaded {
         let shared = decide_parsed(&model, parse(&bytes.as_slice(), frame.framing)).0;
         assert_eq!(shared, Decision::enforced(expected), "{name}: shared parser");
     }
+}
+
+/// Runs this test's thread in a network namespace of its own (it goes with the thread), whose
+/// FIB forwards every unicast destination through a veth (default routes, forwarding on) and
+/// keeps nothing local but loopback: the program's FIB lookups then see the host the reference
+/// sees, whatever this machine's own routes and addresses are.
+fn isolate_network() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("a network namespace for this test thread");
+    for args in [
+        "link set lo up",
+        "link add gv0 type veth peer name gv1",
+        "link set gv0 up",
+        "link set gv1 up",
+        "addr add 100.64.0.1/30 dev gv0",
+        "route add default via 100.64.0.2",
+        "-6 addr add fd99::1/64 dev gv0 nodad",
+        "-6 route add default via fd99::2",
+    ] {
+        ip(args);
+    }
+    for sysctl in ["ipv4/conf/all/forwarding", "ipv6/conf/all/forwarding"] {
+        std::fs::write(format!("/proc/sys/net/{sysctl}"), "1")
+            .unwrap_or_else(|e| panic!("net.{sysctl} = 1: {e}"));
+    }
+}
+
+/// `ip ARGS` in this thread's network namespace.
+fn ip(args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap_or_else(|e| panic!("ip {args}: {e} (apt-get install -y iproute2)"));
+    assert!(status.success(), "ip {args}: {status}");
 }
 
 impl Drop for Loaded {
@@ -1198,5 +1233,49 @@ fn answers_to_trusted_or_audited_sources_are_not_remembered() {
         g.run_tc(Hook::BridgeIngress, &frame.bytes(), BRIDGE);
         let added: Vec<FlowKey> = g.remembered().difference(&before).copied().collect();
         assert_eq!(added, expected.into_iter().collect::<Vec<_>>(), "{name}: remembered");
+    }
+}
+
+#[test]
+fn local_routes_the_agent_never_listed_reach_the_wildcard_publish() {
+    // The kernel keeps for itself whatever its FIB calls local, listed by the agent or not:
+    // an AnyIP route here. docker-proxy's wildcard socket (and Docker's DNAT for local
+    // addresses) receives those packets, so they are judged by the port's rule. Written by
+    // hand: the reference knows only the addresses the agent listed.
+    let mut g = Loaded::seed();
+    ip("route add local 198.18.200.0/24 dev lo");
+    ip("-6 route add local 2001:db8:200::/64 dev lo");
+    let cases = [
+        (
+            "AnyIP v4, db's published port",
+            Frame::new(OUTSIDE_A, "198.18.200.7", Tcp(5432)),
+            Reason::Closed,
+        ),
+        (
+            "AnyIP v6, db's published port",
+            Frame::new(OUTSIDE6, "2001:db8:200::7", Tcp(5432)),
+            Reason::Closed,
+        ),
+        (
+            "AnyIP v4, web's exposed port",
+            Frame::new(OUTSIDE_A, "198.18.200.7", Tcp(10443)),
+            Reason::Exposed,
+        ),
+        (
+            "AnyIP v4, an unpublished port",
+            Frame::new(OUTSIDE_A, "198.18.200.7", Tcp(22)),
+            Reason::NotContainerBound,
+        ),
+        (
+            "routed on, a published port number",
+            Frame::new(OUTSIDE_A, "192.0.2.80", Tcp(5432)),
+            Reason::NotContainerBound,
+        ),
+    ];
+    for (name, frame, expected) in &cases {
+        let before = g.counter(*expected);
+        let want = if expected.verdict() == Verdict::Pass { XDP_PASS } else { XDP_DROP };
+        assert_eq!(g.run(&frame.bytes(), Framing::Ethernet), want, "{name}: kernel verdict");
+        assert_eq!(g.counter(*expected) - before, 1, "{name}: counted as {expected:?}");
     }
 }
