@@ -135,6 +135,12 @@ impl Decision {
         self.reason as u32 + if self.audited { Reason::COUNT } else { 0 }
     }
 
+    /// The decision counted in `slot` (see [`Decision::counter_slot`]).
+    pub fn from_counter_slot(slot: u32) -> Option<Decision> {
+        let reason = Reason::from_u32(slot % Reason::COUNT)?;
+        (slot < COUNTER_SLOTS).then_some(Decision { reason, audited: slot >= Reason::COUNT })
+    }
+
     pub const fn enforced(reason: Reason) -> Decision {
         Decision { reason, audited: false }
     }

@@ -13,6 +13,9 @@
 //! - `guard_tc_bridge_in` (TCX ingress) remembers the flows containers start, so the gate lets
 //!   their replies through.
 //!
+//! `guard_explain` / `guard_explain_ip` are never attached: `guard explain` runs them on a
+//! packet it makes up, and they return the decision instead of acting on it.
+//!
 //! Entry points are thin and total: parse with the shared [`guard_common::parse`], decide with
 //! the shared [`guard_common::decision`], count the reason, return the reason's verdict.
 //! No logging on the packet path.
@@ -278,6 +281,28 @@ fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
+}
+
+/// `guard explain`: the filter's decision on a packet the agent made up, returned (as its
+/// counter slot, see [`Decision::counter_slot`]) instead of acted on. Nothing is counted and
+/// no drop event is emitted, so asking never shows up as traffic. Run only through
+/// BPF_PROG_TEST_RUN, never attached.
+#[xdp]
+pub fn guard_explain(ctx: XdpContext) -> u32 {
+    explain(&ctx, Framing::Ethernet)
+}
+
+/// [`guard_explain`] for links whose frames start with the IP header.
+#[xdp]
+pub fn guard_explain_ip(ctx: XdpContext) -> u32 {
+    explain(&ctx, Framing::Ip)
+}
+
+#[inline(always)]
+fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 };
+    decide_parsed(&maps, parser::parse(&frame, framing)).0.counter_slot()
 }
 
 /// Decides; a drop (or audited would-drop) is recorded with `flags` added.

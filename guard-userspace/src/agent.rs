@@ -35,7 +35,7 @@ use crate::{
     desired::desired_state,
     docker::{DockerClient, DockerError},
     identities::Identities,
-    interfaces::{self, Link},
+    interfaces::{self, Framing, Link},
     loader,
     maps::PolicyMaps,
     pins::{Hook, Pins},
@@ -355,6 +355,13 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
         loader::pin_program(ebpf, hook, framing, &path).with_context(|| {
             format!("pinning the {} program at {}", hook.name(), path.display())
         })?;
+    }
+    for framing in [Framing::Ethernet, Framing::Ip] {
+        let path = pins.explain_program(framing);
+        remove_old_pin(&path)?;
+        loader::explain_program(ebpf, framing)?
+            .pin(&path)
+            .with_context(|| format!("pinning the explain program at {}", path.display()))?;
     }
     Ok(())
 }

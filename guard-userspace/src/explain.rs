@@ -1,10 +1,10 @@
 //! `guard explain SRC DST[:PORT[/PROTO]]`: why a packet from SRC to DST gets its verdict.
 //!
-//! The verdict is the kernel's: the pinned XDP program — the one attached to the uplinks —
-//! runs on a synthesised frame through BPF_PROG_TEST_RUN. The reason comes from the program's
-//! own counters when the host is quiet enough to tell (exactly one counter moved), and from the
-//! reference decision over the pinned maps otherwise; the rule and the container come from the
-//! desired state, named through Docker.
+//! The decision is the kernel's: the pinned explain program (the filter's own code over the
+//! pinned maps, in the framing of the interface the packet arrives on) runs on a synthesised
+//! frame through BPF_PROG_TEST_RUN and returns its decision instead of acting on it, so asking
+//! is never counted as traffic. The container and port come from the reference over the same
+//! maps, the rule from the desired state, named through Docker.
 
 use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path, str::FromStr};
 
@@ -76,9 +76,6 @@ pub struct Explanation {
     pub rule: String,
     /// One sentence for people.
     pub detail: String,
-    /// Whether the reason was read from the kernel's own counters (else: the reference
-    /// decision over the pinned maps, which agreed with the kernel's verdict).
-    pub reason_from_kernel: bool,
 }
 
 pub async fn explain(
@@ -109,7 +106,19 @@ pub async fn explain(
         Some((port, Proto::Sctp)) => Transport::Sctp(port),
         None => Transport::Icmp,
     };
-    let (ifindex, framing) = interface(pins, iface)?;
+    let Arriving { ifindex, framing, unguarded } = interface(pins, iface)?;
+    if let Some(name) = unguarded {
+        return Ok(Explanation {
+            verdict: "pass",
+            reason: "not_guarded",
+            audited: false,
+            container: None,
+            rule: format!("none: guard does not run on {name}"),
+            detail: format!(
+                "{name} is not an interface guard protects (not an uplink, or trusted): nothing arriving on it is judged"
+            ),
+        });
+    }
     let frame = Frame {
         src: query.src,
         dst: query.dst,
@@ -117,20 +126,22 @@ pub async fn explain(
         ..Frame::new("0.0.0.0", "0.0.0.0", transport)
     };
     let bytes = frame.bytes();
-    let (kernel_verdict, kernel_decision) = run_pinned(pins, &maps, &bytes, ifindex, framing)?;
+    let decision = run_pinned(pins, &bytes, ifindex, framing)?;
 
+    // The container and port the packet resolves to, from the reference over the same maps
+    // (the kernel returns only its decision).
     let parsed = guard_common::parse::parse(&bytes.as_slice(), frame.framing);
     let (reference, resolved) =
         decide_parsed(&WithFlows { tables: &tables, flows: &flows }, parsed);
-    let decision = match kernel_decision {
-        Some(d) => d,
-        None if reference.verdict() == kernel_verdict => reference,
-        None => bail!(
-            "the kernel says {kernel_verdict:?} but the maps say {:?} ({}): is an agent of another version running?",
+    if reference.verdict() != decision.verdict() {
+        bail!(
+            "the kernel says {:?} ({}) but the maps say {:?} ({}): is an agent of another version running?",
+            decision.verdict(),
+            decision.reason.name(),
             reference.verdict(),
             reference.reason.name()
-        ),
-    };
+        );
+    }
 
     // Name the container and the rule through Docker and the policy file (best effort: the
     // verdict above stands without them).
@@ -146,20 +157,33 @@ pub async fn explain(
     let rule = rule_for(decision, policy.as_ref(), port, query.src);
     let detail = detail(decision, &query, container.as_deref(), port, resolved.published != 0);
     Ok(Explanation {
-        verdict: if kernel_verdict == Verdict::Pass { "pass" } else { "drop" },
+        verdict: if decision.verdict() == Verdict::Pass { "pass" } else { "drop" },
         reason: decision.reason.name(),
         audited: decision.audited,
         container,
         rule,
         detail,
-        reason_from_kernel: kernel_decision.is_some(),
     })
 }
 
-/// The interface a packet is explained as arriving on (the one named, or the first guarded
-/// uplink), and how that link frames its packets.
-fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<(u32, Framing)> {
+/// Where an explained packet arrives, and how that link frames its packets.
+struct Arriving {
+    ifindex: u32,
+    framing: Framing,
+    /// The interface named, if guard does not run on it.
+    unguarded: Option<String>,
+}
+
+/// The interface a packet is explained as arriving on: the one named, or the first guarded
+/// uplink.
+fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<Arriving> {
     let links = interfaces::links()?;
+    let guarded: Vec<u32> = pins
+        .pinned_links()?
+        .iter()
+        .filter(|(hook, _, _)| *hook == Hook::Xdp)
+        .map(|(_, ifindex, _)| *ifindex)
+        .collect();
     let link = match iface {
         Some(name) => Some(
             links
@@ -167,15 +191,15 @@ fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<(u32, Framing)>
                 .find(|l| l.name == name)
                 .ok_or_else(|| anyhow::anyhow!("no interface named {name} (see `ip link`)"))?,
         ),
-        None => pins
-            .pinned_links()?
-            .iter()
-            .find(|(h, _, _)| *h == Hook::Xdp)
-            .and_then(|(_, ifindex, _)| links.iter().find(|l| l.ifindex == *ifindex)),
+        None => guarded.first().and_then(|ifindex| links.iter().find(|l| l.ifindex == *ifindex)),
     };
     let Some(link) = link else {
-        return Ok((0, Framing::Ethernet));
+        return Ok(Arriving { ifindex: 0, framing: Framing::Ethernet, unguarded: None });
     };
+    if !guarded.contains(&link.ifindex) {
+        let unguarded = Some(link.name.clone());
+        return Ok(Arriving { ifindex: link.ifindex, framing: Framing::Ethernet, unguarded });
+    }
     let framing = link.framing().ok_or_else(|| {
         anyhow::anyhow!(
             "{} has link type {}, which guard cannot read: nothing on it is judged",
@@ -183,46 +207,35 @@ fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<(u32, Framing)>
             link.link_type
         )
     })?;
-    Ok((link.ifindex, framing))
+    Ok(Arriving { ifindex: link.ifindex, framing, unguarded: None })
 }
 
-/// Runs the pinned program of `framing` once on `frame`, as if it arrived on `ifindex`; the
-/// verdict, and the decision if exactly one counter moved (on a busy host other packets move
-/// them too).
+/// Runs the pinned explain program of `framing` once on `frame`, as if it arrived on
+/// `ifindex`: the kernel's decision, returned instead of acted on (nothing is counted, no drop
+/// event is emitted, so asking never looks like traffic).
 fn run_pinned(
     pins: &Pins,
-    maps: &PolicyMaps,
     frame: &[u8],
     ifindex: u32,
     framing: Framing,
-) -> anyhow::Result<(Verdict, Option<Decision>)> {
-    let path = pins.program(Hook::Xdp, framing);
+) -> anyhow::Result<Decision> {
+    let path = pins.explain_program(framing);
     let program = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
-        .with_context(|| format!("opening the pinned program {}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the pinned program {} (an agent of this version pins it: restart `guard run`)",
+                path.display()
+            )
+        })?;
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: Vec<u8> =
         [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let before = maps.counters()?;
     let result = program
         .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..Default::default() })
         .context("running the pinned program (BPF_PROG_TEST_RUN)")?;
-    let after = maps.counters()?;
-    let moved: Vec<(Decision, u64)> = after
-        .iter()
-        .zip(&before)
-        .filter(|((_, a), (_, b))| a != b)
-        .map(|((d, a), (_, b))| (*d, a - b))
-        .collect();
-    let verdict = match result.return_value {
-        1 => Verdict::Drop,
-        2 => Verdict::Pass,
-        other => bail!("the program returned {other}, neither XDP_DROP nor XDP_PASS"),
-    };
-    let decision = match moved.as_slice() {
-        [(d, 1)] => Some(*d),
-        _ => None,
-    };
-    Ok((verdict, decision))
+    Decision::from_counter_slot(result.return_value).ok_or_else(|| {
+        anyhow::anyhow!("the explain program returned {}, no decision", result.return_value)
+    })
 }
 
 /// The desired-state view of the container behind `target`.
@@ -342,9 +355,6 @@ pub fn render(e: &Explanation) -> String {
     }
     let _ = writeln!(out, "rule: {}", e.rule);
     let _ = writeln!(out, "{}", e.detail);
-    if !e.reason_from_kernel {
-        out.push_str("(the host is busy: the reason is the reference decision over the pinned maps, which agrees with the kernel's verdict)\n");
-    }
     out
 }
 

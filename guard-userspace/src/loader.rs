@@ -26,6 +26,15 @@ pub const PROGRAMS: [(Hook, Framing); 6] = [
     (Hook::BridgeIngress, Framing::Ethernet),
 ];
 
+/// The entry point `guard explain` runs for links of `framing`: the filter's decision,
+/// returned instead of acted on (never attached, nothing counted).
+pub fn explain_program_name(framing: Framing) -> &'static str {
+    match framing {
+        Framing::Ethernet => "guard_explain",
+        Framing::Ip => "guard_explain_ip",
+    }
+}
+
 /// The entry point in guard-ebpf that runs on `hook` for links of `framing`.
 pub fn program_name(hook: Hook, framing: Framing) -> &'static str {
     match (hook, framing) {
@@ -75,7 +84,17 @@ fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
             _ => tc_program_for(&mut ebpf, hook, framing)?.load()?,
         }
     }
+    for framing in [Framing::Ethernet, Framing::Ip] {
+        explain_program(&mut ebpf, framing)?.load()?;
+    }
     Ok(ebpf)
+}
+
+/// The explain program for links of `framing` (an XDP program, never attached).
+pub fn explain_program(ebpf: &mut Ebpf, framing: Framing) -> Result<&mut Xdp, LoadError> {
+    let name = explain_program_name(framing);
+    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+    Ok(program.try_into()?)
 }
 
 /// The XDP program for Ethernet uplinks.

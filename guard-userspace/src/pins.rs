@@ -153,6 +153,14 @@ impl Pins {
         self.root.join(format!("{}{suffix}_program", hook.name().replace('-', "_")))
     }
 
+    /// The pinned explain program for links of `framing` (see [`crate::loader`]).
+    pub fn explain_program(&self, framing: crate::interfaces::Framing) -> PathBuf {
+        match framing {
+            crate::interfaces::Framing::Ethernet => self.root.join("explain_program"),
+            crate::interfaces::Framing::Ip => self.root.join("explain_ip_program"),
+        }
+    }
+
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }

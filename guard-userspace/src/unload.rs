@@ -29,6 +29,9 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for (hook, framing) in crate::loader::PROGRAMS {
         remove_file(&pins.program(hook, framing))?;
     }
+    for framing in [crate::interfaces::Framing::Ethernet, crate::interfaces::Framing::Ip] {
+        remove_file(&pins.explain_program(framing))?;
+    }
     // Every layout's maps: this build's and any an agent of another version left.
     let mut maps = 0;
     let layouts: Vec<std::path::PathBuf> = fs::read_dir(pins.layouts_dir())

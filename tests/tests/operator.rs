@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use guard_userspace::{maps::PolicyMaps, pins::Pins};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     Exclusive,
@@ -235,6 +236,41 @@ fn explain_agrees_with_real_traffic() {
     // The text form: the verdict alone on the first line.
     let out = guard(&["explain", &a, &format!("{}/tcp", bed.db()), "--pin-dir", &pin_dir]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some("drop"));
+
+    // Asking is not traffic: no drop is counted, per reason or per container port.
+    let maps = PolicyMaps::from_pins(&Pins::new(agent.pin_dir())).expect("the agent's maps");
+    let drops = |maps: &PolicyMaps| {
+        let closed = maps
+            .counters()
+            .unwrap()
+            .into_iter()
+            .find(|(d, _)| d.reason == guard_common::reason::Reason::Closed && !d.audited);
+        (closed, maps.drops().unwrap())
+    };
+    let before = drops(&maps);
+    for _ in 0..3 {
+        let out = guard(&["explain", &a, &format!("{}/tcp", bed.db()), "--pin-dir", &pin_dir]);
+        assert!(out.status.success(), "explain: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(drops(&maps), before, "explain moved the drop counters");
+
+    // An interface guard does not run on is said to be one.
+    let out = guard(&[
+        "explain",
+        &a,
+        &format!("{}/tcp", bed.db()),
+        "--iface",
+        "lo",
+        "--pin-dir",
+        &pin_dir,
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("explain --json");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("pass"), Some("not_guarded")),
+        "{e}"
+    );
     agent.unload();
 }
 
