@@ -40,27 +40,69 @@ pub struct Query {
     pub port: Option<(u16, Proto)>,
 }
 
-/// `DST[:PORT[/PROTO]]`; IPv6 with a port in brackets (`[fd00::4]:443/tcp`).
-pub fn parse_destination(s: &str) -> anyhow::Result<(IpAddr, Option<(u16, Proto)>)> {
+/// Where a packet to explain goes: an address, or a container named as Docker names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    Address(IpAddr),
+    Container(String),
+}
+
+/// `DST[:PORT[/PROTO]]`, DST an address or a container's name; IPv6 with a port in brackets
+/// (`[fd00::4]:443/tcp`).
+pub fn parse_destination(s: &str) -> anyhow::Result<(Destination, Option<(u16, Proto)>)> {
     let bad = || {
         anyhow::anyhow!(
-            "{s:?}: expected ADDRESS[:PORT[/PROTO]], e.g. 172.17.0.2:5432/tcp or [fd00::4]:443"
+            "{s:?}: expected ADDRESS[:PORT[/PROTO]] or CONTAINER[:PORT[/PROTO]], e.g. 172.17.0.2:5432/tcp, [fd00::4]:443 or db:5432"
         )
     };
-    if let Ok(ip) = IpAddr::from_str(s) {
-        return Ok((ip, None));
-    }
-    let (host, port) = match s.strip_prefix('[') {
-        Some(rest) => rest.split_once("]:").ok_or_else(bad)?,
-        None => s.rsplit_once(':').ok_or_else(bad)?,
+    let destination = |host: &str| match IpAddr::from_str(host) {
+        Ok(ip) => Some(Destination::Address(ip)),
+        // Docker's names: [a-zA-Z0-9][a-zA-Z0-9_.-]*
+        Err(_) if is_container_name(host) => Some(Destination::Container(host.to_string())),
+        Err(_) => None,
     };
-    let ip: IpAddr = host.parse().map_err(|_| bad())?;
+    if let Some(whole) = destination(s) {
+        return Ok((whole, None));
+    }
+    let (dst, port) = match s.strip_prefix('[') {
+        // Brackets hold an IPv6 address, nothing else.
+        Some(rest) => {
+            let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+            let ip: std::net::Ipv6Addr = host.parse().map_err(|_| bad())?;
+            (Destination::Address(ip.into()), port)
+        }
+        None => {
+            let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+            (destination(host).ok_or_else(bad)?, port)
+        }
+    };
     let (port, proto) = port.split_once('/').unwrap_or((port, "tcp"));
     let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
     let proto: Proto = proto
         .parse()
         .map_err(|()| anyhow::anyhow!("unknown protocol {proto:?}: expected tcp, udp or sctp"))?;
-    Ok((ip, Some((port, proto))))
+    Ok((dst, Some((port, proto))))
+}
+
+fn is_container_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// The address of the container named `name` in the family of `src` (through Docker).
+pub async fn container_address(name: &str, src: IpAddr) -> anyhow::Result<IpAddr> {
+    let docker = DockerClient::connect().await?;
+    let snapshot = docker.snapshot().await?;
+    let container =
+        snapshot.containers.iter().find(|c| c.name == name).ok_or_else(|| {
+            anyhow::anyhow!("no running container named {name} (see `docker ps`)")
+        })?;
+    let family = if src.is_ipv4() { "IPv4" } else { "IPv6" };
+    container.addresses.iter().copied().find(|a| a.is_ipv4() == src.is_ipv4()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "container {name} has no {family} address, and the source {src} is {family}"
+        )
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -364,7 +406,8 @@ mod tests {
 
     #[test]
     fn destinations_parse() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ip = |s: &str| Destination::Address(s.parse::<IpAddr>().unwrap());
+        let name = |s: &str| Destination::Container(s.to_string());
         assert_eq!(parse_destination("172.17.0.2").unwrap(), (ip("172.17.0.2"), None));
         assert_eq!(
             parse_destination("172.17.0.2:5432").unwrap(),
@@ -379,9 +422,21 @@ mod tests {
             (ip("fd00::4"), Some((443, Proto::Tcp)))
         );
         assert_eq!(parse_destination("fd00::4").unwrap(), (ip("fd00::4"), None));
-        for bad in
-            ["", "host:80", "10.0.0.1:0", "10.0.0.1:99999", "10.0.0.1:80/icmp", "[fd00::4]443"]
-        {
+        assert_eq!(parse_destination("db").unwrap(), (name("db"), None));
+        assert_eq!(
+            parse_destination("my_app-db.1:5432/tcp").unwrap(),
+            (name("my_app-db.1"), Some((5432, Proto::Tcp)))
+        );
+        for bad in [
+            "",
+            "10.0.0.1:0",
+            "10.0.0.1:99999",
+            "10.0.0.1:80/icmp",
+            "[fd00::4]443",
+            "-db:80",
+            "db/x:80",
+            "[db]:80",
+        ] {
             assert!(parse_destination(bad).is_err(), "{bad:?}");
         }
     }

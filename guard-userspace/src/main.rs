@@ -98,7 +98,8 @@ enum Command {
     Explain {
         /// The source address (an outside host).
         src: IpAddr,
-        /// ADDRESS[:PORT[/PROTO]]; IPv6 with a port in brackets. Without a port: ICMP.
+        /// ADDRESS[:PORT[/PROTO]] or CONTAINER[:PORT[/PROTO]] (a running container's name; its
+        /// address in the source's family); IPv6 with a port in brackets. Without a port: ICMP.
         #[arg(value_name = "DST[:PORT[/PROTO]]")]
         dst: String,
         /// The interface the packet arrives on (default: the first protected uplink).
@@ -167,6 +168,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Explain { src, dst, iface, json, paths } => {
             let (dst, port) = explain::parse_destination(&dst)?;
+            let dst = match dst {
+                explain::Destination::Address(ip) => ip,
+                explain::Destination::Container(name) => {
+                    runtime.block_on(explain::container_address(&name, src))?
+                }
+            };
             let query = explain::Query { src, dst, port };
             let pins = Pins::new(paths.pin_dir);
             let e = runtime.block_on(explain::explain(

@@ -237,6 +237,19 @@ fn explain_agrees_with_real_traffic() {
     let out = guard(&["explain", &a, &format!("{}/tcp", bed.db()), "--pin-dir", &pin_dir]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next(), Some("drop"));
 
+    // A container's name stands for its address.
+    let by_name = |dst: String| {
+        let out = guard(&["explain", &a, &dst, "--pin-dir", &pin_dir, "--json"]);
+        assert!(out.status.success(), "explain {dst}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("explain --json")
+    };
+    let named = by_name(format!("{}:5432/tcp", bed.db.name()));
+    let addressed = by_name(format!("{}/tcp", bed.db()));
+    assert_eq!(named, addressed, "explain by name and by address");
+    let out = guard(&["explain", &a, "guard-e2e-op-nosuch:80", "--pin-dir", &pin_dir]);
+    assert!(!out.status.success(), "an unknown container is an error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no running container named"));
+
     // Asking is not traffic: no drop is counted, per reason or per container port.
     let maps = PolicyMaps::from_pins(&Pins::new(agent.pin_dir())).expect("the agent's maps");
     let drops = |maps: &PolicyMaps| {
