@@ -75,6 +75,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = http::bind(opts.metrics_addr).await?;
 
     let mut ebpf = loader::load(&opts.pins)?;
+    // Before anything pinned is touched: two agents on one pin directory would undo each
+    // other's map entries every pass. Loading alone changed nothing.
+    let _owner = opts.pins.claim()?;
     pin_programs(&mut ebpf, &opts.pins)?;
     let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
     let events =

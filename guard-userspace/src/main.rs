@@ -120,6 +120,10 @@ enum Command {
     Unload {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Unload even while an agent runs on the pin directory (which leaves its containers
+        /// unprotected until it is restarted).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -203,8 +207,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Unload { pin_dir } => {
-            match unload::unload(&Pins::new(&pin_dir))? {
+        Command::Unload { pin_dir, force } => {
+            let running = if force { unload::Running::Override } else { unload::Running::Refuse };
+            match unload::unload_checked(&Pins::new(&pin_dir), running)? {
                 Unloaded::NothingThere => {
                     println!("nothing to unload: no pins at {}", pin_dir.display())
                 }

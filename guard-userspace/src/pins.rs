@@ -73,6 +73,20 @@ pub enum PinError {
         "{path}, on the way to the pin directory, {problem}: whoever can write there can replace the pin directory; choose a --pin-dir whose parents only root can write"
     )]
     UntrustedParent { path: PathBuf, problem: Untrusted },
+    #[error(
+        "another guard agent is running on {root} (one agent per pin directory): stop it first, or choose another --pin-dir"
+    )]
+    Owned { root: PathBuf },
+    #[error("cannot lock pin directory {root}: {source}")]
+    Lock { root: PathBuf, source: io::Error },
+}
+
+/// The claim of one agent on a pin directory, held while it lives: an flock on the directory
+/// itself, so it holds across containers sharing the bpffs and is released by the kernel when
+/// the agent dies, however it dies.
+#[derive(Debug)]
+pub struct Owner {
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// Why a directory on the way to, or under, the pin root is not trusted.
@@ -198,6 +212,19 @@ impl Pins {
             check_dir(&entry.path())?;
         }
         Ok(())
+    }
+
+    /// Claims the (existing) pin root for this process; refused while another holds it.
+    pub fn claim(&self) -> Result<Owner, PinError> {
+        let lock_err = |source| PinError::Lock { root: self.root.clone(), source };
+        let dir = fs::File::open(&self.root).map_err(lock_err)?;
+        match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Owner { _lock: lock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                Err(PinError::Owned { root: self.root.clone() })
+            }
+            Err((_, errno)) => Err(lock_err(io::Error::from(errno))),
+        }
     }
 
     /// The links pinned under this root: hook, interface index, pin.

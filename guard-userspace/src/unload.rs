@@ -5,7 +5,7 @@ use std::{fs, io, path::Path};
 
 use guard_common::maps as names;
 
-use crate::pins::Pins;
+use crate::pins::{PinError, Pins};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unloaded {
@@ -17,6 +17,43 @@ pub enum Unloaded {
     },
 }
 
+/// Whether `unload` may remove the pins of a running agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Running {
+    /// Refuse: removing them would open everything behind the agent's back.
+    Refuse,
+    /// Remove them anyway (`--force`).
+    Override,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnloadError {
+    #[error(
+        "an agent is running on {root}: stop it first (unloading under it leaves every container open), or `guard unload --force`"
+    )]
+    Running { root: std::path::PathBuf },
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// [`unload`], unless an agent owns the pins and `running` says to refuse.
+pub fn unload_checked(pins: &Pins, running: Running) -> Result<Unloaded, UnloadError> {
+    if !pins.exists() {
+        return Ok(Unloaded::NothingThere);
+    }
+    // Held while removing, so no agent starts on the pins half-way.
+    let _owner = match pins.claim() {
+        Ok(owner) => Some(owner),
+        Err(PinError::Owned { .. }) if running == Running::Override => None,
+        Err(PinError::Owned { root }) => return Err(UnloadError::Running { root }),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(unload(pins)?)
+}
+
+/// Removes everything pinned under `pins`, whoever owns it.
 pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     if !pins.exists() {
         return Ok(Unloaded::NothingThere);

@@ -1401,7 +1401,7 @@ fn foreign_interfaces(ours: &[&str]) -> Vec<String> {
 /// qdisc on the uplink or the Docker bridge (iproute2), no TCX link (bpftool's link list;
 /// this bpftool predates `net show` listing TCX), no pins. A second unload says there is
 /// nothing to unload and succeeds. The outside host then reaches the container again, as
-/// before guard.
+/// before guard. While the agent runs, a second agent and an unload on its pins are refused.
 #[test]
 fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     let _exclusive = prepare_test_bed();
@@ -1422,11 +1422,26 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
         "fewer kernel objects than expected: {mine:?}"
     );
     check(&a, "agent running", &[expect("closed", sock(ip, 80), false)]);
-    agent.terminate();
 
+    // One agent per pin directory: a second `guard run` is refused, and so is an unload
+    // under the running agent; both leave its protection as it was.
     let guard = tests::agent::guard_bin();
     let guard = guard.to_string_lossy();
     let dir = pin_dir.to_string_lossy();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], observe::free_local_port())).to_string();
+    let second_agent = try_run(
+        &guard,
+        &["run", "--pin-dir", &dir, "--iface", a.host_end(), "--metrics-addr", &metrics],
+    );
+    let refused = second_agent.expect_err("a second agent on the same pins must be refused");
+    assert!(refused.contains("another guard agent is running"), "{refused}");
+    let early = try_run(&guard, &["unload", "--pin-dir", &dir]);
+    let refused = early.expect_err("unload under a running agent must be refused");
+    assert!(refused.contains("an agent is running") && refused.contains("--force"), "{refused}");
+    assert!(pin_dir.exists(), "the refused unload removed pins");
+    check(&a, "after the refused unload", &[expect("closed", sock(ip, 80), false)]);
+    agent.terminate();
+
     let first = run(&guard, &["unload", "--pin-dir", &dir]);
     println!("first unload: {}", first.trim());
     assert!(first.contains("unloaded"), "unexpected output of guard unload: {first}");
