@@ -33,10 +33,10 @@ use crate::{
 };
 
 const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -45,9 +45,9 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
-const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_DSTOPTS: u8 = 60;
 
 /// VLAN tags (802.1Q and 802.1ad, in any mix) walked before the frame is called unreadable.
 /// Real networks use one or two; the kernel strips any number of VID-0 priority tags.
@@ -133,6 +133,10 @@ pub enum Framing {
     Ethernet,
     /// The IP header first (tun, WireGuard, ipip, sit, GRE, PPP: generic XDP starts there).
     Ip,
+}
+
+impl Framing {
+    pub const ALL: [Framing; 2] = [Framing::Ethernet, Framing::Ip];
 }
 
 #[inline(always)]

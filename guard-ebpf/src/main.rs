@@ -271,10 +271,17 @@ pub fn guard_xdp_ip(ctx: XdpContext) -> u32 {
     filter(&ctx, Framing::Ip)
 }
 
+/// What every XDP entry reads a packet with: its bytes, and the maps as seen from the
+/// interface it arrived on.
+#[inline(always)]
+fn xdp_inputs(ctx: &XdpContext) -> (Frame, Maps) {
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    (frame, Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 })
+}
+
 #[inline(always)]
 fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 };
+    let (frame, maps) = xdp_inputs(ctx);
     let decision = judge(&maps, parser::parse(&frame, framing), 0);
     count(&GUARD_COUNTERS, decision);
     match decision.verdict() {
@@ -300,8 +307,7 @@ pub fn guard_explain_ip(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 };
+    let (frame, maps) = xdp_inputs(ctx);
     decide_parsed(&maps, parser::parse(&frame, framing)).0.counter_slot()
 }
 
@@ -317,12 +323,19 @@ fn judge(maps: &Maps, parsed: Result<Packet, Reason>, flags: u8) -> Decision {
     decision
 }
 
+/// The interface the kernel received the packet on (`skb->skb_iif`): 0 for packets the host
+/// sends itself.
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
 /// The uplink the packet arrived on, if it arrived on one (by the interface the kernel
 /// received it on: none for packets the host sends, a bridge for containers' packets).
 #[inline(always)]
 fn uplink_ingress(ctx: &TcContext) -> Option<u32> {
-    // SAFETY: reading a field of the context the kernel handed us.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let ingress = ingress_ifindex(ctx);
     // SAFETY: the value is not used, only its presence.
     unsafe { GUARD_UPLINKS.get(&ingress) }.map(|_| ingress)
 }
@@ -400,8 +413,8 @@ pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
 /// Why flow memory and not the kernel's connection tracking (`bpf_xdp_ct_lookup`,
 /// `bpf_skb_ct_lookup`, 5.19/6.0 on): those are kfuncs, and aya 0.14's loader cannot relocate
 /// kfunc calls (aya-obj 0.3 has no ksym relocation), and aya 0.15 on needs a newer rustc than
-/// this project's machines carry (TOOLCHAIN.md). Nor would they cover Debian 11's 5.10. So the programs keep
-/// their own memory, and keep it small and unpoisonable: what is remembered is decided by
+/// this project's machines carry (TOOLCHAIN.md). Nor would they cover Debian 11's 5.10. So the
+/// programs keep their own memory, small and unpoisonable: what is remembered is decided by
 /// [`flow_to_remember`] (only flows whose replies would otherwise drop), by whom it is seen
 /// (only flows started here), and ICMP errors and later fragments need no entry of their own.
 ///
@@ -418,9 +431,7 @@ fn record_started_here(ctx: &TcContext, framing: Framing) {
 #[inline(always)]
 fn record_outbound(ctx: &TcContext, framing: Framing) {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    // SAFETY: reading a field of the context the kernel handed us.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress };
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress_ifindex(ctx) };
     if let Ok(packet) = parser::parse(&frame, framing)
         && let Some(flow) = flow_to_remember(&maps, &packet)
     {

@@ -359,7 +359,7 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
             format!("pinning the {} program at {}", hook.name(), path.display())
         })?;
     }
-    for framing in [Framing::Ethernet, Framing::Ip] {
+    for framing in Framing::ALL {
         let path = pins.explain_program(framing);
         remove_old_pin(&path)?;
         loader::explain_program(ebpf, framing)?

@@ -4,8 +4,9 @@
 //! an atomic program swap (the link and its id stay, so there is no moment without a filter);
 //! links on interfaces that are gone or no longer uplinks are removed.
 //!
-//! XDP comes in two framings (see [`Framing`]): Ethernet uplinks get `guard_xdp`, L3 uplinks
-//! (tun, wireguard, ipip...) `guard_xdp_ip`, always in generic mode. An uplink of a link type
+//! Uplink programs come in two framings (see [`Framing`] and [`crate::loader::framing_at`]):
+//! Ethernet uplinks get `guard_xdp` and `guard_tc_egress`, L3 uplinks (tun, wireguard,
+//! ipip...) `guard_xdp_ip`, always in generic mode, and `guard_tc_egress_ip`. An uplink of a link type
 //! guard cannot read is reported, never silently left open.
 //!
 //! Nothing attached is trusted forever: every pass checks that each link still has its pin and
@@ -201,7 +202,7 @@ impl Attachments {
             let path = pins.link(hook, link.ifindex);
             let vanished = match self.attached.get(&(hook, link.ifindex)) {
                 None => false,
-                Some((_, what)) if Some(what.framing) != framing_at(hook, link) => {
+                Some((_, what)) if Some(what.framing) != crate::loader::framing_at(hook, link) => {
                     info!(hook = hook.name(), iface = %link.name, "link type changed: attaching the program of its framing");
                     remove_stale_pin(&path);
                     false
@@ -227,7 +228,8 @@ impl Attachments {
                 .and_then(|program| ensure(program, hook, &path, link));
             match ensured {
                 Ok(mode) => {
-                    let framing = framing_at(hook, link).unwrap_or(Framing::Ethernet);
+                    let framing =
+                        crate::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet);
                     let what = Attached { mode, framing };
                     if vanished {
                         warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "link {} on {} vanished (pin removed or link detached): re-attached", hook.name(), link.name);
@@ -245,15 +247,6 @@ impl Attachments {
             }
         }
         errors
-    }
-}
-
-/// The framing of the program at `hook` on `link`: XDP reads the link's own; the TC programs
-/// run on an skb and are the same for every link.
-fn framing_at(hook: Hook, link: &Link) -> Option<Framing> {
-    match hook {
-        Hook::Xdp => link.framing(),
-        _ => Some(Framing::Ethernet),
     }
 }
 

@@ -220,12 +220,7 @@ struct Arriving {
 /// uplink.
 fn interface(pins: &Pins, iface: Option<&str>) -> anyhow::Result<Arriving> {
     let links = interfaces::links()?;
-    let guarded: Vec<u32> = pins
-        .pinned_links()?
-        .iter()
-        .filter(|(hook, _, _)| *hook == Hook::Xdp)
-        .map(|(_, ifindex, _)| *ifindex)
-        .collect();
+    let guarded = pins.pinned_ifindexes(Hook::Xdp)?;
     let link = match iface {
         Some(name) => Some(
             links

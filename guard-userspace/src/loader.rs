@@ -84,7 +84,7 @@ fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
             _ => tc_program_for(&mut ebpf, hook, framing)?.load()?,
         }
     }
-    for framing in [Framing::Ethernet, Framing::Ip] {
+    for framing in Framing::ALL {
         explain_program(&mut ebpf, framing)?.load()?;
     }
     Ok(ebpf)
@@ -139,12 +139,18 @@ pub fn pin_program(
     Ok(())
 }
 
+/// The framing of the program that runs at `hook` on `link`: on an uplink (XDP, TC egress),
+/// the link's own; Docker's bridges are Ethernet. `None`: a link type guard cannot read.
+pub fn framing_at(hook: Hook, link: &Link) -> Option<Framing> {
+    match hook {
+        Hook::Xdp | Hook::TcEgress => link.framing(),
+        Hook::BridgeGate | Hook::BridgeIngress => Some(Framing::Ethernet),
+    }
+}
+
 impl Programs for Ebpf {
     fn for_link(&mut self, hook: Hook, link: &Link) -> Result<&mut dyn Hookable, String> {
-        if matches!(hook, Hook::BridgeGate | Hook::BridgeIngress) {
-            return Ok(tc_program(self, hook).map_err(|e| e.to_string())?);
-        }
-        let framing = link.framing().ok_or_else(|| {
+        let framing = framing_at(hook, link).ok_or_else(|| {
             format!(
                 "its link type (ARPHRD {}) is neither Ethernet nor IP, which guard cannot read: this uplink is NOT guarded (trust it with --trust-iface if that is intended)",
                 link.link_type

@@ -227,6 +227,16 @@ impl Pins {
         }
     }
 
+    /// The interfaces that have a link pinned at `hook` (for [`Hook::Xdp`]: those guarded).
+    pub fn pinned_ifindexes(&self, hook: Hook) -> Result<Vec<u32>, PinError> {
+        let links = self.pinned_links()?;
+        Ok(links
+            .into_iter()
+            .filter(|(h, _, _)| *h == hook)
+            .map(|(_, ifindex, _)| ifindex)
+            .collect())
+    }
+
     /// The links pinned under this root: hook, interface index, pin.
     pub fn pinned_links(&self) -> Result<Vec<(Hook, u32, PathBuf)>, PinError> {
         let dir = self.links_dir();

@@ -85,12 +85,7 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
     let mut desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
 
     let links = interfaces::links().unwrap_or_default();
-    let protected: Vec<u32> = pins
-        .pinned_links()?
-        .iter()
-        .filter(|(hook, _, _)| *hook == Hook::Xdp)
-        .map(|(_, ifindex, _)| *ifindex)
-        .collect();
+    let protected = pins.pinned_ifindexes(Hook::Xdp)?;
     // The agent's uplinks are the interfaces it protects.
     desired.tables.uplinks = protected.iter().map(|i| (*i, 1)).collect();
     let interfaces = match &current {

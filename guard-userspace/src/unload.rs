@@ -66,7 +66,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for (hook, framing) in crate::loader::PROGRAMS {
         remove_file(&pins.program(hook, framing))?;
     }
-    for framing in [crate::interfaces::Framing::Ethernet, crate::interfaces::Framing::Ip] {
+    for framing in crate::interfaces::Framing::ALL {
         remove_file(&pins.explain_program(framing))?;
     }
     // Every layout's maps: this build's and any an agent of another version left.

@@ -17,19 +17,11 @@ use crate::frames::{TCP_ACK, checksum};
 use crate::netns::Netns;
 use crate::probe::Outcome;
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-/// 802.1Q tag.
-pub const ETH_P_8021Q: u16 = 0x8100;
-/// 802.1ad (QinQ service) tag.
-pub const ETH_P_8021AD: u16 = 0x88a8;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_FRAGMENT: u8 = 44;
-pub const IPPROTO_ICMPV6: u8 = 58;
-pub const IPPROTO_DSTOPTS: u8 = 60;
+// The numbers guard's own parser reads frames by.
+pub use guard_common::parse::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 const TCP_RST: u8 = 0x04;
 

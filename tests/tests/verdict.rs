@@ -323,6 +323,13 @@ fn seed_scenario_direct_and_published_v4() {
             SpoofedSource,
         ),
         ("forged gateway source", Frame::new(GATEWAY, API, Tcp(8080)), Closed),
+        // Only a container's own address is forged by definition; a neighbour numbered inside
+        // a Docker subnet (a NIC bridged into it) still reaches the host.
+        (
+            "source in a Docker subnet where no container is",
+            Frame::new("172.30.0.200", HOST, Tcp(22)),
+            NotContainerBound,
+        ),
         ("forged loopback source", Frame::new("127.0.0.1", DB, Tcp(5432)), Closed),
     ];
     for (name, frame, expected) in &cases {
