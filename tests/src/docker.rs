@@ -117,21 +117,9 @@ impl Network {
 }
 
 impl Drop for Network {
-    /// Removes the network. Docker releases a removed container's endpoint a moment after
-    /// `docker rm -f` returns (seen after a storm of removals: "has active endpoints"), so a
-    /// refusal is retried for a few seconds before it is reported.
     fn drop(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match try_run(docker_bin(), &["network", "rm", &self.name]) {
-                Ok(_) => return,
-                Err(e)
-                    if e.contains("active endpoints") && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(250));
-                }
-                Err(e) => return cmd::warn(format!("cleanup: {e}")),
-            }
+        if let Err(e) = try_run(docker_bin(), &["network", "rm", &self.name]) {
+            cmd::warn(format!("cleanup: {e}"));
         }
     }
 }
