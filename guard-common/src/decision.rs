@@ -61,6 +61,8 @@ pub struct L4 {
     /// These are the ports of the flow an ICMP error quotes, not of the packet itself (see
     /// [`crate::parse`]): judged like that flow's reply, never remembered as a flow.
     pub quoted: bool,
+    /// The packet accepts a connection (a TCP SYN with ACK): its sender is the server.
+    pub accepts: bool,
 }
 
 impl L4 {
@@ -69,12 +71,12 @@ impl L4 {
     pub const UNREADABLE: L4 = L4::without_ports(L4Kind::Unreadable);
 
     const fn without_ports(kind: L4Kind) -> L4 {
-        L4 { kind, proto: 0, sport: 0, dport: 0, opens: false, quoted: false }
+        L4 { kind, proto: 0, sport: 0, dport: 0, opens: false, quoted: false, accepts: false }
     }
 
     #[inline(always)]
     pub const fn ports(proto: u8, sport: u16, dport: u16, opens: bool) -> L4 {
-        L4 { kind: L4Kind::Ports, proto, sport, dport, opens, quoted: false }
+        L4 { kind: L4Kind::Ports, proto, sport, dport, opens, quoted: false, accepts: false }
     }
 
     /// The reply an ICMP error about a flow with `quoted` ports stands for.
@@ -87,6 +89,7 @@ impl L4 {
             dport: quoted.sport,
             opens: false,
             quoted: true,
+            accepts: false,
         }
     }
 }
@@ -115,6 +118,13 @@ pub trait Tables {
     /// its addresses, broadcast or anycast ones, or a local route (AnyIP), including any the
     /// agent has not listed yet. Asked only on the would-pass path of a published port.
     fn delivered_locally(&self, dst: &Addr) -> bool;
+    /// Whether the packet is judged where it can only be bound for a container: at a Docker
+    /// bridge, or as the connection a container's answer accepts. A destination the tables do
+    /// not list is then a container or network the agent has not seen (closed), not the
+    /// host's business.
+    fn behind_bridge(&self) -> bool {
+        false
+    }
 }
 
 /// The container a container-bound packet is for, as the decision resolved it. Plain fields
@@ -163,8 +173,7 @@ pub fn decide_resolved<T: Tables>(tables: &T, pkt: &Packet) -> (Decision, Resolv
     if reason.verdict() == Verdict::Pass {
         return (Decision::enforced(reason), resolved);
     }
-    if matches!(reason, Reason::Closed | Reason::UnassignedAddr) && tables.source_trusted(&pkt.src)
-    {
+    if reason.closes_by_default() && tables.source_trusted(&pkt.src) {
         return (Decision::enforced(Reason::TrustedSource), resolved);
     }
     let audited = resolved.flags & TARGET_AUDIT != 0 || tables.audit_all();
@@ -199,7 +208,7 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
     let port_published = l4.kind == L4Kind::Ports && tables.may_be_published(l4.dport);
     let dst_may_hold = tables.may_hold_container(&pkt.dst);
     if !dst_may_hold && !port_published {
-        return (Reason::NotContainerBound, none);
+        return (not_listed(tables, pkt), none);
     }
 
     // Published: a host address (gateways included) and a port Docker publishes on it.
@@ -211,7 +220,7 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
         return (judge(tables, pkt, p.target, port, p.all_ports), resolved);
     }
     if !dst_may_hold {
-        return (Reason::NotContainerBound, none);
+        return (not_listed(tables, pkt), none);
     }
 
     // Direct: a container's address, or an address in a Docker network.
@@ -232,12 +241,25 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
             (judge(tables, pkt, info.target, port, info.all_ports), resolved)
         }
         // One of the host's own addresses, not on a published port: the host's business.
-        Some(_) => (Reason::NotContainerBound, none),
+        Some(_) => (not_listed(tables, pkt), none),
         // A container the agent has not learnt of yet: closed, but its replies pass.
         None if tables.in_docker_network(&pkt.dst) => {
             (if is_reply(tables, pkt) { Reason::Reply } else { Reason::UnassignedAddr }, none)
         }
-        None => (Reason::NotContainerBound, none),
+        None => (not_listed(tables, pkt), none),
+    }
+}
+
+/// A destination the tables do not list as a container's: the host's business on an uplink;
+/// behind a bridge, a container or network the agent has not seen (closed, replies pass).
+#[inline(always)]
+fn not_listed<T: Tables>(tables: &T, pkt: &Packet) -> Reason {
+    if !tables.behind_bridge() {
+        Reason::NotContainerBound
+    } else if is_reply(tables, pkt) {
+        Reason::Reply
+    } else {
+        Reason::UnseenNetwork
     }
 }
 
@@ -337,7 +359,7 @@ pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<Flow
     };
     let (decision, _) = decide_resolved(tables, &reply);
     let enforced_drop = decision.verdict() == Verdict::Drop;
-    let judged = matches!(decision.reason, Reason::Closed | Reason::UnassignedAddr);
+    let judged = decision.reason.closes_by_default();
     (enforced_drop && judged).then_some(FlowKey {
         remote: outbound.dst,
         local: outbound.src,

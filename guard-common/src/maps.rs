@@ -93,8 +93,16 @@ pub const FLOWS_CAPACITY: u32 = 65_536;
 pub const TRUSTED_CAPACITY: u32 = 4_096;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
-/// Interfaces guard protects (by index): packets that arrived on one are from outside.
+/// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`]).
 pub const UPLINKS_CAPACITY: u32 = 1_024;
+
+/// [`UPLINKS`] value: an interface guard protects; packets that arrived on it are from outside.
+pub const IFACE_UPLINK: u32 = 1;
+/// [`UPLINKS`] value: an interface that is neither guarded nor Docker's (loopback, a trusted
+/// interface, one left out by `--iface`). An interface the map does not name is taken for a
+/// Docker network's: a container's answer that arrived on it and leaves through an uplink is
+/// judged (see the TC egress program).
+pub const IFACE_INSIDE: u32 = 2;
 
 /// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
 /// pass and are counted as such.
@@ -276,7 +284,7 @@ pub const CONFIG_AUDIT_ALL: u32 = 1;
 pub const CONFIG_HAS_TRUSTED: u32 = 2;
 
 /// Bump when a map's meaning changes without its shape changing.
-pub const LAYOUT_REVISION: u32 = 2;
+pub const LAYOUT_REVISION: u32 = 3;
 
 /// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
 /// agent never adopts maps of another layout: an upgrade that changes one fills new maps and

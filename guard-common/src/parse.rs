@@ -300,13 +300,15 @@ fn parse_l4<B: Bytes>(frame: &B, offset: usize, proto: u8) -> L4 {
             };
             let sport = u16::from_be(frame.u16_at(ports, 0));
             let dport = u16::from_be(frame.u16_at(ports, 2));
-            let opens = proto == IPPROTO_TCP
-                && match frame.window(offset, 14) {
-                    // SYN without ACK opens a connection.
-                    Some(tcp) => frame.u8_at(tcp, 13) & 0x12 == 0x02,
-                    None => true,
-                };
-            L4::ports(proto, sport, dport, opens)
+            // SYN without ACK opens a connection, SYN with ACK accepts one.
+            let syn_ack = match frame.window(offset, 14) {
+                Some(tcp) if proto == IPPROTO_TCP => frame.u8_at(tcp, 13) & 0x12,
+                Some(_) => 0,
+                None => 0x02,
+            };
+            let tcp = proto == IPPROTO_TCP;
+            let opens = tcp && syn_ack == 0x02;
+            L4 { accepts: tcp && syn_ack == 0x12, ..L4::ports(proto, sport, dport, opens) }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => echo(frame, offset, proto == IPPROTO_ICMPV6),
         _ => L4::NO_PORTS,

@@ -44,10 +44,15 @@ pub enum Reason {
     /// From an uplink, with the address of a container on this host as its source: forged.
     /// Such a packet could otherwise plant a flow in flow memory on the container's behalf.
     SpoofedSource = 13,
+    /// Bound for a container or network the agent has not listed: seen at a hook where the
+    /// packet can only be container-bound (a Docker bridge, or a container's answer leaving
+    /// through an uplink). Networks are closed from their first packet, even while the agent
+    /// is away or has not synced yet.
+    UnseenNetwork = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -64,6 +69,7 @@ impl Reason {
         Reason::LaterFragment,
         Reason::MappedSource,
         Reason::SpoofedSource,
+        Reason::UnseenNetwork,
     ];
 
     #[inline(always)]
@@ -82,7 +88,8 @@ impl Reason {
             | Reason::LoopbackDst
             | Reason::Unreadable
             | Reason::MappedSource
-            | Reason::SpoofedSource => Verdict::Drop,
+            | Reason::SpoofedSource
+            | Reason::UnseenNetwork => Verdict::Drop,
         }
     }
 
@@ -103,7 +110,15 @@ impl Reason {
             Reason::LaterFragment => "later_fragment",
             Reason::MappedSource => "mapped_source",
             Reason::SpoofedSource => "spoofed_source",
+            Reason::UnseenNetwork => "unseen_network",
         }
+    }
+
+    /// Container-bound and closed only because nothing opened it (no rule, no reply): what a
+    /// trusted source, and a flow started from inside, may still pass.
+    #[inline(always)]
+    pub const fn closes_by_default(self) -> bool {
+        matches!(self, Reason::Closed | Reason::UnassignedAddr | Reason::UnseenNetwork)
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {

@@ -5,11 +5,13 @@
 //! - `guard_xdp` / `guard_xdp_ip` (XDP ingress) drops container-bound packets from outside
 //!   unless opened;
 //! - `guard_tc_egress` / `guard_tc_egress_ip` (TC egress) remembers the flows the host and its
-//!   containers start whose replies would otherwise be dropped, so they never are.
+//!   containers start whose replies would otherwise be dropped, so they never are; and drops a
+//!   container's SYN-ACK to a connection the policy did not open (a container or network the
+//!   agent has not seen, even while it is away).
 //!
 //! On every Docker bridge:
 //! - `guard_tc_gate` (TCX egress) decides again after NAT, for packets that arrived on an
-//!   uplink: a container the agent has not learnt of yet is closed from its first packet;
+//!   uplink: anything the agent has not listed is closed from its first packet;
 //! - `guard_tc_bridge_in` (TCX ingress) remembers the flows containers start, so the gate lets
 //!   their replies through.
 //!
@@ -53,12 +55,12 @@ use guard_common::{
     reason::{COUNTER_SLOTS, Decision, Reason, Verdict},
 };
 use guard_common::{
-    decision::{Packet, Resolved, decide_parsed, flow_to_remember},
+    decision::{L4, Packet, Resolved, decide_parsed, flow_to_remember},
     events::{
         DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
         EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
     },
-    maps::{DROPS_CAPACITY, UPLINKS_CAPACITY},
+    maps::{DROPS_CAPACITY, IFACE_UPLINK, UPLINKS_CAPACITY},
 };
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
@@ -118,6 +120,8 @@ struct Maps {
     ctx: *mut c_void,
     /// The interface the packet arrived on, for the FIB lookup.
     ifindex: u32,
+    /// See [`Tables::behind_bridge`]: true at the bridges, and for a container's answer.
+    behind_bridge: bool,
 }
 
 impl Tables for Maps {
@@ -179,6 +183,11 @@ impl Tables for Maps {
     #[inline(always)]
     fn audit_all(&self) -> bool {
         config_flag(CONFIG_AUDIT_ALL)
+    }
+
+    #[inline(always)]
+    fn behind_bridge(&self) -> bool {
+        self.behind_bridge
     }
 
     /// The kernel's own answer: a FIB lookup as if forwarding the packet. Anything but "it
@@ -276,7 +285,8 @@ pub fn guard_xdp_ip(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn xdp_inputs(ctx: &XdpContext) -> (Frame, Maps) {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    (frame, Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 })
+    let ifindex = ctx.ingress_ifindex() as u32;
+    (frame, Maps { ctx: ctx.as_ptr(), ifindex, behind_bridge: false })
 }
 
 #[inline(always)]
@@ -331,23 +341,43 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
-/// The uplink the packet arrived on, if it arrived on one (by the interface the kernel
-/// received it on: none for packets the host sends, a bridge for containers' packets).
+/// Where a packet the host transmits came from, by the interface the kernel received it on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Sent by the host itself (no ingress interface).
+    Host,
+    /// Arrived on a guarded uplink: from outside.
+    Uplink(u32),
+    /// Arrived on an interface that is neither guarded nor Docker's (a trusted one, one left
+    /// out by `--iface`).
+    Inside,
+    /// Arrived on an interface the agent did not name: a Docker bridge, or one that appeared
+    /// since (a network created while the agent was away). A container's packet.
+    Container(u32),
+}
+
 #[inline(always)]
-fn uplink_ingress(ctx: &TcContext) -> Option<u32> {
+fn origin(ctx: &TcContext) -> Origin {
     let ingress = ingress_ifindex(ctx);
-    // SAFETY: the value is not used, only its presence.
-    unsafe { GUARD_UPLINKS.get(&ingress) }.map(|_| ingress)
+    if ingress == 0 {
+        return Origin::Host;
+    }
+    // SAFETY: the value is copied out at once.
+    match unsafe { GUARD_UPLINKS.get(&ingress) }.copied() {
+        Some(IFACE_UPLINK) => Origin::Uplink(ingress),
+        Some(_) => Origin::Inside,
+        None => Origin::Container(ingress),
+    }
 }
 
 /// The bridge gate: packets the host sends into a Docker network, after NAT. Only those that
 /// arrived on an uplink are judged; the host's own and other containers' pass untouched.
 #[classifier]
 pub fn guard_tc_gate(ctx: TcContext) -> i32 {
-    let Some(ingress) = uplink_ingress(&ctx) else {
+    let Origin::Uplink(ingress) = origin(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress };
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress, behind_bridge: true };
     let decision = judge(&maps, parse_skb(&ctx), DROP_AT_GATE);
     count(&GUARD_GATE, decision);
     match decision.verdict() {
@@ -389,7 +419,11 @@ fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
 /// knows the replies (which arrive on an uplink and are de-NATed to the container) are replies.
 #[classifier]
 pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
-    record_outbound(&ctx, Framing::Ethernet);
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    if let Ok(packet) = parser::parse(&frame, Framing::Ethernet) {
+        // The replies come back through the gate, which judges them as behind the bridge.
+        record_outbound(&ctx, &packet, true);
+    }
     TC_ACT_UNSPEC
 }
 
@@ -399,15 +433,67 @@ pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
 /// anything: TCX_NEXT lets any other program (or the default) decide.
 #[classifier]
 pub fn guard_tc_egress(ctx: TcContext) -> i32 {
-    record_started_here(&ctx, Framing::Ethernet);
-    TC_ACT_UNSPEC
+    leaving(&ctx, Framing::Ethernet)
 }
 
 /// [`guard_tc_egress`] for links whose frames start with the IP header.
 #[classifier]
 pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
-    record_started_here(&ctx, Framing::Ip);
+    leaving(&ctx, Framing::Ip)
+}
+
+/// A packet leaving through an uplink: remember the flow if it was started here, and let a
+/// container accept a connection from outside only where the policy opened it.
+///
+/// The second half is what closes a network the agent has not seen, and a container it has
+/// not learnt of, even while the agent is away: the bridge gate sits only on the bridges the
+/// agent attached it to, and XDP cannot see where Docker's NAT sends a published port. But
+/// every TCP connection from outside needs the container's SYN-ACK to leave through the
+/// uplink, and there the answer is judged as the connection it accepts, behind the bridge.
+/// What the policy opened passes (XDP let the SYN in for the same reason), anything else
+/// is dropped: the connection is never established.
+#[inline(always)]
+fn leaving(ctx: &TcContext, framing: Framing) -> i32 {
+    let origin = origin(ctx);
+    if matches!(origin, Origin::Uplink(_)) {
+        // Forwarded from one uplink to another: not started here (see record_outbound).
+        return TC_ACT_UNSPEC;
+    }
+    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
+    let Ok(packet) = parser::parse(&frame, framing) else {
+        return TC_ACT_UNSPEC;
+    };
+    if let Origin::Container(_) = origin
+        && packet.l4.accepts
+    {
+        return judge_answer(ctx, &packet);
+    }
+    record_outbound(ctx, &packet, false);
     TC_ACT_UNSPEC
+}
+
+/// A container's SYN-ACK leaving through an uplink, judged as the SYN it answers would be,
+/// behind the bridge. Only drops are counted (at the gate's counters: a second look after NAT,
+/// like the gate's); an accepted connection was counted when its SYN came in.
+#[inline(always)]
+fn judge_answer(ctx: &TcContext, answer: &Packet) -> i32 {
+    let l4 = answer.l4;
+    let connection = Packet {
+        src: answer.dst,
+        dst: answer.src,
+        l4: L4::ports(l4.proto, l4.dport, l4.sport, true),
+    };
+    // SAFETY: reading a field of the context the kernel handed us.
+    let uplink = unsafe { (*ctx.skb.skb).ifindex };
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: uplink, behind_bridge: true };
+    let decision = judge(&maps, Ok(connection), DROP_AT_GATE);
+    match decision.verdict() {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => {
+            count(&GUARD_GATE, decision);
+            TC_ACT_SHOT
+        }
+    }
 }
 
 /// Why flow memory and not the kernel's connection tracking (`bpf_xdp_ct_lookup`,
@@ -421,20 +507,11 @@ pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
 /// Only flows that start on the host (no ingress interface) or in a container (received on a
 /// bridge) are remembered: a packet the host merely forwards from one uplink to another could
 /// carry any source, and remembering it would let an outsider plant the "reply" it sends next.
+/// `behind_bridge`: whether the replies will be judged at a bridge (see [`Tables::behind_bridge`]).
 #[inline(always)]
-fn record_started_here(ctx: &TcContext, framing: Framing) {
-    if uplink_ingress(ctx).is_none() {
-        record_outbound(ctx, framing);
-    }
-}
-
-#[inline(always)]
-fn record_outbound(ctx: &TcContext, framing: Framing) {
-    let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress_ifindex(ctx) };
-    if let Ok(packet) = parser::parse(&frame, framing)
-        && let Some(flow) = flow_to_remember(&maps, &packet)
-    {
+fn record_outbound(ctx: &TcContext, packet: &Packet, behind_bridge: bool) {
+    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress_ifindex(ctx), behind_bridge };
+    if let Some(flow) = flow_to_remember(&maps, packet) {
         remember(&flow);
     }
 }

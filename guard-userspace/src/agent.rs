@@ -1,8 +1,12 @@
 //! `guard run`: load, then keep the maps equal to the desired state until told to stop.
 //!
 //! Level-triggered: Docker events only wake the loop; every pass takes a fresh snapshot and
-//! applies the difference, and a periodic pass repairs whatever an event stream missed. When
-//! Docker is away the maps stay exactly as they are (never opened, never emptied).
+//! applies the difference, and a periodic pass repairs whatever an event stream missed.
+//!
+//! Closed from the start: the agent attaches at once, whether or not Docker answers, with
+//! what it last knew (the state directory) and nothing opened until it has synced. While
+//! Docker is away it keeps applying what it knew to the interfaces as they come and go (never
+//! opening, never emptying), and tries Docker again every [`DOCKER_POLL`].
 
 use aya::maps::{MapData, RingBuf};
 use guard_common::events::DropEvent;
@@ -14,7 +18,7 @@ use crate::{
     metrics::AgentState,
 };
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -24,11 +28,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::Ebpf;
 use futures_util::StreamExt;
+use guard_common::maps::{IFACE_INSIDE, IFACE_UPLINK};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     attach::Attachments,
@@ -40,6 +45,8 @@ use crate::{
     maps::PolicyMaps,
     pins::{Hook, Pins},
     policy_file::{self, Mode, PolicyFile},
+    snapshot::Snapshot,
+    state::{Saved, StateDir},
     tables::diff,
 };
 
@@ -55,23 +62,32 @@ pub struct RunOptions {
     pub mode: Option<Mode>,
     /// Where `/metrics`, `/healthz` and `/drops` are served.
     pub metrics_addr: std::net::SocketAddr,
+    /// Where the agent keeps what it last knew (see [`crate::state`]).
+    pub state_dir: PathBuf,
 }
 
-/// Longest wait between attempts to reach Docker (and between reconciles that failed).
+/// Longest wait between attempts to reconcile after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// How often the agent tries to reach Docker while it cannot: a failed connect to a local
+/// socket costs nothing, and a dockerd that comes up is seen within this.
+const DOCKER_POLL: Duration = Duration::from_millis(250);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Everything that can be wrong with the arguments is checked before anything is loaded, so
-    // a start that fails leaves nothing behind. A bad policy file at start is fatal: the pinned
-    // protection (with the last good file's openings) stays in place until it is fixed.
+    // a start that fails leaves nothing behind. Nothing about Docker or the policy file can
+    // stop the start: without the agent, a fresh boot has no protection at all.
     if !opts.ifaces.is_empty() {
         let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
         if !missing.is_empty() {
             bail!("no interface named {} (see `ip link`)", missing.join(", "));
         }
     }
-    let text = read_policy_text(&opts.config)?;
-    let policy = parse_policy(&opts, text.as_deref())?;
+    let state = StateDir::new(&opts.state_dir);
+    let saved = state.load().unwrap_or_else(|e| {
+        warn!("{e}");
+        None
+    });
+    let start = StartPolicy::choose(&opts, saved.as_ref());
     let listener = http::bind(opts.metrics_addr).await?;
 
     let mut ebpf = loader::load(&opts.pins)?;
@@ -79,14 +95,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // other's map entries every pass. Loading alone changed nothing.
     let _owner = opts.pins.claim()?;
     pin_programs(&mut ebpf, &opts.pins)?;
+    if let Err(e) = state.create() {
+        warn!("{e}; protecting without it");
+    }
     let maps = PolicyMaps::from_ebpf(&mut ebpf)?;
     let events =
         ebpf.take_map(guard_common::maps::EVENTS).context("the object has no event ring")?;
     let events = RingBuf::try_from(events)?;
     let ids = Identities::adopt(maps.read()?.identities);
-    info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
     let shared = Arc::new(Shared {
-        state: Mutex::new(AgentState { mode: policy.mode.to_string(), ..Default::default() }),
+        state: Mutex::new(AgentState {
+            mode: start.policy.mode.to_string(),
+            config_valid: start.valid,
+            ..Default::default()
+        }),
         drops: RecentDrops::new(),
         pins: opts.pins.clone(),
         heartbeat: Mutex::new(Instant::now()),
@@ -95,6 +117,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(http::serve(listener, shared.clone()));
     tokio::spawn(consume_drop_events(events, shared.clone()));
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz and /drops");
+    let known = saved.map(|s| s.snapshot).unwrap_or_default();
     let mut agent = Agent {
         ebpf,
         maps,
@@ -102,8 +125,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         attachments: Attachments::default(),
         opts,
         warnings: Warnings::default(),
-        policy,
-        policy_text: text,
+        policy: start.policy,
+        policy_text: start.text,
+        closed: start.closed,
+        state,
+        saved_policy: start.saved_text,
+        known,
+        synced: false,
         shared: shared.clone(),
     };
 
@@ -116,23 +144,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
 
     let mut docker: Option<DockerClient> = None;
-    let mut synced = false;
-    // Failed attempts (to connect, or to reconcile) back off; wake-ups in between (a burst of
-    // events as a daemon stops) do not count as attempts, so they cannot inflate the delay.
+    let mut unreachable = Unreachable::default();
+    // While Docker cannot be asked, a pass applies what the agent last knew (closed until it
+    // has synced): it runs at start and whenever interfaces change, so uplinks and Docker's
+    // bridges (which dockerd creates before its API answers) are guarded at once.
+    let mut offline_pass_due = true;
+    // Failed reconciles back off; wake-ups in between (a burst of events as a daemon stops) do
+    // not count as attempts, so they cannot inflate the delay.
     let mut backoff = Backoff::default();
     loop {
         *shared.heartbeat.lock().expect("not poisoned") = Instant::now();
-        if backoff.due() {
-            if docker.is_none() {
-                match DockerClient::connect().await {
-                    Ok(client) => docker = Some(client),
-                    Err(e) => {
-                        let delay = backoff.failed();
-                        warn!("{e}; retrying in {delay:?}, protection unchanged");
-                    }
+        if docker.is_none() {
+            match DockerClient::connect().await {
+                Ok(client) => {
+                    unreachable.ended();
+                    docker = Some(client);
                 }
+                Err(e) => unreachable.report(&e, agent.synced),
             }
-            if let Some(client) = &docker {
+        }
+        match &docker {
+            Some(client) if backoff.due() => {
                 let started = Instant::now();
                 let result = agent.reconcile(client).await;
                 let mut state = shared.state.lock().expect("not poisoned");
@@ -147,8 +179,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 match result {
                     Ok(()) => {
                         backoff.succeeded();
-                        if !synced {
-                            synced = true;
+                        if !agent.synced {
+                            agent.synced = true;
                             info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
                             // Every link runs this build's program (and maps) now: maps of
                             // another layout, left by an agent of another version, serve
@@ -163,24 +195,135 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                         );
                         if e.downcast_ref::<DockerError>().is_some() {
                             docker = None;
+                            offline_pass_due = true;
                         }
                     }
                 }
             }
+            Some(_) => {}
+            None if offline_pass_due => {
+                offline_pass_due = false;
+                if let Err(e) = agent.apply_known() {
+                    warn!(
+                        "applying the last known state failed: {e:#}; retrying on the next change"
+                    );
+                }
+            }
+            None => {}
         }
-        let wait = backoff.remaining().unwrap_or(agent.opts.resync);
+        let wait = match docker {
+            None => DOCKER_POLL,
+            Some(_) => backoff.remaining().unwrap_or(agent.opts.resync),
+        };
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = wake.notified() => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
             _ = docker_back.notified() => backoff.succeeded(),
             _ = tokio::time::sleep(wait) => {}
-            _ = sighup.recv() => info!("SIGHUP: reloading the policy file"),
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the policy file");
+                offline_pass_due = true;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     info!("stopping; the pinned program and maps keep protecting (`guard unload` removes them)");
     Ok(())
+}
+
+/// The policy the agent starts with. A file that does not parse never means no protection:
+/// the last file that parsed (kept in the state directory) is used, or, without one,
+/// everything stays closed; either way the error is logged with its line and column,
+/// `guard_config_valid` is 0 and `/readyz` is not ready until the file is fixed.
+struct StartPolicy {
+    policy: PolicyFile,
+    /// The file's text as read (what a reload compares against).
+    text: Option<String>,
+    /// The text of the policy in force, as the state directory keeps it.
+    saved_text: Option<String>,
+    valid: bool,
+    closed: bool,
+}
+
+impl StartPolicy {
+    fn choose(opts: &RunOptions, saved: Option<&Saved>) -> StartPolicy {
+        let read = read_policy_text(&opts.config);
+        let error = match &read {
+            Ok(text) => match parse_policy(opts, text.as_deref()) {
+                Ok(policy) => {
+                    info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
+                    let text = text.clone();
+                    return StartPolicy {
+                        policy,
+                        saved_text: text.clone(),
+                        text,
+                        valid: true,
+                        closed: false,
+                    };
+                }
+                Err(e) => e,
+            },
+            Err(e) => anyhow::anyhow!("{e:#}"),
+        };
+        error!("{error:#}");
+        let text = read.ok().flatten();
+        let last_good = saved.and_then(|s| {
+            parse_policy(opts, s.policy_text.as_deref()).ok().map(|p| (p, s.policy_text.clone()))
+        });
+        match last_good {
+            Some((policy, saved_text)) => {
+                error!(
+                    state = %opts.state_dir.display(),
+                    "running with the last policy file that parsed until this one is fixed"
+                );
+                StartPolicy { policy, text, saved_text, valid: false, closed: false }
+            }
+            None => {
+                error!(
+                    "no earlier policy file is known: every container stays closed until the file is fixed"
+                );
+                let mut policy = PolicyFile::default();
+                if let Some(mode) = opts.mode {
+                    policy.mode = mode;
+                }
+                StartPolicy { policy, text, saved_text: None, valid: false, closed: true }
+            }
+        }
+    }
+}
+
+/// Says once that Docker cannot be reached, and again every so often while it lasts, rather
+/// than at every poll.
+#[derive(Default)]
+struct Unreachable {
+    since: Option<Instant>,
+    last_said: Option<Instant>,
+}
+
+impl Unreachable {
+    fn report(&mut self, e: &DockerError, synced: bool) {
+        let now = Instant::now();
+        self.since.get_or_insert(now);
+        if self.last_said.is_some_and(|t| now - t < Duration::from_secs(60)) {
+            return;
+        }
+        self.last_said = Some(now);
+        if synced {
+            warn!("{e}; protection unchanged, retrying every {DOCKER_POLL:?}");
+        } else {
+            warn!(
+                "{e}; every container stays closed until the agent has synced with Docker, retrying every {DOCKER_POLL:?}"
+            );
+        }
+    }
+
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(after = ?since.elapsed(), "Docker answers");
+        }
+        self.last_said = None;
+    }
 }
 
 struct Agent {
@@ -193,6 +336,15 @@ struct Agent {
     policy: PolicyFile,
     /// The file's text when `policy` was parsed from it (None: absent).
     policy_text: Option<String>,
+    /// No policy that parsed is known (a broken file at the first start): nothing is opened.
+    closed: bool,
+    state: StateDir,
+    /// The text of the policy in force, as last saved.
+    saved_policy: Option<String>,
+    /// Docker's state as last seen (from the state directory until the first sync).
+    known: Snapshot,
+    /// Whether the maps have held Docker's state since this agent started.
+    synced: bool,
     /// What `/metrics` and the drop log read.
     shared: Arc<Shared>,
 }
@@ -211,13 +363,19 @@ impl Agent {
         match parse_policy(&self.opts, text.as_deref()) {
             Ok(policy) => {
                 info!(mode = %policy.mode, rules = policy.rules.len(), "policy file changed: reloaded");
-                self.shared.state.lock().expect("not poisoned").reloads_ok += 1;
+                let mut state = self.shared.state.lock().expect("not poisoned");
+                state.reloads_ok += 1;
+                state.config_valid = true;
                 self.policy = policy;
-                self.policy_text = text;
+                self.policy_text = text.clone();
+                self.saved_policy = text;
+                self.closed = false;
             }
             Err(e) => {
                 warn!("{e:#}; keeping the policy in force");
-                self.shared.state.lock().expect("not poisoned").reloads_failed += 1;
+                let mut state = self.shared.state.lock().expect("not poisoned");
+                state.reloads_failed += 1;
+                state.config_valid = false;
                 // Report a broken file once, not on every pass.
                 self.policy_text = text;
             }
@@ -226,12 +384,76 @@ impl Agent {
 
     async fn reconcile(&mut self, docker: &DockerClient) -> anyhow::Result<()> {
         self.reload_policy();
-        let snapshot = docker.snapshot().await?;
+        let snapshot = self.agreeing_snapshot(docker).await?;
+        self.apply(&snapshot, true)?;
+        self.known = snapshot;
+        self.save_state();
+        Ok(())
+    }
+
+    /// Docker's state, where nothing the agent knew has vanished on the word of one answer: a
+    /// network or container missing from a snapshot is dropped only when a second snapshot,
+    /// taken at once, agrees (a destroyed one is gone from both).
+    async fn agreeing_snapshot(&self, docker: &DockerClient) -> Result<Snapshot, DockerError> {
+        let mut now = docker.snapshot().await?;
+        if !self.synced {
+            return Ok(now);
+        }
+        let gone = |known: &Snapshot, now: &Snapshot| {
+            known.networks.iter().any(|n| !now.networks.iter().any(|m| m.id == n.id))
+                || known.containers.iter().any(|c| !now.containers.iter().any(|d| d.id == c.id))
+        };
+        if !gone(&self.known, &now) {
+            return Ok(now);
+        }
+        let again = docker.snapshot().await?;
+        for network in &again.networks {
+            let known = self.known.networks.iter().any(|n| n.id == network.id);
+            if known && !now.networks.iter().any(|n| n.id == network.id) {
+                now.networks.push(network.clone());
+            }
+        }
+        for container in &again.containers {
+            let known = self.known.containers.iter().any(|c| c.id == container.id);
+            if known && !now.containers.iter().any(|c| c.id == container.id) {
+                now.containers.push(container.clone());
+            }
+        }
+        Ok(now)
+    }
+
+    /// While Docker cannot be asked: what the agent last knew, on the interfaces as they are
+    /// now. Before the first sync everything in it is closed.
+    fn apply_known(&mut self) -> anyhow::Result<()> {
+        self.reload_policy();
+        let known = std::mem::take(&mut self.known);
+        let result = self.apply(&known, self.synced);
+        self.known = known;
+        result
+    }
+
+    /// Keeps the state directory equal to what the agent knows, writing only on change.
+    fn save_state(&mut self) {
+        let saved = Saved::new(self.known.clone(), self.saved_policy.clone());
+        if self.state.load().ok().flatten().as_ref() == Some(&saved) {
+            return;
+        }
+        if let Err(e) = self.state.save(&saved) {
+            warn!("{e}; a restart would start from older state");
+        }
+    }
+
+    /// Makes maps and attachments match `snapshot` under the policy in force. `synced`: the
+    /// snapshot is Docker's word since this agent started; otherwise nothing is opened.
+    fn apply(&mut self, snapshot: &Snapshot, synced: bool) -> anyhow::Result<()> {
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
         let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        let desired = desired_state(&snapshot, &host_addrs, &targets, &self.policy);
+        let mut desired = desired_state(snapshot, &host_addrs, &targets, &self.policy);
+        if !synced || self.closed {
+            desired.tables.close_openings();
+        }
         let mut warnings = Vec::new();
         for policy in &desired.containers {
             for error in &policy.label_errors {
@@ -242,17 +464,18 @@ impl Agent {
             }
         }
 
-        let uplinks = self.uplinks(&links, &snapshot, &mut warnings);
-        let bridges = docker_bridges(&links, &snapshot);
-        let mut desired = desired;
-        desired.tables.uplinks = uplinks.iter().map(|l| (l.ifindex, 1)).collect();
+        let docker_bridges = docker_bridges(&links, snapshot);
+        let uplinks = self.uplinks(&links, &docker_bridges, &mut warnings);
+        let bridges: Vec<Link> =
+            links.iter().filter(|l| docker_bridges.contains(&l.name)).cloned().collect();
+        desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges);
 
         // Maps before links: a new link must never run against maps that are still empty.
         let plan = diff(&self.maps.read()?, &desired.tables);
         let mut failures = Vec::new();
         if !plan.is_empty() {
             failures = self.maps.apply(&plan);
-            info!(changes = plan.change_count(), failed = failures.len(), "maps updated");
+            info!(changes = plan.change_count(), failed = failures.len(), synced, "maps updated");
             warnings.extend(failures.iter().map(ToString::to_string));
         }
         self.maps.forget_drops(&targets.values().copied().collect());
@@ -293,15 +516,13 @@ impl Agent {
     fn uplinks(
         &self,
         links: &[Link],
-        snapshot: &crate::snapshot::Snapshot,
+        docker_bridges: &BTreeSet<String>,
         warnings: &mut Vec<String>,
     ) -> Vec<Link> {
         if self.opts.ifaces.is_empty() {
-            let bridges: BTreeSet<String> =
-                snapshot.networks.iter().filter_map(|n| n.bridge.clone()).collect();
             let trusted: Vec<String> =
                 self.opts.trusted.iter().chain(&self.policy.trusted_interfaces).cloned().collect();
-            return interfaces::select_uplinks(links, &bridges, &trusted);
+            return interfaces::select_uplinks(links, docker_bridges, &trusted);
         }
         let (found, missing) = interfaces::named(links, &self.opts.ifaces);
         for name in missing {
@@ -342,11 +563,38 @@ fn drop_other_layouts(pins: &Pins) {
     }
 }
 
-/// Docker's bridges that exist right now: the bridge gate and its flow memory go on them.
-fn docker_bridges(links: &[Link], snapshot: &crate::snapshot::Snapshot) -> Vec<Link> {
-    let names: BTreeSet<&str> =
-        snapshot.networks.iter().filter_map(|n| n.bridge.as_deref()).collect();
-    links.iter().filter(|l| names.contains(l.name.as_str())).cloned().collect()
+/// Docker's bridges: those its networks name, and bridges named as Docker names them (see
+/// [`interfaces::named_like_docker`]), which it creates before its API answers.
+fn docker_bridges(links: &[Link], snapshot: &Snapshot) -> BTreeSet<String> {
+    let named = snapshot.networks.iter().filter_map(|n| n.bridge.clone());
+    let alike = links.iter().filter(|l| interfaces::named_like_docker(l)).map(|l| l.name.clone());
+    named.chain(alike).collect()
+}
+
+/// Every interface's role for the kernel: the uplinks, and the interfaces that are neither
+/// uplinks nor Docker's (loopback, trusted ones, those `--iface` leaves out). Docker's bridges
+/// and their container veths are left out: an interface the map does not name is Docker's.
+fn interface_roles(
+    links: &[Link],
+    uplinks: &[Link],
+    docker_bridges: &BTreeSet<String>,
+) -> BTreeMap<u32, u32> {
+    let docker = |l: &Link| {
+        docker_bridges.contains(&l.name)
+            || (l.is_veth && l.master.as_ref().is_some_and(|m| docker_bridges.contains(m)))
+    };
+    links
+        .iter()
+        .filter(|l| !docker(l))
+        .map(|l| {
+            let role = if uplinks.iter().any(|u| u.ifindex == l.ifindex) {
+                IFACE_UPLINK
+            } else {
+                IFACE_INSIDE
+            };
+            (l.ifindex, role)
+        })
+        .collect()
 }
 
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
@@ -376,36 +624,32 @@ fn remove_old_pin(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wakes the reconciler on every container or network event; reconnects with backoff and
-/// says so (`docker_back`) when the stream is up again, so the reconciler resyncs at once.
+/// Wakes the reconciler on every container or network event; reconnects every
+/// [`DOCKER_POLL`] while Docker is away and says so (`docker_back`) when the stream is up
+/// again, so the reconciler resyncs at once.
 async fn follow_docker_events(wake: Arc<Notify>, docker_back: Arc<Notify>) {
-    let mut backoff = Duration::from_secs(1);
     loop {
-        match DockerClient::connect().await {
-            Ok(client) => {
-                backoff = Duration::from_secs(1);
-                docker_back.notify_one();
-                let mut events = Box::pin(client.events());
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(()) => wake.notify_one(),
-                        Err(e) => {
-                            warn!("Docker event stream: {e}");
-                            break;
-                        }
+        // The reconcile loop reports an unreachable Docker; this only retries.
+        if let Ok(client) = DockerClient::connect().await {
+            docker_back.notify_one();
+            let mut events = Box::pin(client.events());
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(()) => wake.notify_one(),
+                    Err(e) => {
+                        warn!("Docker event stream: {e}");
+                        break;
                     }
                 }
-                // The stream ended: the daemon restarted or went away.
-                wake.notify_one();
             }
-            Err(e) => warn!("Docker event stream: {e}; retrying in {backoff:?}"),
+            // The stream ended: the daemon restarted or went away.
+            wake.notify_one();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(DOCKER_POLL).await;
     }
 }
 
-/// When the next attempt may be made after failures: 1 s, doubling up to [`MAX_BACKOFF`].
+/// When the next reconcile may be tried after failures: 1 s, doubling up to [`MAX_BACKOFF`].
 #[derive(Default)]
 struct Backoff {
     failures: u32,

@@ -26,19 +26,29 @@ pub enum DockerError {
         "cannot reach the Docker daemon (is dockerd running, and /var/run/docker.sock mounted?): {0}"
     )]
     Connect(#[source] bollard::errors::Error),
+    #[error("the Docker daemon accepts connections but does not answer yet (still starting?)")]
+    Starting,
     #[error("Docker API call {call} failed: {source}")]
     Api { call: &'static str, source: bollard::errors::Error },
 }
+
+/// How long a daemon may take to answer the first request.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct DockerClient {
     docker: Docker,
 }
 
 impl DockerClient {
-    /// Connects through DOCKER_HOST or the local socket, at the daemon's API version.
+    /// Connects through DOCKER_HOST or the local socket, at the daemon's API version. A
+    /// daemon that is still starting accepts connections before it answers them: that counts
+    /// as unreachable after [`CONNECT_TIMEOUT`], so the caller is never held up for long.
     pub async fn connect() -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
-        let docker = docker.negotiate_version().await.map_err(DockerError::Connect)?;
+        let docker = tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| DockerError::Starting)?
+            .map_err(DockerError::Connect)?;
         Ok(DockerClient { docker })
     }
 

@@ -319,6 +319,7 @@ fn rule_for(
         Reason::AllowedSource => opening(false).map_or("an allow rule".into(), |o| o.rule.clone()),
         Reason::Closed => "default: closed to outside".into(),
         Reason::UnassignedAddr => "default: Docker network addresses are closed".into(),
+        Reason::UnseenNetwork => "default: networks guard has not seen are closed".into(),
         Reason::Reply => "flow memory".into(),
         Reason::TrustedSource => "policy file: trusted_sources".into(),
         Reason::LoopbackDst => "loopback is never reachable from an uplink".into(),
@@ -350,6 +351,9 @@ fn detail(
         Reason::Closed => write!(s, "no label or policy rule opens {target} to {}{path}", q.src),
         Reason::UnassignedAddr => {
             write!(s, "{} is in a Docker network but no container holds it", q.dst)
+        }
+        Reason::UnseenNetwork => {
+            write!(s, "{} is behind a Docker bridge the agent has not listed", q.dst)
         }
         Reason::Reply => write!(s, "answers a flow that {target} started (flow memory){path}"),
         Reason::TrustedSource => write!(s, "{} is a trusted source: treated as inside", q.src),

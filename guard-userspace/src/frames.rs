@@ -408,8 +408,10 @@ impl Frame {
                     return packet(L4::UNREADABLE);
                 }
                 let is_tcp = matches!(self.transport, Transport::Tcp(_));
-                let syn = self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                packet(L4::ports(proto, self.sport, *p, is_tcp && (have < 14 || syn)))
+                let flags = self.tcp_flags & (TCP_SYN | TCP_ACK);
+                let opens = is_tcp && (have < 14 || flags == TCP_SYN);
+                let accepts = is_tcp && have >= 14 && flags == TCP_SYN | TCP_ACK;
+                packet(L4 { accepts, ..L4::ports(proto, self.sport, *p, opens) })
             }
             _ if have < 8 => packet(L4::NO_PORTS),
             Transport::Icmp => packet(L4::ports(proto, 1, 0, true)),

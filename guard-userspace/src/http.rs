@@ -92,13 +92,23 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 respond(&mut write, "503 Service Unavailable", "text/plain", &body).await
             }
         }
-        // Ready once the maps have held Docker's state: before that, nothing is opened yet.
+        // Ready once the maps hold Docker's state (before that, nothing is opened) under the
+        // policy file as it is on disk.
         "/readyz" => {
-            if shared.state.lock().expect("not poisoned").synced {
-                respond(&mut write, "200 OK", "text/plain", "ready\n").await
-            } else {
-                let body = "not synced with Docker yet\n";
-                respond(&mut write, "503 Service Unavailable", "text/plain", body).await
+            let (synced, config_valid) = {
+                let state = shared.state.lock().expect("not poisoned");
+                (state.synced, state.config_valid)
+            };
+            let unready = match (synced, config_valid) {
+                (true, true) => None,
+                (false, _) => Some("not synced with Docker yet\n"),
+                (true, false) => Some("the policy file does not parse; see the log\n"),
+            };
+            match unready {
+                None => respond(&mut write, "200 OK", "text/plain", "ready\n").await,
+                Some(body) => {
+                    respond(&mut write, "503 Service Unavailable", "text/plain", body).await
+                }
             }
         }
         "/drops" => {

@@ -16,6 +16,8 @@ pub struct Link {
     pub master: Option<String>,
     /// Whether the driver is veth: only a veth in a Docker bridge is a container's side.
     pub is_veth: bool,
+    /// Whether it is a Linux bridge.
+    pub is_bridge: bool,
     /// The ARPHRD_* type (/sys/class/net/X/type), which says how its frames start.
     pub link_type: u16,
 }
@@ -70,7 +72,8 @@ pub fn links() -> io::Result<Vec<Link>> {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
         let is_veth = driver(&name).is_some_and(|d| d == "veth");
-        links.push(Link { name, ifindex, master, is_veth, link_type });
+        let is_bridge = dir.join("bridge").is_dir();
+        links.push(Link { name, ifindex, master, is_veth, is_bridge, link_type });
     }
     links.sort_by_key(|l| l.ifindex);
     Ok(links)
@@ -213,6 +216,18 @@ pub fn change_notifications() -> io::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
+/// Whether `link` is a bridge as Docker names the ones it creates (`docker0`, `br-` and the
+/// first 12 hex digits of the network's id). Docker makes them, and starts the containers
+/// with restart policies on them, before its API answers: until the agent has heard from
+/// Docker, such a bridge is taken for Docker's, so it gets the gate rather than becoming an
+/// uplink that judges containers' own packets as outside traffic.
+pub fn named_like_docker(link: &Link) -> bool {
+    let id = link.name.strip_prefix("br-");
+    link.is_bridge
+        && (link.name == "docker0"
+            || id.is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())))
+}
+
 /// The uplinks among `links`, given Docker's bridge names and the trusted interfaces.
 pub fn select_uplinks(
     links: &[Link],
@@ -244,7 +259,15 @@ mod tests {
 
     fn link(name: &str, ifindex: u32, master: Option<&str>) -> Link {
         let is_veth = name.starts_with("veth");
-        Link { name: name.into(), ifindex, master: master.map(Into::into), is_veth, link_type: 1 }
+        let is_bridge = name.starts_with("br") || name == "docker0";
+        Link {
+            name: name.into(),
+            ifindex,
+            master: master.map(Into::into),
+            is_veth,
+            is_bridge,
+            link_type: 1,
+        }
     }
 
     #[test]
@@ -282,6 +305,23 @@ mod tests {
         let names: Vec<String> =
             select_uplinks(&links, &bridges, &[]).into_iter().map(|l| l.name).collect();
         assert_eq!(names, ["enp3s0", "tap0"], "veths (whatever their name) are containers' sides");
+    }
+
+    #[test]
+    fn bridges_named_as_docker_names_them_are_taken_for_docker_s() {
+        let docker: Vec<String> = [
+            link("docker0", 3, None),
+            link("br-0123456789ab", 4, None),
+            link("br-0123456789abc", 5, None), // one digit too many
+            link("br-lan", 6, None),
+            link("br0", 7, None),
+            Link { is_bridge: false, ..link("br-ba9876543210", 8, None) }, // not a bridge
+        ]
+        .iter()
+        .filter(|l| named_like_docker(l))
+        .map(|l| l.name.clone())
+        .collect();
+        assert_eq!(docker, ["docker0", "br-0123456789ab"]);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`interfaces`] (links and
 //! addresses), [`pins`] (bpffs layout), [`loader`] (the embedded program), [`attach`] (XDP
-//! links), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing the pinned maps). Commands: [`agent`] (`guard run`),
-//! [`status`], [`unload`].
+//! links), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing the
+//! pinned maps), [`state`] (what the agent last knew, on disk). Commands: [`agent`] (`guard
+//! run`), [`status`], [`unload`].
 
 pub mod desired;
 pub mod identities;
@@ -27,5 +28,6 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
+pub mod state;
 pub mod status;
 pub mod unload;

@@ -14,7 +14,7 @@ use guard_userspace::{
     drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
-    status,
+    state, status,
     unload::{self, Unloaded},
 };
 use tracing_subscriber::EnvFilter;
@@ -71,6 +71,10 @@ enum Command {
         /// firewall guards it).
         #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
+        /// Where to keep what the agent last knew (Docker's state, the last policy file that
+        /// parsed), so a restart or a reboot starts from it, closed until it has synced.
+        #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
@@ -147,8 +151,8 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run { ifaces, trusted, paths, resync_interval, mode, metrics_addr } => runtime
-            .block_on(agent::run(RunOptions {
+        Command::Run { ifaces, trusted, paths, resync_interval, mode, metrics_addr, state_dir } => {
+            runtime.block_on(agent::run(RunOptions {
                 ifaces,
                 trusted,
                 pins: Pins::new(paths.pin_dir),
@@ -156,7 +160,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config: paths.config,
                 mode,
                 metrics_addr,
-            })),
+                state_dir,
+            }))
+        }
         Command::Drops { follow, json, metrics_addr } => {
             runtime.block_on(drops::show(&metrics_addr, follow, json))
         }

@@ -38,6 +38,9 @@ impl Histogram {
 pub struct AgentState {
     pub docker_connected: bool,
     pub synced: bool,
+    /// Whether the policy in force is the policy file as it is on disk (false: the file does
+    /// not parse, and the last good one, or everything closed, is in force).
+    pub config_valid: bool,
     pub mode: String,
     pub sync_seconds: Histogram,
     pub reloads_ok: u64,
@@ -181,6 +184,11 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
         out,
         "# HELP guard_synced Whether the maps have held Docker's state at least once since start.\n# TYPE guard_synced gauge\nguard_synced {}",
         u8::from(state.synced)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_config_valid Whether the policy file on disk parses and is the policy in force.\n# TYPE guard_config_valid gauge\nguard_config_valid {}",
+        u8::from(state.config_valid)
     );
     let _ = writeln!(
         out,

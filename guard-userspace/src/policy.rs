@@ -8,7 +8,9 @@ use std::{fmt, net::IpAddr, str::FromStr};
 use guard_common::addr::{Addr, V4_MAPPED_PREFIX};
 
 /// A transport protocol Docker can publish and a label can name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -84,7 +86,9 @@ impl fmt::Display for PortSpec {
 }
 
 /// An IPv4 or IPv6 prefix. Host bits are cleared on parse (`10.0.0.7/24` is `10.0.0.0/24`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix_len: u8,

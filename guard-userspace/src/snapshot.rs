@@ -1,17 +1,20 @@
 //! Docker's state as the agent needs it: plain data, filled by [`crate::docker`], consumed by
-//! the pure [`crate::desired`] computation (and built by hand in its unit tests).
+//! the pure [`crate::desired`] computation (and built by hand in its unit tests), and kept on
+//! disk by [`crate::state`].
 
 use std::{collections::BTreeMap, net::IpAddr};
 
+use serde::{Deserialize, Serialize};
+
 use crate::policy::{Cidr, Proto};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub networks: Vec<Network>,
     pub containers: Vec<Container>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,
     pub name: String,
@@ -21,7 +24,7 @@ pub struct Network {
     pub gateways: Vec<IpAddr>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     /// Docker's full container id (64 hex digits): the identity policy follows.
     pub id: String,
@@ -35,7 +38,7 @@ pub struct Container {
 }
 
 /// A host port Docker publishes for a container port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Published {
     /// The host address it is bound to; unspecified (0.0.0.0 or ::) means every address of
     /// that family.

@@ -7,7 +7,7 @@
 //! reference ignores the prefilter (it answers "maybe" to everything), so any prefilter bit
 //! the agent failed to set shows up as a difference between kernel and reference.
 
-use guard_common::maps::{CONFIG_AUDIT_ALL, Config};
+use guard_common::maps::{CONFIG_AUDIT_ALL, Config, OPEN_NONE};
 use std::collections::{BTreeMap, BTreeSet};
 
 use guard_common::{
@@ -37,8 +37,29 @@ pub struct TableSet {
     pub prefilter: Prefilter,
     pub trusted: BTreeMap<Lpm<Addr>, u32>,
     pub config: Config,
-    /// Interface indexes of the uplinks: the bridge gate judges what arrived on them.
+    /// Interfaces by index and role (`IFACE_UPLINK`, `IFACE_INSIDE`); one it does not name
+    /// is taken for Docker's.
     pub uplinks: BTreeMap<u32, u32>,
+}
+
+impl TableSet {
+    /// The same containers, networks and published ports, with nothing opened: what holds
+    /// until the agent has synced with Docker. Host-wide settings (trusted sources, audit
+    /// mode) come from the local policy file and stay.
+    pub fn close_openings(&mut self) {
+        self.ports.clear();
+        self.sources.clear();
+        for info in self.addrs.values_mut() {
+            info.all_ports = OPEN_NONE;
+            info.has_port_rules = 0;
+            info.flags = 0;
+        }
+        for target in self.published.values_mut() {
+            target.rule = OPEN_NONE;
+            target.all_ports = OPEN_NONE;
+            target.flags = 0;
+        }
+    }
 }
 
 /// The three prefilter bitmaps (see [`guard_common::prefilter`]).

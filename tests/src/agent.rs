@@ -45,6 +45,8 @@ fn find_guard_bin() -> Option<PathBuf> {
 pub struct Agent {
     child: Option<Child>,
     pin_dir: PathBuf,
+    /// `--state-dir`, one per agent (kept across [`Agent::restart`], removed on unload).
+    state_dir: PathBuf,
     /// `guard run` arguments other than `--pin-dir`, kept for [`Agent::restart`].
     args: Vec<String>,
     log: Arc<Mutex<String>>,
@@ -64,18 +66,21 @@ impl Agent {
     /// every uplink of the machine, its real ones included.
     pub fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
-        let pin_dir = Path::new("/sys/fs/bpf").join(format!(
+        let name = format!(
             "{PIN_PREFIX}{}-{}",
             std::process::id(),
             STARTS.fetch_add(1, Ordering::Relaxed)
-        ));
+        );
+        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
+        let state_dir = std::env::temp_dir().join(name);
         let mut args = Vec::new();
         for iface in ifaces {
             args.extend(["--iface".to_owned(), (*iface).to_owned()]);
         }
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let log = Arc::new(Mutex::new(String::new()));
-        let mut agent = Self { child: None, pin_dir, args, log, log_start: 0, unloaded: false };
+        let mut agent =
+            Self { child: None, pin_dir, state_dir, args, log, log_start: 0, unloaded: false };
         agent.spawn();
         agent
     }
@@ -84,7 +89,13 @@ impl Agent {
     /// reports the initial sync.
     fn spawn(&mut self) {
         let mut command = Command::new(guard_bin());
-        command.arg("run").args(&self.args).arg("--pin-dir").arg(&self.pin_dir);
+        command
+            .arg("run")
+            .args(&self.args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir);
         // If the test process is killed outright, take the agent down with it rather than
         // leave it running against a vanished test bed; its pins are then leftovers that
         // the next run unloads. (The signal fires when the spawning thread exits; the agent
@@ -206,7 +217,13 @@ impl Agent {
 
     fn try_unload(&mut self) -> Result<(), String> {
         self.unloaded = true;
+        let _ = std::fs::remove_dir_all(&self.state_dir);
         unload_pins(&self.pin_dir)
+    }
+
+    /// Where this agent keeps what it last knew.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 }
 

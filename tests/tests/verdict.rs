@@ -21,7 +21,7 @@ use aya::{
 use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
-    maps::{FLOW_TIMEOUT_NS, FlowKey},
+    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
@@ -685,8 +685,12 @@ fn differential_kernel_equals_reference() {
         differences.len(),
         differences.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
-    // A generator that stopped reaching a path would make this test vacuous there.
-    for reason in Reason::ALL.iter().filter(|r| **r != Reason::NotIp) {
+    // A generator that stopped reaching a path would make this test vacuous there. XDP on an
+    // uplink never sees a packet as behind a bridge: the gate and the answers test cover
+    // UnseenNetwork.
+    let uplink_reasons =
+        Reason::ALL.iter().filter(|r| !matches!(r, Reason::NotIp | Reason::UnseenNetwork));
+    for reason in uplink_reasons {
         assert!(
             seen.get(reason).copied().unwrap_or(0) > 0,
             "no case reached {reason:?} (seed {seed})"
@@ -704,7 +708,7 @@ const BRIDGE: u32 = 9;
 impl Loaded {
     /// Marks UPLINK as an uplink in the maps, as the agent does for the interfaces it guards.
     fn with_uplink(mut self) -> Self {
-        self.desired.tables.uplinks.insert(UPLINK, 1);
+        self.desired.tables.uplinks.insert(UPLINK, IFACE_UPLINK);
         let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
         assert!(self.maps.apply(&plan).is_empty());
         self
@@ -1114,6 +1118,143 @@ fn the_gate_judges_what_arrived_on_an_uplink_and_nothing_else() {
             .map(|(r, _)| *r)
             .collect();
         assert_eq!(moved, counted.into_iter().collect::<Vec<_>>(), "{name}: gate counters");
+    }
+}
+
+/// An interface the agent names as inside (trusted, or left out by `--iface`).
+const INSIDE: u32 = 5;
+/// An address in a network the agent has not seen (created while it was away).
+const UNSEEN: &str = "10.99.0.5";
+
+#[test]
+fn a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted() {
+    let mut g = Loaded::seed().with_uplink();
+    // The unseen container's own connection out, through its bridge: remembered, because its
+    // reply will be judged behind the bridge.
+    let out = Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40100);
+    assert_eq!(g.run_tc(Hook::BridgeIngress, &out.bytes(), BRIDGE), TC_ACT_UNSPEC);
+    assert!(g.remembered().contains(&flow(OUTSIDE_A, 443, UNSEEN, 40100, 6)), "not remembered");
+    let cases = [
+        ("a new connection", Frame::new(OUTSIDE_A, UNSEEN, Tcp(80)), TC_ACT_SHOT, UnseenNetwork),
+        ("udp", Frame::new(OUTSIDE_A, UNSEEN, Udp(53)).sport(5353), TC_ACT_SHOT, UnseenNetwork),
+        (
+            "the reply to its connection out",
+            Frame::new(OUTSIDE_A, UNSEEN, Tcp(40100)).sport(443).established(),
+            TC_ACT_UNSPEC,
+            Reply,
+        ),
+        (
+            "a forged reply from another host",
+            Frame::new(OUTSIDE_B, UNSEEN, Tcp(40100)).sport(443).established(),
+            TC_ACT_SHOT,
+            UnseenNetwork,
+        ),
+    ];
+    use Reason::*;
+    for (name, frame, action, reason) in cases {
+        let before = g.gate_counter(reason);
+        assert_eq!(g.run_tc(Hook::BridgeGate, &frame.bytes(), UPLINK), action, "{name}: action");
+        assert_eq!(g.gate_counter(reason), before + 1, "{name}: counted as {reason:?}");
+    }
+}
+
+#[test]
+fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it() {
+    let mut g = Loaded::seed().with_uplink();
+    g.desired.tables.uplinks.insert(INSIDE, IFACE_INSIDE);
+    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
+    assert!(g.maps.apply(&plan).is_empty());
+    use Reason::*;
+    // (name, SYN-ACK or other packet leaving an uplink, where it arrived, action, counted)
+    let cases = [
+        (
+            "an unseen container's answer on a port Docker publishes",
+            Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(12345).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(UnseenNetwork),
+        ),
+        (
+            "an unseen container's answer to direct routing",
+            Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(UnseenNetwork),
+        ),
+        (
+            "a closed container's answer",
+            Frame::new(DB, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(Closed),
+        ),
+        (
+            "the closed container's answer through its published port",
+            Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(Closed),
+        ),
+        (
+            "an exposed container's answer through its published port",
+            Frame::new(HOST, OUTSIDE_B, Tcp(50000)).sport(10443).syn_ack(),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an exposed container's answer to direct routing",
+            Frame::new(WEB, OUTSIDE_B, Tcp(50000)).sport(443).syn_ack(),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "the host's own answer",
+            Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(12345).syn_ack(),
+            0,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an answer from behind an inside interface",
+            Frame::new("192.168.50.9", OUTSIDE_A, Tcp(50000)).sport(80).syn_ack(),
+            INSIDE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an answer forwarded from another uplink",
+            Frame::new("192.168.50.9", OUTSIDE_A, Tcp(50000)).sport(80).syn_ack(),
+            UPLINK,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an unseen container's connection out",
+            Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40200),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an unseen container's data on an established connection",
+            Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40200).established(),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+    ];
+    for (name, frame, ingress, action, counted) in cases {
+        let before: Vec<u64> = Reason::ALL.iter().map(|r| g.gate_counter(*r)).collect();
+        assert_eq!(g.run_tc(Hook::TcEgress, &frame.bytes(), ingress), action, "{name}: action");
+        let moved: Vec<Reason> = Reason::ALL
+            .iter()
+            .zip(before)
+            .filter(|(r, b)| g.gate_counter(**r) != *b)
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(moved, counted.into_iter().collect::<Vec<_>>(), "{name}: counted");
     }
 }
 
