@@ -144,24 +144,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
 
     let mut docker: Option<DockerClient> = None;
+    let mut connecting: Option<tokio::task::JoinHandle<Result<DockerClient, DockerError>>> = None;
+    let mut next_connect = Instant::now();
     let mut unreachable = Unreachable::default();
     // While Docker cannot be asked, a pass applies what the agent last knew (closed until it
     // has synced): it runs at start and whenever interfaces change, so uplinks and Docker's
     // bridges (which dockerd creates before its API answers) are guarded at once.
     let mut offline_pass_due = true;
+    let mut announced = false;
     // Failed reconciles back off; wake-ups in between (a burst of events as a daemon stops) do
     // not count as attempts, so they cannot inflate the delay.
     let mut backoff = Backoff::default();
     loop {
         *shared.heartbeat.lock().expect("not poisoned") = Instant::now();
-        if docker.is_none() {
-            match DockerClient::connect().await {
-                Ok(client) => {
-                    unreachable.ended();
-                    docker = Some(client);
-                }
-                Err(e) => unreachable.report(&e, agent.synced),
-            }
+        // Connecting runs beside the loop: a daemon that is starting accepts connections
+        // long before it answers, and the bridges it creates meanwhile must be guarded.
+        if docker.is_none() && connecting.is_none() && Instant::now() >= next_connect {
+            connecting = Some(tokio::spawn(DockerClient::connect()));
         }
         match &docker {
             Some(client) if backoff.due() => {
@@ -203,19 +202,45 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Some(_) => {}
             None if offline_pass_due => {
                 offline_pass_due = false;
-                if let Err(e) = agent.apply_known() {
-                    warn!(
+                match agent.apply_known() {
+                    Ok(()) if !agent.synced && !announced => {
+                        announced = true;
+                        info!(
+                            "guarding before Docker answers: nothing is opened until the agent has synced"
+                        );
+                    }
+                    Ok(()) => {}
+                    Err(e) => warn!(
                         "applying the last known state failed: {e:#}; retrying on the next change"
-                    );
+                    ),
                 }
             }
             None => {}
         }
         let wait = match docker {
-            None => DOCKER_POLL,
+            None => next_connect.saturating_duration_since(Instant::now()).max(DOCKER_POLL),
             Some(_) => backoff.remaining().unwrap_or(agent.opts.resync),
         };
         tokio::select! {
+            connected = async { connecting.as_mut().expect("only while connecting").await },
+                if connecting.is_some() =>
+            {
+                connecting = None;
+                match connected {
+                    Ok(Ok(client)) => {
+                        unreachable.ended();
+                        docker = Some(client);
+                    }
+                    Ok(Err(e)) => {
+                        unreachable.report(&e, agent.synced);
+                        next_connect = Instant::now() + DOCKER_POLL;
+                    }
+                    Err(e) => {
+                        warn!("connecting to Docker: {e}");
+                        next_connect = Instant::now() + DOCKER_POLL;
+                    }
+                }
+            }
             _ = wake.notified() => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
             _ = docker_back.notified() => backoff.succeeded(),

@@ -17,6 +17,8 @@ use crate::cmd::{self, try_run};
 
 /// The line the agent logs once the maps hold the first full Docker state.
 pub const READY_MARKER: &str = "initial sync complete";
+/// What `guard run` logs once it guards with what it last knew, before Docker has answered.
+pub const GUARDING_MARKER: &str = "guarding before Docker answers";
 /// Loading, attaching and the first Docker sync take well under a second here; the margin
 /// is for a cold, loaded machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,6 +90,11 @@ impl Agent {
     /// Runs `guard run` with this agent's arguments and pin directory, and waits until it
     /// reports the initial sync.
     fn spawn(&mut self) {
+        self.spawn_until(READY_MARKER);
+    }
+
+    /// Runs `guard run` and waits until its log says `marker`.
+    fn spawn_until(&mut self, marker: &str) {
         let mut command = Command::new(guard_bin());
         command
             .arg("run")
@@ -114,7 +121,7 @@ impl Agent {
         collect_lines(child.stdout.take(), &self.log);
         collect_lines(child.stderr.take(), &self.log);
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_for(marker);
     }
 
     /// The agent's process id (it must be running).
@@ -145,21 +152,37 @@ impl Agent {
         self.spawn();
     }
 
+    /// What a reboot leaves of a stopped agent: no pins (bpffs is memory), its state
+    /// directory on disk.
+    pub fn lose_pins(&mut self) {
+        assert!(self.child.is_none(), "lose_pins: the agent still runs");
+        if let Err(e) = unload_pins(&self.pin_dir) {
+            panic!("{e}\nagent log:\n{}", self.log());
+        }
+    }
+
+    /// Starts the stopped agent again and waits only until it guards (Docker may be down).
+    pub fn boot(&mut self) {
+        assert!(self.child.is_none(), "boot: the agent still runs");
+        self.spawn_until(GUARDING_MARKER);
+    }
+
     /// What the current (last started) agent process has logged so far.
     pub fn log_of_current_run(&self) -> String {
         self.log.lock().unwrap()[self.log_start..].to_owned()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the current agent has logged `marker`.
+    pub fn wait_for(&mut self, marker: &str) {
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !self.log_of_current_run().contains(READY_MARKER) {
+        while !self.log_of_current_run().contains(marker) {
             let child = self.child.as_mut().expect("agent running");
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("guard run exited ({status}) before `{READY_MARKER}`:\n{}", self.log());
+                panic!("guard run exited ({status}) before `{marker}`:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "guard run did not log `{READY_MARKER}` within {READY_TIMEOUT:?}:\n{}",
+                "guard run did not log `{marker}` within {READY_TIMEOUT:?}:\n{}",
                 self.log()
             );
             thread::sleep(Duration::from_millis(50));

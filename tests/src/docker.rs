@@ -149,6 +149,8 @@ pub struct ContainerSpec<'a> {
     pub command: &'a str,
     /// Container TCP ports to wait for (from the host) before returning.
     pub listens_on: &'a [u16],
+    /// `--restart` (e.g. "always"): the daemon starts the container again when it starts.
+    pub restart: Option<&'a str>,
 }
 
 /// A running container (`docker run -d`), force-removed on drop.
@@ -176,6 +178,9 @@ impl Container {
         }
         for publish in spec.publish {
             args.push(format!("--publish={publish}"));
+        }
+        if let Some(policy) = spec.restart {
+            args.push(format!("--restart={policy}"));
         }
         args.extend([image(), "sh".to_owned(), "-c".to_owned(), spec.command.to_owned()]);
         docker(&args.iter().map(String::as_str).collect::<Vec<_>>());

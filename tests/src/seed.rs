@@ -54,6 +54,7 @@ impl Project {
                 publish,
                 command,
                 listens_on,
+                restart: None,
             })
         };
         // The database: published the way compose files do, no label: closed to the outside.

@@ -81,6 +81,7 @@ fn container(
         publish,
         command,
         listens_on,
+        ..Default::default()
     })
 }
 
