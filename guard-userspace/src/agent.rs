@@ -37,7 +37,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     attach::Attachments,
-    desired::desired_state,
+    desired::{Desired, desired_state},
     docker::{DockerClient, DockerError},
     identities::Identities,
     interfaces::{self, Framing, Link},
@@ -102,7 +102,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let events =
         ebpf.take_map(guard_common::maps::EVENTS).context("the object has no event ring")?;
     let events = RingBuf::try_from(events)?;
-    let ids = Identities::adopt(maps.read()?.identities);
+    let pinned = maps.read()?;
+    let adopted = !pinned.identities.is_empty() || !pinned.networks.is_empty();
+    let ids = Identities::adopt(pinned.identities);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState {
             mode: start.policy.mode.to_string(),
@@ -131,6 +133,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         state,
         saved_policy: start.saved_text,
         known,
+        adopted,
         synced: false,
         shared: shared.clone(),
     };
@@ -146,6 +149,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut docker: Option<DockerClient> = None;
     let mut connecting: Option<tokio::task::JoinHandle<Result<DockerClient, DockerError>>> = None;
     let mut next_connect = Instant::now();
+    let mut first_answer_seen = false;
     let mut unreachable = Unreachable::default();
     // While Docker cannot be asked, a pass applies what the agent last knew (closed until it
     // has synced): it runs at start and whenever interfaces change, so uplinks and Docker's
@@ -200,7 +204,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             Some(_) => {}
-            None if offline_pass_due => {
+            // Adopted maps keep protecting as they are while the first answer from Docker is
+            // awaited: a healthy daemon answers within milliseconds, and closing first would
+            // interrupt every exposed service on each restart of the agent.
+            None if offline_pass_due && (first_answer_seen || !agent.adopted) => {
                 offline_pass_due = false;
                 match agent.apply_known() {
                     Ok(()) if !agent.synced && !announced => {
@@ -226,6 +233,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 if connecting.is_some() =>
             {
                 connecting = None;
+                first_answer_seen = true;
                 match connected {
                     Ok(Ok(client)) => {
                         unreachable.ended();
@@ -368,6 +376,8 @@ struct Agent {
     saved_policy: Option<String>,
     /// Docker's state as last seen (from the state directory until the first sync).
     known: Snapshot,
+    /// Whether the maps were a previous agent's (its pins outlived it) rather than new.
+    adopted: bool,
     /// Whether the maps have held Docker's state since this agent started.
     synced: bool,
     /// What `/metrics` and the drop log read.
@@ -474,8 +484,14 @@ impl Agent {
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
-        let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        let mut desired = desired_state(snapshot, &host_addrs, &targets, &self.policy);
+        let mut desired = if !synced && self.adopted {
+            // The pins outlived the previous agent: its maps hold its last sync, more surely
+            // than the state directory (which an upgrade from an agent without one lacks).
+            Desired { tables: self.maps.read()?, containers: Vec::new() }
+        } else {
+            let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+            desired_state(snapshot, &host_addrs, &targets, &self.policy)
+        };
         if !synced || self.closed {
             desired.tables.close_openings();
         }
@@ -503,7 +519,7 @@ impl Agent {
             info!(changes = plan.change_count(), failed = failures.len(), synced, "maps updated");
             warnings.extend(failures.iter().map(ToString::to_string));
         }
-        self.maps.forget_drops(&targets.values().copied().collect());
+        self.maps.forget_drops(&desired.tables.identities.keys().copied().collect());
 
         let pins = &self.opts.pins;
         let mut errors = Vec::new();

@@ -7,6 +7,7 @@
 use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
+use guard_common::maps::IFACE_UPLINK;
 use serde::Serialize;
 
 use crate::{
@@ -86,8 +87,10 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
 
     let links = interfaces::links().unwrap_or_default();
     let protected = pins.pinned_ifindexes(Hook::Xdp)?;
-    // The agent's uplinks are the interfaces it protects.
-    desired.tables.uplinks = protected.iter().map(|i| (*i, 1)).collect();
+    // Interface roles are the agent's to decide (from its flags and the policy file): taken as
+    // the kernel holds them, except that the interfaces it protects must be uplinks.
+    desired.tables.uplinks = current.as_ref().map(|c| c.uplinks.clone()).unwrap_or_default();
+    desired.tables.uplinks.extend(protected.iter().map(|i| (*i, IFACE_UPLINK)));
     let interfaces = match &current {
         None => Vec::new(),
         Some(_) => protected
