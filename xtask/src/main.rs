@@ -3,6 +3,8 @@
 //! Every step says what it does and does nothing when it is already satisfied.
 
 mod bench;
+#[cfg(test)]
+mod deploy_check;
 mod docker;
 mod image;
 mod run;

@@ -1,4 +1,5 @@
-//! Build and test prerequisites: nightly rust-src, Debian packages, bpf-linker, bpffs.
+//! Build and test prerequisites: nightly rust-src, Debian packages, bpf-linker, bpffs,
+//! systemd-analyze.
 
 use std::fs;
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn machine(ctx: &Ctx) -> Result<()> {
     prerequisites()?;
     pip_packages()?;
+    systemd_analyze()?;
     bpffs()?;
     docker::ensure_daemon(&ctx.target_dir)?;
     docker::ensure_test_image()
@@ -64,6 +66,21 @@ fn pip_packages() -> Result<()> {
         anyhow::ensure!(ok, "python3 -m pip install {package} failed");
     }
     Ok(())
+}
+
+/// The unit tier verifies deploy/container-guard.service with `systemd-analyze verify`
+/// (offline: it needs no running systemd); Debian ships it in the `systemd` package.
+fn systemd_analyze() -> Result<()> {
+    let present = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if present {
+        println!("xtask: systemd-analyze present");
+        return Ok(());
+    }
+    println!("xtask: systemd-analyze missing (the unit tier verifies the systemd unit with it)");
+    apt_install(&["systemd"])
 }
 
 fn rust_src() -> Result<()> {
