@@ -184,6 +184,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                         backoff.succeeded();
                         if !agent.synced {
                             agent.synced = true;
+                            tell_systemd_ready();
                             info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
                             // Every link runs this build's program (and maps) now: maps of
                             // another layout, left by an agent of another version, serve
@@ -215,6 +216,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                         info!(
                             "guarding before Docker answers: nothing is opened until the agent has synced"
                         );
+                        tell_systemd_ready();
                     }
                     Ok(()) => {}
                     Err(e) => warn!(
@@ -323,6 +325,27 @@ impl StartPolicy {
                 StartPolicy { policy, text, saved_text: None, valid: false, closed: true }
             }
         }
+    }
+}
+
+/// Tells systemd (`Type=notify`) that the agent guards: the maps hold what it knows and the
+/// programs are attached, so docker.service, ordered after it, starts only now. Nothing when
+/// not run by systemd; a second call is harmless.
+fn tell_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(e) => return warn!("telling systemd the agent is ready: {e}"),
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    // A leading '@' names an abstract socket.
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(b"READY=1", &addr)),
+        None => socket.send_to(b"READY=1", &path),
+    };
+    if let Err(e) = sent {
+        warn!("telling systemd the agent is ready ({}): {e}", path.to_string_lossy());
     }
 }
 

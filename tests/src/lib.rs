@@ -7,6 +7,7 @@
 //! [`prepare_test_bed`] at the start of the next one.
 
 pub mod agent;
+pub mod boot;
 pub mod cmd;
 pub mod container_agent;
 pub mod docker;

@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tests::agent::Agent;
+use tests::boot;
 use tests::cmd::{run, try_run};
 use tests::docker::{Container, ContainerSpec, Network, docker};
 use tests::dockerd::DockerdOutage;
@@ -1637,12 +1638,7 @@ fn reboot_accepts_nothing_closed_from_the_first_packet_and_opens_the_exposed_por
     // The agent has run on this host before: its state directory knows the network.
     let (mut agent, _) = start_agent(&[a.host_end()], &[]);
     check(&a, "before the reboot", &targets.map(|(w, addr, open)| expect(w, addr, open)));
-    agent.terminate();
-    agent.lose_pins();
-    let bridge = bridge_of(&net);
-    let mut outage = DockerdOutage::begin();
-    // dockerd creates its bridges again at start, before its API answers.
-    run_ip(&["link", "del", &bridge]);
+    let mut outage = boot::power_off(&mut agent, &[&net]);
     assert!(
         !xdp_attached(a.host_end()),
         "test bed broken: the uplink is guarded before the agent starts"
@@ -1692,18 +1688,12 @@ fn reboot_accepts_nothing_closed_from_the_first_packet_and_opens_the_exposed_por
         agent.log()
     );
     // From the container's start (Docker's clock) to the first connection that completed.
-    let started = container_started_at(exposed.name());
+    let started = boot::started_at(exposed.name());
     for (i, (what, _, open)) in targets.iter().enumerate() {
         if !open {
             continue;
         }
-        // When the first handshake completed (an attempt sent before may complete on its
-        // retransmitted SYN).
-        let completed = |a: &tests::prober::Attempt| match a.outcome {
-            Outcome::Established(latency) => probing_since + a.sent + latency,
-            _ => unreachable!("established attempts only"),
-        };
-        let first = report.established(i).iter().map(completed).min();
+        let first = boot::first_completed(&report, i, probing_since);
         let after = first.and_then(|t| t.duration_since(started).ok());
         println!("{what}: open {after:.2?} after its container started");
         assert!(
@@ -1857,24 +1847,6 @@ fn a_static_address_reused_while_the_agent_is_away_inherits_nothing() {
     agent.restart();
     check(&a, "agent back", &[expect("the second container, no label", sock(ip, 80), false)]);
     agent.unload();
-}
-
-/// The Linux bridge behind a Docker network.
-fn bridge_of(net: &Network) -> String {
-    let id = docker(&["network", "inspect", "-f", "{{.Id}}", net.name()]);
-    format!("br-{}", &id.trim()[..12])
-}
-
-fn run_ip(args: &[&str]) {
-    run("ip", args);
-}
-
-/// When Docker says the container last started.
-fn container_started_at(name: &str) -> std::time::SystemTime {
-    let started = docker(&["inspect", "-f", "{{.State.StartedAt}}", name]);
-    let seconds = run("date", &["-d", started.trim(), "+%s.%N"]);
-    let seconds: f64 = seconds.trim().parse().expect("date +%s.%N");
-    std::time::UNIX_EPOCH + Duration::from_secs_f64(seconds)
 }
 
 /// A fresh directory under the temporary directory.

@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: the data-path benchmark (tests/benches/datapath), one run, its report
-//! printed.
+//! printed; with `--open-latency`, how soon an exposed port opens after a reboot
+//! (tests/benches/open_latency.rs) instead.
 
 use std::fs;
 use std::process::Command;
@@ -7,6 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::docker::TEST_IMAGE;
 use crate::{Ctx, setup, sh, show};
 
 /// Debian packages only the benchmark needs: ethtool reads the veth's XDP drop counters,
@@ -32,11 +34,21 @@ pub struct BenchArgs {
     /// Live-frames batch size [default: 64]
     #[arg(long)]
     batch: Option<u64>,
+    /// Instead of the data path: time from a container's start to its exposed port open,
+    /// after a reboot staged with the real dockerd (restarted once per run)
+    #[arg(long)]
+    open_latency: bool,
+    /// Reboots for --open-latency [default: 20]
+    #[arg(long, requires = "open_latency")]
+    open_runs: Option<u64>,
 }
 
 /// Installs what is missing, runs `cargo bench -p tests --bench datapath` and prints
 /// `<target>/bench/report.md`.
 pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
+    if args.open_latency {
+        return open_latency(ctx, args.open_runs);
+    }
     setup::prerequisites()?;
     setup::bpffs()?;
     setup::apt_install(BENCH_PACKAGES)?;
@@ -68,4 +80,21 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
     println!("{md}");
     println!("xtask: report.md, report.json and report.png are in {}", out.display());
     Ok(())
+}
+
+/// `cargo bench -p tests --bench open_latency` on a machine prepared as for the e2e tier.
+fn open_latency(ctx: &Ctx, runs: Option<u64>) -> Result<()> {
+    setup::machine(ctx)?;
+    println!("xtask: building guard with cargo build -p guard-userspace ...");
+    sh(Command::new("cargo").args(["build", "-p", "guard-userspace"]))?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["bench", "-p", "tests", "--bench", "open_latency"])
+        .env("GUARD_BIN", ctx.target_dir.join("debug/guard"))
+        .env("GUARD_TEST_IMAGE", TEST_IMAGE)
+        .env("GUARD_BENCH_OUT", ctx.target_dir.join("bench"));
+    if let Some(runs) = runs {
+        cmd.env("GUARD_BENCH_OPEN_RUNS", runs.to_string());
+    }
+    println!("xtask: running {} (about 15 s per run) ...", show(&cmd));
+    sh(&mut cmd)
 }
