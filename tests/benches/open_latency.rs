@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         ..Default::default()
     });
     let _routing = RoutingHost::enable();
-    let outside = OutsideHost::new("benchopen", 30);
+    let outside = OutsideHost::new("bopen", 30);
     outside.route_via_host(SUBNET);
     let targets = [SocketAddr::from((ip, 80)), SocketAddr::from((outside.host_v4(), 25300))];
     let metrics = SocketAddr::from(([127, 0, 0, 1], observe::free_local_port())).to_string();
