@@ -13,6 +13,7 @@
 #     --security-opt no-new-privileges:true \
 #     -v /var/run/docker.sock:/var/run/docker.sock:ro -v /sys/fs/bpf:/sys/fs/bpf \
 #     -v /etc/container-guard:/etc/container-guard:ro \
+#     -v /var/lib/container-guard:/var/lib/container-guard \
 #     container-guard:dev run --metrics-addr 127.0.0.1:9184
 FROM scratch
 COPY target/image/guard /guard

@@ -1,9 +1,12 @@
 //! The agent as a container (issue 6): the image `cargo xtask image` builds, run by
 //! docker-compose from the repository's own deploy/compose.yaml, so the test runs with exactly
 //! the capabilities, mounts and options an operator gets. A small override file only names
-//! the container, points the agent at the test bed's uplinks and its own pin directory, and
-//! mounts an empty policy directory (whatever /etc/container-guard holds on this machine must
-//! not change the verdicts).
+//! the container, points the agent at the test bed's uplinks and its own pin directory, mounts
+//! an empty policy directory (whatever /etc/container-guard holds on this machine must not
+//! change the verdicts) and a state directory of its own at [`STATE_DIR`] (the state an agent
+//! of this machine keeps in /var/lib/container-guard must neither be read nor overwritten, and
+//! nothing is left there). Compose merges volumes by their path in the container, so these two
+//! replace the host paths of the compose file's binds and keep everything else about them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,9 @@ pub const PROJECT: &str = "guard-e2e-agent";
 pub const CONTAINER: &str = "guard-e2e-agent";
 /// The service in deploy/compose.yaml.
 pub const SERVICE: &str = "guard";
+/// The agent's state directory in the container (its `--state-dir` default), a read-write
+/// bind in deploy/compose.yaml; the tests bind [`ContainerAgent::state_dir`] there.
+pub const STATE_DIR: &str = "/var/lib/container-guard";
 /// Not the default 9184: an agent an operator runs on this machine may hold that.
 pub const METRICS_ADDR: &str = "127.0.0.1:19184";
 /// Pin directories are `/sys/fs/bpf/guard-e2e-<pid>-ctr<n>`, like [`crate::agent`]'s: the pid
@@ -93,7 +99,7 @@ pub fn docker_compose_bin() -> PathBuf {
 /// test did not get to [`ContainerAgent::unload`]).
 pub struct ContainerAgent {
     pin_dir: PathBuf,
-    /// Holds the override file and the empty policy directory.
+    /// Holds the override file, the empty policy directory and the state directory.
     workdir: PathBuf,
     unloaded: bool,
 }
@@ -119,9 +125,10 @@ impl ContainerAgent {
         command.extend(["--metrics-addr".to_owned(), METRICS_ADDR.to_owned()]);
         let override_file = format!(
             "services:\n  {SERVICE}:\n    container_name: {CONTAINER}\n    command: {}\n    \
-             volumes:\n      - {}:/etc/container-guard:ro\n",
+             volumes:\n      - {}:/etc/container-guard:ro\n      - {}:{STATE_DIR}\n",
             serde_json::to_string(&command).unwrap(),
-            workdir.join("config").display()
+            workdir.join("config").display(),
+            workdir.join("state").display()
         );
         fs::write(workdir.join("override.yaml"), override_file).expect("write the override file");
         let agent = Self { pin_dir, workdir, unloaded: false };
@@ -132,6 +139,12 @@ impl ContainerAgent {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The host directory bound at [`STATE_DIR`] (created by dockerd, as a missing bind
+    /// source is on an operator's host; removed with the rest of the work directory).
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
     }
 
     /// `docker-compose -p PROJECT -f deploy/compose.yaml -f override.yaml ARGS`, with

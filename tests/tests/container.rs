@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tests::cmd::{self, find_in_path};
 use tests::container_agent::{
-    CONTAINER, ContainerAgent, METRICS_ADDR, build_image, docker_compose_bin, workspace_file,
+    CONTAINER, ContainerAgent, METRICS_ADDR, STATE_DIR, build_image, docker_compose_bin,
+    workspace_file,
 };
 use tests::docker::docker;
 use tests::netns::xdp_attached;
@@ -35,10 +37,15 @@ use tests::seed::SeedBed;
 /// place of CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN. README.md ("Run it as a container") has
 /// what breaks without it.
 const CAPS: &[&str] = &["SYS_ADMIN"];
-/// Where the agent's inputs live on the host, mounted at the same path in the container.
+/// Where the agent's inputs live on the host, mounted at the same path in the container; the
+/// state directory ([`STATE_DIR`]) too, read-write: the last good state, so that a restart or
+/// a broken policy file at start never means starting from nothing.
 const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 const BPFFS: &str = "/sys/fs/bpf";
 const POLICY_DIR: &str = "/etc/container-guard";
+/// Every mount of every deployment: host path (= path in the container), read-only.
+const MOUNTS: &[(&str, bool)] =
+    &[(DOCKER_SOCKET, true), (BPFFS, false), (POLICY_DIR, true), (STATE_DIR, false)];
 const DEFAULT_METRICS: &str = "127.0.0.1:9184";
 
 // ---------------------------------------------------------------------------------------
@@ -80,6 +87,16 @@ fn caps() -> Vec<String> {
     CAPS.iter().map(|c| (*c).to_owned()).collect()
 }
 
+/// [`MOUNTS`] as `docker run -v` / compose short syntax (`HOST:CONTAINER[:ro]`), sorted.
+fn bind_flags() -> Vec<String> {
+    let mut binds: Vec<String> = MOUNTS
+        .iter()
+        .map(|(path, ro)| format!("{path}:{path}{}", if *ro { ":ro" } else { "" }))
+        .collect();
+    binds.sort();
+    binds
+}
+
 /// `--metrics-addr` of a `guard run` command line (its default if absent).
 fn metrics_addr(command: &[String]) -> String {
     assert_eq!(command.first().map(String::as_str), Some("run"), "not `guard run`: {command:?}");
@@ -90,8 +107,9 @@ fn metrics_addr(command: &[String]) -> String {
 }
 
 /// The compose file's service: no privileged, host network, all capabilities dropped and
-/// exactly [`CAPS`] added, read-only root, no-new-privileges, default seccomp, the socket
-/// read-only and bpffs at the same paths, restarted unless stopped.
+/// exactly [`CAPS`] added, read-only root, no-new-privileges, default seccomp, exactly
+/// [`MOUNTS`] at the same paths (the socket and the policy directory read-only, bpffs and the
+/// state directory read-write), restarted unless stopped.
 #[test]
 fn compose_file_grants_exactly_the_least_privilege_set() {
     let path = workspace_file("deploy/compose.yaml");
@@ -111,15 +129,9 @@ fn compose_file_grants_exactly_the_least_privilege_set() {
         !security.iter().any(|s| s.contains("unconfined")),
         "the default seccomp profile suffices: {security:?}"
     );
-    let volumes = strings(&guard["volumes"]);
-    for wanted in [
-        format!("{DOCKER_SOCKET}:{DOCKER_SOCKET}:ro"),
-        format!("{BPFFS}:{BPFFS}"),
-        format!("{POLICY_DIR}:{POLICY_DIR}:ro"),
-    ] {
-        assert!(volumes.contains(&wanted), "compose volumes lack {wanted}: {volumes:?}");
-    }
-    assert_eq!(volumes.len(), 3, "nothing else mounted: {volumes:?}");
+    let mut volumes = strings(&guard["volumes"]);
+    volumes.sort();
+    assert_eq!(volumes, bind_flags(), "exactly these mounts");
     assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
     for key in ["pid", "ipc", "devices", "userns_mode", "cgroup_parent"] {
         assert!(guard.get(key).is_none(), "compose service sets {key}");
@@ -171,18 +183,17 @@ fn stack_file_grants_exactly_the_least_privilege_set() {
             (target, (source, v["read_only"].as_bool().unwrap_or(false)))
         })
         .collect();
+    assert_eq!(guard["volumes"].as_array().unwrap().len(), MOUNTS.len(), "one bind per target");
     let expected: BTreeMap<String, (String, bool)> =
-        [(DOCKER_SOCKET, true), (BPFFS, false), (POLICY_DIR, true)]
-            .into_iter()
-            .map(|(p, ro)| (p.to_owned(), (p.to_owned(), ro)))
-            .collect();
+        MOUNTS.iter().map(|(p, ro)| ((*p).to_owned(), ((*p).to_owned(), *ro))).collect();
     assert_eq!(binds, expected);
     assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
 }
 
 /// The DaemonSet: every node (tolerates every taint), host network, the same capabilities,
-/// the socket and bpffs as hostPath volumes at the same paths, probes on /healthz at the
-/// agent's metrics address, requests and limits, in its own namespace.
+/// exactly [`MOUNTS`] as hostPath volumes at the same paths (the state directory created if
+/// missing), probes on /healthz at the agent's metrics address, requests and limits, in its
+/// own namespace.
 #[test]
 fn daemonset_grants_exactly_the_least_privilege_set() {
     let docs = yaml_documents(&workspace_file("deploy/daemonset.yaml"));
@@ -203,29 +214,26 @@ fn daemonset_grants_exactly_the_least_privilege_set() {
     assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
 
-    let host_paths: BTreeMap<&str, &str> = pod["volumes"]
-        .as_array()
-        .expect("volumes")
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let host_paths: BTreeMap<&str, &str> = volumes
         .iter()
         .map(|v| (v["name"].as_str().unwrap(), v["hostPath"]["path"].as_str().unwrap()))
         .collect();
-    let mounts: BTreeMap<&str, (&str, bool)> = c["volumeMounts"]
-        .as_array()
-        .expect("volumeMounts")
+    let volume_mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+    assert_eq!(volumes.len(), MOUNTS.len(), "exactly these volumes: {volumes:?}");
+    assert_eq!(volume_mounts.len(), MOUNTS.len(), "exactly these mounts: {volume_mounts:?}");
+    let mounts: BTreeMap<&str, (&str, bool)> = volume_mounts
         .iter()
         .map(|m| {
             let path = host_paths[m["name"].as_str().unwrap()];
             (path, (m["mountPath"].as_str().unwrap(), m["readOnly"].as_bool().unwrap_or(false)))
         })
         .collect();
-    let expected: BTreeMap<&str, (&str, bool)> = [
-        (DOCKER_SOCKET, (DOCKER_SOCKET, true)),
-        (BPFFS, (BPFFS, false)),
-        (POLICY_DIR, (POLICY_DIR, true)),
-    ]
-    .into_iter()
-    .collect();
+    let expected: BTreeMap<&str, (&str, bool)> =
+        MOUNTS.iter().map(|(p, ro)| (*p, (*p, *ro))).collect();
     assert_eq!(mounts, expected);
+    let state = volumes.iter().find(|v| v["hostPath"]["path"] == STATE_DIR).unwrap();
+    assert_eq!(state["hostPath"]["type"], "DirectoryOrCreate", "{state}");
 
     let metrics = metrics_addr(&strings(&c["args"]));
     let (host, port) = metrics.rsplit_once(':').unwrap();
@@ -265,15 +273,17 @@ fn readme_docker_run_grants_the_same_set() {
         .collect();
     granted.sort();
     assert_eq!(granted, caps(), "README: {run}");
-    for flag in [
-        "--cap-drop ALL",
-        "--network host",
-        "--read-only",
-        "-v /var/run/docker.sock:/var/run/docker.sock:ro",
-        "-v /sys/fs/bpf:/sys/fs/bpf",
-    ] {
+    for flag in ["--cap-drop ALL", "--network host", "--read-only"] {
         assert!(run.contains(flag), "README's docker run lacks `{flag}`: {run}");
     }
+    let words: Vec<&str> = run.split_whitespace().collect();
+    let mut binds: Vec<String> = words
+        .windows(2)
+        .filter(|w| ["-v", "--volume", "--mount"].contains(&w[0]))
+        .map(|w| w[1].to_owned())
+        .collect();
+    binds.sort();
+    assert_eq!(binds, bind_flags(), "README's docker run mounts exactly these: {run}");
     assert!(!run.contains("--privileged"), "README: {run}");
 }
 
@@ -405,6 +415,20 @@ fn check_privileges(agent: &ContainerAgent) {
     assert_eq!(host["PidMode"], "", "the host's pid namespace is not needed");
     let security = strings(&host["SecurityOpt"]);
     assert_eq!(security, ["no-new-privileges:true"], "default seccomp, nothing loosened");
+    // Exactly the compose file's mounts, read-write only where it says so (the test's override
+    // changes the host side of the policy and state directories, nothing else).
+    let mounts: BTreeMap<String, bool> = agent.inspect()["Mounts"]
+        .as_array()
+        .expect("Mounts")
+        .iter()
+        .map(|m| {
+            assert_eq!(m["Type"], "bind", "{m}");
+            (m["Destination"].as_str().unwrap().to_owned(), !m["RW"].as_bool().unwrap())
+        })
+        .collect();
+    let expected: BTreeMap<String, bool> =
+        MOUNTS.iter().map(|(p, ro)| ((*p).to_owned(), *ro)).collect();
+    assert_eq!(mounts, expected, "the agent container's mounts (destination, read-only)");
     // The kernel's view: the agent process holds CAP_SYS_ADMIN and nothing else.
     let pid = agent.inspect()["State"]["Pid"].as_u64().expect("agent pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
@@ -416,6 +440,32 @@ fn check_privileges(agent: &ContainerAgent) {
     assert_eq!(u64::from_str_radix(field("CapBnd:"), 16), Ok(CAP_SYS_ADMIN), "{status}");
     assert_eq!(field("Seccomp:"), "2", "the default seccomp filter applies");
     assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+/// The agent wrote its state through the read-write bind despite the read-only root: a
+/// `state.json` (0600) holding Docker's snapshot, the seed containers included, and no
+/// warning about the state directory in its log.
+fn check_state(agent: &ContainerAgent, bed: &SeedBed) {
+    let path = agent.state_dir().join("state.json");
+    let meta = std::fs::metadata(&path).unwrap_or_else(|e| {
+        panic!("the containerised agent wrote no {}: {e}\n{}", path.display(), agent.logs())
+    });
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", path.display());
+    let text = std::fs::read_to_string(&path).expect("read state.json");
+    let saved: Value = serde_json::from_str(&text).expect("state.json is JSON");
+    let names: Vec<&str> = saved["snapshot"]["containers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no snapshot.containers in state.json: {saved}"))
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .map(|n| n.trim_start_matches('/'))
+        .collect();
+    let db = bed.project.db.name();
+    assert!(names.contains(&db), "state.json does not hold {db}: {names:?}");
+    let logs = agent.logs();
+    for warning in ["state directory", "cannot save the state"] {
+        assert!(!logs.contains(warning), "the agent warned about its state (`{warning}`):\n{logs}");
+    }
 }
 
 /// The seed scenario with the agent as a container: outside hosts reach only what the labels
@@ -431,9 +481,11 @@ fn containerised_agent_passes_the_seed_scenario() {
     assert!(bed.a.tcp_connect(db, PATIENT), "test bed broken: A cannot reach {db} unguarded");
 
     let before = GuardObjects::list();
+    let host_state_existed = Path::new(STATE_DIR).exists();
     let agent = ContainerAgent::start(&bed.uplinks());
     let created = GuardObjects::list().since(&before);
     check_privileges(&agent);
+    check_state(&agent, &bed);
     bed.check_outside(true);
     bed.check_inside();
 
@@ -472,6 +524,10 @@ fn containerised_agent_passes_the_seed_scenario() {
         docker(&["ps", "-a", "--filter", &format!("name={CONTAINER}"), "-q"]).trim().is_empty(),
         "the agent container is still there"
     );
+    assert!(
+        host_state_existed || !Path::new(STATE_DIR).exists(),
+        "the test agent created the host's {STATE_DIR}"
+    );
 }
 
 /// `docker restart` of the agent container leaks nothing: outside host A connects about 20
@@ -486,6 +542,7 @@ fn restarting_the_agent_container_leaks_nothing() {
     let bed = SeedBed::new();
     let agent = ContainerAgent::start(&bed.uplinks());
     check_privileges(&agent);
+    check_state(&agent, &bed);
     let p = &bed.project;
     let closed = [
         ("db:5432 direct", SocketAddr::new(p.db.ip().into(), 5432)),
@@ -583,6 +640,8 @@ fn restarting_the_agent_container_leaks_nothing() {
         assert_ne!(before.prog, after.prog, "link {name} still runs the old program");
     }
     assert_eq!(maps_before, observe::pinned_maps(agent.pin_dir()), "the maps were recreated");
+    // The state is still there for the next start, kept by the bind across the restart.
+    check_state(&agent, &bed);
 
     bed.check_outside(true);
     let started = Instant::now();
