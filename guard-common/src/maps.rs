@@ -93,16 +93,21 @@ pub const FLOWS_CAPACITY: u32 = 65_536;
 pub const TRUSTED_CAPACITY: u32 = 4_096;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
-/// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`]).
+/// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`], [`IFACE_DOCKER`]).
 pub const UPLINKS_CAPACITY: u32 = 1_024;
 
 /// [`UPLINKS`] value: an interface guard protects; packets that arrived on it are from outside.
 pub const IFACE_UPLINK: u32 = 1;
 /// [`UPLINKS`] value: an interface that is neither guarded nor Docker's (loopback, a trusted
-/// interface, one left out by `--iface`). An interface the map does not name is taken for a
-/// Docker network's: a container's answer that arrived on it and leaves through an uplink is
-/// judged (see the TC egress program).
+/// interface, one left out by `--iface`).
 pub const IFACE_INSIDE: u32 = 2;
+/// [`UPLINKS`] value: the bridge of a Docker network the agent knows (its subnets are in
+/// [`NETWORKS`]).
+pub const IFACE_DOCKER: u32 = 3;
+// An interface the map does not name appeared since the agent last looked: a bridge of a
+// network it has not seen, or an uplink that came back under a new index while it was away.
+// Both are judged as outside where it matters (the gate; a container's answer leaving
+// through an uplink), so neither needs the agent to be closed.
 
 /// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
 /// pass and are counted as such.

@@ -60,7 +60,7 @@ use guard_common::{
         DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
         EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
     },
-    maps::{DROPS_CAPACITY, IFACE_UPLINK, UPLINKS_CAPACITY},
+    maps::{DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK, UPLINKS_CAPACITY},
 };
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
@@ -114,17 +114,17 @@ fn prefilter_bit(entry: u32, bit: u16) -> bool {
     GUARD_PREFILTER.get(entry).is_none_or(|bitmap| bitmap.get(bit))
 }
 
-/// The policy tables, as BPF maps.
-struct Maps {
+/// The policy tables, as BPF maps. `BEHIND_BRIDGE` is [`Tables::behind_bridge`], a constant
+/// so that each instance is verified with its own answer: as a runtime value, every branch on
+/// it doubles the states the verifier walks, past its limit.
+struct Maps<const BEHIND_BRIDGE: bool> {
     /// The program's context (`xdp_md` or `__sk_buff`), for the FIB helper.
     ctx: *mut c_void,
     /// The interface the packet arrived on, for the FIB lookup.
     ifindex: u32,
-    /// See [`Tables::behind_bridge`]: true at the bridges, and for a container's answer.
-    behind_bridge: bool,
 }
 
-impl Tables for Maps {
+impl<const BEHIND_BRIDGE: bool> Tables for Maps<BEHIND_BRIDGE> {
     #[inline(always)]
     fn may_hold_container(&self, dst: &Addr) -> bool {
         let (entry, bit) = prefilter::address_bucket(dst);
@@ -187,7 +187,7 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn behind_bridge(&self) -> bool {
-        self.behind_bridge
+        BEHIND_BRIDGE
     }
 
     /// The kernel's own answer: a FIB lookup as if forwarding the packet. Anything but "it
@@ -283,10 +283,9 @@ pub fn guard_xdp_ip(ctx: XdpContext) -> u32 {
 /// What every XDP entry reads a packet with: its bytes, and the maps as seen from the
 /// interface it arrived on.
 #[inline(always)]
-fn xdp_inputs(ctx: &XdpContext) -> (Frame, Maps) {
+fn xdp_inputs(ctx: &XdpContext) -> (Frame, Maps<false>) {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let ifindex = ctx.ingress_ifindex() as u32;
-    (frame, Maps { ctx: ctx.as_ptr(), ifindex, behind_bridge: false })
+    (frame, Maps { ctx: ctx.as_ptr(), ifindex: ctx.ingress_ifindex() as u32 })
 }
 
 #[inline(always)]
@@ -323,7 +322,7 @@ fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
 
 /// Decides; a drop (or audited would-drop) is recorded with `flags` added.
 #[inline(always)]
-fn judge(maps: &Maps, parsed: Result<Packet, Reason>, flags: u8) -> Decision {
+fn judge<const B: bool>(maps: &Maps<B>, parsed: Result<Packet, Reason>, flags: u8) -> Decision {
     let (decision, resolved) = decide_parsed(maps, parsed);
     if decision.reason.verdict() == Verdict::Drop
         && let Ok(packet) = parsed
@@ -341,7 +340,8 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
-/// Where a packet the host transmits came from, by the interface the kernel received it on.
+/// Where a packet the host transmits came from, by the interface the kernel received it on
+/// (`skb->skb_iif`: a routed packet's is the bridge it arrived on, a bridged one's the port).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
     /// Sent by the host itself (no ingress interface).
@@ -351,9 +351,18 @@ enum Origin {
     /// Arrived on an interface that is neither guarded nor Docker's (a trusted one, one left
     /// out by `--iface`).
     Inside,
-    /// Arrived on an interface the agent did not name: a Docker bridge, or one that appeared
-    /// since (a network created while the agent was away). A container's packet.
-    Container(u32),
+    /// Arrived on the bridge of a Docker network the agent knows: a container's packet.
+    Docker,
+    /// Arrived on an interface the agent has not named (see [`IFACE_DOCKER`]): a bridge of a
+    /// network it has not seen, or an uplink back under a new index while it was away.
+    Unnamed(u32),
+}
+
+/// The role the agent gave interface `ifindex`, if any.
+#[inline(always)]
+fn role(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { GUARD_UPLINKS.get(&ifindex) }.copied()
 }
 
 #[inline(always)]
@@ -362,28 +371,58 @@ fn origin(ctx: &TcContext) -> Origin {
     if ingress == 0 {
         return Origin::Host;
     }
-    // SAFETY: the value is copied out at once.
-    match unsafe { GUARD_UPLINKS.get(&ingress) }.copied() {
+    match role(ingress) {
         Some(IFACE_UPLINK) => Origin::Uplink(ingress),
+        Some(IFACE_DOCKER) => Origin::Docker,
         Some(_) => Origin::Inside,
-        None => Origin::Container(ingress),
+        None => Origin::Unnamed(ingress),
     }
 }
 
-/// The bridge gate: packets the host sends into a Docker network, after NAT. Only those that
-/// arrived on an uplink are judged; the host's own and other containers' pass untouched.
+/// The interface a TC program runs on (`skb->ifindex`).
+#[inline(always)]
+fn this_interface(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Whether the bridge a TC program runs on belongs to a network the agent knows. Behind one
+/// it does not know, any destination is a network the agent has not seen (see
+/// [`Tables::behind_bridge`]); behind a known one, a destination outside its subnets is
+/// routed through a container (a VPN or subnet router): not guard's to judge.
+#[inline(always)]
+fn unseen_bridge(ctx: &TcContext) -> bool {
+    role(this_interface(ctx)) != Some(IFACE_DOCKER)
+}
+
+/// The bridge gate: packets the host sends into a Docker network, after NAT. Those that arrived
+/// on an uplink, or on an interface the agent has not named (an uplink back under a new index
+/// while it was away), are judged; the host's own and containers' pass untouched.
 #[classifier]
 pub fn guard_tc_gate(ctx: TcContext) -> i32 {
-    let Origin::Uplink(ingress) = origin(&ctx) else {
-        return TC_ACT_UNSPEC;
+    let ingress = match origin(&ctx) {
+        Origin::Uplink(ingress) | Origin::Unnamed(ingress) => ingress,
+        Origin::Host | Origin::Inside | Origin::Docker => return TC_ACT_UNSPEC,
     };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress, behind_bridge: true };
-    let decision = judge(&maps, parse_skb(&ctx), DROP_AT_GATE);
+    let decision = if unseen_bridge(&ctx) {
+        gate_decision::<true>(&ctx, ingress)
+    } else {
+        gate_decision::<false>(&ctx, ingress)
+    };
     count(&GUARD_GATE, decision);
     match decision.verdict() {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// The gate's decision on the packet in `ctx`, which arrived on `ingress`. Parsed within each
+/// instance: a parsed packet carried across the branch on `BEHIND_BRIDGE` makes LLVM spill a
+/// register the verifier sees as uninitialised.
+#[inline(always)]
+fn gate_decision<const BEHIND_BRIDGE: bool>(ctx: &TcContext, ingress: u32) -> Decision {
+    let maps = Maps::<BEHIND_BRIDGE> { ctx: ctx.as_ptr(), ifindex: ingress };
+    judge(&maps, parse_skb(ctx), DROP_AT_GATE)
 }
 
 /// How much of a packet the gate makes linear when its first reading falls short: Ethernet,
@@ -421,8 +460,12 @@ fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
 pub fn guard_tc_bridge_in(ctx: TcContext) -> i32 {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
     if let Ok(packet) = parser::parse(&frame, Framing::Ethernet) {
-        // The replies come back through the gate, which judges them as behind the bridge.
-        record_outbound(&ctx, &packet, true);
+        // The replies come back through this bridge's gate, judged as it judges them.
+        if unseen_bridge(&ctx) {
+            record_outbound::<true>(&ctx, &packet);
+        } else {
+            record_outbound::<false>(&ctx, &packet);
+        }
     }
     TC_ACT_UNSPEC
 }
@@ -443,15 +486,16 @@ pub fn guard_tc_egress_ip(ctx: TcContext) -> i32 {
 }
 
 /// A packet leaving through an uplink: remember the flow if it was started here, and let a
-/// container accept a connection from outside only where the policy opened it.
+/// container of a network the agent has not seen accept a connection from outside only where
+/// the policy opened it.
 ///
-/// The second half is what closes a network the agent has not seen, and a container it has
-/// not learnt of, even while the agent is away: the bridge gate sits only on the bridges the
-/// agent attached it to, and XDP cannot see where Docker's NAT sends a published port. But
-/// every TCP connection from outside needs the container's SYN-ACK to leave through the
-/// uplink, and there the answer is judged as the connection it accepts, behind the bridge.
-/// What the policy opened passes (XDP let the SYN in for the same reason), anything else
-/// is dropped: the connection is never established.
+/// The second half is what closes such a network to TCP even while the agent is away: the
+/// bridge gate sits only on the bridges the agent attached it to (a known network's bridge
+/// has its gate, which judges its new containers), and XDP cannot see where Docker's NAT
+/// sends a published port. But every TCP connection from outside needs the container's
+/// SYN-ACK to leave through the uplink, having arrived on a bridge the agent has not named,
+/// and there the answer is judged as the connection it accepts, behind the bridge. What the
+/// policy opened passes, anything else is dropped: the handshake never completes.
 #[inline(always)]
 fn leaving(ctx: &TcContext, framing: Framing) -> i32 {
     let origin = origin(ctx);
@@ -463,18 +507,19 @@ fn leaving(ctx: &TcContext, framing: Framing) -> i32 {
     let Ok(packet) = parser::parse(&frame, framing) else {
         return TC_ACT_UNSPEC;
     };
-    if let Origin::Container(_) = origin
+    if let Origin::Unnamed(_) = origin
         && packet.l4.accepts
     {
         return judge_answer(ctx, &packet);
     }
-    record_outbound(ctx, &packet, false);
+    record_outbound::<false>(ctx, &packet);
     TC_ACT_UNSPEC
 }
 
 /// A container's SYN-ACK leaving through an uplink, judged as the SYN it answers would be,
-/// behind the bridge. Only drops are counted (at the gate's counters: a second look after NAT,
-/// like the gate's); an accepted connection was counted when its SYN came in.
+/// behind the bridge. Counted at the gate's counters (a second look after NAT, like the
+/// gate's) when it drops or would drop in audit mode; an answer the policy opened was counted
+/// when its SYN came in.
 #[inline(always)]
 fn judge_answer(ctx: &TcContext, answer: &Packet) -> i32 {
     let l4 = answer.l4;
@@ -483,16 +528,14 @@ fn judge_answer(ctx: &TcContext, answer: &Packet) -> i32 {
         dst: answer.src,
         l4: L4::ports(l4.proto, l4.dport, l4.sport, true),
     };
-    // SAFETY: reading a field of the context the kernel handed us.
-    let uplink = unsafe { (*ctx.skb.skb).ifindex };
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: uplink, behind_bridge: true };
+    let maps = Maps::<true> { ctx: ctx.as_ptr(), ifindex: this_interface(ctx) };
     let decision = judge(&maps, Ok(connection), DROP_AT_GATE);
+    if decision.reason.verdict() == Verdict::Drop {
+        count(&GUARD_GATE, decision);
+    }
     match decision.verdict() {
         Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Drop => {
-            count(&GUARD_GATE, decision);
-            TC_ACT_SHOT
-        }
+        Verdict::Drop => TC_ACT_SHOT,
     }
 }
 
@@ -507,10 +550,11 @@ fn judge_answer(ctx: &TcContext, answer: &Packet) -> i32 {
 /// Only flows that start on the host (no ingress interface) or in a container (received on a
 /// bridge) are remembered: a packet the host merely forwards from one uplink to another could
 /// carry any source, and remembering it would let an outsider plant the "reply" it sends next.
-/// `behind_bridge`: whether the replies will be judged at a bridge (see [`Tables::behind_bridge`]).
+/// `BEHIND_BRIDGE`: whether the replies will be judged behind a bridge the agent does not
+/// know (see [`Tables::behind_bridge`]).
 #[inline(always)]
-fn record_outbound(ctx: &TcContext, packet: &Packet, behind_bridge: bool) {
-    let maps = Maps { ctx: ctx.as_ptr(), ifindex: ingress_ifindex(ctx), behind_bridge };
+fn record_outbound<const BEHIND_BRIDGE: bool>(ctx: &TcContext, packet: &Packet) {
+    let maps = Maps::<BEHIND_BRIDGE> { ctx: ctx.as_ptr(), ifindex: ingress_ifindex(ctx) };
     if let Some(flow) = flow_to_remember(&maps, packet) {
         remember(&flow);
     }

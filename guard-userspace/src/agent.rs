@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::Ebpf;
 use futures_util::StreamExt;
-use guard_common::maps::{IFACE_INSIDE, IFACE_UPLINK};
+use guard_common::maps::{IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
@@ -102,8 +102,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let events =
         ebpf.take_map(guard_common::maps::EVENTS).context("the object has no event ring")?;
     let events = RingBuf::try_from(events)?;
+    // A previous agent's protection is in force when its maps hold state or its links are
+    // pinned (an upgrade to another map layout starts with new, empty maps).
     let pinned = maps.read()?;
-    let adopted = !pinned.identities.is_empty() || !pinned.networks.is_empty();
+    let maps_adopted = !pinned.identities.is_empty() || !pinned.networks.is_empty();
+    let links_pinned = opts.pins.pinned_links().is_ok_and(|links| !links.is_empty());
     let ids = Identities::adopt(pinned.identities);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState {
@@ -131,9 +134,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         policy_text: start.text,
         closed: start.closed,
         state,
+        last_saved: None,
+        save_failing: false,
         saved_policy: start.saved_text,
         known,
-        adopted,
+        adopted: links_pinned || maps_adopted,
+        maps_adopted,
         synced: false,
         shared: shared.clone(),
     };
@@ -141,7 +147,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let docker_back = Arc::new(Notify::new());
     tokio::spawn(follow_docker_events(wake.clone(), docker_back.clone()));
-    tokio::spawn(follow_interface_changes(wake.clone()));
+    // Bound before the first pass, so a link that appears during it is not missed: the socket
+    // queues what happens until the task reads it.
+    tokio::spawn(follow_interface_changes(interfaces::change_notifications(), wake.clone()));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -156,6 +164,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // bridges (which dockerd creates before its API answers) are guarded at once.
     let mut offline_pass_due = true;
     let mut announced = false;
+    // And every resync interval, as when Docker answers: an interface change the netlink
+    // socket lost (ENOBUFS) is seen then.
+    let mut last_offline_pass = Instant::now();
     // Failed reconciles back off; wake-ups in between (a burst of events as a daemon stops) do
     // not count as attempts, so they cannot inflate the delay.
     let mut backoff = Backoff::default();
@@ -208,8 +219,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             // Adopted maps keep protecting as they are while the first answer from Docker is
             // awaited: a healthy daemon answers within milliseconds, and closing first would
             // interrupt every exposed service on each restart of the agent.
-            None if offline_pass_due && (first_answer_seen || !agent.adopted) => {
+            None if (offline_pass_due || last_offline_pass.elapsed() >= agent.opts.resync)
+                && (first_answer_seen || !agent.adopted) =>
+            {
                 offline_pass_due = false;
+                last_offline_pass = Instant::now();
                 match agent.apply_known() {
                     Ok(()) if !agent.synced && !announced => {
                         announced = true;
@@ -395,12 +409,18 @@ struct Agent {
     /// No policy that parsed is known (a broken file at the first start): nothing is opened.
     closed: bool,
     state: StateDir,
+    /// What was last written to the state directory (None: nothing yet by this agent).
+    last_saved: Option<Saved>,
+    /// Whether writing the state failed last time (it is said once).
+    save_failing: bool,
     /// The text of the policy in force, as last saved.
     saved_policy: Option<String>,
     /// Docker's state as last seen (from the state directory until the first sync).
     known: Snapshot,
-    /// Whether the maps were a previous agent's (its pins outlived it) rather than new.
+    /// Whether a previous agent's protection was in force at start (its links or maps).
     adopted: bool,
+    /// Whether the maps were a previous agent's, holding its last sync.
+    maps_adopted: bool,
     /// Whether the maps have held Docker's state since this agent started.
     synced: bool,
     /// What `/metrics` and the drop log read.
@@ -492,12 +512,21 @@ impl Agent {
 
     /// Keeps the state directory equal to what the agent knows, writing only on change.
     fn save_state(&mut self) {
-        let saved = Saved::new(self.known.clone(), self.saved_policy.clone());
-        if self.state.load().ok().flatten().as_ref() == Some(&saved) {
+        let saved = Saved::new(&self.known, self.saved_policy.clone());
+        if self.last_saved.as_ref() == Some(&saved) {
             return;
         }
-        if let Err(e) = self.state.save(&saved) {
-            warn!("{e}; a restart would start from older state");
+        match self.state.save(&saved) {
+            Ok(()) => {
+                self.last_saved = Some(saved);
+                self.save_failing = false;
+            }
+            // Said once until it works again, not on every pass.
+            Err(e) if !self.save_failing => {
+                self.save_failing = true;
+                warn!("{e}; a restart or reboot will not start from the current state");
+            }
+            Err(_) => {}
         }
     }
 
@@ -507,7 +536,7 @@ impl Agent {
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
-        let mut desired = if !synced && self.adopted {
+        let mut desired = if !synced && self.maps_adopted {
             // The pins outlived the previous agent: its maps hold its last sync, more surely
             // than the state directory (which an upgrade from an agent without one lacks).
             Desired { tables: self.maps.read()?, containers: Vec::new() }
@@ -532,7 +561,9 @@ impl Agent {
         let uplinks = self.uplinks(&links, &docker_bridges, &mut warnings);
         let bridges: Vec<Link> =
             links.iter().filter(|l| docker_bridges.contains(&l.name)).cloned().collect();
-        desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges);
+        let known_bridges: BTreeSet<String> =
+            snapshot.networks.iter().filter_map(|n| n.bridge.clone()).collect();
+        desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges, &known_bridges);
 
         // Maps before links: a new link must never run against maps that are still empty.
         let plan = diff(&self.maps.read()?, &desired.tables);
@@ -635,28 +666,31 @@ fn docker_bridges(links: &[Link], snapshot: &Snapshot) -> BTreeSet<String> {
     named.chain(alike).collect()
 }
 
-/// Every interface's role for the kernel: the uplinks, and the interfaces that are neither
-/// uplinks nor Docker's (loopback, trusted ones, those `--iface` leaves out). Docker's bridges
-/// and their container veths are left out: an interface the map does not name is Docker's.
+/// Every interface's role for the kernel: the uplinks; the bridges of Docker networks the agent
+/// knows, with their containers' veths; and the rest, neither uplinks nor Docker's (loopback,
+/// trusted ones, those `--iface` leaves out). A bridge named like Docker's whose network the
+/// agent does not know yet is left out, like any interface that appears before the next pass:
+/// the kernel takes an interface the map does not name for one of a network it has not seen.
 fn interface_roles(
     links: &[Link],
     uplinks: &[Link],
     docker_bridges: &BTreeSet<String>,
+    known_bridges: &BTreeSet<String>,
 ) -> BTreeMap<u32, u32> {
-    let docker = |l: &Link| {
-        docker_bridges.contains(&l.name)
-            || (l.is_veth && l.master.as_ref().is_some_and(|m| docker_bridges.contains(m)))
-    };
+    fn bridge_of<'a>(l: &'a Link, docker_bridges: &BTreeSet<String>) -> Option<&'a String> {
+        let bridge = if l.is_veth { l.master.as_ref()? } else { &l.name };
+        docker_bridges.contains(bridge).then_some(bridge)
+    }
     links
         .iter()
-        .filter(|l| !docker(l))
-        .map(|l| {
-            let role = if uplinks.iter().any(|u| u.ifindex == l.ifindex) {
-                IFACE_UPLINK
-            } else {
-                IFACE_INSIDE
+        .filter_map(|l| {
+            let role = match bridge_of(l, docker_bridges) {
+                Some(bridge) if known_bridges.contains(bridge) => IFACE_DOCKER,
+                Some(_) => return None,
+                None if uplinks.iter().any(|u| u.ifindex == l.ifindex) => IFACE_UPLINK,
+                None => IFACE_INSIDE,
             };
-            (l.ifindex, role)
+            Some((l.ifindex, role))
         })
         .collect()
 }
@@ -745,8 +779,11 @@ impl Backoff {
 
 /// Wakes the reconciler when interfaces or addresses change (a new uplink is protected, an
 /// address added later counts for published ports, within a moment rather than a resync).
-async fn follow_interface_changes(wake: Arc<Notify>) {
-    let socket = match interfaces::change_notifications() {
+async fn follow_interface_changes(
+    socket: std::io::Result<std::os::fd::OwnedFd>,
+    wake: Arc<Notify>,
+) {
+    let socket = match socket {
         Ok(socket) => socket,
         Err(e) => {
             return warn!("cannot follow interface changes ({e}); relying on the periodic resync");

@@ -218,9 +218,10 @@ pub fn change_notifications() -> io::Result<std::os::fd::OwnedFd> {
 
 /// Whether `link` is a bridge as Docker names the ones it creates (`docker0`, `br-` and the
 /// first 12 hex digits of the network's id). Docker makes them, and starts the containers
-/// with restart policies on them, before its API answers: until the agent has heard from
-/// Docker, such a bridge is taken for Docker's, so it gets the gate rather than becoming an
-/// uplink that judges containers' own packets as outside traffic.
+/// with restart policies on them, before its API answers, and a network created while the
+/// agent is away has one before the agent hears of it: such a bridge is taken for Docker's,
+/// so it gets the gate rather than becoming an uplink that judges containers' own packets as
+/// outside traffic. (One Docker does not report is a leftover of Docker's: the same.)
 pub fn named_like_docker(link: &Link) -> bool {
     let id = link.name.strip_prefix("br-");
     link.is_bridge

@@ -39,7 +39,10 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::Xdp, Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress];
+    /// In the order they are attached: each recorder of outbound flows before the filter that
+    /// lets their replies through, so a flow that starts while the agent attaches (at boot)
+    /// keeps its replies.
+    pub const ALL: [Hook; 4] = [Hook::TcEgress, Hook::Xdp, Hook::BridgeIngress, Hook::BridgeGate];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -36,7 +36,15 @@ pub struct Saved {
 }
 
 impl Saved {
-    pub fn new(snapshot: Snapshot, policy_text: Option<String>) -> Self {
+    /// What is kept of `snapshot`: networks, containers' identities, names, addresses and
+    /// published ports. Not their labels or images: before the first sync nothing is opened,
+    /// so nothing reads them, and labels can hold secrets (credentials, password hashes).
+    pub fn new(snapshot: &Snapshot, policy_text: Option<String>) -> Self {
+        let mut snapshot = snapshot.clone();
+        for container in &mut snapshot.containers {
+            container.labels.clear();
+            container.image.clear();
+        }
         Saved { version: VERSION, snapshot, policy_text }
     }
 }
@@ -51,6 +59,10 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("cannot save the state to {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error(
+        "the state directory {dir} is not root's alone (owner uid {uid}, mode {mode:o}): not used; make it root's with mode 0700"
+    )]
+    NotPrivate { dir: PathBuf, uid: u32, mode: u32 },
 }
 
 #[derive(Clone, Debug)]
@@ -67,17 +79,37 @@ impl StateDir {
         self.dir.join(FILE)
     }
 
-    /// Creates the directory (0700: it names every container and port) if it is missing.
+    /// Creates the directory (0700: it names every container and port) if it is missing, and
+    /// checks it (see [`StateDir::check_private`]).
     pub fn create(&self) -> Result<(), StateError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(|source| StateError::Create { dir: self.dir.clone(), source })
+            .map_err(|source| StateError::Create { dir: self.dir.clone(), source })?;
+        self.check_private()
+    }
+
+    /// Only its owner, this process's user (root), may write to the directory: what is in it
+    /// decides what is closed at the next start, and which policy stands in for a broken one.
+    fn check_private(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::symlink_metadata(&self.dir)
+            .map_err(|source| StateError::Read { path: self.dir.clone(), source })?;
+        let uid = meta.uid();
+        let mode = meta.mode() & 0o7777;
+        if !meta.is_dir() || uid != nix::unistd::geteuid().as_raw() || mode & 0o022 != 0 {
+            return Err(StateError::NotPrivate { dir: self.dir.clone(), uid, mode });
+        }
+        Ok(())
     }
 
     /// The saved state; None when there is none (a first start), or it is of another version.
     pub fn load(&self) -> Result<Option<Saved>, StateError> {
+        if !self.dir.exists() {
+            return Ok(None);
+        }
+        self.check_private()?;
         let path = self.path();
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -93,10 +125,15 @@ impl StateDir {
         let path = self.path();
         let tmp = self.dir.join(format!(".{FILE}.tmp"));
         let write = || -> io::Result<()> {
+            // A fresh file, never one planted there (a symlink is not followed).
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut file = fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .mode(0o600)
                 .open(&tmp)?;
             file.write_all(&serde_json::to_vec(saved).map_err(io::Error::other)?)?;
@@ -113,15 +150,15 @@ mod tests {
     use super::*;
     use crate::snapshot::{Container, Network, Published};
 
-    fn scratch() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("guard-state-{}", std::process::id()));
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("guard-state-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
 
     #[test]
     fn saves_and_loads_what_it_saved_and_nothing_is_a_first_start() {
-        let dir = scratch();
+        let dir = scratch("saved");
         let state = StateDir::new(dir.join("nested"));
         state.create().unwrap();
         assert_eq!(state.load().unwrap(), None);
@@ -147,15 +184,32 @@ mod tests {
                 }],
             }],
         };
-        let saved = Saved::new(snapshot, Some("mode = \"audit\"\n".into()));
+        let saved = Saved::new(&snapshot, Some("mode = \"audit\"\n".into()));
         state.save(&saved).unwrap();
-        assert_eq!(state.load().unwrap(), Some(saved));
+        let loaded = state.load().unwrap().expect("saved");
+        assert_eq!(loaded, saved);
+        let container = &loaded.snapshot.containers[0];
+        assert!(container.labels.is_empty() && container.image.is_empty(), "{container:?}");
+        assert_eq!(container.published, snapshot.containers[0].published);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_others_can_write_to_is_refused() {
+        let dir = scratch("open");
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let state = StateDir::new(&dir);
+        for err in [state.create().unwrap_err(), state.load().unwrap_err()] {
+            let err = err.to_string();
+            assert!(err.contains("not root's alone") && err.contains("777"), "{err}");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_damaged_file_is_an_error_that_says_which_file() {
-        let dir = scratch().with_extension("bad");
+        let dir = scratch("damaged");
         let state = StateDir::new(&dir);
         state.create().unwrap();
         fs::write(state.path(), "{\"version\": 1, \"snap").unwrap();

@@ -21,7 +21,7 @@ use aya::{
 use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
-    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_INSIDE, IFACE_UPLINK},
+    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
@@ -704,23 +704,45 @@ const TC_ACT_SHOT: u32 = 2;
 const UPLINK: u32 = 7;
 /// A Docker bridge's interface index: not an uplink.
 const BRIDGE: u32 = 9;
+/// The bridge of a network the agent has not seen: not named in the maps.
+const UNSEEN_BRIDGE: u32 = 10;
+/// An uplink that came back under a new index while the agent was away: not named either.
+const NEW_UPLINK: u32 = 11;
 
 impl Loaded {
-    /// Marks UPLINK as an uplink in the maps, as the agent does for the interfaces it guards.
+    /// Names the interfaces as the agent does: UPLINK is an uplink, BRIDGE the bridge of a
+    /// Docker network it knows (UNSEEN_BRIDGE and NEW_UPLINK it has not named).
     fn with_uplink(mut self) -> Self {
         self.desired.tables.uplinks.insert(UPLINK, IFACE_UPLINK);
+        self.desired.tables.uplinks.insert(BRIDGE, IFACE_DOCKER);
         let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
         assert!(self.maps.apply(&plan).is_empty());
         self
     }
 
     /// Runs a TC program on `bytes` as if the kernel had received the packet on
-    /// `ingress_ifindex` (0: sent by the host itself); returns the TC action.
+    /// `ingress_ifindex` (0: sent by the host itself), on the interface its hook is on (the
+    /// known BRIDGE for the bridge hooks, UPLINK for egress); returns the TC action.
     fn run_tc(&mut self, hook: Hook, bytes: &[u8], ingress_ifindex: u32) -> u32 {
-        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40 (lo), the rest zero.
+        let on = if matches!(hook, Hook::TcEgress) { UPLINK } else { BRIDGE };
+        self.run_tc_on(hook, bytes, ingress_ifindex, on)
+    }
+
+    /// [`Loaded::run_tc`] with the program on interface `on` (BRIDGE, UNSEEN_BRIDGE or
+    /// UPLINK). The kernel runs a test on a real device, so the program runs on lo, which
+    /// is given `on`'s role for the run.
+    fn run_tc_on(&mut self, hook: Hook, bytes: &[u8], ingress_ifindex: u32, on: u32) -> u32 {
+        const LO: u32 = 1;
+        match self.desired.tables.uplinks.get(&on).copied() {
+            Some(role) => self.desired.tables.uplinks.insert(LO, role),
+            None => self.desired.tables.uplinks.remove(&LO),
+        };
+        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
+        assert!(self.maps.apply(&plan).is_empty());
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40, the rest zero.
         let mut skb = [0u8; 192];
         skb[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        skb[40..44].copy_from_slice(&1u32.to_ne_bytes());
+        skb[40..44].copy_from_slice(&LO.to_ne_bytes());
         let program = loader::tc_program(&mut self.ebpf, hook).unwrap();
         program
             .test_run(TestRunOptions {
@@ -1101,6 +1123,27 @@ fn the_gate_judges_what_arrived_on_an_uplink_and_nothing_else() {
         ),
         ("closed, from the host", Frame::new(HOST, DB, Tcp(5432)), 0, TC_ACT_UNSPEC, None),
         (
+            "closed, from an uplink back under a new index",
+            Frame::new(OUTSIDE_A, DB, Tcp(5432)),
+            NEW_UPLINK,
+            TC_ACT_SHOT,
+            Some(Reason::Closed),
+        ),
+        (
+            "exposed, from an uplink back under a new index",
+            Frame::new(OUTSIDE_A, WEB, Tcp(443)),
+            NEW_UPLINK,
+            TC_ACT_UNSPEC,
+            Some(Reason::Exposed),
+        ),
+        (
+            "routed through a container (a subnet router), from an uplink",
+            Frame::new(OUTSIDE_A, "192.168.77.5", Tcp(22)),
+            UPLINK,
+            TC_ACT_UNSPEC,
+            Some(Reason::NotContainerBound),
+        ),
+        (
             "closed, from another bridge",
             Frame::new(API, DB, Tcp(5432)),
             BRIDGE,
@@ -1132,7 +1175,8 @@ fn a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted() {
     // The unseen container's own connection out, through its bridge: remembered, because its
     // reply will be judged behind the bridge.
     let out = Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40100);
-    assert_eq!(g.run_tc(Hook::BridgeIngress, &out.bytes(), BRIDGE), TC_ACT_UNSPEC);
+    let on = UNSEEN_BRIDGE;
+    assert_eq!(g.run_tc_on(Hook::BridgeIngress, &out.bytes(), on, on), TC_ACT_UNSPEC);
     assert!(g.remembered().contains(&flow(OUTSIDE_A, 443, UNSEEN, 40100, 6)), "not remembered");
     let cases = [
         ("a new connection", Frame::new(OUTSIDE_A, UNSEEN, Tcp(80)), TC_ACT_SHOT, UnseenNetwork),
@@ -1153,7 +1197,8 @@ fn a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted() {
     use Reason::*;
     for (name, frame, action, reason) in cases {
         let before = g.gate_counter(reason);
-        assert_eq!(g.run_tc(Hook::BridgeGate, &frame.bytes(), UPLINK), action, "{name}: action");
+        let action_now = g.run_tc_on(Hook::BridgeGate, &frame.bytes(), UPLINK, on);
+        assert_eq!(action_now, action, "{name}: action");
         assert_eq!(g.gate_counter(reason), before + 1, "{name}: counted as {reason:?}");
     }
 }
@@ -1170,41 +1215,48 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
         (
             "an unseen container's answer on a port Docker publishes",
             Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(12345).syn_ack(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_SHOT,
             Some(UnseenNetwork),
         ),
         (
             "an unseen container's answer to direct routing",
             Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_SHOT,
             Some(UnseenNetwork),
         ),
         (
             "a closed container's answer",
             Frame::new(DB, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_SHOT,
             Some(Closed),
         ),
         (
             "the closed container's answer through its published port",
             Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_SHOT,
             Some(Closed),
         ),
         (
             "an exposed container's answer through its published port",
             Frame::new(HOST, OUTSIDE_B, Tcp(50000)).sport(10443).syn_ack(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_UNSPEC,
             None,
         ),
         (
             "an exposed container's answer to direct routing",
             Frame::new(WEB, OUTSIDE_B, Tcp(50000)).sport(443).syn_ack(),
+            UNSEEN_BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an answer from a known network's bridge (its gate judged the SYN)",
+            Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(12345).syn_ack(),
             BRIDGE,
             TC_ACT_UNSPEC,
             None,
@@ -1233,14 +1285,14 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
         (
             "an unseen container's connection out",
             Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40200),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_UNSPEC,
             None,
         ),
         (
             "an unseen container's data on an established connection",
             Frame::new(UNSEEN, OUTSIDE_A, Tcp(443)).sport(40200).established(),
-            BRIDGE,
+            UNSEEN_BRIDGE,
             TC_ACT_UNSPEC,
             None,
         ),
