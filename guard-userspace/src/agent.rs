@@ -473,31 +473,12 @@ impl Agent {
     /// network or container missing from a snapshot is dropped only when a second snapshot,
     /// taken at once, agrees (a destroyed one is gone from both).
     async fn agreeing_snapshot(&self, docker: &DockerClient) -> Result<Snapshot, DockerError> {
-        let mut now = docker.snapshot().await?;
-        if !self.synced {
-            return Ok(now);
-        }
-        let gone = |known: &Snapshot, now: &Snapshot| {
-            known.networks.iter().any(|n| !now.networks.iter().any(|m| m.id == n.id))
-                || known.containers.iter().any(|c| !now.containers.iter().any(|d| d.id == c.id))
-        };
-        if !gone(&self.known, &now) {
+        let now = docker.snapshot().await?;
+        if !self.synced || !now.lacks_any_of(&self.known) {
             return Ok(now);
         }
         let again = docker.snapshot().await?;
-        for network in &again.networks {
-            let known = self.known.networks.iter().any(|n| n.id == network.id);
-            if known && !now.networks.iter().any(|n| n.id == network.id) {
-                now.networks.push(network.clone());
-            }
-        }
-        for container in &again.containers {
-            let known = self.known.containers.iter().any(|c| c.id == container.id);
-            if known && !now.containers.iter().any(|c| c.id == container.id) {
-                now.containers.push(container.clone());
-            }
-        }
-        Ok(now)
+        Ok(now.with_unconfirmed_removals(&self.known, &again))
     }
 
     /// While Docker cannot be asked: what the agent last knew, on the interfaces as they are

@@ -14,6 +14,35 @@ pub struct Snapshot {
     pub containers: Vec<Container>,
 }
 
+impl Snapshot {
+    /// Whether a network or container of `known` is missing here.
+    pub fn lacks_any_of(&self, known: &Snapshot) -> bool {
+        known.networks.iter().any(|n| !self.networks.iter().any(|m| m.id == n.id))
+            || known.containers.iter().any(|c| !self.containers.iter().any(|d| d.id == c.id))
+    }
+
+    /// This snapshot, with every network and container of `known` that it lacks but `again`
+    /// (a second snapshot, taken right after) still holds put back, as `again` has it. One
+    /// answer that misses something never removes its protection; two that agree do.
+    pub fn with_unconfirmed_removals(mut self, known: &Snapshot, again: &Snapshot) -> Snapshot {
+        for network in &again.networks {
+            let lost = known.networks.iter().any(|n| n.id == network.id)
+                && !self.networks.iter().any(|n| n.id == network.id);
+            if lost {
+                self.networks.push(network.clone());
+            }
+        }
+        for container in &again.containers {
+            let lost = known.containers.iter().any(|c| c.id == container.id)
+                && !self.containers.iter().any(|c| c.id == container.id);
+            if lost {
+                self.containers.push(container.clone());
+            }
+        }
+        self
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,
@@ -46,4 +75,57 @@ pub struct Published {
     pub host_port: u16,
     pub container_port: u16,
     pub proto: Proto,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(id: &str) -> Network {
+        Network { id: id.into(), name: id.into(), bridge: None, subnets: vec![], gateways: vec![] }
+    }
+
+    fn container(id: &str) -> Container {
+        Container {
+            id: id.into(),
+            name: id.into(),
+            image: String::new(),
+            labels: BTreeMap::new(),
+            addresses: vec![],
+            published: vec![],
+        }
+    }
+
+    fn snapshot(networks: &[&str], containers: &[&str]) -> Snapshot {
+        Snapshot {
+            networks: networks.iter().map(|n| network(n)).collect(),
+            containers: containers.iter().map(|c| container(c)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_removal_stands_only_when_two_snapshots_agree() {
+        let known = snapshot(&["web", "db"], &["a", "b", "c"]);
+        // One answer misses the db network and container b; the next has them again, and
+        // container c is gone from both.
+        let now = snapshot(&["web"], &["a", "new"]);
+        let again = snapshot(&["web", "db"], &["a", "b", "new"]);
+        assert!(now.lacks_any_of(&known));
+        let agreed = now.with_unconfirmed_removals(&known, &again);
+        let ids = |s: &Snapshot| {
+            let mut n: Vec<String> = s.networks.iter().map(|n| n.id.clone()).collect();
+            let mut c: Vec<String> = s.containers.iter().map(|c| c.id.clone()).collect();
+            n.sort();
+            c.sort();
+            (n, c)
+        };
+        assert_eq!(
+            ids(&agreed),
+            (vec!["db".into(), "web".into()], vec!["a".into(), "b".into(), "new".into()])
+        );
+        // Nothing the agent never knew is added, and agreeing answers change nothing.
+        let steady = snapshot(&["web"], &["a"]);
+        assert!(!steady.lacks_any_of(&snapshot(&["web"], &["a"])));
+        assert_eq!(steady.clone().with_unconfirmed_removals(&known, &steady), steady);
+    }
 }
