@@ -43,8 +43,9 @@ use crate::{
     interfaces::{self, Framing, Link},
     loader,
     maps::PolicyMaps,
-    pins::{Hook, Pins},
+    pins::{Hook, Owner, Pins},
     policy_file::{self, Mode, PolicyFile},
+    repin::MapHandles,
     snapshot::Snapshot,
     state::{Saved, StateDir},
     tables::diff,
@@ -93,8 +94,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut ebpf = loader::load(&opts.pins)?;
     // Before anything pinned is touched: two agents on one pin directory would undo each
     // other's map entries every pass. Loading alone changed nothing.
-    let _owner = opts.pins.claim()?;
+    let owner = opts.pins.claim()?;
     pin_programs(&mut ebpf, &opts.pins)?;
+    let handles = MapHandles::open(&opts.pins)?;
     if let Err(e) = state.create() {
         warn!("{e}; protecting without it");
     }
@@ -125,6 +127,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let known = saved.map(|s| s.snapshot).unwrap_or_default();
     let mut agent = Agent {
         ebpf,
+        _owner: owner,
+        handles,
         maps,
         ids,
         attachments: Attachments::default(),
@@ -150,6 +154,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Bound before the first pass, so a link that appears during it is not missed: the socket
     // queues what happens until the task reads it.
     tokio::spawn(follow_interface_changes(interfaces::change_notifications(), wake.clone()));
+    tokio::spawn(watch_pins(agent.opts.pins.clone(), wake.clone()));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -398,6 +403,10 @@ impl Unreachable {
 
 struct Agent {
     ebpf: Ebpf,
+    /// The claim on the pin directory (taken again when the directory is restored).
+    _owner: Owner,
+    /// What it takes to pin the maps again if their pins are removed under the agent.
+    handles: MapHandles,
     maps: PolicyMaps,
     ids: Identities,
     attachments: Attachments,
@@ -514,6 +523,7 @@ impl Agent {
     /// Makes maps and attachments match `snapshot` under the policy in force. `synced`: the
     /// snapshot is Docker's word since this agent started; otherwise nothing is opened.
     fn apply(&mut self, snapshot: &Snapshot, synced: bool) -> anyhow::Result<()> {
+        let restoring = self.restore_pins()?;
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
@@ -586,7 +596,37 @@ impl Agent {
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;
         }
+        if restoring {
+            state.restoring = !errors.is_empty();
+            if errors.is_empty() {
+                error!(pin_dir = %pins.root().display(), "protection restored: maps and programs pinned again, every link attached afresh");
+            }
+        }
         Ok(())
+    }
+
+    /// Puts back the pins if someone removed them under the agent (`guard unload --force`):
+    /// the links went with them, so nothing filters until the next attach. Says so loudly,
+    /// counts it and holds `/readyz` at 503 until every link is back. Whether it restored.
+    fn restore_pins(&mut self) -> anyhow::Result<bool> {
+        let pins = &self.opts.pins;
+        if self.handles.intact(pins) {
+            return Ok(false);
+        }
+        error!(
+            pin_dir = %pins.root().display(),
+            "the pins were removed under the running agent (guard unload --force?): protection was lost; restoring it"
+        );
+        {
+            let mut state = self.shared.state.lock().expect("not poisoned");
+            state.protection_lost += 1;
+            state.restoring = true;
+        }
+        self.handles.restore(pins)?;
+        pin_programs(&mut self.ebpf, pins)?;
+        // The claim was on the directory that was removed.
+        self._owner = pins.claim()?;
+        Ok(true)
     }
 
     fn uplinks(
@@ -725,6 +765,22 @@ async fn follow_docker_events(wake: Arc<Notify>, docker_back: Arc<Notify>) {
             wake.notify_one();
         }
         tokio::time::sleep(DOCKER_POLL).await;
+    }
+}
+
+/// How often the pins are looked at between passes: removing them (`guard unload --force`)
+/// detaches every link, so the agent restores them within this.
+const PIN_CHECK: Duration = Duration::from_millis(500);
+
+/// Wakes the reconciler when the pin directory's maps are gone (see [`Agent::restore_pins`]).
+/// A stat of one pin: the whole directory goes at once.
+async fn watch_pins(pins: Pins, wake: Arc<Notify>) {
+    let probe = pins.map(guard_common::maps::ADDRS);
+    loop {
+        tokio::time::sleep(PIN_CHECK).await;
+        if !probe.exists() {
+            wake.notify_one();
+        }
     }
 }
 

@@ -95,14 +95,18 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         // Ready once the maps hold Docker's state (before that, nothing is opened) under the
         // policy file as it is on disk.
         "/readyz" => {
-            let (synced, config_valid) = {
+            let (synced, config_valid, restoring) = {
                 let state = shared.state.lock().expect("not poisoned");
-                (state.synced, state.config_valid)
+                (state.synced, state.config_valid, state.restoring)
             };
-            let unready = match (synced, config_valid) {
-                (true, true) => None,
-                (false, _) => Some("not synced with Docker yet\n"),
-                (true, false) => Some("the policy file does not parse; see the log\n"),
+            let unready = if restoring {
+                Some("the pins were removed under the agent; restoring protection\n")
+            } else if !synced {
+                Some("not synced with Docker yet\n")
+            } else if !config_valid {
+                Some("the policy file does not parse; see the log\n")
+            } else {
+                None
             };
             match unready {
                 None => respond(&mut write, "200 OK", "text/plain", "ready\n").await,

@@ -4,7 +4,8 @@
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`interfaces`] (links and
 //! addresses), [`pins`] (bpffs layout), [`loader`] (the embedded program), [`attach`] (XDP
 //! links), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing the
-//! pinned maps), [`state`] (what the agent last knew, on disk). Commands: [`agent`] (`guard
+//! pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
+//! the agent last knew, on disk). Commands: [`agent`] (`guard
 //! run`), [`status`], [`unload`].
 
 pub mod desired;
@@ -28,6 +29,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
+pub mod repin;
 pub mod state;
 pub mod status;
 pub mod unload;

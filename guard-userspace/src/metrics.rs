@@ -41,6 +41,10 @@ pub struct AgentState {
     /// Whether the policy in force is the policy file as it is on disk (false: the file does
     /// not parse, and the last good one, or everything closed, is in force).
     pub config_valid: bool,
+    /// Times the pins were found removed under the agent (protection lost until restored).
+    pub protection_lost: u64,
+    /// Whether a restoration is under way (or failed): not ready.
+    pub restoring: bool,
     pub mode: String,
     pub sync_seconds: Histogram,
     pub reloads_ok: u64,
@@ -184,6 +188,11 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
         out,
         "# HELP guard_synced Whether the maps have held Docker's state at least once since start.\n# TYPE guard_synced gauge\nguard_synced {}",
         u8::from(state.synced)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP guard_protection_lost_total Times the pins were removed under the running agent (guard unload --force), which then restored them.\n# TYPE guard_protection_lost_total counter\nguard_protection_lost_total {}",
+        state.protection_lost
     );
     let _ = writeln!(
         out,

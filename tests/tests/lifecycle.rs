@@ -1405,7 +1405,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     let bridge = format!("br-{}", &net_id.trim()[..12]);
 
     let before = GuardObjects::list();
-    let (mut agent, _) = start_agent(&[a.host_end()], &[]);
+    let (mut agent, agent_metrics) = start_agent(&[a.host_end()], &[]);
     let pin_dir = agent.pin_dir().to_owned();
     let mine = agent_objects(&before);
     println!("the agent's kernel objects: {mine:?}");
@@ -1432,6 +1432,28 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     assert!(refused.contains("an agent is running") && refused.contains("--force"), "{refused}");
     assert!(pin_dir.exists(), "the refused unload removed pins");
     check(&a, "after the refused unload", &[expect("closed", sock(ip, 80), false)]);
+
+    // Forced under the running agent: protection is lost until the agent notices (the XDP
+    // detach wakes it), says so loudly, counts it and restores every pin and link.
+    let forced = run(&guard, &["unload", "--pin-dir", &dir, "--force"]);
+    assert!(forced.contains("unloaded"), "unexpected output of guard unload --force: {forced}");
+    let restored = poll_until(Duration::from_secs(10), || {
+        agent.log().contains("protection restored") && xdp_attached(a.host_end())
+    });
+    let log = agent.log();
+    let lost = lines_with(&log, &["ERROR", "removed under the running agent"]);
+    println!("after the forced unload:\n{}", lost.join("\n"));
+    assert!(
+        restored.is_some() && !lost.is_empty(),
+        "the agent did not notice and restore a forced unload:\n{log}"
+    );
+    println!("protection restored {restored:.2?} after the forced unload");
+    check(&a, "after the forced unload", &[expect("closed", sock(ip, 80), false)]);
+    let text = observe::http_get(agent_metrics, "/metrics").expect("metrics");
+    assert_eq!(observe::metric(&text, "guard_protection_lost_total"), Some(1.0));
+    assert!(observe::http_get(agent_metrics, "/readyz").is_ok(), "not ready once restored");
+    // What the agent owns now, for the leak check below: its restored pins and links.
+    let mine = agent_objects(&before);
     agent.terminate();
 
     let first = run(&guard, &["unload", "--pin-dir", &dir]);
