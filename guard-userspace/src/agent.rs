@@ -39,6 +39,7 @@ use crate::{
     attach::Attachments,
     desired::{Desired, desired_state},
     docker::{DockerClient, DockerError},
+    docker_link::{DOCKER_POLL, DockerLink},
     identities::Identities,
     interfaces::{self, Framing, Link},
     loader,
@@ -69,9 +70,6 @@ pub struct RunOptions {
 
 /// Longest wait between attempts to reconcile after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
-/// How often the agent tries to reach Docker while it cannot: a failed connect to a local
-/// socket costs nothing, and a dockerd that comes up is seen within this.
-const DOCKER_POLL: Duration = Duration::from_millis(250);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Everything that can be wrong with the arguments is checked before anything is loaded, so
@@ -159,11 +157,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
 
-    let mut docker: Option<DockerClient> = None;
-    let mut connecting: Option<tokio::task::JoinHandle<Result<DockerClient, DockerError>>> = None;
-    let mut next_connect = Instant::now();
-    let mut first_answer_seen = false;
-    let mut unreachable = Unreachable::default();
+    let mut docker = DockerLink::default();
     // While Docker cannot be asked, a pass applies what the agent last knew (closed until it
     // has synced): it runs at start and whenever interfaces change, so uplinks and Docker's
     // bridges (which dockerd creates before its API answers) are guarded at once.
@@ -177,12 +171,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut backoff = Backoff::default();
     loop {
         *shared.heartbeat.lock().expect("not poisoned") = Instant::now();
-        // Connecting runs beside the loop: a daemon that is starting accepts connections
-        // long before it answers, and the bridges it creates meanwhile must be guarded.
-        if docker.is_none() && connecting.is_none() && Instant::now() >= next_connect {
-            connecting = Some(tokio::spawn(DockerClient::connect()));
-        }
-        match &docker {
+        docker.try_connect();
+        match &docker.client {
             Some(client) if backoff.due() => {
                 let started = Instant::now();
                 let result = agent.reconcile(client).await;
@@ -214,7 +204,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                             "reconcile failed: {e:#}; retrying in {delay:?}, protection unchanged"
                         );
                         if e.downcast_ref::<DockerError>().is_some() {
-                            docker = None;
+                            docker.lost();
                             offline_pass_due = true;
                         }
                     }
@@ -225,7 +215,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             // awaited: a healthy daemon answers within milliseconds, and closing first would
             // interrupt every exposed service on each restart of the agent.
             None if (offline_pass_due || last_offline_pass.elapsed() >= agent.opts.resync)
-                && (first_answer_seen || !agent.adopted) =>
+                && (docker.heard_back || !agent.adopted) =>
             {
                 offline_pass_due = false;
                 last_offline_pass = Instant::now();
@@ -245,31 +235,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             None => {}
         }
-        let wait = match docker {
-            None => next_connect.saturating_duration_since(Instant::now()).max(DOCKER_POLL),
+        let wait = match docker.client {
+            None => docker.until_next_attempt(),
             Some(_) => backoff.remaining().unwrap_or(agent.opts.resync),
         };
         tokio::select! {
-            connected = async { connecting.as_mut().expect("only while connecting").await },
-                if connecting.is_some() =>
-            {
-                connecting = None;
-                first_answer_seen = true;
-                match connected {
-                    Ok(Ok(client)) => {
-                        unreachable.ended();
-                        docker = Some(client);
-                    }
-                    Ok(Err(e)) => {
-                        unreachable.report(&e, agent.synced);
-                        next_connect = Instant::now() + DOCKER_POLL;
-                    }
-                    Err(e) => {
-                        warn!("connecting to Docker: {e}");
-                        next_connect = Instant::now() + DOCKER_POLL;
-                    }
-                }
-            }
+            ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
             _ = wake.notified() => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
             _ = docker_back.notified() => backoff.succeeded(),
@@ -365,39 +336,6 @@ fn tell_systemd_ready() {
     };
     if let Err(e) = sent {
         warn!("telling systemd the agent is ready ({}): {e}", path.to_string_lossy());
-    }
-}
-
-/// Says once that Docker cannot be reached, and again every so often while it lasts, rather
-/// than at every poll.
-#[derive(Default)]
-struct Unreachable {
-    since: Option<Instant>,
-    last_said: Option<Instant>,
-}
-
-impl Unreachable {
-    fn report(&mut self, e: &DockerError, synced: bool) {
-        let now = Instant::now();
-        self.since.get_or_insert(now);
-        if self.last_said.is_some_and(|t| now - t < Duration::from_secs(60)) {
-            return;
-        }
-        self.last_said = Some(now);
-        if synced {
-            warn!("{e}; protection unchanged, retrying every {DOCKER_POLL:?}");
-        } else {
-            warn!(
-                "{e}; every container stays closed until the agent has synced with Docker, retrying every {DOCKER_POLL:?}"
-            );
-        }
-    }
-
-    fn ended(&mut self) {
-        if let Some(since) = self.since.take() {
-            info!(after = ?since.elapsed(), "Docker answers");
-        }
-        self.last_said = None;
     }
 }
 

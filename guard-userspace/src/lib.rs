@@ -1,12 +1,12 @@
 //! guard: keeps the XDP filter's maps equal to what Docker and the operator want.
 //!
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
-//! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`interfaces`] (links and
-//! addresses), [`pins`] (bpffs layout), [`loader`] (the embedded program), [`attach`] (XDP
-//! links), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing the
-//! pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
-//! the agent last knew, on disk). Commands: [`agent`] (`guard
-//! run`), [`status`], [`unload`].
+//! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`docker_link`] (reaching
+//! it), [`interfaces`] (links and addresses), [`pins`] (bpffs layout), [`loader`] (the
+//! embedded program), [`attach`] (XDP links), [`link_info`] (is a pinned link still
+//! attached), [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a
+//! running agent put back), [`state`] (what the agent last knew, on disk). Commands:
+//! [`agent`] (`guard run`), [`status`], [`unload`].
 
 pub mod desired;
 pub mod identities;
@@ -19,6 +19,7 @@ pub mod tables;
 pub mod agent;
 pub mod attach;
 pub mod docker;
+pub mod docker_link;
 pub mod drops;
 pub mod explain;
 pub mod frames;
