@@ -20,7 +20,7 @@ use crate::{
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -75,11 +75,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Everything that can be wrong with the arguments is checked before anything is loaded, so
     // a start that fails leaves nothing behind. Nothing about Docker or the policy file can
     // stop the start: without the agent, a fresh boot has no protection at all.
+    let links = interfaces::links()?;
     if !opts.ifaces.is_empty() {
-        let (_, missing) = interfaces::named(&interfaces::links()?, &opts.ifaces);
+        let (_, missing) = interfaces::named(&links, &opts.ifaces);
         if !missing.is_empty() {
             bail!("no interface named {} (see `ip link`)", missing.join(", "));
         }
+    }
+    let both: Vec<&str> =
+        opts.trusted.iter().filter(|t| opts.ifaces.contains(t)).map(String::as_str).collect();
+    if !both.is_empty() {
+        bail!(
+            "{} is both --iface (guard it) and --trust-iface (never filter it): name it once",
+            both.join(", ")
+        );
+    }
+    let (_, absent) = interfaces::named(&links, &opts.trusted);
+    for name in absent {
+        warn!(iface = %name, "--trust-iface names no interface (see `ip link`); it is trusted once it appears");
     }
     let state = StateDir::new(&opts.state_dir);
     let saved = state.load().unwrap_or_else(|e| {
@@ -192,6 +205,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                             agent.synced = true;
                             tell_systemd_ready();
                             info!(pin_dir = %agent.opts.pins.root().display(), "initial sync complete");
+                            agent.summarise();
                             // Every link runs this build's program (and maps) now: maps of
                             // another layout, left by an agent of another version, serve
                             // nothing.
@@ -277,6 +291,15 @@ impl StartPolicy {
         let error = match &read {
             Ok(text) => match parse_policy(opts, text.as_deref()) {
                 Ok(policy) => {
+                    if text.is_none() {
+                        let default = opts.config.as_path() == Path::new(policy_file::DEFAULT_PATH);
+                        let config = opts.config.display();
+                        if default {
+                            info!(%config, "no policy file: labels alone decide what is open");
+                        } else {
+                            warn!(%config, "no policy file at this --config path: labels alone decide what is open");
+                        }
+                    }
                     info!(config = %opts.config.display(), mode = %policy.mode, rules = policy.rules.len(), "policy loaded");
                     let text = text.clone();
                     return StartPolicy {
@@ -383,6 +406,13 @@ impl Agent {
             Err(e) => return warn!("{e:#}; keeping the policy in force"),
         };
         if text == self.policy_text {
+            return;
+        }
+        // A file that vanishes (a botched deploy, a volume that did not mount) must not
+        // quietly drop its rules: the policy in force stays until a file is back.
+        if text.is_none() {
+            warn!(config = %self.opts.config.display(), "the policy file is gone; keeping the policy in force until it is back");
+            self.policy_text = None;
             return;
         }
         match parse_policy(&self.opts, text.as_deref()) {
@@ -541,6 +571,28 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// One line, once synced, that says what the agent guards.
+    fn summarise(&self) {
+        let state = self.shared.state.lock().expect("not poisoned");
+        let on = |hook: Hook| -> Vec<String> {
+            state
+                .attachments
+                .iter()
+                .filter(|(h, _, _)| h == hook.name())
+                .map(|(_, iface, mode)| format!("{iface} ({mode})"))
+                .collect()
+        };
+        info!(
+            uplinks = %on(Hook::Xdp).join(", "),
+            bridges = %on(Hook::BridgeGate).join(", "),
+            mode = %state.mode,
+            containers = state.names.len(),
+            label_errors = state.label_errors.len(),
+            config = %self.opts.config.display(),
+            "guarding"
+        );
     }
 
     /// Puts back the pins if someone removed them under the agent (`guard unload --force`):

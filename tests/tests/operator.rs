@@ -393,3 +393,69 @@ fn check_config_validates_without_touching_anything() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(".toml:3:") && err.contains("icmp"), "{err}");
 }
+
+/// What the operator is told at start, and what a vanished file changes: an interface both
+/// guarded and trusted is refused before anything is loaded; a --config path with no file and
+/// a --trust-iface that names no interface are warned about; once synced, one line says what
+/// is guarded; a policy file that vanishes keeps its rules in force, with a warning.
+#[test]
+fn the_start_says_what_is_guarded_and_what_was_ignored() {
+    let bed = Bed::new();
+    let iface = bed.a.host_end();
+    let conflict_pins = format!("/sys/fs/bpf/guard-e2e-op-conflict-{}", std::process::id());
+    let refused = guard(&[
+        "run",
+        "--iface",
+        iface,
+        "--trust-iface",
+        iface,
+        "--pin-dir",
+        &conflict_pins,
+        "--metrics-addr",
+        METRICS,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "guarded and trusted at once was accepted: {stderr}");
+    assert!(stderr.contains("both --iface") && stderr.contains(iface), "{stderr}");
+    assert!(!std::path::Path::new(&conflict_pins).exists(), "the refused start pinned something");
+
+    let missing =
+        std::env::temp_dir().join(format!("guard-e2e-op-absent-{}.toml", std::process::id()));
+    let missing = missing.to_string_lossy().into_owned();
+    let args = ["--config", &missing, "--metrics-addr", METRICS, "--resync-interval", "1"];
+    let agent = Agent::start_with(&[iface], &[&args[..], &["--trust-iface", "nosuch0"]].concat());
+    let log = agent.log();
+    for needle in ["no policy file at this --config path", "--trust-iface names no interface"] {
+        assert!(log.contains(needle), "no warning `{needle}`:\n{log}");
+    }
+    let summary = log.lines().find(|l| l.contains("guarding") && l.contains("uplinks="));
+    let summary = summary.unwrap_or_else(|| panic!("no start-up summary:\n{log}"));
+    println!("{summary}");
+    assert!(summary.contains(&format!("{iface} (native)")), "{summary}");
+    assert!(summary.contains("containers=") && summary.contains("mode=enforce"), "{summary}");
+    agent.unload();
+
+    // A rule in force outlives its file's disappearance.
+    let agent = bed.agent(&[]);
+    let rule = format!(
+        "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
+        bed.a.v4()
+    );
+    bed.write_policy(&agent, &rule);
+    assert!(
+        eventually(Duration::from_secs(10), || bed.a.tcp_connect(bed.db(), QUICK)),
+        "the file rule did not open db to A:\n{}",
+        agent.log()
+    );
+    fs::remove_file(&bed.config).unwrap();
+    nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || agent.log().contains("the policy file is gone")),
+        "no warning for the vanished file:\n{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "the vanished file took its rule with it");
+    fs::write(&bed.config, "").unwrap();
+    agent.unload();
+}
