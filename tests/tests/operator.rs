@@ -90,6 +90,20 @@ impl Bed {
         SocketAddr::new(self.a.host_v4().into(), 25432)
     }
 
+    /// Writes a policy file whose rule opens db to A, and waits until A reaches it.
+    fn open_db_to_a_by_rule(&self, agent: &Agent) {
+        let rule = format!(
+            "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
+            self.a.v4()
+        );
+        self.write_policy(agent, &rule);
+        assert!(
+            eventually(Duration::from_secs(10), || self.a.tcp_connect(self.db(), QUICK)),
+            "the file rule did not open db to A:\n{}",
+            agent.log()
+        );
+    }
+
     /// Rewrites the policy file and tells the agent to reload it.
     fn write_policy(&self, agent: &Agent, text: &str) {
         fs::write(&self.config, text).unwrap();
@@ -148,16 +162,7 @@ fn policy_file_rules_reload_and_audit_mode() {
     assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent, "db is not dropped before any rule");
 
     // A rule opens db to A, without recreating anything.
-    let rule = format!(
-        "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
-        bed.a.v4()
-    );
-    bed.write_policy(&agent, &rule);
-    assert!(
-        eventually(Duration::from_secs(10), || bed.a.tcp_connect(bed.db(), QUICK)),
-        "the file rule did not open db to A:\n{}",
-        agent.log()
-    );
+    bed.open_db_to_a_by_rule(&agent);
     assert!(
         bed.a.tcp_connect(bed.db_published(), PATIENT),
         "db's published port stays closed to A"
@@ -437,16 +442,7 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
 
     // A rule in force outlives its file's disappearance.
     let agent = bed.agent(&[]);
-    let rule = format!(
-        "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
-        bed.a.v4()
-    );
-    bed.write_policy(&agent, &rule);
-    assert!(
-        eventually(Duration::from_secs(10), || bed.a.tcp_connect(bed.db(), QUICK)),
-        "the file rule did not open db to A:\n{}",
-        agent.log()
-    );
+    bed.open_db_to_a_by_rule(&agent);
     fs::remove_file(&bed.config).unwrap();
     nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
     assert!(
