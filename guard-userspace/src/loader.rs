@@ -80,14 +80,40 @@ fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
     for (hook, framing) in PROGRAMS {
         match hook {
-            Hook::Xdp => xdp_program_for(&mut ebpf, framing)?.load()?,
-            _ => tc_program_for(&mut ebpf, hook, framing)?.load()?,
+            Hook::Xdp => {
+                retrying(|| xdp_program_for(&mut ebpf, framing)?.load().map_err(Into::into))?
+            }
+            _ => retrying(|| tc_program_for(&mut ebpf, hook, framing)?.load().map_err(Into::into))?,
         }
     }
     for framing in Framing::ALL {
-        explain_program(&mut ebpf, framing)?.load()?;
+        retrying(|| explain_program(&mut ebpf, framing)?.load().map_err(Into::into))?;
     }
     Ok(ebpf)
+}
+
+/// How often a load interrupted by a signal is tried (libbpf's PROG_LOAD_ATTEMPTS).
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Runs `load` again when the kernel gave up with EAGAIN: the verifier stops when a signal is
+/// pending for the loading thread (`signal_pending()` in `do_check`), which says nothing about
+/// the program. libbpf retries the same way.
+fn retrying(mut load: impl FnMut() -> Result<(), LoadError>) -> Result<(), LoadError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(LoadError::Program(ProgramError::LoadError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::warn!(
+                    attempt,
+                    "the kernel's verifier was interrupted (EAGAIN): loading again"
+                );
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The explain program for links of `framing` (an XDP program, never attached).
