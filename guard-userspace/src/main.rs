@@ -115,6 +115,8 @@ enum Command {
         #[command(flatten)]
         paths: Paths,
     },
+    /// Print the version, the commit it was built from and the eBPF map layout.
+    Version,
     /// Validate a policy file without touching anything; exits 1 if it does not parse.
     CheckConfig {
         #[arg(value_name = "FILE")]
@@ -197,6 +199,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", explain::render(&e));
             }
+            Ok(())
+        }
+        Command::Version => {
+            let (version, commit, layout) = guard_userspace::metrics::build_info();
+            println!(
+                "guard {version} (commit {commit}, eBPF map layout {layout}, revision {})",
+                guard_common::maps::LAYOUT_REVISION
+            );
             Ok(())
         }
         Command::CheckConfig { file } => {

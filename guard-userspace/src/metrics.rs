@@ -72,8 +72,19 @@ pub struct KernelCounters {
     pub events: [u64; 3],
 }
 
+/// What this build is: the crate's version, the commit it was built from, and the eBPF map
+/// layout (pins of another layout are never adopted).
+pub fn build_info() -> (&'static str, &'static str, String) {
+    (env!("CARGO_PKG_VERSION"), env!("GUARD_COMMIT"), format!("{:08x}", guard_common::maps::LAYOUT))
+}
+
 pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
     let mut out = String::new();
+    let (version, commit, layout) = build_info();
+    let _ = writeln!(
+        out,
+        "# HELP guard_build_info The running agent's version, commit and eBPF map layout.\n# TYPE guard_build_info gauge\nguard_build_info{{version=\"{version}\",commit=\"{commit}\",layout=\"{layout}\"}} 1"
+    );
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
@@ -277,6 +288,13 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        let (version, commit, layout) = build_info();
+        let info = format!(
+            "guard_build_info{{version=\"{version}\",commit=\"{commit}\",layout=\"{layout}\"}} 1"
+        );
+        assert!(text.contains(&info), "missing {info} in\n{text}");
+        assert!(commit == "unknown" || commit.bytes().all(|b| b.is_ascii_hexdigit()), "{commit}");
+        assert_eq!(layout.len(), 8, "{layout}");
         assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("guard_")), "{text}");
     }
 }

@@ -327,9 +327,20 @@ fn drops_metrics_status_and_json_logs() {
         String::from_utf8_lossy(&text.stdout).contains("(container guard-e2e-op-db port 5432/tcp")
     );
 
-    // Metrics, scraped while it runs.
+    // Metrics, scraped while it runs; the build they come from is one of them, and the one
+    // `guard version` names.
     let (status, metrics) = http_get("/metrics");
     assert!(status.contains("200"), "{status}");
+    let version = String::from_utf8_lossy(&guard(&["version"]).stdout).into_owned();
+    let commit = version.split("commit ").nth(1).and_then(|v| v.split(',').next());
+    let commit = commit.unwrap_or_else(|| panic!("no commit in `guard version`: {version}"));
+    assert!(
+        metrics.contains(&format!(
+            "guard_build_info{{version=\"{}\",commit=\"{commit}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "no guard_build_info for {version} in {metrics}"
+    );
     for needle in [
         "guard_container_drops_total{container=\"guard-e2e-op-db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"}",
         "guard_docker_connected 1",
