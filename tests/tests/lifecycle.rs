@@ -43,6 +43,30 @@ fn serve(ports: &[u16]) -> String {
     command
 }
 
+/// A container on `net` at `ip` serving `port` (waited for), with its labels, `-p` arguments
+/// and restart policy.
+fn serving(
+    net: &Network,
+    name: &str,
+    ip: Ipv4Addr,
+    labels: &[(&str, &str)],
+    publish: &[&str],
+    port: u16,
+    restart: Option<&str>,
+) -> Container {
+    Container::run(ContainerSpec {
+        name,
+        network: Some(net),
+        ip: Some(ip),
+        labels,
+        publish,
+        command: &serve(&[port]),
+        listens_on: &[port],
+        restart,
+        ..Default::default()
+    })
+}
+
 /// One container on a Docker network of its own: network `guard-e2e-lc-NAME`, 10.252.N.0/24,
 /// container `NAME-app` at 10.252.N.10 serving `ports`.
 struct App {
@@ -689,16 +713,7 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     let net = Network::create("guard-e2e-lc-dockerd", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 5, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        Container::run(ContainerSpec {
-            name,
-            network: Some(&net),
-            ip: Some(ip(host)),
-            labels,
-            publish,
-            command: &serve(&[port]),
-            listens_on: &[port],
-            ..Default::default()
-        })
+        serving(&net, name, ip(host), labels, publish, port, None)
     };
     let closed = run("dockerd-closed", 10, &[], &["25081:8080"], 8080);
     let exposed = run("dockerd-exposed", 11, &[("guard.expose", "80/tcp")], &["25080:80"], 80);
@@ -1401,8 +1416,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     let ip = app.ip;
     let _routing = RoutingHost::enable();
     let a = outside("unload", 20, &[app.subnet()]);
-    let net_id = docker(&["network", "inspect", "--format", "{{.Id}}", app.net.name()]);
-    let bridge = format!("br-{}", &net_id.trim()[..12]);
+    let bridge = boot::bridge_of(&app.net);
 
     let before = GuardObjects::list();
     let (mut agent, agent_metrics) = start_agent(&[a.host_end()], &[]);
@@ -1634,17 +1648,7 @@ fn reboot_accepts_nothing_closed_from_the_first_packet_and_opens_the_exposed_por
     let net = Network::create("guard-e2e-lc-boot", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 9, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        Container::run(ContainerSpec {
-            name,
-            network: Some(&net),
-            ip: Some(ip(host)),
-            labels,
-            publish,
-            command: &serve(&[port]),
-            listens_on: &[port],
-            restart: Some("always"),
-            ..Default::default()
-        })
+        serving(&net, name, ip(host), labels, publish, port, Some("always"))
     };
     let closed = run("boot-closed", 10, &[], &["25191:8080"], 8080);
     let exposed = run("boot-exposed", 11, &[("guard.expose", "80/tcp")], &["25190:80"], 80);
@@ -1742,16 +1746,7 @@ fn a_network_created_while_the_agent_is_stopped_is_closed_until_it_syncs() {
     let net = Network::create("guard-e2e-lc-unseen", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 10, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        Container::run(ContainerSpec {
-            name,
-            network: Some(&net),
-            ip: Some(ip(host)),
-            labels,
-            publish,
-            command: &serve(&[port]),
-            listens_on: &[port],
-            ..Default::default()
-        })
+        serving(&net, name, ip(host), labels, publish, port, None)
     };
     let _closed = run("unseen-closed", 10, &[], &["25201:8080"], 8080);
     let _exposed = run("unseen-exposed", 11, &[("guard.expose", "80/tcp")], &["25200:80"], 80);
@@ -1858,14 +1853,7 @@ fn a_static_address_reused_while_the_agent_is_away_inherits_nothing() {
     agent.terminate();
     let App { _container: first, net, ip } = app;
     drop(first);
-    let _second = Container::run(ContainerSpec {
-        name: "reuse-second",
-        network: Some(&net),
-        ip: Some(ip),
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let _second = serving(&net, "reuse-second", ip, &[], &[], 80, None);
     agent.restart();
     check(&a, "agent back", &[expect("the second container, no label", sock(ip, 80), false)]);
     agent.unload();

@@ -21,7 +21,7 @@ use aya::{
 use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
-    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
+    maps::{CONFIG_AUDIT_ALL, FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
@@ -754,6 +754,16 @@ impl Loaded {
             .return_value
     }
 
+    /// [`Loaded::run_tc`], and the gate counters (decisions) the run moved.
+    fn run_tc_counted(&mut self, hook: Hook, bytes: &[u8], ingress: u32) -> (u32, Vec<Decision>) {
+        let before = self.maps.gate_counters().expect("read gate counters");
+        let action = self.run_tc(hook, bytes, ingress);
+        let after = self.maps.gate_counters().expect("read gate counters");
+        let moved =
+            after.iter().zip(&before).filter(|((_, a), (_, b))| a != b).map(|((d, _), _)| *d);
+        (action, moved.collect())
+    }
+
     fn gate_counter(&self, reason: Reason) -> u64 {
         let counters = self.maps.gate_counters().expect("read gate counters");
         counters.into_iter().find(|(d, _)| *d == Decision::enforced(reason)).unwrap().1
@@ -1152,15 +1162,10 @@ fn the_gate_judges_what_arrived_on_an_uplink_and_nothing_else() {
         ),
     ];
     for (name, frame, ingress, action, counted) in cases {
-        let before: Vec<u64> = Reason::ALL.iter().map(|r| g.gate_counter(*r)).collect();
-        assert_eq!(g.run_tc(Hook::BridgeGate, &frame.bytes(), ingress), action, "{name}: action");
-        let moved: Vec<Reason> = Reason::ALL
-            .iter()
-            .zip(before)
-            .filter(|(r, b)| g.gate_counter(**r) != *b)
-            .map(|(r, _)| *r)
-            .collect();
-        assert_eq!(moved, counted.into_iter().collect::<Vec<_>>(), "{name}: gate counters");
+        let (acted, moved) = g.run_tc_counted(Hook::BridgeGate, &frame.bytes(), ingress);
+        assert_eq!(acted, action, "{name}: action");
+        let counted: Vec<Decision> = counted.into_iter().map(Decision::enforced).collect();
+        assert_eq!(moved, counted, "{name}: gate counters");
     }
 }
 
@@ -1222,6 +1227,23 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
         (
             "an unseen container's answer to direct routing",
             Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack(),
+            UNSEEN_BRIDGE,
+            TC_ACT_SHOT,
+            Some(UnseenNetwork),
+        ),
+        (
+            "the same answer with ECE and PSH set too",
+            Frame {
+                tcp_flags: 0x12 | 0x40 | 0x08,
+                ..Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80)
+            },
+            UNSEEN_BRIDGE,
+            TC_ACT_SHOT,
+            Some(UnseenNetwork),
+        ),
+        (
+            "an unseen container's answer over IPv6",
+            Frame::new("fd99::5", OUTSIDE6, Tcp(50000)).sport(80).syn_ack(),
             UNSEEN_BRIDGE,
             TC_ACT_SHOT,
             Some(UnseenNetwork),
@@ -1298,16 +1320,23 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
         ),
     ];
     for (name, frame, ingress, action, counted) in cases {
-        let before: Vec<u64> = Reason::ALL.iter().map(|r| g.gate_counter(*r)).collect();
-        assert_eq!(g.run_tc(Hook::TcEgress, &frame.bytes(), ingress), action, "{name}: action");
-        let moved: Vec<Reason> = Reason::ALL
-            .iter()
-            .zip(before)
-            .filter(|(r, b)| g.gate_counter(**r) != *b)
-            .map(|(r, _)| *r)
-            .collect();
-        assert_eq!(moved, counted.into_iter().collect::<Vec<_>>(), "{name}: counted");
+        let (acted, moved) = g.run_tc_counted(Hook::TcEgress, &frame.bytes(), ingress);
+        assert_eq!(acted, action, "{name}: action");
+        let counted: Vec<Decision> = counted.into_iter().map(Decision::enforced).collect();
+        assert_eq!(moved, counted, "{name}: counted");
     }
+}
+
+#[test]
+fn in_audit_mode_an_unseen_container_s_answer_passes_and_is_counted() {
+    let mut g = Loaded::seed().with_uplink();
+    g.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
+    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
+    assert!(g.maps.apply(&plan).is_empty());
+    let answer = Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack();
+    let (action, moved) = g.run_tc_counted(Hook::TcEgress, &answer.bytes(), UNSEEN_BRIDGE);
+    assert_eq!(action, TC_ACT_UNSPEC, "audit mode drops nothing");
+    assert_eq!(moved, [Decision { reason: Reason::UnseenNetwork, audited: true }]);
 }
 
 #[test]
