@@ -42,7 +42,7 @@ use crate::{
     docker_link::{DOCKER_POLL, DockerLink},
     identities::Identities,
     interfaces::{self, Framing, Link},
-    loader,
+    kernel, loader,
     maps::PolicyMaps,
     pins::{Hook, Owner, Pins},
     policy_file::{self, Mode, PolicyFile},
@@ -50,6 +50,7 @@ use crate::{
     snapshot::Snapshot,
     state::{Saved, StateDir},
     tables::diff,
+    tc_filter::Mechanism,
 };
 
 pub struct RunOptions {
@@ -66,6 +67,8 @@ pub struct RunOptions {
     pub metrics_addr: std::net::SocketAddr,
     /// Where the agent keeps what it last knew (see [`crate::state`]).
     pub state_dir: PathBuf,
+    /// How TC programs go on interfaces; `None`: TCX where the kernel has it.
+    pub tc: Option<Mechanism>,
 }
 
 /// Longest wait between attempts to reconcile after failures.
@@ -94,6 +97,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     for name in absent {
         warn!(iface = %name, "--trust-iface names no interface (see `ip link`); it is trusted once it appears");
     }
+    kernel::require()?;
+    let tc = kernel::tc_mechanism(opts.tc)?;
     let state = StateDir::new(&opts.state_dir);
     let saved = state.load().unwrap_or_else(|e| {
         warn!("{e}");
@@ -142,7 +147,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         handles,
         maps,
         ids,
-        attachments: Attachments::default(),
+        attachments: Attachments::new(tc),
         opts,
         warnings: Warnings::default(),
         policy: start.policy,

@@ -1,8 +1,10 @@
 //! Programs on interfaces: on the uplinks XDP on ingress (native first, generic where the
-//! driver has none) and TCX on egress; on Docker's bridges TCX on both sides. Every link is
-//! pinned; the links a previous agent pinned are adopted with
-//! an atomic program swap (the link and its id stay, so there is no moment without a filter);
-//! links on interfaces that are gone or no longer uplinks are removed.
+//! driver has none) and TC on egress; on Docker's bridges TC on both sides. TC programs run
+//! as TCX links where the kernel has TCX (6.6 and later), else as clsact filters in guard's
+//! slot (see [`crate::tc_filter`]). Every link is pinned; the links a previous agent pinned,
+//! and the filters it left, are adopted with an atomic program swap (the link or filter
+//! stays, so there is no moment without one); those on interfaces that are gone or no longer
+//! uplinks are removed.
 //!
 //! Uplink programs come in two framings (see [`Framing`] and [`crate::loader::framing_at`]):
 //! Ethernet uplinks get `guard_xdp` and `guard_tc_egress`, L3 uplinks (tun, wireguard,
@@ -20,7 +22,7 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType, Xdp,
+    LinkOrder, SchedClassifier, Xdp,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::{XdpLink, XdpMode},
@@ -31,6 +33,7 @@ use crate::{
     interfaces::{Framing, Link},
     link_info::{PinnedLinkState, pinned_link_state},
     pins::{Hook, Pins},
+    tc_filter::{self, Mechanism},
 };
 
 /// How a program runs on an interface.
@@ -42,6 +45,8 @@ pub enum Mode {
     Generic,
     /// TCX (egress).
     Tcx,
+    /// A clsact filter through netlink (kernels without TCX).
+    Netlink,
     /// Taken over from the link a previous agent pinned, in whatever mode it was attached.
     Adopted,
 }
@@ -52,6 +57,7 @@ impl Mode {
             Mode::Native => "native",
             Mode::Generic => "generic",
             Mode::Tcx => "tcx",
+            Mode::Netlink => "netlink",
             Mode::Adopted => "adopted",
         }
     }
@@ -93,6 +99,13 @@ pub trait Hookable {
     fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String>;
     /// Atomically replaces the program in a pinned link.
     fn adopt(&mut self, pinned: FdLink) -> Result<(), String>;
+    /// Puts the program in guard's clsact filter slot on `link`, replacing whatever program
+    /// is there (TC programs, on kernels without TCX).
+    fn attach_filter(&mut self, _hook: Hook, _link: &Link) -> Result<(), String> {
+        Err("only TC programs run as clsact filters".into())
+    }
+    /// The kernel's id of the loaded program.
+    fn program_id(&self) -> Result<u32, String>;
 }
 
 impl Hookable for Xdp {
@@ -129,17 +142,18 @@ impl Hookable for Xdp {
         drop(self.take_link(id));
         Ok(())
     }
+
+    fn program_id(&self) -> Result<u32, String> {
+        self.info().map(|info| info.id()).map_err(|e| e.to_string())
+    }
 }
 
 impl Hookable for SchedClassifier {
     fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
-        let direction = match hook {
-            Hook::BridgeIngress => TcAttachType::Ingress,
-            _ => TcAttachType::Egress,
-        };
         let options = TcAttachOptions::TcxOrder(LinkOrder::default());
-        let id =
-            self.attach_with_options(&link.name, direction, options).map_err(|e| e.to_string())?;
+        let id = self
+            .attach_with_options(&link.name, tc_filter::direction(hook), options)
+            .map_err(|e| e.to_string())?;
         let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         Ok((fd_link, Mode::Tcx))
@@ -151,15 +165,32 @@ impl Hookable for SchedClassifier {
         drop(self.take_link(id));
         Ok(())
     }
+
+    fn attach_filter(&mut self, hook: Hook, link: &Link) -> Result<(), String> {
+        tc_filter::attach(self, hook, link)
+    }
+
+    fn program_id(&self) -> Result<u32, String> {
+        self.info().map(|info| info.id()).map_err(|e| e.to_string())
+    }
 }
 
 /// The (hook, interface) pairs this agent has put its programs on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Attachments {
     attached: BTreeMap<(Hook, u32), (String, Attached)>,
+    /// How TC programs go on interfaces on this kernel.
+    tc: Mechanism,
+    /// The TC hooks whose filters on every interface were looked at once (netlink only:
+    /// filters an earlier agent left on interfaces that are no longer wanted).
+    swept: BTreeSet<Hook>,
 }
 
 impl Attachments {
+    pub fn new(tc: Mechanism) -> Self {
+        Attachments { attached: BTreeMap::new(), tc, swept: BTreeSet::new() }
+    }
+
     /// (hook, interface, what) of every attachment.
     pub fn all(&self) -> impl Iterator<Item = (Hook, &str, Attached)> {
         self.attached.iter().map(|((hook, _), (name, what))| (*hook, name.as_str(), *what))
@@ -174,6 +205,9 @@ impl Attachments {
         pins: &Pins,
         links: &[Link],
     ) -> Vec<AttachError> {
+        if hook != Hook::Xdp && self.tc == Mechanism::Netlink {
+            return self.sync_filters(programs, hook, links);
+        }
         let wanted: BTreeSet<u32> = links.iter().map(|l| l.ifindex).collect();
 
         // Pins of interfaces that are gone or no longer uplinks: removing the pin (the last
@@ -183,14 +217,8 @@ impl Attachments {
                 for (_, ifindex, path) in
                     pinned.into_iter().filter(|(h, i, _)| *h == hook && !wanted.contains(i))
                 {
-                    let name = self.attached.remove(&(hook, ifindex)).map(|(n, _)| n);
                     let _ = fs::remove_file(&path);
-                    info!(
-                        hook = hook.name(),
-                        ifindex,
-                        iface = name.as_deref().unwrap_or("?"),
-                        "detached: no longer an uplink"
-                    );
+                    self.detached(hook, ifindex);
                 }
             }
             Err(e) => warn!("{e}"),
@@ -217,37 +245,118 @@ impl Attachments {
                     }
                 },
             };
-            self.attached.remove(&(hook, link.ifindex));
             let ensured = programs
                 .for_link(hook, link)
-                .map_err(|reason| AttachError::Attach {
-                    hook: hook.name(),
-                    iface: link.name.clone(),
-                    reason,
-                })
+                .map_err(|reason| attach_error(hook, link, reason))
                 .and_then(|program| ensure(program, hook, &path, link));
-            match ensured {
-                Ok(mode) => {
-                    let framing =
-                        crate::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet);
-                    let what = Attached { mode, framing };
-                    if vanished {
-                        warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "link {} on {} vanished (pin removed or link detached): re-attached", hook.name(), link.name);
-                    } else {
-                        info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "protecting interface");
-                    }
-                    self.attached.insert((hook, link.ifindex), (link.name.clone(), what));
-                }
-                Err(e) => {
-                    if vanished {
-                        warn!(hook = hook.name(), iface = %link.name, "link {} on {} vanished (pin removed or link detached) and cannot be re-attached: {e}", hook.name(), link.name);
-                    }
-                    errors.push(e);
-                }
-            }
+            errors.extend(self.record(hook, link, vanished, ensured));
         }
         errors
     }
+
+    /// [`Self::sync`] for TC hooks on kernels without TCX: guard's clsact filter on each of
+    /// `links`, checked every pass (still there, still running this agent's program), and
+    /// removed from the interfaces that no longer want it.
+    fn sync_filters(
+        &mut self,
+        programs: &mut impl Programs,
+        hook: Hook,
+        links: &[Link],
+    ) -> Vec<AttachError> {
+        let wanted: BTreeSet<u32> = links.iter().map(|l| l.ifindex).collect();
+        let mut stale: BTreeSet<u32> = self
+            .attached
+            .keys()
+            .filter(|(h, i)| *h == hook && !wanted.contains(i))
+            .map(|(_, i)| *i)
+            .collect();
+        if self.swept.insert(hook) {
+            // The first pass also looks at every interface: an earlier agent's filters.
+            let all = crate::interfaces::links().unwrap_or_default();
+            stale.extend(all.iter().map(|l| l.ifindex).filter(|i| !wanted.contains(i)));
+        }
+        for ifindex in stale {
+            match tc_filter::remove_ours(ifindex, hook, &crate::loader::program_names(hook)) {
+                Ok(removed) if removed || self.attached.contains_key(&(hook, ifindex)) => {
+                    self.detached(hook, ifindex)
+                }
+                Ok(_) => {}
+                Err(e) => warn!(hook = hook.name(), ifindex, "cannot remove guard's filter: {e}"),
+            }
+        }
+
+        let mut errors = Vec::new();
+        for link in links {
+            let program = match programs.for_link(hook, link) {
+                Ok(program) => program,
+                Err(reason) => {
+                    errors.push(attach_error(hook, link, reason));
+                    continue;
+                }
+            };
+            let vanished = self.attached.contains_key(&(hook, link.ifindex));
+            if vanished {
+                match (tc_filter::in_slot(link.ifindex, hook), program.program_id()) {
+                    (Ok(Some(filter)), Ok(id)) if filter.program_id == id => continue,
+                    (Ok(_), _) => {}
+                    (Err(e), _) => {
+                        warn!(hook = hook.name(), iface = %link.name, "cannot list the filters: {e}");
+                        continue;
+                    }
+                }
+            }
+            let attached = program
+                .attach_filter(hook, link)
+                .map(|()| Mode::Netlink)
+                .map_err(|reason| attach_error(hook, link, reason));
+            errors.extend(self.record(hook, link, vanished, attached));
+        }
+        errors
+    }
+
+    /// Takes note of one attach: logs it, remembers it, or hands back its error.
+    fn record(
+        &mut self,
+        hook: Hook,
+        link: &Link,
+        vanished: bool,
+        attached: Result<Mode, AttachError>,
+    ) -> Option<AttachError> {
+        self.attached.remove(&(hook, link.ifindex));
+        let what = match attached {
+            Ok(mode) => Attached {
+                mode,
+                framing: crate::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet),
+            },
+            Err(e) => {
+                if vanished {
+                    warn!(hook = hook.name(), iface = %link.name, "{} on {} vanished (pin removed, link detached or filter deleted) and cannot be re-attached: {e}", hook.name(), link.name);
+                }
+                return Some(e);
+            }
+        };
+        if vanished {
+            warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "{} on {} vanished (pin removed, link detached or filter deleted): re-attached", hook.name(), link.name);
+        } else {
+            info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "protecting interface");
+        }
+        self.attached.insert((hook, link.ifindex), (link.name.clone(), what));
+        None
+    }
+
+    fn detached(&mut self, hook: Hook, ifindex: u32) {
+        let name = self.attached.remove(&(hook, ifindex)).map(|(n, _)| n);
+        info!(
+            hook = hook.name(),
+            ifindex,
+            iface = name.as_deref().unwrap_or("?"),
+            "detached: no longer an uplink"
+        );
+    }
+}
+
+fn attach_error(hook: Hook, link: &Link, reason: String) -> AttachError {
+    AttachError::Attach { hook: hook.name(), iface: link.name.clone(), reason }
 }
 
 /// Whether the link pinned at `path` is still there and attached to `link`. A link that is
@@ -299,11 +408,8 @@ fn ensure(
             }
         }
     }
-    let (fd_link, mode) = program.attach_new(hook, link).map_err(|reason| AttachError::Attach {
-        hook: hook_name,
-        iface: link.name.clone(),
-        reason,
-    })?;
+    let (fd_link, mode) =
+        program.attach_new(hook, link).map_err(|reason| attach_error(hook, link, reason))?;
     fd_link.pin(path).map_err(|e| AttachError::Pin {
         hook: hook_name,
         iface: link.name.clone(),

@@ -3,8 +3,9 @@
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`docker_link`] (reaching
 //! it), [`interfaces`] (links and addresses), [`pins`] (bpffs layout), [`loader`] (the
-//! embedded program), [`attach`] (XDP links), [`link_info`] (is a pinned link still
-//! attached), [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a
+//! embedded program), [`kernel`] (what the running kernel can do), [`attach`] (programs on
+//! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`link_info`] (is a
+//! pinned link still attached), [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a
 //! running agent put back), [`state`] (what the agent last knew, on disk). Commands:
 //! [`agent`] (`guard run`), [`status`], [`unload`].
 
@@ -25,6 +26,7 @@ pub mod explain;
 pub mod frames;
 pub mod http;
 pub mod interfaces;
+pub mod kernel;
 pub mod link_info;
 pub mod loader;
 pub mod maps;
@@ -33,4 +35,5 @@ pub mod pins;
 pub mod repin;
 pub mod state;
 pub mod status;
+pub mod tc_filter;
 pub mod unload;

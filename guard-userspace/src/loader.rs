@@ -47,6 +47,24 @@ pub fn program_name(hook: Hook, framing: Framing) -> &'static str {
     }
 }
 
+/// The names of every TC entry point: what guard's clsact filters run (see
+/// [`crate::tc_filter`]), and so how its filters are told from other tools'.
+pub fn tc_program_names() -> Vec<&'static str> {
+    [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress]
+        .into_iter()
+        .flat_map(program_names)
+        .collect()
+}
+
+/// The names of the entry points that run at `hook`, one per framing.
+pub fn program_names(hook: Hook) -> Vec<&'static str> {
+    PROGRAMS
+        .iter()
+        .filter(|(h, _)| *h == hook)
+        .map(|(hook, framing)| program_name(*hook, *framing))
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]

@@ -14,7 +14,7 @@ use guard_userspace::{
     drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
-    state, status,
+    state, status, tc_filter,
     unload::{self, Unloaded},
 };
 use tracing_subscriber::EnvFilter;
@@ -75,6 +75,10 @@ enum Command {
         /// parsed), so a restart or a reboot starts from it, closed until it has synced.
         #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// How TC programs go on interfaces: `tcx` links (Linux 6.6 and later) or `netlink`
+        /// clsact filters (any kernel). Default: TCX where the kernel has it.
+        #[arg(long, value_enum, value_name = "HOW")]
+        tc_attach: Option<tc_filter::Mechanism>,
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
@@ -153,18 +157,26 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match command {
-        Command::Run { ifaces, trusted, paths, resync_interval, mode, metrics_addr, state_dir } => {
-            runtime.block_on(agent::run(RunOptions {
-                ifaces,
-                trusted,
-                pins: Pins::new(paths.pin_dir),
-                resync: Duration::from_secs(resync_interval.max(1)),
-                config: paths.config,
-                mode,
-                metrics_addr,
-                state_dir,
-            }))
-        }
+        Command::Run {
+            ifaces,
+            trusted,
+            paths,
+            resync_interval,
+            mode,
+            metrics_addr,
+            state_dir,
+            tc_attach,
+        } => runtime.block_on(agent::run(RunOptions {
+            ifaces,
+            trusted,
+            pins: Pins::new(paths.pin_dir),
+            resync: Duration::from_secs(resync_interval.max(1)),
+            config: paths.config,
+            mode,
+            metrics_addr,
+            state_dir,
+            tc: tc_attach,
+        })),
         Command::Drops { follow, json, metrics_addr } => {
             runtime.block_on(drops::show(&metrics_addr, follow, json))
         }

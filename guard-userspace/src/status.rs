@@ -35,8 +35,18 @@ pub struct Protection {
     pub pin_dir: String,
     /// Interfaces with the XDP filter attached.
     pub interfaces: Vec<String>,
+    /// Every program guard has on an interface, as the kernel holds it.
+    pub hooks: Vec<HookReport>,
     /// Map entries that differ from Docker's state (0 while an agent keeps them in sync).
     pub pending_changes: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HookReport {
+    pub hook: &'static str,
+    pub iface: String,
+    /// "xdp link", "tcx" or "netlink" (a clsact filter, on kernels without TCX).
+    pub mechanism: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,16 +113,62 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
             })
             .collect(),
     };
+    let hooks = hooks(pins, &links)?;
     Ok(Report {
         protection: Protection {
             loaded: current.is_some(),
             pin_dir: pins.root().display().to_string(),
             interfaces,
+            hooks,
             pending_changes: current.map(|c| diff(&c, &desired.tables).change_count()),
         },
         mode: policy.mode.to_string(),
         containers: desired.containers.iter().map(container_report).collect(),
     })
+}
+
+/// Guard's programs on interfaces: the pinned XDP and TCX links, and the clsact filters in
+/// guard's slot (kernels without TCX), read from the kernel.
+fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookReport>> {
+    let name_of = |ifindex: u32| {
+        links
+            .iter()
+            .find(|l| l.ifindex == ifindex)
+            .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
+    };
+    let mut hooks: Vec<HookReport> = pins
+        .pinned_links()?
+        .into_iter()
+        .map(|(hook, ifindex, _)| HookReport {
+            hook: hook.name(),
+            iface: name_of(ifindex),
+            mechanism: if hook == Hook::Xdp { "xdp link" } else { "tcx" },
+        })
+        .collect();
+    let guard_programs = crate::loader::tc_program_names();
+    for link in links {
+        for hook in [Hook::TcEgress, Hook::BridgeIngress] {
+            let Some(filter) = crate::tc_filter::in_slot(link.ifindex, hook)? else { continue };
+            if !guard_programs.contains(&filter.name.as_str()) {
+                continue;
+            }
+            // Egress carries the uplink's recorder or a bridge's gate: the program says which.
+            let hook = if filter.name
+                == crate::loader::program_name(Hook::BridgeGate, interfaces::Framing::Ethernet)
+            {
+                Hook::BridgeGate
+            } else {
+                hook
+            };
+            hooks.push(HookReport {
+                hook: hook.name(),
+                iface: link.name.clone(),
+                mechanism: "netlink",
+            });
+        }
+    }
+    hooks.sort_by(|a, b| (a.hook, &a.iface).cmp(&(b.hook, &b.iface)));
+    Ok(hooks)
 }
 
 fn container_report(policy: &ContainerPolicy) -> ContainerReport {
@@ -223,6 +279,9 @@ pub fn render(report: &Report) -> String {
             };
             let _ =
                 writeln!(out, "protection: loaded at {} on {on}; mode {}", p.pin_dir, report.mode);
+            for hook in &p.hooks {
+                let _ = writeln!(out, "  {:<15} {} ({})", hook.hook, hook.iface, hook.mechanism);
+            }
             match pending {
                 Some(0) => writeln!(out, "maps: in sync with Docker"),
                 Some(n) => writeln!(

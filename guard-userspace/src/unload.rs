@@ -41,7 +41,8 @@ pub enum UnloadError {
 /// [`unload`], unless an agent owns the pins and `running` says to refuse.
 pub fn unload_checked(pins: &Pins, running: Running) -> Result<Unloaded, UnloadError> {
     if !pins.exists() {
-        return Ok(Unloaded::NothingThere);
+        // No agent can own what is not there; filters may still be (a pin directory removed).
+        return Ok(unload(pins)?);
     }
     // Held while removing, so no agent starts on the pins half-way.
     let _owner = match pins.claim() {
@@ -53,10 +54,15 @@ pub fn unload_checked(pins: &Pins, running: Running) -> Result<Unloaded, UnloadE
     Ok(unload(pins)?)
 }
 
-/// Removes everything pinned under `pins`, whoever owns it.
+/// Removes everything pinned under `pins`, whoever owns it, and guard's clsact filters.
 pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
+    let filters = remove_filters()?;
     if !pins.exists() {
-        return Ok(Unloaded::NothingThere);
+        return Ok(if filters == 0 {
+            Unloaded::NothingThere
+        } else {
+            Unloaded::Removed { links: filters, maps: 0 }
+        });
     }
     // Links first: removing a link's last reference detaches the program from its interface.
     let links = pins.pinned_links().map_err(io::Error::other)?;
@@ -97,7 +103,18 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
             }
         }
     }
-    Ok(Unloaded::Removed { links: links.len(), maps })
+    Ok(Unloaded::Removed { links: links.len() + filters, maps })
+}
+
+/// Removes guard's filter from every interface and TC hook (kernels without TCX; elsewhere
+/// there is none): only guard's slot, and only with one of guard's programs in it.
+fn remove_filters() -> io::Result<usize> {
+    let names = crate::loader::tc_program_names();
+    let mut removed = 0;
+    for link in crate::interfaces::links()? {
+        removed += crate::tc_filter::remove_all_ours(link.ifindex, &names)?;
+    }
+    Ok(removed)
 }
 
 fn remove_file(path: &Path) -> io::Result<bool> {

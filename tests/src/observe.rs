@@ -245,3 +245,39 @@ pub fn iface_hooks(ifname: &str) -> (bool, Vec<String>) {
         .collect();
     (xdp, special)
 }
+
+/// A tc filter as `tc -j filter show` reports it: priority, handle, the name it was
+/// attached with (bpf filters) and the id of the program it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcFilter {
+    pub pref: u64,
+    pub handle: String,
+    pub bpf_name: String,
+    pub prog: u64,
+}
+
+/// The filters on `ifname`'s clsact qdisc on `side` ("ingress" or "egress"); none without it.
+pub fn tc_filters(ifname: &str, side: &str) -> Vec<TcFilter> {
+    let Ok(out) = try_run("tc", &["-j", "filter", "show", "dev", ifname, side]) else {
+        return Vec::new();
+    };
+    let shown = if out.trim().is_empty() { Value::Array(Vec::new()) } else { json("tc -j", &out) };
+    shown
+        .as_array()
+        .into_iter()
+        .flatten()
+        // A priority's own entry has no options.
+        .filter(|f| f.get("options").is_some())
+        .map(|f| TcFilter {
+            pref: f["pref"].as_u64().unwrap_or(0),
+            handle: f["options"]["handle"].as_str().unwrap_or("").to_owned(),
+            bpf_name: f["options"]["bpf_name"].as_str().unwrap_or("").to_owned(),
+            prog: f["options"]["prog"]["id"].as_u64().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The filter in guard's slot (priority 1, handle 0x6764) on `ifname`'s `side`.
+pub fn guard_filter(ifname: &str, side: &str) -> Option<TcFilter> {
+    tc_filters(ifname, side).into_iter().find(|f| f.pref == 1 && f.handle == "0x6764")
+}

@@ -248,12 +248,41 @@ fn docker_ps_names() -> BTreeSet<String> {
 /// program ids in the same links.
 #[test]
 fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links() {
-    const SUBNET: &str = "10.252.1.0/24";
+    crash_and_restart("crash", 1, 11, Tc::Tcx);
+}
+
+/// The same on the TC mechanism of kernels without TCX (forced here): the uplink's and the
+/// bridge's clsact filters stay in guard's slot while the agent is dead, and the new agent
+/// swaps its program into each of them.
+#[test]
+fn crash_and_restart_keep_closed_ports_closed_with_clsact_filters() {
+    crash_and_restart("crashnl", 43, 43, Tc::Netlink);
+}
+
+/// How the agent under test puts its TC programs on interfaces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tc {
+    Tcx,
+    Netlink,
+}
+
+/// guard's clsact filters on `bridge` and the uplink `uplink`: (side, filter).
+fn guard_filters(uplink: &str, bridge: &str) -> Vec<(String, observe::TcFilter)> {
+    [(uplink, "egress"), (bridge, "egress"), (bridge, "ingress")]
+        .into_iter()
+        .filter_map(|(iface, side)| {
+            observe::guard_filter(iface, side).map(|f| (format!("{iface} {side}"), f))
+        })
+        .collect()
+}
+
+fn crash_and_restart(name: &str, subnet: u8, outside_n: u8, tc: Tc) {
     let _exclusive = prepare_test_bed();
-    let net = Network::create("guard-e2e-lc-crash", SUBNET, None);
-    let ip: Ipv4Addr = "10.252.1.10".parse().unwrap();
+    let subnet_v4 = format!("10.252.{subnet}.0/24");
+    let net = Network::create(&format!("guard-e2e-lc-{name}"), &subnet_v4, None);
+    let ip = Ipv4Addr::new(10, 252, subnet, 10);
     let _app = Container::run(ContainerSpec {
-        name: "crash-app",
+        name: &format!("{name}-app"),
         network: Some(&net),
         ip: Some(ip),
         labels: &[("guard.expose", "80/tcp")],
@@ -263,10 +292,23 @@ fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links(
         ..Default::default()
     });
     let _routing = RoutingHost::enable();
-    let a = outside("crash", 11, &[SUBNET]);
+    let a = outside(name, outside_n, &[&subnet_v4]);
+    let bridge = boot::bridge_of(&net);
     require_exposure(&a, &[sock(ip, 8080), sock(a.host_v4(), 21081)]);
-    let (mut agent, _) = start_agent(&[a.host_end()], &[]);
+    let tc_args: &[&str] = match tc {
+        Tc::Tcx => &[],
+        Tc::Netlink => &["--tc-attach", "netlink"],
+    };
+    let (mut agent, _) = start_agent(&[a.host_end()], tc_args);
     let pin_dir = agent.pin_dir().to_owned();
+    let filters_before = guard_filters(a.host_end(), &bridge);
+    let expected_filters = if tc == Tc::Netlink { 3 } else { 0 };
+    assert_eq!(
+        filters_before.len(),
+        expected_filters,
+        "guard's clsact filters on {} and {bridge}: {filters_before:?}",
+        a.host_end()
+    );
 
     let targets = [
         ("closed, direct", sock(ip, 8080), false),
@@ -299,6 +341,8 @@ fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links(
     let killed_at = prober.elapsed();
     agent.kill();
     assert!(xdp_attached(a.host_end()), "the XDP program left {} with the agent", a.host_end());
+    let left = guard_filters(a.host_end(), &bridge);
+    assert_eq!(left.len(), expected_filters, "guard's filters left with the agent: {left:?}");
     thread::sleep(Duration::from_secs(3));
     let restart_at = prober.elapsed();
     agent.restart();
@@ -373,6 +417,18 @@ fn crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links(
         "the set of pinned links changed"
     );
     assert_eq!(maps_before, maps_after, "the new agent did not adopt the pinned maps (ids differ)");
+    // The filters stayed in their slot and run the new agent's programs.
+    let filters_after = guard_filters(a.host_end(), &bridge);
+    assert_eq!(
+        filters_before.len(),
+        filters_after.len(),
+        "{filters_before:?} -> {filters_after:?}"
+    );
+    for ((side, before), (_, after)) in filters_before.iter().zip(&filters_after) {
+        println!("filter on {side}: program id {} -> {}", before.prog, after.prog);
+        assert_eq!(before.bpf_name, after.bpf_name, "filter on {side} runs another program");
+        assert_ne!(before.prog, after.prog, "filter on {side} still runs the dead agent's program");
+    }
     check(&a, "after restart", &checks);
 }
 
@@ -1506,6 +1562,73 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     drop(agent);
 }
 
+/// On kernels without TCX (forced here) guard's TC programs are clsact filters in a slot of
+/// its own (priority 1, handle 0x6764), which another tool's filters on the same qdisc share
+/// with it: `guard status` names the mechanism of each hook; a filter someone deletes comes
+/// back within a few passes; `guard unload` removes guard's filters, and the clsact qdisc
+/// where nothing else is left, but another tool's filter and the qdisc it needs stay.
+#[test]
+fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
+    let _exclusive = prepare_test_bed();
+    let app = App::start("clsact", 44, &[], &[80]);
+    let ip = app.ip;
+    let _routing = RoutingHost::enable();
+    let a = outside("clsact", 44, &[app.subnet()]);
+    let bridge = boot::bridge_of(&app.net);
+    require_exposure(&a, &[sock(ip, 80)]);
+    // Another tool's filter behind guard's on the uplink: classic BPF, "continue".
+    let other = ["filter", "add", "dev", a.host_end(), "egress", "pref", "3", "bpf", "da"];
+    run("tc", &["qdisc", "add", "dev", a.host_end(), "clsact"]);
+    run("tc", &[&other[..], &["bytecode", "1,6 0 0 4294967295"]].concat());
+    let (mut agent, _) =
+        start_agent(&[a.host_end()], &["--tc-attach", "netlink", "--resync-interval", "1"]);
+    let closed = [expect("closed", sock(ip, 80), false)];
+    check(&a, "agent running", &closed);
+
+    let status = run(
+        &tests::agent::guard_bin().to_string_lossy(),
+        &["status", "--pin-dir", &agent.pin_dir().to_string_lossy()],
+    );
+    println!("{status}");
+    for (hook, iface) in
+        [("tc-egress", a.host_end()), ("bridge-gate", &bridge), ("bridge-ingress", &bridge)]
+    {
+        let shown = status.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words == [hook, iface, "(netlink)"]
+        });
+        assert!(shown, "guard status does not show {hook} on {iface} as netlink:\n{status}");
+    }
+
+    // Deleted by hand: back in its slot within a few passes.
+    run("tc", &["filter", "del", "dev", &bridge, "egress", "pref", "1", "handle", "0x6764", "bpf"]);
+    let took = wait_until("the gate's filter restored", Duration::from_secs(10), || {
+        observe::guard_filter(&bridge, "egress").is_some_and(|f| f.bpf_name == "guard_tc_gate")
+    });
+    println!("the deleted filter was back after {took:.1?}");
+    check(&a, "after the filter was deleted", &closed);
+    let log = agent.log();
+    let warned = lines_with(&log, &["WARN", "bridge-gate on", "filter deleted): re-attached"]);
+    assert!(!warned.is_empty(), "no warning for the deleted filter:\n{log}");
+
+    agent.terminate();
+    agent.unload();
+    for (iface, side) in
+        [(a.host_end(), "egress"), (bridge.as_str(), "egress"), (&bridge, "ingress")]
+    {
+        assert_eq!(observe::guard_filter(iface, side), None, "guard's filter on {iface} {side}");
+    }
+    let others = observe::tc_filters(a.host_end(), "egress");
+    assert!(
+        others.len() == 1 && others[0].pref == 3,
+        "the other tool's filter on {} did not survive unload alone: {others:?}",
+        a.host_end()
+    );
+    let (_, qdiscs) = observe::iface_hooks(&bridge);
+    assert!(qdiscs.is_empty(), "{bridge} keeps the clsact qdisc guard added: {qdiscs:?}");
+    run("tc", &["qdisc", "del", "dev", a.host_end(), "clsact"]);
+}
+
 fn ifindex(ifname: &str) -> u32 {
     let path = Path::new("/sys/class/net").join(ifname).join("ifindex");
     let text =
@@ -1565,8 +1688,10 @@ fn vanished_links_are_re_attached() {
     check(&a, "after the link was detached", &closed);
 
     let log = agent.log();
-    let warned =
-        lines_with(&log, &["WARN", "vanished (pin removed or link detached): re-attached"]);
+    let warned = lines_with(
+        &log,
+        &["WARN", "vanished (pin removed, link detached or filter deleted): re-attached"],
+    );
     assert!(warned.len() >= 3, "expected a warning per vanished link, got {warned:?}\n{log}");
     agent.unload();
 }
