@@ -24,6 +24,7 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::maps::{PerCpuHashMap, RingBuf};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -35,10 +36,6 @@ use aya_ebpf::{
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
-};
-use aya_ebpf::{
-    helpers::bpf_ktime_get_coarse_ns,
-    maps::{PerCpuHashMap, RingBuf},
 };
 use guard_common::events::DROP_AT_GATE;
 use guard_common::parse::{self as parser, Bytes, Framing};
@@ -588,13 +585,12 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
     let limiter = unsafe { &mut *limiter };
     // Over the budget (a flood), the clock is read only every 64th drop, to notice that a new
     // second has begun; under it, the event needs a timestamp anyway, and that one read also
-    // rolls the window.
+    // rolls the window. (Not the coarse clock: Linux 5.10 has no bpf_ktime_get_coarse_ns.)
     if limiter.emitted >= EVENTS_PER_SECOND_PER_CPU {
         limiter.suppressed_since_check = limiter.suppressed_since_check.wrapping_add(1);
         bump_event_stat(EVENTS_SUPPRESSED);
         if limiter.suppressed_since_check & 63 == 0
-            && unsafe { bpf_ktime_get_coarse_ns() }.wrapping_sub(limiter.window_start_ns)
-                > 1_000_000_000
+            && unsafe { bpf_ktime_get_ns() }.wrapping_sub(limiter.window_start_ns) > 1_000_000_000
         {
             limiter.emitted = 0;
         }

@@ -58,3 +58,24 @@ pub fn tc_mechanism(requested: Option<Mechanism>) -> Result<Mechanism, Unsupport
         }
     }
 }
+
+/// Before 5.11 BPF memory counts against RLIMIT_MEMLOCK, whose default (8 MiB or less) is too
+/// small for guard's maps: there it is raised before anything is loaded.
+pub fn make_room_for_maps() {
+    if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 11, 0)) {
+        raise_memlock();
+    }
+}
+
+/// RLIMIT_MEMLOCK to unlimited (root may; a container needs CAP_SYS_RESOURCE for it).
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit only reads the struct passed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            kernel = release().as_str(),
+            "cannot raise RLIMIT_MEMLOCK ({}): kernels before 5.11 charge BPF maps to it, so loading may fail; give guard CAP_SYS_RESOURCE or run it with `ulimit -l unlimited`",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -84,6 +84,7 @@ pub enum LoadError {
 /// Loads the object, reusing (or creating and pinning) the maps under `pins`, and loads both
 /// programs into the kernel. Nothing is attached yet.
 pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
+    crate::kernel::make_room_for_maps();
     let fresh = !pins.exists();
     pins.create()?;
     let loaded = load_into(pins);
