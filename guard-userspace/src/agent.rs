@@ -150,6 +150,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         attachments: Attachments::new(tc),
         opts,
         warnings: Warnings::default(),
+        attach_errors: Warnings::default(),
         policy: start.policy,
         policy_text: start.text,
         closed: start.closed,
@@ -378,6 +379,8 @@ struct Agent {
     attachments: Attachments,
     opts: RunOptions,
     warnings: Warnings,
+    /// Interfaces and hooks that could not be attached, said once each while they last.
+    attach_errors: Warnings,
     policy: PolicyFile,
     /// The file's text when `policy` was parsed from it (None: absent).
     policy_text: Option<String>,
@@ -545,8 +548,10 @@ impl Agent {
             let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
             errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
-        warnings.extend(errors.iter().map(ToString::to_string));
         self.warnings.report(warnings);
+        // What could not be attached is not guarded: an error, and not ready, until it is.
+        let unguarded: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        self.attach_errors.report_errors(unguarded.clone());
 
         let mut state = self.shared.state.lock().expect("not poisoned");
         state.mode = self.policy.mode.to_string();
@@ -566,6 +571,7 @@ impl Agent {
             .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
             .collect();
         state.map_entries = desired.tables.sizes();
+        state.unguarded = unguarded;
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;
         }
@@ -888,10 +894,22 @@ struct Warnings {
 
 impl Warnings {
     fn report(&mut self, current: Vec<String>) {
-        let current: BTreeSet<String> = current.into_iter().collect();
-        for message in current.difference(&self.active) {
+        for message in self.new_ones(current) {
             warn!("{message}");
         }
+    }
+
+    fn report_errors(&mut self, current: Vec<String>) {
+        for message in self.new_ones(current) {
+            error!("{message}");
+        }
+    }
+
+    /// The messages of `current` not said last time; remembers `current`.
+    fn new_ones(&mut self, current: Vec<String>) -> Vec<String> {
+        let current: BTreeSet<String> = current.into_iter().collect();
+        let new = current.difference(&self.active).cloned().collect();
         self.active = current;
+        new
     }
 }

@@ -33,6 +33,7 @@ use crate::{
     interfaces::{Framing, Link},
     link_info::{PinnedLinkState, pinned_link_state},
     pins::{Hook, Pins},
+    rtnetlink::XdpAttached,
     tc_filter::{self, Mechanism},
 };
 
@@ -47,8 +48,6 @@ pub enum Mode {
     Tcx,
     /// A clsact filter through netlink (kernels without TCX).
     Netlink,
-    /// Taken over from the link a previous agent pinned, in whatever mode it was attached.
-    Adopted,
 }
 
 impl Mode {
@@ -58,7 +57,6 @@ impl Mode {
             Mode::Generic => "generic",
             Mode::Tcx => "tcx",
             Mode::Netlink => "netlink",
-            Mode::Adopted => "adopted",
         }
     }
 }
@@ -76,10 +74,12 @@ pub enum AttachError {
 pub struct Attached {
     pub mode: Mode,
     pub framing: Framing,
+    /// Taken over from what an earlier agent left (its pinned link or its filter).
+    pub adopted: bool,
 }
 
 impl Attached {
-    /// "native", "generic", "tcx", "adopted"; L3 XDP adds its framing: "generic/ip".
+    /// "native", "generic", "tcx", "netlink"; L3 XDP adds its framing: "generic/ip".
     pub fn label(self) -> String {
         match self.framing {
             Framing::Ethernet => self.mode.name().to_string(),
@@ -97,11 +97,11 @@ pub trait Programs {
 pub trait Hookable {
     /// Attaches to `link` at `hook` and returns the link as an fd, to be pinned.
     fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String>;
-    /// Atomically replaces the program in a pinned link.
-    fn adopt(&mut self, pinned: FdLink) -> Result<(), String>;
+    /// Atomically replaces the program in a pinned link on `link`; returns how it runs.
+    fn adopt(&mut self, pinned: FdLink, link: &Link) -> Result<Mode, String>;
     /// Puts the program in guard's clsact filter slot on `link`, replacing whatever program
-    /// is there (TC programs, on kernels without TCX).
-    fn attach_filter(&mut self, _hook: Hook, _link: &Link) -> Result<(), String> {
+    /// is there (TC programs, on kernels without TCX); returns whether it replaced one.
+    fn attach_filter(&mut self, _hook: Hook, _link: &Link) -> Result<bool, String> {
         Err("only TC programs run as clsact filters".into())
     }
     /// The kernel's id of the loaded program.
@@ -110,6 +110,17 @@ pub trait Hookable {
 
 impl Hookable for Xdp {
     fn attach_new(&mut self, _: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
+        // guard attaches afresh only where it has no link of its own: a program there is
+        // another tool's, which guard does not replace (and beside which the kernel would
+        // put guard's in the other mode, behind it).
+        if let Ok((mode, id)) = crate::rtnetlink::xdp_attached(link.ifindex)
+            && mode != XdpAttached::None
+        {
+            return Err(format!(
+                "another XDP program (id {id}, {mode:?} mode) is attached to {iface}; guard does not replace another tool's program: detach it (`ip link set dev {iface} xdp off`, `bpftool prog show id {id}` says whose it is), or name the interface with --trust-iface if it needs no guard",
+                iface = link.name
+            ));
+        }
         let (id, mode) = if link.framing() == Some(Framing::Ip) {
             // An L3 device's native hook, where it has one, need not see what the host
             // receives (tun runs it only for tap frames); generic XDP runs in the core receive
@@ -135,12 +146,18 @@ impl Hookable for Xdp {
         Ok((fd_link, mode))
     }
 
-    fn adopt(&mut self, pinned: FdLink) -> Result<(), String> {
-        let link = XdpLink::try_from(pinned).map_err(|e| e.to_string())?;
-        let id = self.attach_to_link(link).map_err(|e| e.to_string())?;
+    fn adopt(&mut self, pinned: FdLink, link: &Link) -> Result<Mode, String> {
+        let xdp_link = XdpLink::try_from(pinned).map_err(|e| e.to_string())?;
+        let id = self.attach_to_link(xdp_link).map_err(|e| e.to_string())?;
         // The pin keeps the link; dropping our handle only closes an fd.
         drop(self.take_link(id));
-        Ok(())
+        // The link does not say in which mode it was attached; the interface does.
+        match crate::rtnetlink::xdp_attached(link.ifindex) {
+            Ok((XdpAttached::Driver, _)) => Ok(Mode::Native),
+            Ok((XdpAttached::Generic, _)) => Ok(Mode::Generic),
+            Ok((other, _)) => Err(format!("the interface reports its XDP program as {other:?}")),
+            Err(e) => Err(format!("reading the interface's XDP mode: {e}")),
+        }
     }
 
     fn program_id(&self) -> Result<u32, String> {
@@ -159,14 +176,14 @@ impl Hookable for SchedClassifier {
         Ok((fd_link, Mode::Tcx))
     }
 
-    fn adopt(&mut self, pinned: FdLink) -> Result<(), String> {
+    fn adopt(&mut self, pinned: FdLink, _: &Link) -> Result<Mode, String> {
         let link = SchedClassifierLink::try_from(pinned).map_err(|e| e.to_string())?;
         let id = self.attach_to_link(link).map_err(|e| e.to_string())?;
         drop(self.take_link(id));
-        Ok(())
+        Ok(Mode::Tcx)
     }
 
-    fn attach_filter(&mut self, hook: Hook, link: &Link) -> Result<(), String> {
+    fn attach_filter(&mut self, hook: Hook, link: &Link) -> Result<bool, String> {
         tc_filter::attach(self, hook, link)
     }
 
@@ -307,7 +324,7 @@ impl Attachments {
             }
             let attached = program
                 .attach_filter(hook, link)
-                .map(|()| Mode::Netlink)
+                .map(|replaced| (Mode::Netlink, replaced))
                 .map_err(|reason| attach_error(hook, link, reason));
             errors.extend(self.record(hook, link, vanished, attached));
         }
@@ -320,13 +337,14 @@ impl Attachments {
         hook: Hook,
         link: &Link,
         vanished: bool,
-        attached: Result<Mode, AttachError>,
+        attached: Result<(Mode, bool), AttachError>,
     ) -> Option<AttachError> {
         self.attached.remove(&(hook, link.ifindex));
         let what = match attached {
-            Ok(mode) => Attached {
+            Ok((mode, adopted)) => Attached {
                 mode,
                 framing: crate::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet),
+                adopted,
             },
             Err(e) => {
                 if vanished {
@@ -338,7 +356,7 @@ impl Attachments {
         if vanished {
             warn!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "{} on {} vanished (pin removed, link detached or filter deleted): re-attached", hook.name(), link.name);
         } else {
-            info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), "protecting interface");
+            info!(hook = hook.name(), iface = %link.name, ifindex = link.ifindex, mode = what.label().as_str(), adopted = what.adopted, "protecting interface");
         }
         self.attached.insert((hook, link.ifindex), (link.name.clone(), what));
         None
@@ -380,13 +398,14 @@ fn remove_stale_pin(path: &Path) {
     }
 }
 
-/// Adopts the link pinned at `path`, or attaches afresh and pins the new link there.
+/// Adopts the link pinned at `path`, or attaches afresh and pins the new link there; returns
+/// how it runs and whether it was adopted.
 fn ensure(
     program: &mut dyn Hookable,
     hook: Hook,
     path: &Path,
     link: &Link,
-) -> Result<Mode, AttachError> {
+) -> Result<(Mode, bool), AttachError> {
     let hook_name = hook.name();
     if path.exists() {
         // A pinned link whose interface was replaced, or that someone detached, cannot take a
@@ -395,13 +414,13 @@ fn ensure(
             Ok(PinnedLinkState::Attached { ifindex }) if ifindex == link.ifindex => {
                 PinnedLink::from_pin(path)
                     .map_err(|e| e.to_string())
-                    .and_then(|pinned| program.adopt(FdLink::from(pinned)))
+                    .and_then(|pinned| program.adopt(FdLink::from(pinned), link))
             }
             Ok(state) => Err(format!("the link is {state:?}")),
             Err(e) => Err(e.to_string()),
         };
         match adopted {
-            Ok(()) => return Ok(Mode::Adopted),
+            Ok(mode) => return Ok((mode, true)),
             Err(e) => {
                 warn!(hook = hook_name, iface = %link.name, "cannot take over {}: {e}; attaching afresh", path.display());
                 remove_stale_pin(path);
@@ -415,5 +434,5 @@ fn ensure(
         iface: link.name.clone(),
         reason: e.to_string(),
     })?;
-    Ok(mode)
+    Ok((mode, false))
 }

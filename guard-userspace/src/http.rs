@@ -95,23 +95,25 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         // Ready once the maps hold Docker's state (before that, nothing is opened) under the
         // policy file as it is on disk.
         "/readyz" => {
-            let (synced, config_valid, restoring) = {
+            let (synced, config_valid, restoring, unguarded) = {
                 let state = shared.state.lock().expect("not poisoned");
-                (state.synced, state.config_valid, state.restoring)
+                (state.synced, state.config_valid, state.restoring, state.unguarded.clone())
             };
             let unready = if restoring {
-                Some("the pins were removed under the agent; restoring protection\n")
+                Some("the pins were removed under the agent; restoring protection\n".to_owned())
             } else if !synced {
-                Some("not synced with Docker yet\n")
+                Some("not synced with Docker yet\n".to_owned())
             } else if !config_valid {
-                Some("the policy file does not parse; see the log\n")
+                Some("the policy file does not parse; see the log\n".to_owned())
+            } else if !unguarded.is_empty() {
+                Some(format!("not guarded: {}\n", unguarded.join("\nnot guarded: ")))
             } else {
                 None
             };
             match unready {
                 None => respond(&mut write, "200 OK", "text/plain", "ready\n").await,
                 Some(body) => {
-                    respond(&mut write, "503 Service Unavailable", "text/plain", body).await
+                    respond(&mut write, "503 Service Unavailable", "text/plain", &body).await
                 }
             }
         }

@@ -4,10 +4,11 @@
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`docker_link`] (reaching
 //! it), [`interfaces`] (links and addresses), [`pins`] (bpffs layout), [`loader`] (the
 //! embedded program), [`kernel`] (what the running kernel can do), [`attach`] (programs on
-//! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`link_info`] (is a
-//! pinned link still attached), [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a
-//! running agent put back), [`state`] (what the agent last knew, on disk). Commands:
-//! [`agent`] (`guard run`), [`status`], [`unload`].
+//! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`rtnetlink`] (the
+//! netlink requests aya does not make), [`link_info`] (is a pinned link still attached),
+//! [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a running
+//! agent put back), [`state`] (what the agent last knew, on disk). Commands: [`agent`]
+//! (`guard run`), [`status`], [`unload`].
 
 pub mod desired;
 pub mod identities;
@@ -33,6 +34,7 @@ pub mod maps;
 pub mod metrics;
 pub mod pins;
 pub mod repin;
+pub mod rtnetlink;
 pub mod state;
 pub mod status;
 pub mod tc_filter;

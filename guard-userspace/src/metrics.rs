@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use guard_common::{
-    events::{DROP_AUDITED, DROP_PUBLISHED, DropKey},
+    events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
     reason::{Decision, Verdict},
 };
 
@@ -53,6 +53,8 @@ pub struct AgentState {
     pub label_errors: Vec<(String, String)>,
     /// (hook, interface, mode) of every attachment.
     pub attachments: Vec<(String, String, String)>,
+    /// Why each interface and hook that should run a program does not (attach errors).
+    pub unguarded: Vec<String>,
     /// Container names by target id.
     pub names: BTreeMap<u32, String>,
     /// Interface names by index.
@@ -113,7 +115,7 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
 
     let _ = writeln!(
         out,
-        "# HELP guard_container_drops_total Packets dropped (or, audited, that would have been) per container port.\n# TYPE guard_container_drops_total counter"
+        "# HELP guard_container_drops_total Packets dropped (or, audited, that would have been) per container port, by stage: xdp on the uplink, or the gate after NAT.\n# TYPE guard_container_drops_total counter"
     );
     if let Some(k) = kernel {
         for (key, n) in &k.drops {
@@ -122,9 +124,10 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
             let proto =
                 Proto::from_number(key.proto).map_or("any".to_string(), |p| p.name().into());
             let path = if key.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" };
+            let stage = if key.flags & DROP_AT_GATE != 0 { "gate" } else { "xdp" };
             let _ = writeln!(
                 out,
-                "guard_container_drops_total{{container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",audited=\"{}\"}} {n}",
+                "guard_container_drops_total{{container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",stage=\"{stage}\",audited=\"{}\"}} {n}",
                 escape(&container),
                 key.port,
                 key.flags & DROP_AUDITED != 0
@@ -269,14 +272,26 @@ mod tests {
                 (Decision { reason: Reason::Closed, audited: true }, 2),
             ],
             gate: vec![(Decision::enforced(Reason::UnassignedAddr), 9)],
-            drops: vec![(DropKey { target: 7, port: 5432, proto: 6, flags: DROP_PUBLISHED }, 5)],
+            drops: vec![
+                (DropKey { target: 7, port: 5432, proto: 6, flags: DROP_PUBLISHED }, 5),
+                // The same port dropped at the gate: a series of its own.
+                (
+                    DropKey {
+                        target: 7,
+                        port: 5432,
+                        proto: 6,
+                        flags: DROP_PUBLISHED | DROP_AT_GATE,
+                    },
+                    1,
+                ),
+            ],
             events: [3, 1, 0],
         };
         let text = render(&state, Some(&kernel));
         for needle in [
             "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"} 5",
             "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"} 2",
-            "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"} 5",
+            "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"} 5",
             "guard_drop_events_total{outcome=\"suppressed\"} 1",
             "guard_gate_packets_total{reason=\"unassigned_addr\",verdict=\"drop\",audited=\"false\"} 9",
             "guard_sync_duration_seconds_bucket{le=\"0.005\"} 1",
@@ -296,5 +311,13 @@ mod tests {
         assert!(commit == "unknown" || commit.bytes().all(|b| b.is_ascii_hexdigit()), "{commit}");
         assert_eq!(layout.len(), 8, "{layout}");
         assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("guard_")), "{text}");
+        // Prometheus rejects an exposition that names one series twice.
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series))
+            .collect();
+        let unique: std::collections::BTreeSet<&&str> = series.iter().collect();
+        assert_eq!(unique.len(), series.len(), "a series appears twice in\n{text}");
     }
 }

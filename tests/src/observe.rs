@@ -205,7 +205,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head.split_whitespace().nth(1);
     if !head.starts_with("HTTP/1.") || status != Some("200") {
-        return Err(format!("GET http://{addr}{path}: {}", head.lines().next().unwrap_or("")));
+        let status_line = head.lines().next().unwrap_or("");
+        return Err(format!("GET http://{addr}{path}: {status_line}: {}", body.trim()));
     }
     Ok(body.to_owned())
 }

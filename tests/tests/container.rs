@@ -624,7 +624,7 @@ fn restarting_the_agent_container_leaks_nothing() {
         let adopted = log.lines().any(|l| {
             l.contains("hook=\"xdp\"")
                 && l.contains(&format!("iface={uplink}"))
-                && l.contains("adopted")
+                && l.contains("adopted=true")
         });
         assert!(adopted, "the restarted agent did not adopt the XDP link of {uplink}:\n{log}");
     }

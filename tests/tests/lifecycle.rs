@@ -398,7 +398,9 @@ fn crash_and_restart(name: &str, subnet: u8, outside_n: u8, tc: Tc) {
 
     // The new agent adopted the pinned links (atomic program swap) and maps.
     let new_log = agent.log_of_current_run();
-    let adopted = lines_with(&new_log, &["hook=\"xdp\"", a.host_end(), "mode=\"adopted\""]);
+    // Adopted, and still in the mode it was attached in (the link itself does not say).
+    let adopted =
+        lines_with(&new_log, &["hook=\"xdp\"", a.host_end(), "mode=\"native\"", "adopted=true"]);
     assert!(!adopted.is_empty(), "the new agent did not log adopting the XDP link:\n{new_log}");
     let links_after = observe::pinned_links(&pin_dir);
     let maps_after = observe::pinned_maps(&pin_dir);
@@ -1627,6 +1629,36 @@ fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
     let (_, qdiscs) = observe::iface_hooks(&bridge);
     assert!(qdiscs.is_empty(), "{bridge} keeps the clsact qdisc guard added: {qdiscs:?}");
     run("tc", &["qdisc", "del", "dev", a.host_end(), "clsact"]);
+}
+
+/// An `--iface` that already runs another tool's XDP program (here: a second agent's, on other
+/// pins) is not guarded by this agent, which says so as an ERROR naming the program and what
+/// to do, and is not ready (`/readyz` 503, naming the interface) until it can attach; once
+/// the other program is gone, it attaches within a pass and is ready.
+#[test]
+fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
+    let _exclusive = prepare_test_bed();
+    let app = App::start("otherxdp", 45, &[], &[80]);
+    let _routing = RoutingHost::enable();
+    let a = outside("otherxdp", 45, &[app.subnet()]);
+    let (other, _) = start_agent(&[a.host_end()], &[]);
+    let (agent, metrics) = start_agent(&[a.host_end()], &["--resync-interval", "1"]);
+
+    let readyz = || observe::http_get(metrics, "/readyz");
+    let unready = readyz().expect_err("ready while another program holds the uplink");
+    assert!(unready.contains("not guarded") && unready.contains(a.host_end()), "{unready}");
+    let log = agent.log();
+    let said =
+        lines_with(&log, &["ERROR", "another XDP program (id", a.host_end(), "--trust-iface"]);
+    assert!(!said.is_empty(), "no ERROR naming the other program:\n{log}");
+    println!("{}\n/readyz: {unready}", said[0]);
+
+    other.unload();
+    let took =
+        wait_until("the agent attached and ready", Duration::from_secs(10), || readyz().is_ok());
+    println!("attached and ready {took:.1?} after the other program left");
+    check(&a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
+    agent.unload();
 }
 
 fn ifindex(ifname: &str) -> u32 {

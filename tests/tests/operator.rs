@@ -342,7 +342,7 @@ fn drops_metrics_status_and_json_logs() {
         "no guard_build_info for {version} in {metrics}"
     );
     for needle in [
-        "guard_container_drops_total{container=\"guard-e2e-op-db\",port=\"5432\",proto=\"tcp\",path=\"published\",audited=\"false\"}",
+        "guard_container_drops_total{container=\"guard-e2e-op-db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"}",
         "guard_docker_connected 1",
         "guard_synced 1",
         "guard_sync_duration_seconds_count",

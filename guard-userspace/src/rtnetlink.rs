@@ -1,0 +1,261 @@
+//! The few rtnetlink requests guard makes itself (aya keeps its own to itself): list and
+//! delete a clsact qdisc's filters, delete the qdisc, and read the mode of an interface's XDP
+//! program.
+
+use std::{io, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+
+use crate::tc_filter::Filter;
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_DELQDISC: u16 = 37;
+const RTM_DELTFILTER: u16 = 45;
+const RTM_GETTFILTER: u16 = 46;
+const RTM_NEWTFILTER: u16 = 44;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_ID: u16 = 11;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_PROG_ID: u16 = 4;
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+const TCMSG_LEN: usize = 20;
+/// htons(ETH_P_ALL): the protocol guard's filters (aya's) match.
+const ETH_P_ALL_BE: u32 = (libc::ETH_P_ALL as u16).to_be() as u32;
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// nlmsghdr (its length set by [`send`]).
+fn header(kind: u16, flags: u16) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set by send
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    msg
+}
+
+/// nlmsghdr + tcmsg, for the traffic-control requests.
+fn request(kind: u16, flags: u16, ifindex: u32, handle: u32, parent: u32, info: u32) -> Vec<u8> {
+    let mut msg = header(kind, flags);
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg.extend_from_slice(&handle.to_ne_bytes());
+    msg.extend_from_slice(&parent.to_ne_bytes());
+    msg.extend_from_slice(&info.to_ne_bytes());
+    msg
+}
+
+fn push_attr(msg: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    msg.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(payload);
+    msg.resize(msg.len().next_multiple_of(4), 0);
+}
+
+fn send(fd: &OwnedFd, mut msg: Vec<u8>) -> io::Result<()> {
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: a valid buffer of that length, alive for the call.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Reads replies until the dump ends or the request is acknowledged; hands the body of every
+/// message of type `wanted` to `each`.
+fn receive(fd: &OwnedFd, wanted: u16, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: a valid buffer of that length, alive for the call.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+            if len < NLMSG_HDRLEN || len > rest.len() {
+                return Err(io::Error::other("malformed netlink reply"));
+            }
+            let body = &rest[NLMSG_HDRLEN..len];
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes(body[..4].try_into().unwrap());
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                kind if kind == wanted => {
+                    each(body);
+                    // A plain request is answered by one message, without NLMSG_DONE.
+                    if wanted == RTM_NEWLINK {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+    }
+}
+
+/// (type, payload) of each attribute in `data`.
+fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff; // without NLA_F_NESTED
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some((kind, payload))
+    })
+}
+
+fn c_string(payload: &[u8]) -> String {
+    let end = payload.iter().position(|b| *b == 0).unwrap_or(payload.len());
+    String::from_utf8_lossy(&payload[..end]).into_owned()
+}
+
+pub fn dump_filters(ifindex: u32, parent: u32) -> io::Result<Vec<Filter>> {
+    let fd = socket()?;
+    send(&fd, request(RTM_GETTFILTER, NLM_F_DUMP, ifindex, 0, parent, 0))?;
+    let mut filters = Vec::new();
+    receive(&fd, RTM_NEWTFILTER, |body| {
+        if body.len() < TCMSG_LEN {
+            return;
+        }
+        let handle = u32::from_ne_bytes(body[8..12].try_into().unwrap());
+        let info = u32::from_ne_bytes(body[16..20].try_into().unwrap());
+        let mut kind = String::new();
+        let (mut name, mut program_id) = (String::new(), 0);
+        for (attr, payload) in attrs(&body[TCMSG_LEN..]) {
+            match attr {
+                TCA_KIND => kind = c_string(payload),
+                TCA_OPTIONS => {
+                    for (option, value) in attrs(payload) {
+                        match option {
+                            TCA_BPF_NAME => name = c_string(value),
+                            TCA_BPF_ID if value.len() >= 4 => {
+                                program_id = u32::from_ne_bytes(value[..4].try_into().unwrap())
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Handle 0 is the chain's own entry for a priority, not a filter.
+        if kind == "bpf" && handle != 0 {
+            filters.push(Filter { priority: (info >> 16) as u16, handle, name, program_id });
+        }
+    })?;
+    Ok(filters)
+}
+
+/// How many filters of any kind both sides of `ifindex`'s clsact qdisc hold.
+pub fn dump_any_filter(ifindex: u32) -> io::Result<usize> {
+    let mut count = 0;
+    for parent in [0xFFFF_FFF2, 0xFFFF_FFF3] {
+        let fd = socket()?;
+        send(&fd, request(RTM_GETTFILTER, NLM_F_DUMP, ifindex, 0, parent, 0))?;
+        receive(&fd, RTM_NEWTFILTER, |body| {
+            // Handle 0 is a priority's own entry, not a filter.
+            if body.len() >= TCMSG_LEN && body[8..12] != [0; 4] {
+                count += 1;
+            }
+        })?;
+    }
+    Ok(count)
+}
+
+/// Deletes the clsact qdisc of `ifindex` (TC_H_CLSACT).
+pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
+    let fd = socket()?;
+    let mut msg = request(RTM_DELQDISC, NLM_F_ACK, ifindex, 0xFFFF_0000, 0xFFFF_FFF1, 0);
+    push_attr(&mut msg, TCA_KIND, b"clsact\0");
+    send(&fd, msg)?;
+    receive(&fd, NLMSG_DONE, |_| {})
+}
+
+pub fn delete_filter(ifindex: u32, parent: u32, priority: u16, handle: u32) -> io::Result<()> {
+    let fd = socket()?;
+    let info = (u32::from(priority) << 16) | ETH_P_ALL_BE;
+    let mut msg = request(RTM_DELTFILTER, NLM_F_ACK, ifindex, handle, parent, info);
+    push_attr(&mut msg, TCA_KIND, b"bpf\0");
+    send(&fd, msg)?;
+    receive(&fd, NLMSG_DONE, |_| {})
+}
+
+/// How an interface runs its XDP program (IFLA_XDP_ATTACHED: XDP_ATTACHED_*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttached {
+    None,
+    Driver,
+    Generic,
+    Offloaded,
+    /// More than one mode at once.
+    Multi,
+}
+
+/// The mode and program id of `ifindex`'s XDP program, as the kernel reports them.
+pub fn xdp_attached(ifindex: u32) -> io::Result<(XdpAttached, u32)> {
+    let fd = socket()?;
+    let mut msg = header(RTM_GETLINK, 0);
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg.extend_from_slice(&[0; 8]);
+    send(&fd, msg)?;
+    let (mut attached, mut program) = (XdpAttached::None, 0);
+    receive(&fd, RTM_NEWLINK, |body| {
+        let Some(attributes) = body.get(IFINFOMSG_LEN..) else { return };
+        for (attr, payload) in attrs(attributes) {
+            if attr != IFLA_XDP {
+                continue;
+            }
+            for (field, value) in attrs(payload) {
+                if field == IFLA_XDP_PROG_ID && value.len() >= 4 {
+                    program = u32::from_ne_bytes(value[..4].try_into().unwrap());
+                }
+                if field == IFLA_XDP_ATTACHED && !value.is_empty() {
+                    attached = match value[0] {
+                        1 => XdpAttached::Driver,
+                        2 => XdpAttached::Generic,
+                        3 => XdpAttached::Offloaded,
+                        4 => XdpAttached::Multi,
+                        _ => XdpAttached::None,
+                    };
+                }
+            }
+        }
+    })?;
+    Ok((attached, program))
+}
