@@ -22,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 /// Stops Docker from exposing container ports to the network: an XDP filter on the host's
 /// uplinks drops outside traffic to containers unless a label (or policy) opens the port.
 #[derive(Parser)]
-#[command(name = "guard", version, about)]
+#[command(name = "guard", version)]
 struct Cli {
     /// Log lines for people (`text`, coloured on a terminal) or for collectors (`json`).
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -121,6 +121,14 @@ enum Command {
     },
     /// Print the version, the commit it was built from and the eBPF map layout.
     Version,
+    /// Print a shell completion script (e.g. `guard completions bash >
+    /// /usr/share/bash-completion/completions/guard`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from this command line: `guard man | man -l -`.
+    Man,
     /// Validate a policy file without touching anything; exits 1 if it does not parse.
     CheckConfig {
         #[arg(value_name = "FILE")]
@@ -142,16 +150,25 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs.with_ansi(colour(std::io::stderr().is_terminal())).init(),
         LogFormat::Json => logs.json().init(),
     }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("guard: error: {e:#}");
+            match cli.log_format {
+                LogFormat::Text => eprintln!("guard: error: {e:#}"),
+                // One JSON line like every other, so a collector sees why the agent stopped.
+                LogFormat::Json => tracing::error!(fatal = true, "{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Colour on a terminal, unless NO_COLOR is set to anything (https://no-color.org).
+fn colour(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -221,6 +238,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "guard", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cli = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cli).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -248,5 +275,22 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_under_no_color() {
+        // SAFETY: this test is the only one in this binary that touches the environment.
+        unsafe { std::env::remove_var("NO_COLOR") };
+        assert!(colour(true) && !colour(false));
+        unsafe { std::env::set_var("NO_COLOR", "1") };
+        assert!(!colour(true));
+        // An empty NO_COLOR does not count (no-color.org).
+        unsafe { std::env::set_var("NO_COLOR", "") };
+        assert!(colour(true));
     }
 }

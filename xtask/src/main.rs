@@ -7,6 +7,7 @@ mod bench;
 mod deploy_check;
 mod docker;
 mod image;
+mod install;
 mod run;
 mod setup;
 mod test;
@@ -44,6 +45,9 @@ enum Cmd {
     /// Install what is missing, run the data-path benchmark and print its report
     /// (target/bench/report.{md,json,png}).
     Bench(bench::BenchArgs),
+    /// Build guard (release) and install it with its manual page and shell completions
+    /// (default under /usr/local).
+    Install(install::InstallArgs),
     /// Build a static guard and the FROM scratch image `container-guard:dev` (docker build);
     /// print its size.
     Image(image::ImageArgs),
@@ -88,6 +92,10 @@ fn dispatch(cmd: Cmd) -> Result<bool> {
         Cmd::Bench(args) => {
             require_root("run as root: the benchmark loads XDP programs and builds a test bed")?;
             bench::bench(&ctx()?, &args).map(|()| true)
+        }
+        Cmd::Install(args) => {
+            require_root("run as root: it installs under the prefix (default /usr/local)")?;
+            install::install(&ctx()?, &args).map(|()| true)
         }
         Cmd::Image(args) => {
             require_root("run as root: the image is built by dockerd (started if it is down)")?;
