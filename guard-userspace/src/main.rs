@@ -96,6 +96,14 @@ enum Command {
         /// The same report as JSON.
         #[arg(long)]
         json: bool,
+        /// Exit 1, saying why, unless protection is loaded, an agent runs on it and the maps
+        /// hold what Docker and the policy file ask for (for monitoring and scripts).
+        #[arg(long)]
+        check: bool,
+        /// The running agent's --state-dir, where it keeps the policy it enforces (used in
+        /// place of --config while it runs).
+        #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
         #[command(flatten)]
         paths: Paths,
     },
@@ -197,13 +205,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Drops { follow, json, metrics_addr } => {
             runtime.block_on(drops::show(&metrics_addr, follow, json))
         }
-        Command::Status { json, paths } => {
-            let report =
-                runtime.block_on(status::report(&Pins::new(paths.pin_dir), &paths.config))?;
+        Command::Status { json, check, state_dir, paths } => {
+            let pins = Pins::new(paths.pin_dir);
+            let report = runtime.block_on(status::report(&pins, &paths.config, &state_dir))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", status::render(&report));
+            }
+            if check {
+                status::check(&report).map_err(|why| anyhow::anyhow!("status --check: {why}"))?;
             }
             Ok(())
         }

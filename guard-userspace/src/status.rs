@@ -7,8 +7,10 @@
 use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use guard_common::maps::IFACE_UPLINK;
+use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_UPLINK};
 use serde::Serialize;
+
+mod kernel_view;
 
 use crate::{
     desired::{ContainerPolicy, desired_state},
@@ -16,28 +18,38 @@ use crate::{
     identities::Identities,
     interfaces,
     maps::PolicyMaps,
-    pins::{Hook, Pins},
+    pins::{Hook, PinError, Pins},
     policy::{Opening, PortSpec, Proto, Sources},
-    policy_file,
+    policy_file::{self, Mode, PolicyFile},
+    state::StateDir,
     tables::diff,
 };
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub protection: Protection,
+    /// The mode in force: the kernel's when loaded, else the policy file's.
     pub mode: String,
+    /// Where the rules' names and the desired state come from: the running agent's policy,
+    /// or the policy file given.
+    pub policy: String,
+    /// What could not be read (Docker, the policy file), and so is missing from the report.
+    pub notes: Vec<String>,
     pub containers: Vec<ContainerReport>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Protection {
     pub loaded: bool,
+    /// Whether an agent holds the pin directory (and so keeps the maps in sync).
+    pub agent_running: bool,
     pub pin_dir: String,
     /// Interfaces with the XDP filter attached.
     pub interfaces: Vec<String>,
     /// Every program guard has on an interface, as the kernel holds it.
     pub hooks: Vec<HookReport>,
-    /// Map entries that differ from Docker's state (0 while an agent keeps them in sync).
+    /// Map entries that differ from Docker's state (0 while an agent keeps them in sync);
+    /// absent when Docker does not answer.
     pub pending_changes: Option<usize>,
 }
 
@@ -74,33 +86,65 @@ pub struct PortReport {
 }
 
 /// Who outside may reach a port: local (the host) and bridge (other containers) always may.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Reach {
     /// "everyone", "listed" or "none".
     pub who: &'static str,
     pub sources: Vec<String>,
     pub rules: Vec<String>,
+    /// What Docker and the policy file ask for, where the kernel holds something else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differs: Option<String>,
 }
 
-pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
-    let policy = policy_file::load(config)?;
-    let docker = DockerClient::connect().await?;
-    let snapshot = docker.snapshot().await?;
+impl Reach {
+    fn new(who: &'static str, sources: Vec<String>) -> Self {
+        Reach { who, sources, rules: Vec::new(), differs: None }
+    }
+}
+
+pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Result<Report> {
+    let mut notes = Vec::new();
+    let agent_running = pins.exists() && matches!(pins.claim(), Err(PinError::Owned { .. }));
+    // Docker and the policy only add names and what is desired: the kernel answers without
+    // them.
+    let (mut policy, policy_source) = policy_in_force(agent_running, config, state_dir)
+        .unwrap_or_else(|e| {
+            notes.push(format!("{e}; rule names are not shown"));
+            (PolicyFile::default(), "none (it does not load)".into())
+        });
+    let snapshot = match DockerClient::connect().await {
+        Ok(docker) => docker.snapshot().await,
+        Err(e) => Err(e),
+    };
+    let snapshot = snapshot
+        .map_err(|e| {
+            notes.push(format!("Docker does not answer ({e:#}); containers are shown by id"))
+        })
+        .ok();
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
     let maps = if pins.exists() { Some(PolicyMaps::from_pins(pins)?) } else { None };
     let current = maps.as_ref().map(PolicyMaps::read).transpose()?;
-
-    // Use the agent's target ids, so the comparison with the maps is meaningful.
-    let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
-    let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-    let mut desired = desired_state(&snapshot, &host_addrs, &targets, &policy);
+    if let Some(kernel) = &current {
+        // The mode is the agent's to set (--mode overrides the file): the kernel knows it.
+        policy.mode =
+            if kernel.config.flags & CONFIG_AUDIT_ALL != 0 { Mode::Audit } else { Mode::Enforce };
+    }
 
     let links = interfaces::links().unwrap_or_default();
     let protected = pins.pinned_ifindexes(Hook::Xdp)?;
-    // Interface roles are the agent's to decide (from its flags and the policy file): taken as
-    // the kernel holds them, except that the interfaces it protects must be uplinks.
-    desired.tables.uplinks = current.as_ref().map(|c| c.uplinks.clone()).unwrap_or_default();
-    desired.tables.uplinks.extend(protected.iter().map(|i| (*i, IFACE_UPLINK)));
+    let desired = snapshot.as_ref().map(|snapshot| {
+        // Use the agent's target ids, so the comparison with the maps is meaningful.
+        let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
+        let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+        let mut desired = desired_state(snapshot, &host_addrs, &targets, &policy);
+        // Interface roles are the agent's to decide (from its flags and the policy file):
+        // taken as the kernel holds them, except that the interfaces it protects must be
+        // uplinks.
+        desired.tables.uplinks = current.as_ref().map(|c| c.uplinks.clone()).unwrap_or_default();
+        desired.tables.uplinks.extend(protected.iter().map(|i| (*i, IFACE_UPLINK)));
+        desired
+    });
     let interfaces = match &current {
         None => Vec::new(),
         Some(_) => protected
@@ -114,17 +158,78 @@ pub async fn report(pins: &Pins, config: &Path) -> anyhow::Result<Report> {
             .collect(),
     };
     let hooks = hooks(pins, &links)?;
+    let mode = policy.mode.to_string();
+    let containers = match (&current, &desired) {
+        (Some(kernel), _) => kernel_view::containers(kernel, desired.as_ref()),
+        (None, Some(desired)) => desired.containers.iter().map(container_report).collect(),
+        (None, None) => Vec::new(),
+    };
+    let pending_changes = match (&current, &desired) {
+        (Some(kernel), Some(desired)) => Some(diff(kernel, &desired.tables).change_count()),
+        _ => None,
+    };
     Ok(Report {
         protection: Protection {
             loaded: current.is_some(),
+            agent_running,
             pin_dir: pins.root().display().to_string(),
             interfaces,
             hooks,
-            pending_changes: current.map(|c| diff(&c, &desired.tables).change_count()),
+            pending_changes,
         },
-        mode: policy.mode.to_string(),
-        containers: desired.containers.iter().map(container_report).collect(),
+        mode,
+        policy: policy_source,
+        notes,
+        containers,
     })
+}
+
+/// The policy the running agent enforces (the last that parsed, which it keeps in its state
+/// directory), whatever file this command was given; without an agent, the file at `config`.
+/// Returns it and where it came from.
+fn policy_in_force(
+    agent_running: bool,
+    config: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<(PolicyFile, String)> {
+    let saved = if agent_running { StateDir::new(state_dir).load().ok().flatten() } else { None };
+    match saved {
+        Some(saved) => {
+            let source = format!("the running agent's (kept in {})", state_dir.display());
+            let policy = match saved.policy_text {
+                Some(text) => policy_file::parse(&text, &source)?,
+                None => PolicyFile::default(),
+            };
+            Ok((policy, source))
+        }
+        None => {
+            let policy = policy_file::load(config)
+                .map_err(|e| anyhow::anyhow!("the policy file does not load ({e})"))?;
+            Ok((policy, config.display().to_string()))
+        }
+    }
+}
+
+/// Why `status --check` fails, if it does: nothing loaded, no agent keeping it in sync, or
+/// the kernel's maps not what Docker and the policy file ask for.
+pub fn check(report: &Report) -> Result<(), String> {
+    let p = &report.protection;
+    if !p.loaded {
+        return Err(format!("not loaded: no pins at {}", p.pin_dir));
+    }
+    if !p.agent_running {
+        return Err(format!(
+            "no agent is running on {}: the pins protect as they were left, nothing follows Docker",
+            p.pin_dir
+        ));
+    }
+    match p.pending_changes {
+        Some(0) => Ok(()),
+        Some(n) => Err(format!(
+            "out of sync: {n} map entries differ from what Docker and the policy ask for"
+        )),
+        None => Err("cannot tell whether the maps are in sync (Docker does not answer)".into()),
+    }
 }
 
 /// Guard's programs on interfaces: the pinned XDP and TCX links, and the clsact filters in
@@ -231,7 +336,7 @@ fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
     let everyone: Vec<&Opening> =
         openings.iter().copied().filter(|o| o.sources == Sources::Everyone).collect();
     if !everyone.is_empty() {
-        return Reach { who: "everyone", sources: Vec::new(), rules: rules(&everyone) };
+        return Reach { rules: rules(&everyone), ..Reach::new("everyone", Vec::new()) };
     }
     let sources: BTreeSet<String> = openings
         .iter()
@@ -241,9 +346,9 @@ fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
         })
         .collect();
     if sources.is_empty() {
-        Reach { who: "none", sources: Vec::new(), rules: Vec::new() }
+        Reach::new("none", Vec::new())
     } else {
-        Reach { who: "listed", sources: sources.into_iter().collect(), rules: rules(&openings) }
+        Reach { rules: rules(&openings), ..Reach::new("listed", sources.into_iter().collect()) }
     }
 }
 
@@ -254,9 +359,10 @@ impl Reach {
         } else {
             format!(" ({})", self.rules.join(", "))
         };
+        let differs = self.differs.as_ref().map(|d| format!(" [desired: {d}]")).unwrap_or_default();
         match self.who {
-            "listed" => format!("{}{rules}", self.sources.join(", ")),
-            who => format!("{who}{rules}"),
+            "listed" => format!("{}{rules}{differs}", self.sources.join(", ")),
+            who => format!("{who}{rules}{differs}"),
         }
     }
 }
@@ -282,16 +388,28 @@ pub fn render(report: &Report) -> String {
             for hook in &p.hooks {
                 let _ = writeln!(out, "  {:<15} {} ({})", hook.hook, hook.iface, hook.mechanism);
             }
+            let _ = if p.agent_running {
+                writeln!(out, "agent: running")
+            } else {
+                writeln!(
+                    out,
+                    "agent: NOT RUNNING: the pins protect as they were left; nothing follows Docker"
+                )
+            };
             match pending {
-                Some(0) => writeln!(out, "maps: in sync with Docker"),
+                Some(0) => writeln!(out, "maps: in sync with Docker and the policy file"),
                 Some(n) => writeln!(
                     out,
-                    "maps: {n} entries differ from Docker's state (is `guard run` running?)"
+                    "maps: {n} entries differ from what Docker and the policy file ask for"
                 ),
                 None => Ok(()),
             }
         }
     };
+    let _ = writeln!(out, "policy: {}", report.policy);
+    for note in &report.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
     out.push('\n');
     let mut rows =
         vec![["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE"].map(String::from)];

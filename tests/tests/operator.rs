@@ -18,7 +18,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     Exclusive,
     agent::{Agent, guard_bin},
-    docker::{Container, ContainerSpec, Network},
+    docker::{Container, ContainerSpec, Network, docker},
     host::RoutingHost,
     netns::OutsideHost,
     prepare_test_bed,
@@ -37,7 +37,7 @@ struct Bed {
     a: OutsideHost,
     db: Container,
     web: Container,
-    _net: Network,
+    net: Network,
     config: PathBuf,
     _routing: RoutingHost,
     _exclusive: Exclusive,
@@ -71,7 +71,7 @@ impl Bed {
         a.route_via_host(SUBNET_V4);
         let config = std::env::temp_dir().join(format!("guard-e2e-op-{}.toml", std::process::id()));
         fs::write(&config, "").unwrap();
-        Bed { a, db, web, _net: net, config, _routing: routing, _exclusive: exclusive }
+        Bed { a, db, web, net, config, _routing: routing, _exclusive: exclusive }
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
@@ -464,5 +464,105 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(bed.a.tcp_connect(bed.db(), PATIENT), "the vanished file took its rule with it");
     fs::write(&bed.config, "").unwrap();
+    agent.unload();
+}
+
+/// `guard status` answers from the kernel in each case where it used to answer from its own
+/// arguments: without the agent's --config it shows the agent's rule and mode (audit, set on
+/// the command line); with Docker unreachable or a broken file it still shows what the kernel
+/// holds, by container id; a container the agent has not synced is shown closed, with what is
+/// wanted for it. `--check` fails on nothing loaded, on maps out of sync and on no agent.
+#[test]
+fn status_is_the_kernels_truth_in_every_disagreement() {
+    let bed = Bed::new();
+    let never = format!("/sys/fs/bpf/guard-e2e-never-{}", std::process::id());
+    let out = guard(&["status", "--check", "--pin-dir", &never]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("not loaded"), "{stderr}");
+
+    let mut agent = bed.agent(&["--mode", "audit"]);
+    bed.open_db_to_a_by_rule(&agent);
+    let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
+    let state_dir = agent.state_dir().to_string_lossy().into_owned();
+    let status = |extra: &[&str], docker_host: Option<&str>| {
+        let mut cmd = Command::new(guard_bin());
+        cmd.args(["status", "--pin-dir", &pin_dir, "--state-dir", &state_dir]).args(extra);
+        if let Some(host) = docker_host {
+            cmd.env("DOCKER_HOST", host);
+        }
+        cmd.output().expect("run guard status")
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json")
+    };
+    let port_of = |report: &serde_json::Value, container: &str| {
+        let found = report["containers"].as_array().unwrap().iter().find(|c| {
+            c["name"] == container || c["id"].as_str().is_some_and(|id| container.starts_with(id))
+        });
+        let c = found.unwrap_or_else(|| panic!("{container} missing from {report}")).clone();
+        c["ports"][0]["outside"].clone()
+    };
+    let a = format!("{}/32", bed.a.v4());
+
+    // Without the agent's --config: its rule (by name) and its mode, and in sync. (In audit
+    // mode A reaches db before the rule is in force: wait for the agent to say it is.)
+    let in_force = eventually(Duration::from_secs(10), || {
+        let out = status(&["--json", "--config", "/nonexistent", "--check"], None);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|r| port_of(&r, "guard-e2e-op-db")["who"] == "listed")
+    });
+    assert!(in_force, "the rule never showed in force:\n{}", agent.log());
+    let report = json(&status(&["--json", "--config", "/nonexistent", "--check"], None));
+    assert_eq!(report["mode"], "audit", "{report}");
+    assert_eq!(report["protection"]["agent_running"], true, "{report}");
+    assert_eq!(report["protection"]["pending_changes"], 0, "{report}");
+    let db = port_of(&report, "guard-e2e-op-db");
+    assert_eq!(db["who"], "listed", "{db}");
+    assert_eq!(db["sources"], serde_json::json!([a]), "{db}");
+    assert!(db["rules"].to_string().contains("a reaches db"), "{db}");
+
+    // Docker unreachable: the kernel's view, by container id, and a note that says why.
+    let db_id = docker(&["inspect", "-f", "{{.Id}}", "guard-e2e-op-db"]);
+    let report = json(&status(&["--json"], Some("unix:///nonexistent.sock")));
+    assert!(report["notes"].to_string().contains("Docker does not answer"), "{report}");
+    assert_eq!(port_of(&report, db_id.trim())["sources"], serde_json::json!([a]), "{report}");
+    let unsure = status(&["--check"], Some("unix:///nonexistent.sock"));
+    assert_eq!(unsure.status.code(), Some(1), "--check passed without Docker");
+
+    // A container the agent has not synced (it is frozen) is closed, and out of sync.
+    let pid = Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let late = Container::run(ContainerSpec {
+        name: "op-late",
+        network: Some(&bed.net),
+        labels: &[("guard.expose", "80/tcp")],
+        command: "exec httpd -f -p 80 -h /www",
+        listens_on: &[80],
+        ..Default::default()
+    });
+    let out = status(&["--json", "--check"], None);
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    assert_eq!(out.status.code(), Some(1), "--check passed out of sync");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of sync"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let late_port = port_of(&report, "guard-e2e-op-late");
+    assert_eq!(late_port["who"], "none", "{report}");
+    assert!(late_port["differs"].to_string().contains("everyone"), "{late_port}");
+    drop(late);
+
+    // The agent stopped, a broken file given: the kernel's view, the reason, and --check
+    // says no agent runs.
+    agent.terminate();
+    fs::write(&bed.config, "[rule]\n").unwrap();
+    let config = bed.config.to_string_lossy().into_owned();
+    let out = status(&["--json", "--config", &config], None);
+    let report = json(&out);
+    assert!(report["notes"].to_string().contains("does not load"), "{report}");
+    assert_eq!(port_of(&report, "guard-e2e-op-db")["sources"], serde_json::json!([a]));
+    let out = status(&["--check", "--config", &config], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("no agent is running"), "{stderr}");
     agent.unload();
 }

@@ -1,0 +1,261 @@
+//! The containers as the kernel's maps hold them: their addresses, and which ports are open
+//! to whom. What Docker and the policy file say (the desired state) only adds names, the
+//! addresses Docker publishes on and the rules' names, and marks where it differs.
+
+use std::collections::BTreeMap;
+
+use guard_common::maps::{
+    CONFIG_AUDIT_ALL, ContainerId, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey,
+    TARGET_AUDIT,
+};
+
+use super::{ContainerReport, PortReport, Reach, container_report};
+use crate::{
+    desired::{ContainerPolicy, Desired},
+    policy::{PortSpec, Proto},
+    tables::TableSet,
+};
+
+/// One report per container the kernel knows, then those Docker has and the kernel does not
+/// know yet (closed until the agent syncs).
+pub fn containers(kernel: &TableSet, desired: Option<&Desired>) -> Vec<ContainerReport> {
+    let wanted: BTreeMap<&str, &ContainerPolicy> = desired
+        .map(|d| d.containers.iter().map(|c| (c.container.id.as_str(), c)).collect())
+        .unwrap_or_default();
+    let mut reports: Vec<ContainerReport> = kernel
+        .identities
+        .iter()
+        .map(|(target, id)| {
+            let id = hex(id);
+            container(kernel, *target, &id, wanted.get(id.as_str()).copied())
+        })
+        .collect();
+    let known: Vec<String> = kernel.identities.values().map(hex).collect();
+    for policy in wanted.values().filter(|c| !known.contains(&c.container.id)) {
+        let mut report = container_report(policy);
+        for port in &mut report.ports {
+            port.outside = closed_until_synced(&port.outside);
+        }
+        report.other_ports = closed_until_synced(&report.other_ports);
+        reports.push(report);
+    }
+    reports
+}
+
+fn container(
+    kernel: &TableSet,
+    target: u32,
+    id: &str,
+    wanted: Option<&ContainerPolicy>,
+) -> ContainerReport {
+    let infos: Vec<_> = kernel.addrs.iter().filter(|(_, i)| i.target == target).collect();
+    let all_ports = infos.first().map_or(0, |(_, i)| i.all_ports);
+    let audit = kernel.config.flags & CONFIG_AUDIT_ALL != 0
+        || infos.iter().any(|(_, i)| i.flags & TARGET_AUDIT != 0);
+
+    let mut rows: BTreeMap<(u8, u16), Vec<String>> = BTreeMap::new();
+    for key in kernel.ports.keys().filter(|k| k.target == target && k.proto != PROTO_ANY) {
+        rows.entry((key.proto, key.port)).or_default();
+    }
+    for (key, published) in kernel.published.iter().filter(|(_, p)| p.target == target) {
+        let host = match std::net::IpAddr::from(key.addr) {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", key.port),
+            v4 => format!("{v4}:{}", key.port),
+        };
+        rows.entry((key.proto, published.port)).or_default().push(host);
+    }
+    let other = reach(kernel, None, all_ports, target);
+    let ports = rows
+        .into_iter()
+        .map(|((proto, port), published)| {
+            let rule = kernel.ports.get(&PortKey::new(target, proto, port)).map(|r| r.open_to);
+            let mut outside =
+                reach(kernel, Some((proto, port, rule.unwrap_or(0))), all_ports, target);
+            let proto = Proto::from_number(proto).map_or("any", |p| p.name());
+            if let Some(wanted) = wanted {
+                let wanted_reach = wanted_port(wanted, port, proto);
+                outside.rules = wanted_reach.rules.clone();
+                outside.differs = differs(&outside, &wanted_reach);
+            }
+            // Docker's own words for where it publishes (0.0.0.0:80), when it answers.
+            let published = match wanted {
+                Some(w) => w
+                    .container
+                    .published
+                    .iter()
+                    .filter(|p| p.container_port == port && p.proto.name() == proto)
+                    .map(|p| match p.host_ip {
+                        std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", p.host_port),
+                        v4 => format!("{v4}:{}", p.host_port),
+                    })
+                    .collect(),
+                None => published,
+            };
+            PortReport { port, last_port: None, proto: proto.into(), published, outside }
+        })
+        .collect();
+    let (name, addresses_from_docker, label_errors) = match wanted {
+        Some(w) => (
+            w.container.name.clone(),
+            Some(w.container.addresses.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            w.label_errors.iter().map(ToString::to_string).collect(),
+        ),
+        None => (id.chars().take(12).collect(), None, Vec::new()),
+    };
+    let mut other_ports = other;
+    if let Some(wanted) = wanted {
+        let wanted_reach =
+            super::reach(wanted.openings.iter().filter(|o| o.ports == PortSpec::All));
+        other_ports.rules = wanted_reach.rules.clone();
+        other_ports.differs = differs(&other_ports, &wanted_reach);
+    }
+    ContainerReport {
+        name,
+        id: id.chars().take(12).collect(),
+        addresses: addresses_from_docker.unwrap_or_else(|| {
+            infos.iter().map(|(addr, _)| std::net::IpAddr::from(**addr).to_string()).collect()
+        }),
+        mode: if audit { "audit" } else { "enforce" }.into(),
+        ports: compress(ports),
+        other_ports,
+        label_errors,
+    }
+}
+
+/// Who outside may reach `port` ((protocol, port, its rule)), or port-less traffic and every
+/// port without a rule of its own (`None`), by the kernel's maps: a port's rule and the
+/// container's all-ports rule add up.
+fn reach(kernel: &TableSet, port: Option<(u8, u16, u8)>, all_ports: u8, target: u32) -> Reach {
+    let rules = [
+        port.map(|(proto, port, rule)| (PortKey::new(target, proto, port), rule)),
+        Some((PortKey::all_ports(target), all_ports)),
+    ];
+    let rules: Vec<(PortKey, u8)> = rules.into_iter().flatten().collect();
+    if rules.iter().any(|(_, rule)| *rule == OPEN_EVERYONE) {
+        return Reach::new("everyone", Vec::new());
+    }
+    let sources: Vec<String> = rules
+        .iter()
+        .filter(|(_, rule)| *rule == OPEN_LISTED)
+        .flat_map(|(key, _)| {
+            kernel
+                .sources
+                .keys()
+                .filter(move |s| s.data.port == *key)
+                .map(|s| prefix(s.data, s.len))
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if sources.is_empty() { Reach::new("none", sources) } else { Reach::new("listed", sources) }
+}
+
+/// A source prefix of the trie, as written in a policy (`10.0.0.0/8`, `2001:db8::/32`).
+fn prefix(key: SourceKey, len: u32) -> String {
+    let bits = len.saturating_sub(SourceKey::PORT_BITS);
+    if key.addr.is_v4() {
+        format!("{}/{}", key.addr, bits.saturating_sub(96))
+    } else {
+        format!("{}/{bits}", key.addr)
+    }
+}
+
+/// What the desired state says of one port (the policy file's and the labels' words).
+fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: &str) -> Reach {
+    super::reach(wanted.openings.iter().filter(|o| match o.ports {
+        PortSpec::All => true,
+        PortSpec::Range { proto: p, first, last } => {
+            p.name() == proto && (first..=last).contains(&port)
+        }
+    }))
+}
+
+/// What the desired state asks for, when the kernel holds something else.
+fn differs(kernel: &Reach, wanted: &Reach) -> Option<String> {
+    (kernel.who != wanted.who || kernel.sources != wanted.sources).then(|| wanted.text())
+}
+
+/// A container the kernel does not know yet is closed, whatever is wanted for it.
+fn closed_until_synced(wanted: &Reach) -> Reach {
+    let mut closed = Reach::new("none", Vec::new());
+    if wanted.who != "none" {
+        closed.differs = Some(format!("{} once the agent syncs", wanted.text()));
+    }
+    closed
+}
+
+/// Consecutive ports of one protocol, open to the same, unpublished: one row (`first-last`).
+fn compress(ports: Vec<PortReport>) -> Vec<PortReport> {
+    let mut rows: Vec<PortReport> = Vec::new();
+    for port in ports {
+        if let Some(last) = rows.last_mut()
+            && last.proto == port.proto
+            && last.published.is_empty()
+            && port.published.is_empty()
+            && last.outside == port.outside
+            && u32::from(last.last_port.unwrap_or(last.port)) + 1 == u32::from(port.port)
+        {
+            last.last_port = Some(port.port);
+            continue;
+        }
+        rows.push(port);
+    }
+    rows
+}
+
+fn hex(id: &ContainerId) -> String {
+    id.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_common::{addr::Addr, maps::PortRule};
+
+    use super::*;
+    use crate::tables::Lpm;
+
+    fn listed(kernel: &mut TableSet, key: PortKey, source: &str, len: u32) {
+        let addr = Addr::from(source.parse::<std::net::IpAddr>().unwrap());
+        let data = SourceKey { port: key, addr };
+        kernel.sources.insert(Lpm { len: SourceKey::PORT_BITS + len, data }, 1);
+    }
+
+    #[test]
+    fn a_ports_rule_and_the_all_ports_rule_add_up_and_everyone_wins() {
+        let mut kernel = TableSet::default();
+        let port = PortKey::new(7, 6, 5432);
+        kernel.ports.insert(port, PortRule::listed());
+        listed(&mut kernel, port, "10.0.0.0", 96 + 8);
+        listed(&mut kernel, PortKey::all_ports(7), "2001:db8::", 32);
+
+        let both = reach(&kernel, Some((6, 5432, OPEN_LISTED)), OPEN_LISTED, 7);
+        assert_eq!(
+            (both.who, both.sources),
+            ("listed", vec!["10.0.0.0/8".into(), "2001:db8::/32".into()])
+        );
+        let other = reach(&kernel, None, OPEN_LISTED, 7);
+        assert_eq!(other.sources, ["2001:db8::/32"]);
+        assert_eq!(reach(&kernel, Some((6, 5432, OPEN_LISTED)), OPEN_EVERYONE, 7).who, "everyone");
+        assert_eq!(reach(&kernel, Some((6, 80, 0)), 0, 7).who, "none");
+    }
+
+    #[test]
+    fn consecutive_unpublished_ports_open_to_the_same_are_one_row() {
+        let row = |port, published: &[&str]| PortReport {
+            port,
+            last_port: None,
+            proto: "tcp".into(),
+            published: published.iter().map(|p| p.to_string()).collect(),
+            outside: Reach::new("everyone", Vec::new()),
+        };
+        let rows = compress(vec![
+            row(8000, &[]),
+            row(8001, &[]),
+            row(8002, &[]),
+            row(8004, &[]),
+            row(8005, &["0.0.0.0:8005"]),
+        ]);
+        let spans: Vec<(u16, Option<u16>)> = rows.iter().map(|r| (r.port, r.last_port)).collect();
+        assert_eq!(spans, [(8000, Some(8002)), (8004, None), (8005, None)]);
+    }
+}
