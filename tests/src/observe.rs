@@ -282,3 +282,31 @@ pub fn tc_filters(ifname: &str, side: &str) -> Vec<TcFilter> {
 pub fn guard_filter(ifname: &str, side: &str) -> Option<TcFilter> {
     tc_filters(ifname, side).into_iter().find(|f| f.pref == 1 && f.handle == "0x6764")
 }
+
+/// The samples of a Prometheus text exposition as the reference parser (the Python client's,
+/// `prometheus_client.parser`) reads them: (name, labels, value) each, in order. An
+/// exposition it rejects is an error.
+pub fn parse_exposition(
+    text: &str,
+) -> Result<Vec<(String, BTreeMap<String, String>, f64)>, String> {
+    const SCRIPT: &str = "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as parse\nfor family in parse(sys.stdin.read()):\n    for s in family.samples:\n        print(json.dumps([s.name, s.labels, s.value]))\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("python3: {e}"))?;
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "the Prometheus parser rejects it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("{e}: {line}")))
+        .collect()
+}

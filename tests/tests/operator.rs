@@ -331,6 +331,14 @@ fn drops_metrics_status_and_json_logs() {
     // `guard version` names.
     let (status, metrics) = http_get("/metrics");
     assert!(status.contains("200"), "{status}");
+    // The reference parser reads it, and no series appears twice (Prometheus would reject
+    // the scrape).
+    let samples = tests::observe::parse_exposition(&metrics).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, labels, _) in &samples {
+        assert!(seen.insert((name, labels)), "{name}{labels:?} appears twice in\n{metrics}");
+    }
+    println!("/metrics: {} samples, each series once", samples.len());
     let version = String::from_utf8_lossy(&guard(&["version"]).stdout).into_owned();
     let commit = version.split("commit ").nth(1).and_then(|v| v.split(',').next());
     let commit = commit.unwrap_or_else(|| panic!("no commit in `guard version`: {version}"));

@@ -24,7 +24,8 @@ const APT_PACKAGES: &[&str] = &[
 
 /// PyPI packages the tests need: kubernetes-validate checks deploy/daemonset.yaml offline
 /// (it ships the Kubernetes schemas).
-const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes_validate")];
+const PIP_PACKAGES: &[(&str, &str)] =
+    &[("kubernetes-validate", "kubernetes_validate"), ("prometheus-client", "prometheus_client")];
 
 /// bpf-linker built against Debian's LLVM 22: its BTF is accepted by the kernel.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -58,7 +59,9 @@ fn pip_packages() -> Result<()> {
             println!("xtask: python package present: {package}");
             continue;
         }
-        println!("xtask: installing {package} with pip (the tests validate deploy/ with it)");
+        println!(
+            "xtask: installing {package} with pip (the tests validate deploy/ and /metrics with it)"
+        );
         let ok = Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", package])
             .status()
