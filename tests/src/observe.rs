@@ -283,6 +283,9 @@ pub fn guard_filter(ifname: &str, side: &str) -> Option<TcFilter> {
     tc_filters(ifname, side).into_iter().find(|f| f.pref == 1 && f.handle == "0x6764")
 }
 
+/// One sample of an exposition: name, labels, value.
+pub type Sample = (String, BTreeMap<String, String>, f64);
+
 /// The samples of a Prometheus text exposition as the reference parser (the Python client's,
 /// `prometheus_client.parser`) reads them: (name, labels, value) each, in order. An
 /// exposition it rejects is an error.
