@@ -289,9 +289,7 @@ pub type Sample = (String, BTreeMap<String, String>, f64);
 /// The samples of a Prometheus text exposition as the reference parser (the Python client's,
 /// `prometheus_client.parser`) reads them: (name, labels, value) each, in order. An
 /// exposition it rejects is an error.
-pub fn parse_exposition(
-    text: &str,
-) -> Result<Vec<(String, BTreeMap<String, String>, f64)>, String> {
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     const SCRIPT: &str = "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as parse\nfor family in parse(sys.stdin.read()):\n    for s in family.samples:\n        print(json.dumps([s.name, s.labels, s.value]))\n";
     let mut child = std::process::Command::new("python3")
         .args(["-c", SCRIPT])
