@@ -145,7 +145,7 @@ struct RawRule {
     #[serde(rename = "match")]
     matcher: Matcher,
     #[serde(default)]
-    expose: Vec<Spanned<String>>,
+    expose: Vec<Spanned<RawPorts>>,
     #[serde(default)]
     allow: Vec<RawAllow>,
     #[serde(default)]
@@ -156,8 +156,52 @@ struct RawRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAllow {
-    ports: Spanned<String>,
+    ports: Spanned<RawPorts>,
     from: Vec<Spanned<String>>,
+}
+
+/// Ports as written: a list like a label's (`"5432/tcp, 8000-8010/udp"`), or a bare number
+/// (a TCP port, as a bare number is in a label).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPorts {
+    Text(String),
+    Number(i64),
+}
+
+impl RawPorts {
+    fn text(&self) -> String {
+        match self {
+            RawPorts::Text(text) => text.clone(),
+            RawPorts::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// serde's and toml's words for what went wrong, in the file's terms: no type names of
+/// this program's, and what to write instead.
+fn in_file_terms(message: &str) -> String {
+    const TERMS: [(&str, &str); 5] = [
+        (
+            "invalid type: map, expected a sequence",
+            "expected a list [...], found a table (rules are written [[rule]], not [rule])",
+        ),
+        (
+            "expected struct RawAllow",
+            "expected a table such as { ports = \"5432/tcp\", from = [\"192.0.2.0/24\"] }",
+        ),
+        ("expected struct RawRule", "expected a rule: [[rule]] with match = { ... }"),
+        ("expected struct Matcher", "expected a table such as { container = \"web-*\" }"),
+        (
+            "data did not match any variant of untagged enum RawPorts",
+            "expected ports such as \"5432/tcp\", \"8000-8010/udp, 53/udp\" or 5432",
+        ),
+    ];
+    let mut message = message.to_owned();
+    for (theirs, ours) in TERMS {
+        message = message.replace(theirs, ours);
+    }
+    message
 }
 
 /// Parses and validates a whole file; `origin` names it in errors.
@@ -167,7 +211,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
         FileError::Invalid { path: origin.to_string(), line, column, message }
     };
     let raw: RawFile = toml::from_str(text)
-        .map_err(|e| invalid(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        .map_err(|e| invalid(e.span().unwrap_or(0..0), in_file_terms(e.message())))?;
 
     let cidr = |s: &Spanned<String>| {
         s.get_ref().trim().parse::<Cidr>().map_err(|e| invalid(s.span(), e.to_string()))
@@ -197,8 +241,9 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
             ));
         }
         let origin_rule = format!("file {name}");
-        let ports = |s: &Spanned<String>| {
-            parse_ports(s.get_ref()).map_err(|p: LabelProblem| invalid(s.span(), p.to_string()))
+        let ports = |s: &Spanned<RawPorts>| {
+            parse_ports(&s.get_ref().text())
+                .map_err(|p: LabelProblem| invalid(s.span(), p.to_string()))
         };
         let mut openings = Vec::new();
         for spec in &r.expose {
@@ -402,5 +447,36 @@ mode = "enforce"
     #[test]
     fn a_missing_file_is_the_default_policy() {
         assert_eq!(load(Path::new("/nonexistent/guard.toml")).unwrap(), PolicyFile::default());
+    }
+
+    #[test]
+    fn errors_speak_of_the_file_not_of_this_program() {
+        let error = |text: &str| parse(text, "guard.toml").unwrap_err().to_string();
+        let single = error("[rule]\nmatch = { container = \"db\" }\nexpose = [\"80\"]\n");
+        assert!(single.contains("[[rule]], not [rule]"), "{single}");
+        let allow = error(
+            "[[rule]]\nmatch = { container = \"db\" }\nallow = [\"5432/tcp from 10.0.0.0/8\"]\n",
+        );
+        assert!(allow.contains("{ ports = \"5432/tcp\", from = ["), "{allow}");
+        let ports = error("[[rule]]\nmatch = { container = \"db\" }\nexpose = [true]\n");
+        assert!(ports.contains("expected ports such as"), "{ports}");
+        for message in [single, allow, ports] {
+            assert!(!message.contains("Raw") && !message.contains("struct"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_bare_number_is_a_tcp_port() {
+        let f = parse(
+            "[[rule]]\nmatch = { container = \"db\" }\nexpose = [80]\nallow = [{ ports = 5432, from = [\"10.0.0.0/8\"] }]\n",
+            "guard.toml",
+        )
+        .unwrap();
+        let ports: Vec<PortSpec> = f.rules[0].openings.iter().map(|o| o.ports).collect();
+        let tcp = |port| PortSpec::Range { proto: Proto::Tcp, first: port, last: port };
+        assert_eq!(ports, [tcp(80), tcp(5432)]);
+        let out_of_range =
+            parse("[[rule]]\nmatch = { container = \"db\" }\nexpose = [70000]\n", "guard.toml");
+        assert!(out_of_range.is_err());
     }
 }
