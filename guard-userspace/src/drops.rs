@@ -170,7 +170,21 @@ impl Default for RecentDrops {
 }
 
 /// `guard drops`: prints the agent's recent drops (and, with `follow`, new ones as they come).
-pub async fn show(metrics_addr: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+/// What `guard drops` shows of the agent's recent drops.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Selection {
+    /// Only drops this recent.
+    pub since: Option<std::time::Duration>,
+    /// Only the last this many (of the recent ones; new ones under --follow all show).
+    pub limit: Option<usize>,
+}
+
+pub async fn show(
+    metrics_addr: &str,
+    follow: bool,
+    json: bool,
+    selection: Selection,
+) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(metrics_addr).await.with_context(|| {
         format!(
             "cannot reach the agent at {metrics_addr}: is `guard run` running (see --metrics-addr)?"
@@ -185,16 +199,90 @@ pub async fn show(metrics_addr: &str, follow: bool, json: bool) -> anyhow::Resul
             break;
         }
     }
-    while let Some(line) = lines.next_line().await? {
+    let oldest = selection.since.map(|since| wall_seconds_now() - since.as_secs_f64());
+    let print = |record: &DropRecord| {
         if json {
-            println!("{line}");
+            println!("{}", serde_json::to_string(record).unwrap_or_default());
         } else {
-            let record: DropRecord =
-                serde_json::from_str(&line).context("a drop record from the agent")?;
-            println!("{}", record.line());
+            println!("{} {}", utc(record.time), record.line());
+        }
+    };
+    // The agent sends what it kept first, then (following) each new drop as it happens: a
+    // pause in the lines ends the backlog, which the selection's limit applies to.
+    let mut backlog = Vec::new();
+    let (mut shown, mut live) = (0, false);
+    loop {
+        let next = if follow && !live {
+            let pause = std::time::Duration::from_millis(200);
+            match tokio::time::timeout(pause, lines.next_line()).await {
+                Ok(line) => line?,
+                Err(_) => {
+                    shown += flush(&mut backlog, selection.limit, &print);
+                    live = true;
+                    continue;
+                }
+            }
+        } else {
+            lines.next_line().await?
+        };
+        let Some(line) = next else { break };
+        let record: DropRecord =
+            serde_json::from_str(&line).context("a drop record from the agent")?;
+        if oldest.is_some_and(|oldest| record.time < oldest) {
+            continue;
+        }
+        if live {
+            print(&record);
+            shown += 1;
+        } else {
+            backlog.push(record);
         }
     }
+    shown += flush(&mut backlog, selection.limit, &print);
+    if follow {
+        eprintln!("guard drops: the agent closed the stream (it stopped or restarted)");
+    } else if shown == 0 {
+        eprintln!(
+            "guard drops: no drops{} among the last {RECENT} the agent keeps",
+            selection.since.map(|s| format!(" in the last {s:?}")).unwrap_or_default()
+        );
+    }
     Ok(())
+}
+
+/// Prints the last `limit` (or all) of `records` and empties it; returns how many it printed.
+fn flush(
+    records: &mut Vec<DropRecord>,
+    limit: Option<usize>,
+    print: &impl Fn(&DropRecord),
+) -> usize {
+    let skip = limit.map_or(0, |limit| records.len().saturating_sub(limit));
+    let shown = records.len() - skip;
+    records.drain(..).skip(skip).for_each(|r| print(&r));
+    shown
+}
+
+fn wall_seconds_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds since the epoch as UTC, ISO 8601 to the millisecond (`2026-12-07T02:41:09.123Z`).
+pub fn utc(seconds: f64) -> String {
+    let millis = (seconds * 1000.0).round() as i64;
+    let (days, ms_of_day) = (millis.div_euclid(86_400_000), millis.rem_euclid(86_400_000));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, ms) =
+        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1000 % 60, ms_of_day % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
 }
 
 #[cfg(test)]
@@ -268,5 +356,36 @@ mod tests {
         recent.push(record(8));
         assert_eq!((late.try_recv().unwrap().sport, late.try_recv().unwrap().sport), (7, 8));
         assert!(follower.try_recv().is_ok(), "an early follower sees records too");
+    }
+
+    #[test]
+    fn utc_stamps_are_iso_8601() {
+        assert_eq!(utc(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400.5), "2000-02-29T00:00:00.500Z");
+        assert_eq!(utc(1_796_611_269.123), "2026-12-07T02:41:09.123Z");
+    }
+
+    #[test]
+    fn a_limit_keeps_the_last_records() {
+        let record = |time: f64| DropRecord {
+            time,
+            src: "10.0.0.1".parse().unwrap(),
+            sport: 1,
+            dst: "10.0.0.2".parse().unwrap(),
+            dport: 2,
+            proto: "tcp".into(),
+            container: None,
+            container_port: None,
+            path: None,
+            reason: "closed".into(),
+            audited: false,
+            iface: None,
+        };
+        let mut records: Vec<DropRecord> = (0..5).map(|t| record(f64::from(t))).collect();
+        let printed = std::cell::RefCell::new(Vec::new());
+        let shown =
+            flush(&mut records, Some(2), &|r: &DropRecord| printed.borrow_mut().push(r.time));
+        assert_eq!((shown, printed.into_inner()), (2, vec![3.0, 4.0]));
+        assert!(records.is_empty());
     }
 }

@@ -82,11 +82,18 @@ enum Command {
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
+        /// Then keep showing new drops as they happen.
         #[arg(long)]
         follow: bool,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Only drops this recent: `90s`, `10m`, `2h`.
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        since: Option<Duration>,
+        /// Only the last N drops of those the agent kept.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         /// The running agent's --metrics-addr.
         #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
         metrics_addr: String,
@@ -174,6 +181,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `90s`, `10m`, `2h`, `1d`, or plain seconds.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .trim()
+        .split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
+    let n: u64 =
+        number.parse().map_err(|_| format!("{text:?}: expected an age such as 90s, 10m or 2h"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n * seconds))
+}
+
 /// Colour on a terminal, unless NO_COLOR is set to anything (https://no-color.org).
 fn colour(terminal: bool) -> bool {
     terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
@@ -202,8 +226,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             state_dir,
             tc: tc_attach,
         })),
-        Command::Drops { follow, json, metrics_addr } => {
-            runtime.block_on(drops::show(&metrics_addr, follow, json))
+        Command::Drops { follow, json, since, limit, metrics_addr } => {
+            let selection = drops::Selection { since, limit };
+            runtime.block_on(drops::show(&metrics_addr, follow, json, selection))
         }
         Command::Status { json, check, state_dir, paths } => {
             let pins = Pins::new(paths.pin_dir);
@@ -292,6 +317,15 @@ fn run(command: Command) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_read_as_people_write_them() {
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_age("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_age("10 weeks").is_err() && parse_age("m").is_err());
+    }
 
     #[test]
     fn colour_only_on_a_terminal_and_never_under_no_color() {

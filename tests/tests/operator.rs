@@ -323,9 +323,19 @@ fn drops_metrics_status_and_json_logs() {
     );
     assert!(records.iter().any(|r| r["container_port"] == 5432 && r["path"] == "direct"));
     let text = guard(&["drops", "--metrics-addr", METRICS]);
-    assert!(
-        String::from_utf8_lossy(&text.stdout).contains("(container guard-e2e-op-db port 5432/tcp")
-    );
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("(container guard-e2e-op-db port 5432/tcp"), "{text}");
+    // Each line starts with its UTC time; --limit keeps the last ones, --since the recent.
+    let stamped = text.lines().all(|l| l.len() > 24 && &l[10..11] == "T" && &l[23..24] == "Z");
+    assert!(stamped, "lines without a timestamp:\n{text}");
+    let last = guard(&["drops", "--json", "--limit", "3", "--metrics-addr", METRICS]);
+    let last: Vec<&str> = std::str::from_utf8(&last.stdout).unwrap().lines().collect();
+    let all: Vec<&str> = std::str::from_utf8(&drops.stdout).unwrap().lines().collect();
+    assert_eq!(last.len(), 3, "{last:?}");
+    assert!(all.len() >= 3 && all.ends_with(&last[..]), "--limit 3 is not the last three");
+    let future = guard(&["drops", "--since", "0s", "--metrics-addr", METRICS]);
+    assert!(future.stdout.is_empty(), "{}", String::from_utf8_lossy(&future.stdout));
+    assert!(String::from_utf8_lossy(&future.stderr).contains("no drops in the last"));
 
     // Metrics, scraped while it runs; the build they come from is one of them, and the one
     // `guard version` names.
