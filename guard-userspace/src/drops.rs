@@ -331,20 +331,7 @@ mod tests {
     fn recent_drops_are_bounded_and_followable() {
         let recent = RecentDrops::new();
         let mut follower = recent.follow();
-        let record = |i: u16| DropRecord {
-            time: 0.0,
-            src: "10.0.0.1".parse().unwrap(),
-            sport: i,
-            dst: "10.0.0.2".parse().unwrap(),
-            dport: 80,
-            proto: "tcp".into(),
-            container: None,
-            container_port: None,
-            path: None,
-            reason: "closed".into(),
-            audited: false,
-            iface: None,
-        };
+        let record = |i: u16| DropRecord { sport: i, ..plain_record(0.0) };
         for i in 0..(RECENT as u16 + 10) {
             recent.push(record(i));
         }
@@ -358,6 +345,24 @@ mod tests {
         assert!(follower.try_recv().is_ok(), "an early follower sees records too");
     }
 
+    /// A drop of nothing in particular, at `time`.
+    fn plain_record(time: f64) -> DropRecord {
+        DropRecord {
+            time,
+            src: "10.0.0.1".parse().unwrap(),
+            sport: 1,
+            dst: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+            proto: "tcp".into(),
+            container: None,
+            container_port: None,
+            path: None,
+            reason: "closed".into(),
+            audited: false,
+            iface: None,
+        }
+    }
+
     #[test]
     fn utc_stamps_are_iso_8601() {
         assert_eq!(utc(0.0), "1970-01-01T00:00:00.000Z");
@@ -367,21 +372,7 @@ mod tests {
 
     #[test]
     fn a_limit_keeps_the_last_records() {
-        let record = |time: f64| DropRecord {
-            time,
-            src: "10.0.0.1".parse().unwrap(),
-            sport: 1,
-            dst: "10.0.0.2".parse().unwrap(),
-            dport: 2,
-            proto: "tcp".into(),
-            container: None,
-            container_port: None,
-            path: None,
-            reason: "closed".into(),
-            audited: false,
-            iface: None,
-        };
-        let mut records: Vec<DropRecord> = (0..5).map(|t| record(f64::from(t))).collect();
+        let mut records: Vec<DropRecord> = (0..5).map(|t| plain_record(f64::from(t))).collect();
         let printed = std::cell::RefCell::new(Vec::new());
         let shown =
             flush(&mut records, Some(2), &|r: &DropRecord| printed.borrow_mut().push(r.time));
