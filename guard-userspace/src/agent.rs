@@ -517,10 +517,7 @@ impl Agent {
         let mut warnings = Vec::new();
         for policy in &desired.containers {
             for error in &policy.label_errors {
-                warnings.push(format!(
-                    "container {}: {error}; ignored, its ports stay closed",
-                    policy.container.name
-                ));
+                warnings.push(error.warning(&policy.container.name));
             }
         }
 

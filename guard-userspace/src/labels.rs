@@ -5,7 +5,8 @@
 //!
 //! Port lists take `port`, `port/proto`, `first-last`, `first-last/proto` and `*` (every port);
 //! a bare port is tcp, as in Docker. A label that does not parse is rejected *whole* (never
-//! half-applied) and reported; the container's ports stay closed.
+//! half-applied) and reported: it opens nothing, and the container's other labels and rules
+//! still apply.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,15 @@ pub const MAX_SOURCES_PER_LABEL: usize = 256;
 pub struct LabelError {
     pub label: String,
     pub problem: LabelProblem,
+}
+
+impl LabelError {
+    /// What the operator is told, naming the container, and exactly what was ignored.
+    pub fn warning(&self, container: &str) -> String {
+        format!(
+            "container {container}: {self}; this label is ignored whole (it opens nothing; the container's other labels and rules still apply)"
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -229,7 +229,7 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
     );
     let _ = writeln!(
         out,
-        "# HELP guard_label_errors Labels rejected (the container stays closed), by container and label.\n# TYPE guard_label_errors gauge"
+        "# HELP guard_label_errors Labels rejected whole (each opens nothing), by container and label.\n# TYPE guard_label_errors gauge"
     );
     for (container, label) in &state.label_errors {
         let _ = writeln!(

@@ -316,7 +316,7 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
         mode: policy.mode.to_string(),
         ports,
         other_ports: reach(policy.openings.iter().filter(|o| o.ports == PortSpec::All)),
-        label_errors: policy.label_errors.iter().map(ToString::to_string).collect(),
+        label_errors: policy.label_errors.iter().map(|e| e.warning(&c.name)).collect(),
     }
 }
 
@@ -439,11 +439,7 @@ pub fn render(report: &Report) -> String {
     out.push_str("\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else.\n");
     for c in &report.containers {
         for error in &c.label_errors {
-            let _ = writeln!(
-                out,
-                "warning: container {}: {error}; ignored, its ports stay closed",
-                c.name
-            );
+            let _ = writeln!(out, "warning: {error}");
         }
     }
     out

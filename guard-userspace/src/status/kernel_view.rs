@@ -98,7 +98,7 @@ fn container(
         Some(w) => (
             w.container.name.clone(),
             Some(w.container.addresses.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            w.label_errors.iter().map(ToString::to_string).collect(),
+            w.label_errors.iter().map(|e| e.warning(&w.container.name)).collect(),
         ),
         None => (id.chars().take(12).collect(), None, Vec::new()),
     };
