@@ -32,7 +32,7 @@ use clap::ValueEnum;
 
 use crate::docker::{TEST_IMAGE, docker, ensure_daemon, ensure_test_image};
 use crate::test::{Outcome, run_counted};
-use crate::{Ctx, capture, sh, show};
+use crate::{Ctx, capture, image, sh, show};
 
 /// An engine the e2e tier runs against.
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -104,7 +104,7 @@ pub fn run_docker28(ctx: &Ctx, extra: &[String], guard_bin: &Path) -> Result<Out
         return Ok(Outcome::none(format!("e2e[docker {DOCKER28_SERVER}]")));
     }
     let root = fetch_docker28()?;
-    prebuild(&names)?;
+    prebuild(ctx, &names)?;
     let _lock = TestBedLock::take()?;
     let mut swap = Swap::start(ctx, &root)?;
     let label = format!("e2e[docker {}]", swap.version);
@@ -133,9 +133,9 @@ pub fn recover_killed_run(ctx: &Ctx) -> Result<()> {
 
 /// Builds what the tests would otherwise build while the machine's dockerd is swapped out
 /// (minutes on two cores, cold): the test binaries and, for the containerised agent, the
-/// static release binary that `cargo xtask image` puts in the image (built here into the
-/// system's dockerd; the test builds it again into Docker 28 from the same binary).
-fn prebuild(names: &[&str]) -> Result<()> {
+/// static release binary that its `cargo xtask image` puts into Docker 28's image store (the
+/// system's dockerd's images are left alone).
+fn prebuild(ctx: &Ctx, names: &[&str]) -> Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--no-run", "-p", "tests"]);
     for binary in ["e2e", "lifecycle", "container"] {
@@ -146,8 +146,7 @@ fn prebuild(names: &[&str]) -> Result<()> {
     let container_test =
         DOCKER28_TESTS.iter().any(|(binary, name)| *binary == "container" && names.contains(name));
     if container_test {
-        println!("xtask: building the agent image before the swap (cargo xtask image) ...");
-        sh(Command::new("cargo").args(["xtask", "image"]))?;
+        image::build_static(ctx)?;
     }
     Ok(())
 }
@@ -563,18 +562,26 @@ fn wait_for_version(target_dir: &Path, want: &str) -> Result<String> {
     }
 }
 
-/// Stops Docker 28: our child if we have it, else whatever its pidfile names.
+/// Stops Docker 28: our child if we have it (reaped, or it would linger as a zombie), else
+/// whatever its pidfile names.
 fn stop_docker28(child: Option<Child>) -> Result<()> {
-    let pidfile = Path::new(SCRATCH).join("docker.pid");
-    let pid = match &child {
-        Some(c) => Some(c.id() as i32),
-        None => read_pid(&pidfile)?,
+    let Some(mut child) = child else {
+        return match read_pid(&Path::new(SCRATCH).join("docker.pid"))? {
+            Some(pid) => terminate(pid, "dockerd 28"),
+            None => Ok(()),
+        };
     };
-    if let Some(pid) = pid {
-        terminate(pid, "dockerd 28")?;
-    }
-    if let Some(mut child) = child {
-        let _ = child.wait();
+    let pid = child.id() as i32;
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet, so the
+    // pid is still ours.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while child.try_wait()?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "dockerd 28 (pid {pid}) did not stop within {STOP_TIMEOUT:?}"
+        );
+        sleep(Duration::from_millis(200));
     }
     Ok(())
 }
