@@ -481,7 +481,11 @@ fn check_privileges(agent: &ContainerAgent) {
     let caps = caps_for(Engine::current());
     println!("agent container capabilities: {caps:?} (from {})", agent.compose_file().display());
     let host = agent.inspect()["HostConfig"].clone();
-    assert_eq!(host["CapAdd"], json!(caps), "{host}");
+    let mut granted = strings(&host["CapAdd"]);
+    granted.sort();
+    let mut wanted: Vec<&str> = caps.to_vec();
+    wanted.sort();
+    assert_eq!(granted, wanted, "{host}");
     assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
     assert_eq!(host["Privileged"], json!(false));
     assert_eq!(host["NetworkMode"], "host");
