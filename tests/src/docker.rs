@@ -46,6 +46,11 @@ pub(crate) fn require_daemon_and_image() {
     );
 }
 
+/// Docker 28's bridge-network options for the gateway mode of each family (`nat`, the
+/// default; `nat-unprotected`; `routed`; `isolated`).
+pub const GATEWAY_MODE_V4: &str = "com.docker.network.bridge.gateway_mode_ipv4";
+pub const GATEWAY_MODE_V6: &str = "com.docker.network.bridge.gateway_mode_ipv6";
+
 /// The engine behind the docker CLI, as far as what the tests expect depends on it: the
 /// same scenario meets a different firewall on Docker 28 than on 20.10, and the tests must
 /// say what each engine does rather than fail on what it fixed.
@@ -128,6 +133,23 @@ impl Network {
     /// Docker would pick. Likewise for `v6` ("fd00:250::/64").
     pub fn create(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
         Self::create_with(name, subnet_v4, v6, &[])
+    }
+
+    /// Like [`Network::create`], on a network the engine's own firewall leaves to the guard:
+    /// Docker 28's gateway mode `nat-unprotected` (NAT and published ports as usual, but no
+    /// drop of what is routed straight to a container, published or not), what 20.10 does
+    /// on every network. For tests of the guard's own protection (crash, restart, start
+    /// race), which would otherwise test Docker 28's drops of direct routing instead.
+    pub fn create_guard_only(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
+        if !Engine::current().drops_direct_routing() {
+            return Self::create(name, subnet_v4, v6);
+        }
+        let mut opts = vec![format!("--opt={GATEWAY_MODE_V4}=nat-unprotected")];
+        if v6.is_some() {
+            opts.push(format!("--opt={GATEWAY_MODE_V6}=nat-unprotected"));
+        }
+        let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+        Self::create_with(name, subnet_v4, v6, &opts)
     }
 
     /// A macvlan network (bridge mode) on `parent`: its containers sit on `parent`'s segment
