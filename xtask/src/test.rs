@@ -102,7 +102,7 @@ pub struct Outcome {
     label: String,
     counts: Counts,
     status: ExitStatus,
-    /// How long it took, where the summary gives it.
+    /// How long it took (for an engine run, from fetching the engine to swapping back).
     pub secs: Option<u64>,
 }
 
@@ -116,7 +116,7 @@ impl Outcome {
         self.status.success() && self.counts.failed == 0 && self.counts.passed > 0
     }
 
-    /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101)`
+    /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101) in 31 s`
     fn describe(&self) -> String {
         let Counts { passed, failed, ignored } = self.counts;
         let mut s = format!("{} {passed} passed", self.label);
@@ -132,7 +132,7 @@ impl Outcome {
             s += " (ran no test: FAILED)";
         }
         if let Some(secs) = self.secs {
-            s += &format!(" (in {secs} s)");
+            s += &format!(" in {secs} s");
         }
         s
     }
@@ -194,13 +194,15 @@ fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
 /// Runs a `cargo test` command, streaming its stdout to ours while keeping a copy to count.
 pub fn run_counted(label: String, mut cmd: Command) -> Result<Outcome> {
     cmd.stdout(Stdio::piped());
+    let started = Instant::now();
     println!("xtask: tier {label}: {} ...", show(&cmd));
     let mut child = cmd.spawn().with_context(|| format!("running {}", show(&cmd)))?;
     let mut tee = Tee { out: io::stdout(), copy: Vec::new() };
     io::copy(child.stdout.as_mut().context("no stdout")?, &mut tee)?;
     let status = child.wait()?;
     let counts = parse_counts(&String::from_utf8_lossy(&tee.copy));
-    Ok(Outcome { label, counts, status, secs: None })
+    let secs = Some(started.elapsed().as_secs());
+    Ok(Outcome { label, counts, status, secs })
 }
 
 /// Writes through to stdout at once and keeps a copy.
