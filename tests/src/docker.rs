@@ -89,6 +89,12 @@ impl Engine {
         self.major >= 28
     }
 
+    /// Bridge networks have gateway modes (`nat`, `nat-unprotected`, `routed`, `isolated`):
+    /// Docker 28 (tested; they came with 27); 20.10 has NAT only.
+    pub fn has_gateway_modes(self) -> bool {
+        self.major >= 28
+    }
+
     /// Docker 27 and later run ip6tables by default: a bridge network's IPv6 is masqueraded
     /// like its IPv4, and published ports are DNATed on IPv6 too. Docker 20.10 leaves IPv6
     /// alone (no NAT; docker-proxy serves published ports on `::`).
@@ -141,7 +147,7 @@ impl Network {
     /// on every network. For tests of the guard's own protection (crash, restart, start
     /// race), which would otherwise test Docker 28's drops of direct routing instead.
     pub fn create_guard_only(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
-        if !Engine::current().drops_direct_routing() {
+        if !Engine::current().has_gateway_modes() {
             return Self::create(name, subnet_v4, v6);
         }
         let mut opts = vec![format!("--opt={GATEWAY_MODE_V4}=nat-unprotected")];
@@ -150,6 +156,17 @@ impl Network {
         }
         let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
         Self::create_with(name, subnet_v4, v6, &opts)
+    }
+
+    /// A network in Docker 28's gateway mode `routed` for IPv4: no NAT and no masquerade, the
+    /// published container ports open to direct routing (no host port is mapped for them),
+    /// every other port dropped. An engine without gateway modes (20.10) gets an ordinary
+    /// NAT network.
+    pub fn create_routed(name: &str, subnet_v4: &str) -> Self {
+        if !Engine::current().has_gateway_modes() {
+            return Self::create(name, subnet_v4, None);
+        }
+        Self::create_with(name, subnet_v4, None, &[&format!("--opt={GATEWAY_MODE_V4}=routed")])
     }
 
     /// A macvlan network (bridge mode) on `parent`: its containers sit on `parent`'s segment

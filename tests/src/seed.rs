@@ -43,8 +43,13 @@ pub struct Project {
 }
 
 impl Project {
+    /// On a network in the engine's default gateway mode.
     pub fn start() -> Self {
-        let net = Network::create("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6));
+        Self::start_on(Network::create("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6)))
+    }
+
+    /// On `net` ([`SUBNET_V4`] and [`SUBNET_V6`]).
+    fn start_on(net: Network) -> Self {
         let run = |name: &str,
                    host: u8,
                    labels: &[(&str, &str)],
@@ -158,14 +163,29 @@ pub struct SeedBed {
     pub a: OutsideHost,
     pub b: OutsideHost,
     pub project: Project,
+    /// Whether the engine forwards what outside hosts route straight to the containers.
+    direct_routed: bool,
     _routing: RoutingHost,
     _exclusive: Exclusive,
 }
 
 impl SeedBed {
+    /// The project on a network in the engine's default gateway mode.
     pub fn new() -> Self {
         let exclusive = prepare_test_bed();
-        let project = Project::start();
+        let direct_routed = !Engine::current().drops_direct_routing();
+        Self::with_project(exclusive, Project::start(), direct_routed)
+    }
+
+    /// The project on a network whose engine firewall leaves everything to the guard
+    /// ([`Network::create_guard_only`]: Docker 28's `nat-unprotected`; any 20.10 network).
+    pub fn guard_only() -> Self {
+        let exclusive = prepare_test_bed();
+        let net = Network::create_guard_only("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6));
+        Self::with_project(exclusive, Project::start_on(net), true)
+    }
+
+    fn with_project(exclusive: Exclusive, project: Project, direct_routed: bool) -> Self {
         let routing = RoutingHost::enable();
         let outside = |name, n| {
             let host = OutsideHost::new(name, n);
@@ -174,7 +194,7 @@ impl SeedBed {
             host
         };
         let (a, b) = (outside("a", 1), outside("b", 2));
-        Self { a, b, project, _routing: routing, _exclusive: exclusive }
+        Self { a, b, project, direct_routed, _routing: routing, _exclusive: exclusive }
     }
 
     /// The host ends of the outside links: the uplinks the agent guards.
@@ -190,7 +210,7 @@ impl SeedBed {
     fn outside_attempts(&self, from: &OutsideHost, guarded: bool) -> Vec<Attempt> {
         let net = &self.project.net;
         let is_a = from.v4() == self.a.v4();
-        let direct_open = !Engine::current().drops_direct_routing();
+        let direct_open = self.direct_routed;
         let mut attempts = Vec::new();
         for t in self.project.targets() {
             let labelled = !guarded || if is_a { t.open_to_a } else { t.open_to_b };
@@ -220,7 +240,7 @@ impl SeedBed {
     /// A's link where the engine drops direct routing (28). The test bed's own check that
     /// there is an exposure to close, and that unloading brings it back.
     pub fn db_exposed_to_a(&self) -> SocketAddr {
-        if Engine::current().drops_direct_routing() {
+        if !self.direct_routed {
             SocketAddr::new(self.a.host_v4().into(), 5432)
         } else {
             SocketAddr::new(self.project.db.ip().into(), 5432)
