@@ -40,7 +40,8 @@ pub enum Engine {
     /// The machine's own dockerd (Debian 12's docker.io 20.10): every e2e test.
     Docker20,
     /// Docker Engine 28.5.2 from Debian sid, unpacked into ~/.cache/container-guard/engines:
-    /// the seed scenario, the start race, crash and restart, and the agent as a container.
+    /// the seed scenario, its gateway modes, the start race, crash and restart, and the agent
+    /// as a container.
     Docker28,
 }
 
