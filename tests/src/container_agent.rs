@@ -7,6 +7,11 @@
 //! of this machine keeps in /var/lib/container-guard must neither be read nor overwritten, and
 //! nothing is left there). Compose merges volumes by their path in the container, so these two
 //! replace the host paths of the compose file's binds and keep everything else about them.
+//!
+//! The capabilities follow the engine: every deploy file grants SYS_ADMIN, which every engine
+//! accepts, and offers the narrow BPF, PERFMON and NET_ADMIN in a comment for engines that
+//! grant them. On such an engine (Docker 28) the agent runs from the compose file edited the
+//! way that comment says ([`narrow_variant`]), so the narrow set is what gets tested there.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,7 +25,54 @@ use serde_json::Value;
 
 use crate::agent::{READY_MARKER, guard_bin};
 use crate::cmd::{self, find_in_path, try_run};
-use crate::docker::{docker, docker_bin};
+use crate::docker::{Engine, docker, docker_bin};
+
+/// The capability set of every deploy file's active line: every engine grants it, and the
+/// kernel accepts CAP_SYS_ADMIN in place of each capability of [`NARROW_CAPS`].
+pub const WIDE_CAPS: &[&str] = &["SYS_ADMIN"];
+/// The set every deploy file offers in a comment: Docker 28 grants it, Docker 20.10 refuses
+/// CAP_BPF and CAP_PERFMON ("unknown capability").
+pub const NARROW_CAPS: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
+
+/// The set the agent container runs with on `engine`: the narrow one wherever it is granted.
+pub fn caps_for(engine: Engine) -> &'static [&'static str] {
+    if engine.grants_bpf_caps() { NARROW_CAPS } else { WIDE_CAPS }
+}
+
+/// A deploy file as its comments tell the operator of a newer engine to edit it: the
+/// commented capability line naming BPF (`# cap_add: [BPF, ...]`, `# add: ["BPF", ...]`) in
+/// place of the active one naming SYS_ADMIN. Panics unless there is exactly one of each.
+pub fn narrow_variant(text: &str) -> String {
+    let is_cap_key = |line: &str| line.starts_with("cap_add: [") || line.starts_with("add: [");
+    let active: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| is_cap_key(l.trim_start()) && l.contains("SYS_ADMIN"))
+        .map(|(i, _)| i)
+        .collect();
+    let commented: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.trim_start().strip_prefix("# ").is_some_and(is_cap_key) && l.contains("BPF")
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(active.len(), 1, "want one active SYS_ADMIN capability line:\n{text}");
+    assert_eq!(commented.len(), 1, "want one commented BPF capability line:\n{text}");
+    let mut out: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if i == active[0] {
+            continue;
+        }
+        if i == commented[0] {
+            out.push(line.replacen("# ", "", 1));
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out.join("\n") + "\n"
+}
 
 /// The tag `cargo xtask image` builds.
 pub const IMAGE: &str = "container-guard:dev";
@@ -99,6 +151,8 @@ pub fn docker_compose_bin() -> PathBuf {
 /// test did not get to [`ContainerAgent::unload`]).
 pub struct ContainerAgent {
     pin_dir: PathBuf,
+    /// deploy/compose.yaml, or its [`narrow_variant`] in the work directory.
+    compose_file: PathBuf,
     /// Holds the override file, the empty policy directory and the state directory.
     workdir: PathBuf,
     unloaded: bool,
@@ -131,7 +185,8 @@ impl ContainerAgent {
             workdir.join("state").display()
         );
         fs::write(workdir.join("override.yaml"), override_file).expect("write the override file");
-        let agent = Self { pin_dir, workdir, unloaded: false };
+        let compose_file = compose_file_for(Engine::current(), &workdir);
+        let agent = Self { pin_dir, compose_file, workdir, unloaded: false };
         agent.compose(&["up", "-d", "--no-build"]).unwrap_or_else(|e| panic!("{e}"));
         agent.wait_ready(1);
         agent
@@ -145,6 +200,11 @@ impl ContainerAgent {
     /// source is on an operator's host; removed with the rest of the work directory).
     pub fn state_dir(&self) -> PathBuf {
         self.workdir.join("state")
+    }
+
+    /// The compose file the agent runs from: deploy/compose.yaml or its narrow variant.
+    pub fn compose_file(&self) -> &Path {
+        &self.compose_file
     }
 
     /// `docker-compose -p PROJECT -f deploy/compose.yaml -f override.yaml ARGS`, with
@@ -168,7 +228,7 @@ impl ContainerAgent {
         let mut command = Command::new(docker_compose_bin());
         command
             .args(["--project-name", PROJECT, "--file"])
-            .arg(workspace_file("deploy/compose.yaml"))
+            .arg(&self.compose_file)
             .arg("--file")
             .arg(self.workdir.join("override.yaml"))
             .args(args)
@@ -300,6 +360,19 @@ impl ContainerAgent {
     fn container_exists(&self) -> bool {
         try_run(docker_bin(), &["inspect", "--format", "{{.Id}}", CONTAINER]).is_ok()
     }
+}
+
+/// deploy/compose.yaml as it is, or, on an engine that grants [`NARROW_CAPS`], its
+/// [`narrow_variant`] written into `workdir`.
+fn compose_file_for(engine: Engine, workdir: &Path) -> PathBuf {
+    let file = workspace_file("deploy/compose.yaml");
+    if caps_for(engine) == WIDE_CAPS {
+        return file;
+    }
+    let text = fs::read_to_string(&file).expect("read deploy/compose.yaml");
+    let variant = workdir.join("compose.yaml");
+    fs::write(&variant, narrow_variant(&text)).expect("write the compose file's narrow variant");
+    variant
 }
 
 impl Drop for ContainerAgent {

@@ -4,6 +4,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::cmd::{self, run, try_run};
@@ -13,7 +14,8 @@ use crate::probe::{self, EchoServer};
 pub const PREFIX: &str = "guard-e2e-";
 
 /// The docker CLI. The test bed talks to a 20.10 daemon (API 1.41); Debian's docker.io puts
-/// the matching client in /usr/bin, which a newer client earlier on `$PATH` would not be.
+/// the matching client in /usr/bin, which a newer client earlier on `$PATH` would not be. It
+/// drives a newer daemon too (Docker 28 accepts API 1.41).
 pub fn docker_bin() -> &'static str {
     if Path::new("/usr/bin/docker").is_file() { "/usr/bin/docker" } else { "docker" }
 }
@@ -42,6 +44,69 @@ pub(crate) fn require_daemon_and_image() {
         "image {image} is missing: `cargo xtask test` builds it (busybox-static imported with \
          `docker import`), or set GUARD_TEST_IMAGE"
     );
+}
+
+/// Docker 28's bridge-network options for the gateway mode of each family (`nat`, the
+/// default; `nat-unprotected`; `routed`; `isolated`).
+pub const GATEWAY_MODE_V4: &str = "com.docker.network.bridge.gateway_mode_ipv4";
+pub const GATEWAY_MODE_V6: &str = "com.docker.network.bridge.gateway_mode_ipv6";
+
+/// The engine behind the docker CLI, as far as what the tests expect depends on it: the
+/// same scenario meets a different firewall on Docker 28 than on 20.10, and the tests must
+/// say what each engine does rather than fail on what it fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Engine {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Engine {
+    /// The daemon's version (`docker version`), asked once per test process: `cargo xtask
+    /// test --engine` swaps daemons between test processes, never during one.
+    pub fn current() -> Engine {
+        static ENGINE: OnceLock<Engine> = OnceLock::new();
+        *ENGINE.get_or_init(|| {
+            let version = docker(&["version", "--format", "{{.Server.Version}}"]);
+            Engine::parse(version.trim())
+                .unwrap_or_else(|| panic!("cannot read the engine version from {version:?}"))
+        })
+    }
+
+    /// `20.10.24+dfsg1`, `28.5.2+dfsg4`.
+    pub fn parse(version: &str) -> Option<Engine> {
+        let mut parts = version.split(['.', '+', '-']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Engine { major, minor })
+    }
+
+    /// Docker 28 drops what an outside host routes straight to a container on a bridge network
+    /// in the default gateway mode (`nat`): a raw-table PREROUTING drop per container address
+    /// (`-d 10.250.0.10 ! -i br-… -j DROP`) and a filter drop for every unpublished port
+    /// (`DOCKER ! -i br-… -o br-… -j DROP`). Docker 20.10 forwards all of it. Published ports
+    /// stay open to everyone on both.
+    pub fn drops_direct_routing(self) -> bool {
+        self.major >= 28
+    }
+
+    /// Bridge networks have gateway modes (`nat`, `nat-unprotected`, `routed`, `isolated`):
+    /// Docker 28 (tested; they came with 27); 20.10 has NAT only.
+    pub fn has_gateway_modes(self) -> bool {
+        self.major >= 28
+    }
+
+    /// Docker 27 and later run ip6tables by default: a bridge network's IPv6 is masqueraded
+    /// like its IPv4, and published ports are DNATed on IPv6 too. Docker 20.10 leaves IPv6
+    /// alone (no NAT; docker-proxy serves published ports on `::`).
+    pub fn nats_ipv6(self) -> bool {
+        self.major >= 27
+    }
+
+    /// Docker 28 grants CAP_BPF and CAP_PERFMON (and its default seccomp profile allows
+    /// bpf(2) with CAP_BPF); Docker 20.10 refuses them as "unknown capability".
+    pub fn grants_bpf_caps(self) -> bool {
+        self.major >= 28
+    }
 }
 
 /// Removes containers, then networks, whose names carry the test prefix.
@@ -74,6 +139,34 @@ impl Network {
     /// Docker would pick. Likewise for `v6` ("fd00:250::/64").
     pub fn create(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
         Self::create_with(name, subnet_v4, v6, &[])
+    }
+
+    /// Like [`Network::create`], on a network the engine's own firewall leaves to the guard:
+    /// Docker 28's gateway mode `nat-unprotected` (NAT and published ports as usual, but no
+    /// drop of what is routed straight to a container, published or not), what 20.10 does
+    /// on every network. For tests of the guard's own protection (crash, restart, start
+    /// race), which would otherwise test Docker 28's drops of direct routing instead.
+    pub fn create_guard_only(name: &str, subnet_v4: &str, v6: Option<&str>) -> Self {
+        if !Engine::current().has_gateway_modes() {
+            return Self::create(name, subnet_v4, v6);
+        }
+        let mut opts = vec![format!("--opt={GATEWAY_MODE_V4}=nat-unprotected")];
+        if v6.is_some() {
+            opts.push(format!("--opt={GATEWAY_MODE_V6}=nat-unprotected"));
+        }
+        let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+        Self::create_with(name, subnet_v4, v6, &opts)
+    }
+
+    /// A network in Docker 28's gateway mode `routed` for IPv4: no NAT and no masquerade, the
+    /// published container ports open to direct routing (no host port is mapped for them),
+    /// every other port dropped. An engine without gateway modes (20.10) gets an ordinary
+    /// NAT network.
+    pub fn create_routed(name: &str, subnet_v4: &str) -> Self {
+        if !Engine::current().has_gateway_modes() {
+            return Self::create(name, subnet_v4, None);
+        }
+        Self::create_with(name, subnet_v4, None, &[&format!("--opt={GATEWAY_MODE_V4}=routed")])
     }
 
     /// A macvlan network (bridge mode) on `parent`: its containers sit on `parent`'s segment

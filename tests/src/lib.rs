@@ -41,28 +41,33 @@ pub struct Exclusive {
 }
 
 const LOCK_PATH: &str = "/run/guard-e2e.lock";
+/// Names another lock file. `cargo xtask test --engine` holds [`LOCK_PATH`] itself for the
+/// whole time it has swapped the machine's dockerd for another engine (so that no other run
+/// meets the wrong daemon), and hands its own tests a private lock through this variable.
+pub const LOCK_PATH_VAR: &str = "GUARD_TEST_LOCK";
 /// A whole run takes well under a minute; anything longer is a stuck run to look at.
 const LOCK_WAIT: Duration = Duration::from_secs(300);
 
 fn lock_test_bed() -> Exclusive {
+    let path = std::env::var(LOCK_PATH_VAR).unwrap_or_else(|_| LOCK_PATH.to_owned());
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(LOCK_PATH)
-            .unwrap_or_else(|e| panic!("open {LOCK_PATH}: {e}"));
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Exclusive { _lock: lock },
             Err((_, Errno::EWOULDBLOCK)) => {
                 assert!(
                     Instant::now() < deadline,
-                    "another end-to-end run has held {LOCK_PATH} for {LOCK_WAIT:?}"
+                    "another end-to-end run has held {path} for {LOCK_WAIT:?}"
                 );
                 thread::sleep(Duration::from_millis(200));
             }
-            Err((_, e)) => panic!("flock {LOCK_PATH}: {e}"),
+            Err((_, e)) => panic!("flock {path}: {e}"),
         }
     }
 }

@@ -6,11 +6,17 @@
 //! and the expectations: outside hosts reach only what the labels open (web:443/tcp and
 //! dns:53/udp for everyone, reports:9000 for A), by any path and over both families; the host,
 //! the containers and the containers' outbound connections are never affected.
+//!
+//! What an outside host reaches *without* the agent depends on the engine ([`Engine`]):
+//! Docker 20.10 forwards everything, container addresses and published ports; Docker 28 drops
+//! direct routing to containers itself and leaves the published ports open to everyone. A
+//! path the engine drops is expected silent whatever the labels say (the agent can only take
+//! away, never add).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::docker::{Container, ContainerSpec, Network};
+use crate::docker::{Container, ContainerSpec, Engine, Network};
 use crate::host::RoutingHost;
 use crate::netns::{OutsideHost, in_netns};
 use crate::probe::{
@@ -37,8 +43,13 @@ pub struct Project {
 }
 
 impl Project {
+    /// On a network in the engine's default gateway mode.
     pub fn start() -> Self {
-        let net = Network::create("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6));
+        Self::start_on(Network::create("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6)))
+    }
+
+    /// On `net` ([`SUBNET_V4`] and [`SUBNET_V6`]).
+    fn start_on(net: Network) -> Self {
         let run = |name: &str,
                    host: u8,
                    labels: &[(&str, &str)],
@@ -152,14 +163,29 @@ pub struct SeedBed {
     pub a: OutsideHost,
     pub b: OutsideHost,
     pub project: Project,
+    /// Whether the engine forwards what outside hosts route straight to the containers.
+    direct_routed: bool,
     _routing: RoutingHost,
     _exclusive: Exclusive,
 }
 
 impl SeedBed {
+    /// The project on a network in the engine's default gateway mode.
     pub fn new() -> Self {
         let exclusive = prepare_test_bed();
-        let project = Project::start();
+        let direct_routed = !Engine::current().drops_direct_routing();
+        Self::with_project(exclusive, Project::start(), direct_routed)
+    }
+
+    /// The project on a network whose engine firewall leaves everything to the guard
+    /// ([`Network::create_guard_only`]: Docker 28's `nat-unprotected`; any 20.10 network).
+    pub fn guard_only() -> Self {
+        let exclusive = prepare_test_bed();
+        let net = Network::create_guard_only("guard-e2e-net", SUBNET_V4, Some(SUBNET_V6));
+        Self::with_project(exclusive, Project::start_on(net), true)
+    }
+
+    fn with_project(exclusive: Exclusive, project: Project, direct_routed: bool) -> Self {
         let routing = RoutingHost::enable();
         let outside = |name, n| {
             let host = OutsideHost::new(name, n);
@@ -168,7 +194,7 @@ impl SeedBed {
             host
         };
         let (a, b) = (outside("a", 1), outside("b", 2));
-        Self { a, b, project, _routing: routing, _exclusive: exclusive }
+        Self { a, b, project, direct_routed, _routing: routing, _exclusive: exclusive }
     }
 
     /// The host ends of the outside links: the uplinks the agent guards.
@@ -178,15 +204,18 @@ impl SeedBed {
 
     /// The ways `from` can try each target: the container's addresses (direct routing), and
     /// for published ports every host address it can reach: its link's v4 and v6 address
-    /// (docker-proxy listens on v6) and the bridge gateways. `expected`: what a guarded host
-    /// must answer; without the agent every one of them is open, which is the bug.
+    /// (docker-proxy listens on v6; Docker 28 DNATs v6 too) and the bridge gateways.
+    /// `expected`: what a guarded host must answer; without the agent every path the engine
+    /// forwards is open, which is the bug.
     fn outside_attempts(&self, from: &OutsideHost, guarded: bool) -> Vec<Attempt> {
         let net = &self.project.net;
         let is_a = from.v4() == self.a.v4();
+        let direct_open = self.direct_routed;
         let mut attempts = Vec::new();
         for t in self.project.targets() {
-            let open = !guarded || if is_a { t.open_to_a } else { t.open_to_b };
-            let mut attempt = |how: &str, ip: IpAddr, port| {
+            let labelled = !guarded || if is_a { t.open_to_a } else { t.open_to_b };
+            let mut attempt = |how: &str, ip: IpAddr, port, engine_open: bool| {
+                let open = labelled && engine_open;
                 attempts.push(Attempt {
                     what: format!("{} {how}", t.name),
                     proto: t.proto,
@@ -194,16 +223,28 @@ impl SeedBed {
                     expected: if open { Outcome::Answered } else { Outcome::Silent },
                 });
             };
-            attempt("direct v4", t.container.ip().into(), t.port);
-            attempt("direct v6", t.container.ip6().into(), t.port);
+            attempt("direct v4", t.container.ip().into(), t.port, direct_open);
+            attempt("direct v6", t.container.ip6().into(), t.port, direct_open);
             if let Some(host_port) = t.published {
-                attempt("published, link v4", from.host_v4().into(), host_port);
-                attempt("published, link v6", from.host_v6().into(), host_port);
-                attempt("published, gateway v4", net.gateway_v4.into(), host_port);
-                attempt("published, gateway v6", net.gateway_v6().into(), host_port);
+                attempt("published, link v4", from.host_v4().into(), host_port, true);
+                attempt("published, link v6", from.host_v6().into(), host_port, true);
+                attempt("published, gateway v4", net.gateway_v4.into(), host_port, true);
+                attempt("published, gateway v6", net.gateway_v6().into(), host_port, true);
             }
         }
         attempts
+    }
+
+    /// db:5432 the way the engine exposes it to outside host A without the agent: by its
+    /// address where the engine routes to containers (20.10), through its published port on
+    /// A's link where the engine drops direct routing (28). The test bed's own check that
+    /// there is an exposure to close, and that unloading brings it back.
+    pub fn db_exposed_to_a(&self) -> SocketAddr {
+        if !self.direct_routed {
+            SocketAddr::new(self.a.host_v4().into(), 5432)
+        } else {
+            SocketAddr::new(self.project.db.ip().into(), 5432)
+        }
     }
 
     /// Probes every outside attempt from both hosts; prints the whole table and panics
@@ -307,7 +348,8 @@ impl SeedBed {
     ///   addressed to a host address and a published port, exactly what an inbound
     ///   connection to web:8443 (TCP) or dns:5353 (UDP) looks like. Docker draws published
     ///   ports from the ephemeral range, so this happens in real use, DNS over UDP included.
-    /// - v6 is not NATed, so every reply is addressed to the container itself.
+    /// - v6 is not NATed on Docker 20.10, so every reply is addressed to the container
+    ///   itself; Docker 28 masquerades v6 as well, and the v6 cases are the v4 ones again.
     ///
     /// The connections are made from the container's network namespace with std sockets:
     /// busybox nc can neither choose its source port (its -p only applies to -l) nor speak
@@ -316,10 +358,14 @@ impl SeedBed {
         let api = &self.project.api;
         let a = &self.a;
         let mut wrong = Vec::new();
-        for (remote_ip, seen_as) in [
-            (IpAddr::from(a.v4()), IpAddr::from(a.host_v4())),
-            (IpAddr::from(a.v6()), IpAddr::from(api.ip6())),
-        ] {
+        let v6_seen_as = if Engine::current().nats_ipv6() {
+            IpAddr::from(a.host_v6())
+        } else {
+            IpAddr::from(api.ip6())
+        };
+        for (remote_ip, seen_as) in
+            [(IpAddr::from(a.v4()), IpAddr::from(a.host_v4())), (IpAddr::from(a.v6()), v6_seen_as)]
+        {
             let cases = [
                 (Proto::Tcp, 0),
                 (Proto::Tcp, 18443), // published: web:8443/tcp

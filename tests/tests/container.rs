@@ -3,6 +3,10 @@
 //! exactly its capabilities and mounts, against the real dockerd and the seed scenario; and
 //! the three deployment files, validated offline.
 //!
+//! On Docker 28 the agent runs with the narrow capability set (the deploy files' commented
+//! alternative), on 20.10 with SYS_ADMIN; `cargo xtask test --engine docker28` runs the
+//! seed scenario here against Docker 28.
+//!
 //! Needs root, a running dockerd, the busybox test image, docker-compose (Debian), a docker CLI
 //! with `docker stack config` and kubernetes-validate (PyPI). `cargo xtask test` runs these
 //! with the e2e tier, one at a time (`--test-threads=1`). A missing tool fails the test with
@@ -19,10 +23,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tests::cmd::{self, find_in_path};
 use tests::container_agent::{
-    CONTAINER, ContainerAgent, METRICS_ADDR, STATE_DIR, build_image, docker_compose_bin,
-    workspace_file,
+    CONTAINER, ContainerAgent, METRICS_ADDR, NARROW_CAPS, STATE_DIR, WIDE_CAPS, build_image,
+    caps_for, docker_compose_bin, narrow_variant, workspace_file,
 };
-use tests::docker::docker;
+use tests::docker::{Engine, docker};
 use tests::netns::xdp_attached;
 use tests::observe::{self, GuardObjects};
 use tests::probe::Outcome::Silent;
@@ -30,13 +34,13 @@ use tests::probe::{PATIENT, QUICK};
 use tests::prober::{Outcome, Prober, summarize};
 use tests::seed::SeedBed;
 
-/// The least-privilege capability set: the one capability every deployment file grants
-/// (after dropping all). On Docker Engine 20.10 it is the only set that works: the engine
-/// rejects CAP_BPF and CAP_PERFMON ("unknown capability"), and its default seccomp profile
-/// allows bpf(2) only to a container with CAP_SYS_ADMIN; the kernel accepts CAP_SYS_ADMIN in
-/// place of CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN. README.md ("Run it as a container") has
-/// what breaks without it.
-const CAPS: &[&str] = &["SYS_ADMIN"];
+/// The capability set every deployment file grants on its active line (after dropping all).
+/// On Docker Engine 20.10 it is the only set that works: the engine rejects CAP_BPF and
+/// CAP_PERFMON ("unknown capability"), and its default seccomp profile allows bpf(2) only to
+/// a container with CAP_SYS_ADMIN; the kernel accepts CAP_SYS_ADMIN in place of CAP_BPF,
+/// CAP_PERFMON and CAP_NET_ADMIN. README.md ("Run it as a container") has what breaks
+/// without it. Each file offers [`NARROW_CAPS`] in a comment, for Docker 28.
+const CAPS: &[&str] = WIDE_CAPS;
 /// Where the agent's inputs live on the host, mounted at the same path in the container; the
 /// state directory ([`STATE_DIR`]) too, read-write: the last good state, so that a restart or
 /// a broken policy file at start never means starting from nothing.
@@ -85,6 +89,46 @@ fn strings(v: &Value) -> Vec<String> {
 
 fn caps() -> Vec<String> {
     CAPS.iter().map(|c| (*c).to_owned()).collect()
+}
+
+fn narrow_caps() -> Vec<String> {
+    NARROW_CAPS.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// A deploy file's [`narrow_variant`], written next to nothing the tools could pick up (a
+/// scratch directory of its own), for the parsers and validators.
+fn write_narrow_variant(path: &Path) -> (tempdir::Scratch, PathBuf) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let scratch = tempdir::Scratch::new();
+    let variant = scratch.0.join(path.file_name().expect("file name"));
+    std::fs::write(&variant, narrow_variant(&text)).expect("write the narrow variant");
+    (scratch, variant)
+}
+
+mod tempdir {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A directory under the system's temporary directory, removed on drop.
+    pub struct Scratch(pub PathBuf);
+
+    impl Scratch {
+        pub fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("guard-e2e-deploy-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create a scratch directory");
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// [`MOUNTS`] as `docker run -v` / compose short syntax (`HOST:CONTAINER[:ro]`), sorted.
@@ -136,6 +180,12 @@ fn compose_file_grants_exactly_the_least_privilege_set() {
     for key in ["pid", "ipc", "devices", "userns_mode", "cgroup_parent"] {
         assert!(guard.get(key).is_none(), "compose service sets {key}");
     }
+    // The commented alternative: the narrow set, and nothing else changed.
+    let (_scratch, variant) = write_narrow_variant(&path);
+    let mut narrow = yaml_documents(&variant);
+    assert_eq!(strings(&narrow[0]["services"]["guard"]["cap_add"]), narrow_caps());
+    narrow[0]["services"]["guard"]["cap_add"] = json!(CAPS);
+    assert_eq!(narrow, docs, "the narrow variant differs in more than cap_add");
 }
 
 /// The Swarm stack: a global service with the same capabilities and binds on the host
@@ -188,6 +238,11 @@ fn stack_file_grants_exactly_the_least_privilege_set() {
         MOUNTS.iter().map(|(p, ro)| ((*p).to_owned(), ((*p).to_owned(), *ro))).collect();
     assert_eq!(binds, expected);
     assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
+    let (_scratch, variant) = write_narrow_variant(&workspace_file("deploy/stack.yaml"));
+    let mut narrow = yaml_documents(&variant);
+    assert_eq!(strings(&narrow[0]["services"]["guard"]["cap_add"]), narrow_caps());
+    narrow[0]["services"]["guard"]["cap_add"] = json!(CAPS);
+    assert_eq!(narrow, docs, "the narrow variant differs in more than cap_add");
 }
 
 /// The DaemonSet: every node (tolerates every taint), host network, the same capabilities,
@@ -248,6 +303,13 @@ fn daemonset_grants_exactly_the_least_privilege_set() {
             assert!(c["resources"][kind][resource].is_string(), "no {kind}.{resource}");
         }
     }
+    let (_scratch, variant) = write_narrow_variant(&workspace_file("deploy/daemonset.yaml"));
+    let mut narrow = yaml_documents(&variant);
+    let added = &mut narrow[1]["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+        ["add"];
+    assert_eq!(strings(added), narrow_caps());
+    *added = json!(CAPS);
+    assert_eq!(narrow, docs, "the narrow variant differs in more than capabilities.add");
 }
 
 /// The README's `docker run` line grants the same set (the docs are what operators copy).
@@ -307,6 +369,8 @@ fn assert_compose_config_accepts(path: &std::path::Path) {
 fn compose_file_validates() {
     let path = workspace_file("deploy/compose.yaml");
     assert_compose_config_accepts(&path);
+    let (_scratch, variant) = write_narrow_variant(&path);
+    assert_compose_config_accepts(&variant);
 }
 
 /// The stack file passes `docker stack config` (the compose v3 schema of the docker CLI that
@@ -331,19 +395,22 @@ fn stack_file_validates() {
                  23 or later does): install one as /usr/local/bin/docker"
             )
         });
-    let out = cmd::output(
-        Command::new(&client).args(["stack", "config", "--compose-file"]).arg(&path),
-        cmd::COMMAND_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("docker stack config: {e}"));
-    assert!(
-        out.status.success(),
-        "`{} stack config` rejects {}: {}",
-        client.display(),
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_compose_config_accepts(&path);
+    let (_scratch, variant) = write_narrow_variant(&path);
+    for path in [&path, &variant] {
+        let out = cmd::output(
+            Command::new(&client).args(["stack", "config", "--compose-file"]).arg(path),
+            cmd::COMMAND_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("docker stack config: {e}"));
+        assert!(
+            out.status.success(),
+            "`{} stack config` rejects {}: {}",
+            client.display(),
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_compose_config_accepts(path);
+    }
 }
 
 /// The `kubernetes-validate` script, or its module through python3 when pip put the script
@@ -369,17 +436,21 @@ fn kubernetes_validate() -> Command {
 }
 
 /// `kubernetes-validate --strict` accepts the DaemonSet and its namespace, offline, against
-/// the newest Kubernetes schema it ships and an older one still in wide use.
+/// the newest Kubernetes schema it ships and an older one still in wide use; its narrow
+/// variant too.
 #[test]
 fn daemonset_validates() {
-    let path = workspace_file("deploy/daemonset.yaml");
-    for version in [None, Some("1.28.0")] {
+    let file = workspace_file("deploy/daemonset.yaml");
+    let (_scratch, variant) = write_narrow_variant(&file);
+    for (path, version) in
+        [(&file, None), (&file, Some("1.28.0")), (&variant, None), (&variant, Some("1.28.0"))]
+    {
         let mut command = kubernetes_validate();
         command.arg("--strict");
         if let Some(version) = version {
             command.args(["--kubernetes-version", version]);
         }
-        let out = cmd::output(command.arg(&path), cmd::COMMAND_TIMEOUT)
+        let out = cmd::output(command.arg(path), cmd::COMMAND_TIMEOUT)
             .unwrap_or_else(|e| panic!("kubernetes-validate: {e}"));
         let report = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
@@ -404,10 +475,17 @@ fn check_image(image: &str) {
     assert!(help.contains("Usage: guard"), "{help}");
 }
 
-/// The running agent container has exactly the compose file's privileges.
+/// The running agent container has exactly the compose file's privileges: [`CAPS`], or the
+/// narrow set where the engine grants it.
 fn check_privileges(agent: &ContainerAgent) {
+    let caps = caps_for(Engine::current());
+    println!("agent container capabilities: {caps:?} (from {})", agent.compose_file().display());
     let host = agent.inspect()["HostConfig"].clone();
-    assert_eq!(host["CapAdd"], json!(CAPS), "{host}");
+    let mut granted = strings(&host["CapAdd"]);
+    granted.sort();
+    let mut wanted: Vec<&str> = caps.to_vec();
+    wanted.sort();
+    assert_eq!(granted, wanted, "{host}");
     assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
     assert_eq!(host["Privileged"], json!(false));
     assert_eq!(host["NetworkMode"], "host");
@@ -429,17 +507,28 @@ fn check_privileges(agent: &ContainerAgent) {
     let expected: BTreeMap<String, bool> =
         MOUNTS.iter().map(|(p, ro)| ((*p).to_owned(), *ro)).collect();
     assert_eq!(mounts, expected, "the agent container's mounts (destination, read-only)");
-    // The kernel's view: the agent process holds CAP_SYS_ADMIN and nothing else.
+    // The kernel's view: the agent process holds exactly those capabilities.
     let pid = agent.inspect()["State"]["Pid"].as_u64().expect("agent pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
     let field = |name: &str| {
         status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default()
     };
-    const CAP_SYS_ADMIN: u64 = 1 << 21;
-    assert_eq!(u64::from_str_radix(field("CapEff:"), 16), Ok(CAP_SYS_ADMIN), "{status}");
-    assert_eq!(u64::from_str_radix(field("CapBnd:"), 16), Ok(CAP_SYS_ADMIN), "{status}");
+    let mask = caps.iter().map(|c| 1u64 << cap_number(c)).fold(0, |a, b| a | b);
+    assert_eq!(u64::from_str_radix(field("CapEff:"), 16), Ok(mask), "{status}");
+    assert_eq!(u64::from_str_radix(field("CapBnd:"), 16), Ok(mask), "{status}");
     assert_eq!(field("Seccomp:"), "2", "the default seccomp filter applies");
     assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+/// The kernel's number of a capability the deploy files name (linux/capability.h).
+fn cap_number(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "SYS_ADMIN" => 21,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        _ => panic!("capability {name} is not one the deploy files name"),
+    }
 }
 
 /// The agent wrote its state through the read-write bind despite the read-only root: a
@@ -478,7 +567,11 @@ fn containerised_agent_passes_the_seed_scenario() {
     check_image(image);
     let bed = SeedBed::new();
     let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
-    assert!(bed.a.tcp_connect(db, PATIENT), "test bed broken: A cannot reach {db} unguarded");
+    let db_exposed = bed.db_exposed_to_a();
+    assert!(
+        bed.a.tcp_connect(db_exposed, PATIENT),
+        "test bed broken: A cannot reach {db_exposed} unguarded"
+    );
 
     let before = GuardObjects::list();
     let host_state_existed = Path::new(STATE_DIR).exists();
@@ -504,11 +597,13 @@ fn containerised_agent_passes_the_seed_scenario() {
     assert!(status_text.contains(bed.project.db.name()), "{status_text}");
 
     agent.stop();
-    assert_eq!(
-        bed.a.tcp_outcome(db, QUICK),
-        Silent,
-        "{db} not dropped once the agent container stopped"
-    );
+    for db in [db, db_exposed] {
+        assert_eq!(
+            bed.a.tcp_outcome(db, QUICK),
+            Silent,
+            "{db} not dropped once the agent container stopped"
+        );
+    }
     for uplink in bed.uplinks() {
         assert!(xdp_attached(uplink), "stopping the container took XDP off {uplink}");
     }
@@ -519,7 +614,10 @@ fn containerised_agent_passes_the_seed_scenario() {
     }
     let left = created.still_in(&GuardObjects::all());
     assert!(left.is_empty(), "objects of the agent container survived unload: {left:?}");
-    assert!(bed.a.tcp_connect(db, PATIENT), "after unload A reaches {db} again, as before");
+    assert!(
+        bed.a.tcp_connect(db_exposed, PATIENT),
+        "after unload A reaches {db_exposed} again, as before"
+    );
     assert!(
         docker(&["ps", "-a", "--filter", &format!("name={CONTAINER}"), "-q"]).trim().is_empty(),
         "the agent container is still there"
@@ -550,7 +648,13 @@ fn restarting_the_agent_container_leaks_nothing() {
         ("web:8443 published", SocketAddr::new(bed.a.host_v4().into(), 18443)),
         ("api:8080 direct v6", SocketAddr::new(p.api.ip6().into(), 8080)),
     ];
-    let exposed = ("web:443 direct", SocketAddr::new(p.web.ip().into(), 443));
+    // Opened by label; reached by address where the engine routes to containers (20.10),
+    // through the published port where it drops direct routing (28).
+    let exposed = if Engine::current().drops_direct_routing() {
+        ("web:443 published", SocketAddr::new(bed.a.host_v4().into(), 10443))
+    } else {
+        ("web:443 direct", SocketAddr::new(p.web.ip().into(), 443))
+    };
     let targets: Vec<SocketAddr> = closed.iter().map(|(_, a)| *a).chain([exposed.1]).collect();
 
     let links_before = observe::pinned_links(agent.pin_dir());

@@ -61,7 +61,7 @@ pub fn image(ctx: &Ctx, args: &ImageArgs) -> Result<()> {
 }
 
 /// Builds the static binary and checks it: no interpreter, and `guard --version` runs.
-fn build_static(ctx: &Ctx) -> Result<PathBuf> {
+pub fn build_static(ctx: &Ctx) -> Result<PathBuf> {
     println!(
         "xtask: building a static guard with {RUSTFLAGS_VAR}=\"{RUSTFLAGS}\" cargo build --release \
          -p guard-userspace --target {TARGET} ..."

@@ -6,6 +6,7 @@ mod bench;
 #[cfg(test)]
 mod deploy_check;
 mod docker;
+mod engines;
 mod image;
 mod install;
 mod run;

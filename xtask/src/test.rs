@@ -9,13 +9,18 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::docker::TEST_IMAGE;
+use crate::engines::{self, Engine};
 use crate::{Ctx, setup, sh, show};
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Run only this tier (repeatable); default: unit, verdict and e2e, in that order.
+    /// Run only this tier (repeatable); default: unit, verdict and e2e, in that order (only
+    /// e2e when --engine is given).
     #[arg(long, value_enum)]
     tier: Vec<Tier>,
+    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28.
+    #[arg(long, value_enum)]
+    engine: Vec<Engine>,
     /// Passed to every test binary, after `--` (e.g. a test name filter).
     #[arg(last = true, value_name = "TEST_ARGS")]
     args: Vec<String>,
@@ -92,21 +97,29 @@ struct Counts {
     ignored: u64,
 }
 
-struct Outcome {
-    tier: Tier,
+pub struct Outcome {
+    /// The tier, and the engine where it is not the machine's own: `e2e[docker 28.5.2]`.
+    label: String,
     counts: Counts,
     status: ExitStatus,
+    /// How long it took (for an engine run, from fetching the engine to swapping back).
+    pub secs: Option<u64>,
 }
 
 impl Outcome {
+    /// A tier that had no test to run (it counts as failed, like one whose tests ran none).
+    pub fn none(label: String) -> Self {
+        Outcome { label, counts: Counts::default(), status: ExitStatus::default(), secs: None }
+    }
+
     fn ok(&self) -> bool {
         self.status.success() && self.counts.failed == 0 && self.counts.passed > 0
     }
 
-    /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101)`
+    /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101) in 31 s`
     fn describe(&self) -> String {
         let Counts { passed, failed, ignored } = self.counts;
-        let mut s = format!("{} {passed} passed", self.tier.name());
+        let mut s = format!("{} {passed} passed", self.label);
         if failed > 0 {
             s += &format!(" {failed} failed");
         }
@@ -118,6 +131,9 @@ impl Outcome {
         } else if passed + failed == 0 {
             s += " (ran no test: FAILED)";
         }
+        if let Some(secs) = self.secs {
+            s += &format!(" in {secs} s");
+        }
         s
     }
 }
@@ -125,12 +141,15 @@ impl Outcome {
 /// Returns whether every selected tier ran tests and all of them passed.
 pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
     let start = Instant::now();
+    engines::recover_killed_run(ctx)?;
     setup::machine(ctx)?;
     println!("xtask: building guard with cargo build -p guard-userspace ...");
     sh(Command::new("cargo").args(["build", "-p", "guard-userspace"]))?;
     let guard_bin = ctx.target_dir.join("debug/guard");
 
-    let mut tiers = if args.tier.is_empty() {
+    let mut tiers = if args.tier.is_empty() && !args.engine.is_empty() {
+        vec![Tier::E2e]
+    } else if args.tier.is_empty() {
         vec![Tier::Unit, Tier::Verdict, Tier::E2e]
     } else {
         args.tier.clone()
@@ -140,7 +159,16 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
 
     let mut outcomes = Vec::new();
     for tier in tiers {
-        outcomes.push(run_tier(tier, &args.args, &guard_bin)?);
+        if tier != Tier::E2e {
+            outcomes.push(run_tier(tier, &args.args, &guard_bin)?);
+            continue;
+        }
+        for engine in engines::selected(&args.engine) {
+            outcomes.push(match engine {
+                Engine::Docker20 => run_tier(tier, &args.args, &guard_bin)?,
+                Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
+            });
+        }
     }
 
     let tiers: Vec<String> = outcomes.iter().map(Outcome::describe).collect();
@@ -159,15 +187,22 @@ fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
         .args(tier.harness_args())
         .args(extra)
         .env("GUARD_BIN", guard_bin)
-        .env("GUARD_TEST_IMAGE", TEST_IMAGE)
-        .stdout(Stdio::piped());
-    println!("xtask: tier {}: {} ...", tier.name(), show(&cmd));
+        .env("GUARD_TEST_IMAGE", TEST_IMAGE);
+    run_counted(tier.name().to_owned(), cmd)
+}
+
+/// Runs a `cargo test` command, streaming its stdout to ours while keeping a copy to count.
+pub fn run_counted(label: String, mut cmd: Command) -> Result<Outcome> {
+    cmd.stdout(Stdio::piped());
+    let started = Instant::now();
+    println!("xtask: tier {label}: {} ...", show(&cmd));
     let mut child = cmd.spawn().with_context(|| format!("running {}", show(&cmd)))?;
     let mut tee = Tee { out: io::stdout(), copy: Vec::new() };
     io::copy(child.stdout.as_mut().context("no stdout")?, &mut tee)?;
     let status = child.wait()?;
     let counts = parse_counts(&String::from_utf8_lossy(&tee.copy));
-    Ok(Outcome { tier, counts, status })
+    let secs = Some(started.elapsed().as_secs());
+    Ok(Outcome { label, counts, status, secs })
 }
 
 /// Writes through to stdout at once and keeps a copy.
