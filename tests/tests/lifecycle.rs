@@ -279,7 +279,7 @@ fn guard_filters(uplink: &str, bridge: &str) -> Vec<(String, observe::TcFilter)>
 fn crash_and_restart(name: &str, subnet: u8, outside_n: u8, tc: Tc) {
     let _exclusive = prepare_test_bed();
     let subnet_v4 = format!("10.252.{subnet}.0/24");
-    let net = Network::create(&format!("guard-e2e-lc-{name}"), &subnet_v4, None);
+    let net = Network::create_guard_only(&format!("guard-e2e-lc-{name}"), &subnet_v4, None);
     let ip = Ipv4Addr::new(10, 252, subnet, 10);
     let _app = Container::run(ContainerSpec {
         name: &format!("{name}-app"),
@@ -448,7 +448,7 @@ fn crash_and_restart(name: &str, subnet: u8, outside_n: u8, tc: Tc) {
 fn start_race_accepts_nothing_and_openings_follow_docker_run() {
     const SUBNET: &str = "10.252.2.0/24";
     let _exclusive = prepare_test_bed();
-    let net = Network::create("guard-e2e-lc-race", SUBNET, None);
+    let net = Network::create_guard_only("guard-e2e-lc-race", SUBNET, None);
     let _routing = RoutingHost::enable();
     let a = outside("race", 12, &[SUBNET]);
     let (agent, _) = start_agent(&[a.host_end()], &[]);
