@@ -11,9 +11,12 @@
 //! overlay2 layers on an overlay (unsupported) nor sees the host's containers and images
 //! in the lower layer and tries to restore them.
 
-use std::fs;
+use std::fs::{self, File};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -30,6 +33,9 @@ const SCRATCH: &str = "/tmp/guard-vm";
 /// dockerd answers in 40 to 70 s under TCG (each of its iptables calls is a slow process
 /// start, the first ones load netfilter modules over 9p); on the host it takes a few.
 const DOCKERD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where dockerd looks for a running containerd.
+const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 
 /// Where Docker keeps state; each gets a fresh tmpfs.
 const DOCKER_STATE: &[&str] = &["/var/lib/docker", "/var/lib/containerd"];
@@ -91,6 +97,7 @@ fn prepare_and_test(args: &GuestArgs) -> Result<bool> {
     // The verdict tier needs no Docker, and dockerd is a minute or more of an emulated CPU.
     if args.e2e.is_some() {
         let started = Instant::now();
+        start_containerd()?;
         docker::ensure_daemon_within(Path::new(SCRATCH), DOCKERD_TIMEOUT)?;
         println!("xtask: dockerd answered after {} s", started.elapsed().as_secs());
         Marker::DockerdReady.print();
@@ -108,6 +115,34 @@ fn prepare_and_test(args: &GuestArgs) -> Result<bool> {
         kernel_warnings();
     }
     Ok(all_passed)
+}
+
+/// containerd, started before dockerd and waited for without a deadline of dockerd's: a
+/// dockerd that starts containerd itself gives up when it is not up within its fixed timeout,
+/// which an emulated CPU on a busy host can exceed (seen on 6.1). dockerd uses a containerd
+/// that already serves /run/containerd/containerd.sock.
+fn start_containerd() -> Result<()> {
+    let log_path = Path::new(SCRATCH).join("containerd.log");
+    println!("xtask: starting containerd in the background (log: {}) ...", log_path.display());
+    let log = File::create(&log_path)?;
+    let mut child = Command::new("containerd")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting containerd")?;
+    let deadline = Instant::now() + DOCKERD_TIMEOUT;
+    while UnixStream::connect(CONTAINERD_SOCKET).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("containerd exited ({status}); see {}", log_path.display());
+        }
+        if Instant::now() >= deadline {
+            bail!("containerd did not serve {CONTAINERD_SOCKET} within {DOCKERD_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// One test binary, as `cargo test` runs it (from its package's directory) and with the
