@@ -34,6 +34,12 @@ fn daemon_answers() -> bool {
 
 /// Start dockerd in its own session unless one answers; its log goes to `<target>/dockerd.log`.
 pub fn ensure_daemon(target_dir: &Path) -> Result<()> {
+    ensure_daemon_within(target_dir, START_TIMEOUT)
+}
+
+/// [`ensure_daemon`], waiting up to `timeout` for a started dockerd to answer (an emulated
+/// CPU needs longer).
+pub fn ensure_daemon_within(target_dir: &Path, timeout: Duration) -> Result<()> {
     if daemon_answers() {
         println!("xtask: dockerd answers");
         return Ok(());
@@ -56,7 +62,7 @@ pub fn ensure_daemon(target_dir: &Path) -> Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting dockerd")?;
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         if daemon_answers() {
             println!("xtask: dockerd is up");
@@ -66,7 +72,9 @@ pub fn ensure_daemon(target_dir: &Path) -> Result<()> {
             return fail_with_log(&log_path, &format!("dockerd exited ({status})"));
         }
         if Instant::now() >= deadline {
-            return fail_with_log(&log_path, "dockerd did not answer `docker info` within 60 s");
+            let what =
+                format!("dockerd did not answer `docker info` within {} s", timeout.as_secs());
+            return fail_with_log(&log_path, &what);
         }
         sleep(Duration::from_millis(500));
     }

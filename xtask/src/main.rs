@@ -12,6 +12,7 @@ mod install;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::env;
 use std::ffi::OsStr;
@@ -52,6 +53,9 @@ enum Cmd {
     /// Build a static guard and the FROM scratch image `container-guard:dev` (docker build);
     /// print its size.
     Image(image::ImageArgs),
+    /// Inside the VM of `test --kernel` only: prepare the guest and run the test binaries.
+    #[command(hide = true)]
+    VmGuest(vm::guest::GuestArgs),
 }
 
 /// Where the workspace lives.
@@ -102,6 +106,8 @@ fn dispatch(cmd: Cmd) -> Result<bool> {
             require_root("run as root: the image is built by dockerd (started if it is down)")?;
             image::image(&ctx()?, &args).map(|()| true)
         }
+        // No cargo in the guest: it has the host's files, read-only, and nothing to build.
+        Cmd::VmGuest(args) => vm::guest::run(&args),
     }
 }
 

@@ -1,33 +1,46 @@
-//! `cargo xtask test`: the three tiers and their summary.
+//! `cargo xtask test`: the three tiers and their summary; with `--kernel`, the privileged
+//! tiers inside a VM booted on another kernel (see `vm`).
 
 use std::io::{self, Write};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::docker::TEST_IMAGE;
 use crate::engines::{self, Engine};
-use crate::{Ctx, setup, sh, show};
+use crate::{Ctx, setup, sh, show, vm};
 
 #[derive(Args)]
 pub struct TestArgs {
     /// Run only this tier (repeatable); default: unit, verdict and e2e, in that order (only
-    /// e2e when --engine is given).
+    /// e2e when --engine is given). With --kernel: verdict and e2e, where e2e is the seed
+    /// scenario only (the `e2e` test binary), and unit is refused (it does not depend on the
+    /// kernel).
     #[arg(long, value_enum)]
     tier: Vec<Tier>,
     /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28.
     #[arg(long, value_enum)]
     engine: Vec<Engine>,
+    /// Run the tiers inside a VM (qemu, software emulation) booted on this kernel instead of
+    /// on the host: a Debian kernel (`6.1`, `5.10`, `6.12`; downloaded once and cached under
+    /// ~/.cache/container-guard/kernels) or a path to a vmlinuz. Repeatable, or comma-separated
+    /// (`--kernel 6.1,5.10`): the kernels run one after the other.
+    #[arg(long, value_name = "SPEC", value_delimiter = ',')]
+    kernel: Vec<String>,
+    /// With --kernel: give up on a VM after this many seconds (boot included), and count its
+    /// unfinished tiers as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, requires = "kernel")]
+    vm_timeout: u64,
     /// Passed to every test binary, after `--` (e.g. a test name filter).
     #[arg(last = true, value_name = "TEST_ARGS")]
     args: Vec<String>,
 }
 
-#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Tier {
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Tier {
     /// Label parsing, desired state and the rest of the pure code; no root needed.
     Unit,
     /// The real XDP program run by the kernel (BPF_PROG_TEST_RUN) on crafted frames.
@@ -37,7 +50,7 @@ enum Tier {
 }
 
 impl Tier {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Tier::Unit => "unit",
             Tier::Verdict => "verdict",
@@ -81,7 +94,7 @@ impl Tier {
         }
     }
 
-    fn harness_args(self) -> &'static [&'static str] {
+    pub(crate) fn harness_args(self) -> &'static [&'static str] {
         match self {
             Tier::E2e => &["--test-threads=1"],
             _ => &[],
@@ -91,17 +104,19 @@ impl Tier {
 
 /// Sums of the libtest `test result:` lines of one tier.
 #[derive(Default, Debug, PartialEq)]
-struct Counts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub(crate) struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 pub struct Outcome {
-    /// The tier, and the engine where it is not the machine's own: `e2e[docker 28.5.2]`.
-    label: String,
-    counts: Counts,
-    status: ExitStatus,
+    /// The tier, and the engine or kernel where it is not the machine's own:
+    /// `e2e[docker 28.5.2]`.
+    pub label: String,
+    pub counts: Counts,
+    /// Why the runner itself failed (`cargo: exit status: 101`), `None` when it succeeded.
+    pub runner_failure: Option<String>,
     /// How long it took (for an engine run, from fetching the engine to swapping back).
     pub secs: Option<u64>,
 }
@@ -109,15 +124,15 @@ pub struct Outcome {
 impl Outcome {
     /// A tier that had no test to run (it counts as failed, like one whose tests ran none).
     pub fn none(label: String) -> Self {
-        Outcome { label, counts: Counts::default(), status: ExitStatus::default(), secs: None }
+        Outcome { label, counts: Counts::default(), runner_failure: None, secs: None }
     }
 
-    fn ok(&self) -> bool {
-        self.status.success() && self.counts.failed == 0 && self.counts.passed > 0
+    pub(crate) fn ok(&self) -> bool {
+        self.runner_failure.is_none() && self.counts.failed == 0 && self.counts.passed > 0
     }
 
     /// `verdict 16 passed 2 failed 1 ignored (cargo: exit status: 101) in 31 s`
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let Counts { passed, failed, ignored } = self.counts;
         let mut s = format!("{} {passed} passed", self.label);
         if failed > 0 {
@@ -126,8 +141,8 @@ impl Outcome {
         if ignored > 0 {
             s += &format!(" {ignored} ignored");
         }
-        if !self.status.success() {
-            s += &format!(" (cargo: {})", self.status);
+        if let Some(failure) = &self.runner_failure {
+            s += &format!(" ({failure})");
         } else if passed + failed == 0 {
             s += " (ran no test: FAILED)";
         }
@@ -140,22 +155,26 @@ impl Outcome {
 
 /// Returns whether every selected tier ran tests and all of them passed.
 pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
+    if !args.kernel.is_empty() {
+        let tiers = selected(&args.tier, &[Tier::Verdict, Tier::E2e]);
+        anyhow::ensure!(
+            !tiers.contains(&Tier::Unit),
+            "the unit tier does not depend on the kernel: run it without --kernel"
+        );
+        let timeout = Duration::from_secs(args.vm_timeout);
+        return vm::test(ctx, &args.kernel, &tiers, &args.args, timeout);
+    }
     let start = Instant::now();
     engines::recover_killed_run(ctx)?;
     setup::machine(ctx)?;
-    println!("xtask: building guard with cargo build -p guard-userspace ...");
-    sh(Command::new("cargo").args(["build", "-p", "guard-userspace"]))?;
+    build_guard()?;
     let guard_bin = ctx.target_dir.join("debug/guard");
 
-    let mut tiers = if args.tier.is_empty() && !args.engine.is_empty() {
+    let tiers = if args.tier.is_empty() && !args.engine.is_empty() {
         vec![Tier::E2e]
-    } else if args.tier.is_empty() {
-        vec![Tier::Unit, Tier::Verdict, Tier::E2e]
     } else {
-        args.tier.clone()
+        selected(&args.tier, &[Tier::Unit, Tier::Verdict, Tier::E2e])
     };
-    tiers.sort();
-    tiers.dedup();
 
     let mut outcomes = Vec::new();
     for tier in tiers {
@@ -171,12 +190,35 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
         }
     }
 
-    let tiers: Vec<String> = outcomes.iter().map(Outcome::describe).collect();
-    println!("xtask test: {} (in {} s)", tiers.join(", "), start.elapsed().as_secs());
+    println!("xtask test: {} (in {} s)", describe_all(&outcomes), start.elapsed().as_secs());
+    print_totals(&outcomes);
+    Ok(outcomes.iter().all(Outcome::ok))
+}
+
+/// The tiers asked for (or `default`), in tier order, each once.
+fn selected(asked: &[Tier], default: &[Tier]) -> Vec<Tier> {
+    let mut tiers = if asked.is_empty() { default.to_vec() } else { asked.to_vec() };
+    tiers.sort();
+    tiers.dedup();
+    tiers
+}
+
+/// The debug `guard` the tiers run (GUARD_BIN).
+pub(crate) fn build_guard() -> Result<()> {
+    println!("xtask: building guard with cargo build -p guard-userspace ...");
+    sh(Command::new("cargo").args(["build", "-p", "guard-userspace"]))
+}
+
+/// `verdict 16 passed, e2e 3 passed`
+pub(crate) fn describe_all(outcomes: &[Outcome]) -> String {
+    outcomes.iter().map(Outcome::describe).collect::<Vec<_>>().join(", ")
+}
+
+/// The closing line, `N passed, F failed`, over every outcome.
+pub(crate) fn print_totals(outcomes: &[Outcome]) {
     let passed: u64 = outcomes.iter().map(|o| o.counts.passed).sum();
     let failed: u64 = outcomes.iter().map(|o| o.counts.failed).sum();
     println!("{passed} passed, {failed} failed");
-    Ok(outcomes.iter().all(Outcome::ok))
 }
 
 /// Run one tier's cargo test, streaming its stdout to ours while keeping a copy to count.
@@ -202,7 +244,8 @@ pub fn run_counted(label: String, mut cmd: Command) -> Result<Outcome> {
     let status = child.wait()?;
     let counts = parse_counts(&String::from_utf8_lossy(&tee.copy));
     let secs = Some(started.elapsed().as_secs());
-    Ok(Outcome { label, counts, status, secs })
+    let runner_failure = (!status.success()).then(|| format!("cargo: {status}"));
+    Ok(Outcome { label, counts, runner_failure, secs })
 }
 
 /// Writes through to stdout at once and keeps a copy.
@@ -225,7 +268,7 @@ impl Write for Tee {
 }
 
 /// Sum every `test result: ok. 41 passed; 0 failed; 2 ignored; ...` line.
-fn parse_counts(output: &str) -> Counts {
+pub(crate) fn parse_counts(output: &str) -> Counts {
     let mut counts = Counts::default();
     for line in output.lines() {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
