@@ -21,8 +21,14 @@ pub const READY_MARKER: &str = "initial sync complete";
 pub const GUARDING_MARKER: &str = "guarding before Docker answers";
 /// Loading, attaching and the first Docker sync take well under a second here; the margin
 /// is for a cold, loaded machine.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to say it is ready, and to stop (see [`crate::patience`]).
+fn ready_timeout() -> Duration {
+    crate::patience(Duration::from_secs(30))
+}
+
+fn stop_timeout() -> Duration {
+    crate::patience(Duration::from_secs(10))
+}
 /// Pin directories are `/sys/fs/bpf/guard-e2e-<pid>-<n>`: the pid says whether the run that
 /// made one is still alive.
 const PIN_PREFIX: &str = "guard-e2e-";
@@ -140,8 +146,8 @@ impl Agent {
         let pid = Pid::from_raw(child.id() as i32);
         // The child is ours and not yet reaped, so the pid cannot have been reused.
         let _ = kill(pid, Signal::SIGKILL);
-        let status = cmd::wait_bounded(&mut child, STOP_TIMEOUT);
-        assert!(status.is_some(), "guard run survived SIGKILL for {STOP_TIMEOUT:?}");
+        let status = cmd::wait_bounded(&mut child, stop_timeout());
+        assert!(status.is_some(), "guard run survived SIGKILL for {:?}", stop_timeout());
     }
 
     /// Starts `guard run` again on the same pin directory, with the same arguments, after
@@ -174,7 +180,7 @@ impl Agent {
 
     /// Waits until the current agent has logged `marker`.
     pub fn wait_for(&mut self, marker: &str) {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout();
         while !self.log_of_current_run().contains(marker) {
             let child = self.child.as_mut().expect("agent running");
             if let Ok(Some(status)) = child.try_wait() {
@@ -182,7 +188,8 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "guard run did not log `{marker}` within {READY_TIMEOUT:?}:\n{}",
+                "guard run did not log `{marker}` within {:?}:\n{}",
+                ready_timeout(),
                 self.log()
             );
             thread::sleep(Duration::from_millis(50));
@@ -213,7 +220,9 @@ impl Agent {
         match status {
             Some(status) if status.success() => {}
             Some(status) => panic!("guard run exited with {status} on SIGTERM:\n{}", self.log()),
-            None => panic!("guard run ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}", self.log()),
+            None => {
+                panic!("guard run ignored SIGTERM for {:?}:\n{}", stop_timeout(), self.log())
+            }
         }
     }
 
@@ -228,14 +237,14 @@ impl Agent {
         }
     }
 
-    /// SIGTERM, then SIGKILL if it does not exit within [`STOP_TIMEOUT`]; `None` if it had to
+    /// SIGTERM, then SIGKILL if it does not exit within [`stop_timeout`]; `None` if it had to
     /// be killed.
     fn stop_child(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let pid = Pid::from_raw(child.id() as i32);
         // The child is ours and not yet reaped, so the pid cannot have been reused.
         let _ = kill(pid, Signal::SIGTERM);
-        cmd::wait_bounded(&mut child, STOP_TIMEOUT)
+        cmd::wait_bounded(&mut child, stop_timeout())
     }
 
     fn try_unload(&mut self) -> Result<(), String> {

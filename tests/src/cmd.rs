@@ -9,10 +9,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Generous: `docker run` on a loaded 2-core machine can take several seconds.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a command of the test bed may run (see [`crate::patience`]).
+pub fn command_timeout() -> Duration {
+    crate::patience(Duration::from_secs(60))
+}
 
 /// Runs `program args`, returns its stdout; panics with the command line and stderr if it
-/// fails or outlives [`COMMAND_TIMEOUT`].
+/// fails or outlives [`command_timeout`].
 pub fn run(program: &str, args: &[&str]) -> String {
     match try_run(program, args) {
         Ok(stdout) => stdout,
@@ -24,7 +27,7 @@ pub fn run(program: &str, args: &[&str]) -> String {
 /// a test is already unwinding.
 pub fn try_run(program: &str, args: &[&str]) -> Result<String, String> {
     let line = format!("{program} {}", args.join(" "));
-    let out = output(Command::new(program).args(args), COMMAND_TIMEOUT)
+    let out = output(Command::new(program).args(args), command_timeout())
         .map_err(|e| format!("`{line}`: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -233,7 +233,7 @@ impl ContainerAgent {
             .arg(self.workdir.join("override.yaml"))
             .args(args)
             .env("GUARD_IMAGE", IMAGE);
-        cmd::output(&mut command, cmd::COMMAND_TIMEOUT)
+        cmd::output(&mut command, cmd::command_timeout())
             .map_err(|e| format!("`docker-compose {}`: {e}", args.join(" ")))
     }
 
@@ -241,7 +241,7 @@ impl ContainerAgent {
     pub fn logs(&self) -> String {
         match cmd::output(
             Command::new(docker_bin()).args(["logs", CONTAINER]),
-            cmd::COMMAND_TIMEOUT,
+            cmd::command_timeout(),
         ) {
             Ok(out) => {
                 String::from_utf8_lossy(&out.stdout).into_owned()
@@ -310,7 +310,7 @@ impl ContainerAgent {
     pub fn exec(&self, args: &[&str]) -> Output {
         cmd::output(
             Command::new(docker_bin()).args(["exec", CONTAINER, "/guard"]).args(args),
-            cmd::COMMAND_TIMEOUT,
+            cmd::command_timeout(),
         )
         .unwrap_or_else(|e| panic!("docker exec {CONTAINER} /guard {args:?}: {e}"))
     }
@@ -342,7 +342,7 @@ impl ContainerAgent {
             Command::new(docker_bin())
                 .args(["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--read-only"])
                 .args(["--volume", bpffs, IMAGE, "unload", "--pin-dir", &pin_dir]),
-            cmd::COMMAND_TIMEOUT,
+            cmd::command_timeout(),
         )
         .unwrap_or_else(|e| panic!("docker run {IMAGE} unload: {e}"));
         self.unloaded = true;

@@ -280,7 +280,10 @@ impl Container {
         let container = Self { name, ip: spec.ip, ip6: spec.ip6 };
         if let Some(ip) = spec.ip {
             for &port in spec.listens_on {
-                probe::wait_for_tcp(SocketAddr::from((ip, port)), Duration::from_secs(15));
+                probe::wait_for_tcp(
+                    SocketAddr::from((ip, port)),
+                    crate::patience(Duration::from_secs(15)),
+                );
             }
         }
         container
@@ -318,7 +321,7 @@ impl Container {
     pub fn exec(&self, args: &[&str]) -> Output {
         cmd::output(
             Command::new(docker_bin()).arg("exec").arg(&self.name).args(args),
-            cmd::COMMAND_TIMEOUT,
+            cmd::command_timeout(),
         )
         .unwrap_or_else(|e| panic!("docker exec {} {args:?}: {e}", self.name))
     }

@@ -102,3 +102,11 @@ fn remove_leftovers() {
     agent::remove_leftover_pins();
     host::restore_leftover_settings();
 }
+
+/// `bound`, stretched on a slow machine: times GUARD_TEST_SLOWDOWN (a whole number, default
+/// 1), which a run under software emulation sets (a VM there runs processes several times
+/// slower). For bounds on how long the test bed waits, never for what a test asserts.
+pub fn patience(bound: std::time::Duration) -> std::time::Duration {
+    let factor = std::env::var("GUARD_TEST_SLOWDOWN").ok().and_then(|v| v.parse().ok());
+    bound * factor.unwrap_or(1u32).max(1)
+}

@@ -67,7 +67,7 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
     let script = "import json, sys, yaml\n\
                   json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)";
     let out =
-        cmd::output(Command::new(&python).args(["-c", script]).arg(path), cmd::COMMAND_TIMEOUT)
+        cmd::output(Command::new(&python).args(["-c", script]).arg(path), cmd::command_timeout())
             .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -354,7 +354,7 @@ fn readme_docker_run_grants_the_same_set() {
 fn assert_compose_config_accepts(path: &std::path::Path) {
     let out = cmd::output(
         Command::new(docker_compose_bin()).arg("--file").arg(path).args(["config", "--quiet"]),
-        cmd::COMMAND_TIMEOUT,
+        cmd::command_timeout(),
     )
     .unwrap_or_else(|e| panic!("docker-compose config: {e}"));
     assert!(
@@ -386,7 +386,7 @@ fn stack_file_validates() {
     let client = candidates
         .filter(|c| c.is_file())
         .find(|c| {
-            cmd::output(Command::new(c).args(["stack", "config", "--help"]), cmd::COMMAND_TIMEOUT)
+            cmd::output(Command::new(c).args(["stack", "config", "--help"]), cmd::command_timeout())
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--compose-file"))
         })
         .unwrap_or_else(|| {
@@ -399,7 +399,7 @@ fn stack_file_validates() {
     for path in [&path, &variant] {
         let out = cmd::output(
             Command::new(&client).args(["stack", "config", "--compose-file"]).arg(path),
-            cmd::COMMAND_TIMEOUT,
+            cmd::command_timeout(),
         )
         .unwrap_or_else(|e| panic!("docker stack config: {e}"));
         assert!(
@@ -422,7 +422,7 @@ fn kubernetes_validate() -> Command {
     let python = find_in_path("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
     let importable = cmd::output(
         Command::new(&python).args(["-c", "import kubernetes_validate"]),
-        cmd::COMMAND_TIMEOUT,
+        cmd::command_timeout(),
     )
     .is_ok_and(|o| o.status.success());
     assert!(
@@ -450,7 +450,7 @@ fn daemonset_validates() {
         if let Some(version) = version {
             command.args(["--kubernetes-version", version]);
         }
-        let out = cmd::output(command.arg(path), cmd::COMMAND_TIMEOUT)
+        let out = cmd::output(command.arg(path), cmd::command_timeout())
             .unwrap_or_else(|e| panic!("kubernetes-validate: {e}"));
         let report = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);

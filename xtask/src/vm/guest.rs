@@ -158,6 +158,9 @@ fn run_tier(tier: Tier, bin: &Path, args: &GuestArgs) -> Result<bool> {
         .current_dir(package_dir)
         .env("GUARD_BIN", &args.guard_bin)
         .env("GUARD_TEST_IMAGE", TEST_IMAGE)
+        // Software emulation runs processes several times slower: the test bed waits longer
+        // (what the tests assert is unchanged).
+        .env("GUARD_TEST_SLOWDOWN", "6")
         // The target directory is read-only in here; the tests that restart dockerd log to
         // `$CARGO_TARGET_DIR/dockerd.log`.
         .env("CARGO_TARGET_DIR", SCRATCH)
