@@ -74,7 +74,9 @@ fn tried(network: &Network, named: &str) -> String {
 }
 
 /// `snapshot` with each network's bridge replaced by the one found (None where none is), and a
-/// warning for every bridge network without one.
+/// warning for every bridge network without one that a container is on. Podman's netavark
+/// creates a network's bridge with its first container and removes it with its last, so a
+/// network no container uses has none, rightly.
 pub fn resolved(
     snapshot: &Snapshot,
     links: &[Link],
@@ -84,7 +86,14 @@ pub fn resolved(
     let mut out = snapshot.clone();
     for network in &mut out.networks {
         let found = find(network, links, addrs);
-        if let Found::Missing(tried) = &found {
+        let in_use = snapshot
+            .containers
+            .iter()
+            .flat_map(|c| &c.addresses)
+            .any(|ip| network.subnets.iter().any(|s| s.contains(*ip)));
+        if let Found::Missing(tried) = &found
+            && in_use
+        {
             warnings.push(format!(
                 "network {} ({}): no Linux bridge found, so no gate and no reply memory guard \
                  its containers there; tried {tried}",
@@ -163,8 +172,21 @@ mod tests {
             panic!("no bridge should be found");
         };
         assert!(tried.contains("br-0123456789ab") && tried.contains("10.89.0.0/24"), "{tried}");
+        // Without containers it has no bridge yet (Podman makes it with the first): quiet.
         let mut warnings = Vec::new();
-        let snapshot = Snapshot { networks: vec![n], containers: vec![] };
+        let mut snapshot = Snapshot { networks: vec![n], containers: vec![] };
+        let out = resolved(&snapshot, &links, &[], &mut warnings);
+        assert_eq!(out.networks[0].bridge, None);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // With one, it is said.
+        snapshot.containers.push(crate::snapshot::Container {
+            id: "c".into(),
+            name: "db".into(),
+            image: String::new(),
+            labels: Default::default(),
+            addresses: vec!["10.89.0.10".parse().expect("an address")],
+            published: vec![],
+        });
         let out = resolved(&snapshot, &links, &[], &mut warnings);
         assert_eq!(out.networks[0].bridge, None);
         assert_eq!(warnings.len(), 1);
