@@ -18,7 +18,8 @@ pub struct TestArgs {
     /// e2e when --engine is given).
     #[arg(long, value_enum)]
     tier: Vec<Tier>,
-    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28.
+    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28
+    /// (podman only when named).
     #[arg(long, value_enum)]
     engine: Vec<Engine>,
     /// Passed to every test binary, after `--` (e.g. a test name filter).
@@ -167,6 +168,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
             outcomes.push(match engine {
                 Engine::Docker20 => run_tier(tier, &args.args, &guard_bin)?,
                 Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
+                Engine::Podman => crate::podman::run_podman(&args.args, &guard_bin)?,
             });
         }
     }
