@@ -37,6 +37,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     attach::Attachments,
+    bridges,
     desired::{Desired, desired_state},
     docker::{DockerClient, DockerError},
     docker_link::{DOCKER_POLL, DockerLink},
@@ -521,6 +522,9 @@ impl Agent {
             }
         }
 
+        // The engine's bridge names are a guess where it gives none (Podman): the kernel says.
+        let iface_addrs = interfaces::interface_addresses().context("listing addresses")?;
+        let snapshot = &bridges::resolved(snapshot, &links, &iface_addrs, &mut warnings);
         let docker_bridges = docker_bridges(&links, snapshot);
         let uplinks = self.uplinks(&links, &docker_bridges, &mut warnings);
         let bridges: Vec<Link> =

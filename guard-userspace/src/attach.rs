@@ -133,7 +133,8 @@ impl Hookable for Xdp {
             match self.attach_to_if_index(link.ifindex, XdpMode::Driver) {
                 Ok(id) => (id, Mode::Native),
                 Err(native) => {
-                    warn!(iface = %link.name, "native XDP unavailable ({native}); using generic mode");
+                    let cause = native_refusal(&native, link);
+                    warn!(iface = %link.name, "native XDP unavailable ({cause}); using generic mode");
                     let id = self
                         .attach_to_if_index(link.ifindex, XdpMode::Skb)
                         .map_err(|e| format!("native and generic mode: {e}"))?;
@@ -363,14 +364,59 @@ impl Attachments {
     }
 
     fn detached(&mut self, hook: Hook, ifindex: u32) {
-        let name = self.attached.remove(&(hook, ifindex)).map(|(n, _)| n);
+        // A link an earlier agent pinned is not in `attached`: the interface list names it.
+        let name = self.attached.remove(&(hook, ifindex)).map(|(n, _)| n).or_else(|| {
+            let links = crate::interfaces::links().unwrap_or_default();
+            links.into_iter().find(|l| l.ifindex == ifindex).map(|l| l.name)
+        });
+        let why = match hook {
+            Hook::Xdp | Hook::TcEgress => "no longer an uplink",
+            _ => "no longer an engine's bridge",
+        };
         info!(
             hook = hook.name(),
             ifindex,
-            iface = name.as_deref().unwrap_or("?"),
-            "detached: no longer an uplink"
+            iface = name.as_deref().unwrap_or("(gone)"),
+            "detached: {why}"
         );
     }
+}
+
+/// Why the kernel refused native XDP on `link`: aya's error with its whole cause chain (the
+/// errno is in the source, not in aya's message), and what that errno means for an XDP
+/// attach. The kernel's own words go only to a tracepoint (`xdp:bpf_xdp_link_attach_failed`),
+/// so they are restated here from net/core/dev.c.
+fn native_refusal(error: &(dyn std::error::Error + 'static), link: &Link) -> String {
+    let mut text = error.to_string();
+    let mut errno = None;
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(&format!(": {e}"));
+        errno = errno.or_else(|| e.downcast_ref::<std::io::Error>()?.raw_os_error());
+        source = e.source();
+    }
+    match errno.and_then(|n| xdp_errno_meaning(n, link.master.as_deref())) {
+        Some(meaning) => format!("{text}; {meaning}"),
+        None => text,
+    }
+}
+
+/// What an errno from an XDP link attach means (dev_xdp_attach in net/core/dev.c).
+fn xdp_errno_meaning(errno: i32, master: Option<&str>) -> Option<String> {
+    Some(match errno {
+        libc::EEXIST => {
+            let upper = master.map_or(String::new(), |m| format!(" ({m} is its master)"));
+            format!(
+                "the kernel says \"Cannot attach when an upper device already has a program\"{upper} \
+                 or \"Native and generic XDP can't be active at the same time\""
+            )
+        }
+        libc::EBUSY => "the kernel says \"Can't replace active BPF XDP link\"".into(),
+        libc::EOPNOTSUPP => {
+            "the kernel says \"Underlying driver does not support XDP in native mode\"".into()
+        }
+        _ => return None,
+    })
 }
 
 fn attach_error(hook: Hook, link: &Link, reason: String) -> AttachError {
@@ -435,4 +481,48 @@ fn ensure(
         reason: e.to_string(),
     })?;
     Ok((mode, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// aya's shape: the call in the message, the errno only in the source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("`bpf_link_create` failed")]
+    struct Syscall(#[source] std::io::Error);
+
+    fn port_of(master: Option<&str>) -> Link {
+        Link {
+            name: "veth1".into(),
+            ifindex: 7,
+            master: master.map(String::from),
+            is_veth: true,
+            is_bridge: false,
+            link_type: 1,
+        }
+    }
+
+    #[test]
+    fn a_native_refusal_carries_the_errno_and_what_the_kernel_meant() {
+        let error = Syscall(std::io::Error::from_raw_os_error(libc::EEXIST));
+        let text = native_refusal(&error, &port_of(Some("podman0")));
+        assert!(
+            text.starts_with("`bpf_link_create` failed: File exists (os error 17); "),
+            "{text}"
+        );
+        assert!(
+            text.contains("upper device already has a program\" (podman0 is its master)"),
+            "{text}"
+        );
+        let error = Syscall(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        let text = native_refusal(&error, &port_of(None));
+        assert!(text.contains("does not support XDP in native mode"), "{text}");
+        // An errno without a known meaning still shows itself.
+        let error = Syscall(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            native_refusal(&error, &port_of(None)),
+            "`bpf_link_create` failed: Operation not permitted (os error 1)"
+        );
+    }
 }

@@ -168,6 +168,19 @@ pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(ips)
 }
 
+/// Every unicast address with the interface that holds it (both families): what tells which
+/// bridge carries an engine network (see [`crate::bridges`]).
+pub fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    let ip = |a: &nix::ifaddrs::InterfaceAddress| -> Option<IpAddr> {
+        let sa = a.address.as_ref()?;
+        sa.as_sockaddr_in()
+            .map(|v4| IpAddr::V4(v4.ip()))
+            .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+    };
+    Ok(addrs.filter_map(|a| Some((a.interface_name.clone(), ip(&a)?))).collect())
+}
+
 /// An IPv4 address and what the kernel receives along with it: for a prefix shorter than 31
 /// bits, the subnet's broadcast address (`fib_add_ifaddr` adds that route whether or not the
 /// address was given a broadcast address) and its lowest address (a broadcast address too on
@@ -222,11 +235,15 @@ pub fn change_notifications() -> io::Result<std::os::fd::OwnedFd> {
 /// agent is away has one before the agent hears of it: such a bridge is taken for Docker's,
 /// so it gets the gate rather than becoming an uplink that judges containers' own packets as
 /// outside traffic. (One Docker does not report is a leftover of Docker's: the same.)
+/// Podman's netavark does the same with `podman0`, `podman1`…, which its compatible API does
+/// not even name: taken for an engine's bridge alike.
 pub fn named_like_docker(link: &Link) -> bool {
     let id = link.name.strip_prefix("br-");
+    let podman = link.name.strip_prefix("podman");
     link.is_bridge
         && (link.name == "docker0"
-            || id.is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())))
+            || id.is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            || podman.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// The uplinks among `links`, given Docker's bridge names and the trusted interfaces.
@@ -317,12 +334,15 @@ mod tests {
             link("br-lan", 6, None),
             link("br0", 7, None),
             Link { is_bridge: false, ..link("br-ba9876543210", 8, None) }, // not a bridge
+            Link { is_bridge: true, ..link("podman1", 9, None) },          // netavark's
+            Link { is_bridge: true, ..link("podman", 10, None) },
+            Link { is_bridge: true, ..link("podmanx", 11, None) },
         ]
         .iter()
         .filter(|l| named_like_docker(l))
         .map(|l| l.name.clone())
         .collect();
-        assert_eq!(docker, ["docker0", "br-0123456789ab"]);
+        assert_eq!(docker, ["docker0", "br-0123456789ab", "podman1"]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
 //! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`docker_link`] (reaching
-//! it), [`interfaces`] (links and addresses), [`pins`] (bpffs layout), [`loader`] (the
+//! it), [`interfaces`] (links and addresses), [`bridges`] (which bridge
+//! carries each engine network), [`pins`] (bpffs layout), [`loader`] (the
 //! embedded program), [`kernel`] (what the running kernel can do), [`attach`] (programs on
 //! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`rtnetlink`] (the
 //! netlink requests aya does not make), [`link_info`] (is a pinned link still attached),
@@ -20,6 +21,7 @@ pub mod tables;
 
 pub mod agent;
 pub mod attach;
+pub mod bridges;
 pub mod docker;
 pub mod docker_link;
 pub mod drops;

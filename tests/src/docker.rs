@@ -58,6 +58,9 @@ pub const GATEWAY_MODE_V6: &str = "com.docker.network.bridge.gateway_mode_ipv6";
 pub struct Engine {
     pub major: u32,
     pub minor: u32,
+    /// Podman serving the Docker API (`podman system service`): its version numbers are
+    /// Podman's, and its firewall (netavark) is its own.
+    pub podman: bool,
 }
 
 impl Engine {
@@ -67,8 +70,11 @@ impl Engine {
         static ENGINE: OnceLock<Engine> = OnceLock::new();
         *ENGINE.get_or_init(|| {
             let version = docker(&["version", "--format", "{{.Server.Version}}"]);
-            Engine::parse(version.trim())
-                .unwrap_or_else(|| panic!("cannot read the engine version from {version:?}"))
+            let components =
+                docker(&["version", "--format", "{{range .Server.Components}}{{.Name}};{{end}}"]);
+            let engine = Engine::parse(version.trim())
+                .unwrap_or_else(|| panic!("cannot read the engine version from {version:?}"));
+            Engine { podman: components.contains("Podman Engine"), ..engine }
         })
     }
 
@@ -77,7 +83,14 @@ impl Engine {
         let mut parts = version.split(['.', '+', '-']);
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next()?.parse().ok()?;
-        Some(Engine { major, minor })
+        Some(Engine { major, minor, podman: false })
+    }
+
+    /// Whether the host reaches a published port on `[::1]`: Docker's docker-proxy listens
+    /// on `::` and serves it; rootful Podman publishes by DNAT alone (netavark), which cannot
+    /// rewrite what is sent to IPv6 loopback, so nothing answers there.
+    pub fn publishes_on_v6_loopback(self) -> bool {
+        !self.podman
     }
 
     /// Docker 28 drops what an outside host routes straight to a container on a bridge network
@@ -86,26 +99,26 @@ impl Engine {
     /// (`DOCKER ! -i br-… -o br-… -j DROP`). Docker 20.10 forwards all of it. Published ports
     /// stay open to everyone on both.
     pub fn drops_direct_routing(self) -> bool {
-        self.major >= 28
+        !self.podman && self.major >= 28
     }
 
     /// Bridge networks have gateway modes (`nat`, `nat-unprotected`, `routed`, `isolated`):
     /// Docker 28 (tested; they came with 27); 20.10 has NAT only.
     pub fn has_gateway_modes(self) -> bool {
-        self.major >= 28
+        !self.podman && self.major >= 28
     }
 
-    /// Docker 27 and later run ip6tables by default: a bridge network's IPv6 is masqueraded
+    /// Podman's netavark masquerades IPv6 too. Docker 27 and later run ip6tables by default: a bridge network's IPv6 is masqueraded
     /// like its IPv4, and published ports are DNATed on IPv6 too. Docker 20.10 leaves IPv6
     /// alone (no NAT; docker-proxy serves published ports on `::`).
     pub fn nats_ipv6(self) -> bool {
-        self.major >= 27
+        self.podman || self.major >= 27
     }
 
     /// Docker 28 grants CAP_BPF and CAP_PERFMON (and its default seccomp profile allows
     /// bpf(2) with CAP_BPF); Docker 20.10 refuses them as "unknown capability".
     pub fn grants_bpf_caps(self) -> bool {
-        self.major >= 28
+        !self.podman && self.major >= 28
     }
 }
 

@@ -287,7 +287,7 @@ impl SeedBed {
     }
 
     /// The host (local zone) reaches every port by container address and through the
-    /// published ports on loopback (docker-proxy).
+    /// published ports on loopback (docker-proxy; IPv4 only on Podman, which has none).
     fn check_host_reaches_containers(&self) {
         let mut targets = Vec::new();
         for t in self.project.targets() {
@@ -296,7 +296,9 @@ impl SeedBed {
             target(SocketAddr::new(t.container.ip6().into(), t.port));
             if let Some(host_port) = t.published {
                 target(SocketAddr::from(([127, 0, 0, 1], host_port)));
-                target(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], host_port)));
+                if Engine::current().publishes_on_v6_loopback() {
+                    target(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], host_port)));
+                }
             }
         }
         let blocked: Vec<_> = targets

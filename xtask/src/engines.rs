@@ -43,6 +43,9 @@ pub enum Engine {
     /// the seed scenario, its gateway modes, the start race, crash and restart, and the agent
     /// as a container.
     Docker28,
+    /// Rootful Podman 4.3.1 from Debian bookworm, unpacked into the same cache, serving the
+    /// Docker API beside dockerd 20.10: the seed scenario.
+    Podman,
 }
 
 /// Debian's version of the packages, pinned.
@@ -155,7 +158,7 @@ fn prebuild(ctx: &Ctx, names: &[&str]) -> Result<()> {
 }
 
 /// Whether the user's test filters (the arguments after `--` that are not flags) leave `name`.
-fn selected_by(name: &str, extra: &[String]) -> bool {
+pub(crate) fn selected_by(name: &str, extra: &[String]) -> bool {
     let filters: Vec<&String> = extra.iter().filter(|a| !a.starts_with('-')).collect();
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
@@ -163,7 +166,12 @@ fn selected_by(name: &str, extra: &[String]) -> bool {
 /// `cargo test` of the engine's tests `names`, with a private test-bed lock and the flags
 /// among `extra`. Ctrl-C reaches the tests (xtask itself ignores it while swapped, so that
 /// it still swaps back).
-fn run_tests(label: &str, names: &[&str], extra: &[String], guard_bin: &Path) -> Result<Outcome> {
+pub(crate) fn run_tests(
+    label: &str,
+    names: &[&str],
+    extra: &[String],
+    guard_bin: &Path,
+) -> Result<Outcome> {
     let flags = extra.iter().filter(|a| a.starts_with('-'));
     let mut binaries: Vec<&str> = DOCKER28_TESTS
         .iter()
@@ -198,7 +206,7 @@ fn run_tests(label: &str, names: &[&str], extra: &[String], guard_bin: &Path) ->
 // ---------------------------------------------------------------------------------------
 
 /// ~/.cache/container-guard/engines (XDG_CACHE_HOME respected).
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
     });
@@ -260,7 +268,7 @@ fn fetch_docker28() -> Result<PathBuf> {
     Ok(root)
 }
 
-fn sha256_of(path: &Path) -> Result<String> {
+pub(crate) fn sha256_of(path: &Path) -> Result<String> {
     let out = capture(Command::new("sha256sum").arg(path))?;
     Ok(out.split_whitespace().next().unwrap_or_default().to_owned())
 }
@@ -336,12 +344,12 @@ fn candidate_version(package: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------
 
 /// An exclusive flock on [`TEST_BED_LOCK`], held while the machine's dockerd is not 20.10.
-struct TestBedLock {
+pub(crate) struct TestBedLock {
     _file: File,
 }
 
 impl TestBedLock {
-    fn take() -> Result<Self> {
+    pub(crate) fn take() -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -630,16 +638,21 @@ fn unmount_under(dir: &Path) -> Result<()> {
 /// iptables and ip6tables as they were once 20.10 stopped, saved into [`SCRATCH`]. Docker
 /// 28 uses the same chain names and more (DOCKER-FORWARD, DOCKER-BRIDGE, DOCKER-CT, raw-table
 /// drops, ip6tables NAT) and removes none of them when it stops.
-struct Firewall;
+pub(crate) struct Firewall;
 
 const FAMILIES: &[(&str, &str, &str)] =
     &[("iptables-save", "iptables-restore", "v4"), ("ip6tables-save", "ip6tables-restore", "v6")];
 
 impl Firewall {
     fn save() -> Result<()> {
+        Self::save_in(Path::new(SCRATCH))
+    }
+
+    /// Saves both families into `dir`.
+    pub(crate) fn save_in(dir: &Path) -> Result<()> {
         for (save, _, family) in FAMILIES {
             let dump = capture(&mut Command::new(save))?;
-            fs::write(Path::new(SCRATCH).join(format!("firewall.{family}")), dump)?;
+            fs::write(dir.join(format!("firewall.{family}")), dump)?;
         }
         Ok(())
     }
@@ -647,8 +660,13 @@ impl Firewall {
     /// Each family's saved tables as they were, and every table that appeared since emptied
     /// (built-in chains ACCEPT, no rules, no chains of its own): what it was, absent.
     fn restore() -> Result<()> {
+        Self::restore_from(Path::new(SCRATCH))
+    }
+
+    /// [`Firewall::restore`] from what [`Firewall::save_in`] put into `dir`.
+    pub(crate) fn restore_from(dir: &Path) -> Result<()> {
         for (save, restore, family) in FAMILIES {
-            let path = Path::new(SCRATCH).join(format!("firewall.{family}"));
+            let path = dir.join(format!("firewall.{family}"));
             let Ok(saved) = fs::read_to_string(&path) else {
                 continue;
             };

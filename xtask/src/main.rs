@@ -9,6 +9,7 @@ mod docker;
 mod engines;
 mod image;
 mod install;
+mod podman;
 mod run;
 mod setup;
 mod test;

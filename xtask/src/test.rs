@@ -21,7 +21,8 @@ pub struct TestArgs {
     /// kernel).
     #[arg(long, value_enum)]
     tier: Vec<Tier>,
-    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28.
+    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28
+    /// (podman only when named).
     #[arg(long, value_enum)]
     engine: Vec<Engine>,
     /// Run the tiers inside a VM (qemu, software emulation) booted on this kernel instead of
@@ -186,6 +187,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
             outcomes.push(match engine {
                 Engine::Docker20 => run_tier(tier, &args.args, &guard_bin)?,
                 Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
+                Engine::Podman => crate::podman::run_podman(&args.args, &guard_bin)?,
             });
         }
     }

@@ -1,0 +1,323 @@
+//! The e2e tests against rootful Podman 4.3.1 (Debian bookworm's podman with conmon, netavark,
+//! aardvark-dns and containers-common), unpacked into a cache, never installed: the package
+//! would upgrade login and passwd (libsubid4), and the system's configuration under
+//! /etc/containers stays untouched.
+//!
+//! Why it is done this way:
+//! - Pinned versions with SHA256 checks, fetched with a private apt configuration (bookworm and
+//!   bookworm-security at the machine's mirror), as for Docker 28 (see [`crate::engines`]).
+//! - Podman runs beside the system's dockerd 20.10: it has its own bridges (`podman0`,
+//!   `podman1`…) and iptables chains (NETAVARK_*), and serves the Docker API on a private
+//!   socket (`podman system service --time=0 unix://SOCK`). The tests' docker CLI and the
+//!   agent reach it through DOCKER_HOST; nothing is swapped.
+//! - It still changes the machine's networks and firewall, so the run holds the test-bed lock
+//!   throughout, hands its tests a private one, and afterwards removes its containers,
+//!   networks and bridges and puts the firewall back as it found it.
+//! - Its configuration is private (CONTAINERS_CONF, CONTAINERS_STORAGE_CONF, HOME for the
+//!   signature policy): `default_ulimits` at the hard limits here (Podman asks for more than a
+//!   process without CAP_SYS_RESOURCE may set, and runc fails), cgroupfs, file events.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::docker::TEST_IMAGE;
+use crate::engines::{Firewall, TestBedLock, cache_dir, selected_by, sha256_of};
+use crate::test::{Outcome, run_counted};
+use crate::{sh, show};
+
+/// What `podman version` reports.
+const PODMAN_VERSION: &str = "4.3.1";
+/// The packages, their pinned Debian versions and the SHA256 of their amd64 `.deb`s.
+const PODMAN_DEBS: &[(&str, &str, &str)] = &[
+    (
+        "podman",
+        "4.3.1+ds1-8+deb12u1+b3",
+        "881ab556a1df5b911359c83a647597eb36c156a8615e754436e520a6ae0661ab",
+    ),
+    ("conmon", "2.1.6+ds1-1", "2d4111853199dd8c7cbcda3da04f37d9b7f3a7b08dc1cee546a1e5518de8a596"),
+    ("netavark", "1.4.0-3", "e5d6c9efec8b050009cae14b7c740d3d9430e87047003dbad8498324f89516f7"),
+    ("aardvark-dns", "1.4.0-3", "e60c3f659a014fab3afa76fcd9776dbc77bd108f43d1c48b9b66585d7c0d4bc8"),
+    (
+        "golang-github-containers-common",
+        "0.50.1+ds1-4",
+        "39d5c31902c4ce55bd419286946d0b291383169585f1b3509000f6bf57454181",
+    ),
+    (
+        "libgpgme11",
+        "1.18.0-3+deb12u1",
+        "a93427c0083c3b8dae9dbad875e78e0da6a8a51f7d191d4f5ad745717d1e19d3",
+    ),
+    (
+        "libsubid4",
+        "1:4.13+dfsg1-1+deb12u2",
+        "5c1c214484e57bcfaff4136e6cdbe4e8108776c7159ce7c9087218896a5eb12d",
+    ),
+    (
+        "libyajl2",
+        "2.1.0-3+deb12u2",
+        "b512a6efbe735e7c731185a1b3ea477ff306f0c3f6aa2970e85b12f01fe8063b",
+    ),
+];
+/// bookworm at the machine's own mirror, and its security suite (libgpgme11's update).
+const APT_SOURCES: &str = "deb http://deb.debian.org/debian bookworm main\n\
+                           deb http://deb.debian.org/debian-security bookworm-security main\n";
+
+/// The tests run against Podman, as (test binary, exact name).
+const PODMAN_TESTS: &[(&str, &str)] = &[
+    ("e2e", "without_agent_outside_hosts_reach_every_container_port"),
+    ("e2e", "with_agent_outside_hosts_reach_only_what_labels_open"),
+];
+
+/// Podman's state during a run: a fixed path, so a killed run's leftovers are found.
+const SCRATCH: &str = "/var/tmp/container-guard-podman";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Fetches Podman if needed, starts its API service beside dockerd 20.10, runs
+/// [`PODMAN_TESTS`] against it and removes everything it made.
+pub fn run_podman(extra: &[String], guard_bin: &Path) -> Result<Outcome> {
+    let started = Instant::now();
+    let label = format!("e2e[podman {PODMAN_VERSION}]");
+    let names: Vec<&str> =
+        PODMAN_TESTS.iter().map(|(_, n)| *n).filter(|n| selected_by(n, extra)).collect();
+    if names.is_empty() {
+        println!("xtask: no Podman test matches {extra:?}: Podman is not started");
+        return Ok(Outcome::none(label));
+    }
+    let root = fetch()?;
+    sh(Command::new("cargo").args(["test", "--no-run", "-p", "tests", "--test", "e2e"]))?;
+    let _lock = TestBedLock::take()?;
+    let mut service = Service::start(&root)?;
+    let outcome = service.import_image().and_then(|()| run_tests(&label, &names, extra, guard_bin));
+    let stopped = service.stop();
+    let mut outcome = outcome?;
+    stopped?;
+    outcome.secs = Some(started.elapsed().as_secs());
+    Ok(outcome)
+}
+
+/// The tests with DOCKER_HOST on Podman's socket and a private test-bed lock.
+fn run_tests(label: &str, names: &[&str], extra: &[String], guard_bin: &Path) -> Result<Outcome> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--no-fail-fast", "-p", "tests", "--test", "e2e"])
+        .args(["--", "--test-threads=1", "--exact"])
+        .args(extra.iter().filter(|a| a.starts_with('-')))
+        .args(names)
+        .env("DOCKER_HOST", format!("unix://{SCRATCH}/podman.sock"))
+        .env("GUARD_BIN", guard_bin)
+        .env("GUARD_TEST_IMAGE", TEST_IMAGE)
+        .env("GUARD_TEST_LOCK", Path::new(SCRATCH).join("e2e.lock"));
+    run_counted(label.to_owned(), cmd)
+}
+
+// ---------------------------------------------------------------------------------------
+// Fetching
+// ---------------------------------------------------------------------------------------
+
+/// The unpacked packages, downloading and checking them first unless cached.
+fn fetch() -> Result<PathBuf> {
+    let dir = cache_dir().join(format!("podman_{PODMAN_VERSION}"));
+    let root = dir.join("root");
+    if root.join(".complete").exists() {
+        println!("xtask: Podman {PODMAN_VERSION} cached in {}", root.display());
+        return Ok(root);
+    }
+    let debs = dir.join("debs");
+    fs::create_dir_all(&debs)?;
+    sh(apt()?.arg("update")).context("apt-get update of bookworm failed")?;
+    let tmp = dir.join("root.tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    for (package, version, sha256) in PODMAN_DEBS {
+        let pinned = format!("{package}={version}");
+        let fetched = apt()?.args(["download", &pinned]).current_dir(&debs).status()?;
+        ensure!(
+            fetched.success(),
+            "bookworm no longer has {pinned}: pin the version it has now in PODMAN_DEBS \
+             (xtask/src/podman.rs), with its SHA256"
+        );
+        let deb = debs.join(format!("{package}_{}_amd64.deb", version.replace(':', "%3a")));
+        let deb = if deb.exists() {
+            deb
+        } else {
+            deb.with_file_name(format!("{package}_{}_all.deb", version.replace(':', "%3a")))
+        };
+        let got = sha256_of(&deb)?;
+        if got != *sha256 {
+            let _ = fs::remove_file(&deb);
+            bail!(
+                "{} has SHA256 {got}, not the pinned {sha256}: check it and update PODMAN_DEBS",
+                deb.display()
+            );
+        }
+        sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    }
+    fs::write(tmp.join(".complete"), PODMAN_VERSION)?;
+    let _ = fs::remove_dir_all(&root);
+    fs::rename(&tmp, &root)?;
+    Ok(root)
+}
+
+/// apt-get with a configuration of its own (bookworm's index in the cache).
+fn apt() -> Result<Command> {
+    let apt_dir = cache_dir().join("apt-bookworm");
+    fs::create_dir_all(apt_dir.join("lists/partial"))?;
+    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
+    let sources = apt_dir.join("sources.list");
+    fs::write(&sources, APT_SOURCES)?;
+    let mut cmd = Command::new("apt-get");
+    cmd.arg("-o")
+        .arg(format!("Dir::Etc::sourcelist={}", sources.display()))
+        .args(["-o", "Dir::Etc::sourceparts=/nonexistent", "-o"])
+        .arg(format!("Dir::State::Lists={}", apt_dir.join("lists").display()))
+        .arg("-o")
+        .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()))
+        .args(["-o", "APT::Sandbox::User=root", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    Ok(cmd)
+}
+
+// ---------------------------------------------------------------------------------------
+// The service
+// ---------------------------------------------------------------------------------------
+
+/// `podman system service` on [`SCRATCH`]/podman.sock. [`Service::stop`] (or drop, after a
+/// panic) removes its containers and networks, stops it, and restores the firewall.
+struct Service {
+    root: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn start(root: &Path) -> Result<Self> {
+        if Path::new(SCRATCH).exists() {
+            println!("xtask: {SCRATCH} is left from a Podman run: removing it");
+            fs::remove_dir_all(SCRATCH)?;
+        }
+        fs::create_dir_all(Path::new(SCRATCH).join("home/.config/containers"))?;
+        Firewall::save_in(Path::new(SCRATCH))?;
+        write_config(root)?;
+        let mut service = Service { root: root.to_owned(), child: None };
+        let log = File::create(Path::new(SCRATCH).join("service.log"))?;
+        let mut cmd = service.podman();
+        cmd.args(["system", "service", "--time=0", &format!("unix://{SCRATCH}/podman.sock")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        println!("xtask: starting {} ...", show(&cmd));
+        // SAFETY: setsid is async-signal-safe; Ctrl-C must not stop it before the clean-up.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        service.child = Some(cmd.spawn().context("starting podman system service")?);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !service.docker(&["version"]).output().is_ok_and(|o| o.status.success()) {
+            ensure!(Instant::now() < deadline, "podman did not answer within {START_TIMEOUT:?}");
+            sleep(Duration::from_millis(200));
+        }
+        Ok(service)
+    }
+
+    /// The podman binary with the private configuration.
+    fn podman(&self) -> Command {
+        let mut cmd = Command::new(self.root.join("usr/bin/podman"));
+        let scratch = Path::new(SCRATCH);
+        cmd.env("LD_LIBRARY_PATH", self.root.join("usr/lib/x86_64-linux-gnu"))
+            .env("CONTAINERS_CONF", scratch.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", scratch.join("storage.conf"))
+            .env("CONTAINERS_REGISTRIES_CONF", scratch.join("registries.conf"))
+            .env("HOME", scratch.join("home"));
+        cmd
+    }
+
+    /// The docker CLI on Podman's socket.
+    fn docker(&self, args: &[&str]) -> Command {
+        let mut cmd = crate::docker::docker();
+        cmd.args(args).env("DOCKER_HOST", format!("unix://{SCRATCH}/podman.sock"));
+        cmd
+    }
+
+    /// The busybox test image, imported through the Docker API as on dockerd.
+    fn import_image(&self) -> Result<()> {
+        let host = format!("unix://{SCRATCH}/podman.sock");
+        // SAFETY: xtask is single-threaded; the docker CLI it spawns reads the variable.
+        unsafe { std::env::set_var("DOCKER_HOST", &host) };
+        let imported = crate::docker::ensure_test_image();
+        // SAFETY: as above.
+        unsafe { std::env::remove_var("DOCKER_HOST") };
+        imported
+    }
+
+    /// Removes every container and network it made, stops it and restores the firewall.
+    fn stop(&mut self) -> Result<()> {
+        let _ = self.podman().args(["rm", "-a", "-f", "-t", "0"]).status();
+        let _ = self.podman().args(["network", "prune", "-f"]).status();
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        for link in ["podman0", "podman1", "podman2"] {
+            if Path::new("/sys/class/net").join(link).exists() {
+                let _ = sh(Command::new("ip").args(["link", "delete", link]));
+            }
+        }
+        let restored = Firewall::restore_from(Path::new(SCRATCH));
+        let _ = Command::new("umount").arg("-R").arg(Path::new(SCRATCH).join("storage")).status();
+        let removed = fs::remove_dir_all(SCRATCH).with_context(|| format!("removing {SCRATCH}"));
+        restored.and(removed)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && let Err(e) = self.stop()
+        {
+            eprintln!("xtask: cleaning up after Podman failed: {e:#}");
+        }
+    }
+}
+
+/// containers.conf, storage.conf, registries.conf and the signature policy, all private.
+fn write_config(root: &Path) -> Result<()> {
+    let scratch = Path::new(SCRATCH);
+    let (nofile, nproc) = (hard_limit(libc::RLIMIT_NOFILE), hard_limit(libc::RLIMIT_NPROC));
+    let conf = format!(
+        "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
+         [network]\nnetwork_backend = \"netavark\"\nnetwork_config_dir = \"{s}/networks\"\n\
+         [engine]\nconmon_path = [\"{r}/usr/bin/conmon\"]\nhelper_binaries_dir = [\"{r}/usr/lib/podman\"]\n\
+         runtime = \"runc\"\ntmp_dir = \"{s}/tmp\"\nevents_logger = \"file\"\n\
+         events_logfile_path = \"{s}/events.log\"\ncgroup_manager = \"cgroupfs\"\n",
+        s = SCRATCH,
+        r = root.display()
+    );
+    fs::write(scratch.join("containers.conf"), conf)?;
+    fs::write(
+        scratch.join("storage.conf"),
+        format!(
+            "[storage]\ndriver = \"overlay\"\nrunroot = \"{SCRATCH}/run\"\ngraphroot = \"{SCRATCH}/storage\"\n"
+        ),
+    )?;
+    fs::write(scratch.join("registries.conf"), "unqualified-search-registries = []\n")?;
+    fs::write(
+        scratch.join("home/.config/containers/policy.json"),
+        "{\"default\": [{\"type\": \"insecureAcceptAnything\"}]}\n",
+    )?;
+    Ok(())
+}
+
+/// This process's hard limit of `resource` (what Podman may ask for its containers).
+fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    unsafe { libc::getrlimit(resource, &mut limit) };
+    limit.rlim_max
+}
