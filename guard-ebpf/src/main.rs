@@ -432,20 +432,22 @@ const GATE_PULL: u32 = 256;
 /// "fragmentation needed" to a container on a routed network) can sit in page fragments. When
 /// the first reading finds no ports and the skb holds more than its head, the head is pulled
 /// and the packet read again; ordinary packets, whose ports are in the head, pay nothing.
+///
+/// The first reading only answers "short?"; the packet returned is always that of one final
+/// reading. Returning either reading's packet made LLVM merge the two into values that are
+/// undefined on some paths and spilled to the stack, which verifiers before Linux 6.3 reject
+/// ("invalid read from stack").
 #[inline(always)]
 fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
-    let parsed = parser::parse(&frame, Framing::Ethernet);
-    let short = match parsed {
+    let short = match parser::parse(&frame, Framing::Ethernet) {
         Ok(packet) => matches!(packet.l4.kind, L4Kind::NoPorts | L4Kind::Unreadable),
         Err(reason) => reason == Reason::Unreadable,
     };
     let head = (frame.data_end - frame.data) as u32;
-    if !short || head >= ctx.len() {
-        return parsed;
-    }
-    if ctx.pull_data(ctx.len().min(GATE_PULL)).is_err() {
-        return parsed;
+    if short && head < ctx.len() {
+        // A failed pull leaves the packet as it was: read as it is.
+        let _ = ctx.pull_data(ctx.len().min(GATE_PULL));
     }
     let frame = Frame { data: ctx.data(), data_end: ctx.data_end() };
     parser::parse(&frame, Framing::Ethernet)
