@@ -29,6 +29,10 @@ use self::marker::Marker;
 use crate::test::{Counts, Outcome, Tier, build_guard, describe_all, parse_counts, print_totals};
 use crate::{Ctx, setup, show};
 
+/// The kernels `cargo xtask test` runs in VMs besides the host's: Debian 12's and Debian 11's,
+/// the oldest guard supports (neither has TCX).
+pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "5.10"];
+
 /// Runs `tiers` on each kernel in turn; returns whether every tier on every kernel ran tests
 /// and all of them passed.
 pub fn test(
@@ -38,6 +42,20 @@ pub fn test(
     extra: &[String],
     timeout: Duration,
 ) -> Result<bool> {
+    let all = run(ctx, specs, tiers, extra, timeout)?;
+    print_totals(&all);
+    Ok(all.iter().all(Outcome::ok))
+}
+
+/// Runs `tiers` on each kernel in turn and says how each went; returns every tier's outcome,
+/// labelled with its kernel (`verdict[linux 6.1.0-57-amd64]`).
+pub fn run(
+    ctx: &Ctx,
+    specs: &[String],
+    tiers: &[Tier],
+    extra: &[String],
+    timeout: Duration,
+) -> Result<Vec<Outcome>> {
     let start = Instant::now();
     let specs = specs.iter().map(|s| Spec::parse(s)).collect::<Result<Vec<_>>>()?;
     // The guest runs the host's binaries: the build's prerequisites also bring what the
@@ -78,9 +96,16 @@ pub fn test(
     if runs.len() > 1 {
         println!("xtask: {} kernels in {} s", runs.len(), start.elapsed().as_secs());
     }
-    let all: Vec<Outcome> = runs.into_iter().flat_map(|r| r.outcomes).collect();
-    print_totals(&all);
-    Ok(all.iter().all(Outcome::ok))
+    Ok(runs
+        .into_iter()
+        .flat_map(|run| {
+            let release = run.release;
+            run.outcomes.into_iter().map(move |mut outcome| {
+                outcome.label = format!("{}[linux {release}]", outcome.label);
+                outcome
+            })
+        })
+        .collect())
 }
 
 /// The results of one kernel.
