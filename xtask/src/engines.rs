@@ -31,6 +31,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::ValueEnum;
 
 use crate::docker::{TEST_IMAGE, docker, ensure_daemon, ensure_test_image};
+use crate::private_apt::PrivateApt;
 use crate::test::{Outcome, run_counted};
 use crate::{Ctx, capture, image, sh, show};
 
@@ -275,39 +276,22 @@ pub(crate) fn sha256_of(path: &Path) -> Result<String> {
 
 /// apt-get with a configuration of its own: sid's index in the cache, the machine's sources,
 /// lists and status untouched.
-fn apt() -> Result<Command> {
-    let apt_dir = cache_dir().join("apt");
-    fs::create_dir_all(apt_dir.join("lists/partial"))?;
-    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
-    let sources = apt_dir.join("sources.list");
-    fs::write(&sources, format!("{APT_SOURCE}\n"))?;
-    let mut cmd = Command::new("apt-get");
-    cmd.arg("-o")
-        .arg(format!("Dir::Etc::sourcelist={}", sources.display()))
-        .args(["-o", "Dir::Etc::sourceparts=/nonexistent", "-o"])
-        .arg(format!("Dir::State::Lists={}", apt_dir.join("lists").display()))
-        .arg("-o")
-        .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()))
-        // The download lands in a root-owned cache directory.
-        .args(["-o", "APT::Sandbox::User=root", "-q"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    Ok(cmd)
+fn apt() -> Result<PrivateApt> {
+    PrivateApt::new(&cache_dir().join("apt"), &format!("{APT_SOURCE}\n"))
 }
 
 fn apt_update() -> Result<()> {
     println!(
         "xtask: reading Debian sid's package index ({APT_SOURCE}) with a private apt configuration ..."
     );
-    let mut cmd = apt()?;
-    sh(cmd.arg("update"))
-        .context("apt-get update of Debian sid failed: is deb.debian.org reachable?")
+    apt()?.update().context("apt-get update of Debian sid failed: is deb.debian.org reachable?")
 }
 
 /// `apt-get download PACKAGE=VERSION` into `dir`; if sid no longer has that version, say so
 /// and what it has now.
 fn apt_download(package: &str, dir: &Path) -> Result<()> {
     println!("xtask: downloading {package} {DOCKER28_VERSION} from Debian sid ...");
-    let mut cmd = apt()?;
+    let mut cmd = apt()?.command();
     cmd.args(["download", &format!("{package}={DOCKER28_VERSION}")]).current_dir(dir);
     if cmd.status().with_context(|| format!("running {}", show(&cmd)))?.success() {
         return Ok(());
@@ -322,14 +306,9 @@ fn apt_download(package: &str, dir: &Path) -> Result<()> {
 
 /// The version of `package` sid offers now, from the private index.
 fn candidate_version(package: &str) -> Option<String> {
-    let apt_dir = cache_dir().join("apt");
-    let out = Command::new("apt-cache")
-        .arg("-o")
-        .arg(format!("Dir::Etc::sourcelist={}", apt_dir.join("sources.list").display()))
-        .args(["-o", "Dir::Etc::sourceparts=/nonexistent", "-o"])
-        .arg(format!("Dir::State::Lists={}", apt_dir.join("lists").display()))
-        .arg("-o")
-        .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()))
+    let out = apt()
+        .ok()?
+        .with_options("apt-cache")
         .args(["show", "--no-all-versions", package])
         .output()
         .ok()?;

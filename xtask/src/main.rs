@@ -10,6 +10,7 @@ mod engines;
 mod image;
 mod install;
 mod podman;
+mod private_apt;
 mod run;
 mod setup;
 mod test;

@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::docker::TEST_IMAGE;
 use crate::engines::{Firewall, TestBedLock, cache_dir, selected_by, sha256_of};
+use crate::private_apt::PrivateApt;
 use crate::test::{Outcome, run_counted};
 use crate::{sh, show};
 
@@ -164,21 +165,7 @@ fn fetch() -> Result<PathBuf> {
 
 /// apt-get with a configuration of its own (bookworm's index in the cache).
 fn apt() -> Result<Command> {
-    let apt_dir = cache_dir().join("apt-bookworm");
-    fs::create_dir_all(apt_dir.join("lists/partial"))?;
-    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
-    let sources = apt_dir.join("sources.list");
-    fs::write(&sources, APT_SOURCES)?;
-    let mut cmd = Command::new("apt-get");
-    cmd.arg("-o")
-        .arg(format!("Dir::Etc::sourcelist={}", sources.display()))
-        .args(["-o", "Dir::Etc::sourceparts=/nonexistent", "-o"])
-        .arg(format!("Dir::State::Lists={}", apt_dir.join("lists").display()))
-        .arg("-o")
-        .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()))
-        .args(["-o", "APT::Sandbox::User=root", "-q"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    Ok(cmd)
+    Ok(PrivateApt::new(&cache_dir().join("apt-bookworm"), APT_SOURCES)?.command())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{capture, sh, show};
+use crate::private_apt::PrivateApt;
+use crate::sh;
 
 /// A Debian kernel series: which suite has it and how its unsigned generic image is named.
 pub struct Series {
@@ -115,7 +116,12 @@ fn debian(series: &Series) -> Result<Kernel> {
     }
     println!("xtask: kernel {} not cached: fetching it from {} ...", series.spec, series.suite);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let apt = PrivateApt::new(series.suite)?;
+    let line = format!(
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {} main\n",
+        security_mirror(),
+        series.suite
+    );
+    let apt = PrivateApt::new(&cache_root().join("apt").join(series.suite), &line)?;
     apt.update()?;
     let (package, deb) = download_newest(&apt, series, &dir)?;
     let unpacked = unpack(&deb, &dir.join(&package));
@@ -219,66 +225,6 @@ fn unpack(deb: &Path, dest: &Path) -> Result<()> {
         let _ = fs::remove_dir_all(&scratch);
     }
     result
-}
-
-/// apt-get and apt-cache with a sources list, package lists and cache of their own.
-struct PrivateApt {
-    options: Vec<String>,
-}
-
-impl PrivateApt {
-    /// Under `<cache>/apt/<suite>/`, one `deb` line for the suite on the mirror the machine
-    /// already uses for Debian's security archive.
-    fn new(suite: &str) -> Result<Self> {
-        let dir = cache_root().join("apt").join(suite);
-        let lists = dir.join("lists");
-        let cache = dir.join("cache");
-        fs::create_dir_all(lists.join("partial"))?;
-        fs::create_dir_all(cache.join("archives/partial"))?;
-        let sources = dir.join("sources.list");
-        let line = format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {suite} main\n",
-            security_mirror()
-        );
-        fs::write(&sources, line).with_context(|| format!("writing {}", sources.display()))?;
-        let option = |key: &str, value: &Path| format!("{key}={}", value.display());
-        let options = vec![
-            option("Dir::Etc::sourcelist", &sources),
-            "Dir::Etc::sourceparts=/nonexistent".to_owned(),
-            option("Dir::State::Lists", &lists),
-            option("Dir::Cache", &cache),
-            // The download directory is root's; apt's unprivileged _apt user could not write it.
-            "APT::Sandbox::User=root".to_owned(),
-        ];
-        Ok(Self { options })
-    }
-
-    fn with_options(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        for option in &self.options {
-            cmd.arg("-o").arg(option);
-        }
-        cmd
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = self.with_options("apt-get");
-        cmd.arg("-q").env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    }
-
-    fn update(&self) -> Result<()> {
-        let mut cmd = self.command();
-        cmd.arg("update");
-        println!("xtask: {} ...", show(&cmd));
-        sh(&mut cmd)
-    }
-
-    /// Every package name in the lists that starts with `prefix`.
-    fn package_names(&self, prefix: &str) -> Result<Vec<String>> {
-        let out = capture(self.with_options("apt-cache").args(["pkgnames", prefix]))?;
-        Ok(out.lines().map(str::to_owned).collect())
-    }
 }
 
 /// The machine's mirror of Debian's security archive (one-line or deb822 sources), else
