@@ -107,13 +107,7 @@ fn receive(fd: &OwnedFd, wanted: u16, mut each: impl FnMut(&[u8])) -> io::Result
                         Err(io::Error::from_raw_os_error(-code))
                     };
                 }
-                kind if kind == wanted => {
-                    each(body);
-                    // A plain request is answered by one message, without NLMSG_DONE.
-                    if wanted == RTM_NEWLINK {
-                        return Ok(());
-                    }
-                }
+                kind if kind == wanted => each(body),
                 _ => {}
             }
             rest = &rest[len.next_multiple_of(4).min(rest.len())..];
@@ -228,7 +222,8 @@ pub enum XdpAttached {
 /// The mode and program id of `ifindex`'s XDP program, as the kernel reports them.
 pub fn xdp_attached(ifindex: u32) -> io::Result<(XdpAttached, u32)> {
     let fd = socket()?;
-    let mut msg = header(RTM_GETLINK, 0);
+    // Acknowledged, so that the answer ends like a dump's (here with the ack after the link).
+    let mut msg = header(RTM_GETLINK, NLM_F_ACK);
     // struct ifinfomsg: family, pad, type, index, flags, change.
     msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
     msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());

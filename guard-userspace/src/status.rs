@@ -147,15 +147,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     });
     let interfaces = match &current {
         None => Vec::new(),
-        Some(_) => protected
-            .iter()
-            .map(|ifindex| {
-                links
-                    .iter()
-                    .find(|l| l.ifindex == *ifindex)
-                    .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
-            })
-            .collect(),
+        Some(_) => protected.iter().map(|ifindex| name_of(&links, *ifindex)).collect(),
     };
     let hooks = hooks(pins, &links)?;
     let mode = policy.mode.to_string();
@@ -232,21 +224,23 @@ pub fn check(report: &Report) -> Result<(), String> {
     }
 }
 
+/// The interface's name, or what it was if it is gone.
+fn name_of(links: &[interfaces::Link], ifindex: u32) -> String {
+    links
+        .iter()
+        .find(|l| l.ifindex == ifindex)
+        .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
+}
+
 /// Guard's programs on interfaces: the pinned XDP and TCX links, and the clsact filters in
 /// guard's slot (kernels without TCX), read from the kernel.
 fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookReport>> {
-    let name_of = |ifindex: u32| {
-        links
-            .iter()
-            .find(|l| l.ifindex == ifindex)
-            .map_or(format!("ifindex {ifindex} (gone)"), |l| l.name.clone())
-    };
     let mut hooks: Vec<HookReport> = pins
         .pinned_links()?
         .into_iter()
         .map(|(hook, ifindex, _)| HookReport {
             hook: hook.name(),
-            iface: name_of(ifindex),
+            iface: name_of(links, ifindex),
             mechanism: if hook == Hook::Xdp { "xdp link" } else { "tcx" },
         })
         .collect();
