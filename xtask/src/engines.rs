@@ -208,10 +208,7 @@ pub(crate) fn run_tests(
 
 /// ~/.cache/container-guard/engines (XDG_CACHE_HOME respected).
 pub(crate) fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-    });
-    base.join("container-guard/engines")
+    crate::cache_home().join("engines")
 }
 
 /// The unpacked packages (`ROOT/usr/sbin/dockerd` ...), downloading and checking them first

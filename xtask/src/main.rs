@@ -60,6 +60,16 @@ enum Cmd {
     VmGuest(vm::guest::GuestArgs),
 }
 
+/// Where xtask keeps what it downloads once (kernels, engines): `$XDG_CACHE_HOME` or
+/// `~/.cache`, under `container-guard/`.
+pub fn cache_home() -> PathBuf {
+    let base = env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map_or_else(
+        || PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"),
+        PathBuf::from,
+    );
+    base.join("container-guard")
+}
+
 /// Where the workspace lives.
 pub struct Ctx {
     /// Cargo's target directory (from `cargo metadata`).

@@ -7,7 +7,6 @@
 //! works the same way, and `apt-get download` verifies the package as any install would (the
 //! Release file's signature against Debian's archive keyring, then the package's hash).
 
-use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,11 +99,7 @@ pub fn get(spec: &Spec) -> Result<Kernel> {
 
 /// `$XDG_CACHE_HOME/container-guard/kernels`, else `~/.cache/container-guard/kernels`.
 fn cache_root() -> PathBuf {
-    let base = env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map_or_else(
-        || PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"),
-        PathBuf::from,
-    );
-    base.join("container-guard/kernels")
+    crate::cache_home().join("kernels")
 }
 
 /// `<cache>/<spec>/current` names the unpacked package `<cache>/<spec>/<package>/`.
