@@ -1,6 +1,6 @@
-//! The few rtnetlink requests guard makes itself (aya keeps its own to itself): list and
-//! delete a clsact qdisc's filters, delete the qdisc, and read the mode of an interface's XDP
-//! program.
+//! The few rtnetlink requests guard makes itself (aya keeps its own to itself): list the
+//! links of the agent's network namespace, list and delete a clsact qdisc's filters, delete
+//! the qdisc, and read the mode of an interface's XDP program.
 
 use std::{io, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
 
@@ -21,6 +21,10 @@ const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_PROG_ID: u16 = 4;
@@ -217,6 +221,56 @@ pub enum XdpAttached {
     Offloaded,
     /// More than one mode at once.
     Multi,
+}
+
+/// One link of the namespace, as RTM_GETLINK describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub ifindex: u32,
+    pub name: String,
+    /// ARPHRD_* (ifinfomsg's type).
+    pub link_type: u16,
+    /// The ifindex of the bridge or bond it is enslaved to.
+    pub master: Option<u32>,
+    /// The driver's kind ("veth", "bridge", "vxlan"...); None for a physical device.
+    pub kind: Option<String>,
+}
+
+/// Every link of the calling thread's network namespace. Read over rtnetlink rather than
+/// /sys/class/net, which shows the namespace sysfs was mounted in: `nsenter --net` changes
+/// the one and not the other.
+pub fn dump_links() -> io::Result<Vec<LinkRecord>> {
+    let fd = socket()?;
+    let mut msg = header(RTM_GETLINK, NLM_F_DUMP);
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend_from_slice(&[0; 12]);
+    send(&fd, msg)?;
+    let mut links = Vec::new();
+    receive(&fd, RTM_NEWLINK, |body| {
+        if body.len() < IFINFOMSG_LEN {
+            return;
+        }
+        let link_type = u16::from_ne_bytes([body[2], body[3]]);
+        let ifindex = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
+        let mut link =
+            LinkRecord { ifindex, name: String::new(), link_type, master: None, kind: None };
+        for (attr, payload) in attrs(&body[IFINFOMSG_LEN..]) {
+            match attr {
+                IFLA_IFNAME => link.name = c_string(payload),
+                IFLA_MASTER if payload.len() >= 4 => {
+                    link.master = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()))
+                }
+                IFLA_LINKINFO => {
+                    link.kind = attrs(payload)
+                        .find(|(field, _)| *field == IFLA_INFO_KIND)
+                        .map(|(_, kind)| c_string(kind))
+                }
+                _ => {}
+            }
+        }
+        links.push(link);
+    })?;
+    Ok(links)
 }
 
 /// The mode and program id of `ifindex`'s XDP program, as the kernel reports them.
