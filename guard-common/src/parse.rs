@@ -42,6 +42,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPsec ESP: no ports, but a flow (a security association) between two hosts, and the
+/// transport of Swarm's encrypted overlays.
+pub const IPPROTO_ESP: u8 = 50;
 pub const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -311,6 +314,9 @@ fn parse_l4<B: Bytes>(frame: &B, offset: usize, proto: u8) -> L4 {
             L4 { accepts: tcp && syn_ack == 0x12, ..L4::ports(proto, sport, dport, opens) }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => echo(frame, offset, proto == IPPROTO_ICMPV6),
+        // Port 0 both ways: judged as a flow between two addresses (its replies remembered
+        // like UDP's), and listed as an engine's door on port 0, which no container publishes.
+        IPPROTO_ESP => L4::ports(IPPROTO_ESP, 0, 0, false),
         _ => L4::NO_PORTS,
     }
 }

@@ -636,7 +636,7 @@ impl Agent {
             .flat_map(|d| {
                 let name = doors::name(d.target).unwrap_or("engine");
                 d.ports.iter().map(move |(proto, port)| {
-                    (name.to_string(), format!("{port}/{proto}"), d.sources.len())
+                    (name.to_string(), doors::port_name(*proto, *port), d.sources.len())
                 })
             })
             .collect();
