@@ -28,8 +28,6 @@ pub struct DoorPolicy {
     pub ports: Vec<(u8, u16)>,
     /// Who may reach it: the swarm's nodes, then the operator's prefixes.
     pub sources: Vec<Cidr>,
-    /// How many of `sources` are the swarm's nodes (the rest are the operator's).
-    pub nodes: usize,
 }
 
 /// How a door's port is written: `4789/udp`, `esp`.
@@ -77,23 +75,16 @@ pub fn guard(
             target: door::OVERLAY,
             ports: overlay,
             sources: cluster.clone(),
-            nodes: nodes.len(),
         });
         guarded.push(DoorPolicy {
             target: door::GOSSIP,
             ports: vec![(TCP, GOSSIP_PORT), (UDP, GOSSIP_PORT)],
             sources: cluster.clone(),
-            nodes: nodes.len(),
         });
         if let Some(port) = swarm.control_port {
             // A node that joins, and the operator who manages the swarm from elsewhere.
             let sources = cluster.iter().chain(&management.admin).copied().collect();
-            guarded.push(DoorPolicy {
-                target: door::CONTROL,
-                ports: vec![(TCP, port)],
-                sources,
-                nodes: nodes.len(),
-            });
+            guarded.push(DoorPolicy { target: door::CONTROL, ports: vec![(TCP, port)], sources });
         }
         for policy in &guarded {
             list(tables, policy, &everywhere, host);
@@ -106,7 +97,6 @@ pub fn guard(
             target: door::API,
             ports: api.iter().map(|l| (TCP, l.addr.port())).collect(),
             sources: management.admin.clone(),
-            nodes: 0,
         };
         for listener in &api {
             let one = DoorPolicy { ports: vec![(TCP, listener.addr.port())], ..policy.clone() };
