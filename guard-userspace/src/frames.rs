@@ -419,7 +419,7 @@ impl Frame {
             }
             // Judged by its addresses alone, however short.
             Transport::Esp => packet(L4::ports(proto, 0, 0, false)),
-            _ if have < 8 => packet(L4::NO_PORTS),
+            _ if have < 8 => packet(L4::no_ports(proto)),
             Transport::Icmp => packet(L4::ports(proto, 1, 0, true)),
             Transport::Echo { reply: false, id } => packet(L4::ports(proto, *id, 0, true)),
             Transport::Echo { reply: true, id } => packet(L4::ports(proto, 0, *id, false)),
@@ -433,7 +433,7 @@ impl Frame {
                 if from_here && q.l4.kind == guard_common::decision::L4Kind::Ports {
                     Packet { src: q.dst, dst, l4: L4::standing_for(q.l4) }
                 } else {
-                    packet(L4::NO_PORTS)
+                    packet(L4::no_ports(proto))
                 }
             }
         }
