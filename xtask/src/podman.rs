@@ -14,8 +14,12 @@
 //!   throughout, hands its tests a private one, and afterwards removes its containers,
 //!   networks and bridges and puts the firewall back as it found it.
 //! - Its configuration is private (CONTAINERS_CONF, CONTAINERS_STORAGE_CONF, HOME for the
-//!   signature policy): `default_ulimits` at the hard limits here (Podman asks for more than a
-//!   process without CAP_SYS_RESOURCE may set, and runc fails), cgroupfs, file events.
+//!   signature policy): cgroupfs, file events, and `default_ulimits` at the hard limits the
+//!   running service holds, read from /proc after it starts (restarted once with them if they
+//!   are lower than xtask's own). Podman's default, 1048576 open files and processes, is more
+//!   than a process without CAP_SYS_RESOURCE may set, and runc then refuses every container;
+//!   and Podman 4.3.1 lowers its own RLIMIT_NPROC to 32768 at start, below a shell's usual
+//!   hard limit, so xtask's limits alone are not the bound.
 
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
@@ -187,10 +191,36 @@ impl Service {
         }
         fs::create_dir_all(Path::new(SCRATCH).join("home/.config/containers"))?;
         Firewall::save_in(Path::new(SCRATCH))?;
-        write_config(root)?;
         let mut service = Service { root: root.to_owned(), child: None };
-        let log = File::create(Path::new(SCRATCH).join("service.log"))?;
-        let mut cmd = service.podman();
+        let asked = Limits::of(None)?;
+        write_config(root, asked)?;
+        let pid = service.spawn()?;
+        // What runc may give a container is what the service itself holds, and Podman sets
+        // its own limits at start: 4.3.1 lowers RLIMIT_NPROC to 32768 where it can. Ask for
+        // more and runc fails ("error setting rlimit type 6: operation not permitted"), as it
+        // cannot raise a hard limit without CAP_SYS_RESOURCE (not in the bounding set here).
+        let held = Limits::of(Some(pid))?;
+        if held.below(asked) {
+            println!(
+                "xtask: podman holds {held} (xtask {asked}): restarting it with these as \
+                 its containers' default_ulimits"
+            );
+            service.kill()?;
+            write_config(root, held)?;
+            let pid = service.spawn()?;
+            let now = Limits::of(Some(pid))?;
+            ensure!(!now.below(held), "podman lowered its limits again, to {now}");
+        }
+        Ok(service)
+    }
+
+    /// Starts `podman system service` and waits until it answers; returns its pid.
+    fn spawn(&mut self) -> Result<u32> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(Path::new(SCRATCH).join("service.log"))?;
+        let mut cmd = self.podman();
         cmd.args(["system", "service", "--time=0", &format!("unix://{SCRATCH}/podman.sock")])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -203,13 +233,25 @@ impl Service {
                 Ok(())
             });
         }
-        service.child = Some(cmd.spawn().context("starting podman system service")?);
+        let child = cmd.spawn().context("starting podman system service")?;
+        let pid = child.id();
+        self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
-        while !service.docker(&["version"]).output().is_ok_and(|o| o.status.success()) {
+        while !self.docker(&["version"]).output().is_ok_and(|o| o.status.success()) {
             ensure!(Instant::now() < deadline, "podman did not answer within {START_TIMEOUT:?}");
             sleep(Duration::from_millis(200));
         }
-        Ok(service)
+        Ok(pid)
+    }
+
+    /// Stops the service process (SIGTERM) and reaps it.
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// The podman binary with the private configuration.
@@ -246,18 +288,14 @@ impl Service {
     fn stop(&mut self) -> Result<()> {
         let _ = self.podman().args(["rm", "-a", "-f", "-t", "0"]).status();
         let _ = self.podman().args(["network", "prune", "-f"]).status();
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait()?;
-        }
+        self.kill()?;
         for link in ["podman0", "podman1", "podman2"] {
             if Path::new("/sys/class/net").join(link).exists() {
                 let _ = sh(Command::new("ip").args(["link", "delete", link]));
             }
         }
         let restored = Firewall::restore_from(Path::new(SCRATCH));
-        let _ = Command::new("umount").arg("-R").arg(Path::new(SCRATCH).join("storage")).status();
+        unmount_scratch();
         let removed = fs::remove_dir_all(SCRATCH).with_context(|| format!("removing {SCRATCH}"));
         restored.and(removed)
     }
@@ -273,10 +311,28 @@ impl Drop for Service {
     }
 }
 
+/// Unmounts whatever is still mounted under [`SCRATCH`] (the storage's overlay mounts of a
+/// service that died), deepest first, so that the directory can be removed.
+fn unmount_scratch() {
+    let Ok(mounts) = fs::read_to_string("/proc/mounts") else { return };
+    let prefix = format!("{SCRATCH}/");
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = sh(Command::new("umount").arg(point));
+    }
+}
+
 /// containers.conf, storage.conf, registries.conf and the signature policy, all private.
-fn write_config(root: &Path) -> Result<()> {
+/// `limits` become the containers' `default_ulimits`: Podman would otherwise ask runc for
+/// 1048576 open files and processes.
+fn write_config(root: &Path, limits: Limits) -> Result<()> {
     let scratch = Path::new(SCRATCH);
-    let (nofile, nproc) = (hard_limit(libc::RLIMIT_NOFILE), hard_limit(libc::RLIMIT_NPROC));
+    let Limits { nofile, nproc } = limits;
     let conf = format!(
         "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
          [network]\nnetwork_backend = \"netavark\"\nnetwork_config_dir = \"{s}/networks\"\n\
@@ -301,10 +357,73 @@ fn write_config(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// This process's hard limit of `resource` (what Podman may ask for its containers).
-fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we own.
-    unsafe { libc::getrlimit(resource, &mut limit) };
-    limit.rlim_max
+/// Hard limits of open files and processes: what a process without CAP_SYS_RESOURCE may give
+/// its children, and so the most a container may ask of runc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Limits {
+    nofile: u64,
+    nproc: u64,
+}
+
+impl Limits {
+    /// Podman's own default for both; also what stands in for "unlimited", which
+    /// containers.conf cannot say.
+    const PODMAN_DEFAULT: u64 = 1_048_576;
+
+    /// The hard limits of process `pid` (from /proc/PID/limits), or of this process.
+    fn of(pid: Option<u32>) -> Result<Limits> {
+        let path = pid.map_or("/proc/self/limits".into(), |p| format!("/proc/{p}/limits"));
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let limits = Limits::parse(&text).with_context(|| format!("{path}: no hard limits"))?;
+        Ok(limits)
+    }
+
+    /// `Max processes  96367  96367  processes` and `Max open files …` (soft, hard, unit).
+    fn parse(text: &str) -> Option<Limits> {
+        let hard = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(name))?;
+            let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+            let value = match *fields.get(1)? {
+                "unlimited" => Limits::PODMAN_DEFAULT,
+                n => n.parse::<u64>().ok()?,
+            };
+            Some(value.min(Limits::PODMAN_DEFAULT))
+        };
+        Some(Limits { nofile: hard("Max open files")?, nproc: hard("Max processes")? })
+    }
+
+    /// Whether either limit is below `other`'s.
+    fn below(self, other: Limits) -> bool {
+        self.nofile < other.nofile || self.nproc < other.nproc
+    }
+}
+
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nofile {} nproc {}", self.nofile, self.nproc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_hard_limits_and_caps_unlimited() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             32768                unlimited            processes \n\
+                    Max open files            1024                 20000                files     \n";
+        assert_eq!(
+            Limits::parse(text),
+            Some(Limits { nofile: 20000, nproc: Limits::PODMAN_DEFAULT })
+        );
+        assert_eq!(Limits::parse("Max processes 1 2 processes\n"), None);
+    }
+
+    #[test]
+    fn one_lower_limit_is_below() {
+        let asked = Limits { nofile: 20000, nproc: 96367 };
+        assert!(Limits { nofile: 20000, nproc: 32768 }.below(asked));
+        assert!(!asked.below(asked));
+    }
 }
