@@ -77,6 +77,8 @@ const APT_SOURCES: &str = "deb http://deb.debian.org/debian bookworm main\n\
 const PODMAN_TESTS: &[(&str, &str)] = &[
     ("e2e", "without_agent_outside_hosts_reach_every_container_port"),
     ("e2e", "with_agent_outside_hosts_reach_only_what_labels_open"),
+    ("e2e", "stopped_agent_keeps_protection_until_unloaded"),
+    ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
 ];
 
 /// Podman's state during a run: a fixed path, so a killed run's leftovers are found.
@@ -95,7 +97,12 @@ pub fn run_podman(extra: &[String], guard_bin: &Path) -> Result<Outcome> {
         return Ok(Outcome::none(label));
     }
     let root = fetch()?;
-    sh(Command::new("cargo").args(["test", "--no-run", "-p", "tests", "--test", "e2e"]))?;
+    let mut build = Command::new("cargo");
+    build.args(["test", "--no-run", "-p", "tests"]);
+    for binary in binaries(&names) {
+        build.args(["--test", binary]);
+    }
+    sh(&mut build)?;
     let _lock = TestBedLock::take()?;
     let mut service = Service::start(&root)?;
     let outcome = service.import_image().and_then(|()| run_tests(&label, &names, extra, guard_bin));
@@ -109,8 +116,11 @@ pub fn run_podman(extra: &[String], guard_bin: &Path) -> Result<Outcome> {
 /// The tests with DOCKER_HOST on Podman's socket and a private test-bed lock.
 fn run_tests(label: &str, names: &[&str], extra: &[String], guard_bin: &Path) -> Result<Outcome> {
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--no-fail-fast", "-p", "tests", "--test", "e2e"])
-        .args(["--", "--test-threads=1", "--exact"])
+    cmd.args(["test", "--no-fail-fast", "-p", "tests"]);
+    for binary in binaries(names) {
+        cmd.args(["--test", binary]);
+    }
+    cmd.args(["--", "--test-threads=1", "--exact"])
         .args(extra.iter().filter(|a| a.starts_with('-')))
         .args(names)
         .env("DOCKER_HOST", format!("unix://{SCRATCH}/podman.sock"))
@@ -118,6 +128,15 @@ fn run_tests(label: &str, names: &[&str], extra: &[String], guard_bin: &Path) ->
         .env("GUARD_TEST_IMAGE", TEST_IMAGE)
         .env("GUARD_TEST_LOCK", Path::new(SCRATCH).join("e2e.lock"));
     run_counted(label.to_owned(), cmd)
+}
+
+/// The test binaries that hold `names`, each once.
+fn binaries(names: &[&str]) -> Vec<&'static str> {
+    let mut binaries: Vec<&str> =
+        PODMAN_TESTS.iter().filter(|(_, n)| names.contains(n)).map(|(b, _)| *b).collect();
+    binaries.sort();
+    binaries.dedup();
+    binaries
 }
 
 // ---------------------------------------------------------------------------------------
