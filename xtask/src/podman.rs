@@ -354,19 +354,25 @@ impl Service {
     fn kill_leftover(&self) {
         let pid = fs::read_to_string(Path::new(SCRATCH).join(PID_FILE)).unwrap_or_default();
         let Ok(pid) = pid.trim().parse::<i32>() else { return };
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !String::from_utf8_lossy(&cmdline).contains(SCRATCH) {
-            return; // gone, and the pid perhaps reused
+        // Gone, or the pid reused by another process, unless its command line names SCRATCH.
+        let ours = || {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(SCRATCH)
+        };
+        if !ours() {
+            return;
         }
         println!("xtask: stopping the leftover podman service (pid {pid})");
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        while ours() && Instant::now() < deadline {
             sleep(Duration::from_millis(100));
         }
-        // SAFETY: as above; it ignored SIGTERM for 10 s.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if ours() {
+            // SAFETY: as above; it ignored SIGTERM for 10 s.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 
     /// Removes every container and network it made, stops it and restores the firewall.
