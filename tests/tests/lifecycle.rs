@@ -530,6 +530,11 @@ struct StartRace {
 
 impl StartRace {
     const RATE: u32 = 600;
+    /// How long each attempt waits for its handshake: past the second after which a server
+    /// retransmits an unanswered SYN-ACK. A SYN that slipped in before the gate leaves the
+    /// container half-open, and its SYN-ACK retransmission may get out where the first did
+    /// not; an attempt that gave up after a second would not see it.
+    const PATIENCE: Duration = Duration::from_secs(3);
 
     fn run(
         from: &OutsideHost,
@@ -545,7 +550,7 @@ impl StartRace {
             from.netns().path(),
             &[direct, published],
             Self::RATE,
-            Duration::from_secs(1),
+            Self::PATIENCE,
             Duration::from_secs(30),
         );
         thread::sleep(Duration::from_secs(1));

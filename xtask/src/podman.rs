@@ -81,13 +81,12 @@ const PODMAN_TESTS: &[(&str, &str)] = &[
 ];
 
 /// Run against Podman only when a filter after `--` names them (`cargo xtask test --engine
-/// podman -- start_race`): the start race, which the agent does not yet win on Podman. A
-/// network's bridge there appears with its first container; a SYN that reaches the container
-/// before the agent gates the new bridge is answered, and although the uplink's TC egress
-/// drops that first SYN-ACK, the container's retransmission a second later, after the gate
-/// is attached, completes the handshake (2 of 20 starts accepted one connection). Each start
-/// of the single-start test so loses about one time in ten, which would make the default run
-/// flaky; they join [`PODMAN_TESTS`] when the agent closes that path.
+/// podman -- start_race`): the start race, which the agent loses on Podman. A network's bridge
+/// there appears with its first container; the SYNs that reach the container before the agent
+/// gates the new bridge are answered, and although the uplink's TC egress drops those first
+/// SYN-ACKs, the container's retransmissions a second later, after the gate is attached, get
+/// out and complete the handshakes (19 of 20 starts). They join [`PODMAN_TESTS`] when the
+/// agent closes that path.
 const PODMAN_TESTS_WHEN_NAMED: &[(&str, &str)] = &[
     ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
     ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
