@@ -22,8 +22,8 @@ pub struct TestArgs {
     /// kernel).
     #[arg(long, value_enum)]
     tier: Vec<Tier>,
-    /// Run the e2e tier against this engine (repeatable); default: docker20, then docker28
-    /// (podman only when named).
+    /// Run the e2e tier against this engine (repeatable); default: docker20, docker28, then
+    /// podman.
     #[arg(long, value_enum)]
     engine: Vec<Engine>,
     /// Run the tiers inside a VM (qemu, software emulation) booted on this kernel instead of
@@ -168,6 +168,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
     }
     let start = Instant::now();
     engines::recover_killed_run(ctx)?;
+    crate::podman::recover_killed_run()?;
     setup::machine(ctx)?;
     build_guard()?;
     let guard_bin = ctx.target_dir.join("debug/guard");
@@ -184,7 +185,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
             outcomes.push(run_tier(tier, &args.args, &guard_bin)?);
             continue;
         }
-        for engine in engines::selected(&args.engine) {
+        for engine in engines_to_run(&args.engine) {
             outcomes.push(match engine {
                 Engine::Docker20 => run_tier(tier, &args.args, &guard_bin)?,
                 Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
@@ -203,6 +204,16 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
     println!("xtask test: {} (in {} s)", describe_all(&outcomes), start.elapsed().as_secs());
     print_totals(&outcomes);
     Ok(outcomes.iter().all(Outcome::ok))
+}
+
+/// The engines of the e2e tier: those asked for, or every one, the machine's Docker 20.10
+/// first (no engine to fetch or swap), then Docker 28 and Podman.
+fn engines_to_run(asked: &[Engine]) -> Vec<Engine> {
+    if asked.is_empty() {
+        vec![Engine::Docker20, Engine::Docker28, Engine::Podman]
+    } else {
+        engines::selected(asked)
+    }
 }
 
 /// The tiers asked for (or `default`), in tier order, each once.
