@@ -166,6 +166,8 @@ impl Daemon {
             .arg(format!("unix://{}", dir.join("d.sock").display()))
             .arg("--userland-proxy-path")
             .arg(root.join("usr/sbin/docker-proxy"))
+            // Its containers (busybox as PID 1 ignores SIGTERM) need not be given 10 s each.
+            .arg("--shutdown-timeout=2")
             // Its own containerd namespaces, should the machine run a system containerd that
             // every node's dockerd would otherwise share (and clean up each other's tasks in).
             .arg(format!("--containerd-namespace={NETNS_PREFIX}{name}"))
@@ -681,6 +683,8 @@ impl Swarm {
             format!("--name={name}"),
             format!("--replicas={replicas}"),
             "--replicas-max-per-node=1".to_owned(),
+            // busybox as PID 1 ignores SIGTERM: no 10 s wait per task on removal.
+            "--stop-grace-period=1s".to_owned(),
             format!("--network={OVERLAY}"),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
