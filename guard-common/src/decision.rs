@@ -13,7 +13,7 @@ use crate::{
     addr::Addr,
     maps::{
         AddrInfo, FlowKey, OPEN_EVERYONE, OPEN_LISTED, OPEN_NONE, PortKey, PortRule, PublishedKey,
-        PublishedTarget, TARGET_AUDIT,
+        PublishedTarget, TARGET_AUDIT, door,
     },
     reason::{Decision, Reason, Verdict},
 };
@@ -217,7 +217,11 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
         let resolved =
             Resolved { target: p.target, port: p.port, proto, published: 1, flags: p.flags };
         let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
-        return (judge(tables, pkt, p.target, port, p.all_ports), resolved);
+        let reason = match judge(tables, pkt, p.target, port, p.all_ports) {
+            Reason::Closed if door::is_door(p.target) => Reason::ManagementPort,
+            reason => reason,
+        };
+        return (reason, resolved);
     }
     if !dst_may_hold {
         return (not_listed(tables, pkt), none);

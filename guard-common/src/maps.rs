@@ -113,6 +113,31 @@ pub const IFACE_DOCKER: u32 = 3;
 /// pass and are counted as such.
 pub const TARGET_AUDIT: u8 = 1;
 
+/// The engine's own doors (DESIGN.md, "The engine's own doors"): host ports that lead
+/// straight to containers or to root on the host. They are listed in [`PUBLISHED`] like a
+/// published port, under a target id of their own that no container ever gets (container ids
+/// count up from 1), with the sources that may reach them in [`SOURCES`]: everything the
+/// decision does for a published port (host addresses, broadcast, the FIB, source lists,
+/// audit, counters, explain) holds for them unchanged.
+pub mod door {
+    /// Swarm's data path: VXLAN to the data-path port (4789/udp unless the swarm says
+    /// otherwise), which takes Ethernet frames for every overlay container, unauthenticated.
+    pub const OVERLAY: u32 = 0xffff_ff00;
+    /// Swarm's gossip, 7946/tcp and udp.
+    pub const GOSSIP: u32 = 0xffff_ff01;
+    /// A manager's control port, 2377/tcp (raft, and every node that joins).
+    pub const CONTROL: u32 = 0xffff_ff02;
+    /// The Docker API on a tcp socket: root on the host for whoever reaches it.
+    pub const API: u32 = 0xffff_ff03;
+    pub const ALL: [u32; 4] = [OVERLAY, GOSSIP, CONTROL, API];
+
+    /// Whether `target` is one of the engine's doors rather than a container.
+    #[inline(always)]
+    pub const fn is_door(target: u32) -> bool {
+        target >= OVERLAY
+    }
+}
+
 /// Who a port (or a whole container) is open to, as stored in rule fields.
 pub const OPEN_NONE: u8 = 0;
 pub const OPEN_EVERYONE: u8 = 1;

@@ -49,10 +49,14 @@ pub enum Reason {
     /// through an uplink). Networks are closed from their first packet, even while the agent
     /// is away or has not synced yet.
     UnseenNetwork = 14,
+    /// To one of the engine's own management ports (Swarm's overlay, gossip and control
+    /// ports, the Docker API on tcp) from a source that is neither a node of the swarm nor in
+    /// the operator's `cluster`/`admin` prefixes (see [`crate::maps::door`]).
+    ManagementPort = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -70,6 +74,7 @@ impl Reason {
         Reason::MappedSource,
         Reason::SpoofedSource,
         Reason::UnseenNetwork,
+        Reason::ManagementPort,
     ];
 
     #[inline(always)]
@@ -89,7 +94,8 @@ impl Reason {
             | Reason::Unreadable
             | Reason::MappedSource
             | Reason::SpoofedSource
-            | Reason::UnseenNetwork => Verdict::Drop,
+            | Reason::UnseenNetwork
+            | Reason::ManagementPort => Verdict::Drop,
         }
     }
 
@@ -111,14 +117,21 @@ impl Reason {
             Reason::MappedSource => "mapped_source",
             Reason::SpoofedSource => "spoofed_source",
             Reason::UnseenNetwork => "unseen_network",
+            Reason::ManagementPort => "management_port",
         }
     }
 
-    /// Container-bound and closed only because nothing opened it (no rule, no reply): what a
-    /// trusted source, and a flow started from inside, may still pass.
+    /// Closed only because nothing opened it (no rule, no reply): what a trusted source, and
+    /// a flow started from inside, may still pass.
     #[inline(always)]
     pub const fn closes_by_default(self) -> bool {
-        matches!(self, Reason::Closed | Reason::UnassignedAddr | Reason::UnseenNetwork)
+        matches!(
+            self,
+            Reason::Closed
+                | Reason::UnassignedAddr
+                | Reason::UnseenNetwork
+                | Reason::ManagementPort
+        )
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {

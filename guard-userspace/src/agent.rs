@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::Ebpf;
 use futures_util::StreamExt;
-use guard_common::maps::{IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK};
+use guard_common::maps::{IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK, door};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
@@ -41,6 +41,8 @@ use crate::{
     desired::{Desired, desired_state},
     docker::{DockerClient, DockerError},
     docker_link::{DOCKER_POLL, DockerLink},
+    doors,
+    engine_doors::EngineDoorsWatch,
     identities::Identities,
     interfaces::{self, Framing, Link},
     kernel, loader,
@@ -48,7 +50,7 @@ use crate::{
     pins::{Hook, Owner, Pins},
     policy_file::{self, Mode, PolicyFile},
     repin::MapHandles,
-    snapshot::Snapshot,
+    snapshot::{EngineDoors, Snapshot, Swarm},
     state::{Saved, StateDir},
     tables::diff,
     tc_filter::Mechanism,
@@ -71,6 +73,9 @@ pub struct RunOptions {
     /// How TC programs go on interfaces; `None`: TCX where the kernel has it.
     pub tc: Option<Mechanism>,
 }
+
+/// How often the swarm's membership is asked while the node is in one.
+const SWARM_POLL: Duration = Duration::from_secs(1);
 
 /// Longest wait between attempts to reconcile after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -164,6 +169,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         maps_adopted,
         synced: false,
         shared: shared.clone(),
+        engine: EngineDoorsWatch::default(),
+        doors_unknown: false,
+        door_errors: Warnings::default(),
     };
 
     let wake = Arc::new(Notify::new());
@@ -256,9 +264,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             None => {}
         }
+        // In a swarm, membership is asked every second: a node that joins is admitted to the
+        // overlay within a second of the engine knowing it (workers get no event for it).
+        let resync = if agent.known.doors.swarm.is_some() {
+            agent.opts.resync.min(SWARM_POLL)
+        } else {
+            agent.opts.resync
+        };
         let wait = match docker.client {
             None => docker.until_next_attempt(),
-            Some(_) => backoff.remaining().unwrap_or(agent.opts.resync),
+            Some(_) => backoff.remaining().unwrap_or(resync),
         };
         tokio::select! {
             ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
@@ -404,6 +419,12 @@ struct Agent {
     synced: bool,
     /// What `/metrics` and the drop log read.
     shared: Arc<Shared>,
+    /// Finds the engine's own doors (its swarm, its API on tcp).
+    engine: EngineDoorsWatch,
+    /// The engine would not say what its doors are (said once; the last known stand).
+    doors_unknown: bool,
+    /// The engine's doors that are open beyond what the policy can fix, said once each.
+    door_errors: Warnings,
 }
 
 impl Agent {
@@ -449,6 +470,9 @@ impl Agent {
     async fn reconcile(&mut self, docker: &DockerClient) -> anyhow::Result<()> {
         self.reload_policy();
         let snapshot = self.agreeing_snapshot(docker).await?;
+        if snapshot.doors.swarm != self.known.doors.swarm || !self.synced {
+            say_swarm(snapshot.doors.swarm.as_ref());
+        }
         self.apply(&snapshot, true)?;
         self.known = snapshot;
         self.save_state();
@@ -458,13 +482,37 @@ impl Agent {
     /// Docker's state, where nothing the agent knew has vanished on the word of one answer: a
     /// network or container missing from a snapshot is dropped only when a second snapshot,
     /// taken at once, agrees (a destroyed one is gone from both).
-    async fn agreeing_snapshot(&self, docker: &DockerClient) -> Result<Snapshot, DockerError> {
-        let now = docker.snapshot().await?;
+    async fn agreeing_snapshot(&mut self, docker: &DockerClient) -> Result<Snapshot, DockerError> {
+        let mut now = docker.snapshot().await?;
+        now.doors = self.engine_doors(docker).await;
         if !self.synced || !now.lacks_any_of(&self.known) {
             return Ok(now);
         }
-        let again = docker.snapshot().await?;
+        let mut again = docker.snapshot().await?;
+        again.doors = self.engine_doors(docker).await;
         Ok(now.with_unconfirmed_removals(&self.known, &again))
+    }
+
+    /// The engine's doors as it names them now; where it does not answer (a manager that
+    /// lost its quorum cannot list nodes), the ones last known: a swarm's own traffic is never
+    /// dropped because a question went unanswered.
+    async fn engine_doors(&mut self, docker: &DockerClient) -> EngineDoors {
+        match self.engine.doors(docker).await {
+            Ok(doors) => {
+                if self.doors_unknown {
+                    info!("the engine names its swarm and listeners again");
+                }
+                self.doors_unknown = false;
+                doors
+            }
+            Err(e) => {
+                if !self.doors_unknown {
+                    warn!("{e}; the engine's doors stay guarded as last known");
+                }
+                self.doors_unknown = true;
+                self.known.doors.clone()
+            }
+        }
     }
 
     /// While Docker cannot be asked: what the agent last knew, on the interfaces as they are
@@ -507,7 +555,7 @@ impl Agent {
         let mut desired = if !synced && self.maps_adopted {
             // The pins outlived the previous agent: its maps hold its last sync, more surely
             // than the state directory (which an upgrade from an agent without one lacks).
-            Desired { tables: self.maps.read()?, containers: Vec::new() }
+            Desired { tables: self.maps.read()?, ..Desired::default() }
         } else {
             let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
             desired_state(snapshot, &host_addrs, &targets, &self.policy)
@@ -541,7 +589,9 @@ impl Agent {
             info!(changes = plan.change_count(), failed = failures.len(), synced, "maps updated");
             warnings.extend(failures.iter().map(ToString::to_string));
         }
-        self.maps.forget_drops(&desired.tables.identities.keys().copied().collect());
+        let counted =
+            desired.tables.identities.keys().chain(desired.doors.iter().map(|d| &d.target));
+        self.maps.forget_drops(&counted.copied().collect());
 
         let pins = &self.opts.pins;
         let mut errors = Vec::new();
@@ -550,14 +600,22 @@ impl Agent {
             errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
         self.warnings.report(warnings);
+        self.door_errors
+            .report_errors(doors::unsafe_listeners(&snapshot.doors, &self.policy.management));
         // What could not be attached is not guarded: an error, and not ready, until it is.
         let unguarded: Vec<String> = errors.iter().map(ToString::to_string).collect();
         self.attach_errors.report_errors(unguarded.clone());
 
         let mut state = self.shared.state.lock().expect("not poisoned");
         state.mode = self.policy.mode.to_string();
-        state.names =
-            desired.containers.iter().map(|c| (c.target, c.container.name.clone())).collect();
+        let door_names =
+            desired.doors.iter().filter_map(|d| Some((d.target, doors::name(d.target)?.into())));
+        state.names = desired
+            .containers
+            .iter()
+            .map(|c| (c.target, c.container.name.clone()))
+            .chain(door_names)
+            .collect();
         state.ifaces = links.iter().map(|l| (l.ifindex, l.name.clone())).collect();
         state.label_errors = desired
             .containers
@@ -572,6 +630,17 @@ impl Agent {
             .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
             .collect();
         state.map_entries = desired.tables.sizes();
+        state.doors = desired
+            .doors
+            .iter()
+            .flat_map(|d| {
+                let name = doors::name(d.target).unwrap_or("engine");
+                d.ports.iter().map(move |(proto, port)| {
+                    (name.to_string(), format!("{port}/{proto}"), d.sources.len())
+                })
+            })
+            .collect();
+        state.swarm_nodes = snapshot.doors.swarm.as_ref().map(|s| s.nodes.len());
         state.unguarded = unguarded;
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;
@@ -600,7 +669,8 @@ impl Agent {
             uplinks = %on(Hook::Xdp).join(", "),
             bridges = %on(Hook::BridgeGate).join(", "),
             mode = %state.mode,
-            containers = state.names.len(),
+            containers = state.names.keys().filter(|t| !door::is_door(**t)).count(),
+            engine_doors = %state.names.iter().filter(|(t, _)| door::is_door(**t)).map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", "),
             label_errors = state.label_errors.len(),
             config = %self.opts.config.display(),
             "guarding"
@@ -884,6 +954,22 @@ async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
             shared.drops.push(record);
         }
         ready.clear_ready();
+    }
+}
+
+/// The swarm as the agent now guards its doors, said when it changes.
+fn say_swarm(swarm: Option<&Swarm>) {
+    match swarm {
+        None => info!("not in a swarm: no overlay, gossip or control port to guard"),
+        Some(swarm) => {
+            let nodes: Vec<String> = swarm.nodes.iter().map(ToString::to_string).collect();
+            info!(
+                nodes = %nodes.join(", "),
+                data_path_port = swarm.data_path_port,
+                manager = swarm.control_port.is_some(),
+                "swarm members may reach this node's overlay, gossip and control ports"
+            );
+        }
     }
 }
 

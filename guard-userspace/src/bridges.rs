@@ -174,7 +174,8 @@ mod tests {
         assert!(tried.contains("br-0123456789ab") && tried.contains("10.89.0.0/24"), "{tried}");
         // Without containers it has no bridge yet (Podman makes it with the first): quiet.
         let mut warnings = Vec::new();
-        let mut snapshot = Snapshot { networks: vec![n], containers: vec![] };
+        let mut snapshot =
+            Snapshot { networks: vec![n], containers: vec![], doors: Default::default() };
         let out = resolved(&snapshot, &links, &[], &mut warnings);
         assert_eq!(out.networks[0].bridge, None);
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -202,7 +203,8 @@ mod tests {
         let links = [link("br0", true)];
         let mut warnings = Vec::new();
         assert_eq!(find(&n, &links, &[addr("br0", "10.0.0.1")]), Found::NotBridge);
-        let snapshot = Snapshot { networks: vec![n], containers: vec![] };
+        let snapshot =
+            Snapshot { networks: vec![n], containers: vec![], doors: Default::default() };
         assert_eq!(resolved(&snapshot, &links, &[], &mut warnings).networks[0].bridge, None);
         assert!(warnings.is_empty());
     }

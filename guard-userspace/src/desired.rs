@@ -12,11 +12,12 @@ use guard_common::{
 };
 
 use crate::{
+    doors::{self, DoorPolicy},
     identities::decode_hex,
     labels::{LabelError, parse_labels},
     policy::{Opening, PortSpec, Sources},
     policy_file::{Mode, PolicyFile, apply_rules},
-    snapshot::{Container, Published, Snapshot},
+    snapshot::{Container, Snapshot},
     tables::{Lpm, TableSet},
 };
 
@@ -34,6 +35,8 @@ pub struct ContainerPolicy {
 pub struct Desired {
     pub tables: TableSet,
     pub containers: Vec<ContainerPolicy>,
+    /// The engine's own doors guard judges (see [`crate::doors`]).
+    pub doors: Vec<DoorPolicy>,
 }
 
 /// `host_addrs` are every address of every host interface; `targets` maps container ids to
@@ -87,7 +90,7 @@ pub fn desired_state(
             tables.addrs.insert(Addr::from(*ip), AddrInfo::container(target));
         }
         for published in &container.published {
-            for host_ip in bound_addresses(published, &host) {
+            for host_ip in listed_under(published.host_ip, &host) {
                 let key = PublishedKey {
                     addr: Addr::from(host_ip),
                     port: published.host_port,
@@ -120,11 +123,12 @@ pub fn desired_state(
             mode,
         });
     }
+    let doors = doors::guard(&mut tables, &snapshot.doors, &policy.management, &host);
     let audited: std::collections::BTreeSet<u32> =
         containers.iter().filter(|c| c.mode == Mode::Audit).map(|c| c.target).collect();
     fold_rules_into_lookups(&mut tables, &audited);
     fill_prefilter(&mut tables, snapshot);
-    Desired { tables, containers }
+    Desired { tables, containers, doors }
 }
 
 /// Copies each container's all-ports rule, each published port's rule and the audit flag into
@@ -179,26 +183,25 @@ fn fill_prefilter(tables: &mut TableSet, snapshot: &Snapshot) {
     }
 }
 
-/// The host addresses a published port listens on. A port published on the wildcard address
-/// of a family (`0.0.0.0` or `::`, never both: Docker reports one binding per family) is
-/// listed under every host address of that family, and under the wildcard address itself,
-/// where the decision looks up broadcast and multicast destinations (docker-proxy receives
-/// those on its wildcard socket).
-fn bound_addresses(published: &Published, host: &[IpAddr]) -> Vec<IpAddr> {
-    if published.host_ip.is_unspecified() {
-        let v4 = published.host_ip.is_ipv4();
-        let family = host.iter().copied().filter(|ip| ip.is_ipv4() == v4);
-        family.chain([published.host_ip]).collect()
-    } else if published.host_ip.is_loopback() {
+/// The host addresses a port bound to `bound` is listed under. A port bound to the wildcard
+/// address of a family (`0.0.0.0` or `::`; Docker reports one binding per family) is listed
+/// under every host address of that family, and under the wildcard address itself, where the
+/// decision looks up broadcast and multicast destinations (docker-proxy receives those on its
+/// wildcard socket). One bound to loopback is never reached from an uplink.
+pub(crate) fn listed_under(bound: IpAddr, host: &[IpAddr]) -> Vec<IpAddr> {
+    if bound.is_unspecified() {
+        let family = host.iter().copied().filter(|ip| ip.is_ipv4() == bound.is_ipv4());
+        family.chain([bound]).collect()
+    } else if bound.is_loopback() {
         Vec::new()
     } else {
-        vec![published.host_ip]
+        vec![bound]
     }
 }
 
 /// Adds one opening. Open-to-everyone wins over a source list on the same port; source lists
 /// on the same port add up.
-fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
+pub(crate) fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
     let keys: Vec<PortKey> = match opening.ports {
         PortSpec::All => vec![PortKey::all_ports(target)],
         PortSpec::Range { proto, first, last } => {
@@ -236,7 +239,7 @@ mod tests {
     use crate::{
         identities::Identities,
         policy::Proto,
-        snapshot::{Container, Network},
+        snapshot::{Container, Network, Published},
     };
 
     const HOST_UPLINK: &str = "10.251.1.1";
@@ -287,6 +290,7 @@ mod tests {
                 gateways: vec![ip("172.30.0.1"), ip("fd00:30::1")],
             }],
             containers: vec![db, api, web, partner],
+            doors: Default::default(),
         }
     }
 
@@ -352,6 +356,7 @@ mod tests {
                     ("guard.expose", "81"),
                 ],
             )],
+            doors: Default::default(),
         };
         let d = state(&snap);
         assert_eq!(verdict(&d, "10.1.1.1", "172.30.0.9", 80), Reason::AllowedSource);
@@ -371,6 +376,7 @@ mod tests {
                 "172.30.0.9",
                 &[("guard.allow.vpn", "* from 10.8.0.0/24")],
             )],
+            doors: Default::default(),
         };
         let d = state(&snap);
         assert_eq!(verdict(&d, "10.8.0.3", "172.30.0.9", 12345), Reason::AllowedSource);
@@ -386,6 +392,7 @@ mod tests {
         let snap = Snapshot {
             networks: seed().networks,
             containers: vec![container(9, "typo", "172.30.0.9", &[("guard.expose", "443/tpc")])],
+            doors: Default::default(),
         };
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
@@ -410,7 +417,11 @@ mod tests {
                 proto: Proto::Tcp,
             },
         ];
-        let snap = Snapshot { networks: seed().networks, containers: vec![web] };
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![web],
+            doors: Default::default(),
+        };
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 8080), Reason::Exposed);
         // Not bound on the gateway address: that is the host's own port 8080.

@@ -2,22 +2,27 @@
 //! stream of the events that should wake the reconciler.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
 };
 
 use bollard::{
     Docker,
     models::{
-        ContainerSummary, EventMessageTypeEnum, Network as DockerNetwork, PortSummaryTypeEnum,
+        ContainerSummary, EventMessageTypeEnum, LocalNodeState, Network as DockerNetwork,
+        PortSummaryTypeEnum,
     },
-    query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
+    query_parameters::{
+        EventsOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+    },
 };
 use futures_util::{Stream, StreamExt};
 
 use crate::{
     policy::Proto,
-    snapshot::{Container, Network, Published, Snapshot},
+    snapshot::{
+        CONTROL_PORT, Container, EngineDoors, Network, Published, Snapshot, Swarm, VXLAN_PORT,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +71,59 @@ impl DockerClient {
         Ok(Snapshot {
             networks: networks.iter().map(network).collect(),
             containers: containers.iter().filter_map(container).collect(),
+            // Filled by the agent (see [`crate::engine_doors`]).
+            doors: EngineDoors::default(),
         })
+    }
+
+    /// This node's swarm, if it is an active member: its members as the engine names them
+    /// and the ports it uses. Managers list every node; every node knows its managers and the
+    /// peers of the overlays it is on. A worker is not told the data-path port: it takes
+    /// Docker's default.
+    pub async fn swarm(&self) -> Result<Option<Swarm>, DockerError> {
+        let api = |call| move |source| DockerError::Api { call, source };
+        let info = self.docker.info().await.map_err(api("info"))?;
+        let Some(swarm) = info.swarm else { return Ok(None) };
+        if swarm.local_node_state != Some(LocalNodeState::ACTIVE) {
+            return Ok(None);
+        }
+        let mut nodes: BTreeSet<IpAddr> = BTreeSet::new();
+        nodes.extend(swarm.node_addr.as_deref().and_then(|a| a.parse::<IpAddr>().ok()));
+        let managers = swarm.remote_managers.unwrap_or_default();
+        nodes.extend(managers.iter().filter_map(|m| host_of(m.addr.as_deref()?)));
+        let mut control_port = None;
+        if swarm.control_available == Some(true) {
+            let own = managers.iter().find(|m| m.node_id.is_some() && m.node_id == swarm.node_id);
+            let own = own.and_then(|m| m.addr.as_deref()?.parse::<SocketAddr>().ok());
+            control_port = Some(own.map_or(CONTROL_PORT, |a| a.port()));
+            for node in self.docker.list_nodes(None).await.map_err(api("list swarm nodes"))? {
+                let status = node.status.and_then(|s| s.addr);
+                let manager = node.manager_status.and_then(|m| m.addr);
+                nodes.extend(status.as_deref().and_then(host_of));
+                nodes.extend(manager.as_deref().and_then(host_of));
+            }
+        }
+        let filters = HashMap::from([("driver".to_string(), vec!["overlay".to_string()])]);
+        let options = ListNetworksOptions { filters: Some(filters) };
+        let overlays =
+            self.docker.list_networks(Some(options)).await.map_err(api("list overlays"))?;
+        for overlay in overlays.iter().filter_map(|n| n.id.as_deref()) {
+            let verbose = InspectNetworkOptions { verbose: true, ..Default::default() };
+            // An overlay removed since the list is no error: its peers are gone with it.
+            let Ok(inspect) = self.docker.inspect_network(overlay, Some(verbose)).await else {
+                continue;
+            };
+            let peers = inspect.peers.unwrap_or_default();
+            nodes.extend(peers.iter().filter_map(|p| host_of(p.ip.as_deref()?)));
+        }
+        nodes.retain(|ip| !ip.is_unspecified());
+        let data_path_port = swarm.cluster.and_then(|c| c.data_path_port).unwrap_or(0);
+        let data_path_port = u16::try_from(data_path_port).ok().filter(|p| *p != 0);
+        Ok(Some(Swarm {
+            data_path_port: data_path_port.unwrap_or(VXLAN_PORT),
+            control_port,
+            nodes,
+        }))
     }
 
     /// Container and network events; each one only means "look again".
@@ -86,6 +143,11 @@ impl DockerClient {
                 }
             })
     }
+}
+
+/// The address of a swarm node as the engine writes it: `ip`, or `ip:port` for managers.
+fn host_of(addr: &str) -> Option<IpAddr> {
+    addr.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| addr.parse()).ok()
 }
 
 fn network(n: &DockerNetwork) -> Network {

@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::{
     desired::{ContainerPolicy, desired_state},
     docker::DockerClient,
+    doors,
     frames::{Frame, Transport},
     identities::{Identities, encode_hex},
     interfaces,
@@ -192,12 +193,21 @@ pub async fn explain(
     } else {
         container_policy(&tables.identities, resolved.target, config).await.ok().flatten()
     };
-    let container = policy.as_ref().map(|p| p.container.name.clone()).or_else(|| {
-        tables.identities.get(&resolved.target).map(|id| encode_hex(&id.0)[..12].to_string())
+    let door = doors::name(resolved.target);
+    let container = door.map(String::from).or_else(|| {
+        policy.as_ref().map(|p| p.container.name.clone()).or_else(|| {
+            tables.identities.get(&resolved.target).map(|id| encode_hex(&id.0)[..12].to_string())
+        })
     });
     let port = (resolved.port != 0).then(|| (resolved.port, Proto::from_number(resolved.proto)));
-    let rule = rule_for(decision, policy.as_ref(), port, query.src);
-    let detail = detail(decision, &query, container.as_deref(), port, resolved.published != 0);
+    let rule = match (door, decision.reason) {
+        (Some(_), Reason::AllowedSource) => {
+            "the swarm's nodes, and [management] cluster and admin prefixes".into()
+        }
+        _ => rule_for(decision, policy.as_ref(), port, query.src),
+    };
+    let published = resolved.published != 0 && door.is_none();
+    let detail = detail(decision, &query, container.as_deref(), port, published);
     Ok(Explanation {
         verdict: if decision.verdict() == Verdict::Pass { "pass" } else { "drop" },
         reason: decision.reason.name(),
@@ -328,6 +338,9 @@ fn rule_for(
         Reason::MalformedIp => "malformed frames are the kernel's to discard".into(),
         Reason::LaterFragment => "later fragments follow their first fragment".into(),
         Reason::NotContainerBound | Reason::NotIp => "none: not guard's business".into(),
+        Reason::ManagementPort => {
+            "default: the engine's doors are open to the swarm's nodes and [management] prefixes only".into()
+        }
     }
 }
 
@@ -376,6 +389,11 @@ fn detail(
             write!(s, "a later fragment is delivered only with its first, which is judged")
         }
         Reason::MalformedIp | Reason::NotIp => write!(s, "the frame is malformed"),
+        Reason::ManagementPort => write!(
+            s,
+            "{target} is the engine's own door, and {} is neither a node of the swarm nor in the policy file's [management] prefixes",
+            q.src
+        ),
     };
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");

@@ -4,9 +4,7 @@
 //! enslaved to them, and those the operator trusts. Discovery is re-run on every reconcile, so
 //! an interface that appears later is protected and one that vanishes does no harm.
 
-use std::{collections::BTreeSet, fs, io, net::IpAddr, path::Path};
-
-const SYS_CLASS_NET: &str = "/sys/class/net";
+use std::{collections::BTreeSet, fs, io, net::IpAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -54,87 +52,24 @@ pub fn framing_of_link_type(link_type: u16) -> Option<Framing> {
     }
 }
 
-/// Every interface of the host network namespace.
+/// Every interface of the agent's network namespace (see [`crate::rtnetlink::dump_links`]).
 pub fn links() -> io::Result<Vec<Link>> {
-    let mut links = Vec::new();
-    for entry in fs::read_dir(SYS_CLASS_NET)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let dir = entry.path();
-        // An interface can vanish between read_dir and here: skip it, the next pass sees truth.
-        let Some(ifindex) = read_ifindex(&dir) else {
-            continue;
-        };
-        let Some(link_type) = read_number(&dir, "type") else {
-            continue;
-        };
-        let master = fs::read_link(dir.join("master"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        let is_veth = driver(&name).is_some_and(|d| d == "veth");
-        let is_bridge = dir.join("bridge").is_dir();
-        links.push(Link { name, ifindex, master, is_veth, is_bridge, link_type });
-    }
+    let records = crate::rtnetlink::dump_links()?;
+    let name_of =
+        |ifindex: u32| records.iter().find(|r| r.ifindex == ifindex).map(|r| r.name.clone());
+    let mut links: Vec<Link> = records
+        .iter()
+        .map(|r| Link {
+            name: r.name.clone(),
+            ifindex: r.ifindex,
+            master: r.master.and_then(name_of),
+            is_veth: r.kind.as_deref() == Some("veth"),
+            is_bridge: r.kind.as_deref() == Some("bridge"),
+            link_type: r.link_type,
+        })
+        .collect();
     links.sort_by_key(|l| l.ifindex);
     Ok(links)
-}
-
-fn read_ifindex(dir: &Path) -> Option<u32> {
-    read_number(dir, "ifindex")
-}
-
-fn read_number<T: std::str::FromStr>(dir: &Path, file: &str) -> Option<T> {
-    fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
-}
-
-/// The interface's driver as ethtool reports it ("veth", "tun", "macvlan", "e1000e"...); None
-/// when the interface is gone or its driver does not say. Names are chosen by whoever creates
-/// an interface, so they say nothing about what it is; the driver does.
-pub fn driver(ifname: &str) -> Option<String> {
-    use std::os::fd::AsRawFd;
-    const ETHTOOL_GDRVINFO: u32 = 0x3;
-    /// struct ethtool_drvinfo (include/uapi/linux/ethtool.h).
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        version: [u8; 32],
-        fw_version: [u8; 32],
-        bus_info: [u8; 32],
-        erom_version: [u8; 32],
-        reserved2: [u8; 12],
-        counts: [u32; 5],
-    }
-    /// struct ifreq with its union as the data pointer SIOCETHTOOL reads.
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        data: *mut DrvInfo,
-        _pad: [u8; 16],
-    }
-    if ifname.len() >= libc::IFNAMSIZ {
-        return None;
-    }
-    // SAFETY: all-zero is a valid DrvInfo (plain integers and byte arrays).
-    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
-    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-    let socket = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .ok()?;
-    // SAFETY: SIOCETHTOOL reads the ifreq and writes at most one ethtool_drvinfo through
-    // `data`, both alive for the call.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
-    if rc != 0 {
-        return None;
-    }
-    let len = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
-    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// Every address the host receives on, on every interface (loopback included; the desired
@@ -359,7 +294,7 @@ mod tests {
 
     #[test]
     fn loopback_is_not_a_veth_and_has_its_own_link_type() {
-        let lo = links().expect("/sys/class/net is readable").into_iter().find(|l| l.name == "lo");
+        let lo = links().expect("rtnetlink answers").into_iter().find(|l| l.name == "lo");
         let lo = lo.expect("this host has lo");
         assert!(!lo.is_veth, "lo is not a veth");
         assert_eq!(lo.link_type, 772, "ARPHRD_LOOPBACK");
@@ -394,7 +329,7 @@ mod tests {
 
     #[test]
     fn this_host_has_loopback() {
-        let links = links().expect("/sys/class/net is readable");
+        let links = links().expect("rtnetlink answers");
         assert!(links.iter().any(|l| l.name == "lo"));
         let addrs = host_addresses().expect("getifaddrs works");
         assert!(addrs.iter().any(|a| a.is_loopback()));
@@ -441,17 +376,15 @@ mod tests {
         for port in [&veth, &macvlan, &tap] {
             ScratchLinks::ip(&["link", "set", port, "master", &bridge]);
         }
-        let all = links().expect("/sys/class/net is readable");
+        let all = links().expect("rtnetlink answers");
         let find = |name: &str| {
             all.iter()
                 .find(|l| l.name == *name)
                 .unwrap_or_else(|| panic!("{name} is listed"))
                 .clone()
         };
-        assert_eq!(driver(&veth).as_deref(), Some("veth"));
-        assert_eq!(driver(&macvlan).as_deref(), Some("macvlan"));
         assert!(find(&veth).is_veth && find(&peer).is_veth, "both ends of a veth pair are veths");
-        assert!(!find(&tap).is_veth, "a tap is not a veth: {:?}", driver(&tap));
+        assert!(!find(&tap).is_veth, "a tap is not a veth");
         assert_eq!(find(&tap).framing(), Some(Framing::Ethernet), "a tap carries Ethernet");
         assert_eq!(find(&tun).link_type, 65534, "a tun is ARPHRD_NONE");
         assert_eq!(find(&tun).framing(), Some(Framing::Ip), "a tun carries IP");

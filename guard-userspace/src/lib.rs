@@ -12,6 +12,7 @@
 //! (`guard run`), [`status`], [`unload`].
 
 pub mod desired;
+pub mod doors;
 pub mod identities;
 pub mod labels;
 pub mod policy;
@@ -25,6 +26,7 @@ pub mod bridges;
 pub mod docker;
 pub mod docker_link;
 pub mod drops;
+pub mod engine_doors;
 pub mod explain;
 pub mod frames;
 pub mod http;
@@ -34,9 +36,11 @@ pub mod link_info;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod netlink;
 pub mod pins;
 pub mod repin;
 pub mod rtnetlink;
+pub mod sock_diag;
 pub mod state;
 pub mod status;
 pub mod tc_filter;

@@ -62,6 +62,10 @@ pub struct AgentState {
     /// (map, entries, capacity) after the last sync.
     pub map_entries: Vec<(&'static str, usize, u32)>,
     pub update_errors: BTreeMap<&'static str, u64>,
+    /// The engine's doors guarded: (name, `port/proto`, how many sources may reach it).
+    pub doors: Vec<(String, String, usize)>,
+    /// The swarm's members the agent learned from the engine (None: not in a swarm).
+    pub swarm_nodes: Option<usize>,
 }
 
 /// What the kernel's maps said at scrape time.
@@ -237,6 +241,24 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
             "guard_label_errors{{container=\"{}\",label=\"{}\"}} 1",
             escape(container),
             escape(label)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_engine_door_sources The engine's own ports guard judges (Swarm's, the Docker API on tcp), by door and port: how many sources (swarm nodes and [management] prefixes) may reach each.\n# TYPE guard_engine_door_sources gauge"
+    );
+    for (door, port, sources) in &state.doors {
+        let _ = writeln!(
+            out,
+            "guard_engine_door_sources{{door=\"{}\",port=\"{}\"}} {sources}",
+            escape(door),
+            escape(port)
+        );
+    }
+    if let Some(nodes) = state.swarm_nodes {
+        let _ = writeln!(
+            out,
+            "# HELP guard_swarm_nodes The swarm's members as the engine names them (this node included).\n# TYPE guard_swarm_nodes gauge\nguard_swarm_nodes {nodes}"
         );
     }
     out

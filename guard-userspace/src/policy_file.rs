@@ -6,6 +6,10 @@
 //! trusted_sources = ["10.0.0.0/8"]      # treated as inside: never dropped
 //! trusted_interfaces = ["wg0"]          # never filtered
 //!
+//! [management]                         # the engine's own doors (Swarm, the API on tcp)
+//! cluster = ["10.1.0.0/24"]             # may reach Swarm's ports besides the nodes Docker names
+//! admin = ["192.0.2.10"]                # may reach the Docker API on tcp and a manager's 2377
+//!
 //! [[rule]]
 //! name = "office reaches the shop database"
 //! match = { compose_project = "shop", compose_service = "db" }
@@ -43,7 +47,26 @@ pub struct PolicyFile {
     pub mode: Mode,
     pub trusted_sources: Vec<Cidr>,
     pub trusted_interfaces: Vec<String>,
+    pub management: Management,
     pub rules: Vec<Rule>,
+}
+
+/// Who may reach the engine's own doors (DESIGN.md, "The engine's own doors"), besides the
+/// swarm's nodes, which the agent learns from the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Management {
+    /// `false` leaves the engine's ports to the host's firewall: guard judges none of them.
+    pub enforce: bool,
+    /// May reach Swarm's overlay, gossip and control ports (other nodes' networks, say).
+    pub cluster: Vec<Cidr>,
+    /// May reach the Docker API on tcp and a manager's control port.
+    pub admin: Vec<Cidr>,
+}
+
+impl Default for Management {
+    fn default() -> Self {
+        Management { enforce: true, cluster: Vec::new(), admin: Vec::new() }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -134,8 +157,31 @@ struct RawFile {
     trusted_sources: Vec<Spanned<String>>,
     #[serde(default)]
     trusted_interfaces: Vec<String>,
+    #[serde(default)]
+    management: RawManagement,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManagement {
+    #[serde(default = "yes")]
+    enforce: bool,
+    #[serde(default)]
+    cluster: Vec<Spanned<String>>,
+    #[serde(default)]
+    admin: Vec<Spanned<String>>,
+}
+
+impl Default for RawManagement {
+    fn default() -> Self {
+        RawManagement { enforce: true, cluster: Vec::new(), admin: Vec::new() }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -217,6 +263,11 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
         s.get_ref().trim().parse::<Cidr>().map_err(|e| invalid(s.span(), e.to_string()))
     };
     let trusted_sources = raw.trusted_sources.iter().map(cidr).collect::<Result<_, _>>()?;
+    let management = Management {
+        enforce: raw.management.enforce,
+        cluster: raw.management.cluster.iter().map(cidr).collect::<Result<_, _>>()?,
+        admin: raw.management.admin.iter().map(cidr).collect::<Result<_, _>>()?,
+    };
 
     let mut rules = Vec::new();
     for (i, spanned) in raw.rules.iter().enumerate() {
@@ -283,6 +334,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
         mode: raw.mode,
         trusted_sources,
         trusted_interfaces: raw.trusted_interfaces,
+        management,
         rules,
     })
 }
@@ -351,6 +403,10 @@ mode = "audit"
 trusted_sources = ["10.0.0.0/8", "fd00:8::/64"]
 trusted_interfaces = ["wg0"]
 
+[management]
+cluster = ["10.1.0.0/24"]
+admin = ["192.0.2.10"]
+
 [[rule]]
 name = "office db"
 match = { compose_project = "shop", compose_service = "db" }
@@ -369,6 +425,9 @@ mode = "enforce"
         assert_eq!(f.mode, Mode::Audit);
         assert_eq!(f.trusted_sources.len(), 2);
         assert_eq!(f.trusted_interfaces, ["wg0"]);
+        assert!(f.management.enforce, "the engine's doors are guarded unless the file says not");
+        assert_eq!((f.management.cluster.len(), f.management.admin.len()), (1, 1));
+        assert!(!parse("[management]\nenforce = false\n", "x").unwrap().management.enforce);
         assert_eq!(f.rules.len(), 2);
         assert_eq!(f.rules[0].name, "rule \"office db\"");
         assert_eq!(f.rules[1].name, "rule #2");
@@ -406,6 +465,8 @@ mode = "enforce"
         let cases = [
             ("mode = \"permissive\"\n", 1, "permissive"),
             ("trusted_sources = [\"10.0.0.0/8\",\n  \"10.0.0.0/33\"]\n", 2, "10.0.0.0/33"),
+            ("[management]\nadmin = [\"192.0.2.300\"]\n", 2, "192.0.2.300"),
+            ("[management]\nclusters = []\n", 2, "clusters"),
             ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n", 3, "icmp"),
             (
                 "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"5432\", from = [\"nowhere\"] }]\n",

@@ -1,8 +1,10 @@
-//! The few rtnetlink requests guard makes itself (aya keeps its own to itself): list and
-//! delete a clsact qdisc's filters, delete the qdisc, and read the mode of an interface's XDP
-//! program.
+//! The few rtnetlink requests guard makes itself (aya keeps its own to itself): list the
+//! links of the agent's network namespace, list and delete a clsact qdisc's filters, delete
+//! the qdisc, and read the mode of an interface's XDP program.
 
-use std::{io, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+use std::{io, os::fd::OwnedFd};
+
+use crate::netlink::{self, NLM_F_DUMP, NLMSG_DONE, header, receive, send};
 
 use crate::tc_filter::Filter;
 
@@ -12,45 +14,25 @@ const RTM_DELQDISC: u16 = 37;
 const RTM_DELTFILTER: u16 = 45;
 const RTM_GETTFILTER: u16 = 46;
 const RTM_NEWTFILTER: u16 = 44;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_PROG_ID: u16 = 4;
-const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const TCMSG_LEN: usize = 20;
 /// htons(ETH_P_ALL): the protocol guard's filters (aya's) match.
 const ETH_P_ALL_BE: u32 = (libc::ETH_P_ALL as u16).to_be() as u32;
 
 fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// nlmsghdr (its length set by [`send`]).
-fn header(kind: u16, flags: u16) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set by send
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    msg
+    netlink::socket(libc::NETLINK_ROUTE)
 }
 
 /// nlmsghdr + tcmsg, for the traffic-control requests.
@@ -69,50 +51,6 @@ fn push_attr(msg: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     msg.extend_from_slice(&kind.to_ne_bytes());
     msg.extend_from_slice(payload);
     msg.resize(msg.len().next_multiple_of(4), 0);
-}
-
-fn send(fd: &OwnedFd, mut msg: Vec<u8>) -> io::Result<()> {
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    // SAFETY: a valid buffer of that length, alive for the call.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// Reads replies until the dump ends or the request is acknowledged; hands the body of every
-/// message of type `wanted` to `each`.
-fn receive(fd: &OwnedFd, wanted: u16, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: a valid buffer of that length, alive for the call.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut rest = &buf[..n as usize];
-        while rest.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
-            if len < NLMSG_HDRLEN || len > rest.len() {
-                return Err(io::Error::other("malformed netlink reply"));
-            }
-            let body = &rest[NLMSG_HDRLEN..len];
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let code = i32::from_ne_bytes(body[..4].try_into().unwrap());
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
-                    };
-                }
-                kind if kind == wanted => each(body),
-                _ => {}
-            }
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-    }
 }
 
 /// (type, payload) of each attribute in `data`.
@@ -217,6 +155,56 @@ pub enum XdpAttached {
     Offloaded,
     /// More than one mode at once.
     Multi,
+}
+
+/// One link of the namespace, as RTM_GETLINK describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub ifindex: u32,
+    pub name: String,
+    /// ARPHRD_* (ifinfomsg's type).
+    pub link_type: u16,
+    /// The ifindex of the bridge or bond it is enslaved to.
+    pub master: Option<u32>,
+    /// The driver's kind ("veth", "bridge", "vxlan"...); None for a physical device.
+    pub kind: Option<String>,
+}
+
+/// Every link of the calling thread's network namespace. Read over rtnetlink rather than
+/// /sys/class/net, which shows the namespace sysfs was mounted in: `nsenter --net` changes
+/// the one and not the other.
+pub fn dump_links() -> io::Result<Vec<LinkRecord>> {
+    let fd = socket()?;
+    let mut msg = header(RTM_GETLINK, NLM_F_DUMP);
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend_from_slice(&[0; 12]);
+    send(&fd, msg)?;
+    let mut links = Vec::new();
+    receive(&fd, RTM_NEWLINK, |body| {
+        if body.len() < IFINFOMSG_LEN {
+            return;
+        }
+        let link_type = u16::from_ne_bytes([body[2], body[3]]);
+        let ifindex = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
+        let mut link =
+            LinkRecord { ifindex, name: String::new(), link_type, master: None, kind: None };
+        for (attr, payload) in attrs(&body[IFINFOMSG_LEN..]) {
+            match attr {
+                IFLA_IFNAME => link.name = c_string(payload),
+                IFLA_MASTER if payload.len() >= 4 => {
+                    link.master = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()))
+                }
+                IFLA_LINKINFO => {
+                    link.kind = attrs(payload)
+                        .find(|(field, _)| *field == IFLA_INFO_KIND)
+                        .map(|(_, kind)| c_string(kind))
+                }
+                _ => {}
+            }
+        }
+        links.push(link);
+    })?;
+    Ok(links)
 }
 
 /// The mode and program id of `ifindex`'s XDP program, as the kernel reports them.

@@ -183,6 +183,7 @@ mod tests {
                     proto: crate::policy::Proto::Tcp,
                 }],
             }],
+            doors: Default::default(),
         };
         let saved = Saved::new(&snapshot, Some("mode = \"audit\"\n".into()));
         state.save(&saved).unwrap();

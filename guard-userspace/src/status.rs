@@ -15,6 +15,8 @@ mod kernel_view;
 use crate::{
     desired::{ContainerPolicy, desired_state},
     docker::DockerClient,
+    doors,
+    engine_doors::EngineDoorsWatch,
     identities::Identities,
     interfaces,
     maps::PolicyMaps,
@@ -36,6 +38,18 @@ pub struct Report {
     /// What could not be read (Docker, the policy file), and so is missing from the report.
     pub notes: Vec<String>,
     pub containers: Vec<ContainerReport>,
+    /// The engine's own ports guard judges (Swarm's, the API on tcp), as the kernel holds them.
+    pub engine_doors: Vec<DoorReport>,
+    /// The engine's doors no policy makes safe (a plain-text API on tcp).
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DoorReport {
+    pub name: String,
+    /// `4789/udp`, `7946/tcp`...
+    pub ports: Vec<String>,
+    pub outside: Reach,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,8 +127,19 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
             notes.push(format!("{e}; rule names are not shown"));
             (PolicyFile::default(), "none (it does not load)".into())
         });
+    let mut errors = Vec::new();
     let snapshot = match DockerClient::connect().await {
-        Ok(docker) => docker.snapshot().await,
+        Ok(docker) => match docker.snapshot().await {
+            Ok(mut snapshot) => {
+                match EngineDoorsWatch::default().doors(&docker).await {
+                    Ok(doors) => snapshot.doors = doors,
+                    Err(e) => notes.push(format!("{e}; the swarm's members are not compared")),
+                }
+                errors = doors::unsafe_listeners(&snapshot.doors, &policy.management);
+                Ok(snapshot)
+            }
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let snapshot = snapshot
@@ -156,6 +181,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         (None, Some(desired)) => desired.containers.iter().map(container_report).collect(),
         (None, None) => Vec::new(),
     };
+    let engine_doors = current.as_ref().map(kernel_view::doors).unwrap_or_default();
     let pending_changes = match (&current, &desired) {
         (Some(kernel), Some(desired)) => Some(diff(kernel, &desired.tables).change_count()),
         _ => None,
@@ -173,6 +199,8 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         policy: policy_source,
         notes,
         containers,
+        engine_doors,
+        errors,
     })
 }
 
@@ -214,6 +242,9 @@ pub fn check(report: &Report) -> Result<(), String> {
             "no agent is running on {}: the pins protect as they were left, nothing follows Docker",
             p.pin_dir
         ));
+    }
+    if let Some(error) = report.errors.first() {
+        return Err(error.clone());
     }
     match p.pending_changes {
         Some(0) => Ok(()),
@@ -431,6 +462,23 @@ pub fn render(report: &Report) -> String {
         out.push('\n');
     }
     out.push_str("\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else.\n");
+    if !report.engine_doors.is_empty() {
+        out.push_str(
+            "\nthe engine's own doors, open only to the swarm's nodes and [management] prefixes:\n",
+        );
+        for door in &report.engine_doors {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<28} {}",
+                door.name,
+                door.ports.join(" "),
+                door.outside.text()
+            );
+        }
+    }
+    for error in &report.errors {
+        let _ = writeln!(out, "ERROR: {error}");
+    }
     for c in &report.containers {
         for error in &c.label_errors {
             let _ = writeln!(out, "warning: {error}");

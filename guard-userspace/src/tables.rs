@@ -7,7 +7,7 @@
 //! reference ignores the prefilter (it answers "maybe" to everything), so any prefilter bit
 //! the agent failed to set shows up as a difference between kernel and reference.
 
-use guard_common::maps::{CONFIG_AUDIT_ALL, Config, OPEN_NONE};
+use guard_common::maps::{CONFIG_AUDIT_ALL, Config, OPEN_NONE, door};
 use std::collections::{BTreeMap, BTreeSet};
 
 use guard_common::{
@@ -46,15 +46,17 @@ impl TableSet {
     /// The same containers, networks and published ports, with nothing opened: what holds
     /// until the agent has synced with Docker. Host-wide settings (trusted sources, audit
     /// mode) come from the local policy file and stay.
+    /// The engine's doors keep their members: the swarm's own traffic never waits for a sync
+    /// (their sources are the last membership the engine named, not an operator's opening).
     pub fn close_openings(&mut self) {
-        self.ports.clear();
-        self.sources.clear();
+        self.ports.retain(|key, _| door::is_door(key.target));
+        self.sources.retain(|source, _| door::is_door(source.data.port.target));
         for info in self.addrs.values_mut() {
             info.all_ports = OPEN_NONE;
             info.has_port_rules = 0;
             info.flags = 0;
         }
-        for target in self.published.values_mut() {
+        for target in self.published.values_mut().filter(|t| !door::is_door(t.target)) {
             target.rule = OPEN_NONE;
             target.all_ports = OPEN_NONE;
             target.flags = 0;

@@ -283,6 +283,7 @@ fn seed_snapshot() -> Snapshot {
             gateways: vec![GATEWAY.parse().unwrap(), "fd00:30::1".parse().unwrap()],
         }],
         containers: vec![db, api, web, partner, vpn],
+        doors: Default::default(),
     }
 }
 
@@ -1057,7 +1058,11 @@ fn openings_hold_by_hand_written_expectations() {
         &["172.30.0.7", "fd00:30::7"],
         &[("guard.allow.v6", "8080 from ::/0")],
     );
-    let snapshot = Snapshot { networks: seed_snapshot().networks, containers: vec![web, any6] };
+    let snapshot = Snapshot {
+        networks: seed_snapshot().networks,
+        containers: vec![web, any6],
+        doors: Default::default(),
+    };
     // A later source list on an exposed port must not narrow it.
     let policy = policy_file::parse(
         "[[rule]]\nmatch = { container = \"web\" }\nallow = [{ ports = \"443\", from = [\"198.18.1.0/24\"] }]\n",
@@ -1507,4 +1512,61 @@ fn local_routes_the_agent_never_listed_reach_the_wildcard_publish() {
         assert_eq!(g.run(&frame.bytes(), Framing::Ethernet), want, "{name}: kernel verdict");
         assert_eq!(g.counter(*expected) - before, 1, "{name}: counted as {expected:?}");
     }
+}
+
+/// The engine's doors (DESIGN.md, "The engine's own doors"), judged by the kernel: a swarm
+/// node's VXLAN, gossip and control ports and its API on tcp, open to the swarm's nodes and
+/// the policy file's `[management]` prefixes, and every other host service untouched.
+#[test]
+fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only() {
+    use guard_userspace::snapshot::{ApiListener, EngineDoors, Swarm};
+    let mut g = Loaded::seed();
+    let peer = "198.18.0.2";
+    let joining = "198.18.7.3";
+    let admin = "198.18.9.9";
+    let mut snapshot = seed_snapshot();
+    snapshot.doors = EngineDoors {
+        swarm: Some(Swarm {
+            data_path_port: 4789,
+            control_port: Some(2377),
+            nodes: [HOST, peer, HOST6].map(|a| a.parse().unwrap()).into(),
+        }),
+        api: vec![ApiListener { addr: "0.0.0.0:2375".parse().unwrap(), plain_text: true }],
+    };
+    let policy = policy_file::parse(
+        &format!("[management]\ncluster = [\"198.18.7.0/24\"]\nadmin = [\"{admin}\"]\n"),
+        "test",
+    )
+    .unwrap();
+    let host: Vec<IpAddr> =
+        [HOST, HOST_BROADCAST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&snapshot, &host, &policy);
+    use Reason::*;
+    let vxlan = |src: &str, dst: &str| Frame::new(src, dst, Udp(4789)).sport(51000);
+    let cases = [
+        ("vxlan from outside", vxlan(OUTSIDE_A, HOST), ManagementPort),
+        ("vxlan from outside, to broadcast", vxlan(OUTSIDE_A, "255.255.255.255"), ManagementPort),
+        ("vxlan from outside, v6", vxlan(OUTSIDE6, HOST6), ManagementPort),
+        ("vxlan from a node", vxlan(peer, HOST), AllowedSource),
+        ("vxlan from a cluster prefix", vxlan(joining, HOST), AllowedSource),
+        ("vxlan from an admin", vxlan(admin, HOST), ManagementPort),
+        ("gossip tcp from outside", Frame::new(OUTSIDE_A, HOST, Tcp(7946)), ManagementPort),
+        ("gossip udp from outside", Frame::new(OUTSIDE_A, HOST, Udp(7946)), ManagementPort),
+        ("gossip udp from a node", Frame::new(peer, HOST, Udp(7946)), AllowedSource),
+        ("control from outside", Frame::new(OUTSIDE_B, HOST, Tcp(2377)), ManagementPort),
+        ("control from an admin", Frame::new(admin, HOST, Tcp(2377)), AllowedSource),
+        ("api from outside", Frame::new(OUTSIDE_A, HOST, Tcp(2375)), ManagementPort),
+        ("api from a node", Frame::new(peer, HOST, Tcp(2375)), ManagementPort),
+        ("api from an admin", Frame::new(admin, HOST, Tcp(2375)), AllowedSource),
+        ("ssh stays the host's", Frame::new(OUTSIDE_A, HOST, Tcp(22)), NotContainerBound),
+        ("vxlan's number over tcp", Frame::new(OUTSIDE_A, HOST, Tcp(4789)), NotContainerBound),
+        ("routed through to vxlan", vxlan(OUTSIDE_A, "192.0.2.80"), NotContainerBound),
+        // The containers keep their rules.
+        ("exposed container, published", Frame::new(OUTSIDE_B, HOST, Tcp(10443)), Exposed),
+        ("closed container, published", Frame::new(OUTSIDE_A, HOST, Tcp(5432)), Closed),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
+    assert!(g.counter(ManagementPort) > 0, "drops at the doors have their own counter");
 }

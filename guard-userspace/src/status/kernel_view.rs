@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use guard_common::maps::{
     CONFIG_AUDIT_ALL, ContainerId, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey,
-    TARGET_AUDIT,
+    TARGET_AUDIT, door,
 };
 
-use super::{ContainerReport, PortReport, Reach, container_report};
+use super::{ContainerReport, DoorReport, PortReport, Reach, container_report};
 use crate::{
     desired::{ContainerPolicy, Desired},
     policy::{PortSpec, Proto},
@@ -38,6 +38,34 @@ pub fn containers(kernel: &TableSet, desired: Option<&Desired>) -> Vec<Container
         }
         report.other_ports = closed_until_synced(&report.other_ports);
         reports.push(report);
+    }
+    reports
+}
+
+/// The engine's doors the kernel guards, and who outside may reach each port of them.
+pub fn doors(kernel: &TableSet) -> Vec<DoorReport> {
+    let mut reports = Vec::new();
+    for target in door::ALL {
+        let mut ports: Vec<(u8, u16)> = kernel
+            .published
+            .iter()
+            .filter(|(_, p)| p.target == target)
+            .map(|(key, p)| (key.proto, p.port))
+            .collect();
+        ports.sort();
+        ports.dedup();
+        let Some(&(proto, port)) = ports.first() else { continue };
+        // Every port of a door is open to the same sources.
+        let rule = kernel.ports.get(&PortKey::new(target, proto, port)).map_or(0, |r| r.open_to);
+        let outside = reach(kernel, Some((proto, port, rule)), 0, target);
+        let name = crate::doors::name(target).unwrap_or("engine").to_string();
+        let ports = ports
+            .iter()
+            .map(|(proto, port)| {
+                format!("{port}/{}", Proto::from_number(*proto).map_or("?", |p| p.name()))
+            })
+            .collect();
+        reports.push(DoorReport { name, ports, outside });
     }
     reports
 }

@@ -129,7 +129,7 @@ impl World {
             .collect();
         World {
             containers,
-            snapshot: Snapshot { networks, containers: containers_list },
+            snapshot: Snapshot { networks, containers: containers_list, doors: Default::default() },
             probe: containers / 2 / 10 * 10,
         }
     }

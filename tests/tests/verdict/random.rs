@@ -7,7 +7,7 @@ use guard_common::{addr::Addr, maps::FlowKey};
 use guard_userspace::{
     policy::Proto,
     policy_file::{self, PolicyFile},
-    snapshot::{Container, Network, Published, Snapshot},
+    snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
 };
 
 use guard_common::parse::MAX_VLAN_TAGS;
@@ -173,8 +173,9 @@ impl World {
                 published,
             });
         }
+        let doors = random_doors(rng, &host, &mut sources, &mut ports);
         let mut world = World {
-            snapshot: Snapshot { networks, containers },
+            snapshot: Snapshot { networks, containers, doors },
             host,
             subnets,
             ports,
@@ -202,6 +203,12 @@ impl World {
         if rng.chance(30) {
             let trusted = if rng.chance(50) { "203.0.113.0/26" } else { "2001:db8:77::/49" };
             text += &format!("trusted_sources = [\"{trusted}\"]\n");
+        }
+        if rng.chance(50) {
+            text += &format!(
+                "[management]\nenforce = {}\ncluster = [\"198.51.100.0/28\"]\nadmin = [\"2001:db8:51::/64\"]\n",
+                rng.chance(85)
+            );
         }
         for container in &self.snapshot.containers {
             match rng.below(8) {
@@ -405,4 +412,36 @@ fn reply_flow(frame: &Frame) -> Option<FlowKey> {
         proto,
         _pad: [0; 3],
     })
+}
+
+/// Sometimes a swarm node (some of `sources` its peers) and an API on tcp: the engine's doors.
+fn random_doors(
+    rng: &mut Rng,
+    host: &[IpAddr],
+    sources: &mut Vec<IpAddr>,
+    ports: &mut Vec<u16>,
+) -> EngineDoors {
+    let mut doors = EngineDoors::default();
+    if rng.chance(60) {
+        let data_path_port = if rng.chance(80) { 4789 } else { rng.port() };
+        let control_port = rng.chance(50).then_some(2377);
+        let mut nodes: std::collections::BTreeSet<IpAddr> = [*rng.pick(host)].into();
+        for _ in 0..rng.below(3) {
+            let peer = inside(rng, "198.51.100.0".parse().unwrap(), 24);
+            sources.push(peer);
+            nodes.insert(peer);
+        }
+        ports.extend([data_path_port, 7946, 2377]);
+        doors.swarm = Some(Swarm { data_path_port, control_port, nodes });
+    }
+    if rng.chance(30) {
+        let bound = *rng.pick(&["0.0.0.0", "::", "127.0.0.1"].map(|a| a.parse().unwrap()));
+        let bound = if rng.chance(30) { *rng.pick(host) } else { bound };
+        let port = *rng.pick(&[2375, 2376]);
+        ports.push(port);
+        doors
+            .api
+            .push(ApiListener { addr: std::net::SocketAddr::new(bound, port), plain_text: true });
+    }
+    doors
 }
