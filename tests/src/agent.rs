@@ -282,7 +282,10 @@ impl Agent {
     /// `guard status` for this agent's pins, or why it failed.
     pub fn status(&self) -> String {
         let pin_dir = self.pin_dir.to_string_lossy();
-        match run_guard(self.place.as_ref(), &["status", "--pin-dir", &pin_dir]) {
+        // Its --state-dir holds the policy it enforces (read in place of --config).
+        let state_dir = self.state_dir.to_string_lossy();
+        let args = ["status", "--pin-dir", &pin_dir, "--state-dir", &state_dir];
+        match run_guard(self.place.as_ref(), &args) {
             Ok(out) | Err(out) => out,
         }
     }

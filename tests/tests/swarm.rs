@@ -153,7 +153,12 @@ fn without_guard_a_vxlan_frame_from_outside_reaches_an_overlay_container() {
 fn with_guard_the_overlay_is_closed_to_outside_and_the_swarm_keeps_working() {
     let _bed = prepare_test_bed();
     let mut swarm = Swarm::start(SwarmOptions::default());
-    let policy = Policy::new("overlay", "");
+    // n3 will join while guard runs: joining is a call to a manager's 2377, which is open to
+    // the nodes and to [management] prefixes only, so the operator names where the new node
+    // comes from. As `admin`, which admits it to 2377 and nothing else: its overlay and gossip
+    // must be opened by the membership guard learns from the engine once it has joined.
+    let n3_addr = node_addr(3);
+    let policy = Policy::new("overlay", &format!("[management]\nadmin = [\"{n3_addr}/32\"]\n"));
     let sink = swarm.run_on("n1", "sink", SINK_IP, "sleep 600");
     let web = swarm.service("web", 2, &[], WEB);
     let tasks = web.wait_for_tasks_on(&swarm, &["n1", "n2"], patience(Duration::from_secs(60)));
@@ -188,10 +193,31 @@ fn with_guard_the_overlay_is_closed_to_outside_and_the_swarm_keeps_working() {
     wait_for_fetch(&swarm, t1, t2);
 
     // A third node joins while guard runs on n1 and n2, and takes a task.
+    let vxlan_on_n1 = format!("{}:{VXLAN_PORT}/udp", node_addr(1));
+    assert_eq!(
+        a1.explain(&n3_addr.to_string(), &vxlan_on_n1),
+        ("drop".to_owned(), "management_port".to_owned()),
+        "explain of VXLAN from {n3_addr} on n1 before it joins"
+    );
     let n3 = swarm.add_node("n3");
     swarm.join(&n3);
     swarm.adopt(n3);
     swarm.wait_until_ready(&["n1", "n2", "n3"], patience(Duration::from_secs(60)));
+    // Learned from the engine within a second of its knowing the node (the agent asks every
+    // second); a margin for a loaded machine.
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    loop {
+        let verdict = a1.explain(&n3_addr.to_string(), &vxlan_on_n1);
+        if verdict == ("pass".to_owned(), "allowed_source".to_owned()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VXLAN from {n3_addr} on n1 after it joined: {verdict:?}\n{}",
+            a1.status()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
     swarm.docker("n1", &["service", "scale", "--detach", &format!("{}=3", web.name())]);
     let tasks =
         web.wait_for_tasks_on(&swarm, &["n1", "n2", "n3"], patience(Duration::from_secs(60)));
@@ -231,7 +257,8 @@ fn docker_api_on_tcp_is_closed_from_outside_and_open_from_an_admin_prefix() {
     assert_eq!(
         from_outside,
         Outcome::Silent,
-        "{OUTSIDE} (not an admin) connecting to the plain-text API at {api}\n{}",
+        "{OUTSIDE} (not an admin) connecting to the plain-text API at {api}; explain says {:?}\n{}",
+        agent.explain(&OUTSIDE.to_string(), &format!("{api}/tcp")),
         agent.status()
     );
     let body = version(swarm.admin())
