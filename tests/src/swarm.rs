@@ -830,3 +830,163 @@ impl Drop for Service {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The agent as a global service: deploy/stack.yaml
+// ---------------------------------------------------------------------------------------
+
+/// The stack's name: its service is `guard-e2e-stack_guard`.
+pub const STACK: &str = "guard-e2e-stack";
+/// The agent's image, as `cargo xtask image` tags it on the machine's dockerd.
+pub const AGENT_IMAGE: &str = crate::container_agent::IMAGE;
+
+/// deploy/stack.yaml deployed on the swarm with `docker stack deploy`, one agent per node,
+/// with a test-only override file that changes where things are, never what the agent does:
+/// each node's bind sources are its own (its daemon's socket, a pin directory, an empty
+/// policy directory and a state directory), named by `{{.Node.ID}}` templates that Swarm
+/// expands on the node (all nodes share one filesystem here, where real nodes have one each).
+/// On Docker 28 the stack runs with the narrow capability set its comment offers.
+///
+/// Drop removes the stack, waits until every agent container is gone, unloads what each
+/// agent pinned (with the host's guard, in the node's namespace) and removes the directories.
+pub struct AgentStack {
+    manager: String,
+    /// Per node: its namespace, its daemon's socket and its pin directory as the host sees
+    /// it (the agent pins under `/sys/fs/bpf/guard` in its container, where this is bound).
+    nodes: Vec<(PathBuf, String, PathBuf)>,
+    workdir: PathBuf,
+}
+
+impl AgentStack {
+    /// Loads the agent image into every node, lays out each node's bind sources, deploys the
+    /// stack and waits until every node's agent has logged its first sync.
+    pub fn deploy(swarm: &Swarm) -> Self {
+        let workdir = Path::new(SCRATCH).join("stack");
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(workdir.join("id")).unwrap();
+        let pid = std::process::id();
+        let mut stack = Self { manager: swarm.manager().docker_host(), nodes: Vec::new(), workdir };
+        for node in swarm.nodes() {
+            node.load_image(AGENT_IMAGE);
+            let id = node.node_id();
+            // SCRATCH/stack/id/ID -> the node's directory, which holds d.sock.
+            let by_id = stack.workdir.join("id").join(&id);
+            std::os::unix::fs::symlink(node.dir(), &by_id).unwrap();
+            fs::create_dir_all(node.dir().join("etc")).unwrap();
+            fs::create_dir_all(node.dir().join("state")).unwrap();
+            let bpf = PathBuf::from(format!("/sys/fs/bpf/{NETNS_PREFIX}{pid}-stack-{id}"));
+            fs::create_dir_all(&bpf).unwrap_or_else(|e| panic!("mkdir {}: {e}", bpf.display()));
+            stack.nodes.push((node.netns().path(), node.docker_host(), bpf));
+        }
+        let by_id = format!("{}/id/{{{{.Node.ID}}}}", stack.workdir.display());
+        let bpf = format!("/sys/fs/bpf/{NETNS_PREFIX}{pid}-stack-{{{{.Node.ID}}}}");
+        let override_file = format!(
+            "version: \"3.8\"\n\
+             services:\n  \
+               guard:\n    \
+                 volumes:\n      \
+                   - {{type: bind, source: \"{by_id}/d.sock\", target: /var/run/docker.sock, read_only: true}}\n      \
+                   - {{type: bind, source: \"{bpf}\", target: /sys/fs/bpf}}\n      \
+                   - {{type: bind, source: \"{by_id}/etc\", target: /etc/container-guard, read_only: true}}\n      \
+                   - {{type: bind, source: \"{by_id}/state\", target: {}}}\n",
+            crate::container_agent::STATE_DIR
+        );
+        fs::write(stack.workdir.join("override.yaml"), override_file).unwrap();
+        let stack_file = crate::container_agent::workspace_file("deploy/stack.yaml");
+        let text = fs::read_to_string(&stack_file).unwrap();
+        fs::write(stack.workdir.join("stack.yaml"), crate::container_agent::narrow_variant(&text))
+            .unwrap();
+        let (base, over) = (stack.workdir.join("stack.yaml"), stack.workdir.join("override.yaml"));
+        swarm.manager().docker(&[
+            "stack",
+            "deploy",
+            "--resolve-image=never",
+            "--detach=true",
+            "-c",
+            &base.to_string_lossy(),
+            "-c",
+            &over.to_string_lossy(),
+            STACK,
+        ]);
+        stack.wait_ready(swarm);
+        stack
+    }
+
+    fn service(&self) -> String {
+        format!("{STACK}_guard")
+    }
+
+    /// The agent container on `node`, if one runs.
+    pub fn container_on(&self, node: &Node) -> Option<String> {
+        let filter = format!("label=com.docker.swarm.service.name={}", self.service());
+        let ids = node.try_docker(&["ps", "-q", "--filter", &filter]).ok()?;
+        ids.split_whitespace().next().map(str::to_owned)
+    }
+
+    /// What the agent on `node` has logged.
+    pub fn logs_on(&self, node: &Node) -> String {
+        let Some(id) = self.container_on(node) else { return String::new() };
+        let out = node.docker_output(&["logs", &id]);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    fn wait_ready(&self, swarm: &Swarm) {
+        let deadline = Instant::now() + start_timeout();
+        for node in swarm.nodes() {
+            while !self.logs_on(node).contains(crate::agent::READY_MARKER) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the stack's agent on {} did not log `{}` within {:?}:\n{}\n{}",
+                    node.name(),
+                    crate::agent::READY_MARKER,
+                    start_timeout(),
+                    swarm
+                        .manager()
+                        .try_docker(&["service", "ps", "--no-trunc", &self.service()])
+                        .unwrap_or_else(|e| e),
+                    self.logs_on(node)
+                );
+                thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+impl Drop for AgentStack {
+    fn drop(&mut self) {
+        let cli = docker28_cli().to_string_lossy().into_owned();
+        if let Err(e) = try_run(&cli, &["-H", &self.manager, "stack", "rm", STACK]) {
+            cmd::warn(format!("cleanup: {e}"));
+        }
+        // The agents stop (their pins stay), then the pins are unloaded from the host.
+        let filter = format!("label=com.docker.swarm.service.name={}", self.service());
+        let deadline = Instant::now() + stop_timeout();
+        for (_, sock, _) in &self.nodes {
+            loop {
+                let ids = try_run(&cli, &["-H", sock, "ps", "-aq", "--filter", &filter]);
+                if ids.is_ok_and(|ids| ids.trim().is_empty()) || Instant::now() >= deadline {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(250));
+            }
+        }
+        for (netns, _, bpf) in &self.nodes {
+            let pins = bpf.join("guard");
+            if pins.exists() {
+                let out = cmd::output(
+                    Command::new("nsenter")
+                        .arg(format!("--net={}", netns.display()))
+                        .arg(crate::agent::guard_bin())
+                        .args(["unload", "--pin-dir"])
+                        .arg(&pins),
+                    cmd::command_timeout(),
+                );
+                if !out.is_ok_and(|o| o.status.success()) {
+                    cmd::warn(format!("cleanup: guard unload --pin-dir {}", pins.display()));
+                }
+            }
+            let _ = fs::remove_dir_all(bpf);
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}

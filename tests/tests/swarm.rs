@@ -310,3 +310,84 @@ fn audit_mode_and_enforce_false_leave_the_doors_open_and_counted() {
     // Keep the sink until the agents are gone (drop order).
     drop(sink);
 }
+
+/// Waits until `from` gets `want` connecting to `addr` (1 s per try); panics with `what` and
+/// `context()`.
+fn wait_for_outcome(
+    from: &swarm::LanHost,
+    addr: SocketAddr,
+    want: Outcome,
+    what: &str,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
+    loop {
+        let got = from.run(|| probe::tcp_outcome(addr, Duration::from_secs(1)));
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {addr} from {}: {got}, not {want}\n{}",
+            from.addr(),
+            context()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_stack_runs_one_agent_per_node_and_each_protects_its_node() {
+    let _bed = prepare_test_bed();
+    // The agent's image, built on the machine's dockerd (`cargo xtask image`), then loaded
+    // into every node.
+    tests::container_agent::build_image();
+    let swarm = Swarm::start(SwarmOptions::default());
+    // Published in host mode (no ingress mesh here: no IP_VS) on port 18080 of the node that
+    // runs each task, one task per node.
+    let web = swarm.service("hweb", 2, &["--publish=mode=host,published=18080,target=8080"], WEB);
+    web.wait_for_tasks_on(&swarm, &["n1", "n2"], patience(Duration::from_secs(60)));
+    let published = |n: u8| SocketAddr::from((node_addr(n), 18080));
+    for n in [1, 2] {
+        wait_for_outcome(swarm.outside(), published(n), Outcome::Answered, "without guard", || {
+            swarm.docker("n1", &["service", "ps", "--no-trunc", web.name()])
+        });
+    }
+
+    let stack = swarm::AgentStack::deploy(&swarm);
+    for node in swarm.nodes() {
+        assert!(stack.container_on(node).is_some(), "no agent of the stack on {}", node.name());
+    }
+    for n in [1, 2] {
+        let got = swarm.outside().run(|| probe::tcp_outcome(published(n), Duration::from_secs(3)));
+        assert_eq!(
+            got,
+            Outcome::Silent,
+            "the stack's agent on n{n} left the unlabelled host-mode port {} open:\n{}",
+            published(n),
+            stack.logs_on(swarm.node(&format!("n{n}")))
+        );
+    }
+
+    // A label on the service's containers opens it on every node that runs a task.
+    let label = format!("guard.allow.outside=8080/tcp from {OUTSIDE}");
+    swarm.docker(
+        "n1",
+        &["service", "update", "--detach", "--container-label-add", &label, web.name()],
+    );
+    let context = || {
+        let mut text = swarm.docker("n1", &["service", "ps", "--no-trunc", web.name()]);
+        for node in swarm.nodes() {
+            let ps = node.docker(&["ps", "--format", "{{.Names}} {{.Ports}} {{.Labels}}"]);
+            text += &format!("--- {} ---\n{ps}{}\n", node.name(), stack.logs_on(node));
+        }
+        text
+    };
+    for n in [1, 2] {
+        wait_for_outcome(swarm.outside(), published(n), Outcome::Answered, "labelled", context);
+    }
+    // Still closed to anyone the label does not name.
+    let got = swarm.admin().run(|| probe::tcp_outcome(published(2), Duration::from_secs(3)));
+    assert_eq!(got, Outcome::Silent, "{ADMIN}, not named by the label, reaching {}", published(2));
+    drop(stack);
+}

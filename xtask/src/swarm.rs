@@ -24,6 +24,7 @@ pub(crate) const SWARM_TESTS: &[&str] = &[
     "with_guard_the_overlay_is_closed_to_outside_and_the_swarm_keeps_working",
     "docker_api_on_tcp_is_closed_from_outside_and_open_from_an_admin_prefix",
     "audit_mode_and_enforce_false_leave_the_doors_open_and_counted",
+    "the_stack_runs_one_agent_per_node_and_each_protects_its_node",
 ];
 
 /// What the tests read to find the unpacked Docker 28 (tests/src/swarm.rs).
