@@ -664,7 +664,7 @@ impl Swarm {
         while Instant::now() < deadline {
             self.inject_udp(from, to, target, inner_src, port, b"guard-e2e overlay probe");
             thread::sleep(Duration::from_millis(250));
-            if sink.peers().iter().any(|p| *p == SocketAddr::V4(inner_src)) {
+            if sink.peers().contains(&SocketAddr::V4(inner_src)) {
                 return true;
             }
         }
