@@ -244,6 +244,8 @@ impl Daemon {
         if let Err(e) = clean_dir(&self.dir) {
             problems.push(e);
         }
+        // The last node leaves no scratch directory behind (others' are still in it).
+        let _ = fs::remove_dir(SCRATCH);
         // A slow stop is what makes this fixture slow: say where the time went.
         eprintln!(
             "swarm test bed: dockerd of {} stopped in {stopped:.1?}, removed in {:.1?}",
