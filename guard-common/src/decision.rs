@@ -70,6 +70,13 @@ impl L4 {
     pub const LATER_FRAGMENT: L4 = L4::without_ports(L4Kind::LaterFragment);
     pub const UNREADABLE: L4 = L4::without_ports(L4Kind::Unreadable);
 
+    /// A packet of protocol `proto` without ports (other ICMP, GRE, ...): the protocol only
+    /// names it in drop events.
+    #[inline(always)]
+    pub const fn no_ports(proto: u8) -> L4 {
+        L4 { proto, ..L4::NO_PORTS }
+    }
+
     const fn without_ports(kind: L4Kind) -> L4 {
         L4 { kind, proto: 0, sport: 0, dport: 0, opens: false, quoted: false, accepts: false }
     }

@@ -42,6 +42,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPsec ESP: no ports, but a flow (a security association) between two hosts, and the
+/// transport of Swarm's encrypted overlays.
+pub const IPPROTO_ESP: u8 = 50;
 pub const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -311,7 +314,10 @@ fn parse_l4<B: Bytes>(frame: &B, offset: usize, proto: u8) -> L4 {
             L4 { accepts: tcp && syn_ack == 0x12, ..L4::ports(proto, sport, dport, opens) }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => echo(frame, offset, proto == IPPROTO_ICMPV6),
-        _ => L4::NO_PORTS,
+        // Port 0 both ways: judged as a flow between two addresses (its replies remembered
+        // like UDP's), and listed as an engine's door on port 0, which no container publishes.
+        IPPROTO_ESP => L4::ports(IPPROTO_ESP, 0, 0, false),
+        _ => L4::no_ports(proto),
     }
 }
 
@@ -321,19 +327,19 @@ fn parse_l4<B: Bytes>(frame: &B, offset: usize, proto: u8) -> L4 {
 /// ICMP protocol, so an echo is judged by a container's all-ports rule, as before.
 #[inline(always)]
 fn echo<B: Bytes>(frame: &B, offset: usize, v6: bool) -> L4 {
+    let proto = if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
     let Some(icmp) = frame.window(offset, 8) else {
-        return L4::NO_PORTS;
+        return L4::no_ports(proto);
     };
     let kind = frame.u8_at(icmp, 0);
     let id = u16::from_be(frame.u16_at(icmp, 4));
     let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
-    let proto = if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
     if kind == request {
         L4::ports(proto, id, 0, true)
     } else if kind == reply {
         L4::ports(proto, 0, id, false)
     } else {
-        L4::NO_PORTS
+        L4::no_ports(proto)
     }
 }
 
@@ -361,7 +367,8 @@ fn icmp_error_quote<B: Bytes>(frame: &B, offset: usize, v6: bool) -> Option<Quot
 /// error is sent to, or the error is judged as the port-less ICMP message it is.
 #[inline(always)]
 fn stands_for<B: Bytes>(frame: &B, quote: Quote, src: Addr, dst: Addr) -> Packet {
-    let plain = Packet { src, dst, l4: L4::NO_PORTS };
+    let icmp = if quote.v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    let plain = Packet { src, dst, l4: L4::no_ports(icmp) };
     let Some((quoted_src, quoted_dst, proto, l4_offset)) = quoted_header(frame, quote) else {
         return plain;
     };
@@ -369,7 +376,8 @@ fn stands_for<B: Bytes>(frame: &B, quote: Quote, src: Addr, dst: Addr) -> Packet
         return plain;
     }
     let quoted = match proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // ESP too: an IPsec tunnel's path-MTU discovery is an ICMP error about it.
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_ESP => {
             parse_l4(frame, l4_offset, proto)
         }
         _ => L4::NO_PORTS,

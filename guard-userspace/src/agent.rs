@@ -74,6 +74,9 @@ pub struct RunOptions {
     pub tc: Option<Mechanism>,
 }
 
+/// How long drop events wait for the first sync to name what they hit.
+const EVENTS_WAIT_FOR_SYNC: Duration = Duration::from_secs(10);
+
 /// How often the swarm's membership is asked while the node is in one.
 const SWARM_POLL: Duration = Duration::from_secs(1);
 
@@ -145,6 +148,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     });
     tokio::spawn(http::serve(listener, shared.clone()));
     tokio::spawn(consume_drop_events(events, shared.clone()));
+    tokio::spawn(renew_event_budgets(opts.pins.clone()));
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz and /drops");
     let known = saved.map(|s| s.snapshot).unwrap_or_default();
     let mut agent = Agent {
@@ -289,6 +293,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
+    let _ = agent.maps.renew_event_budget(crate::drops::monotonic_ns(), true);
     info!("stopping; the pinned program and maps keep protecting (`guard unload` removes them)");
     Ok(())
 }
@@ -636,7 +641,7 @@ impl Agent {
             .flat_map(|d| {
                 let name = doors::name(d.target).unwrap_or("engine");
                 d.ports.iter().map(move |(proto, port)| {
-                    (name.to_string(), format!("{port}/{proto}"), d.sources.len())
+                    (name.to_string(), doors::port_name(*proto, *port), d.sources.len())
                 })
             })
             .collect();
@@ -926,8 +931,28 @@ async fn follow_interface_changes(
 
 /// Reads drop events off the kernel's ring buffer: each becomes a log line naming the container
 /// and port, and a record for `/drops`.
+/// Ends spent drop-event budgets each second (see [`PolicyMaps::renew_event_budget`]).
+async fn renew_event_budgets(pins: Pins) {
+    let mut maps = match PolicyMaps::from_pins(&pins) {
+        Ok(maps) => maps,
+        Err(e) => return warn!("{e}; after a flood, drop events may resume late"),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let _ = maps.renew_event_budget(crate::drops::monotonic_ns(), false);
+    }
+}
+
 async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
     let clock = Clock::new();
+    // Events that queued while no agent ran (the ring keeps them) are told once the first
+    // sync has named the containers and interfaces, not as anonymous targets; a Docker that
+    // does not answer holds them back for a few seconds only.
+    let deadline = Instant::now() + EVENTS_WAIT_FOR_SYNC;
+    while !shared.state.lock().expect("not poisoned").synced && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
     // always reports that same fd.
     let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {

@@ -201,7 +201,7 @@ pub(crate) fn listed_under(bound: IpAddr, host: &[IpAddr]) -> Vec<IpAddr> {
 
 /// Adds one opening. Open-to-everyone wins over a source list on the same port; source lists
 /// on the same port add up.
-pub(crate) fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
+fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
     let keys: Vec<PortKey> = match opening.ports {
         PortSpec::All => vec![PortKey::all_ports(target)],
         PortSpec::Range { proto, first, last } => {
@@ -209,20 +209,25 @@ pub(crate) fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
         }
     };
     for key in keys {
-        match &opening.sources {
-            Sources::Everyone => {
-                tables.ports.insert(key, PortRule::everyone());
-                tables.sources.retain(|s, _| s.data.port != key);
+        open_key(tables, key, &opening.sources);
+    }
+}
+
+/// Opens one port (or a whole container: [`PortKey::all_ports`]) to `sources`.
+pub(crate) fn open_key(tables: &mut TableSet, key: PortKey, sources: &Sources) {
+    match sources {
+        Sources::Everyone => {
+            tables.ports.insert(key, PortRule::everyone());
+            tables.sources.retain(|s, _| s.data.port != key);
+        }
+        Sources::Listed(cidrs) => {
+            if tables.ports.get(&key) == Some(&PortRule::everyone()) {
+                return;
             }
-            Sources::Listed(cidrs) => {
-                if tables.ports.get(&key) == Some(&PortRule::everyone()) {
-                    continue;
-                }
-                tables.ports.insert(key, PortRule::listed());
-                for (addr, len) in cidrs.iter().flat_map(|c| c.to_source_prefixes()) {
-                    let data = SourceKey { port: key, addr };
-                    tables.sources.insert(Lpm { len: SourceKey::PORT_BITS + len, data }, 1);
-                }
+            tables.ports.insert(key, PortRule::listed());
+            for (addr, len) in cidrs.iter().flat_map(|c| c.to_source_prefixes()) {
+                let data = SourceKey { port: key, addr };
+                tables.sources.insert(Lpm { len: SourceKey::PORT_BITS + len, data }, 1);
             }
         }
     }

@@ -107,6 +107,9 @@ impl DockerClient {
         let options = ListNetworksOptions { filters: Some(filters) };
         let overlays =
             self.docker.list_networks(Some(options)).await.map_err(api("list overlays"))?;
+        let encrypted = overlays
+            .iter()
+            .any(|n| n.options.as_ref().is_some_and(|o| o.contains_key("encrypted")));
         for overlay in overlays.iter().filter_map(|n| n.id.as_deref()) {
             let verbose = InspectNetworkOptions { verbose: true, ..Default::default() };
             // An overlay removed since the list is no error: its peers are gone with it.
@@ -123,6 +126,7 @@ impl DockerClient {
             data_path_port: data_path_port.unwrap_or(VXLAN_PORT),
             control_port,
             nodes,
+            encrypted,
         }))
     }
 

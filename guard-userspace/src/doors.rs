@@ -8,12 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use guard_common::{
     addr::Addr,
-    maps::{OPEN_NONE, PublishedKey, PublishedTarget, door},
+    maps::{OPEN_NONE, PortKey, PublishedKey, PublishedTarget, door},
+    parse::{IPPROTO_ESP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
 
 use crate::{
-    desired::{listed_under, open},
-    policy::{Cidr, Opening, PortSpec, Proto, Sources},
+    desired::{listed_under, open_key},
+    policy::{Cidr, Proto, Sources},
     policy_file::Management,
     snapshot::{EngineDoors, GOSSIP_PORT},
     tables::TableSet,
@@ -23,11 +24,19 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DoorPolicy {
     pub target: u32,
-    pub ports: Vec<(Proto, u16)>,
+    /// (IP protocol number, port): ESP has port 0.
+    pub ports: Vec<(u8, u16)>,
     /// Who may reach it: the swarm's nodes, then the operator's prefixes.
     pub sources: Vec<Cidr>,
-    /// How many of `sources` are the swarm's nodes (the rest are the operator's).
-    pub nodes: usize,
+}
+
+/// How a door's port is written: `4789/udp`, `esp`.
+pub fn port_name(proto: u8, port: u16) -> String {
+    match Proto::from_number(proto) {
+        Some(p) => format!("{port}/{p}"),
+        None if proto == IPPROTO_ESP => "esp".into(),
+        None => format!("{port}/proto-{proto}"),
+    }
 }
 
 /// The name a door goes by where a container's name would stand.
@@ -57,27 +66,25 @@ pub fn guard(
         let nodes: Vec<Cidr> = swarm.nodes.iter().copied().map(Cidr::host).collect();
         let cluster: Vec<Cidr> = nodes.iter().chain(&management.cluster).copied().collect();
         let everywhere = wildcards();
+        // An encrypted overlay's VXLAN travels inside ESP between the nodes.
+        let mut overlay = vec![(UDP, swarm.data_path_port)];
+        if swarm.encrypted {
+            overlay.push((IPPROTO_ESP, 0));
+        }
         guarded.push(DoorPolicy {
             target: door::OVERLAY,
-            ports: vec![(Proto::Udp, swarm.data_path_port)],
+            ports: overlay,
             sources: cluster.clone(),
-            nodes: nodes.len(),
         });
         guarded.push(DoorPolicy {
             target: door::GOSSIP,
-            ports: vec![(Proto::Tcp, GOSSIP_PORT), (Proto::Udp, GOSSIP_PORT)],
+            ports: vec![(TCP, GOSSIP_PORT), (UDP, GOSSIP_PORT)],
             sources: cluster.clone(),
-            nodes: nodes.len(),
         });
         if let Some(port) = swarm.control_port {
             // A node that joins, and the operator who manages the swarm from elsewhere.
             let sources = cluster.iter().chain(&management.admin).copied().collect();
-            guarded.push(DoorPolicy {
-                target: door::CONTROL,
-                ports: vec![(Proto::Tcp, port)],
-                sources,
-                nodes: nodes.len(),
-            });
+            guarded.push(DoorPolicy { target: door::CONTROL, ports: vec![(TCP, port)], sources });
         }
         for policy in &guarded {
             list(tables, policy, &everywhere, host);
@@ -88,13 +95,11 @@ pub fn guard(
     if !api.is_empty() {
         let policy = DoorPolicy {
             target: door::API,
-            ports: api.iter().map(|l| (Proto::Tcp, l.addr.port())).collect(),
+            ports: api.iter().map(|l| (TCP, l.addr.port())).collect(),
             sources: management.admin.clone(),
-            nodes: 0,
         };
         for listener in &api {
-            let one =
-                DoorPolicy { ports: vec![(Proto::Tcp, listener.addr.port())], ..policy.clone() };
+            let one = DoorPolicy { ports: vec![(TCP, listener.addr.port())], ..policy.clone() };
             list(tables, &one, &[listener.addr.ip()], host);
         }
         guarded.push(policy);
@@ -141,7 +146,7 @@ fn wildcards() -> [IpAddr; 2] {
 fn list(tables: &mut TableSet, policy: &DoorPolicy, bound: &[IpAddr], host: &[IpAddr]) {
     for &(proto, port) in &policy.ports {
         for ip in bound.iter().flat_map(|b| listed_under(*b, host)) {
-            let key = PublishedKey { addr: Addr::from(ip), port, proto: proto.number(), _pad: 0 };
+            let key = PublishedKey { addr: Addr::from(ip), port, proto, _pad: 0 };
             let value = PublishedTarget {
                 target: policy.target,
                 port,
@@ -152,12 +157,8 @@ fn list(tables: &mut TableSet, policy: &DoorPolicy, bound: &[IpAddr], host: &[Ip
             };
             tables.published.entry(key).or_insert(value);
         }
-        let opening = Opening {
-            ports: PortSpec::Range { proto, first: port, last: port },
-            sources: Sources::Listed(policy.sources.clone()),
-            rule: "the engine's own door".into(),
-        };
-        open(tables, policy.target, &opening);
+        let key = PortKey::new(policy.target, proto, port);
+        open_key(tables, key, &Sources::Listed(policy.sources.clone()));
     }
 }
 
@@ -192,6 +193,7 @@ mod tests {
             data_path_port: VXLAN_PORT,
             control_port: manager.then_some(CONTROL_PORT),
             nodes: [HOST, PEER].map(ip).into(),
+            encrypted: true,
         };
         let api = api
             .iter()
@@ -226,9 +228,6 @@ mod tests {
         decide(&d.tables, &pkt).reason
     }
 
-    const TCP: u8 = 6;
-    const UDP: u8 = 17;
-
     #[test]
     fn the_swarm_s_ports_open_to_its_nodes_and_the_cluster_prefixes_only() {
         let (s, p) = (snapshot(true, &[]), policy(true));
@@ -260,6 +259,9 @@ mod tests {
             assert_eq!(verdict(&s, &p, OUTSIDE, HOST, TCP, port), Reason::NotContainerBound);
         }
         assert_eq!(verdict(&s, &p, OUTSIDE, HOST, TCP, VXLAN_PORT), Reason::NotContainerBound);
+        // An encrypted overlay's ESP, likewise.
+        assert_eq!(verdict(&s, &p, OUTSIDE, HOST, IPPROTO_ESP, 0), Reason::ManagementPort);
+        assert_eq!(verdict(&s, &p, PEER, HOST, IPPROTO_ESP, 0), Reason::AllowedSource);
     }
 
     #[test]

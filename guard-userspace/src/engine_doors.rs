@@ -38,7 +38,7 @@ impl EngineDoorsWatch {
         let swarm = docker.swarm().await?;
         // In a swarm the engine itself listens on the control and gossip ports too.
         let swarm_ports: Vec<u16> =
-            swarm.iter().flat_map(|s| s.control_port).chain([GOSSIP_PORT]).collect();
+            swarm.iter().flat_map(|s| s.control_port.into_iter().chain([GOSSIP_PORT])).collect();
         let mut api = Vec::new();
         for addr in engine_listeners().into_iter().filter(|a| !swarm_ports.contains(&a.port())) {
             let plain_text = match self.plain_text.get(&addr) {

@@ -32,6 +32,8 @@ pub enum Transport {
     /// An ICMP error (destination unreachable / "fragmentation needed" for IPv4, "packet too
     /// big" for IPv6) quoting the IP header and first 8 transport bytes of `quoted`.
     IcmpError(Box<Frame>),
+    /// IPsec ESP (SPI 1, sequence 1): no ports.
+    Esp,
 }
 
 impl Transport {
@@ -40,6 +42,7 @@ impl Transport {
             Transport::Tcp(_) => 6,
             Transport::Udp(_) => 17,
             Transport::Sctp(_) => 132,
+            Transport::Esp => 50,
             Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) if v6 => 58,
             Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) => 1,
         }
@@ -62,6 +65,7 @@ impl Transport {
             Transport::Udp(port) => with_port(8, port),
             Transport::Sctp(port) => with_port(12, port),
             Transport::Icmp => Transport::Echo { reply: false, id: 1 }.header(sport, 0, v6),
+            Transport::Esp => vec![0, 0, 0, 1, 0, 0, 0, 1],
             Transport::Echo { reply, id } => {
                 let kind = match (v6, reply) {
                     (false, false) => 8,
@@ -413,7 +417,9 @@ impl Frame {
                 let accepts = is_tcp && have >= 14 && flags == TCP_SYN | TCP_ACK;
                 packet(L4 { accepts, ..L4::ports(proto, self.sport, *p, opens) })
             }
-            _ if have < 8 => packet(L4::NO_PORTS),
+            // Judged by its addresses alone, however short.
+            Transport::Esp => packet(L4::ports(proto, 0, 0, false)),
+            _ if have < 8 => packet(L4::no_ports(proto)),
             Transport::Icmp => packet(L4::ports(proto, 1, 0, true)),
             Transport::Echo { reply: false, id } => packet(L4::ports(proto, *id, 0, true)),
             Transport::Echo { reply: true, id } => packet(L4::ports(proto, 0, *id, false)),
@@ -427,7 +433,7 @@ impl Frame {
                 if from_here && q.l4.kind == guard_common::decision::L4Kind::Ports {
                     Packet { src: q.dst, dst, l4: L4::standing_for(q.l4) }
                 } else {
-                    packet(L4::NO_PORTS)
+                    packet(L4::no_ports(proto))
                 }
             }
         }

@@ -288,8 +288,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let policy = policy_file::parse(&text, &file.display().to_string())?;
+            let m = &policy.management;
+            let doors = if m.enforce {
+                format!("{} cluster and {} admin prefixes", m.cluster.len(), m.admin.len())
+            } else {
+                "not guarded".into()
+            };
             println!(
-                "{}: ok (mode {}, {} rules, {} trusted sources, {} trusted interfaces)",
+                "{}: ok (mode {}, {} rules, {} trusted sources, {} trusted interfaces; the engine's doors: {doors})",
                 file.display(),
                 policy.mode,
                 policy.rules.len(),

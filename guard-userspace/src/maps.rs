@@ -1,12 +1,14 @@
 //! The pinned policy maps: read them into a [`TableSet`], apply a [`Plan`] to them.
 
 use aya::maps::PerCpuHashMap;
-use guard_common::events::DropKey;
+use guard_common::events::{DropKey, EVENTS_PER_SECOND_PER_CPU, Limiter};
 use std::collections::BTreeMap;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
 };
 use guard_common::{
     addr::Addr,
@@ -63,6 +65,7 @@ pub struct PolicyMaps {
     config: Array<MapData, Config>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     event_stats: PerCpuArray<MapData, u64>,
+    event_limit: PerCpuArray<MapData, Limiter>,
     uplinks: Table<HashMap<MapData, u32, u32>>,
     gate_counters: PerCpuArray<MapData, u64>,
 }
@@ -123,6 +126,7 @@ impl PolicyMaps {
             config: typed(s, names::CONFIG)?,
             drops: typed(s, names::DROPS)?,
             event_stats: typed(s, names::EVENT_STATS)?,
+            event_limit: typed(s, names::EVENT_LIMIT)?,
             uplinks: table(s, names::UPLINKS, names::UPLINKS_CAPACITY)?,
             gate_counters: typed(s, names::GATE_COUNTERS)?,
         })
@@ -263,6 +267,33 @@ impl PolicyMaps {
             *total = per_cpu.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Gives a CPU whose drop-event budget ran out more than a second ago (at `now_ns`,
+    /// CLOCK_MONOTONIC) a fresh one. Over its budget, the program reads the clock only every
+    /// 64th drop (a flood must not pay for it on every packet), so after a flood that ended,
+    /// the next quiet drops would go untold until 64 of them had passed: the running agent
+    /// ends such a window each second instead, and `at_exit` every spent one, so that what is
+    /// dropped while no agent runs is told by the next.
+    pub fn renew_event_budget(&mut self, now_ns: u64, at_exit: bool) -> Result<(), MapsError> {
+        let read = |source| MapsError::Read { name: names::EVENT_LIMIT, source };
+        let mut limiters: Vec<Limiter> = self.event_limit.get(&0, 0).map_err(read)?.to_vec();
+        let mut renewed = false;
+        for limiter in limiters.iter_mut() {
+            let spent = limiter.emitted >= EVENTS_PER_SECOND_PER_CPU;
+            let over = now_ns.wrapping_sub(limiter.window_start_ns) > 1_000_000_000;
+            if spent && (over || at_exit) {
+                *limiter =
+                    Limiter { window_start_ns: now_ns, emitted: 0, suppressed_since_check: 0 };
+                renewed = true;
+            }
+        }
+        if renewed {
+            // The count read is the count of possible CPUs: the values fit.
+            let values = PerCpuValues::try_from(limiters).map_err(|e| read(MapError::from(e)))?;
+            self.event_limit.set(0, values, 0).map_err(read)?;
+        }
+        Ok(())
     }
 
     /// Every flow in flow memory, with when it last left the host (CLOCK_MONOTONIC ns).

@@ -38,6 +38,9 @@ pub struct Swarm {
     pub control_port: Option<u16>,
     /// Every node address the engine names (this node's included): the swarm's members.
     pub nodes: BTreeSet<IpAddr>,
+    /// An overlay is encrypted: the nodes speak ESP (IPsec) to each other.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// Swarm's fixed ports.
@@ -206,7 +209,8 @@ mod tests {
 
     fn swarm(nodes: &[&str]) -> EngineDoors {
         let nodes = nodes.iter().map(|n| n.parse().unwrap()).collect();
-        let swarm = Swarm { data_path_port: VXLAN_PORT, control_port: None, nodes };
+        let swarm =
+            Swarm { data_path_port: VXLAN_PORT, control_port: None, nodes, encrypted: false };
         EngineDoors { swarm: Some(swarm), api: vec![] }
     }
 

@@ -34,6 +34,7 @@ fn transport() -> impl Strategy<Value = Transport> {
         any::<u16>().prop_map(Transport::Udp),
         any::<u16>().prop_map(Transport::Sctp),
         Just(Transport::Icmp),
+        Just(Transport::Esp),
         (any::<bool>(), any::<u16>()).prop_map(|(reply, id)| Transport::Echo { reply, id }),
     ]
 }
@@ -137,5 +138,24 @@ proptest! {
             parse(&ethernet.bytes().as_slice(), Framing::Ethernet),
             parse(&ip.bytes().as_slice(), Framing::Ip)
         );
+    }
+}
+
+/// A port-less packet keeps its protocol (drop events name it: `icmp`, not `proto-0`).
+#[test]
+fn an_icmp_error_about_someone_else_s_flow_is_port_less_icmp() {
+    use guard_common::decision::{L4, L4Kind};
+    let quoted = Frame::new("192.0.2.9", "198.51.100.1", Transport::Udp(53));
+    for (src, dst) in [("198.51.100.1", "203.0.113.5"), ("2001:db8::1", "2001:db8::5")] {
+        let mut q = quoted.clone();
+        if dst.contains(':') {
+            q = Frame::new("2001:db8::9", "2001:db8::1", Transport::Udp(53));
+        }
+        let frame = Frame::new(src, dst, Transport::IcmpError(Box::new(q)));
+        let packet = parse(&frame.bytes().as_slice(), frame.framing).unwrap();
+        let icmp = if dst.contains(':') { 58 } else { 1 };
+        assert_eq!(packet.l4, L4::no_ports(icmp));
+        assert_eq!((packet.l4.kind, packet.l4.proto), (L4Kind::NoPorts, icmp));
+        assert_eq!(frame.packet(), packet, "the recipe agrees");
     }
 }

@@ -402,6 +402,15 @@ fn drops_metrics_status_and_json_logs() {
         assert!(String::from_utf8_lossy(&table.stdout).contains("guard-e2e-op-web"));
     }
 
+    // A drop while no agent runs is told by the next one once it has synced, with the
+    // container's and the interface's names (the pins dropped it; its event waited).
+    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent);
+    agent.restart();
+    agent.wait_for(&format!(
+        "(container guard-e2e-op-db port 5432/tcp, direct) on {}",
+        bed.a.host_end()
+    ));
+
     // Every log line the agent wrote is JSON.
     let log = agent.log();
     assert!(log.lines().count() > 3, "{log}");

@@ -1530,6 +1530,7 @@ fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only
             data_path_port: 4789,
             control_port: Some(2377),
             nodes: [HOST, peer, HOST6].map(|a| a.parse().unwrap()).into(),
+            encrypted: true,
         }),
         api: vec![ApiListener { addr: "0.0.0.0:2375".parse().unwrap(), plain_text: true }],
     };
@@ -1558,6 +1559,10 @@ fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only
         ("api from outside", Frame::new(OUTSIDE_A, HOST, Tcp(2375)), ManagementPort),
         ("api from a node", Frame::new(peer, HOST, Tcp(2375)), ManagementPort),
         ("api from an admin", Frame::new(admin, HOST, Tcp(2375)), AllowedSource),
+        ("esp from outside", Frame::new(OUTSIDE_A, HOST, Esp), ManagementPort),
+        ("esp from a node", Frame::new(peer, HOST, Esp), AllowedSource),
+        ("esp routed through", Frame::new(OUTSIDE_A, "192.0.2.80", Esp), NotContainerBound),
+        ("esp to a container", Frame::new(OUTSIDE_A, DB, Esp), Closed),
         ("ssh stays the host's", Frame::new(OUTSIDE_A, HOST, Tcp(22)), NotContainerBound),
         ("vxlan's number over tcp", Frame::new(OUTSIDE_A, HOST, Tcp(4789)), NotContainerBound),
         ("routed through to vxlan", vxlan(OUTSIDE_A, "192.0.2.80"), NotContainerBound),

@@ -59,12 +59,8 @@ pub fn doors(kernel: &TableSet) -> Vec<DoorReport> {
         let rule = kernel.ports.get(&PortKey::new(target, proto, port)).map_or(0, |r| r.open_to);
         let outside = reach(kernel, Some((proto, port, rule)), 0, target);
         let name = crate::doors::name(target).unwrap_or("engine").to_string();
-        let ports = ports
-            .iter()
-            .map(|(proto, port)| {
-                format!("{port}/{}", Proto::from_number(*proto).map_or("?", |p| p.name()))
-            })
-            .collect();
+        let ports =
+            ports.iter().map(|(proto, port)| crate::doors::port_name(*proto, *port)).collect();
         reports.push(DoorReport { name, ports, outside });
     }
     reports

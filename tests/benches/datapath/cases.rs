@@ -12,13 +12,14 @@ use std::rc::Rc;
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use guard_common::reason::{Reason, Verdict};
+use guard_userspace::frames::{Frame, Transport};
 use tests::frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp};
 
 use crate::{
     Params,
     world::{
         ALLOWED_PORT, CLOSED_PORT, Guard, HOST_SERVICE_PORT, LOCAL_PORT, MapSizes, OUTSIDE, REMOTE,
-        REMOTE_PORT, UPLINK, World,
+        REMOTE_PORT, UPLINK, VXLAN_PORT, World,
     },
 };
 
@@ -47,6 +48,16 @@ pub fn cases() -> Vec<Case> {
             what: "TCP to a host address, unpublished port (not container-bound)",
             expect: Reason::NotContainerBound,
             frame: |_| Tcp::syn(OUTSIDE, UPLINK, HOST_SERVICE_PORT).frame(MAC_A, MAC_B),
+            setup: None,
+        },
+        Case {
+            name: "drop_door",
+            what: "UDP to the host's VXLAN port (a swarm's data path) from outside the swarm",
+            expect: Reason::ManagementPort,
+            frame: |_| {
+                let udp = Transport::Udp(VXLAN_PORT);
+                Frame::new(&OUTSIDE.to_string(), &UPLINK.to_string(), udp).sport(40000).bytes()
+            },
             setup: None,
         },
         Case {

@@ -32,7 +32,7 @@ use guard_userspace::{
     pins::Pins,
     policy::Proto,
     policy_file::PolicyFile,
-    snapshot::{Container, Network, Published, Snapshot},
+    snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
     tables::diff,
     unload::unload,
 };
@@ -53,6 +53,8 @@ pub const ALLOWED_PORT: u16 = 5432;
 pub const CLOSED_PORT: u16 = 8080;
 /// A host port Docker does not publish (the host's own ssh).
 pub const HOST_SERVICE_PORT: u16 = 22;
+/// The host is a swarm node: VXLAN on this port is the engine's door.
+pub const VXLAN_PORT: u16 = 4789;
 const PUBLISHED_BASE: u16 = 20_000;
 
 /// A remote server a container talked to; its replies come back through flow memory.
@@ -129,7 +131,7 @@ impl World {
             .collect();
         World {
             containers,
-            snapshot: Snapshot { networks, containers: containers_list, doors: Default::default() },
+            snapshot: Snapshot { networks, containers: containers_list, doors: swarm_node() },
             probe: containers / 2 / 10 * 10,
         }
     }
@@ -328,4 +330,15 @@ pub fn remove_leftover_pins() {
             remove_pins(&Pins::new(entry.path()));
         }
     }
+}
+
+/// The engine's doors of a manager in a swarm of 16 nodes, with its API on tcp: the host's
+/// own traffic is measured where guard judges the most host ports it ever does.
+fn swarm_node() -> EngineDoors {
+    let mut nodes: std::collections::BTreeSet<IpAddr> = [IpAddr::V4(UPLINK)].into();
+    nodes.extend((2..17).map(|n| IpAddr::V4(Ipv4Addr::new(10, 252, 1, n))));
+    let swarm =
+        Swarm { data_path_port: VXLAN_PORT, control_port: Some(2377), nodes, encrypted: true };
+    let api = ApiListener { addr: "0.0.0.0:2376".parse().unwrap(), plain_text: false };
+    EngineDoors { swarm: Some(swarm), api: vec![api] }
 }

@@ -304,11 +304,12 @@ impl World {
         } else {
             rng.port()
         };
-        let transport = match rng.below(9) {
+        let transport = match rng.below(10) {
             0..=3 => Transport::Tcp(port),
             4..=5 => Transport::Udp(port),
             6 => Transport::Sctp(port),
             7 => Transport::Icmp,
+            8 if rng.chance(50) => Transport::Esp,
             _ => Transport::Echo { reply: rng.chance(50), id: port },
         };
         // A reply to one of the flows started inside, now and then; or an ICMP error about it.
@@ -319,6 +320,7 @@ impl World {
                 6 => Transport::Tcp(flow.local_port),
                 17 => Transport::Udp(flow.local_port),
                 1 | 58 => Transport::Echo { reply: true, id: flow.local_port },
+                50 => Transport::Esp,
                 _ => Transport::Sctp(flow.local_port),
             };
             let frame = Frame::new(&remote.to_string(), &local.to_string(), reply.clone())
@@ -402,6 +404,8 @@ fn reply_flow(frame: &Frame) -> Option<FlowKey> {
         Transport::Sctp(p) => (132, frame.sport, p),
         // An echo request the local end sent with this identifier.
         Transport::Echo { id, .. } => (if frame.dst.is_ipv6() { 58 } else { 1 }, 0, id),
+        // A security association between two addresses, remembered like a UDP flow.
+        Transport::Esp => (50, 0, 0),
         Transport::Icmp | Transport::IcmpError(_) => return None,
     };
     Some(FlowKey {
@@ -432,7 +436,8 @@ fn random_doors(
             nodes.insert(peer);
         }
         ports.extend([data_path_port, 7946, 2377]);
-        doors.swarm = Some(Swarm { data_path_port, control_port, nodes });
+        doors.swarm =
+            Some(Swarm { data_path_port, control_port, nodes, encrypted: rng.chance(40) });
     }
     if rng.chance(30) {
         let bound = *rng.pick(&["0.0.0.0", "::", "127.0.0.1"].map(|a| a.parse().unwrap()));
