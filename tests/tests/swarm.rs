@@ -23,6 +23,18 @@ use tests::{patience, prepare_test_bed};
 /// An overlay container's fixed address, and the UDP port a test listens on in it.
 const SINK_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 50);
 const SINK_PORT: u16 = 9999;
+/// The same on n2.
+const SINK2_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 51);
+
+/// What `guard explain` says of an engine door from a source outside the swarm.
+fn drop_door() -> (String, String) {
+    ("drop".to_owned(), "management_port".to_owned())
+}
+
+/// What it says of an engine door from a swarm member.
+fn pass_member() -> (String, String) {
+    ("pass".to_owned(), "allowed_source".to_owned())
+}
 /// How long an injection is repeated before it counts as delivered or not: delivery takes
 /// milliseconds; the margin is for a loaded machine.
 fn injection_window() -> Duration {
@@ -160,6 +172,7 @@ fn with_guard_the_overlay_is_closed_to_outside_and_the_swarm_keeps_working() {
     let n3_addr = node_addr(3);
     let policy = Policy::new("overlay", &format!("[management]\nadmin = [\"{n3_addr}/32\"]\n"));
     let sink = swarm.run_on("n1", "sink", SINK_IP, "sleep 600");
+    let sink2 = swarm.run_on("n2", "sink2", SINK2_IP, "sleep 600");
     let web = swarm.service("web", 2, &[], WEB);
     let tasks = web.wait_for_tasks_on(&swarm, &["n1", "n2"], patience(Duration::from_secs(60)));
     let a1 = agent_on(&swarm, "n1", &policy, &[]);
@@ -185,6 +198,23 @@ fn with_guard_the_overlay_is_closed_to_outside_and_the_swarm_keeps_working() {
         a1.explain(&node_addr(2).to_string(), &format!("{}:{VXLAN_PORT}/udp", n1.addr())),
         ("pass".to_owned(), "allowed_source".to_owned()),
         "explain of VXLAN from n2 on n1"
+    );
+    // Gossip and the manager's control port: the nodes' only.
+    for door in ["7946/tcp", "7946/udp", "2377/tcp"] {
+        let dst = format!("{}:{door}", n1.addr());
+        let from_outside = a1.explain(&OUTSIDE.to_string(), &dst);
+        assert_eq!(from_outside, drop_door(), "explain of {dst} from outside on n1");
+        let from_n2 = a1.explain(&node_addr(2).to_string(), &dst);
+        assert_eq!(from_n2, pass_member(), "explain of {dst} from n2 on n1");
+    }
+    // Each node guards its own: n2's overlay is closed to outside too.
+    let n2 = swarm.node("n2");
+    assert!(
+        !swarm.injection_delivered(swarm.outside(), n2, &sink2, SINK_PORT, injection_window()),
+        "with guard on n2, a VXLAN frame from {OUTSIDE} to {}:{VXLAN_PORT} still reached {}\n{}",
+        n2.addr(),
+        sink2.name(),
+        a2.status()
     );
 
     // The swarm's own overlay: both ways.
