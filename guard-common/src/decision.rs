@@ -355,11 +355,14 @@ fn opening<T: Tables>(tables: &T, rule: u8, key: &PortKey, src: &Addr) -> Option
 /// trusted source, a container in audit mode) answers it and needs no memory; remembering it
 /// anyway would let an outsider flood such a port with spoofed SYNs and evict, with the
 /// answers, the entries real replies need. An ICMP echo reply answers someone else's request,
-/// and an ICMP error someone else's packet: neither is ever remembered.
+/// and an ICMP error someone else's packet: neither is ever remembered. Nor is a SYN-ACK: it
+/// accepts a connection someone else started, and one the policy did not open (whose SYN
+/// slipped in before the agent named a new bridge) must not become "a flow started inside"
+/// by being answered.
 #[inline(always)]
 pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<FlowKey> {
     let l4 = outbound.l4;
-    if l4.kind != L4Kind::Ports || l4.quoted || (is_icmp(l4.proto) && !l4.opens) {
+    if l4.kind != L4Kind::Ports || l4.quoted || l4.accepts || (is_icmp(l4.proto) && !l4.opens) {
         return None;
     }
     // The reply, judged as a new flow (no flow memory).

@@ -506,30 +506,39 @@ fn leaving(ctx: &TcContext, framing: Framing) -> i32 {
     let Ok(packet) = parser::parse(&frame, framing) else {
         return TC_ACT_UNSPEC;
     };
-    if let Origin::Unnamed(_) = origin
-        && packet.l4.accepts
-    {
-        return judge_answer(ctx, &packet);
+    if packet.l4.accepts {
+        match origin {
+            Origin::Unnamed(_) => return judge_answer::<true>(ctx, &packet),
+            // A known network's gate judged the SYN, unless it slipped in before the gate was
+            // there (the bridge of an engine that creates it with the network's first
+            // container, Podman): judged again where the policy already knows the port.
+            Origin::Docker => return judge_answer::<false>(ctx, &packet),
+            Origin::Host | Origin::Inside | Origin::Uplink(_) => {}
+        }
     }
     record_outbound::<false>(ctx, &packet);
     TC_ACT_UNSPEC
 }
 
-/// A container's SYN-ACK leaving through an uplink, judged as the SYN it answers would be,
-/// behind the bridge. Counted at the gate's counters (a second look after NAT, like the
-/// gate's) when it drops or would drop in audit mode; an answer the policy opened was counted
-/// when its SYN came in.
+/// A container's SYN-ACK leaving through an uplink, judged as the SYN it answers would be:
+/// behind the bridge (`BEHIND_BRIDGE`, one the agent has not named: whatever it does not list
+/// is closed), or as the uplink saw it (a known network's: what it does not list yet passes,
+/// and the connection's next packet meets the gate). Counted at the gate's counters (a second
+/// look after NAT, like the gate's) when it drops or would drop in audit mode; an answer the
+/// policy opened was counted when its SYN came in.
 #[inline(always)]
-fn judge_answer(ctx: &TcContext, answer: &Packet) -> i32 {
+fn judge_answer<const BEHIND_BRIDGE: bool>(ctx: &TcContext, answer: &Packet) -> i32 {
     let l4 = answer.l4;
     let connection = Packet {
         src: answer.dst,
         dst: answer.src,
         l4: L4::ports(l4.proto, l4.dport, l4.sport, true),
     };
-    let maps = Maps::<true> { ctx: ctx.as_ptr(), ifindex: this_interface(ctx) };
-    let decision = judge(&maps, Ok(connection), DROP_AT_GATE);
-    if decision.reason.verdict() == Verdict::Drop {
+    let maps = Maps::<BEHIND_BRIDGE> { ctx: ctx.as_ptr(), ifindex: this_interface(ctx) };
+    let (decision, resolved) = decide_parsed(&maps, Ok(connection));
+    // In audit mode, a known network's connection was told when its SYN passed the uplink.
+    if decision.reason.verdict() == Verdict::Drop && (BEHIND_BRIDGE || !decision.audited) {
+        record_drop(&connection, decision, resolved, maps.ifindex, DROP_AT_GATE);
         count(&GUARD_GATE, decision);
     }
     match decision.verdict() {

@@ -577,7 +577,10 @@ impl Agent {
 
         // The engine's bridge names are a guess where it gives none (Podman): the kernel says.
         let iface_addrs = interfaces::interface_addresses().context("listing addresses")?;
-        let snapshot = &bridges::resolved(snapshot, &links, &iface_addrs, &mut warnings);
+        // A network without its bridge has no gate: said once, and not ready while it lasts.
+        let mut uncovered = Vec::new();
+        let snapshot = &bridges::resolved(snapshot, &links, &iface_addrs, &mut uncovered);
+        warnings.extend(uncovered.iter().cloned());
         let docker_bridges = docker_bridges(&links, snapshot);
         let uplinks = self.uplinks(&links, &docker_bridges, &mut warnings);
         let bridges: Vec<Link> =
@@ -646,7 +649,7 @@ impl Agent {
             })
             .collect();
         state.swarm_nodes = snapshot.doors.swarm.as_ref().map(|s| s.nodes.len());
-        state.unguarded = unguarded;
+        state.unguarded = unguarded.into_iter().chain(uncovered).collect();
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;
         }

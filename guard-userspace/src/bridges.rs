@@ -73,15 +73,15 @@ fn tried(network: &Network, named: &str) -> String {
     )
 }
 
-/// `snapshot` with each network's bridge replaced by the one found (None where none is), and a
-/// warning for every bridge network without one that a container is on. Podman's netavark
+/// `snapshot` with each network's bridge replaced by the one found (None where none is), and in
+/// `uncovered`, what to say of every bridge network without one that a container is on. Podman's netavark
 /// creates a network's bridge with its first container and removes it with its last, so a
 /// network no container uses has none, rightly.
 pub fn resolved(
     snapshot: &Snapshot,
     links: &[Link],
     addrs: &[(String, IpAddr)],
-    warnings: &mut Vec<String>,
+    uncovered: &mut Vec<String>,
 ) -> Snapshot {
     let mut out = snapshot.clone();
     for network in &mut out.networks {
@@ -94,7 +94,7 @@ pub fn resolved(
         if let Found::Missing(tried) = &found
             && in_use
         {
-            warnings.push(format!(
+            uncovered.push(format!(
                 "network {} ({}): no Linux bridge found, so no gate and no reply memory guard \
                  its containers there; tried {tried}",
                 network.name,

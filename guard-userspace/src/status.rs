@@ -13,6 +13,7 @@ use serde::Serialize;
 mod kernel_view;
 
 use crate::{
+    bridges,
     desired::{ContainerPolicy, desired_state},
     docker::DockerClient,
     doors,
@@ -157,6 +158,12 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     }
 
     let links = interfaces::links().unwrap_or_default();
+    if let Some(snapshot) = &snapshot {
+        let addrs = interfaces::interface_addresses().unwrap_or_default();
+        let mut uncovered = Vec::new();
+        bridges::resolved(snapshot, &links, &addrs, &mut uncovered);
+        errors.extend(uncovered.into_iter().map(|u| format!("NOT COVERED: {u}")));
+    }
     let protected = pins.pinned_ifindexes(Hook::Xdp)?;
     let desired = snapshot.as_ref().map(|snapshot| {
         // Use the agent's target ids, so the comparison with the maps is meaningful.
@@ -520,5 +527,47 @@ mod tests {
                 && covers(&a, 5432, Proto::Tcp)
                 && !covers(&a, 5432, Proto::Udp)
         );
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    fn report(errors: Vec<String>, doors: Vec<DoorReport>) -> Report {
+        Report {
+            protection: Protection {
+                loaded: true,
+                agent_running: true,
+                pin_dir: "/sys/fs/bpf/guard".into(),
+                interfaces: vec!["eth0".into()],
+                hooks: vec![],
+                pending_changes: Some(0),
+            },
+            mode: "enforce".into(),
+            policy: "test".into(),
+            notes: vec![],
+            containers: vec![],
+            engine_doors: doors,
+            errors,
+        }
+    }
+
+    #[test]
+    fn what_no_policy_makes_safe_fails_the_check_and_is_printed() {
+        assert_eq!(check(&report(vec![], vec![])), Ok(()));
+        let uncovered =
+            "NOT COVERED: network web (0123456789ab): no Linux bridge found".to_string();
+        let failed = check(&report(vec![uncovered.clone()], vec![]));
+        assert_eq!(failed, Err(uncovered.clone()));
+        let overlay = DoorReport {
+            name: "engine:swarm-overlay".into(),
+            ports: vec!["4789/udp".into()],
+            outside: Reach::new("listed", vec!["10.77.0.12/32".into()]),
+        };
+        let text = render(&report(vec![uncovered], vec![overlay]));
+        assert!(text.contains("ERROR: NOT COVERED: network web"), "{text}");
+        assert!(text.contains("engine:swarm-overlay") && text.contains("4789/udp"), "{text}");
+        assert!(text.contains("10.77.0.12/32"), "{text}");
     }
 }

@@ -1282,8 +1282,38 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
             None,
         ),
         (
-            "an answer from a known network's bridge (its gate judged the SYN)",
+            "an answer from a known network's bridge, port not published",
             Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(12345).syn_ack(),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        // The SYN slipped in before the gate was on the bridge (Podman creates a network's
+        // bridge with its first container): the answer is judged where the port is known.
+        (
+            "a known network's closed container answering through its published port",
+            Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(Closed),
+        ),
+        (
+            "a known network's closed container answering direct routing",
+            Frame::new(DB, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack(),
+            BRIDGE,
+            TC_ACT_SHOT,
+            Some(Closed),
+        ),
+        (
+            "a known network's exposed container answering",
+            Frame::new(HOST, OUTSIDE_B, Tcp(50000)).sport(10443).syn_ack(),
+            BRIDGE,
+            TC_ACT_UNSPEC,
+            None,
+        ),
+        (
+            "an answer from behind a container routing a subnet of its own (a VPN)",
+            Frame::new("192.168.77.9", OUTSIDE_A, Tcp(50000)).sport(22).syn_ack(),
             BRIDGE,
             TC_ACT_UNSPEC,
             None,
@@ -1342,6 +1372,10 @@ fn in_audit_mode_an_unseen_container_s_answer_passes_and_is_counted() {
     let (action, moved) = g.run_tc_counted(Hook::TcEgress, &answer.bytes(), UNSEEN_BRIDGE);
     assert_eq!(action, TC_ACT_UNSPEC, "audit mode drops nothing");
     assert_eq!(moved, [Decision { reason: Reason::UnseenNetwork, audited: true }]);
+    // A known network's closed answer: its SYN was counted on the uplink, not twice.
+    let known = Frame::new(HOST, OUTSIDE_A, Tcp(50000)).sport(5432).syn_ack();
+    let (action, moved) = g.run_tc_counted(Hook::TcEgress, &known.bytes(), BRIDGE);
+    assert_eq!((action, moved), (TC_ACT_UNSPEC, vec![]));
 }
 
 #[test]
@@ -1403,6 +1437,20 @@ fn recorders_remember_only_flows_started_inside_whose_replies_would_drop() {
             Hook::BridgeIngress,
             Frame::new(WEB, OUTSIDE_B, Tcp(50001)).sport(443).syn_ack(),
             BRIDGE,
+            None,
+        ),
+        (
+            "a closed container's SYN-ACK (its SYN slipped in before the gate was there)",
+            Hook::BridgeIngress,
+            Frame::new(DB, OUTSIDE_A, Tcp(50002)).sport(5432).syn_ack(),
+            BRIDGE,
+            None,
+        ),
+        (
+            "a closed container's SYN-ACK through its published port, from the host",
+            Hook::TcEgress,
+            Frame::new(HOST, OUTSIDE_A, Tcp(50003)).sport(12345).syn_ack(),
+            0,
             None,
         ),
         (
