@@ -427,4 +427,25 @@ pub(crate) fn remove_leftover_pins() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+    remove_leftover_state_dirs();
+}
+
+/// Removes the `--state-dir`s (`$TMPDIR/guard-e2e-<pid>-<n>`) of agents whose run is gone:
+/// unloading removes an agent's own, a killed run's stay.
+fn remove_leftover_state_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, n)) = name.strip_prefix(PIN_PREFIX).and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !numeric(pid) || !numeric(n) || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        cmd::warn(format!("removing leftover state directory {}", entry.path().display()));
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
 }

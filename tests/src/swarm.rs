@@ -342,7 +342,29 @@ pub(crate) fn remove_leftovers() {
         }
     }
     let _ = fs::remove_dir_all(SCRATCH);
+    remove_leftover_policy_files();
 }
+
+/// The swarm tests' policy files, `$TMPDIR/guard-e2e-swarm-<tag>-<pid>.toml`, of runs that are
+/// gone.
+fn remove_leftover_policy_files() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(POLICY_PREFIX).and_then(|r| r.strip_suffix(".toml"))
+        else {
+            continue;
+        };
+        let Some((_, pid)) = rest.rsplit_once('-') else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            cmd::warn(format!("removing leftover policy file {}", entry.path().display()));
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// How the swarm tests name their policy files: `guard-e2e-swarm-<tag>-<pid>.toml` in $TMPDIR.
+pub const POLICY_PREFIX: &str = "guard-e2e-swarm-";
 
 // ---------------------------------------------------------------------------------------
 // Nodes

@@ -49,8 +49,11 @@ struct Policy {
 
 impl Policy {
     fn new(tag: &str, text: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("guard-e2e-swarm-{tag}-{}.toml", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "{}{tag}-{}.toml",
+            swarm::POLICY_PREFIX,
+            std::process::id()
+        ));
         fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         Self { path }
     }
