@@ -13,7 +13,7 @@ use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::cmd::{self, try_run};
+use crate::cmd;
 
 /// The line the agent logs once the maps hold the first full Docker state.
 pub const READY_MARKER: &str = "initial sync complete";
@@ -48,6 +48,59 @@ fn find_guard_bin() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
+/// Where an agent runs when not on the machine itself: inside a network namespace (a swarm
+/// node's), entered with `nsenter --net` (`ip netns exec` would remount /sys), against the
+/// engine that `DOCKER_HOST` names. Its other commands (`status`, `explain`, `unload`) run
+/// the same way, so that they see the interfaces it guards.
+#[derive(Clone, Debug)]
+pub struct Place {
+    /// `/run/netns/NAME`.
+    pub netns: PathBuf,
+    /// `unix:///…/docker.sock`.
+    pub docker_host: String,
+}
+
+impl Place {
+    /// `guard` in this place: `nsenter --net=NETNS guard` with DOCKER_HOST set. Once the
+    /// namespace is gone (a test dropped it first), plain `guard`: what is left to do then is
+    /// bpffs's (unpinning), which is the same in every namespace.
+    fn guard(&self) -> Command {
+        if !self.netns.exists() {
+            return Command::new(guard_bin());
+        }
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.netns.display()))
+            .arg(guard_bin())
+            .env("DOCKER_HOST", &self.docker_host);
+        command
+    }
+}
+
+/// `guard` on the machine, or in `place`.
+fn guard_command(place: Option<&Place>) -> Command {
+    place.map_or_else(|| Command::new(guard_bin()), Place::guard)
+}
+
+/// Runs `guard args` (in `place`); stdout, or the failure with stderr.
+fn run_guard(place: Option<&Place>, args: &[&str]) -> Result<String, String> {
+    let mut command = guard_command(place);
+    command.args(args);
+    let line = format!("guard {}", args.join(" "));
+    let out =
+        cmd::output(&mut command, cmd::command_timeout()).map_err(|e| format!("`{line}`: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{line}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+        ))
+    }
+}
+
 /// A running `guard run`. Drop stops it and unloads everything it pinned, so a failing test
 /// leaves no XDP program behind; on a failing test, drop also prints the agent's log.
 pub struct Agent {
@@ -61,6 +114,8 @@ pub struct Agent {
     /// Where the current process's output starts in `log` (a restart appends to it).
     log_start: usize,
     unloaded: bool,
+    /// Where it runs, if not on the machine itself.
+    place: Option<Place>,
 }
 
 impl Agent {
@@ -73,6 +128,17 @@ impl Agent {
     /// `--resync-interval`, ...). No `ifaces` means no `--iface` at all: the agent then guards
     /// every uplink of the machine, its real ones included.
     pub fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
+        Self::start_at(None, ifaces, extra)
+    }
+
+    /// Like [`Agent::start_with`], inside `place` (a swarm node's namespace, against its
+    /// engine). The pin and state directories are named as for any agent; `--metrics-addr`
+    /// binds in the namespace.
+    pub fn start_in(place: Place, ifaces: &[&str], extra: &[&str]) -> Self {
+        Self::start_at(Some(place), ifaces, extra)
+    }
+
+    fn start_at(place: Option<Place>, ifaces: &[&str], extra: &[&str]) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "{PIN_PREFIX}{}-{}",
@@ -87,8 +153,16 @@ impl Agent {
         }
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let log = Arc::new(Mutex::new(String::new()));
-        let mut agent =
-            Self { child: None, pin_dir, state_dir, args, log, log_start: 0, unloaded: false };
+        let mut agent = Self {
+            child: None,
+            pin_dir,
+            state_dir,
+            args,
+            log,
+            log_start: 0,
+            unloaded: false,
+            place,
+        };
         agent.spawn();
         agent
     }
@@ -101,7 +175,7 @@ impl Agent {
 
     /// Runs `guard run` and waits until its log says `marker`.
     fn spawn_until(&mut self, marker: &str) {
-        let mut command = Command::new(guard_bin());
+        let mut command = guard_command(self.place.as_ref());
         command
             .arg("run")
             .args(&self.args)
@@ -122,7 +196,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {:?}: {e}", guard_bin()));
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", command));
         self.log_start = self.log.lock().unwrap().len();
         collect_lines(child.stdout.take(), &self.log);
         collect_lines(child.stderr.take(), &self.log);
@@ -162,7 +236,7 @@ impl Agent {
     /// directory on disk.
     pub fn lose_pins(&mut self) {
         assert!(self.child.is_none(), "lose_pins: the agent still runs");
-        if let Err(e) = unload_pins(&self.pin_dir) {
+        if let Err(e) = unload_pins(self.place.as_ref(), &self.pin_dir) {
             panic!("{e}\nagent log:\n{}", self.log());
         }
     }
@@ -208,9 +282,33 @@ impl Agent {
     /// `guard status` for this agent's pins, or why it failed.
     pub fn status(&self) -> String {
         let pin_dir = self.pin_dir.to_string_lossy();
-        match try_run(&guard_bin().to_string_lossy(), &["status", "--pin-dir", &pin_dir]) {
+        // Its --state-dir holds the policy it enforces (read in place of --config).
+        let state_dir = self.state_dir.to_string_lossy();
+        let args = ["status", "--pin-dir", &pin_dir, "--state-dir", &state_dir];
+        match run_guard(self.place.as_ref(), &args) {
             Ok(out) | Err(out) => out,
         }
+    }
+
+    /// `guard ARGS` where this agent runs (its namespace and engine, if it has a
+    /// [`Place`]); `--pin-dir` is the caller's to pass ([`Agent::pin_dir`]).
+    pub fn guard(&self, args: &[&str]) -> Result<String, String> {
+        run_guard(self.place.as_ref(), args)
+    }
+
+    /// `guard explain SRC DST --json` against this agent's pins (and `--config`, if it was
+    /// started with one), where it runs: the kernel's verdict and the reason.
+    pub fn explain(&self, src: &str, dst: &str) -> (String, String) {
+        let pin_dir = self.pin_dir.to_string_lossy().into_owned();
+        let mut args = vec!["explain", src, dst, "--json", "--pin-dir", &pin_dir];
+        if let Some(config) = self.args.iter().position(|a| a == "--config") {
+            args.extend(["--config", &self.args[config + 1]]);
+        }
+        let out = self.guard(&args).unwrap_or_else(|e| panic!("{e}"));
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("parse `guard explain --json`: {e}: {out}"));
+        let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        (field("verdict"), field("reason"))
     }
 
     /// Sends SIGTERM and waits (bounded) for the agent to exit; the pinned programs stay.
@@ -250,7 +348,7 @@ impl Agent {
     fn try_unload(&mut self) -> Result<(), String> {
         self.unloaded = true;
         let _ = std::fs::remove_dir_all(&self.state_dir);
-        unload_pins(&self.pin_dir)
+        unload_pins(self.place.as_ref(), &self.pin_dir)
     }
 
     /// Where this agent keeps what it last knew.
@@ -282,10 +380,10 @@ impl Drop for Agent {
     }
 }
 
-/// `guard unload --pin-dir DIR`, then checks that DIR is gone.
-fn unload_pins(pin_dir: &Path) -> Result<(), String> {
+/// `guard unload --pin-dir DIR` (in `place`), then checks that DIR is gone.
+fn unload_pins(place: Option<&Place>, pin_dir: &Path) -> Result<(), String> {
     let dir = pin_dir.to_string_lossy();
-    try_run(&guard_bin().to_string_lossy(), &["unload", "--pin-dir", &dir])?;
+    run_guard(place, &["unload", "--pin-dir", &dir])?;
     if pin_dir.exists() {
         return Err(format!("`guard unload` left {dir} behind"));
     }
@@ -324,9 +422,30 @@ pub(crate) fn remove_leftover_pins() {
             continue;
         }
         cmd::warn(format!("removing leftover pins {}", entry.path().display()));
-        let unloaded = find_guard_bin().is_some() && unload_pins(&entry.path()).is_ok();
+        let unloaded = find_guard_bin().is_some() && unload_pins(None, &entry.path()).is_ok();
         if !unloaded {
             let _ = std::fs::remove_dir_all(entry.path());
         }
+    }
+    remove_leftover_state_dirs();
+}
+
+/// Removes the `--state-dir`s (`$TMPDIR/guard-e2e-<pid>-<n>`) of agents whose run is gone:
+/// unloading removes an agent's own, a killed run's stay.
+fn remove_leftover_state_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, n)) = name.strip_prefix(PIN_PREFIX).and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !numeric(pid) || !numeric(n) || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        cmd::warn(format!("removing leftover state directory {}", entry.path().display()));
+        let _ = std::fs::remove_dir_all(entry.path());
     }
 }

@@ -20,6 +20,7 @@ pub mod probe;
 pub mod prober;
 pub mod raw;
 pub mod seed;
+pub mod swarm;
 pub mod tun;
 
 use std::fs::{File, OpenOptions};
@@ -94,10 +95,11 @@ pub fn prepare_test_bed() -> Exclusive {
 }
 
 /// Removes what a run killed before its drops ran may have left: containers and networks
-/// first (they hold the bridge), then namespaces, host-side veths, agent pin dirs, and the
-/// host settings it changed.
+/// first (they hold the bridge), then swarm nodes' daemons (in namespaces of their own), then
+/// namespaces, host-side veths, agent pin dirs, and the host settings it changed.
 fn remove_leftovers() {
     docker::remove_leftovers();
+    swarm::remove_leftovers();
     netns::remove_leftovers();
     agent::remove_leftover_pins();
     host::restore_leftover_settings();

@@ -52,7 +52,7 @@ pub enum Engine {
 /// Debian's version of the packages, pinned.
 const DOCKER28_VERSION: &str = "28.5.2+dfsg4-5";
 /// What `docker version` reports for it.
-const DOCKER28_SERVER: &str = "28.5.2";
+pub(crate) const DOCKER28_SERVER: &str = "28.5.2";
 /// The packages and the SHA256 of their amd64 `.deb`s (from sid's Packages index, checked on
 /// download).
 const DOCKER28_DEBS: &[(&str, &str)] = &[
@@ -213,7 +213,7 @@ pub(crate) fn cache_dir() -> PathBuf {
 
 /// The unpacked packages (`ROOT/usr/sbin/dockerd` ...), downloading and checking them first
 /// unless a complete unpack is cached.
-fn fetch_docker28() -> Result<PathBuf> {
+pub(crate) fn fetch_docker28() -> Result<PathBuf> {
     let dir = cache_dir().join(format!("docker.io_{DOCKER28_VERSION}"));
     let root = dir.join("root");
     if root.join(".complete").exists() {

@@ -13,6 +13,7 @@ mod podman;
 mod private_apt;
 mod run;
 mod setup;
+mod swarm;
 mod test;
 mod vm;
 

@@ -191,6 +191,11 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
                 Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
                 Engine::Podman => crate::podman::run_podman(&args.args, &guard_bin)?,
             });
+            // Docker 28 also runs a real multi-node Swarm, beside the machine's dockerd once
+            // the swap is undone (crate::swarm says why it needs no swap).
+            if engine == Engine::Docker28 {
+                outcomes.push(crate::swarm::run_swarm(&args.args, &guard_bin)?);
+            }
         }
     }
 
