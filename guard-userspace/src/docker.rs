@@ -37,6 +37,9 @@ pub enum DockerError {
     Api { call: &'static str, source: bollard::errors::Error },
 }
 
+/// The bridge network a swarm node's tasks reach the host through.
+const GATEWAY_BRIDGE: &str = "docker_gwbridge";
+
 /// How long a daemon may take to answer the first request.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -68,12 +71,41 @@ impl DockerClient {
             .list_containers(Some(ListContainersOptions { all: false, ..Default::default() }))
             .await
             .map_err(|source| DockerError::Api { call: "list containers", source })?;
+        let mut containers: Vec<Container> = containers.iter().filter_map(container).collect();
+        self.add_gateway_endpoints(&networks, &mut containers).await;
         Ok(Snapshot {
             networks: networks.iter().map(network).collect(),
-            containers: containers.iter().filter_map(container).collect(),
+            containers,
             // Filled by the agent (see [`crate::engine_doors`]).
             doors: EngineDoors::default(),
         })
+    }
+
+    /// A swarm task's address on `docker_gwbridge`, where its host-mode published ports are
+    /// DNATed: the container's own networks do not list it (only its overlays); the bridge
+    /// network's endpoints do, under the container's id.
+    async fn add_gateway_endpoints(
+        &self,
+        networks: &[DockerNetwork],
+        containers: &mut [Container],
+    ) {
+        if !networks.iter().any(|n| n.name.as_deref() == Some(GATEWAY_BRIDGE)) {
+            return;
+        }
+        // Gone since the list (the node left its swarm): no task of it to open.
+        let Ok(inspect) = self.docker.inspect_network(GATEWAY_BRIDGE, None).await else {
+            return;
+        };
+        for (id, endpoint) in inspect.containers.unwrap_or_default() {
+            let Some(container) = containers.iter_mut().find(|c| c.id == id) else { continue };
+            let addresses = [endpoint.ipv4_address, endpoint.ipv6_address];
+            for cidr in addresses.iter().flatten() {
+                let ip = cidr.split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok());
+                if let Some(ip) = ip.filter(|ip| !container.addresses.contains(ip)) {
+                    container.addresses.push(ip);
+                }
+            }
+        }
     }
 
     /// This node's swarm, if it is an active member: its members as the engine names them

@@ -171,12 +171,14 @@ pub fn change_notifications() -> io::Result<std::os::fd::OwnedFd> {
 /// so it gets the gate rather than becoming an uplink that judges containers' own packets as
 /// outside traffic. (One Docker does not report is a leftover of Docker's: the same.)
 /// Podman's netavark does the same with `podman0`, `podman1`…, which its compatible API does
-/// not even name: taken for an engine's bridge alike.
+/// not even name: taken for an engine's bridge alike. A swarm node's `docker_gwbridge`, where
+/// its tasks reach the host, likewise.
 pub fn named_like_docker(link: &Link) -> bool {
     let id = link.name.strip_prefix("br-");
     let podman = link.name.strip_prefix("podman");
     link.is_bridge
         && (link.name == "docker0"
+            || link.name == "docker_gwbridge"
             || id.is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             || podman.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
@@ -278,6 +280,8 @@ mod tests {
         .map(|l| l.name.clone())
         .collect();
         assert_eq!(docker, ["docker0", "br-0123456789ab", "podman1"]);
+        let gateway_bridge = Link { is_bridge: true, ..link("docker_gwbridge", 12, None) };
+        assert!(named_like_docker(&gateway_bridge), "a swarm node's gateway bridge");
     }
 
     #[test]

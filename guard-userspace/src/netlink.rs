@@ -79,3 +79,20 @@ pub fn receive(fd: &OwnedFd, wanted: u16, mut each: impl FnMut(&[u8])) -> io::Re
         }
     }
 }
+
+/// (type, payload) of each attribute in `data`.
+pub fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff; // without NLA_F_NESTED
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some((kind, payload))
+    })
+}

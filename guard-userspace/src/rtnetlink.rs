@@ -4,7 +4,7 @@
 
 use std::{io, os::fd::OwnedFd};
 
-use crate::netlink::{self, NLM_F_DUMP, NLMSG_DONE, header, receive, send};
+use crate::netlink::{self, NLM_F_DUMP, NLMSG_DONE, attrs, header, receive, send};
 
 use crate::tc_filter::Filter;
 
@@ -51,23 +51,6 @@ fn push_attr(msg: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     msg.extend_from_slice(&kind.to_ne_bytes());
     msg.extend_from_slice(payload);
     msg.resize(msg.len().next_multiple_of(4), 0);
-}
-
-/// (type, payload) of each attribute in `data`.
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if data.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff; // without NLA_F_NESTED
-        if len < 4 || len > data.len() {
-            return None;
-        }
-        let payload = &data[4..len];
-        data = &data[len.next_multiple_of(4).min(data.len())..];
-        Some((kind, payload))
-    })
 }
 
 fn c_string(payload: &[u8]) -> String {

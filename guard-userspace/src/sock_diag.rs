@@ -6,9 +6,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use crate::netlink::{self, NLM_F_DUMP, header, receive, send};
+use crate::netlink::{self, NLM_F_DUMP, attrs, header, receive, send};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The attribute an IPv6 socket's message carries with its IPV6_V6ONLY setting.
+const INET_DIAG_SKV6ONLY: u16 = 11;
 const TCP_LISTEN: u32 = 10;
 /// struct inet_diag_msg: family, state, timer, retrans, inet_diag_sockid (48), expires,
 /// rqueue, wqueue, uid, inode.
@@ -19,6 +21,20 @@ const INET_DIAG_MSG_LEN: usize = 72;
 pub struct Listener {
     pub addr: SocketAddr,
     pub inode: u32,
+    /// An IPv6 socket that takes IPv6 alone; without IPV6_V6ONLY (Linux's default, and Go's
+    /// for `[::]` and `0.0.0.0` alike) one bound to `::` takes IPv4 too.
+    pub v6_only: bool,
+}
+
+impl Listener {
+    /// The addresses it takes connections on: a dual-stack `[::]` socket's IPv4 wildcard too.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        let mut bound = vec![self.addr];
+        if self.addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && !self.v6_only {
+            bound.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.addr.port()));
+        }
+        bound
+    }
 }
 
 /// Every listening TCP socket of the calling thread's network namespace, both families.
@@ -30,10 +46,11 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
     Ok(listeners)
 }
 
-/// The TCP sockets process `pid` listens on.
+/// The addresses process `pid` listens on for TCP (see [`Listener::bound`]).
 pub fn tcp_listeners_of(pid: u32) -> io::Result<Vec<SocketAddr>> {
     let inodes = socket_inodes(pid)?;
-    Ok(tcp_listeners()?.into_iter().filter(|l| inodes.contains(&l.inode)).map(|l| l.addr).collect())
+    let listeners = tcp_listeners()?.into_iter().filter(|l| inodes.contains(&l.inode));
+    Ok(listeners.flat_map(|l| l.bound()).collect())
 }
 
 /// The inodes of the sockets among `pid`'s open files (`socket:[N]` links in /proc/PID/fd).
@@ -77,7 +94,9 @@ fn listener(msg: &[u8]) -> Option<Listener> {
         IpAddr::V6(Ipv6Addr::from(src))
     };
     let inode = u32::from_ne_bytes(msg[68..72].try_into().unwrap());
-    Some(Listener { addr: SocketAddr::new(ip, port), inode })
+    let v6_only = attrs(&msg[INET_DIAG_MSG_LEN..])
+        .any(|(kind, value)| kind == INET_DIAG_SKV6ONLY && value.first() == Some(&1));
+    Some(Listener { addr: SocketAddr::new(ip, port), inode, v6_only })
 }
 
 #[cfg(test)]
@@ -94,6 +113,13 @@ mod tests {
         if let Ok(v6) = v6 {
             let addr6 = v6.local_addr().unwrap();
             assert!(tcp_listeners_of(std::process::id()).unwrap().contains(&addr6));
+        }
+        // A dual-stack wildcard (how Go binds tcp://0.0.0.0:PORT) takes IPv4 too.
+        if let Ok(any) = std::net::TcpListener::bind("[::]:0") {
+            let port = any.local_addr().unwrap().port();
+            let mine = tcp_listeners_of(std::process::id()).unwrap();
+            let v4: SocketAddr = (Ipv4Addr::UNSPECIFIED, port).into();
+            assert!(mine.contains(&any.local_addr().unwrap()) && mine.contains(&v4), "{mine:?}");
         }
         drop(listener);
         assert!(!tcp_listeners_of(std::process::id()).unwrap().contains(&addr));
