@@ -1,15 +1,16 @@
 //! guard: keeps the XDP filter's maps equal to what Docker and the operator want.
 //!
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
-//! [`tables`], [`desired`]. System edges: [`docker`] (Docker API), [`docker_link`] (reaching
-//! it), [`interfaces`] (links and addresses), [`bridges`] (which bridge
-//! carries each engine network), [`pins`] (bpffs layout), [`loader`] (the
+//! [`tables`], [`desired`], [`doors`] (the engine's own ports in the desired state). System
+//! edges: [`docker`] (Docker API), [`docker_link`] (reaching it), [`engine_doors`] (the
+//! engine's swarm and its API listeners), [`interfaces`] (links and addresses), [`bridges`]
+//! (which bridge carries each engine network), [`pins`] (bpffs layout), [`loader`] (the
 //! embedded program), [`kernel`] (what the running kernel can do), [`attach`] (programs on
-//! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`rtnetlink`] (the
-//! netlink requests aya does not make), [`link_info`] (is a pinned link still attached),
-//! [`maps`] (reading and writing the pinned maps), [`repin`] (pins removed under a running
-//! agent put back), [`state`] (what the agent last knew, on disk). Commands: [`agent`]
-//! (`guard run`), [`status`], [`unload`].
+//! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`netlink`] with
+//! [`rtnetlink`] (the netlink requests aya does not make) and [`sock_diag`] (listening
+//! sockets), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing
+//! the pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
+//! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`unload`].
 
 pub mod desired;
 pub mod doors;
