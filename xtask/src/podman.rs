@@ -163,11 +163,8 @@ fn selected(extra: &[String]) -> Vec<&'static str> {
 
 /// The test binaries that hold `names`, each once.
 fn binaries(names: &[&str]) -> Vec<&'static str> {
-    let mut binaries: Vec<&str> = PODMAN_TESTS
-        .iter()
-        .filter(|(_, n)| names.contains(n))
-        .map(|(b, _)| *b)
-        .collect();
+    let mut binaries: Vec<&str> =
+        PODMAN_TESTS.iter().filter(|(_, n)| names.contains(n)).map(|(b, _)| *b).collect();
     binaries.sort();
     binaries.dedup();
     binaries
