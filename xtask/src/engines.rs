@@ -70,6 +70,7 @@ const DOCKER28_TESTS: &[(&str, &str)] = &[
     ("e2e", "on_a_nat_unprotected_network_the_agent_alone_closes_what_labels_do_not_open"),
     ("e2e", "on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass"),
     ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
+    ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
     ("lifecycle", "crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links"),
     ("container", "containerised_agent_passes_the_seed_scenario"),
 ];
