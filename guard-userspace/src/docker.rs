@@ -19,6 +19,7 @@ use bollard::{
 use futures_util::{Stream, StreamExt};
 
 use crate::{
+    engine_paths::{Engine, EngineFirewall, GatewayMode, NetworkRouting},
     policy::Proto,
     snapshot::{
         CONTROL_PORT, Container, EngineDoors, Network, Published, Snapshot, Swarm, VXLAN_PORT,
@@ -160,6 +161,46 @@ impl DockerClient {
             nodes,
             encrypted,
         }))
+    }
+
+    /// The engine and its bridge networks' routing options: what decides which paths to a
+    /// container its own firewall leaves open (see [`crate::engine_paths`]).
+    pub async fn firewall(&self) -> Result<EngineFirewall, DockerError> {
+        let api = |call| move |source| DockerError::Api { call, source };
+        let version = self.docker.version().await.map_err(api("version"))?;
+        let components: Vec<(String, String)> = version
+            .components
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| (c.name, c.version))
+            .collect();
+        let engine = Engine::from_version(&components, version.version.as_deref());
+        let networks = self
+            .docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await
+            .map_err(api("list networks"))?;
+        let networks = networks
+            .iter()
+            .map(|n| {
+                let options = n.options.clone().unwrap_or_default();
+                let mode =
+                    |family| GatewayMode::from_option(options.get(family).map(String::as_str));
+                NetworkRouting {
+                    name: n.name.clone().unwrap_or_default(),
+                    driver: n.driver.clone().unwrap_or_default(),
+                    subnets: network(n).subnets,
+                    mode_v4: mode("com.docker.network.bridge.gateway_mode_ipv4"),
+                    mode_v6: mode("com.docker.network.bridge.gateway_mode_ipv6"),
+                    // Docker separates them with colons.
+                    trusted_interfaces: options
+                        .get("com.docker.network.bridge.trusted_host_interfaces")
+                        .map(|t| t.split(':').filter(|i| !i.is_empty()).map(String::from).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(EngineFirewall { engine, networks })
     }
 
     /// Container and network events; each one only means "look again".

@@ -1,7 +1,8 @@
 //! guard: keeps the XDP filter's maps equal to what Docker and the operator want.
 //!
 //! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
-//! [`tables`], [`desired`], [`doors`] (the engine's own ports in the desired state). System
+//! [`tables`], [`desired`], [`doors`] (the engine's own ports in the desired state),
+//! [`engine_paths`] (which paths to a container the engine's own firewall leaves). System
 //! edges: [`docker`] (Docker API), [`docker_link`] (reaching it), [`engine_doors`] (the
 //! engine's swarm and its API listeners), [`interfaces`] (links and addresses), [`bridges`]
 //! (which bridge carries each engine network), [`pins`] (bpffs layout), [`loader`] (the
@@ -14,6 +15,7 @@
 
 pub mod desired;
 pub mod doors;
+pub mod engine_paths;
 pub mod identities;
 pub mod labels;
 pub mod policy;

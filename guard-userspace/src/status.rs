@@ -11,6 +11,7 @@ use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_UPLINK};
 use serde::Serialize;
 
 mod kernel_view;
+mod paths;
 
 use crate::{
     bridges,
@@ -18,6 +19,7 @@ use crate::{
     docker::DockerClient,
     doors,
     engine_doors::EngineDoorsWatch,
+    engine_paths::{self, EngineFirewall, PathReport},
     identities::Identities,
     interfaces,
     maps::PolicyMaps,
@@ -43,6 +45,9 @@ pub struct Report {
     pub engine_doors: Vec<DoorReport>,
     /// The engine's doors no policy makes safe (a plain-text API on tcp).
     pub errors: Vec<String>,
+    /// The engine whose own rules decide which paths to an open port exist (`Docker 28.5.2`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +103,10 @@ pub struct PortReport {
     /// host address:port pairs Docker publishes it on.
     pub published: Vec<String>,
     pub outside: Reach,
+    /// The ways to it from outside, published and direct, and whether the engine's own rules
+    /// let each through (guard's verdict, `outside`, is the same on all of them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathReport>,
 }
 
 /// Who outside may reach a port: local (the host) and bridge (other containers) always may.
@@ -129,9 +138,14 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
             (PolicyFile::default(), "none (it does not load)".into())
         });
     let mut errors = Vec::new();
+    let mut firewall: Option<EngineFirewall> = None;
     let snapshot = match DockerClient::connect().await {
         Ok(docker) => match docker.snapshot().await {
             Ok(mut snapshot) => {
+                match docker.firewall().await {
+                    Ok(f) => firewall = Some(f),
+                    Err(e) => notes.push(format!("{e}; the paths the engine leaves are not shown")),
+                }
                 match EngineDoorsWatch::default().doors(&docker).await {
                     Ok(doors) => snapshot.doors = doors,
                     Err(e) => notes.push(format!("{e}; the swarm's members are not compared")),
@@ -183,11 +197,14 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     };
     let hooks = hooks(pins, &links)?;
     let mode = policy.mode.to_string();
-    let containers = match (&current, &desired) {
+    let mut containers = match (&current, &desired) {
         (Some(kernel), _) => kernel_view::containers(kernel, desired.as_ref()),
         (None, Some(desired)) => desired.containers.iter().map(container_report).collect(),
         (None, None) => Vec::new(),
     };
+    if let (Some(snapshot), Some(firewall)) = (&snapshot, &firewall) {
+        paths::add(&mut containers, snapshot, firewall);
+    }
     let engine_doors = current.as_ref().map(kernel_view::doors).unwrap_or_default();
     let pending_changes = match (&current, &desired) {
         (Some(kernel), Some(desired)) => Some(diff(kernel, &desired.tables).change_count()),
@@ -208,6 +225,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         containers,
         engine_doors,
         errors,
+        engine: firewall.map(|f| f.engine.name()),
     })
 }
 
@@ -339,6 +357,7 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
                 })
                 .collect(),
             outside: reach(policy.openings.iter().filter(|o| covers(o, first, proto))),
+            paths: Vec::new(),
         })
         .collect();
     ContainerReport {
@@ -443,25 +462,36 @@ pub fn render(report: &Report) -> String {
         let _ = writeln!(out, "note: {note}");
     }
     out.push('\n');
-    let mut rows =
-        vec![["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE"].map(String::from)];
+    let mut rows = vec![
+        ["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE", "PATHS"].map(String::from),
+    ];
     for c in &report.containers {
         let name = if c.mode == "audit" { format!("{} (audit)", c.name) } else { c.name.clone() };
         let mut first = Some((name, c.addresses.join(" ")));
-        let mut push = |port: String, published: String, outside: String| {
+        let mut push = |port: String, published: String, outside: String, paths: String| {
             let (name, addrs) = first.take().unwrap_or_default();
-            rows.push([name, addrs, port, published, outside]);
+            rows.push([name, addrs, port, published, outside, paths]);
         };
         for port in &c.ports {
             let published =
                 if port.published.is_empty() { "-".into() } else { port.published.join(" ") };
             let range = port.last_port.map(|last| format!("-{last}")).unwrap_or_default();
-            push(format!("{}{range}/{}", port.port, port.proto), published, port.outside.text());
+            let paths = if port.outside.who == "none" || port.paths.is_empty() {
+                "-".into()
+            } else {
+                engine_paths::summary(&port.paths)
+            };
+            push(
+                format!("{}{range}/{}", port.port, port.proto),
+                published,
+                port.outside.text(),
+                paths,
+            );
         }
-        push("other".into(), "-".into(), c.other_ports.text());
+        push("other".into(), "-".into(), c.other_ports.text(), "-".into());
     }
     let widths: Vec<usize> =
-        (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+        (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     for row in &rows {
         let line: Vec<String> =
             row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -469,6 +499,25 @@ pub fn render(report: &Report) -> String {
         out.push('\n');
     }
     out.push_str("\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else.\n");
+    // Why a path to an open port is not there: the engine's own rules, said once each.
+    let closed: BTreeSet<&str> = report
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .filter(|p| p.outside.who != "none")
+        .flat_map(|p| &p.paths)
+        .filter(|path| !path.open)
+        .map(|path| path.why.as_str())
+        .collect();
+    if let Some(engine) = &report.engine {
+        let _ = writeln!(
+            out,
+            "PATHS: how outside reaches an open port on {engine}: by a published host port, or by routing to the container's address (direct)."
+        );
+    }
+    for why in closed {
+        let _ = writeln!(out, "  {why}");
+    }
     if !report.engine_doors.is_empty() {
         out.push_str(
             "\nthe engine's own doors, open only to the swarm's nodes and [management] prefixes:\n",
@@ -550,6 +599,7 @@ mod check_tests {
             containers: vec![],
             engine_doors: doors,
             errors,
+            engine: None,
         }
     }
 

@@ -281,10 +281,20 @@ impl Agent {
 
     /// `guard status` for this agent's pins, or why it failed.
     pub fn status(&self) -> String {
+        self.status_with(&[])
+    }
+
+    /// `guard status --json` for this agent's pins.
+    pub fn status_json(&self) -> String {
+        self.status_with(&["--json"])
+    }
+
+    fn status_with(&self, extra: &[&str]) -> String {
         let pin_dir = self.pin_dir.to_string_lossy();
         // Its --state-dir holds the policy it enforces (read in place of --config).
         let state_dir = self.state_dir.to_string_lossy();
-        let args = ["status", "--pin-dir", &pin_dir, "--state-dir", &state_dir];
+        let mut args = vec!["status", "--pin-dir", &pin_dir, "--state-dir", &state_dir];
+        args.extend(extra);
         match run_guard(self.place.as_ref(), &args) {
             Ok(out) | Err(out) => out,
         }

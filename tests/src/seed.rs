@@ -278,6 +278,60 @@ impl SeedBed {
         assert!(wrong.is_empty(), "outside reachability is wrong:\n{}", wrong.join("\n"));
     }
 
+    /// `guard status --json` (`status`, the command's output) says, for every port the labels
+    /// open, the paths that [`SeedBed::check_outside`] finds open with real traffic: the
+    /// published host ports, and the container's own addresses exactly where the engine
+    /// forwards what is routed to them.
+    pub fn check_status_paths(&self, status: &str) {
+        let report: serde_json::Value = serde_json::from_str(status)
+            .unwrap_or_else(|e| panic!("guard status --json is not JSON ({e}):\n{status}"));
+        let mut wrong = Vec::new();
+        for t in self.project.targets().iter().filter(|t| t.open_to_a || t.open_to_b) {
+            let name = t.container.name();
+            let container = report["containers"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"].as_str() == Some(name)));
+            let Some(container) = container else {
+                wrong.push(format!("{}: no container {name} in status", t.name));
+                continue;
+            };
+            let proto = t.proto.to_string();
+            let row = container["ports"].as_array().and_then(|ps| {
+                ps.iter().find(|p| p["port"] == t.port && p["proto"].as_str() == Some(&proto))
+            });
+            let paths = row.and_then(|r| r["paths"].as_array()).cloned().unwrap_or_default();
+            for path in &paths {
+                let (kind, to, open) = (&path["path"], &path["to"], path["open"].as_bool());
+                let expected = match kind.as_str() {
+                    Some("direct") => self.direct_routed,
+                    Some("published") => !to.as_str().is_some_and(|to| to.starts_with("127.")),
+                    _ => continue,
+                };
+                if open != Some(expected) {
+                    wrong.push(format!(
+                        "{}: {kind} {to} open={open:?}, expected {expected} ({})",
+                        t.name, path["why"]
+                    ));
+                }
+            }
+            let direct: Vec<&serde_json::Value> =
+                paths.iter().filter(|p| p["path"] == "direct").map(|p| &p["to"]).collect();
+            let want_direct = [
+                SocketAddr::new(t.container.ip().into(), t.port).to_string(),
+                SocketAddr::new(t.container.ip6().into(), t.port).to_string(),
+            ];
+            if !want_direct.iter().all(|w| direct.iter().any(|d| d.as_str() == Some(w))) {
+                wrong
+                    .push(format!("{}: direct paths {direct:?}, expected {want_direct:?}", t.name));
+            }
+            let published = paths.iter().filter(|p| p["path"] == "published" && p["open"] == true);
+            if t.published.is_some() && published.count() == 0 {
+                wrong.push(format!("{}: no open published path in {paths:?}", t.name));
+            }
+        }
+        assert!(wrong.is_empty(), "guard status paths are wrong:\n{}\n{status}", wrong.join("\n"));
+    }
+
     /// What must work with or without the agent: the host and the containers themselves,
     /// and the replies to the containers' own outbound connections.
     pub fn check_inside(&self) {

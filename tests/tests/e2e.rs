@@ -46,6 +46,7 @@ fn with_agent_outside_hosts_reach_only_what_labels_open() {
 
     let agent = Agent::start(&bed.uplinks());
     bed.check_outside(true);
+    bed.check_status_paths(&agent.status_json());
     bed.check_inside();
 
     let pin_dir = agent.pin_dir().to_owned();
@@ -66,6 +67,7 @@ fn on_a_nat_unprotected_network_the_agent_alone_closes_what_labels_do_not_open()
     bed.check_outside(false);
     let agent = Agent::start(&bed.uplinks());
     bed.check_outside(true);
+    bed.check_status_paths(&agent.status_json());
     bed.check_inside();
     agent.unload();
 }

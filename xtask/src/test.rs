@@ -185,7 +185,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
             outcomes.push(run_tier(tier, &args.args, &guard_bin)?);
             continue;
         }
-        for engine in engines_to_run(&args.engine) {
+        for engine in engines_to_run(&args.engine, !args.tier.is_empty()) {
             outcomes.push(match engine {
                 Engine::Docker20 => run_tier(tier, &args.args, &guard_bin)?,
                 Engine::Docker28 => engines::run_docker28(ctx, &args.args, &guard_bin)?,
@@ -211,13 +211,15 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
     Ok(outcomes.iter().all(Outcome::ok))
 }
 
-/// The engines of the e2e tier: those asked for, or every one, the machine's Docker 20.10
-/// first (no engine to fetch or swap), then Docker 28 and Podman.
-fn engines_to_run(asked: &[Engine]) -> Vec<Engine> {
-    if asked.is_empty() {
-        vec![Engine::Docker20, Engine::Docker28, Engine::Podman]
-    } else {
-        engines::selected(asked)
+/// The engines of the e2e tier: those asked for; with `--tier` alone, the host's own
+/// Docker 20.10 (a host tier: nothing is fetched or swapped, so a targeted run never stops
+/// the machine's dockerd under someone else's tests); with neither, every one, 20.10 first,
+/// then Docker 28 and Podman.
+fn engines_to_run(asked: &[Engine], tiers_named: bool) -> Vec<Engine> {
+    match (asked.is_empty(), tiers_named) {
+        (false, _) => engines::selected(asked),
+        (true, true) => vec![Engine::Docker20],
+        (true, false) => vec![Engine::Docker20, Engine::Docker28, Engine::Podman],
     }
 }
 

@@ -115,7 +115,14 @@ fn container(
                     .collect(),
                 None => published,
             };
-            PortReport { port, last_port: None, proto: proto.into(), published, outside }
+            PortReport {
+                port,
+                last_port: None,
+                proto: proto.into(),
+                published,
+                outside,
+                paths: Vec::new(),
+            }
         })
         .collect();
     let (name, addresses_from_docker, label_errors) = match wanted {
@@ -271,6 +278,7 @@ mod tests {
             proto: "tcp".into(),
             published: published.iter().map(|p| p.to_string()).collect(),
             outside: Reach::new("everyone", Vec::new()),
+            paths: Vec::new(),
         };
         let rows = compress(vec![
             row(8000, &[]),
