@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_UPLINK};
+use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_DOCKER, IFACE_UPLINK};
 use serde::Serialize;
 
 mod kernel_view;
@@ -22,12 +22,14 @@ use crate::{
     engine_paths::{self, EngineFirewall, PathReport},
     identities::Identities,
     interfaces,
+    link_info::{self, PinnedLinkState},
     maps::PolicyMaps,
     pins::{Hook, PinError, Pins},
     policy::{Opening, PortSpec, Proto, Sources},
     policy_file::{self, Mode, PolicyFile},
+    rtnetlink::XdpAttached,
     state::StateDir,
-    tables::diff,
+    tables::{TableSet, diff},
 };
 
 #[derive(Debug, Serialize)]
@@ -43,8 +45,11 @@ pub struct Report {
     pub containers: Vec<ContainerReport>,
     /// The engine's own ports guard judges (Swarm's, the API on tcp), as the kernel holds them.
     pub engine_doors: Vec<DoorReport>,
-    /// The engine's doors no policy makes safe (a plain-text API on tcp).
+    /// What leaves something unguarded: the engine's doors no policy makes safe (a
+    /// plain-text API on tcp), networks without a bridge, hooks missing from an interface.
     pub errors: Vec<String>,
+    /// Protection that holds, degraded: generic XDP.
+    pub warnings: Vec<String>,
     /// The engine whose own rules decide which paths to an open port exist (`Docker 28.5.2`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
@@ -79,6 +84,10 @@ pub struct HookReport {
     pub iface: String,
     /// "xdp link", "tcx" or "netlink" (a clsact filter, on kernels without TCX).
     pub mechanism: &'static str,
+    /// How XDP runs there, as the interface says: "native", or "generic" (skb mode: the
+    /// driver has no native XDP, so packets are judged after the kernel built an skb).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -196,6 +205,21 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         Some(_) => protected.iter().map(|ifindex| name_of(&links, *ifindex)).collect(),
     };
     let hooks = hooks(pins, &links)?;
+    if let Some(kernel) = &current {
+        errors.extend(missing_hooks(kernel, &links, &hooks));
+    }
+    let warnings = hooks
+        .iter()
+        .filter(|h| h.xdp_mode == Some("generic"))
+        .map(|h| {
+            format!(
+                "generic XDP on {}: its driver runs no native XDP, so packets are judged after \
+                 the kernel built an skb (slower under a flood; the agent's log says why native \
+                 failed)",
+                h.iface
+            )
+        })
+        .collect();
     let mode = policy.mode.to_string();
     let mut containers = match (&current, &desired) {
         (Some(kernel), _) => kernel_view::containers(kernel, desired.as_ref()),
@@ -225,6 +249,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         containers,
         engine_doors,
         errors,
+        warnings,
         engine: firewall.map(|f| f.engine.name()),
     })
 }
@@ -294,10 +319,16 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
     let mut hooks: Vec<HookReport> = pins
         .pinned_links()?
         .into_iter()
-        .map(|(hook, ifindex, _)| HookReport {
+        // A pin outlives its link's attachment (`bpftool link detach`): only what runs counts.
+        .filter_map(|(hook, _, path)| match link_info::pinned_link_state(&path) {
+            Ok(PinnedLinkState::Attached { ifindex }) => Some((hook, ifindex)),
+            _ => None,
+        })
+        .map(|(hook, ifindex)| HookReport {
             hook: hook.name(),
             iface: name_of(links, ifindex),
             mechanism: if hook == Hook::Xdp { "xdp link" } else { "tcx" },
+            xdp_mode: (hook == Hook::Xdp).then(|| xdp_mode(ifindex)),
         })
         .collect();
     let guard_programs = crate::loader::tc_program_names();
@@ -319,11 +350,53 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
                 hook: hook.name(),
                 iface: link.name.clone(),
                 mechanism: "netlink",
+                xdp_mode: None,
             });
         }
     }
     hooks.sort_by(|a, b| (a.hook, &a.iface).cmp(&(b.hook, &b.iface)));
     Ok(hooks)
+}
+
+/// "native" or "generic", as the interface reports its XDP program.
+fn xdp_mode(ifindex: u32) -> &'static str {
+    match crate::rtnetlink::xdp_attached(ifindex) {
+        Ok((XdpAttached::Driver, _)) => "native",
+        Ok((XdpAttached::Generic, _)) => "generic",
+        Ok((XdpAttached::Offloaded, _)) => "offloaded",
+        Ok((XdpAttached::Multi, _)) => "several modes",
+        Ok((XdpAttached::None, _)) => "none",
+        Err(_) => "unknown",
+    }
+}
+
+/// The hooks the kernel's interface roles call for and no program fills: XDP and the egress
+/// recorder on every uplink, the gate and the ingress recorder on every engine bridge. Each
+/// is a way in that nothing judges (the agent is not ready while one lasts).
+fn missing_hooks(
+    kernel: &TableSet,
+    links: &[interfaces::Link],
+    hooks: &[HookReport],
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (ifindex, role) in &kernel.uplinks {
+        let Some(link) = links.iter().find(|l| l.ifindex == *ifindex) else { continue };
+        let wanted: &[Hook] = match *role {
+            IFACE_UPLINK => &[Hook::Xdp, Hook::TcEgress],
+            IFACE_DOCKER if link.is_bridge => &[Hook::BridgeGate, Hook::BridgeIngress],
+            _ => &[],
+        };
+        for hook in wanted {
+            if !hooks.iter().any(|h| h.hook == hook.name() && h.iface == link.name) {
+                missing.push(format!(
+                    "NOT GUARDED: no {} program on {} (see the agent's log for why)",
+                    hook.name(),
+                    link.name
+                ));
+            }
+        }
+    }
+    missing
 }
 
 fn container_report(policy: &ContainerPolicy) -> ContainerReport {
@@ -437,7 +510,9 @@ pub fn render(report: &Report) -> String {
             let _ =
                 writeln!(out, "protection: loaded at {} on {on}; mode {}", p.pin_dir, report.mode);
             for hook in &p.hooks {
-                let _ = writeln!(out, "  {:<15} {} ({})", hook.hook, hook.iface, hook.mechanism);
+                let mode = hook.xdp_mode.map(|m| format!(", {m}")).unwrap_or_default();
+                let _ =
+                    writeln!(out, "  {:<15} {} ({}{mode})", hook.hook, hook.iface, hook.mechanism);
             }
             let _ = if p.agent_running {
                 writeln!(out, "agent: running")
@@ -535,6 +610,9 @@ pub fn render(report: &Report) -> String {
     for error in &report.errors {
         let _ = writeln!(out, "ERROR: {error}");
     }
+    for warning in &report.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     for c in &report.containers {
         for error in &c.label_errors {
             let _ = writeln!(out, "warning: {error}");
@@ -599,6 +677,7 @@ mod check_tests {
             containers: vec![],
             engine_doors: doors,
             errors,
+            warnings: vec![],
             engine: None,
         }
     }
@@ -619,5 +698,48 @@ mod check_tests {
         assert!(text.contains("ERROR: NOT COVERED: network web"), "{text}");
         assert!(text.contains("engine:swarm-overlay") && text.contains("4789/udp"), "{text}");
         assert!(text.contains("10.77.0.12/32"), "{text}");
+    }
+
+    #[test]
+    fn the_paths_column_and_the_engine_s_reasons() {
+        let firewall = EngineFirewall {
+            engine: crate::engine_paths::Engine::Docker { version: "28.5.2".into() },
+            networks: vec![crate::engine_paths::NetworkRouting {
+                name: "web".into(),
+                driver: "bridge".into(),
+                subnets: vec!["172.18.0.0/16".parse().unwrap()],
+                mode_v4: crate::engine_paths::GatewayMode::Nat,
+                mode_v6: crate::engine_paths::GatewayMode::Nat,
+                trusted_interfaces: vec![],
+            }],
+        };
+        let port = |port, who, published: &[(std::net::IpAddr, u16)]| PortReport {
+            port,
+            last_port: None,
+            proto: "tcp".into(),
+            published: vec![],
+            outside: Reach::new(who, vec![]),
+            paths: firewall.paths(&["172.18.0.2".parse().unwrap()], port, published),
+        };
+        let any = "0.0.0.0".parse().unwrap();
+        let mut report = report(vec![], vec![]);
+        report.engine = Some(firewall.engine.name());
+        report.containers.push(ContainerReport {
+            name: "web".into(),
+            id: "0123456789ab".into(),
+            addresses: vec!["172.18.0.2".into()],
+            mode: "enforce".into(),
+            ports: vec![port(443, "everyone", &[(any, 8443)]), port(5432, "none", &[(any, 5432)])],
+            other_ports: Reach::new("none", vec![]),
+            label_errors: vec![],
+        });
+        let text = render(&report);
+        let row = |p: &str| text.lines().find(|l| l.contains(p)).unwrap_or_default().to_string();
+        assert!(row("443/tcp").ends_with("published only (engine drops direct)"), "{text}");
+        assert!(row("5432/tcp").ends_with(" -"), "a closed port has no paths to name: {text}");
+        assert!(
+            text.contains("  Docker 28.5.2 drops it: network web (gateway mode nat)"),
+            "{text}"
+        );
     }
 }

@@ -278,3 +278,11 @@ pub(crate) fn remove_leftovers() {
         }
     }
 }
+
+/// The index of the host's interface `ifname` (the test's own namespace).
+pub fn ifindex(ifname: &str) -> u32 {
+    let path = std::path::Path::new("/sys/class/net").join(ifname).join("ifindex");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.trim().parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -20,7 +20,7 @@ use tests::docker::{Container, ContainerSpec, Network, docker};
 use tests::dockerd::DockerdOutage;
 use tests::frames::{self, TCP_SYN, Tcp};
 use tests::host::RoutingHost;
-use tests::netns::{LINK_PREFIX, OutsideHost, xdp_attached};
+use tests::netns::{LINK_PREFIX, OutsideHost, ifindex, xdp_attached};
 use tests::observe::{self, GuardObjects};
 use tests::prepare_test_bed;
 use tests::probe::{self, PATIENT, Proto, QUICK};
@@ -1779,13 +1779,6 @@ fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
     println!("attached and ready {took:.1?} after the other program left");
     check(&a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
     agent.unload();
-}
-
-fn ifindex(ifname: &str) -> u32 {
-    let path = Path::new("/sys/class/net").join(ifname).join("ifindex");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    text.trim().parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// A link the agent pinned that someone removes (its pin) or detaches (`bpftool link detach`,

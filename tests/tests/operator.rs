@@ -18,9 +18,10 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     Exclusive,
     agent::{Agent, guard_bin},
+    cmd::try_run,
     docker::{Container, ContainerSpec, Network, docker},
     host::RoutingHost,
-    netns::OutsideHost,
+    netns::{OutsideHost, ifindex},
     prepare_test_bed,
     probe::{
         Outcome::{self, Silent},
@@ -578,6 +579,31 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     assert_eq!(late_port["who"], "none", "{report}");
     assert!(late_port["differs"].to_string().contains("everyone"), "{late_port}");
     drop(late);
+
+    // A hook detached behind the frozen agent's back: the way in it leaves is an error, and
+    // --check fails, until the agent puts it back. XDP on a veth runs native, and says so.
+    let in_sync = || status(&["--check"], None).status.success();
+    assert!(eventually(Duration::from_secs(10), in_sync), "never in sync:\n{}", agent.log());
+    let report = json(&status(&["--json"], None));
+    let uplink = bed.a.host_end();
+    let xdp = report["protection"]["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "xdp" && h["iface"] == uplink);
+    assert_eq!(xdp.map(|h| h["xdp_mode"].clone()), Some("native".into()), "{report}");
+    let pin = agent.pin_dir().join(format!("links/xdp-{}", ifindex(uplink)));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let detached = try_run("bpftool", &["link", "detach", "pinned", &pin.to_string_lossy()]);
+    let out = status(&["--json", "--check"], None);
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    detached.unwrap_or_else(|e| panic!("bpftool link detach pinned {}: {e}", pin.display()));
+    let missing = format!("NOT GUARDED: no xdp program on {uplink}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains(&missing), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert!(report["errors"].to_string().contains(&missing), "{report}");
+    assert!(eventually(Duration::from_secs(10), in_sync), "not restored:\n{}", agent.log());
 
     // The agent stopped, a broken file given: the kernel's view, the reason, and --check
     // says no agent runs.
