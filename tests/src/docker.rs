@@ -217,6 +217,18 @@ impl Network {
         &self.v6.as_ref().expect("network has no IPv6").0
     }
 
+    /// The Linux bridge that carries it: the host's interface holding its IPv4 gateway, on
+    /// every engine (Podman names its own and creates it with the network's first container).
+    pub fn bridge(&self) -> String {
+        let holder = format!("{}/32", self.gateway_v4);
+        let shown = run("ip", &["-o", "-4", "addr", "show", "to", &holder]);
+        shown
+            .split_whitespace()
+            .nth(1)
+            .map(|name| name.trim_end_matches(':').to_owned())
+            .unwrap_or_else(|| panic!("no interface holds {holder}, the gateway of {}", self.name))
+    }
+
     pub fn gateway_v6(&self) -> Ipv6Addr {
         self.v6.as_ref().expect("network has no IPv6").1
     }
@@ -328,6 +340,11 @@ impl Container {
         let format =
             format!("{{{{(index .NetworkSettings.Networks \"{}\").MacAddress}}}}", network.name());
         docker(&["inspect", "--format", &format, &self.name]).trim().to_owned()
+    }
+
+    /// Attaches it to one more network (`docker network connect`) at `ip`.
+    pub fn connect(&self, network: &Network, ip: Ipv4Addr) {
+        docker(&["network", "connect", &format!("--ip={ip}"), network.name(), &self.name]);
     }
 
     /// `docker exec NAME args`; the caller judges the exit status.

@@ -20,7 +20,7 @@ use tests::docker::{Container, ContainerSpec, Network, docker};
 use tests::dockerd::DockerdOutage;
 use tests::frames::{self, TCP_SYN, Tcp};
 use tests::host::RoutingHost;
-use tests::netns::{LINK_PREFIX, OutsideHost, ifindex, xdp_attached};
+use tests::netns::{LINK_PREFIX, OutsideHost, ifindex, in_netns, xdp_attached};
 use tests::observe::{self, GuardObjects};
 use tests::prepare_test_bed;
 use tests::probe::{self, PATIENT, Proto, QUICK};
@@ -1566,15 +1566,115 @@ fn new_uplinks_and_addresses_are_protected_and_removed_ones_do_no_harm() {
 /// Interfaces of the root namespace that are neither `ours` nor Docker's (bridges, container
 /// veths) nor loopback.
 fn foreign_interfaces(ours: &[&str]) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .expect("read /sys/class/net")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "lo" && n != "docker0" && !n.starts_with("br-") && !n.starts_with("veth"))
+    let mut names: Vec<String> = all_interfaces()
+        .into_iter()
+        .filter(|n| n != "lo" && !n.starts_with("veth") && !engine_bridge(n))
         .filter(|n| !ours.contains(&n.as_str()))
         .collect();
     names.sort();
     names
+}
+
+/// An engine's bridge by its name, the way Docker and Podman name them: never trusted by
+/// these tests, since how the agent treats them is under test.
+fn engine_bridge(name: &str) -> bool {
+    let podman = name.strip_prefix("podman");
+    name == "docker0"
+        || name == "docker_gwbridge"
+        || name.starts_with("br-")
+        || podman.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Without `--iface`, on any engine (Docker 20.10, 28, Podman), with several networks: XDP
+/// goes on the uplink and nowhere else (no engine bridge, no container veth), the gate on
+/// every network's bridge, and a container on two networks keeps every path it had: to a
+/// published port of the host (whose answer comes back through the other network's bridge,
+/// which once dropped it as "closed, direct") and to the other containers by address. The
+/// outside host reaches the exposed port only.
+#[test]
+fn default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths() {
+    const SUBNET1: &str = "10.252.11.0/24";
+    const SUBNET2: &str = "10.252.12.0/24";
+    let _exclusive = prepare_test_bed();
+    let net1 = Network::create("guard-e2e-lc-two1", SUBNET1, None);
+    let net2 = Network::create("guard-e2e-lc-two2", SUBNET2, None);
+    let web_ip: Ipv4Addr = "10.252.11.10".parse().unwrap();
+    let web = Container::run(ContainerSpec {
+        name: "two-web",
+        network: Some(&net1),
+        ip: Some(web_ip),
+        labels: &[("guard.expose", "80/tcp")],
+        publish: &["29180:80", "29181:8080"],
+        command: &serve(&[80, 8080]),
+        listens_on: &[80, 8080],
+        ..Default::default()
+    });
+    let multi = Container::run(ContainerSpec {
+        name: "two-multi",
+        network: Some(&net2),
+        ip: Some("10.252.12.20".parse().unwrap()),
+        command: &serve(&[80]),
+        listens_on: &[80],
+        ..Default::default()
+    });
+    multi.connect(&net1, "10.252.11.20".parse().unwrap());
+    let _routing = RoutingHost::enable();
+    let a = outside("two", 21, &[SUBNET1, SUBNET2]);
+    let foreign = foreign_interfaces(&[a.host_end()]);
+    println!("trusted (not this test's): {foreign:?}");
+    let xdp_before: BTreeSet<String> =
+        all_interfaces().into_iter().filter(|n| xdp_attached(n)).collect();
+    let mut trust = Vec::new();
+    for iface in &foreign {
+        trust.extend(["--trust-iface", iface.as_str()]);
+    }
+    let (agent, _) = start_agent(&[], &trust);
+    wait_in_sync(&agent, "guard-e2e-two-multi", None, Duration::from_secs(20));
+
+    let xdp_now: BTreeSet<String> =
+        all_interfaces().into_iter().filter(|n| xdp_attached(n)).collect();
+    let added: Vec<&String> = xdp_now.difference(&xdp_before).collect();
+    assert_eq!(added, [a.host_end()], "XDP must go on the uplink only\n{}", agent.status());
+    let status: serde_json::Value =
+        serde_json::from_str(&agent.status_json()).expect("guard status --json");
+    let hooks = status["protection"]["hooks"].as_array().cloned().unwrap_or_default();
+    let on =
+        |hook: &str, iface: &str| hooks.iter().any(|h| h["hook"] == hook && h["iface"] == iface);
+    for bridge in [net1.bridge(), net2.bridge()] {
+        assert!(on("bridge-gate", &bridge), "no gate on {bridge}: {status}");
+        assert!(!on("xdp", &bridge), "XDP on the bridge {bridge}: {status}");
+    }
+    assert!(status["errors"].as_array().is_some_and(|e| e.is_empty()), "{status}");
+
+    // The container on two networks: the host's published port (on A's link address and on
+    // net1's gateway) and web's address; web reaches it back on net1.
+    let published = [sock(a.host_v4(), 29180), sock(net1.gateway_v4, 29181), sock(web_ip, 8080)];
+    for addr in published {
+        let reached = in_netns(&multi.netns_path(), || probe::reachable(Proto::Tcp, addr, PATIENT));
+        assert!(reached, "two-multi (on two networks) cannot reach {addr}\n{}", agent.log());
+    }
+    let back = web.exec(&["timeout", "3", "wget", "-q", "-O", "-", "http://10.252.11.20:80/"]);
+    assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), "ok", "web cannot reach two-multi");
+
+    check(
+        &a,
+        "default mode",
+        &[
+            expect("web:80 published", sock(a.host_v4(), 29180), true),
+            expect("web:8080 published", sock(a.host_v4(), 29181), false),
+            expect("multi:80 direct", sock(Ipv4Addr::new(10, 252, 12, 20), 80), false),
+        ],
+    );
+    agent.unload();
+}
+
+/// Every interface of the test's namespace.
+fn all_interfaces() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .expect("read /sys/class/net")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -72,6 +72,10 @@ const DOCKER28_TESTS: &[(&str, &str)] = &[
     ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
     ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
     ("lifecycle", "crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links"),
+    (
+        "lifecycle",
+        "default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
+    ),
     ("container", "containerised_agent_passes_the_seed_scenario"),
 ];
 
