@@ -27,7 +27,7 @@ use aya::programs::{
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::{XdpLink, XdpMode},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     interfaces::{Framing, Link},
@@ -347,6 +347,12 @@ impl Attachments {
                 framing: crate::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet),
                 adopted,
             },
+            Err(_) if gone(link) => {
+                // Listed, then gone before the attach (a device moved into a container's
+                // namespace, or deleted): nothing left here to guard.
+                debug!(hook = hook.name(), iface = %link.name, "left before it could be attached");
+                return None;
+            }
             Err(e) => {
                 if vanished {
                     warn!(hook = hook.name(), iface = %link.name, "{} on {} vanished (pin removed, link detached or filter deleted) and cannot be re-attached: {e}", hook.name(), link.name);
@@ -481,6 +487,13 @@ fn ensure(
         reason: e.to_string(),
     })?;
     Ok((mode, false))
+}
+
+/// Whether `link` is no longer in the agent's namespace (by index and name: an index can be
+/// reused). A dump that fails says nothing is gone: the error stands.
+fn gone(link: &Link) -> bool {
+    crate::interfaces::links()
+        .is_ok_and(|links| !links.iter().any(|l| l.ifindex == link.ifindex && l.name == link.name))
 }
 
 #[cfg(test)]

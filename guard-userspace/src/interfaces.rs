@@ -197,8 +197,22 @@ pub fn select_uplinks(
         // NIC, a tap, a macvlan or vxlan someone added) lets outside frames into it: an uplink.
         .filter(|l| !(l.is_veth && l.master.as_ref().is_some_and(|m| docker_bridges.contains(m))))
         .filter(|l| !trusted.contains(&l.name))
+        .filter(|l| !is_overlay_vxlan(&l.name))
         .cloned()
         .collect()
+}
+
+/// A Swarm overlay's vxlan device, as Docker names it (`vx-` + the VNI in 6 hex digits + `-`
+/// + the first 5 of the network's id). Docker creates it here and moves it into the overlay's
+/// sandbox namespace a moment later: not an uplink. What it decapsulates arrived on a real
+/// uplink first, at the VXLAN port, which guard judges there (an engine door).
+pub fn is_overlay_vxlan(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("vx-") else { return false };
+    let Some((vni, network)) = rest.split_once('-') else { return false };
+    vni.len() == 6
+        && vni.bytes().all(|b| b.is_ascii_hexdigit())
+        && network.len() == 5
+        && network.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// The interfaces the operator named with `--iface`, those that exist right now.
@@ -237,13 +251,15 @@ mod tests {
             link("wg0", 7, None),
             link("eth1", 8, Some("br0")), // a port of the host's own bridge: an uplink
             link("br0", 9, None),
+            link("vx-001001-4f2a9", 10, None), // an overlay's, on its way to its sandbox
+            link("vx-lan", 11, None),
         ];
         let bridges: BTreeSet<String> = ["docker0", "br-0123456789ab"].map(String::from).into();
         let names: Vec<String> = select_uplinks(&links, &bridges, &["wg0".to_string()])
             .into_iter()
             .map(|l| l.name)
             .collect();
-        assert_eq!(names, ["eth0", "eth1", "br0"]);
+        assert_eq!(names, ["eth0", "eth1", "br0", "vx-lan"]);
     }
 
     #[test]

@@ -422,5 +422,17 @@ fn the_stack_runs_one_agent_per_node_and_each_protects_its_node() {
     // Still closed to anyone the label does not name.
     let got = swarm.admin().run(|| probe::tcp_outcome(published(2), Duration::from_secs(3)));
     assert_eq!(got, Outcome::Silent, "{ADMIN}, not named by the label, reaching {}", published(2));
+    // Nothing went wrong on the way: in particular an overlay's vxlan device, in the node's
+    // namespace for a moment before Docker moves it into its sandbox, is no uplink to attach.
+    for node in swarm.nodes() {
+        let log = stack.logs_on(node);
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(
+            errors.is_empty(),
+            "the agent on {} logged errors:\n{}",
+            node.name(),
+            errors.join("\n")
+        );
+    }
     drop(stack);
 }
