@@ -202,8 +202,8 @@ pub fn select_uplinks(
         .collect()
 }
 
-/// A Swarm overlay's vxlan device, as Docker names it (`vx-` + the VNI in 6 hex digits + `-`
-/// + the first 5 of the network's id). Docker creates it here and moves it into the overlay's
+/// A Swarm overlay's vxlan device, as Docker names it: `vx-`, the VNI in 6 hex digits, `-`,
+/// the first 5 of the network's id. Docker creates it here and moves it into the overlay's
 /// sandbox namespace a moment later: not an uplink. What it decapsulates arrived on a real
 /// uplink first, at the VXLAN port, which guard judges there (an engine door).
 pub fn is_overlay_vxlan(name: &str) -> bool {
