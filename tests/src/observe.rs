@@ -311,3 +311,13 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
         .map(|line| serde_json::from_str(line).map_err(|e| format!("{e}: {line}")))
         .collect()
 }
+
+/// Whether the kernel runs the program named `program` at `ifname`'s egress (root namespace),
+/// by its own answer: a TCX query (BPF_PROG_QUERY), or guard's clsact filter on kernels
+/// without TCX.
+pub fn runs_at_egress(ifname: &str, program: &str) -> bool {
+    use aya::programs::{SchedClassifier, tc::TcAttachType};
+    let tcx = SchedClassifier::query_tcx(ifname, TcAttachType::Egress)
+        .map(|(_, programs)| programs.iter().any(|p| p.name_as_str() == Some(program)));
+    tcx.unwrap_or(false) || guard_filter(ifname, "egress").is_some_and(|f| f.bpf_name == program)
+}

@@ -1643,6 +1643,11 @@ fn default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_it
     for bridge in [net1.bridge(), net2.bridge()] {
         assert!(on("bridge-gate", &bridge), "no gate on {bridge}: {status}");
         assert!(!on("xdp", &bridge), "XDP on the bridge {bridge}: {status}");
+        // The kernel's own word too.
+        assert!(
+            observe::runs_at_egress(&bridge, "guard_tc_gate"),
+            "the kernel runs no gate on {bridge}"
+        );
     }
     assert!(status["errors"].as_array().is_some_and(|e| e.is_empty()), "{status}");
 
