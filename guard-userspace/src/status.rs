@@ -208,9 +208,13 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     if let Some(kernel) = &current {
         errors.extend(missing_hooks(kernel, &links, &hooks));
     }
+    // An L3 device's packets reach XDP in generic mode only: by design, not a degradation.
+    let l3 = |iface: &str| {
+        links.iter().any(|l| l.name == iface && l.framing() == Some(interfaces::Framing::Ip))
+    };
     let warnings = hooks
         .iter()
-        .filter(|h| h.xdp_mode == Some("generic"))
+        .filter(|h| h.xdp_mode == Some("generic") && !l3(&h.iface))
         .map(|h| {
             format!(
                 "generic XDP on {}: its driver runs no native XDP, so packets are judged after \

@@ -1990,6 +1990,43 @@ fn an_l3_uplink_is_guarded_from_its_ip_header_on() {
     agent.unload();
 }
 
+/// An uplink whose driver has no native XDP (macvlan) runs guard in generic mode: the agent
+/// says so with the kernel's reason, and `guard status` shows the mode and a warning. (An L3
+/// uplink runs generic by design, above: no warning there.)
+#[test]
+fn a_generic_xdp_fallback_is_said_with_its_cause_and_shown_in_status() {
+    let _exclusive = prepare_test_bed();
+    let host = OutsideHost::new("gen", 43);
+    // Removed with its parent, the outside host's link.
+    let macvlan = format!("{LINK_PREFIX}mvl");
+    run(
+        "ip",
+        &["link", "add", &macvlan, "link", host.host_end(), "type", "macvlan", "mode", "bridge"],
+    );
+    run("ip", &["link", "set", &macvlan, "up"]);
+    let (agent, _) = start_agent(&[&macvlan], &[]);
+    assert!(xdp_attached(&macvlan), "no XDP program on {macvlan}:\n{}", agent.log());
+    let log = agent.log();
+    let said = lines_with(
+        &log,
+        &["WARN", "native XDP unavailable", "does not support XDP in native mode"],
+    );
+    assert!(!said.is_empty(), "no warning with the kernel's reason:\n{log}");
+    let status = agent.status();
+    assert!(status.contains(&format!("{macvlan} (xdp link, generic)")), "{status}");
+    assert!(status.contains(&format!("warning: generic XDP on {macvlan}")), "{status}");
+    agent.unload();
+
+    // The tun of the test above runs generic by design: no warning.
+    let tun = Tun::new(&format!("{LINK_PREFIX}tun"));
+    run("ip", &["link", "set", tun.name(), "up"]);
+    let (agent, _) = start_agent(&[tun.name()], &[]);
+    let status = agent.status();
+    assert!(status.contains(&format!("{} (xdp link, generic)", tun.name())), "{status}");
+    assert!(!status.contains("warning: generic XDP"), "{status}");
+    agent.unload();
+}
+
 /// The kernel objects that appeared since `before`, plus every map the new guard programs
 /// use (aya's own maps such as `.rodata` included).
 fn agent_objects(before: &GuardObjects) -> GuardObjects {
