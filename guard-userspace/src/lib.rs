@@ -41,6 +41,7 @@ pub mod netlink;
 pub mod pins;
 pub mod repin;
 pub mod rtnetlink;
+pub mod scan;
 pub mod sock_diag;
 pub mod state;
 pub mod status;

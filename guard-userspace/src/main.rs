@@ -14,7 +14,7 @@ use guard_userspace::{
     drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
-    state, status, tc_filter,
+    scan, state, status, tc_filter,
     unload::{self, Unloaded},
 };
 use tracing_subscriber::EnvFilter;
@@ -134,6 +134,21 @@ enum Command {
         #[command(flatten)]
         paths: Paths,
     },
+    /// What the network can reach on this host now, judged by the loaded programs.
+    ///
+    /// Every host socket and container port on every guarded interface, who outside reaches
+    /// it and why; the hooks that should run and whether they do. Exits 0 when the kernel lets
+    /// in what the policy opens and nothing else, 1 on drift (or a hook missing), 2 on error.
+    Scan {
+        /// The same picture as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's --state-dir, where it keeps the policy it enforces.
+        #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
+    },
     /// Print the version, the commit it was built from and the eBPF map layout.
     Version,
     /// Print a shell completion script (e.g. `guard completions bash >
@@ -168,6 +183,16 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(colour(std::io::stderr().is_terminal())).init(),
         LogFormat::Json => logs.json().init(),
     }
+    // `scan` has a third answer besides success and error: drift (1); errors are 2.
+    if let Command::Scan { json, state_dir, paths } = &cli.command {
+        return match run_scan(*json, state_dir, paths) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("guard: error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -179,6 +204,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_scan(json: bool, state_dir: &std::path::Path, paths: &Paths) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let pins = Pins::new(&paths.pin_dir);
+    let exposure = runtime.block_on(scan::scan(&pins, &paths.config, state_dir))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&exposure)?);
+    } else {
+        print!("{}", scan::render(&exposure));
+    }
+    Ok(exposure.exit_code())
 }
 
 /// `90s`, `10m`, `2h`, `1d`, or plain seconds.
@@ -266,6 +303,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scan { .. } => unreachable!("handled in main"),
         Command::Version => {
             let (version, commit, layout) = guard_userspace::metrics::build_info();
             println!(
