@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod tables;
 
 pub mod agent;
+pub mod alerts;
 pub mod attach;
 pub mod bridges;
 pub mod docker;
@@ -47,3 +48,4 @@ pub mod state;
 pub mod status;
 pub mod tc_filter;
 pub mod unload;
+pub mod webhook;

@@ -16,6 +16,7 @@ use guard_userspace::{
     policy_file::{self, Mode},
     scan, state, status, tc_filter,
     unload::{self, Unloaded},
+    webhook,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -79,6 +80,14 @@ enum Command {
         /// clsact filters (any kernel). Default: TCX where the kernel has it.
         #[arg(long, value_enum, value_name = "HOW")]
         tc_attach: Option<tc_filter::Mechanism>,
+        /// How often to scan what the network can reach (as `guard scan`) besides after every
+        /// sync; each change is a WARN event: `90s`, `5m`, `1h`.
+        #[arg(long, value_name = "AGE", value_parser = parse_age, default_value = "5m")]
+        scan_interval: Duration,
+        /// POST each exposure change as JSON to this http:// or https:// URL (https verifies
+        /// the certificate against the system's roots).
+        #[arg(long, value_name = "URL", value_parser = webhook::Target::parse)]
+        alert_url: Option<webhook::Target>,
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
@@ -252,6 +261,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             metrics_addr,
             state_dir,
             tc_attach,
+            scan_interval,
+            alert_url,
         } => runtime.block_on(agent::run(RunOptions {
             ifaces,
             trusted,
@@ -262,6 +273,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             metrics_addr,
             state_dir,
             tc: tc_attach,
+            scan_interval: scan_interval.max(Duration::from_secs(1)),
+            alert_url,
         })),
         Command::Drops { follow, json, since, limit, metrics_addr } => {
             let selection = drops::Selection { since, limit };

@@ -7,9 +7,15 @@
 use std::{
     collections::BTreeSet,
     fs,
+    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener},
     path::PathBuf,
     process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use guard_common::maps::OPEN_EVERYONE;
@@ -23,10 +29,11 @@ use serde_json::Value;
 use tests::{
     Exclusive,
     agent::{Agent, guard_bin},
-    boot::bridge_of,
+    boot::{bridge_of, started_at},
     docker::{Container, ContainerSpec, Network},
     host::RoutingHost,
     netns::OutsideHost,
+    observe::{free_local_port, http_get, metric},
     prepare_test_bed,
     probe::{Outcome, PATIENT, Proto},
 };
@@ -146,7 +153,7 @@ fn row_at(rows: &[Value], addr: SocketAddr) -> Option<&Value> {
 fn assert_scan_matches_connections(bed: &Bed, rows: &[Value], extra: &[SocketAddr]) {
     let mut targets: Vec<SocketAddr> = rows.iter().map(endpoint).collect();
     targets.extend(extra);
-    let probes: Vec<(Proto, SocketAddr, std::time::Duration)> =
+    let probes: Vec<(Proto, SocketAddr, Duration)> =
         targets.iter().map(|t| (Proto::Tcp, *t, PATIENT)).collect();
     let outcomes = bed.a.outcome_all(&probes);
     for (target, outcome) in targets.iter().zip(outcomes) {
@@ -321,4 +328,204 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("opening the pinned program"), "{stderr}");
     agent.restart();
+}
+
+/// A webhook receiver on loopback: every POST body it gets, with when it got it. It can be
+/// stopped (the port then refuses) and started again on the same port.
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<(SystemTime, Value)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn new(port: u16) -> Self {
+        Receiver { port, got: Arc::default(), stop: Arc::default(), thread: None }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn start(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the receiver");
+        listener.set_nonblocking(true).unwrap();
+        self.stop.store(false, Ordering::Relaxed);
+        let (got, stop) = (self.got.clone(), self.stop.clone());
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Some(body) = answer(stream) {
+                            got.lock().unwrap().push((SystemTime::now(), body));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }));
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    /// The POSTs naming container `name`.
+    fn naming(&self, name: &str) -> Vec<(SystemTime, Value)> {
+        self.got.lock().unwrap().iter().filter(|(_, b)| b["name"] == name).cloned().collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads one HTTP request and answers 204; the body as JSON.
+fn answer(mut stream: std::net::TcpStream) -> Option<Value> {
+    stream.set_nonblocking(false).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while request.len() < head_end + length {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").ok()?;
+    serde_json::from_slice(&request[head_end..head_end + length]).ok()
+}
+
+/// The agent's JSON log events about exposure changes of container `name`.
+fn warn_events(agent: &Agent, name: &str) -> Vec<Value> {
+    agent
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["fields"]["event"] == "exposure_changed" && e["fields"]["target"] == name)
+        .collect()
+}
+
+fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !check() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+const METRICS: &str = "127.0.0.1:19186";
+
+#[test]
+fn an_exposing_container_gives_one_warn_event_and_one_webhook_post() {
+    let bed = Bed::new();
+    let mut receiver = Receiver::new(free_local_port());
+    receiver.start();
+    let url = receiver.url();
+    let agent =
+        bed.agent(&["--log-format", "json", "--metrics-addr", METRICS, "--alert-url", &url]);
+    let metrics: SocketAddr = METRICS.parse().unwrap();
+    // The first picture is the baseline: what was open before is not a change.
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(metrics, "/exposure")
+            .is_ok_and(|b| b.contains("\"rows\""))),
+        "no /exposure picture:\n{}",
+        agent.log()
+    );
+    assert!(receiver.got.lock().unwrap().is_empty(), "the baseline alerted");
+
+    let opened = |spec_name: &str, port: &str, publish: &str| {
+        Container::run(ContainerSpec {
+            name: spec_name,
+            network: Some(&bed.net),
+            labels: &[("guard.expose", port)],
+            publish: &[publish],
+            command: "exec httpd -f -p 8080 -h /www",
+            listens_on: &[8080],
+            ..Default::default()
+        })
+    };
+    let new = opened("scan-new", "8080/tcp", "28090:8080");
+    let started = started_at(new.name());
+    assert!(
+        wait_until(Duration::from_secs(5), || !receiver.naming(new.name()).is_empty()),
+        "no POST for {}:\n{}",
+        new.name(),
+        agent.log()
+    );
+    // Later scans must not say it again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let posts = receiver.naming(new.name());
+    assert_eq!(posts.len(), 1, "{posts:#?}");
+    let (at, body) = &posts[0];
+    let late = at.duration_since(started).unwrap_or_default();
+    assert!(late <= Duration::from_secs(2), "the POST came {late:?} after the start");
+    assert_eq!(body["direction"], "opened");
+    assert_eq!(body["kind"], "container");
+    assert_eq!(body["port"], 8080);
+    assert_eq!(body["reach"]["who"], "everyone");
+    assert_eq!(body["rules"], serde_json::json!(["label guard.expose"]));
+    let events = warn_events(&agent, new.name());
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["level"], "WARN");
+    assert_eq!(events[0]["fields"]["direction"], "opened");
+    assert!(events[0]["fields"]["rules"].as_str().unwrap().contains("label guard.expose"));
+
+    // The receiver is down when the next one starts, and comes back: the POST arrives then.
+    receiver.stop();
+    let late_one = opened("scan-late", "8080/tcp", "28091:8080");
+    assert!(
+        wait_until(Duration::from_secs(5), || warn_events(&agent, late_one.name()).len() == 1),
+        "no WARN event for {}:\n{}",
+        late_one.name(),
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    receiver.start();
+    assert!(
+        wait_until(Duration::from_secs(20), || receiver.naming(late_one.name()).len() == 1),
+        "the change made while the receiver was down never arrived:\n{}",
+        agent.log()
+    );
+    let text = http_get(metrics, "/metrics").unwrap();
+    let value = |series: &str| metric(&text, series).unwrap_or(0.0);
+    assert!(value("guard_exposure_changes_total{direction=\"opened\"}") >= 2.0, "{text}");
+    assert!(value("guard_alert_webhook_total{result=\"sent\"}") >= 2.0, "{text}");
+    assert!(value("guard_exposed_targets{scope=\"everyone\"}") >= 3.0, "{text}");
+
+    // Removing it closes it: one closed event.
+    drop(late_one);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            receiver.naming("guard-e2e-scan-late").iter().any(|(_, b)| b["direction"] == "closed")
+        }),
+        "no closed POST:\n{}",
+        agent.log()
+    );
 }

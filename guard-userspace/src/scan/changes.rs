@@ -100,6 +100,19 @@ fn union(a: &Reach, b: &Reach) -> Reach {
     Reach::from_probes(false, a.sources.iter().chain(&b.sources).cloned().collect())
 }
 
+/// How many targets outside reaches: open to everyone, to listed sources, host services.
+pub fn exposed_targets(e: &Exposure) -> (usize, usize, usize) {
+    let targets = targets(e);
+    let count =
+        |f: &dyn Fn(&TargetKey, &Target) -> bool| targets.iter().filter(|(k, t)| f(k, t)).count();
+    let judged = |k: &TargetKey| k.kind != Kind::HostService;
+    (
+        count(&|k, t| judged(k) && t.reach.who == "everyone"),
+        count(&|k, t| judged(k) && t.reach.who == "listed"),
+        count(&|k, t| !judged(k) && t.reach.is_open()),
+    )
+}
+
 /// The changes from `before` to `now`, opened ones first.
 pub fn changes(before: &Exposure, now: &Exposure) -> Vec<Change> {
     let (old, new) = (targets(before), targets(now));

@@ -34,7 +34,7 @@ use guard_common::{
     reason::{Reason, Verdict},
 };
 
-pub use changes::{Change, changes};
+pub use changes::{Change, changes, exposed_targets};
 pub use picture::{Exposure, HookCheck, Kind, Reach, Row, Unguarded, render};
 
 use crate::{
