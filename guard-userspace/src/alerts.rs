@@ -169,3 +169,62 @@ fn alert(exposures: &Exposures, c: &Change) {
         c.summary()
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::{Reach, Row};
+
+    #[test]
+    fn metrics_count_targets_by_scope_and_changes_by_direction() {
+        let exposures = Exposures::default();
+        assert!(exposures.json().is_none(), "no picture before the first scan");
+        let text = exposures.metrics();
+        assert!(text.contains("guard_exposure_changes_total{direction=\"opened\"} 0"), "{text}");
+        assert!(!text.contains("guard_exposed_targets{"), "no gauge without a picture: {text}");
+        let row = |name: &str, kind: Kind, reach: Reach| Row {
+            iface: "eth0".into(),
+            address: "203.0.113.5".into(),
+            port: 80,
+            proto: "tcp".into(),
+            path: "published".into(),
+            kind,
+            name: name.into(),
+            container_port: Some(80),
+            process: None,
+            policy: reach.clone(),
+            reach,
+            why: vec![],
+            drift: None,
+        };
+        let listed = Reach::from_probes(false, vec!["10.0.0.0/8".into()]);
+        let picture = Exposure {
+            rows: vec![
+                row("web", Kind::Container, Reach::everyone()),
+                row("db", Kind::Container, listed),
+                row("db2", Kind::Container, Reach::nobody()),
+                row("sshd", Kind::HostService, Reach::everyone()),
+            ],
+            ..Default::default()
+        };
+        *exposures.current.lock().unwrap() = Some(picture);
+        let change = scan::changes(
+            &Exposure::default(),
+            &exposures.current.lock().unwrap().clone().unwrap(),
+        );
+        for c in &change {
+            alert(&exposures, c);
+        }
+        let text = exposures.metrics();
+        for line in [
+            "guard_exposed_targets{scope=\"everyone\"} 1",
+            "guard_exposed_targets{scope=\"listed\"} 1",
+            "guard_exposed_targets{scope=\"host_service\"} 1",
+            "guard_exposure_changes_total{direction=\"opened\"} 3",
+            "guard_exposure_changes_total{direction=\"closed\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(exposures.json().unwrap().contains("\"sshd\""));
+    }
+}

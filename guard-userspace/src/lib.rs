@@ -10,7 +10,10 @@
 //! [`rtnetlink`] (the netlink requests aya does not make) and [`sock_diag`] (listening
 //! sockets), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing
 //! the pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
-//! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`unload`].
+//! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`scan`]
+//! (what the network can reach, judged by the loaded programs), [`unload`]. Alerts:
+//! [`alerts`] (the scan kept current in `guard run`, one event per change) and [`webhook`]
+//! (`--alert-url`).
 
 pub mod desired;
 pub mod doors;
