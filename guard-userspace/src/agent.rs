@@ -154,7 +154,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(http::serve(listener, shared.clone()));
     tokio::spawn(consume_drop_events(events, shared.clone()));
     tokio::spawn(renew_event_budgets(opts.pins.clone()));
-    let webhook = opts.alert_url.clone().map(crate::webhook::Webhook::start).transpose()?;
+    let webhook = opts.alert_url.clone().and_then(crate::webhook::Webhook::start_or_say);
     let scans = crate::alerts::ScanOptions {
         pins: opts.pins.clone(),
         config: opts.config.clone(),

@@ -120,6 +120,17 @@ impl Webhook {
         Ok(hook)
     }
 
+    /// [`Webhook::start`], or says why not: alerts then go to the log alone, and the agent
+    /// protects as ever (a webhook must never keep it from starting).
+    pub fn start_or_say(target: Target) -> Option<Self> {
+        let uri = target.uri.clone();
+        Self::start(target)
+            .inspect_err(|e| {
+                tracing::error!("alert webhook {uri}: {e:#}; exposure changes go to the log only")
+            })
+            .ok()
+    }
+
     /// Queues `change`; drops (and counts) it if the queue is full.
     pub fn send(&self, change: Change) {
         if self.queue.try_send(change).is_err() {
