@@ -72,6 +72,10 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// How TC programs go on interfaces; `None`: TCX where the kernel has it.
     pub tc: Option<Mechanism>,
+    /// How often the exposure picture is taken again besides after every sync.
+    pub scan_interval: Duration,
+    /// Where each exposure change is POSTed (`--alert-url`).
+    pub alert_url: Option<crate::webhook::Target>,
 }
 
 /// How long drop events wait for the first sync to name what they hit.
@@ -145,10 +149,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         pins: opts.pins.clone(),
         heartbeat: Mutex::new(Instant::now()),
         stale_after: opts.resync * 3 + MAX_BACKOFF,
+        exposures: Arc::default(),
     });
     tokio::spawn(http::serve(listener, shared.clone()));
     tokio::spawn(consume_drop_events(events, shared.clone()));
     tokio::spawn(renew_event_budgets(opts.pins.clone()));
+    let webhook = opts.alert_url.clone().and_then(crate::webhook::Webhook::start_or_say);
+    let scans = crate::alerts::ScanOptions {
+        pins: opts.pins.clone(),
+        config: opts.config.clone(),
+        state_dir: opts.state_dir.clone(),
+        interval: opts.scan_interval,
+    };
+    tokio::spawn(crate::alerts::keep_current(scans, shared.exposures.clone(), webhook));
     info!(addr = %opts.metrics_addr, "serving /metrics, /healthz and /drops");
     let known = saved.map(|s| s.snapshot).unwrap_or_default();
     let mut agent = Agent {
@@ -220,6 +233,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 match result {
                     Ok(()) => {
                         backoff.succeeded();
+                        shared.exposures.after_sync();
                         if !agent.synced {
                             agent.synced = true;
                             tell_systemd_ready();

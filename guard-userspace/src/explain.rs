@@ -135,13 +135,7 @@ pub async fn explain(
     }
     let maps = PolicyMaps::from_pins(pins)?;
     let tables = maps.read()?;
-    let now = crate::drops::monotonic_ns();
-    let flows: BTreeSet<FlowKey> = maps
-        .flows()?
-        .into_iter()
-        .filter(|(k, seen)| k.proto == 6 || now.saturating_sub(*seen) < FLOW_TIMEOUT_NS)
-        .map(|(k, _)| k)
-        .collect();
+    let flows = live_flows(&maps)?;
 
     let transport = match query.port {
         Some((port, Proto::Tcp)) => Transport::Tcp(port),
@@ -266,14 +260,34 @@ fn run_pinned(
     ifindex: u32,
     framing: Framing,
 ) -> anyhow::Result<Decision> {
+    test_run(&open_pinned(pins, framing)?, frame, ifindex)
+}
+
+/// The flows the egress programs remember that still count (TCP until the kernel evicts
+/// them, the others for [`FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
+pub(crate) fn live_flows(maps: &PolicyMaps) -> anyhow::Result<BTreeSet<FlowKey>> {
+    let now = crate::drops::monotonic_ns();
+    Ok(maps
+        .flows()?
+        .into_iter()
+        .filter(|(k, seen)| k.proto == 6 || now.saturating_sub(*seen) < FLOW_TIMEOUT_NS)
+        .map(|(k, _)| k)
+        .collect())
+}
+
+/// The pinned explain program of `framing`.
+pub(crate) fn open_pinned(pins: &Pins, framing: Framing) -> anyhow::Result<Xdp> {
     let path = pins.explain_program(framing);
-    let program = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
-        .with_context(|| {
-            format!(
-                "opening the pinned program {} (an agent of this version pins it: restart `guard run`)",
-                path.display()
-            )
-        })?;
+    Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface).with_context(|| {
+        format!(
+            "opening the pinned program {} (an agent of this version pins it: restart `guard run`)",
+            path.display()
+        )
+    })
+}
+
+/// Runs `program` (a pinned explain program) once on `frame` as if it arrived on `ifindex`.
+pub(crate) fn test_run(program: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<Decision> {
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: Vec<u8> =
         [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoint (loopback by default): `/metrics` (Prometheus), `/healthz`
 //! (liveness: the reconcile loop goes round), `/readyz` (readiness: synced with Docker at
-//! least once), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones).
+//! least once), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones),
+//! `/exposure` (the current `guard scan` picture as JSON).
 //!
 //! A deliberately small HTTP/1.0 server on tokio: three read-only routes do not need a web
 //! framework, and every extra dependency is code running as root.
@@ -35,6 +36,8 @@ pub struct Shared {
     pub heartbeat: Mutex<Instant>,
     /// How long without a heartbeat before /healthz fails.
     pub stale_after: Duration,
+    /// What outside hosts reach, kept current by [`crate::alerts`].
+    pub exposures: Arc<crate::alerts::Exposures>,
 }
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -117,6 +120,13 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 }
             }
         }
+        "/exposure" => match shared.exposures.json() {
+            Some(body) => respond(&mut write, "200 OK", "application/json", &body).await,
+            None => {
+                let body = "no exposure scan yet: one follows the first sync\n";
+                respond(&mut write, "503 Service Unavailable", "text/plain", body).await
+            }
+        },
         "/drops" => {
             let mut follow =
                 query.split('&').any(|kv| kv == "follow=1").then(|| shared.drops.follow());
@@ -149,7 +159,7 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 &mut write,
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /healthz, /readyz or /drops\n",
+                "try /metrics, /healthz, /readyz, /drops or /exposure\n",
             )
             .await
         }
@@ -167,7 +177,7 @@ fn metrics_text(shared: &Shared) -> String {
             events: maps.event_stats().ok()?,
         })
     });
-    metrics::render(&state, kernel.as_ref())
+    metrics::render(&state, kernel.as_ref()) + &shared.exposures.metrics()
 }
 
 async fn respond(

@@ -11,7 +11,10 @@
 //! [`rtnetlink`] (the netlink requests aya does not make) and [`sock_diag`] (listening
 //! sockets), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing
 //! the pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
-//! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`unload`].
+//! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`scan`]
+//! (what the network can reach, judged by the loaded programs), [`unload`]. Alerts:
+//! [`alerts`] (the scan kept current in `guard run`, one event per change) and [`webhook`]
+//! (`--alert-url`).
 
 pub mod desired;
 pub mod doors;
@@ -24,6 +27,7 @@ pub mod snapshot;
 pub mod tables;
 
 pub mod agent;
+pub mod alerts;
 pub mod attach;
 pub mod bridges;
 pub mod docker;
@@ -43,8 +47,10 @@ pub mod netlink;
 pub mod pins;
 pub mod repin;
 pub mod rtnetlink;
+pub mod scan;
 pub mod sock_diag;
 pub mod state;
 pub mod status;
 pub mod tc_filter;
 pub mod unload;
+pub mod webhook;

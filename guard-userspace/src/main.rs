@@ -14,8 +14,9 @@ use guard_userspace::{
     drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy_file::{self, Mode},
-    state, status, tc_filter,
+    scan, state, status, tc_filter,
     unload::{self, Unloaded},
+    webhook,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -79,6 +80,14 @@ enum Command {
         /// clsact filters (any kernel). Default: TCX where the kernel has it.
         #[arg(long, value_enum, value_name = "HOW")]
         tc_attach: Option<tc_filter::Mechanism>,
+        /// How often to scan what the network can reach (as `guard scan`) besides after every
+        /// sync; each change is a WARN event: `90s`, `5m`, `1h`.
+        #[arg(long, value_name = "AGE", value_parser = parse_age, default_value = "5m")]
+        scan_interval: Duration,
+        /// POST each exposure change as JSON to this http:// or https:// URL (https verifies
+        /// the certificate against the system's roots).
+        #[arg(long, value_name = "URL", value_parser = webhook::Target::parse)]
+        alert_url: Option<webhook::Target>,
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
@@ -134,6 +143,21 @@ enum Command {
         #[command(flatten)]
         paths: Paths,
     },
+    /// What the network can reach on this host now, judged by the loaded programs.
+    ///
+    /// Every host socket and container port on every guarded interface, who outside reaches
+    /// it and why; the hooks that should run and whether they do. Exits 0 when the kernel lets
+    /// in what the policy opens and nothing else, 1 on drift (or a hook missing), 2 on error.
+    Scan {
+        /// The same picture as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's --state-dir, where it keeps the policy it enforces.
+        #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
+    },
     /// Print the version, the commit it was built from and the eBPF map layout.
     Version,
     /// Print a shell completion script (e.g. `guard completions bash >
@@ -168,6 +192,16 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(colour(std::io::stderr().is_terminal())).init(),
         LogFormat::Json => logs.json().init(),
     }
+    // `scan` has a third answer besides success and error: drift (1); errors are 2.
+    if let Command::Scan { json, state_dir, paths } = &cli.command {
+        return match run_scan(*json, state_dir, paths) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("guard: error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -179,6 +213,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_scan(json: bool, state_dir: &std::path::Path, paths: &Paths) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let pins = Pins::new(&paths.pin_dir);
+    let exposure = runtime.block_on(scan::scan(&pins, &paths.config, state_dir))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&exposure)?);
+    } else {
+        print!("{}", scan::render(&exposure));
+    }
+    Ok(exposure.exit_code())
 }
 
 /// `90s`, `10m`, `2h`, `1d`, or plain seconds.
@@ -215,6 +261,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             metrics_addr,
             state_dir,
             tc_attach,
+            scan_interval,
+            alert_url,
         } => runtime.block_on(agent::run(RunOptions {
             ifaces,
             trusted,
@@ -225,6 +273,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             metrics_addr,
             state_dir,
             tc: tc_attach,
+            scan_interval: scan_interval.max(Duration::from_secs(1)),
+            alert_url,
         })),
         Command::Drops { follow, json, since, limit, metrics_addr } => {
             let selection = drops::Selection { since, limit };
@@ -266,6 +316,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scan { .. } => unreachable!("handled in main"),
         Command::Version => {
             let (version, commit, layout) = guard_userspace::metrics::build_info();
             println!(

@@ -1,5 +1,6 @@
-//! Listening sockets, as the kernel's sock_diag netlink family lists them (what `ss -ltn`
-//! reads): which process owns a listener is found by its inode among the process's open files.
+//! Listening sockets, as the kernel's sock_diag netlink family lists them (what `ss -ltun`
+//! reads): TCP listeners and bound, unconnected UDP sockets, both families. Which process owns
+//! a socket is found by its inode among the processes' open files.
 
 use std::{
     fs, io,
@@ -12,13 +13,41 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// The attribute an IPv6 socket's message carries with its IPV6_V6ONLY setting.
 const INET_DIAG_SKV6ONLY: u16 = 11;
 const TCP_LISTEN: u32 = 10;
+/// The state of a UDP socket that is bound and not connected: it takes datagrams from anyone
+/// (a connected one only from its peer, so it is not a service).
+const TCP_CLOSE: u32 = 7;
 /// struct inet_diag_msg: family, state, timer, retrans, inet_diag_sockid (48), expires,
 /// rqueue, wqueue, uid, inode.
 const INET_DIAG_MSG_LEN: usize = 72;
 
-/// A listening TCP socket of this network namespace.
+/// The transport a listening socket serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    fn number(self) -> u8 {
+        match self {
+            Transport::Tcp => libc::IPPROTO_TCP as u8,
+            Transport::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+
+    /// The states in which a socket of this transport takes new peers.
+    fn listening_states(self) -> u32 {
+        match self {
+            Transport::Tcp => 1 << TCP_LISTEN,
+            Transport::Udp => 1 << TCP_CLOSE,
+        }
+    }
+}
+
+/// A listening TCP socket (or a bound, unconnected UDP socket) of this network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listener {
+    pub transport: Transport,
     pub addr: SocketAddr,
     pub inode: u32,
     /// An IPv6 socket that takes IPv6 alone; without IPV6_V6ONLY (Linux's default, and Go's
@@ -39,11 +68,39 @@ impl Listener {
 
 /// Every listening TCP socket of the calling thread's network namespace, both families.
 pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
+    listeners(Transport::Tcp)
+}
+
+/// Every socket of `transport` that takes new peers (TCP listeners, bound and unconnected UDP
+/// sockets) in the calling thread's network namespace, both families.
+pub fn listeners(transport: Transport) -> io::Result<Vec<Listener>> {
     let mut listeners = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        listeners.extend(dump(family)?);
+        listeners.extend(dump(family, transport)?);
     }
     Ok(listeners)
+}
+
+/// The name (`/proc/PID/comm`) of a process holding each socket inode in `wanted`; sockets of
+/// processes that end while they are read are left out.
+pub fn owners(wanted: &std::collections::BTreeSet<u32>) -> std::collections::BTreeMap<u32, String> {
+    let mut owners = std::collections::BTreeMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return owners };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(inodes) = socket_inodes(pid) else { continue };
+        let mine: Vec<u32> = inodes.into_iter().filter(|i| wanted.contains(i)).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };
+        for inode in mine {
+            owners.entry(inode).or_insert_with(|| comm.trim().to_string());
+        }
+    }
+    owners
 }
 
 /// The addresses process `pid` listens on for TCP (see [`Listener::bound`]).
@@ -68,21 +125,21 @@ fn socket_inodes(pid: u32) -> io::Result<Vec<u32>> {
     Ok(inodes)
 }
 
-fn dump(family: u8) -> io::Result<Vec<Listener>> {
+fn dump(family: u8, transport: Transport) -> io::Result<Vec<Listener>> {
     let fd = netlink::socket(libc::NETLINK_SOCK_DIAG)?;
     // struct inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid (zero:
     // every socket).
     let mut msg = header(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP);
-    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    msg.extend_from_slice(&[family, transport.number(), 0, 0]);
+    msg.extend_from_slice(&transport.listening_states().to_ne_bytes());
     msg.extend_from_slice(&[0; 48]);
     send(&fd, msg)?;
     let mut listeners = Vec::new();
-    receive(&fd, SOCK_DIAG_BY_FAMILY, |body| listeners.extend(listener(body)))?;
+    receive(&fd, SOCK_DIAG_BY_FAMILY, |body| listeners.extend(listener(transport, body)))?;
     Ok(listeners)
 }
 
-fn listener(msg: &[u8]) -> Option<Listener> {
+fn listener(transport: Transport, msg: &[u8]) -> Option<Listener> {
     if msg.len() < INET_DIAG_MSG_LEN {
         return None;
     }
@@ -96,7 +153,7 @@ fn listener(msg: &[u8]) -> Option<Listener> {
     let inode = u32::from_ne_bytes(msg[68..72].try_into().unwrap());
     let v6_only = attrs(&msg[INET_DIAG_MSG_LEN..])
         .any(|(kind, value)| kind == INET_DIAG_SKV6ONLY && value.first() == Some(&1));
-    Some(Listener { addr: SocketAddr::new(ip, port), inode, v6_only })
+    Some(Listener { transport, addr: SocketAddr::new(ip, port), inode, v6_only })
 }
 
 #[cfg(test)]
@@ -123,5 +180,20 @@ mod tests {
         }
         drop(listener);
         assert!(!tcp_listeners_of(std::process::id()).unwrap().contains(&addr));
+    }
+
+    #[test]
+    fn bound_udp_sockets_are_listed_and_connected_ones_are_not() {
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connected = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        connected.connect(bound.local_addr().unwrap()).unwrap();
+        let udp = listeners(Transport::Udp).unwrap();
+        let listed = |addr| udp.iter().any(|l| l.addr == addr && l.transport == Transport::Udp);
+        assert!(listed(bound.local_addr().unwrap()), "{udp:?}");
+        assert!(!listed(connected.local_addr().unwrap()), "{udp:?}");
+        let inode = udp.iter().find(|l| l.addr == bound.local_addr().unwrap()).unwrap().inode;
+        let owners = owners(&[inode].into());
+        let me = fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(owners.get(&inode).map(String::as_str), Some(me.trim()));
     }
 }

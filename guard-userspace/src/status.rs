@@ -261,7 +261,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
 /// The policy the running agent enforces (the last that parsed, which it keeps in its state
 /// directory), whatever file this command was given; without an agent, the file at `config`.
 /// Returns it and where it came from.
-fn policy_in_force(
+pub(crate) fn policy_in_force(
     agent_running: bool,
     config: &Path,
     state_dir: &Path,
@@ -448,7 +448,7 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
     }
 }
 
-fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
+pub(crate) fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
     match opening.ports {
         PortSpec::All => true,
         PortSpec::Range { proto: p, first, last } => p == proto && (first..=last).contains(&port),

@@ -92,6 +92,8 @@ impl Tier {
                 "container",
                 "--test",
                 "adversary",
+                "--test",
+                "scan",
             ],
         }
     }
