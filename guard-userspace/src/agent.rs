@@ -184,6 +184,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         known,
         adopted: links_pinned || maps_adopted,
         maps_adopted,
+        changed: true,
         synced: false,
         shared: shared.clone(),
         engine: EngineDoorsWatch::default(),
@@ -233,7 +234,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 match result {
                     Ok(()) => {
                         backoff.succeeded();
-                        shared.exposures.after_sync();
+                        if agent.changed || !agent.synced {
+                            shared.exposures.after_sync();
+                        }
                         if !agent.synced {
                             agent.synced = true;
                             tell_systemd_ready();
@@ -436,6 +439,9 @@ struct Agent {
     maps_adopted: bool,
     /// Whether the maps have held Docker's state since this agent started.
     synced: bool,
+    /// Whether the last pass wrote a map entry or changed an attachment: only then can what
+    /// the network reaches have changed (the exposure scan runs again).
+    changed: bool,
     /// What `/metrics` and the drop log read.
     shared: Arc<Shared>,
     /// Finds the engine's own doors (its swarm, its API on tcp).
@@ -616,11 +622,16 @@ impl Agent {
         self.maps.forget_drops(&counted.copied().collect());
 
         let pins = &self.opts.pins;
+        let attached_before: Vec<_> =
+            self.attachments.all().map(|(h, i, a)| (h, i.to_string(), a)).collect();
         let mut errors = Vec::new();
         for hook in Hook::ALL {
             let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
             errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
+        let attached_now: Vec<_> =
+            self.attachments.all().map(|(h, i, a)| (h, i.to_string(), a)).collect();
+        self.changed = !plan.is_empty() || attached_before != attached_now || !errors.is_empty();
         self.warnings.report(warnings);
         self.door_errors
             .report_errors(doors::unsafe_listeners(&snapshot.doors, &self.policy.management));

@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_DOCKER, IFACE_UPLINK};
+use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_UPLINK};
 use serde::Serialize;
 
 mod kernel_view;
@@ -29,7 +29,7 @@ use crate::{
     policy_file::{self, Mode, PolicyFile},
     rtnetlink::XdpAttached,
     state::StateDir,
-    tables::{TableSet, diff},
+    tables::diff,
 };
 
 #[derive(Debug, Serialize)]
@@ -206,7 +206,17 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     };
     let hooks = hooks(pins, &links)?;
     if let Some(kernel) = &current {
-        errors.extend(missing_hooks(kernel, &links, &hooks));
+        // Each hook the kernel's interface roles call for and no program fills: a way in that
+        // nothing judges (the agent is not ready while one lasts).
+        let (checks, _) = crate::scan::hooks::check(pins, &kernel.uplinks, &links)?;
+        errors.extend(checks.into_iter().filter(|c| c.state == "missing").map(|c| {
+            format!(
+                "NOT GUARDED: no {} program on {}: {}",
+                c.hook,
+                c.iface,
+                c.opens.unwrap_or_default()
+            )
+        }));
     }
     // An L3 device's packets reach XDP in generic mode only: by design, not a degradation.
     let l3 = |iface: &str| {
@@ -372,35 +382,6 @@ fn xdp_mode(ifindex: u32) -> &'static str {
         Ok((XdpAttached::None, _)) => "none",
         Err(_) => "unknown",
     }
-}
-
-/// The hooks the kernel's interface roles call for and no program fills: XDP and the egress
-/// recorder on every uplink, the gate and the ingress recorder on every engine bridge. Each
-/// is a way in that nothing judges (the agent is not ready while one lasts).
-fn missing_hooks(
-    kernel: &TableSet,
-    links: &[interfaces::Link],
-    hooks: &[HookReport],
-) -> Vec<String> {
-    let mut missing = Vec::new();
-    for (ifindex, role) in &kernel.uplinks {
-        let Some(link) = links.iter().find(|l| l.ifindex == *ifindex) else { continue };
-        let wanted: &[Hook] = match *role {
-            IFACE_UPLINK => &[Hook::Xdp, Hook::TcEgress],
-            IFACE_DOCKER if link.is_bridge => &[Hook::BridgeGate, Hook::BridgeIngress],
-            _ => &[],
-        };
-        for hook in wanted {
-            if !hooks.iter().any(|h| h.hook == hook.name() && h.iface == link.name) {
-                missing.push(format!(
-                    "NOT GUARDED: no {} program on {} (see the agent's log for why)",
-                    hook.name(),
-                    link.name
-                ));
-            }
-        }
-    }
-    missing
 }
 
 fn container_report(policy: &ContainerPolicy) -> ContainerReport {

@@ -14,7 +14,7 @@
 //! are still checked.
 
 mod changes;
-mod hooks;
+pub(crate) mod hooks;
 mod picture;
 mod sources;
 
