@@ -29,6 +29,7 @@ pub mod tables;
 pub mod agent;
 pub mod alerts;
 pub mod attach;
+pub mod bans;
 pub mod bridges;
 pub mod docker;
 pub mod docker_link;

@@ -241,7 +241,7 @@ fn parse_age(text: &str) -> Result<Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
     };
-    Ok(Duration::from_secs(n * seconds))
+    n.checked_mul(seconds).map(Duration::from_secs).ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// Colour on a terminal, unless NO_COLOR is set to anything (https://no-color.org).

@@ -106,24 +106,39 @@ impl StateDir {
 
     /// The saved state; None when there is none (a first start), or it is of another version.
     pub fn load(&self) -> Result<Option<Saved>, StateError> {
-        if !self.dir.exists() {
-            return Ok(None);
-        }
-        self.check_private()?;
+        let Some(text) = self.read_file(FILE)? else { return Ok(None) };
         let path = self.path();
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
         let saved: Saved =
             serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })?;
         Ok((saved.version == VERSION).then_some(saved))
     }
 
     pub fn save(&self, saved: &Saved) -> Result<(), StateError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{FILE}.tmp"));
+        let bytes = serde_json::to_vec(saved)
+            .map_err(|e| StateError::Write { path: self.path(), source: io::Error::other(e) })?;
+        self.write_atomically(FILE, &bytes)
+    }
+
+    /// The contents of `name` in the directory, None when there is no such file.
+    pub fn read_file(&self, name: &str) -> Result<Option<String>, StateError> {
+        if !self.dir.exists() {
+            return Ok(None);
+        }
+        self.check_private()?;
+        let path = self.dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    /// Replaces `name` in the directory with `bytes`, whole or not at all (a crash leaves the
+    /// old file), creating the directory if it is missing.
+    pub fn write_atomically(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        self.create()?;
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
         let write = || -> io::Result<()> {
             // A fresh file, never one planted there (a symlink is not followed).
             match fs::remove_file(&tmp) {
@@ -136,7 +151,7 @@ impl StateDir {
                 .custom_flags(libc::O_NOFOLLOW)
                 .mode(0o600)
                 .open(&tmp)?;
-            file.write_all(&serde_json::to_vec(saved).map_err(io::Error::other)?)?;
+            file.write_all(bytes)?;
             file.sync_all()?;
             fs::rename(&tmp, &path)?;
             fs::File::open(&self.dir)?.sync_all()
