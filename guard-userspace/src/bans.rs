@@ -10,7 +10,6 @@
 
 use std::{
     fs,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
