@@ -119,6 +119,9 @@ pub trait Tables {
     fn flow_seen(&self, key: &FlowKey) -> bool;
     /// Whether the policy file trusts `src` (treats it as inside). Consulted only before a drop.
     fn source_trusted(&self, src: &Addr) -> bool;
+    /// Whether the operator denied `src` every container port (bans, deny lists and files).
+    /// Consulted only for container-bound packets.
+    fn source_denied(&self, src: &Addr) -> bool;
     /// Whether the whole host is in audit mode.
     fn audit_all(&self) -> bool;
     /// Whether the host would keep a unicast packet for `dst` rather than forward it: one of
@@ -309,6 +312,11 @@ fn judge<T: Tables>(
     port: Option<(PortKey, u8)>,
     all_ports: u8,
 ) -> Reason {
+    // Denied before anything opens: a ban outweighs every label and rule. The engine's doors
+    // are not container ports (banning a swarm node must not split the cluster).
+    if !door::is_door(target) && tables.source_denied(&pkt.src) {
+        return if is_reply(tables, pkt) { Reason::Reply } else { Reason::Denied };
+    }
     if let Some((key, rule)) = port
         && let Some(reason) = opening(tables, rule, &key, &pkt.src)
     {
@@ -373,7 +381,8 @@ pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<Flow
     };
     let (decision, _) = decide_resolved(tables, &reply);
     let enforced_drop = decision.verdict() == Verdict::Drop;
-    let judged = decision.reason.closes_by_default();
+    // A denied source's replies to what was started inside pass like anyone's.
+    let judged = decision.reason.closes_by_default() || decision.reason == Reason::Denied;
     (enforced_drop && judged).then_some(FlowKey {
         remote: outbound.dst,
         local: outbound.src,

@@ -45,9 +45,11 @@ pub const EVENT_LIMIT: &str = "GUARD_EVLIMIT";
 pub const EVENT_STATS: &str = "GUARD_EVSTATS";
 pub const UPLINKS: &str = "GUARD_UPLINKS";
 pub const GATE_COUNTERS: &str = "GUARD_GATE";
+pub const DENY_EXACT: &str = "GUARD_DENY_HOST";
+pub const DENY_PREFIX: &str = "GUARD_DENY_NET";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 19] = [
     ADDRS,
     NETWORKS,
     PUBLISHED,
@@ -65,6 +67,8 @@ pub const ALL: [&str; 17] = [
     EVENT_STATS,
     UPLINKS,
     GATE_COUNTERS,
+    DENY_EXACT,
+    DENY_PREFIX,
 ];
 
 const _: () = {
@@ -91,6 +95,10 @@ pub const IDENTITIES_CAPACITY: u32 = 65_536;
 pub const FLOWS_CAPACITY: u32 = 65_536;
 /// Trusted source prefixes from the policy file.
 pub const TRUSTED_CAPACITY: u32 = 4_096;
+/// Denied single addresses (/32, /128): bans, deny lists and files (100,000 must fit).
+pub const DENY_EXACT_CAPACITY: u32 = 131_072;
+/// Denied prefixes shorter than a single address.
+pub const DENY_PREFIX_CAPACITY: u32 = 131_072;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
 /// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`], [`IFACE_DOCKER`]).
@@ -312,6 +320,10 @@ const _: () = assert!(core::mem::size_of::<Config>() == 4);
 pub const CONFIG_AUDIT_ALL: u32 = 1;
 /// [`TRUSTED`] holds prefixes: look sources up there before dropping (without, skip it).
 pub const CONFIG_HAS_TRUSTED: u32 = 2;
+/// [`DENY_EXACT`] holds addresses: look container-bound sources up there (without, skip it).
+pub const CONFIG_HAS_DENY_EXACT: u32 = 4;
+/// [`DENY_PREFIX`] holds prefixes: look container-bound sources up there (without, skip it).
+pub const CONFIG_HAS_DENY_PREFIX: u32 = 8;
 
 /// Bump when a map's meaning changes without its shape changing.
 pub const LAYOUT_REVISION: u32 = 3;
@@ -343,6 +355,8 @@ pub const LAYOUT: u32 = fnv1a(&[
     IDENTITIES_CAPACITY,
     FLOWS_CAPACITY,
     TRUSTED_CAPACITY,
+    DENY_EXACT_CAPACITY,
+    DENY_PREFIX_CAPACITY,
     DROPS_CAPACITY,
     UPLINKS_CAPACITY,
     crate::reason::COUNTER_SLOTS,

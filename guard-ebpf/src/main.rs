@@ -43,7 +43,8 @@ use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables},
     maps::{
-        ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, Config, ContainerId,
+        ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_DENY_EXACT, CONFIG_HAS_DENY_PREFIX,
+        CONFIG_HAS_TRUSTED, Config, ContainerId, DENY_EXACT_CAPACITY, DENY_PREFIX_CAPACITY,
         FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
         PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
         SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
@@ -98,6 +99,10 @@ static GUARD_EVSTATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS, 0);
 static GUARD_UPLINKS: HashMap<u32, u32> = HashMap::pinned(UPLINKS_CAPACITY, 0);
 #[map]
 static GUARD_GATE: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+#[map]
+static GUARD_DENY_HOST: HashMap<Addr, u32> = HashMap::pinned(DENY_EXACT_CAPACITY, 0);
+#[map]
+static GUARD_DENY_NET: LpmTrie<Addr, u32> = LpmTrie::pinned(DENY_PREFIX_CAPACITY, 0);
 
 #[inline(always)]
 fn config_flag(flag: u32) -> bool {
@@ -175,6 +180,16 @@ impl<const BEHIND_BRIDGE: bool> Tables for Maps<BEHIND_BRIDGE> {
     #[inline(always)]
     fn source_trusted(&self, src: &Addr) -> bool {
         config_flag(CONFIG_HAS_TRUSTED) && GUARD_TRUSTED.get(Key::new(128, *src)).is_some()
+    }
+
+    /// Single addresses in a hash (one lookup), prefixes in a trie; each only while it holds
+    /// something, so a host without bans pays two flag tests.
+    #[inline(always)]
+    fn source_denied(&self, src: &Addr) -> bool {
+        // SAFETY: the value is read for its presence only.
+        (config_flag(CONFIG_HAS_DENY_EXACT) && unsafe { GUARD_DENY_HOST.get(src) }.is_some())
+            || (config_flag(CONFIG_HAS_DENY_PREFIX)
+                && GUARD_DENY_NET.get(Key::new(128, *src)).is_some())
     }
 
     #[inline(always)]

@@ -58,6 +58,7 @@ pub fn desired_state(
         }
         tables.config.flags |= CONFIG_HAS_TRUSTED;
     }
+    tables.deny(policy.deny.iter().copied());
 
     // Protection first: every Docker subnet, so an address no container holds yet is closed.
     for network in &snapshot.networks {

@@ -355,6 +355,7 @@ fn rule_for(
         Reason::ManagementPort => {
             "default: the engine's doors are open to the swarm's nodes and [management] prefixes only".into()
         }
+        Reason::Denied => "a ban (guard bans), the policy file's deny or a deny file".into(),
     }
 }
 
@@ -408,6 +409,9 @@ fn detail(
             "{target} is the engine's own door, and {} is neither a node of the swarm nor in the policy file's [management] prefixes",
             q.src
         ),
+        Reason::Denied => {
+            write!(s, "{} is denied every container port, whatever opens {target}", q.src)
+        }
     };
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");

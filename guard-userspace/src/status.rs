@@ -193,6 +193,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
         let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
         let mut desired = desired_state(snapshot, &host_addrs, &targets, &policy);
+        desired.tables.deny(crate::bans::denied_by_files_and_bans(&policy, state_dir));
         // Interface roles are the agent's to decide (from its flags and the policy file):
         // taken as the kernel holds them, except that the interfaces it protects must be
         // uplinks.

@@ -76,6 +76,7 @@ pub async fn scan(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Resul
             let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
             let host = interfaces::host_addresses().context("listing host addresses")?;
             let mut desired = desired_state(&snapshot, &host, &targets, &policy);
+            desired.tables.deny(crate::bans::denied_by_files_and_bans(&policy, state_dir));
             // Interface roles are the agent's to decide: taken as the kernel holds them.
             desired.tables.uplinks = kernel.uplinks.clone();
             desired
