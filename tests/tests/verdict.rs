@@ -765,6 +765,16 @@ impl Loaded {
         (action, moved.collect())
     }
 
+    /// Switches the whole host's audit mode, as `guard run --mode` does.
+    fn audit_all(&mut self, on: bool) {
+        self.desired.tables.config.flags &= !CONFIG_AUDIT_ALL;
+        if on {
+            self.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
+        }
+        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
+        assert!(self.maps.apply(&plan).is_empty());
+    }
+
     fn gate_counter(&self, reason: Reason) -> u64 {
         let counters = self.maps.gate_counters().expect("read gate counters");
         counters.into_iter().find(|(d, _)| *d == Decision::enforced(reason)).unwrap().1
@@ -1365,9 +1375,7 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
 #[test]
 fn in_audit_mode_an_unseen_container_s_answer_passes_and_is_counted() {
     let mut g = Loaded::seed().with_uplink();
-    g.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
-    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
-    assert!(g.maps.apply(&plan).is_empty());
+    g.audit_all(true);
     let answer = Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack();
     let (action, moved) = g.run_tc_counted(Hook::TcEgress, &answer.bytes(), UNSEEN_BRIDGE);
     assert_eq!(action, TC_ACT_UNSPEC, "audit mode drops nothing");
@@ -1622,4 +1630,82 @@ fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only
         g.check(name, frame, *expected);
     }
     assert!(g.counter(ManagementPort) > 0, "drops at the doors have their own counter");
+}
+
+/// A container open on every UDP port (`*/udp`) and, to one network, on every TCP port.
+const DNS: &str = "172.30.0.20";
+const DNS6: &str = "fd00:30::20";
+
+fn every_port_snapshot() -> Snapshot {
+    let mut snapshot = seed_snapshot();
+    let mut dns = container(
+        6,
+        "dns",
+        &[DNS, DNS6],
+        &[("guard.expose", "*/udp"), ("guard.allow.lan", "*/tcp from 198.18.1.0/24")],
+    );
+    dns.published = vec![
+        publish("0.0.0.0", 20053, 53, Proto::Udp),
+        publish("0.0.0.0", 20080, 80, Proto::Tcp),
+        publish("0.0.0.0", 20868, 3868, Proto::Sctp),
+    ];
+    snapshot.containers.push(dns);
+    snapshot
+}
+
+#[test]
+fn every_port_of_one_protocol_opens_that_protocol_and_nothing_else() {
+    let mut g = Loaded::empty();
+    let host: Vec<IpAddr> = [HOST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&every_port_snapshot(), &host, &PolicyFile::default());
+    let target = g.desired.containers.iter().find(|c| c.container.name == "dns").unwrap().target;
+    let ports: Vec<_> = g.desired.tables.ports.keys().filter(|k| k.target == target).collect();
+    assert_eq!(ports.len(), 2, "one PORTS entry per protocol: {ports:?}");
+    // The container's own TCP connection out: its replies pass, whatever the rules.
+    g.remember(flow(OUTSIDE_B, 443, DNS, 41000, 6), 0);
+    use Reason::*;
+    let udp_at = 14 + 20;
+    let cases = [
+        ("udp, a low port", Frame::new(OUTSIDE_B, DNS, Udp(53)), Exposed),
+        ("udp, a high port", Frame::new(OUTSIDE_B, DNS, Udp(65535)), Exposed),
+        ("udp, v6", Frame::new(OUTSIDE6, DNS6, Udp(4500)), Exposed),
+        ("udp, tagged", Frame::new(OUTSIDE_B, DNS, Udp(123)).vlans(&[10]), Exposed),
+        ("udp, published", Frame::new(OUTSIDE_B, HOST, Udp(20053)), Exposed),
+        ("udp, first fragment", Frame::new(OUTSIDE_B, DNS, Udp(53)).first_fragment(), Exposed),
+        (
+            "udp, first fragment without its ports",
+            Frame::new(OUTSIDE_B, DNS, Udp(53)).first_fragment().truncate(udp_at + 3),
+            Unreadable,
+        ),
+        (
+            "udp, later fragment",
+            Frame::new(OUTSIDE_B, DNS, Udp(53)).later_fragment(),
+            LaterFragment,
+        ),
+        ("tcp, same port number", Frame::new(OUTSIDE_B, DNS, Tcp(53)), Closed),
+        ("tcp, v6", Frame::new(OUTSIDE6, DNS6, Tcp(53)), Closed),
+        ("tcp, published", Frame::new(OUTSIDE_B, HOST, Tcp(20080)), Closed),
+        ("tcp, from the listed network", Frame::new(OUTSIDE_A, DNS, Tcp(22)), AllowedSource),
+        (
+            "tcp, published, from the listed network",
+            Frame::new(OUTSIDE_A, HOST, Tcp(20080)),
+            AllowedSource,
+        ),
+        ("sctp", Frame::new(OUTSIDE_B, DNS, Sctp(53)), Closed),
+        ("sctp, published", Frame::new(OUTSIDE_A, HOST, Sctp(20868)), Closed),
+        ("icmp echo", Frame::new(OUTSIDE_B, DNS, Icmp), Closed),
+        ("icmp echo, from the listed network", Frame::new(OUTSIDE_A, DNS, Icmp), Closed),
+        ("icmpv6 echo", Frame::new(OUTSIDE6, DNS6, Icmp), Closed),
+        (
+            "a reply to the container's own tcp connection",
+            Frame::new(OUTSIDE_B, DNS, Tcp(41000)).sport(443).established(),
+            Reply,
+        ),
+        // Its neighbours are untouched.
+        ("db's closed udp port", Frame::new(OUTSIDE_B, HOST, Udp(15353)), Closed),
+        ("web's exposed udp port", Frame::new(OUTSIDE_B, HOST, Udp(10053)), Exposed),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
 }
