@@ -21,6 +21,7 @@ use aya::{
 use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
+    events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
     maps::{CONFIG_AUDIT_ALL, FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
@@ -1708,4 +1709,85 @@ fn every_port_of_one_protocol_opens_that_protocol_and_nothing_else() {
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);
     }
+}
+
+/// Per-container-port drop counters and drop events, as the agent reads them.
+fn recorded(g: &Loaded) -> (BTreeSet<(DropKey, u64)>, u64) {
+    let drops = g.maps.drops().expect("read drop counters").into_iter().collect();
+    let events = g.maps.event_stats().expect("read event stats").iter().sum();
+    (drops, events)
+}
+
+/// What moved between two [`recorded`] readings: the counters that grew (without their path
+/// at the gate: the tests' ingress indexes name no real interface, so the gate's FIB lookup
+/// fails and a published port's number reads as the wildcard publish, as it must for a
+/// destination it cannot prove is forwarded; which path is not the point here), and events.
+fn recorded_since(
+    before: &(BTreeSet<(DropKey, u64)>, u64),
+    after: &(BTreeSet<(DropKey, u64)>, u64),
+) -> (Vec<DropKey>, u64) {
+    let grown = after.0.difference(&before.0).map(|(key, _)| {
+        let path = if key.flags & DROP_AT_GATE != 0 { DROP_PUBLISHED } else { 0 };
+        DropKey { flags: key.flags & !path, ..*key }
+    });
+    (grown.collect(), after.1 - before.1)
+}
+
+#[test]
+fn in_audit_mode_a_probe_xdp_counted_is_not_counted_again_at_the_gate() {
+    let mut g = Loaded::seed().with_uplink();
+    g.audit_all(true);
+    let db = g.desired.containers.iter().find(|c| c.container.name == "db").unwrap().target;
+    let audited_closed = Decision { reason: Reason::Closed, audited: true };
+    let at = |flags| DropKey { target: db, port: 5432, proto: 6, flags };
+
+    // Routed to the container: XDP and the gate see the same packet.
+    let probe = Frame::new(OUTSIDE_A, DB, Tcp(5432));
+    let before = recorded(&g);
+    assert_eq!(g.run(&probe.bytes(), Framing::Ethernet), XDP_PASS, "audit mode drops nothing");
+    let after_xdp = recorded(&g);
+    assert_eq!(recorded_since(&before, &after_xdp), (vec![at(DROP_AUDITED)], 1));
+    let (action, moved) = g.run_tc_counted(Hook::BridgeGate, &probe.bytes(), UPLINK);
+    assert_eq!((action, moved), (TC_ACT_UNSPEC, vec![audited_closed]), "the gate still judges");
+    assert_eq!(recorded_since(&after_xdp, &recorded(&g)), (vec![], 0), "counted once, at XDP");
+
+    // Through a published port: XDP sees the host's address, the gate the container's.
+    let before = recorded(&g);
+    assert_eq!(g.run(&Frame::new(OUTSIDE_A, HOST, Tcp(5432)).bytes(), Framing::Ethernet), XDP_PASS);
+    let after_xdp = recorded(&g);
+    let published = at(DROP_AUDITED | DROP_PUBLISHED);
+    assert_eq!(recorded_since(&before, &after_xdp), (vec![published], 1));
+    let (action, _) = g.run_tc_counted(Hook::BridgeGate, &probe.bytes(), UPLINK);
+    assert_eq!(action, TC_ACT_UNSPEC);
+    assert_eq!(recorded_since(&after_xdp, &recorded(&g)), (vec![], 0), "counted once, at XDP");
+
+    // What XDP did not count, the gate does. A port Docker published before the agent listed
+    // its container: XDP saw the host's business, the gate an address no container holds.
+    let early = Frame::new(OUTSIDE_A, HOST, Tcp(7777));
+    let before = recorded(&g);
+    assert_eq!(g.run(&early.bytes(), Framing::Ethernet), XDP_PASS);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 0));
+    let dnat = Frame::new(OUTSIDE_A, "172.30.0.200", Tcp(7777));
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &dnat.bytes(), UPLINK), TC_ACT_UNSPEC);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 1), "its drop event");
+    // An uplink back under a new index (no XDP on it yet).
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &probe.bytes(), NEW_UPLINK), TC_ACT_UNSPEC);
+    let gate = at(DROP_AUDITED | DROP_AT_GATE);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![gate], 1));
+    // Behind a bridge the agent has not seen.
+    let before = recorded(&g);
+    let unseen = Frame::new(OUTSIDE_A, UNSEEN, Tcp(80));
+    assert_eq!(
+        g.run_tc_on(Hook::BridgeGate, &unseen.bytes(), UPLINK, UNSEEN_BRIDGE),
+        TC_ACT_UNSPEC
+    );
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 1));
+
+    // Enforced, whatever reaches the gate slipped past XDP: dropped and counted there.
+    g.audit_all(false);
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &probe.bytes(), UPLINK), TC_ACT_SHOT);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![at(DROP_AT_GATE)], 1));
 }
