@@ -496,6 +496,12 @@ mode = "enforce"
             ("[management]\nadmin = [\"192.0.2.300\"]\n", 2, "192.0.2.300"),
             ("[management]\nclusters = []\n", 2, "clusters"),
             ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n", 3, "icmp"),
+            ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"*/foo\"]\n", 3, "\"foo\""),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"*-3/udp\", from = [\"10.0.0.0/8\"] }]\n",
+                3,
+                "*-3/udp",
+            ),
             (
                 "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"5432\", from = [\"nowhere\"] }]\n",
                 3,
@@ -529,8 +535,10 @@ mode = "enforce"
     fn the_example_file_in_the_repo_parses() {
         let text = include_str!("../../examples/guard.toml");
         let f = parse(text, "examples/guard.toml").unwrap();
-        assert_eq!((f.mode, f.rules.len(), f.trusted_sources.len()), (Mode::Enforce, 4, 2));
-        assert!(f.rules[2].replace && f.rules[2].openings.is_empty());
+        assert_eq!((f.mode, f.rules.len(), f.trusted_sources.len()), (Mode::Enforce, 5, 2));
+        let media = PortSpec::EveryPortOf(Proto::Udp);
+        assert_eq!(f.rules[2].openings.iter().map(|o| o.ports).collect::<Vec<_>>(), [media]);
+        assert!(f.rules[3].replace && f.rules[3].openings.is_empty());
     }
 
     #[test]

@@ -60,12 +60,13 @@ impl TableSet {
         self.sources.retain(|source, _| door::is_door(source.data.port.target));
         for info in self.addrs.values_mut() {
             info.all_ports = OPEN_NONE;
-            info.has_port_rules = 0;
+            info.port_rules = 0;
             info.flags = 0;
         }
         for target in self.published.values_mut().filter(|t| !door::is_door(t.target)) {
             target.rule = OPEN_NONE;
             target.all_ports = OPEN_NONE;
+            target.proto_rule = OPEN_NONE;
             target.flags = 0;
         }
     }

@@ -413,8 +413,7 @@ impl<'a> Judge<'a> {
                     .flat_map(|c| &c.openings)
                     .filter(|o| {
                         dest.any_port && o.ports == crate::policy::PortSpec::All
-                            || !dest.any_port
-                                && crate::status::covers(o, first.container_port, dest.proto)
+                            || !dest.any_port && o.ports.covers(dest.proto, first.container_port)
                     })
                     .map(|o| o.rule.clone())
                     .collect();
