@@ -12,8 +12,8 @@
 use crate::{
     addr::Addr,
     maps::{
-        AddrInfo, FlowKey, OPEN_EVERYONE, OPEN_LISTED, OPEN_NONE, PortKey, PortRule, PublishedKey,
-        PublishedTarget, TARGET_AUDIT, door,
+        AddrInfo, FlowKey, OPEN_EVERYONE, OPEN_LISTED, OPEN_NONE, PORT_RULES_PER_PROTO,
+        PORT_RULES_SINGLE, PortKey, PortRule, PublishedKey, PublishedTarget, TARGET_AUDIT, door,
     },
     reason::{Decision, Reason, Verdict},
 };
@@ -119,6 +119,9 @@ pub trait Tables {
     fn flow_seen(&self, key: &FlowKey) -> bool;
     /// Whether the policy file trusts `src` (treats it as inside). Consulted only before a drop.
     fn source_trusted(&self, src: &Addr) -> bool;
+    /// Whether the operator denied `src` every container port (bans, deny lists and files).
+    /// Consulted only for container-bound packets.
+    fn source_denied(&self, src: &Addr) -> bool;
     /// Whether the whole host is in audit mode.
     fn audit_all(&self) -> bool;
     /// Whether the host would keep a unicast packet for `dst` rather than forward it: one of
@@ -223,8 +226,11 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
         let proto = l4.proto;
         let resolved =
             Resolved { target: p.target, port: p.port, proto, published: 1, flags: p.flags };
-        let port = Some((PortKey::new(p.target, proto, p.port), p.rule));
-        let reason = match judge(tables, pkt, p.target, port, p.all_ports) {
+        let rules = Some(PortRules {
+            port: (PortKey::new(p.target, proto, p.port), p.rule),
+            proto: (PortKey::every_port_of(p.target, proto), p.proto_rule),
+        });
+        let reason = match judge(tables, pkt, p.target, rules, p.all_ports) {
             Reason::Closed if door::is_door(p.target) => Reason::ManagementPort,
             reason => reason,
         };
@@ -238,18 +244,26 @@ pub fn classify<T: Tables>(tables: &T, pkt: &Packet) -> (Reason, Resolved) {
     match tables.addr_info(&pkt.dst) {
         Some(info) if info.kind == AddrInfo::CONTAINER => {
             let mut resolved = Resolved { target: info.target, flags: info.flags, ..none };
-            let port = (l4.kind == L4Kind::Ports).then(|| {
+            let rules = (l4.kind == L4Kind::Ports).then(|| {
                 resolved.port = l4.dport;
                 resolved.proto = l4.proto;
-                let key = PortKey::new(info.target, l4.proto, l4.dport);
-                let rule = if info.has_port_rules != 0 {
-                    tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
-                } else {
-                    OPEN_NONE
+                let rule = |key: PortKey, flag: u8| {
+                    let rule = if info.port_rules & flag != 0 {
+                        tables.port_rule(&key).map_or(OPEN_NONE, |r| r.open_to)
+                    } else {
+                        OPEN_NONE
+                    };
+                    (key, rule)
                 };
-                (key, rule)
+                PortRules {
+                    port: rule(PortKey::new(info.target, l4.proto, l4.dport), PORT_RULES_SINGLE),
+                    proto: rule(
+                        PortKey::every_port_of(info.target, l4.proto),
+                        PORT_RULES_PER_PROTO,
+                    ),
+                }
             });
-            (judge(tables, pkt, info.target, port, info.all_ports), resolved)
+            (judge(tables, pkt, info.target, rules, info.all_ports), resolved)
         }
         // One of the host's own addresses, not on a published port: the host's business.
         Some(_) => (not_listed(tables, pkt), none),
@@ -299,20 +313,37 @@ fn published_target<T: Tables>(
     tables.published(&PublishedKey { addr: dst.wildcard(), port, proto, _pad: 0 })
 }
 
-/// Container-bound: open to this source through the port's rule or the all-ports rule, a
-/// reply to a flow started from inside, or closed.
+/// The rules that can open a packet with ports, each with the key its sources are listed
+/// under: the port's own, and the one for every port of its protocol (`*/udp`).
+#[derive(Clone, Copy)]
+struct PortRules {
+    port: (PortKey, u8),
+    proto: (PortKey, u8),
+}
+
+/// Container-bound: open to this source through the port's rule, its protocol's every-port
+/// rule or the all-ports rule, a reply to a flow started from inside, or closed. Port-less
+/// packets (`rules` is `None`) are opened by the all-ports rule alone: `*/udp` never opens
+/// ICMP, and the protocol in the key keeps it from opening TCP or SCTP.
 #[inline(always)]
 fn judge<T: Tables>(
     tables: &T,
     pkt: &Packet,
     target: u32,
-    port: Option<(PortKey, u8)>,
+    rules: Option<PortRules>,
     all_ports: u8,
 ) -> Reason {
-    if let Some((key, rule)) = port
-        && let Some(reason) = opening(tables, rule, &key, &pkt.src)
-    {
-        return reason;
+    // Denied before anything opens: a ban outweighs every label and rule. The engine's doors
+    // are not container ports (banning a swarm node must not split the cluster).
+    if !door::is_door(target) && tables.source_denied(&pkt.src) {
+        return if is_reply(tables, pkt) { Reason::Reply } else { Reason::Denied };
+    }
+    if let Some(rules) = rules {
+        for (key, rule) in [rules.port, rules.proto] {
+            if let Some(reason) = opening(tables, rule, &key, &pkt.src) {
+                return reason;
+            }
+        }
     }
     if let Some(reason) = opening(tables, all_ports, &PortKey::all_ports(target), &pkt.src) {
         return reason;
@@ -373,7 +404,8 @@ pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<Flow
     };
     let (decision, _) = decide_resolved(tables, &reply);
     let enforced_drop = decision.verdict() == Verdict::Drop;
-    let judged = decision.reason.closes_by_default();
+    // A denied source's replies to what was started inside pass like anyone's.
+    let judged = decision.reason.closes_by_default() || decision.reason == Reason::Denied;
     (enforced_drop && judged).then_some(FlowKey {
         remote: outbound.dst,
         local: outbound.src,

@@ -9,7 +9,8 @@
 //!    host's own addresses; [`NETWORKS`]: somewhere in a Docker network no container holds yet.
 //! 3. Is the container port open to this source? The rules for a whole container and a
 //!    published port travel in the [`ADDRS`]/[`PUBLISHED`] values, so a closed container costs
-//!    one hash lookup; [`PORTS`] holds single-port rules, [`SOURCES`] the allowed prefixes.
+//!    one hash lookup; [`PORTS`] holds single-port rules and one entry per (container,
+//!    protocol) for every port of that protocol (`*/udp`), [`SOURCES`] the allowed prefixes.
 //! 4. Would-drop only: is it a reply to a flow the host or a container started? [`FLOWS`],
 //!    written by the TC egress program on the uplinks and the TC ingress program on Docker's
 //!    bridges.
@@ -45,9 +46,11 @@ pub const EVENT_LIMIT: &str = "GUARD_EVLIMIT";
 pub const EVENT_STATS: &str = "GUARD_EVSTATS";
 pub const UPLINKS: &str = "GUARD_UPLINKS";
 pub const GATE_COUNTERS: &str = "GUARD_GATE";
+pub const DENY_EXACT: &str = "GUARD_DENY_HOST";
+pub const DENY_PREFIX: &str = "GUARD_DENY_NET";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 19] = [
     ADDRS,
     NETWORKS,
     PUBLISHED,
@@ -65,6 +68,8 @@ pub const ALL: [&str; 17] = [
     EVENT_STATS,
     UPLINKS,
     GATE_COUNTERS,
+    DENY_EXACT,
+    DENY_PREFIX,
 ];
 
 const _: () = {
@@ -91,6 +96,10 @@ pub const IDENTITIES_CAPACITY: u32 = 65_536;
 pub const FLOWS_CAPACITY: u32 = 65_536;
 /// Trusted source prefixes from the policy file.
 pub const TRUSTED_CAPACITY: u32 = 4_096;
+/// Denied single addresses (/32, /128): bans, deny lists and files (100,000 must fit).
+pub const DENY_EXACT_CAPACITY: u32 = 131_072;
+/// Denied prefixes shorter than a single address.
+pub const DENY_PREFIX_CAPACITY: u32 = 131_072;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
 /// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`], [`IFACE_DOCKER`]).
@@ -154,28 +163,29 @@ pub struct AddrInfo {
     pub kind: u8,
     /// The container's all-ports rule (`*`), an `OPEN_*` value.
     pub all_ports: u8,
-    /// 1 if [`PORTS`] holds single-port rules for this target: without, no lookup is needed.
-    pub has_port_rules: u8,
+    /// `PORT_RULES_*` flags: which kinds of [`PORTS`] entries this target has. Without a flag,
+    /// the lookup it stands for is skipped (a closed container costs one hash lookup).
+    pub port_rules: u8,
     /// `TARGET_*` flags.
     pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 8);
+
+/// [`AddrInfo::port_rules`] flag: [`PORTS`] holds single-port rules for this target.
+pub const PORT_RULES_SINGLE: u8 = 1;
+/// [`AddrInfo::port_rules`] flag: [`PORTS`] holds every-port-of-a-protocol rules
+/// ([`PortKey::every_port_of`]) for this target.
+pub const PORT_RULES_PER_PROTO: u8 = 2;
 
 impl AddrInfo {
     pub const CONTAINER: u8 = 1;
     pub const HOST: u8 = 2;
 
     pub const fn container(target: u32) -> Self {
-        AddrInfo {
-            target,
-            kind: Self::CONTAINER,
-            all_ports: OPEN_NONE,
-            has_port_rules: 0,
-            flags: 0,
-        }
+        AddrInfo { target, kind: Self::CONTAINER, all_ports: OPEN_NONE, port_rules: 0, flags: 0 }
     }
     pub const fn host() -> Self {
-        AddrInfo { target: 0, kind: Self::HOST, all_ports: OPEN_NONE, has_port_rules: 0, flags: 0 }
+        AddrInfo { target: 0, kind: Self::HOST, all_ports: OPEN_NONE, port_rules: 0, flags: 0 }
     }
 }
 
@@ -208,7 +218,10 @@ pub struct PublishedTarget {
     pub all_ports: u8,
     /// `TARGET_*` flags.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// The container's rule for every port of the published port's protocol (`*/udp`), an
+    /// `OPEN_*` value: folded in like `rule`, so the published path needs no [`PORTS`] lookup.
+    pub proto_rule: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 12);
 
@@ -217,12 +230,19 @@ const _: () = assert!(core::mem::size_of::<PublishedTarget>() == 12);
 /// [`SOURCES`]; the all-ports rule itself lives in [`AddrInfo`] and [`PublishedTarget`].
 pub const PROTO_ANY: u8 = 0;
 
-/// Key of [`PORTS`]: a container port (or all of a container's ports).
+/// Port value of a [`PortKey`] that stands for every port of its protocol (`*/udp`). Labels
+/// and the policy file never open port 0 on its own (ports are 1-65535), so the key is free;
+/// and a packet to port 0 of that protocol, which `*/udp` covers too, finds it directly.
+pub const EVERY_PORT: u16 = 0;
+
+/// Key of [`PORTS`]: a container port, every port of one protocol ([`EVERY_PORT`]), or all of
+/// a container's ports ([`PROTO_ANY`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {
     pub target: u32,
-    /// Host byte order; 0 with [`PROTO_ANY`] for all ports.
+    /// Host byte order; [`EVERY_PORT`] for every port of `proto` (or, with [`PROTO_ANY`], of
+    /// every protocol).
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -234,7 +254,15 @@ impl PortKey {
         PortKey { target, port, proto, _pad: 0 }
     }
     pub const fn all_ports(target: u32) -> Self {
-        Self::new(target, PROTO_ANY, 0)
+        Self::new(target, PROTO_ANY, EVERY_PORT)
+    }
+    /// Every port of protocol `proto` (`*/udp`): one entry however many ports it opens.
+    pub const fn every_port_of(target: u32, proto: u8) -> Self {
+        Self::new(target, proto, EVERY_PORT)
+    }
+    /// Whether this key stands for every port of one protocol.
+    pub const fn is_every_port_of_proto(&self) -> bool {
+        self.port == EVERY_PORT && self.proto != PROTO_ANY
     }
 }
 
@@ -312,9 +340,15 @@ const _: () = assert!(core::mem::size_of::<Config>() == 4);
 pub const CONFIG_AUDIT_ALL: u32 = 1;
 /// [`TRUSTED`] holds prefixes: look sources up there before dropping (without, skip it).
 pub const CONFIG_HAS_TRUSTED: u32 = 2;
+/// [`DENY_EXACT`] holds addresses: look container-bound sources up there (without, skip it).
+pub const CONFIG_HAS_DENY_EXACT: u32 = 4;
+/// [`DENY_PREFIX`] holds prefixes: look container-bound sources up there (without, skip it).
+pub const CONFIG_HAS_DENY_PREFIX: u32 = 8;
 
 /// Bump when a map's meaning changes without its shape changing.
-pub const LAYOUT_REVISION: u32 = 3;
+/// 4: every port of one protocol (`*/udp`): [`PORTS`] keys with [`EVERY_PORT`],
+/// [`AddrInfo::port_rules`] flags and [`PublishedTarget::proto_rule`].
+pub const LAYOUT_REVISION: u32 = 4;
 
 /// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
 /// agent never adopts maps of another layout: an upgrade that changes one fills new maps and
@@ -343,6 +377,8 @@ pub const LAYOUT: u32 = fnv1a(&[
     IDENTITIES_CAPACITY,
     FLOWS_CAPACITY,
     TRUSTED_CAPACITY,
+    DENY_EXACT_CAPACITY,
+    DENY_PREFIX_CAPACITY,
     DROPS_CAPACITY,
     UPLINKS_CAPACITY,
     crate::reason::COUNTER_SLOTS,

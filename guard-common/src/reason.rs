@@ -53,10 +53,13 @@ pub enum Reason {
     /// ports, the Docker API on tcp) from a source that is neither a node of the swarm nor in
     /// the operator's `cluster`/`admin` prefixes (see [`crate::maps::door`]).
     ManagementPort = 15,
+    /// Container-bound from a source the operator denied (a ban, the policy file's `deny`, a
+    /// deny file): whatever opens the port. Its replies to flows started inside still pass.
+    Denied = 16,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -75,6 +78,7 @@ impl Reason {
         Reason::SpoofedSource,
         Reason::UnseenNetwork,
         Reason::ManagementPort,
+        Reason::Denied,
     ];
 
     #[inline(always)]
@@ -95,7 +99,8 @@ impl Reason {
             | Reason::MappedSource
             | Reason::SpoofedSource
             | Reason::UnseenNetwork
-            | Reason::ManagementPort => Verdict::Drop,
+            | Reason::ManagementPort
+            | Reason::Denied => Verdict::Drop,
         }
     }
 
@@ -118,6 +123,7 @@ impl Reason {
             Reason::SpoofedSource => "spoofed_source",
             Reason::UnseenNetwork => "unseen_network",
             Reason::ManagementPort => "management_port",
+            Reason::Denied => "denied",
         }
     }
 

@@ -43,7 +43,8 @@ use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables},
     maps::{
-        ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, Config, ContainerId,
+        ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_DENY_EXACT, CONFIG_HAS_DENY_PREFIX,
+        CONFIG_HAS_TRUSTED, Config, ContainerId, DENY_EXACT_CAPACITY, DENY_PREFIX_CAPACITY,
         FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
         PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
         SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
@@ -98,6 +99,10 @@ static GUARD_EVSTATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS, 0);
 static GUARD_UPLINKS: HashMap<u32, u32> = HashMap::pinned(UPLINKS_CAPACITY, 0);
 #[map]
 static GUARD_GATE: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+#[map]
+static GUARD_DENY_HOST: HashMap<Addr, u32> = HashMap::pinned(DENY_EXACT_CAPACITY, 0);
+#[map]
+static GUARD_DENY_NET: LpmTrie<Addr, u32> = LpmTrie::pinned(DENY_PREFIX_CAPACITY, 0);
 
 #[inline(always)]
 fn config_flag(flag: u32) -> bool {
@@ -175,6 +180,16 @@ impl<const BEHIND_BRIDGE: bool> Tables for Maps<BEHIND_BRIDGE> {
     #[inline(always)]
     fn source_trusted(&self, src: &Addr) -> bool {
         config_flag(CONFIG_HAS_TRUSTED) && GUARD_TRUSTED.get(Key::new(128, *src)).is_some()
+    }
+
+    /// Single addresses in a hash (one lookup), prefixes in a trie; each only while it holds
+    /// something, so a host without bans pays two flag tests.
+    #[inline(always)]
+    fn source_denied(&self, src: &Addr) -> bool {
+        // SAFETY: the value is read for its presence only.
+        (config_flag(CONFIG_HAS_DENY_EXACT) && unsafe { GUARD_DENY_HOST.get(src) }.is_some())
+            || (config_flag(CONFIG_HAS_DENY_PREFIX)
+                && GUARD_DENY_NET.get(Key::new(128, *src)).is_some())
     }
 
     #[inline(always)]
@@ -397,14 +412,15 @@ fn unseen_bridge(ctx: &TcContext) -> bool {
 /// while it was away), are judged; the host's own and containers' pass untouched.
 #[classifier]
 pub fn guard_tc_gate(ctx: TcContext) -> i32 {
-    let ingress = match origin(&ctx) {
-        Origin::Uplink(ingress) | Origin::Unnamed(ingress) => ingress,
+    let (ingress, seen_by_xdp) = match origin(&ctx) {
+        Origin::Uplink(ingress) => (ingress, true),
+        Origin::Unnamed(ingress) => (ingress, false),
         Origin::Host | Origin::Inside | Origin::Docker => return TC_ACT_UNSPEC,
     };
     let decision = if unseen_bridge(&ctx) {
-        gate_decision::<true>(&ctx, ingress)
+        gate_decision::<true>(&ctx, ingress, false)
     } else {
-        gate_decision::<false>(&ctx, ingress)
+        gate_decision::<false>(&ctx, ingress, seen_by_xdp)
     };
     count(&GUARD_GATE, decision);
     match decision.verdict() {
@@ -413,13 +429,50 @@ pub fn guard_tc_gate(ctx: TcContext) -> i32 {
     }
 }
 
-/// The gate's decision on the packet in `ctx`, which arrived on `ingress`. Parsed within each
-/// instance: a parsed packet carried across the branch on `BEHIND_BRIDGE` makes LLVM spill a
-/// register the verifier sees as uninitialised.
+/// The gate's decision on the packet in `ctx`, which arrived on `ingress` (an uplink XDP runs
+/// on, if `seen_by_xdp`). Parsed within each instance: a parsed packet carried across the
+/// branch on `BEHIND_BRIDGE` makes LLVM spill a register the verifier sees as uninitialised.
 #[inline(always)]
-fn gate_decision<const BEHIND_BRIDGE: bool>(ctx: &TcContext, ingress: u32) -> Decision {
+fn gate_decision<const BEHIND_BRIDGE: bool>(
+    ctx: &TcContext,
+    ingress: u32,
+    seen_by_xdp: bool,
+) -> Decision {
     let maps = Maps::<BEHIND_BRIDGE> { ctx: ctx.as_ptr(), ifindex: ingress };
-    judge(&maps, parse_skb(ctx), DROP_AT_GATE)
+    let parsed = parse_skb(ctx);
+    let (decision, resolved) = decide_parsed(&maps, parsed);
+    if decision.reason.verdict() == Verdict::Drop
+        && !counted_at_xdp::<BEHIND_BRIDGE>(decision, resolved, seen_by_xdp)
+        && let Ok(packet) = parsed
+    {
+        record_drop(&packet, decision, resolved, maps.ifindex, DROP_AT_GATE);
+    }
+    decision
+}
+
+/// Whether XDP already counted this would-drop (its per-port counter and drop event), so the
+/// gate must not count it again. Only audit mode lets a would-drop past XDP to reach the gate
+/// (enforced, XDP dropped it). XDP judged it with the same maps, before NAT: a packet routed to
+/// the container's address it saw as the gate does, one through a published port it resolved
+/// to the same container through [`PUBLISHED`](guard_common::maps::PUBLISHED), which the agent
+/// writes in the same pass as the container's addresses. So when the gate resolves a container
+/// behind a bridge the agent knows, for a packet from an uplink XDP runs on, XDP counted it.
+///
+/// Everything else the gate still counts, because XDP did not: a container the gate does not
+/// resolve (a port Docker published before the agent listed it, which XDP saw as the host's
+/// business; the gate's reason is then `unassigned_addr` and it has no per-port counter), a
+/// network the agent has not seen, an uplink back under a new index (no XDP on it yet).
+///
+/// Decided from the gate's own result, not from a mark left by XDP: nothing XDP can write
+/// reaches the bridge (XDP metadata lives in the headroom the stack rewrites when it forwards,
+/// and XDP cannot set `skb->mark`, which other tools own anyway).
+#[inline(always)]
+fn counted_at_xdp<const BEHIND_BRIDGE: bool>(
+    decision: Decision,
+    resolved: Resolved,
+    seen_by_xdp: bool,
+) -> bool {
+    !BEHIND_BRIDGE && seen_by_xdp && decision.audited && resolved.target != 0
 }
 
 /// How much of a packet the gate makes linear when its first reading falls short: Ethernet,

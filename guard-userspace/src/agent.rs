@@ -37,6 +37,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     attach::Attachments,
+    bans::{BanStore, DenySources},
     bridges,
     desired::{Desired, desired_state},
     docker::{DockerClient, DockerError},
@@ -113,6 +114,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     kernel::require()?;
     let tc = kernel::tc_mechanism(opts.tc)?;
     let state = StateDir::new(&opts.state_dir);
+    let bans = BanStore::new(&opts.state_dir);
     let saved = state.load().unwrap_or_else(|e| {
         warn!("{e}");
         None
@@ -185,6 +187,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         adopted: links_pinned || maps_adopted,
         maps_adopted,
         changed: true,
+        deny: DenySources::default(),
+        bans,
         synced: false,
         shared: shared.clone(),
         engine: EngineDoorsWatch::default(),
@@ -296,6 +300,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             None => docker.until_next_attempt(),
             Some(_) => backoff.remaining().unwrap_or(resync),
         };
+        // A ban ends on time: the pass after it lifts it.
+        let until_ban_ends = agent.deny.next_expiry.map(|at| {
+            Duration::from_secs(at.saturating_sub(crate::bans::now())) + Duration::from_millis(50)
+        });
+        let wait = until_ban_ends.map_or(wait, |until| wait.min(until));
         tokio::select! {
             ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
             _ = wake.notified() => offline_pass_due = true,
@@ -439,6 +448,10 @@ struct Agent {
     maps_adopted: bool,
     /// Whether the maps have held Docker's state since this agent started.
     synced: bool,
+    /// The deny files and bans, as last read.
+    deny: DenySources,
+    /// `guard ban`'s bans, in the state directory.
+    bans: BanStore,
     /// Whether the last pass wrote a map entry or changed an attachment: only then can what
     /// the network reaches have changed (the exposure scan runs again).
     changed: bool,
@@ -589,6 +602,10 @@ impl Agent {
             desired.tables.close_openings();
         }
         let mut warnings = Vec::new();
+        // Held until the maps are written: a `guard ban` made meanwhile is never undone.
+        let (denied, _ban_lock) =
+            self.deny.gather(&self.policy.deny_files, &self.bans, &mut warnings);
+        desired.tables.deny(denied);
         for policy in &desired.containers {
             for error in &policy.label_errors {
                 warnings.push(error.warning(&policy.container.name));

@@ -9,6 +9,7 @@
 //! can never write back a set that misses a ban made meanwhile.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -16,8 +17,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use anyhow::Context as _;
+
 use crate::{
+    maps::PolicyMaps,
+    pins::Pins,
     policy::Cidr,
+    policy_file::PolicyFile,
     state::{StateDir, StateError},
 };
 
@@ -144,6 +150,235 @@ pub fn parse_deny_file(text: &str, path: &str) -> Result<Vec<Cidr>, BadLine> {
         sources.push(cidr);
     }
     Ok(sources)
+}
+
+/// What the agent denies besides the policy file's own `deny`: the deny files it names and
+/// the bans, each kept as last read when a read fails (a broken or vanished file, a damaged
+/// ban store never lifts a denial).
+#[derive(Default)]
+pub struct DenySources {
+    /// Each deny file's sources as last read, and the modification time they were read at.
+    files: BTreeMap<PathBuf, (Option<SystemTime>, Vec<Cidr>)>,
+    /// The bans in force as last read.
+    bans: Vec<Cidr>,
+    /// When the next ban ends (seconds since the epoch).
+    pub next_expiry: Option<u64>,
+}
+
+impl DenySources {
+    /// The sources to deny now, with the ban lock held: the caller keeps it until the maps
+    /// are written. Problems go to `warnings` (the agent says each once).
+    pub fn gather(
+        &mut self,
+        deny_files: &[PathBuf],
+        store: &BanStore,
+        warnings: &mut Vec<String>,
+    ) -> (Vec<Cidr>, Option<BanLock>) {
+        let mut sources = Vec::new();
+        self.files.retain(|path, _| deny_files.contains(path));
+        for path in deny_files {
+            let modified = fs::metadata(path).and_then(|m| m.modified()).ok();
+            let known = self.files.get(path);
+            if known.is_none_or(|(at, _)| *at != modified || modified.is_none()) {
+                match read_deny_file(path) {
+                    Ok(read) => {
+                        self.files.insert(path.clone(), (modified, read));
+                    }
+                    Err(e) if known.is_some() => {
+                        warnings.push(format!("deny file {e}; its last good entries stay denied"))
+                    }
+                    Err(e) => warnings.push(format!("deny file {e}")),
+                }
+            }
+            sources.extend(self.files.get(path).map(|(_, s)| s.clone()).unwrap_or_default());
+        }
+        let lock = match store.lock() {
+            Ok(lock) => lock,
+            Err(e) => {
+                warnings.push(format!("{e}; the bans last read stay in force"));
+                sources.extend(&self.bans);
+                return (sources, None);
+            }
+        };
+        match store.load(&lock) {
+            Ok(bans) => {
+                let now = now();
+                let (active, ended): (Vec<Ban>, Vec<Ban>) =
+                    bans.into_iter().partition(|b| b.active(now));
+                if !ended.is_empty() {
+                    for ban in &ended {
+                        tracing::info!(source = %ban.source, reason = %ban.reason, "ban ended");
+                    }
+                    if let Err(e) = store.save(&lock, &active) {
+                        warnings.push(format!("forgetting ended bans: {e}"));
+                    }
+                }
+                self.next_expiry = next_expiry(&active, now);
+                self.bans = active.iter().map(|b| b.source).collect();
+            }
+            Err(e) => warnings.push(format!("{e}; the bans last read stay in force")),
+        }
+        sources.extend(&self.bans);
+        (sources, Some(lock))
+    }
+
+    /// How many sources each kind holds: (deny files, bans).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.files.values().map(|(_, s)| s.len()).sum(), self.bans.len())
+    }
+}
+
+/// What a running agent denies besides the policy file's `deny`, as the files say now (for
+/// `status` and `scan`, which compare the kernel with it): the readable deny files and the
+/// bans in force. Read only: nothing is locked or pruned.
+pub fn denied_by_files_and_bans(policy: &PolicyFile, state_dir: &Path) -> Vec<Cidr> {
+    let mut sources: Vec<Cidr> =
+        policy.deny_files.iter().filter_map(|path| read_deny_file(path).ok()).flatten().collect();
+    let store = BanStore::new(state_dir);
+    let now = now();
+    if let Ok(Some(text)) = store.dir.read_file(FILE)
+        && let Ok(bans) = serde_json::from_str::<Vec<Ban>>(&text)
+    {
+        sources.extend(bans.iter().filter(|b| b.active(now)).map(|b| b.source));
+    }
+    sources
+}
+
+/// `guard ban`: kept in the state directory, then written to the kernel's deny maps (if
+/// protection is loaded), under the lock. Returns when it ends.
+pub fn ban(
+    pins: &Pins,
+    state_dir: &Path,
+    source: Cidr,
+    duration: Option<Duration>,
+    reason: &str,
+) -> anyhow::Result<Option<u64>> {
+    let store = BanStore::new(state_dir);
+    let lock = store.lock()?;
+    let since = now();
+    let until = duration.map(|d| since.saturating_add(d.as_secs()));
+    let bans = add(store.load(&lock)?, Ban { source, until, reason: reason.into(), since });
+    store.save(&lock, &bans)?;
+    if pins.exists() {
+        PolicyMaps::from_pins(pins)?
+            .set_denied(source, true)
+            .with_context(|| format!("banning {source} in the kernel's maps"))?;
+    }
+    Ok(until)
+}
+
+/// `guard unban`: the `guard ban` of `source` lifted, in the file and in the kernel. A source
+/// the policy file denies stays denied (the file decides), and so does one inside a prefix
+/// still banned.
+pub fn unban(
+    pins: &Pins,
+    state_dir: &Path,
+    source: Cidr,
+    policy: &PolicyFile,
+) -> anyhow::Result<()> {
+    let store = BanStore::new(state_dir);
+    let lock = store.lock()?;
+    let mut bans = store.load(&lock)?;
+    let before = bans.len();
+    bans.retain(|b| b.source != source);
+    if bans.len() == before {
+        anyhow::bail!("{source} is not banned by `guard ban` (see `guard bans`)");
+    }
+    store.save(&lock, &bans)?;
+    if policy.deny.contains(&source) {
+        anyhow::bail!("{source} is unbanned, but the policy file's `deny` still names it");
+    }
+    if pins.exists() {
+        PolicyMaps::from_pins(pins)?
+            .set_denied(source, false)
+            .with_context(|| format!("lifting the ban of {source} in the kernel's maps"))?;
+    }
+    Ok(())
+}
+
+/// What `guard bans` lists.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub bans: Vec<Listed>,
+    /// What could not be read (the policy file, a deny file).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub source: String,
+    /// "cli", "policy" or the deny file's path.
+    pub from: String,
+    /// RFC 3339 UTC, absent for no expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub reason: String,
+}
+
+pub fn list(state_dir: &Path, config: &Path) -> anyhow::Result<Listing> {
+    let store = BanStore::new(state_dir);
+    let lock = store.lock()?;
+    let now = now();
+    let mut listed: Vec<Listed> = store
+        .load(&lock)?
+        .into_iter()
+        .filter(|b| b.active(now))
+        .map(|b| Listed {
+            source: b.source.to_string(),
+            from: "cli".into(),
+            until: b.until.map(utc),
+            reason: b.reason,
+        })
+        .collect();
+    let mut notes = Vec::new();
+    match crate::policy_file::load(config) {
+        Ok(policy) => {
+            let policy_entry = |source: &Cidr, from: &str| Listed {
+                source: source.to_string(),
+                from: from.into(),
+                until: None,
+                reason: String::new(),
+            };
+            listed.extend(policy.deny.iter().map(|s| policy_entry(s, "policy")));
+            for path in &policy.deny_files {
+                match read_deny_file(path) {
+                    Ok(sources) => listed.extend(
+                        sources.iter().map(|s| policy_entry(s, &path.display().to_string())),
+                    ),
+                    Err(e) => notes.push(e),
+                }
+            }
+        }
+        Err(e) => notes.push(format!("the policy file does not load ({e})")),
+    }
+    Ok(Listing { bans: listed, notes })
+}
+
+/// A deny file's sources, or why they cannot be read (said in the file's terms).
+pub fn read_deny_file(path: &Path) -> Result<Vec<Cidr>, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_deny_file(&text, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+pub fn render(listing: &Listing) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if listing.bans.is_empty() {
+        out.push_str("no bans\n");
+    }
+    for b in &listing.bans {
+        let until = b.until.as_deref().unwrap_or("-");
+        let _ = writeln!(out, "{:<24} {:<10} until {:<22} {}", b.source, b.from, until, b.reason);
+    }
+    for note in &listing.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    out
+}
+
+/// Seconds since the epoch as ISO 8601 UTC, as drops are stamped.
+pub fn utc(seconds: u64) -> String {
+    crate::drops::utc(seconds as f64)
 }
 
 #[cfg(test)]

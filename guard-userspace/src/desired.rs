@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use guard_common::{
     addr::Addr,
     maps::{
-        AddrInfo, OPEN_NONE, PROTO_ANY, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey,
+        AddrInfo, OPEN_NONE, PORT_RULES_PER_PROTO, PORT_RULES_SINGLE, PROTO_ANY, PortKey, PortRule,
+        PublishedKey, PublishedTarget, SourceKey,
     },
 };
 
@@ -58,6 +59,7 @@ pub fn desired_state(
         }
         tables.config.flags |= CONFIG_HAS_TRUSTED;
     }
+    tables.deny(policy.deny.iter().copied());
 
     // Protection first: every Docker subnet, so an address no container holds yet is closed.
     for network in &snapshot.networks {
@@ -104,7 +106,8 @@ pub fn desired_state(
                     rule: OPEN_NONE,
                     all_ports: OPEN_NONE,
                     flags: 0,
-                    _pad: [0; 3],
+                    proto_rule: OPEN_NONE,
+                    _pad: [0; 2],
                 };
                 tables.published.insert(key, value);
             }
@@ -131,10 +134,12 @@ pub fn desired_state(
     Desired { tables, containers, doors }
 }
 
-/// Copies each container's all-ports rule, each published port's rule and the audit flag into
-/// the ADDRS and PUBLISHED values, where the packet path finds them without another lookup, and
-/// marks which containers have single-port rules at all. All-ports rules then leave PORTS
-/// (their source lists stay in SOURCES under the all-ports key).
+/// Copies each container's all-ports rule, each published port's rule (and its protocol's
+/// every-port rule) and the audit flag into the ADDRS and PUBLISHED values, where the packet
+/// path finds them without another lookup, and marks which kinds of PORTS entries each
+/// container has at all (single ports, every port of a protocol), so a container without
+/// one kind skips that lookup. All-ports rules then leave PORTS (their source lists stay in
+/// SOURCES under the all-ports key); every-port-of-a-protocol rules stay, one entry each.
 fn fold_rules_into_lookups(tables: &mut TableSet, audited: &std::collections::BTreeSet<u32>) {
     let flags = |target: &u32| if audited.contains(target) { TARGET_AUDIT } else { 0 };
     let all_ports: BTreeMap<u32, u8> = tables
@@ -144,16 +149,21 @@ fn fold_rules_into_lookups(tables: &mut TableSet, audited: &std::collections::BT
         .map(|(k, r)| (k.target, r.open_to))
         .collect();
     tables.ports.retain(|k, _| k.proto != PROTO_ANY);
-    let with_port_rules: std::collections::BTreeSet<u32> =
-        tables.ports.keys().map(|k| k.target).collect();
+    let mut port_rules: BTreeMap<u32, u8> = BTreeMap::new();
+    for key in tables.ports.keys() {
+        let kind =
+            if key.is_every_port_of_proto() { PORT_RULES_PER_PROTO } else { PORT_RULES_SINGLE };
+        *port_rules.entry(key.target).or_default() |= kind;
+    }
     for info in tables.addrs.values_mut().filter(|i| i.kind == AddrInfo::CONTAINER) {
         info.all_ports = all_ports.get(&info.target).copied().unwrap_or(OPEN_NONE);
-        info.has_port_rules = u8::from(with_port_rules.contains(&info.target));
+        info.port_rules = port_rules.get(&info.target).copied().unwrap_or(0);
         info.flags = flags(&info.target);
     }
+    let rule_of = |key: PortKey| tables.ports.get(&key).map_or(OPEN_NONE, |r| r.open_to);
     for (key, p) in tables.published.iter_mut() {
-        let rule = tables.ports.get(&PortKey::new(p.target, key.proto, p.port));
-        p.rule = rule.map_or(OPEN_NONE, |r| r.open_to);
+        p.rule = rule_of(PortKey::new(p.target, key.proto, p.port));
+        p.proto_rule = rule_of(PortKey::every_port_of(p.target, key.proto));
         p.all_ports = all_ports.get(&p.target).copied().unwrap_or(OPEN_NONE);
         p.flags = flags(&p.target);
     }
@@ -204,6 +214,7 @@ pub(crate) fn listed_under(bound: IpAddr, host: &[IpAddr]) -> Vec<IpAddr> {
 fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
     let keys: Vec<PortKey> = match opening.ports {
         PortSpec::All => vec![PortKey::all_ports(target)],
+        PortSpec::EveryPortOf(proto) => vec![PortKey::every_port_of(target, proto.number())],
         PortSpec::Range { proto, first, last } => {
             (first..=last).map(|port| PortKey::new(target, proto.number(), port)).collect()
         }
@@ -213,7 +224,8 @@ fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
     }
 }
 
-/// Opens one port (or a whole container: [`PortKey::all_ports`]) to `sources`.
+/// Opens one port (or every port of a protocol: [`PortKey::every_port_of`]; or a whole
+/// container: [`PortKey::all_ports`]) to `sources`.
 pub(crate) fn open_key(tables: &mut TableSet, key: PortKey, sources: &Sources) {
     match sources {
         Sources::Everyone => {
@@ -393,15 +405,105 @@ mod tests {
     }
 
     #[test]
+    fn every_port_of_one_protocol_opens_that_protocol_only_in_one_entry() {
+        let mut dns = container(
+            9,
+            "dns",
+            "172.30.0.9",
+            &[("guard.expose", "*/udp"), ("guard.allow.lan", "*/sctp from 10.8.0.0/24")],
+        );
+        dns.addresses.push(ip("fd00:30::9"));
+        dns.published = vec![
+            Published { proto: Proto::Udp, ..publish(10053, 53) },
+            Published { proto: Proto::Tcp, ..publish(10054, 53) },
+            Published { proto: Proto::Sctp, ..publish(10055, 3868) },
+        ];
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![dns],
+            doors: Default::default(),
+        };
+        let d = state(&snap);
+        assert_eq!(d.tables.ports.len(), 2, "one entry per (container, protocol), no ranges");
+        let judge = |src: &str, dst: &str, l4: L4| {
+            decide(&d.tables, &Packet { src: ip(src).into(), dst: ip(dst).into(), l4 }).reason
+        };
+        for dst in ["172.30.0.9", "fd00:30::9"] {
+            let src = if dst.contains(':') { "2001:db8::7" } else { OUTSIDE_A };
+            for port in [1, 53, 40000, 65535] {
+                assert_eq!(judge(src, dst, L4::ports(17, 1234, port, true)), Reason::Exposed);
+                assert_eq!(judge(src, dst, L4::ports(6, 1234, port, true)), Reason::Closed);
+                assert_eq!(judge(src, dst, L4::ports(132, 1234, port, true)), Reason::Closed);
+            }
+            // ICMP echo (its identifier as the port), other port-less protocols: `*` only.
+            assert_eq!(judge(src, dst, L4::ports(1, 7, 7, true)), Reason::Closed);
+            assert_eq!(judge(src, dst, L4::ports(58, 7, 7, true)), Reason::Closed);
+            assert_eq!(judge(src, dst, L4::no_ports(47)), Reason::Closed);
+            assert_eq!(judge(src, dst, L4::NO_PORTS), Reason::Closed);
+        }
+        // Through the published ports: the host port's protocol decides.
+        assert_eq!(judge(OUTSIDE_A, HOST_UPLINK, L4::ports(17, 1, 10053, true)), Reason::Exposed);
+        assert_eq!(judge(OUTSIDE_A, HOST_UPLINK, L4::ports(6, 1, 10054, true)), Reason::Closed);
+        // The listed protocol: its sources only, on every port.
+        let sctp = |src: &str, dst: &str, port| judge(src, dst, L4::ports(132, 1, port, true));
+        assert_eq!(sctp("10.8.0.7", "172.30.0.9", 9), Reason::AllowedSource);
+        assert_eq!(sctp("10.8.0.7", HOST_UPLINK, 10055), Reason::AllowedSource);
+        assert_eq!(sctp(OUTSIDE_B, HOST_UPLINK, 10055), Reason::Closed);
+        assert_eq!(sctp(OUTSIDE_B, "172.30.0.9", 9), Reason::Closed);
+        // `10.8.0.0/24` opens SCTP, not UDP's neighbours nor TCP.
+        assert_eq!(judge("10.8.0.7", "172.30.0.9", L4::ports(6, 1, 9, true)), Reason::Closed);
+        // Later fragments follow their first fragment whatever the rules; a first fragment
+        // too short for its ports fails closed.
+        assert_eq!(judge(OUTSIDE_A, "172.30.0.9", L4::LATER_FRAGMENT), Reason::LaterFragment);
+        assert_eq!(judge(OUTSIDE_A, "172.30.0.9", L4::UNREADABLE), Reason::Unreadable);
+    }
+
+    #[test]
+    fn every_port_rules_are_flagged_so_containers_without_them_skip_the_lookup() {
+        use guard_common::maps::{PORT_RULES_PER_PROTO, PORT_RULES_SINGLE};
+        let snap = Snapshot {
+            networks: seed().networks,
+            containers: vec![
+                container(1, "single", "172.30.0.11", &[("guard.expose", "53/udp")]),
+                container(2, "proto", "172.30.0.12", &[("guard.expose", "*/udp")]),
+                container(3, "both", "172.30.0.13", &[("guard.expose", "*/udp,80")]),
+                container(4, "all", "172.30.0.14", &[("guard.expose", "*")]),
+            ],
+            doors: Default::default(),
+        };
+        let d = state(&snap);
+        let flags: Vec<u8> = ["172.30.0.11", "172.30.0.12", "172.30.0.13", "172.30.0.14"]
+            .iter()
+            .map(|a| d.tables.addrs[&ip(a).into()].port_rules)
+            .collect();
+        assert_eq!(
+            flags,
+            [PORT_RULES_SINGLE, PORT_RULES_PER_PROTO, PORT_RULES_SINGLE | PORT_RULES_PER_PROTO, 0]
+        );
+    }
+
+    #[test]
     fn bad_labels_leave_the_container_closed_and_are_reported() {
         let snap = Snapshot {
             networks: seed().networks,
-            containers: vec![container(9, "typo", "172.30.0.9", &[("guard.expose", "443/tpc")])],
+            containers: vec![container(
+                9,
+                "typo",
+                "172.30.0.9",
+                &[("guard.expose", "*/udpp"), ("guard.allow.x", "*-3/udp from 10.0.0.0/8")],
+            )],
             doors: Default::default(),
         };
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
-        assert_eq!(d.containers[0].label_errors.len(), 1);
+        let udp = L4::ports(17, 1, 53, true);
+        let pkt = Packet { src: ip("10.0.0.1").into(), dst: ip("172.30.0.9").into(), l4: udp };
+        assert_eq!(decide(&d.tables, &pkt).reason, Reason::Closed);
+        let errors: Vec<String> =
+            d.containers[0].label_errors.iter().map(|e| e.warning("typo")).collect();
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].contains("guard.allow.x") && errors[0].contains("*-3/udp"), "{errors:?}");
+        assert!(errors[1].contains("guard.expose") && errors[1].contains("udpp"), "{errors:?}");
         assert!(d.tables.ports.is_empty());
     }
 

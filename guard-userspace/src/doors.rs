@@ -153,7 +153,8 @@ fn list(tables: &mut TableSet, policy: &DoorPolicy, bound: &[IpAddr], host: &[Ip
                 rule: OPEN_NONE,
                 all_ports: OPEN_NONE,
                 flags: 0,
-                _pad: [0; 3],
+                proto_rule: OPEN_NONE,
+                _pad: [0; 2],
             };
             tables.published.entry(key).or_insert(value);
         }

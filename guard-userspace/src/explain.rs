@@ -322,14 +322,20 @@ fn rule_for(
     port: Option<(u16, Option<Proto>)>,
     src: IpAddr,
 ) -> String {
+    // The most specific opening first: a port's own, then its protocol's every port (`*/udp`),
+    // then every port (`*`), the only one that opens port-less packets.
+    let specificity = |o: &&crate::policy::Opening| match o.ports {
+        PortSpec::Range { .. } => 0,
+        PortSpec::EveryPortOf(_) => 1,
+        PortSpec::All => 2,
+    };
     let opening = |everyone: bool| {
-        policy?.openings.iter().find(|o| {
-            let covers = match (o.ports, port) {
-                (PortSpec::All, _) => true,
-                (PortSpec::Range { proto, first, last }, Some((p, Some(pp)))) => {
-                    proto == pp && (first..=last).contains(&p)
-                }
-                _ => false,
+        let mut openings: Vec<_> = policy?.openings.iter().collect();
+        openings.sort_by_key(specificity);
+        openings.into_iter().find(|o| {
+            let covers = match port {
+                Some((p, Some(proto))) => o.ports.covers(proto, p),
+                _ => o.ports == PortSpec::All,
             };
             covers
                 && match &o.sources {
@@ -339,8 +345,8 @@ fn rule_for(
         })
     };
     match decision.reason {
-        Reason::Exposed => opening(true).map_or("an expose rule".into(), |o| o.rule.clone()),
-        Reason::AllowedSource => opening(false).map_or("an allow rule".into(), |o| o.rule.clone()),
+        Reason::Exposed => opening(true).map_or("an expose rule".into(), named),
+        Reason::AllowedSource => opening(false).map_or("an allow rule".into(), named),
         Reason::Closed => "default: closed to outside".into(),
         Reason::UnassignedAddr => "default: Docker network addresses are closed".into(),
         Reason::UnseenNetwork => "default: networks guard has not seen are closed".into(),
@@ -355,7 +361,13 @@ fn rule_for(
         Reason::ManagementPort => {
             "default: the engine's doors are open to the swarm's nodes and [management] prefixes only".into()
         }
+        Reason::Denied => "a ban (guard bans), the policy file's deny or a deny file".into(),
     }
+}
+
+/// A rule as the operator wrote it: where, and which ports (`label guard.expose (*/udp)`).
+fn named(opening: &crate::policy::Opening) -> String {
+    format!("{} ({})", opening.rule, opening.ports)
 }
 
 fn detail(
@@ -408,6 +420,9 @@ fn detail(
             "{target} is the engine's own door, and {} is neither a node of the swarm nor in the policy file's [management] prefixes",
             q.src
         ),
+        Reason::Denied => {
+            write!(s, "{} is denied every container port, whatever opens {target}", q.src)
+        }
     };
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");

@@ -3,8 +3,10 @@
 //! - `guard.expose=443/tcp,8443`: container ports open to everyone.
 //! - `guard.allow.<name>=5432/tcp from 10.8.0.0/24, 192.0.2.7`: ports open to those sources.
 //!
-//! Port lists take `port`, `port/proto`, `first-last`, `first-last/proto` and `*` (every port);
-//! a bare port is tcp, as in Docker. A label that does not parse is rejected *whole* (never
+//! Port lists take `port`, `port/proto`, `first-last`, `first-last/proto`, `*/proto` (every port
+//! of one protocol: one map entry, never a 65,535-port range) and `*` (every port of every
+//! protocol, and port-less traffic such as ICMP); a bare port is tcp, as in Docker. `*` is
+//! accepted by `guard.expose` as by `guard.allow.*`: the same port lists mean the same in both. A label that does not parse is rejected *whole* (never
 //! half-applied) and reported: it opens nothing, and the container's other labels and rules
 //! still apply.
 
@@ -18,7 +20,8 @@ const GUARD_PREFIX: &str = "guard.";
 
 /// Longest label value accepted; anything longer is a mistake or an attack on the agent.
 pub const MAX_VALUE_LEN: usize = 4096;
-/// Ports one label may open one by one (each is a map entry); `*` opens all in one entry.
+/// Ports one label may open one by one (each is a map entry); `*` and `*/proto` open all in one
+/// entry.
 pub const MAX_PORTS_PER_LABEL: u32 = 4096;
 /// Sources one `guard.allow.*` label may list.
 pub const MAX_SOURCES_PER_LABEL: usize = 256;
@@ -41,7 +44,7 @@ impl LabelError {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LabelProblem {
-    #[error("empty value; expected ports such as 443/tcp,8000-8010/udp or *")]
+    #[error("empty value; expected ports such as 443/tcp,8000-8010/udp, */udp or *")]
     Empty,
     #[error("value is {0} bytes long, the limit is {MAX_VALUE_LEN}")]
     TooLong(usize),
@@ -51,8 +54,14 @@ pub enum LabelProblem {
     BadRange(String),
     #[error("unknown protocol {0:?}: expected tcp, udp or sctp")]
     UnknownProto(String),
-    #[error("opens {0} single ports, the limit is {MAX_PORTS_PER_LABEL}; use * to open every port")]
+    #[error(
+        "opens {0} single ports, the limit is {MAX_PORTS_PER_LABEL}; use */tcp (every port of one protocol) or * (every port)"
+    )]
     TooManyPorts(u32),
+    #[error(
+        "bad port {0:?}: * stands for every port on its own (* or */udp), not within a range or a number"
+    )]
+    BadWildcard(String),
     #[error("missing sources: expected PORTS from SOURCES, e.g. 5432/tcp from 10.8.0.0/24")]
     MissingFrom,
     #[error("no sources after 'from'")]
@@ -139,8 +148,11 @@ pub fn parse_ports(list: &str) -> Result<Vec<PortSpec>, LabelProblem> {
     }
     let specs =
         list.split(',').map(|item| parse_port_item(item.trim())).collect::<Result<Vec<_>, _>>()?;
-    let singles: u32 =
-        specs.iter().filter(|s| !matches!(s, PortSpec::All)).map(PortSpec::port_count).sum();
+    let singles: u32 = specs
+        .iter()
+        .filter(|s| matches!(s, PortSpec::Range { .. }))
+        .map(PortSpec::port_count)
+        .sum();
     if singles > MAX_PORTS_PER_LABEL {
         return Err(LabelProblem::TooManyPorts(singles));
     }
@@ -159,6 +171,12 @@ fn parse_port_item(item: &str) -> Result<PortSpec, LabelProblem> {
         None => (item, "tcp"),
     };
     let proto: Proto = proto.parse().map_err(|()| LabelProblem::UnknownProto(proto.to_string()))?;
+    if range == "*" {
+        return Ok(PortSpec::EveryPortOf(proto));
+    }
+    if range.contains('*') {
+        return Err(LabelProblem::BadWildcard(item.to_string()));
+    }
     let (first, last) = match range.split_once('-') {
         Some((first, last)) => {
             let bad_range = || LabelProblem::BadRange(item.to_string());
@@ -216,12 +234,15 @@ mod tests {
         }
     }
 
+    /// The port specs of a `guard.expose` value that parses.
+    fn exposed(value: &str) -> Vec<PortSpec> {
+        one(EXPOSE, value).unwrap().iter().map(|o| o.ports).collect()
+    }
+
     #[test]
     fn expose_forms() {
-        let o = one(EXPOSE, "443/tcp, 8443,53/udp , 8000-8002/sctp,*").unwrap();
-        let ports: Vec<PortSpec> = o.iter().map(|o| o.ports).collect();
         assert_eq!(
-            ports,
+            exposed("443/tcp, 8443,53/udp , 8000-8002/sctp,*"),
             vec![
                 range(Proto::Tcp, 443, 443),
                 range(Proto::Tcp, 8443, 8443),
@@ -230,9 +251,28 @@ mod tests {
                 PortSpec::All,
             ]
         );
+        let o = one(EXPOSE, "443").unwrap();
         assert!(o.iter().all(|o| o.sources == Sources::Everyone));
         assert_eq!(o[0].rule, "label guard.expose");
-        assert_eq!(one(EXPOSE, "443/TCP").unwrap()[0].ports, range(Proto::Tcp, 443, 443));
+        assert_eq!(exposed("443/TCP"), [range(Proto::Tcp, 443, 443)]);
+    }
+
+    #[test]
+    fn every_port_of_one_protocol() {
+        let ports = exposed("*/udp, * / SCTP,*/tcp");
+        let every_port = [Proto::Udp, Proto::Sctp, Proto::Tcp].map(PortSpec::EveryPortOf);
+        assert_eq!(ports, every_port, "each is one opening");
+        assert_eq!(ports[0].to_string(), "*/udp");
+        assert_eq!(ports[0].port_count(), 1, "one map entry, not 65,535");
+        let o = one("guard.allow.lan", "*/udp from 10.0.0.0/8").unwrap();
+        assert_eq!(o[0].ports, PortSpec::EveryPortOf(Proto::Udp));
+        assert_eq!(o[0].sources, Sources::Listed(vec!["10.0.0.0/8".parse().unwrap()]));
+        // With single ports in the same label: they count against the limit, it does not.
+        assert_eq!(exposed("*/udp,1-4096/tcp").len(), 2);
+        // What it covers: its protocol's ports, nothing of another protocol.
+        let udp = PortSpec::EveryPortOf(Proto::Udp);
+        assert!(udp.covers(Proto::Udp, 1) && udp.covers(Proto::Udp, 65535));
+        assert!(!udp.covers(Proto::Tcp, 53) && !udp.covers(Proto::Sctp, 53));
     }
 
     #[test]
@@ -270,6 +310,16 @@ mod tests {
             (EXPOSE, "443/", |p| matches!(p, UnknownProto(_))),
             (EXPOSE, "1-65535", |p| matches!(p, TooManyPorts(65535))),
             (EXPOSE, "443 from 10.0.0.0/8", |p| *p == FromInExpose),
+            (EXPOSE, "*/foo", |p| *p == UnknownProto("foo".into())),
+            (EXPOSE, "*/icmp", |p| *p == UnknownProto("icmp".into())),
+            (EXPOSE, "*/", |p| *p == UnknownProto("".into())),
+            (EXPOSE, "*-3/udp", |p| *p == BadWildcard("*-3/udp".into())),
+            (EXPOSE, "1-*/udp", |p| *p == BadWildcard("1-*/udp".into())),
+            (EXPOSE, "**/udp", |p| *p == BadWildcard("**/udp".into())),
+            (EXPOSE, "5*", |p| *p == BadWildcard("5*".into())),
+            (EXPOSE, "*/udp/tcp", |p| matches!(p, UnknownProto(_))),
+            ("guard.allow.x", "*/udp", |p| *p == MissingFrom),
+            ("guard.allow.x", "*/foo from 10.0.0.0/8", |p| *p == UnknownProto("foo".into())),
             ("guard.allow.x", "5432", |p| *p == MissingFrom),
             ("guard.allow.x", "5432 from", |p| *p == NoSources),
             ("guard.allow.x", "5432 from 10.0.0.0/33", |p| matches!(p, BadSource(_))),

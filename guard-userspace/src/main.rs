@@ -11,8 +11,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
-    drops, explain, http,
+    bans, drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
+    policy::Cidr,
     policy_file::{self, Mode},
     scan, state, status, tc_filter,
     unload::{self, Unloaded},
@@ -39,6 +40,19 @@ struct Paths {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// The policy file (TOML); absent is fine. `guard run` reloads it on change and on SIGHUP.
+    #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+/// Where bans are kept: in the kernel (the pins) and on disk (the agent's state directory).
+#[derive(clap::Args)]
+struct BanPaths {
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// The agent's --state-dir: `guard ban`'s bans are kept there.
+    #[arg(long, value_name = "DIR", default_value = state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The policy file, for its `deny` entries (listed by `guard bans`).
     #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
     config: PathBuf,
 }
@@ -157,6 +171,38 @@ enum Command {
         state_dir: PathBuf,
         #[command(flatten)]
         paths: Paths,
+    },
+    /// Ban a source (address or prefix) from every container port, whatever labels and
+    /// rules open; at once, across agent restarts and reboots, until it expires.
+    ///
+    /// Replies to connections the host or a container started still reach them. A second ban
+    /// of the same source renews it. For fail2ban, see deploy/fail2ban.
+    Ban {
+        #[arg(value_name = "ADDR[/LEN]")]
+        source: Cidr,
+        /// How long: `90s`, `10m`, `2h`, `7d`. Default: until `guard unban`.
+        #[arg(long = "for", value_name = "AGE", value_parser = parse_age)]
+        duration: Option<Duration>,
+        /// Why, shown by `guard bans` (e.g. "fail2ban sshd").
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        store: BanPaths,
+    },
+    /// Lift a `guard ban` (not a policy file's `deny`, which the file decides).
+    Unban {
+        #[arg(value_name = "ADDR[/LEN]")]
+        source: Cidr,
+        #[command(flatten)]
+        store: BanPaths,
+    },
+    /// List the bans: `guard ban`'s, with their expiry, and the policy file's deny entries.
+    Bans {
+        /// The same list as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: BanPaths,
     },
     /// Print the version, the commit it was built from and the eBPF map layout.
     Version,
@@ -353,6 +399,31 @@ fn run(command: Command) -> anyhow::Result<()> {
                 policy.trusted_sources.len(),
                 policy.trusted_interfaces.len()
             );
+            Ok(())
+        }
+        Command::Ban { source, duration, reason, store } => {
+            let pins = Pins::new(&store.pin_dir);
+            let until = bans::ban(&pins, &store.state_dir, source, duration, &reason)?;
+            match until {
+                Some(until) => println!("banned {source} until {}", bans::utc(until)),
+                None => println!("banned {source} until `guard unban {source}`"),
+            }
+            Ok(())
+        }
+        Command::Unban { source, store } => {
+            let pins = Pins::new(&store.pin_dir);
+            let policy = policy_file::load(&store.config).unwrap_or_default();
+            bans::unban(&pins, &store.state_dir, source, &policy)?;
+            println!("unbanned {source}");
+            Ok(())
+        }
+        Command::Bans { json, store } => {
+            let list = bans::list(&store.state_dir, &store.config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", bans::render(&list));
+            }
             Ok(())
         }
         Command::Unload { pin_dir, force } => {

@@ -22,6 +22,7 @@ use guard_common::{
 
 use crate::{
     pins::Pins,
+    policy::Cidr,
     tables::{Lpm, Plan, Prefilter, TableDiff, TableSet},
 };
 
@@ -37,6 +38,14 @@ pub enum MapsError {
     Layout { name: &'static str, source: MapError },
     #[error("reading map {name}: {source}")]
     Read { name: &'static str, source: MapError },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DenyError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Update(UpdateError),
 }
 
 /// A map update that failed; the rest of the plan is still applied.
@@ -62,6 +71,8 @@ pub struct PolicyMaps {
     prefilter: Array<MapData, Bitmap>,
     flows: HashMap<MapData, FlowKey, FlowSeen>,
     trusted: Table<LpmTrie<MapData, Addr, u32>>,
+    deny_exact: Table<HashMap<MapData, Addr, u32>>,
+    deny_prefixes: Table<LpmTrie<MapData, Addr, u32>>,
     config: Array<MapData, Config>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     event_stats: PerCpuArray<MapData, u64>,
@@ -123,6 +134,8 @@ impl PolicyMaps {
             prefilter: typed(s, names::PREFILTER)?,
             flows: typed(s, names::FLOWS)?,
             trusted: table(s, names::TRUSTED, names::TRUSTED_CAPACITY)?,
+            deny_exact: table(s, names::DENY_EXACT, names::DENY_EXACT_CAPACITY)?,
+            deny_prefixes: table(s, names::DENY_PREFIX, names::DENY_PREFIX_CAPACITY)?,
             config: typed(s, names::CONFIG)?,
             drops: typed(s, names::DROPS)?,
             event_stats: typed(s, names::EVENT_STATS)?,
@@ -143,6 +156,8 @@ impl PolicyMaps {
             identities: self.identities.read()?,
             prefilter: self.read_prefilter()?,
             trusted: self.trusted.read()?,
+            deny_exact: self.deny_exact.read()?,
+            deny_prefixes: self.deny_prefixes.read()?,
             uplinks: self.uplinks.read()?,
             config: self
                 .config
@@ -196,6 +211,10 @@ impl PolicyMaps {
         let e = &mut errors;
         self.ports.remove_all(&plan.ports, e);
         self.sources.remove_all(&plan.sources, e);
+        // Denials close: in force before anything else changes (the flags that make the
+        // program look them up come with the config below).
+        self.deny_exact.upsert_all(&plan.deny_exact, e);
+        self.deny_prefixes.upsert_all(&plan.deny_prefixes, e);
 
         if let Some(change) = &plan.prefilter {
             self.write_prefilter(&change.widened, e);
@@ -215,6 +234,8 @@ impl PolicyMaps {
 
         self.sources.upsert_all(&plan.sources, e);
         self.ports.upsert_all(&plan.ports, e);
+        self.deny_exact.remove_all(&plan.deny_exact, e);
+        self.deny_prefixes.remove_all(&plan.deny_prefixes, e);
 
         self.addrs.remove_all(&plan.addrs, e);
         self.published.remove_all(&plan.published, e);
@@ -226,6 +247,28 @@ impl PolicyMaps {
             self.write_prefilter(&change.last, e);
         }
         errors
+    }
+
+    /// Denies `source` every container port, or lifts that (`guard ban` and `guard unban`,
+    /// which take effect before an agent's next pass), by the same ordered apply as a pass.
+    /// The flag that makes the program look a table up stays set once set: an empty table
+    /// costs a lookup, never a denial missed.
+    pub fn set_denied(&mut self, source: Cidr, denied: bool) -> Result<(), DenyError> {
+        let current = self.read()?;
+        let mut entries = TableSet::default();
+        entries.deny([source]);
+        let mut wanted = current.clone();
+        if denied {
+            wanted.deny([source]);
+        } else {
+            wanted.deny_exact.retain(|k, _| !entries.deny_exact.contains_key(k));
+            wanted.deny_prefixes.retain(|k, _| !entries.deny_prefixes.contains_key(k));
+        }
+        let failed = self.apply(&crate::tables::diff(&current, &wanted));
+        match failed.into_iter().next() {
+            Some(first) => Err(DenyError::Update(first)),
+            None => Ok(()),
+        }
     }
 
     /// Records an outbound flow as the TC egress program would (for tests and benchmarks).

@@ -62,15 +62,30 @@ impl fmt::Display for Proto {
 pub enum PortSpec {
     /// `*`: every port of every protocol, and port-less traffic (ICMP, later fragments).
     All,
+    /// `*/udp`: every port of one protocol, and nothing else (not ICMP, not another
+    /// protocol's ports). One map entry, however many ports.
+    EveryPortOf(Proto),
     /// `first-last/proto` (a single port has first == last).
     Range { proto: Proto, first: u16, last: u16 },
 }
 
 impl PortSpec {
+    /// The map entries it takes: one for `*` and `*/proto`, one per port of a range.
     pub fn port_count(&self) -> u32 {
         match self {
-            PortSpec::All => 1,
+            PortSpec::All | PortSpec::EveryPortOf(_) => 1,
             PortSpec::Range { first, last, .. } => u32::from(*last - *first) + 1,
+        }
+    }
+
+    /// Whether a packet to container port `port` of `proto` is covered.
+    pub fn covers(&self, proto: Proto, port: u16) -> bool {
+        match *self {
+            PortSpec::All => true,
+            PortSpec::EveryPortOf(p) => p == proto,
+            PortSpec::Range { proto: p, first, last } => {
+                p == proto && (first..=last).contains(&port)
+            }
         }
     }
 }
@@ -79,6 +94,7 @@ impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PortSpec::All => f.write_str("*"),
+            PortSpec::EveryPortOf(proto) => write!(f, "*/{proto}"),
             PortSpec::Range { proto, first, last } if first == last => write!(f, "{first}/{proto}"),
             PortSpec::Range { proto, first, last } => write!(f, "{first}-{last}/{proto}"),
         }

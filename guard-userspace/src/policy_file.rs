@@ -5,6 +5,8 @@
 //! mode = "enforce"                      # or "audit": count would-drops, drop nothing
 //! trusted_sources = ["10.0.0.0/8"]      # treated as inside: never dropped
 //! trusted_interfaces = ["wg0"]          # never filtered
+//! deny = ["203.0.113.0/24"]             # may reach no container port, whatever opens it
+//! deny_files = ["/etc/container-guard/deny.txt"]  # one address or prefix per line
 //!
 //! [management]                         # the engine's own doors (Swarm, the API on tcp)
 //! cluster = ["10.1.0.0/24"]             # may reach Swarm's ports besides the nodes Docker names
@@ -19,7 +21,11 @@
 //! A file that does not parse is rejected whole, with the line and column of the problem, and
 //! the policy in force stays as it was.
 
-use std::{fmt, fs, io, ops::Range, path::Path};
+use std::{
+    fmt, fs, io,
+    ops::Range,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -47,6 +53,10 @@ pub struct PolicyFile {
     pub mode: Mode,
     pub trusted_sources: Vec<Cidr>,
     pub trusted_interfaces: Vec<String>,
+    /// Sources that may reach no container port from outside, whatever opens it.
+    pub deny: Vec<Cidr>,
+    /// Files of such sources (one per line, `#` comments), re-read when they change.
+    pub deny_files: Vec<PathBuf>,
     pub management: Management,
     pub rules: Vec<Rule>,
 }
@@ -158,6 +168,10 @@ struct RawFile {
     #[serde(default)]
     trusted_interfaces: Vec<String>,
     #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny_files: Vec<Spanned<String>>,
+    #[serde(default)]
     management: RawManagement,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
@@ -263,6 +277,18 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
         s.get_ref().trim().parse::<Cidr>().map_err(|e| invalid(s.span(), e.to_string()))
     };
     let trusted_sources = raw.trusted_sources.iter().map(cidr).collect::<Result<_, _>>()?;
+    let deny = raw.deny.iter().map(cidr).collect::<Result<_, _>>()?;
+    let mut deny_files = Vec::new();
+    for file in &raw.deny_files {
+        let path = PathBuf::from(file.get_ref());
+        if !path.is_absolute() {
+            return Err(invalid(
+                file.span(),
+                format!("deny file {path:?} is not an absolute path"),
+            ));
+        }
+        deny_files.push(path);
+    }
     let management = Management {
         enforce: raw.management.enforce,
         cluster: raw.management.cluster.iter().map(cidr).collect::<Result<_, _>>()?,
@@ -334,6 +360,8 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
         mode: raw.mode,
         trusted_sources,
         trusted_interfaces: raw.trusted_interfaces,
+        deny,
+        deny_files,
         management,
         rules,
     })
@@ -468,6 +496,12 @@ mode = "enforce"
             ("[management]\nadmin = [\"192.0.2.300\"]\n", 2, "192.0.2.300"),
             ("[management]\nclusters = []\n", 2, "clusters"),
             ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n", 3, "icmp"),
+            ("[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"*/foo\"]\n", 3, "\"foo\""),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"*-3/udp\", from = [\"10.0.0.0/8\"] }]\n",
+                3,
+                "*-3/udp",
+            ),
             (
                 "[[rule]]\nmatch = { container = \"db\" }\nallow = [{ ports = \"5432\", from = [\"nowhere\"] }]\n",
                 3,
@@ -501,8 +535,10 @@ mode = "enforce"
     fn the_example_file_in_the_repo_parses() {
         let text = include_str!("../../examples/guard.toml");
         let f = parse(text, "examples/guard.toml").unwrap();
-        assert_eq!((f.mode, f.rules.len(), f.trusted_sources.len()), (Mode::Enforce, 4, 2));
-        assert!(f.rules[2].replace && f.rules[2].openings.is_empty());
+        assert_eq!((f.mode, f.rules.len(), f.trusted_sources.len()), (Mode::Enforce, 5, 2));
+        let media = PortSpec::EveryPortOf(Proto::Udp);
+        assert_eq!(f.rules[2].openings.iter().map(|o| o.ports).collect::<Vec<_>>(), [media]);
+        assert!(f.rules[3].replace && f.rules[3].openings.is_empty());
     }
 
     #[test]

@@ -104,7 +104,11 @@ pub struct ContainerReport {
 
 #[derive(Debug, Serialize)]
 pub struct PortReport {
+    /// 0 when `every_port` is set.
     pub port: u16,
+    /// The row stands for every port of `proto` (`*/udp`) that has no row of its own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub every_port: bool,
     /// The end of a range of opened ports (`port`-`last_port`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_port: Option<u16>,
@@ -193,6 +197,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
         let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
         let mut desired = desired_state(snapshot, &host_addrs, &targets, &policy);
+        desired.tables.deny(crate::bans::denied_by_files_and_bans(&policy, state_dir));
         // Interface roles are the agent's to decide (from its flags and the policy file):
         // taken as the kernel holds them, except that the interfaces it protects must be
         // uplinks.
@@ -414,9 +419,14 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
                     v4 => format!("{v4}:{}", p.host_port),
                 })
                 .collect(),
-            outside: reach(policy.openings.iter().filter(|o| covers(o, first, proto))),
+            outside: reach(policy.openings.iter().filter(|o| o.ports.covers(proto, first))),
+            every_port: false,
             paths: Vec::new(),
         })
+        .chain(every_port_protos(&policy.openings).into_iter().map(|proto| {
+            let outside = reach(policy.openings.iter().filter(|o| covers_every_port(o, proto)));
+            PortReport::every_port(proto, outside)
+        }))
         .collect();
     ContainerReport {
         name: c.name.clone(),
@@ -429,10 +439,47 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
     }
 }
 
-pub(crate) fn covers(opening: &Opening, port: u16, proto: Proto) -> bool {
+/// The protocols the openings open every port of (`*/udp`), each once.
+fn every_port_protos(openings: &[Opening]) -> BTreeSet<Proto> {
+    openings
+        .iter()
+        .filter_map(|o| match o.ports {
+            PortSpec::EveryPortOf(proto) => Some(proto),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether the opening covers every port of `proto` (`*/proto` itself, or `*`).
+fn covers_every_port(opening: &Opening, proto: Proto) -> bool {
     match opening.ports {
         PortSpec::All => true,
-        PortSpec::Range { proto: p, first, last } => p == proto && (first..=last).contains(&port),
+        PortSpec::EveryPortOf(p) => p == proto,
+        PortSpec::Range { .. } => false,
+    }
+}
+
+impl PortReport {
+    /// The row of every port of `proto` (`*/udp`) without a row of its own.
+    fn every_port(proto: Proto, outside: Reach) -> Self {
+        PortReport {
+            port: 0,
+            every_port: true,
+            last_port: None,
+            proto: proto.name().into(),
+            published: Vec::new(),
+            outside,
+            paths: Vec::new(),
+        }
+    }
+
+    /// The PORT column: `443/tcp`, `8000-8010/tcp`, `*/udp`.
+    fn label(&self) -> String {
+        if self.every_port {
+            return format!("*/{}", self.proto);
+        }
+        let range = self.last_port.map(|last| format!("-{last}")).unwrap_or_default();
+        format!("{}{range}/{}", self.port, self.proto)
     }
 }
 
@@ -535,18 +582,12 @@ pub fn render(report: &Report) -> String {
         for port in &c.ports {
             let published =
                 if port.published.is_empty() { "-".into() } else { port.published.join(" ") };
-            let range = port.last_port.map(|last| format!("-{last}")).unwrap_or_default();
             let paths = if port.outside.who == "none" || port.paths.is_empty() {
                 "-".into()
             } else {
                 engine_paths::summary(&port.paths)
             };
-            push(
-                format!("{}{range}/{}", port.port, port.proto),
-                published,
-                port.outside.text(),
-                paths,
-            );
+            push(port.label(), published, port.outside.text(), paths);
         }
         push("other".into(), "-".into(), c.other_ports.text(), "-".into());
     }
@@ -635,10 +676,51 @@ mod tests {
         assert_eq!(reach([&a, &all].into_iter()).text(), "everyone (label guard.expose)");
         assert_eq!(reach(std::iter::empty()).text(), "none");
         assert!(
-            covers(&b, 1, Proto::Udp)
-                && covers(&a, 5432, Proto::Tcp)
-                && !covers(&a, 5432, Proto::Udp)
+            b.ports.covers(Proto::Udp, 1)
+                && a.ports.covers(Proto::Tcp, 5432)
+                && !a.ports.covers(Proto::Udp, 5432)
         );
+    }
+
+    #[test]
+    fn every_port_of_a_protocol_is_a_row_of_its_own_and_opens_that_protocol_only() {
+        let udp = opening(
+            PortSpec::EveryPortOf(Proto::Udp),
+            Sources::Listed(vec!["10.0.0.0/8".parse().unwrap()]),
+            "label guard.allow.lan",
+        );
+        let policy = ContainerPolicy {
+            container: crate::snapshot::Container {
+                id: "ab".repeat(32),
+                name: "dns".into(),
+                image: "busybox".into(),
+                labels: Default::default(),
+                addresses: vec!["172.30.0.9".parse().unwrap()],
+                published: vec![crate::snapshot::Published {
+                    host_ip: "0.0.0.0".parse().unwrap(),
+                    host_port: 53,
+                    container_port: 53,
+                    proto: Proto::Tcp,
+                }],
+            },
+            target: 1,
+            openings: vec![udp],
+            label_errors: vec![],
+            mode: Mode::Enforce,
+        };
+        let report = container_report(&policy);
+        let rows: Vec<(String, String)> =
+            report.ports.iter().map(|p| (p.label(), p.outside.text())).collect();
+        assert_eq!(
+            rows,
+            [
+                ("53/tcp".to_string(), "none".to_string()),
+                ("*/udp".into(), "10.0.0.0/8 (label guard.allow.lan)".into())
+            ]
+        );
+        assert_eq!(report.other_ports.text(), "none", "ICMP and other protocols stay closed");
+        let json = serde_json::to_value(&report.ports[1]).unwrap();
+        assert_eq!(json["every_port"], true);
     }
 }
 

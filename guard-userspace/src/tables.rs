@@ -7,7 +7,9 @@
 //! reference ignores the prefilter (it answers "maybe" to everything), so any prefilter bit
 //! the agent failed to set shows up as a difference between kernel and reference.
 
-use guard_common::maps::{CONFIG_AUDIT_ALL, Config, OPEN_NONE, door};
+use guard_common::maps::{
+    CONFIG_AUDIT_ALL, CONFIG_HAS_DENY_EXACT, CONFIG_HAS_DENY_PREFIX, Config, OPEN_NONE, door,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 use guard_common::{
@@ -18,6 +20,8 @@ use guard_common::{
     },
     prefilter::{self, Bitmap},
 };
+
+use crate::policy::Cidr;
 
 /// A longest-prefix-match key: `len` leading bits of `data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,6 +40,9 @@ pub struct TableSet {
     pub identities: BTreeMap<u32, ContainerId>,
     pub prefilter: Prefilter,
     pub trusted: BTreeMap<Lpm<Addr>, u32>,
+    /// Denied single addresses (the kernel's hash) and prefixes (its trie).
+    pub deny_exact: BTreeMap<Addr, u32>,
+    pub deny_prefixes: BTreeMap<Lpm<Addr>, u32>,
     pub config: Config,
     /// Interfaces by index and role (`IFACE_UPLINK`, `IFACE_INSIDE`); one it does not name
     /// is taken for Docker's.
@@ -53,13 +60,33 @@ impl TableSet {
         self.sources.retain(|source, _| door::is_door(source.data.port.target));
         for info in self.addrs.values_mut() {
             info.all_ports = OPEN_NONE;
-            info.has_port_rules = 0;
+            info.port_rules = 0;
             info.flags = 0;
         }
         for target in self.published.values_mut().filter(|t| !door::is_door(t.target)) {
             target.rule = OPEN_NONE;
             target.all_ports = OPEN_NONE;
+            target.proto_rule = OPEN_NONE;
             target.flags = 0;
+        }
+    }
+}
+
+impl TableSet {
+    /// Denies `sources` every container port: single addresses in the exact table, prefixes
+    /// in the trie (an IPv6 prefix around the IPv4-mapped range selects no IPv4 source).
+    pub fn deny(&mut self, sources: impl IntoIterator<Item = Cidr>) {
+        for cidr in sources {
+            let single = cidr.prefix_len == if cidr.addr.is_ipv4() { 32 } else { 128 };
+            if single {
+                self.deny_exact.insert(Addr::from(cidr.addr), 1);
+                self.config.flags |= CONFIG_HAS_DENY_EXACT;
+                continue;
+            }
+            for (addr, len) in cidr.to_source_prefixes() {
+                self.deny_prefixes.insert(Lpm { len, data: addr }, 1);
+            }
+            self.config.flags |= CONFIG_HAS_DENY_PREFIX;
         }
     }
 }
@@ -150,6 +177,8 @@ impl TableSet {
             (m::SOURCES, self.sources.len(), m::SOURCES_CAPACITY),
             (m::IDENTITIES, self.identities.len(), m::IDENTITIES_CAPACITY),
             (m::TRUSTED, self.trusted.len(), m::TRUSTED_CAPACITY),
+            (m::DENY_EXACT, self.deny_exact.len(), m::DENY_EXACT_CAPACITY),
+            (m::DENY_PREFIX, self.deny_prefixes.len(), m::DENY_PREFIX_CAPACITY),
         ]
     }
 }
@@ -191,6 +220,11 @@ impl Tables for TableSet {
 
     fn source_trusted(&self, src: &Addr) -> bool {
         self.trusted.keys().any(|t| src.in_prefix(&t.data, t.len))
+    }
+
+    fn source_denied(&self, src: &Addr) -> bool {
+        self.deny_exact.contains_key(src)
+            || self.deny_prefixes.keys().any(|d| src.in_prefix(&d.data, d.len))
     }
 
     fn audit_all(&self) -> bool {
@@ -238,6 +272,9 @@ impl Tables for WithFlows<'_> {
     fn source_trusted(&self, src: &Addr) -> bool {
         self.tables.source_trusted(src)
     }
+    fn source_denied(&self, src: &Addr) -> bool {
+        self.tables.source_denied(src)
+    }
     fn audit_all(&self) -> bool {
         self.tables.audit_all()
     }
@@ -284,6 +321,8 @@ pub struct Plan {
     pub identities: TableDiff<u32, ContainerId>,
     pub prefilter: Option<PrefilterChange>,
     pub trusted: TableDiff<Lpm<Addr>, u32>,
+    pub deny_exact: TableDiff<Addr, u32>,
+    pub deny_prefixes: TableDiff<Lpm<Addr>, u32>,
     pub config: Option<Config>,
     pub uplinks: TableDiff<u32, u32>,
 }
@@ -311,6 +350,8 @@ impl Plan {
             + self.identities.len()
             + self.prefilter.as_ref().map_or(0, |_| 1)
             + self.trusted.len()
+            + self.deny_exact.len()
+            + self.deny_prefixes.len()
             + self.config.map_or(0, |_| 1)
             + self.uplinks.len()
     }
@@ -329,6 +370,8 @@ pub fn diff(current: &TableSet, desired: &TableSet) -> Plan {
             last: desired.prefilter.clone(),
         }),
         trusted: diff_map(&current.trusted, &desired.trusted),
+        deny_exact: diff_map(&current.deny_exact, &desired.deny_exact),
+        deny_prefixes: diff_map(&current.deny_prefixes, &desired.deny_prefixes),
         config: (current.config != desired.config).then_some(desired.config),
         uplinks: diff_map(&current.uplinks, &desired.uplinks),
     }

@@ -30,7 +30,7 @@ use tests::docker::{Container, ContainerSpec, Network};
 use tests::host::RoutingHost;
 use tests::netns::{Netns, OutsideHost, in_netns};
 use tests::observe::{free_local_port, http_get};
-use tests::probe::{EchoServer, Outcome, PATIENT, QUICK, udp_roundtrip};
+use tests::probe::{EchoServer, Outcome, PATIENT, Proto, QUICK, udp_roundtrip};
 use tests::raw::{
     self, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Fragment, IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT, IPPROTO_TCP, IPPROTO_UDP, RawLink, SynProbe, TCP_SYN, XorShift, probe_syns,
@@ -371,6 +371,68 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
     check("without agent", PATIENT, true);
     let (agent, _) = agent(&[a.host_end()]);
     check("with agent", QUICK, false);
+    agent.unload();
+}
+
+/// `guard.expose=*/udp`: every UDP port of the container opens, by its addresses (both
+/// families) and through the port Docker publishes, with one rule; its TCP ports, published or
+/// not, stay closed. Without the agent all of them answer (the hole, else the silence would
+/// prove nothing); with it, UDP still answers (or is refused where nothing listens: it got
+/// through) and TCP is silent.
+#[test]
+fn expose_every_udp_port_opens_udp_and_keeps_tcp_closed() {
+    let bed = Bed::new();
+    let a = &bed.a;
+    let serve_tcp = "exec httpd -f -p 6300 -h /www";
+    let publish = ["15300:5300/udp", "16300:6300"];
+    let label = ("guard.expose", "*/udp");
+    let c = container(&bed.net, "adv-every-udp", 14, &[label], &publish, serve_tcp, &[6300]);
+    let _echoes = [
+        c.udp_echo(sock(c.ip(), 5300), SERVER_LIFETIME),
+        c.udp_echo(sock(c.ip(), 40123), SERVER_LIFETIME),
+        c.udp_echo(sock(c.ip6(), 5300), SERVER_LIFETIME),
+    ];
+    let udp = [
+        ("udp 5300, v4", sock(c.ip(), 5300)),
+        ("udp 40123, v4", sock(c.ip(), 40123)),
+        ("udp 5300, v6", sock(c.ip6(), 5300)),
+        ("udp published 15300", sock(a.host_v4(), 15300)),
+    ];
+    let tcp = [
+        ("tcp 6300, v4", sock(c.ip(), 6300)),
+        ("tcp 6300, v6", sock(c.ip6(), 6300)),
+        ("tcp published 16300", sock(a.host_v4(), 16300)),
+    ];
+    let check = |context: &str, udp_answers: Outcome, tcp_answers: Outcome| {
+        let probes: Vec<(&str, Proto, SocketAddr, Outcome)> = udp
+            .iter()
+            .map(|(what, to)| (*what, Proto::Udp, *to, udp_answers))
+            .chain(tcp.iter().map(|(what, to)| (*what, Proto::Tcp, *to, tcp_answers)))
+            .collect();
+        let targets: Vec<_> = probes.iter().map(|p| (p.1, p.2, PATIENT)).collect();
+        let outcomes = a.outcome_all(&targets);
+        let mut wrong = Vec::new();
+        for ((what, _, to, expected), got) in probes.iter().zip(outcomes) {
+            let line = format!("{context}: {what:<22} -> {to:<26} {got}");
+            println!("{line}");
+            if got != *expected {
+                wrong.push(format!("{line}, expected {expected}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{context}: wrong outcomes:\n{}", wrong.join("\n"));
+    };
+    check("without agent", Outcome::Answered, Outcome::Answered);
+    let (agent, _) = agent(&[a.host_end()]);
+    check("with agent", Outcome::Answered, Outcome::Silent);
+    // A UDP port nothing listens on is refused, not dropped: the datagram reached the stack.
+    let no_listener = sock(c.ip(), 40999);
+    let refused = a.outcome_all(&[(Proto::Udp, no_listener, PATIENT)]);
+    assert_eq!(refused, [Outcome::Refused], "udp to {no_listener} must get through");
+    let status = agent.status();
+    assert!(
+        status.lines().any(|l| l.contains("*/udp") && l.contains("everyone")),
+        "status names the rule as written:\n{status}"
+    );
     agent.unload();
 }
 

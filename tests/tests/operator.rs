@@ -427,7 +427,7 @@ fn check_config_validates_without_touching_anything() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/guard.toml");
     let ok = guard(&["check-config", example]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok (mode enforce, 4 rules"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok (mode enforce, 5 rules"));
 
     let bad = std::env::temp_dir().join(format!("guard-e2e-bad-{}.toml", std::process::id()));
     fs::write(&bad, "[[rule]]\nmatch = { container = \"db\" }\nexpose = [\"443/icmp\"]\n").unwrap();

@@ -21,6 +21,7 @@ use aya::{
 use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
+    events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
     maps::{CONFIG_AUDIT_ALL, FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
@@ -765,6 +766,16 @@ impl Loaded {
         (action, moved.collect())
     }
 
+    /// Switches the whole host's audit mode, as `guard run --mode` does.
+    fn audit_all(&mut self, on: bool) {
+        self.desired.tables.config.flags &= !CONFIG_AUDIT_ALL;
+        if on {
+            self.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
+        }
+        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
+        assert!(self.maps.apply(&plan).is_empty());
+    }
+
     fn gate_counter(&self, reason: Reason) -> u64 {
         let counters = self.maps.gate_counters().expect("read gate counters");
         counters.into_iter().find(|(d, _)| *d == Decision::enforced(reason)).unwrap().1
@@ -1365,9 +1376,7 @@ fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it
 #[test]
 fn in_audit_mode_an_unseen_container_s_answer_passes_and_is_counted() {
     let mut g = Loaded::seed().with_uplink();
-    g.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
-    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
-    assert!(g.maps.apply(&plan).is_empty());
+    g.audit_all(true);
     let answer = Frame::new(UNSEEN, OUTSIDE_A, Tcp(50000)).sport(80).syn_ack();
     let (action, moved) = g.run_tc_counted(Hook::TcEgress, &answer.bytes(), UNSEEN_BRIDGE);
     assert_eq!(action, TC_ACT_UNSPEC, "audit mode drops nothing");
@@ -1622,4 +1631,163 @@ fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only
         g.check(name, frame, *expected);
     }
     assert!(g.counter(ManagementPort) > 0, "drops at the doors have their own counter");
+}
+
+/// A container open on every UDP port (`*/udp`) and, to one network, on every TCP port.
+const DNS: &str = "172.30.0.20";
+const DNS6: &str = "fd00:30::20";
+
+fn every_port_snapshot() -> Snapshot {
+    let mut snapshot = seed_snapshot();
+    let mut dns = container(
+        6,
+        "dns",
+        &[DNS, DNS6],
+        &[("guard.expose", "*/udp"), ("guard.allow.lan", "*/tcp from 198.18.1.0/24")],
+    );
+    dns.published = vec![
+        publish("0.0.0.0", 20053, 53, Proto::Udp),
+        publish("0.0.0.0", 20080, 80, Proto::Tcp),
+        publish("0.0.0.0", 20868, 3868, Proto::Sctp),
+    ];
+    snapshot.containers.push(dns);
+    snapshot
+}
+
+#[test]
+fn every_port_of_one_protocol_opens_that_protocol_and_nothing_else() {
+    let mut g = Loaded::empty();
+    let host: Vec<IpAddr> = [HOST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&every_port_snapshot(), &host, &PolicyFile::default());
+    let target = g.desired.containers.iter().find(|c| c.container.name == "dns").unwrap().target;
+    let ports: Vec<_> = g.desired.tables.ports.keys().filter(|k| k.target == target).collect();
+    assert_eq!(ports.len(), 2, "one PORTS entry per protocol: {ports:?}");
+    // The container's own TCP connection out: its replies pass, whatever the rules.
+    g.remember(flow(OUTSIDE_B, 443, DNS, 41000, 6), 0);
+    use Reason::*;
+    let udp_at = 14 + 20;
+    let cases = [
+        ("udp, a low port", Frame::new(OUTSIDE_B, DNS, Udp(53)), Exposed),
+        ("udp, a high port", Frame::new(OUTSIDE_B, DNS, Udp(65535)), Exposed),
+        ("udp, v6", Frame::new(OUTSIDE6, DNS6, Udp(4500)), Exposed),
+        ("udp, tagged", Frame::new(OUTSIDE_B, DNS, Udp(123)).vlans(&[10]), Exposed),
+        ("udp, published", Frame::new(OUTSIDE_B, HOST, Udp(20053)), Exposed),
+        ("udp, first fragment", Frame::new(OUTSIDE_B, DNS, Udp(53)).first_fragment(), Exposed),
+        (
+            "udp, first fragment without its ports",
+            Frame::new(OUTSIDE_B, DNS, Udp(53)).first_fragment().truncate(udp_at + 3),
+            Unreadable,
+        ),
+        (
+            "udp, later fragment",
+            Frame::new(OUTSIDE_B, DNS, Udp(53)).later_fragment(),
+            LaterFragment,
+        ),
+        ("tcp, same port number", Frame::new(OUTSIDE_B, DNS, Tcp(53)), Closed),
+        ("tcp, v6", Frame::new(OUTSIDE6, DNS6, Tcp(53)), Closed),
+        ("tcp, published", Frame::new(OUTSIDE_B, HOST, Tcp(20080)), Closed),
+        ("tcp, from the listed network", Frame::new(OUTSIDE_A, DNS, Tcp(22)), AllowedSource),
+        (
+            "tcp, published, from the listed network",
+            Frame::new(OUTSIDE_A, HOST, Tcp(20080)),
+            AllowedSource,
+        ),
+        ("sctp", Frame::new(OUTSIDE_B, DNS, Sctp(53)), Closed),
+        ("sctp, published", Frame::new(OUTSIDE_A, HOST, Sctp(20868)), Closed),
+        ("icmp echo", Frame::new(OUTSIDE_B, DNS, Icmp), Closed),
+        ("icmp echo, from the listed network", Frame::new(OUTSIDE_A, DNS, Icmp), Closed),
+        ("icmpv6 echo", Frame::new(OUTSIDE6, DNS6, Icmp), Closed),
+        (
+            "a reply to the container's own tcp connection",
+            Frame::new(OUTSIDE_B, DNS, Tcp(41000)).sport(443).established(),
+            Reply,
+        ),
+        // Its neighbours are untouched.
+        ("db's closed udp port", Frame::new(OUTSIDE_B, HOST, Udp(15353)), Closed),
+        ("web's exposed udp port", Frame::new(OUTSIDE_B, HOST, Udp(10053)), Exposed),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
+}
+
+/// Per-container-port drop counters and drop events, as the agent reads them.
+fn recorded(g: &Loaded) -> (BTreeSet<(DropKey, u64)>, u64) {
+    let drops = g.maps.drops().expect("read drop counters").into_iter().collect();
+    let events = g.maps.event_stats().expect("read event stats").iter().sum();
+    (drops, events)
+}
+
+/// What moved between two [`recorded`] readings: the counters that grew (without their path
+/// at the gate: the tests' ingress indexes name no real interface, so the gate's FIB lookup
+/// fails and a published port's number reads as the wildcard publish, as it must for a
+/// destination it cannot prove is forwarded; which path is not the point here), and events.
+fn recorded_since(
+    before: &(BTreeSet<(DropKey, u64)>, u64),
+    after: &(BTreeSet<(DropKey, u64)>, u64),
+) -> (Vec<DropKey>, u64) {
+    let grown = after.0.difference(&before.0).map(|(key, _)| {
+        let path = if key.flags & DROP_AT_GATE != 0 { DROP_PUBLISHED } else { 0 };
+        DropKey { flags: key.flags & !path, ..*key }
+    });
+    (grown.collect(), after.1 - before.1)
+}
+
+#[test]
+fn in_audit_mode_a_probe_xdp_counted_is_not_counted_again_at_the_gate() {
+    let mut g = Loaded::seed().with_uplink();
+    g.audit_all(true);
+    let db = g.desired.containers.iter().find(|c| c.container.name == "db").unwrap().target;
+    let audited_closed = Decision { reason: Reason::Closed, audited: true };
+    let at = |flags| DropKey { target: db, port: 5432, proto: 6, flags };
+
+    // Routed to the container: XDP and the gate see the same packet.
+    let probe = Frame::new(OUTSIDE_A, DB, Tcp(5432));
+    let before = recorded(&g);
+    assert_eq!(g.run(&probe.bytes(), Framing::Ethernet), XDP_PASS, "audit mode drops nothing");
+    let after_xdp = recorded(&g);
+    assert_eq!(recorded_since(&before, &after_xdp), (vec![at(DROP_AUDITED)], 1));
+    let (action, moved) = g.run_tc_counted(Hook::BridgeGate, &probe.bytes(), UPLINK);
+    assert_eq!((action, moved), (TC_ACT_UNSPEC, vec![audited_closed]), "the gate still judges");
+    assert_eq!(recorded_since(&after_xdp, &recorded(&g)), (vec![], 0), "counted once, at XDP");
+
+    // Through a published port: XDP sees the host's address, the gate the container's.
+    let before = recorded(&g);
+    assert_eq!(g.run(&Frame::new(OUTSIDE_A, HOST, Tcp(5432)).bytes(), Framing::Ethernet), XDP_PASS);
+    let after_xdp = recorded(&g);
+    let published = at(DROP_AUDITED | DROP_PUBLISHED);
+    assert_eq!(recorded_since(&before, &after_xdp), (vec![published], 1));
+    let (action, _) = g.run_tc_counted(Hook::BridgeGate, &probe.bytes(), UPLINK);
+    assert_eq!(action, TC_ACT_UNSPEC);
+    assert_eq!(recorded_since(&after_xdp, &recorded(&g)), (vec![], 0), "counted once, at XDP");
+
+    // What XDP did not count, the gate does. A port Docker published before the agent listed
+    // its container: XDP saw the host's business, the gate an address no container holds.
+    let early = Frame::new(OUTSIDE_A, HOST, Tcp(7777));
+    let before = recorded(&g);
+    assert_eq!(g.run(&early.bytes(), Framing::Ethernet), XDP_PASS);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 0));
+    let dnat = Frame::new(OUTSIDE_A, "172.30.0.200", Tcp(7777));
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &dnat.bytes(), UPLINK), TC_ACT_UNSPEC);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 1), "its drop event");
+    // An uplink back under a new index (no XDP on it yet).
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &probe.bytes(), NEW_UPLINK), TC_ACT_UNSPEC);
+    let gate = at(DROP_AUDITED | DROP_AT_GATE);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![gate], 1));
+    // Behind a bridge the agent has not seen.
+    let before = recorded(&g);
+    let unseen = Frame::new(OUTSIDE_A, UNSEEN, Tcp(80));
+    assert_eq!(
+        g.run_tc_on(Hook::BridgeGate, &unseen.bytes(), UPLINK, UNSEEN_BRIDGE),
+        TC_ACT_UNSPEC
+    );
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![], 1));
+
+    // Enforced, whatever reaches the gate slipped past XDP: dropped and counted there.
+    g.audit_all(false);
+    let before = recorded(&g);
+    assert_eq!(g.run_tc(Hook::BridgeGate, &probe.bytes(), UPLINK), TC_ACT_SHOT);
+    assert_eq!(recorded_since(&before, &recorded(&g)), (vec![at(DROP_AT_GATE)], 1));
 }

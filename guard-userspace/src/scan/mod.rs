@@ -76,6 +76,7 @@ pub async fn scan(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Resul
             let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
             let host = interfaces::host_addresses().context("listing host addresses")?;
             let mut desired = desired_state(&snapshot, &host, &targets, &policy);
+            desired.tables.deny(crate::bans::denied_by_files_and_bans(&policy, state_dir));
             // Interface roles are the agent's to decide: taken as the kernel holds them.
             desired.tables.uplinks = kernel.uplinks.clone();
             desired
@@ -412,8 +413,7 @@ impl<'a> Judge<'a> {
                     .flat_map(|c| &c.openings)
                     .filter(|o| {
                         dest.any_port && o.ports == crate::policy::PortSpec::All
-                            || !dest.any_port
-                                && crate::status::covers(o, first.container_port, dest.proto)
+                            || !dest.any_port && o.ports.covers(dest.proto, first.container_port)
                     })
                     .map(|o| o.rule.clone())
                     .collect();

@@ -56,8 +56,7 @@ pub fn doors(kernel: &TableSet) -> Vec<DoorReport> {
         ports.dedup();
         let Some(&(proto, port)) = ports.first() else { continue };
         // Every port of a door is open to the same sources.
-        let rule = kernel.ports.get(&PortKey::new(target, proto, port)).map_or(0, |r| r.open_to);
-        let outside = reach(kernel, Some((proto, port, rule)), 0, target);
+        let outside = reach(kernel, &[rule(kernel, PortKey::new(target, proto, port))]);
         let name = crate::doors::name(target).unwrap_or("engine").to_string();
         let ports =
             ports.iter().map(|(proto, port)| crate::doors::port_name(*proto, *port)).collect();
@@ -77,9 +76,15 @@ fn container(
     let audit = kernel.config.flags & CONFIG_AUDIT_ALL != 0
         || infos.iter().any(|(_, i)| i.flags & TARGET_AUDIT != 0);
 
+    let all = (PortKey::all_ports(target), all_ports);
     let mut rows: BTreeMap<(u8, u16), Vec<String>> = BTreeMap::new();
+    let mut every_port_protos = Vec::new();
     for key in kernel.ports.keys().filter(|k| k.target == target && k.proto != PROTO_ANY) {
-        rows.entry((key.proto, key.port)).or_default();
+        if key.is_every_port_of_proto() {
+            every_port_protos.push(key.proto);
+        } else {
+            rows.entry((key.proto, key.port)).or_default();
+        }
     }
     for (key, published) in kernel.published.iter().filter(|(_, p)| p.target == target) {
         let host = match std::net::IpAddr::from(key.addr) {
@@ -88,16 +93,16 @@ fn container(
         };
         rows.entry((key.proto, published.port)).or_default().push(host);
     }
-    let other = reach(kernel, None, all_ports, target);
+    let other = reach(kernel, &[all]);
+    let every_port_of = |proto: u8| rule(kernel, PortKey::every_port_of(target, proto));
     let ports = rows
         .into_iter()
-        .map(|((proto, port), published)| {
-            let rule = kernel.ports.get(&PortKey::new(target, proto, port)).map(|r| r.open_to);
-            let mut outside =
-                reach(kernel, Some((proto, port, rule.unwrap_or(0))), all_ports, target);
-            let proto = Proto::from_number(proto).map_or("any", |p| p.name());
+        .map(|((proto_number, port), published)| {
+            let port_rule = rule(kernel, PortKey::new(target, proto_number, port));
+            let mut outside = reach(kernel, &[port_rule, every_port_of(proto_number), all]);
+            let proto = Proto::from_number(proto_number).map_or("any", |p| p.name());
             if let Some(wanted) = wanted {
-                let wanted_reach = wanted_port(wanted, port, proto);
+                let wanted_reach = wanted_port(wanted, port, proto_number);
                 outside.rules = wanted_reach.rules.clone();
                 outside.differs = differs(&outside, &wanted_reach);
             }
@@ -117,6 +122,7 @@ fn container(
             };
             PortReport {
                 port,
+                every_port: false,
                 last_port: None,
                 proto: proto.into(),
                 published,
@@ -124,6 +130,18 @@ fn container(
                 paths: Vec::new(),
             }
         })
+        .chain(every_port_protos.into_iter().filter_map(|proto_number| {
+            let proto = Proto::from_number(proto_number)?;
+            let mut outside = reach(kernel, &[every_port_of(proto_number), all]);
+            if let Some(wanted) = wanted {
+                let wanted_reach = super::reach(
+                    wanted.openings.iter().filter(|o| super::covers_every_port(o, proto)),
+                );
+                outside.rules = wanted_reach.rules.clone();
+                outside.differs = differs(&outside, &wanted_reach);
+            }
+            Some(PortReport::every_port(proto, outside))
+        }))
         .collect();
     let (name, addresses_from_docker, label_errors) = match wanted {
         Some(w) => (
@@ -153,15 +171,15 @@ fn container(
     }
 }
 
-/// Who outside may reach `port` ((protocol, port, its rule)), or port-less traffic and every
-/// port without a rule of its own (`None`), by the kernel's maps: a port's rule and the
-/// container's all-ports rule add up.
-fn reach(kernel: &TableSet, port: Option<(u8, u16, u8)>, all_ports: u8, target: u32) -> Reach {
-    let rules = [
-        port.map(|(proto, port, rule)| (PortKey::new(target, proto, port), rule)),
-        Some((PortKey::all_ports(target), all_ports)),
-    ];
-    let rules: Vec<(PortKey, u8)> = rules.into_iter().flatten().collect();
+/// The rule the kernel's PORTS map holds under `key` (`OPEN_NONE` without one), with the key
+/// its sources are listed under.
+fn rule(kernel: &TableSet, key: PortKey) -> (PortKey, u8) {
+    (key, kernel.ports.get(&key).map_or(0, |r| r.open_to))
+}
+
+/// Who outside may reach what `rules` decide, by the kernel's maps: the rules that apply to a
+/// port (its own, its protocol's every-port rule, the container's all-ports rule) add up.
+fn reach(kernel: &TableSet, rules: &[(PortKey, u8)]) -> Reach {
     if rules.iter().any(|(_, rule)| *rule == OPEN_EVERYONE) {
         return Reach::new("everyone", Vec::new());
     }
@@ -192,12 +210,10 @@ fn prefix(key: SourceKey, len: u32) -> String {
 }
 
 /// What the desired state says of one port (the policy file's and the labels' words).
-fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: &str) -> Reach {
-    super::reach(wanted.openings.iter().filter(|o| match o.ports {
-        PortSpec::All => true,
-        PortSpec::Range { proto: p, first, last } => {
-            p.name() == proto && (first..=last).contains(&port)
-        }
+fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: u8) -> Reach {
+    super::reach(wanted.openings.iter().filter(|o| match Proto::from_number(proto) {
+        Some(proto) => o.ports.covers(proto, port),
+        None => o.ports == PortSpec::All,
     }))
 }
 
@@ -221,6 +237,8 @@ fn compress(ports: Vec<PortReport>) -> Vec<PortReport> {
     for port in ports {
         if let Some(last) = rows.last_mut()
             && last.proto == port.proto
+            && !last.every_port
+            && !port.every_port
             && last.published.is_empty()
             && port.published.is_empty()
             && last.outside == port.outside
@@ -259,21 +277,51 @@ mod tests {
         listed(&mut kernel, port, "10.0.0.0", 96 + 8);
         listed(&mut kernel, PortKey::all_ports(7), "2001:db8::", 32);
 
-        let both = reach(&kernel, Some((6, 5432, OPEN_LISTED)), OPEN_LISTED, 7);
+        let all = |rule| (PortKey::all_ports(7), rule);
+        let both = reach(&kernel, &[(port, OPEN_LISTED), all(OPEN_LISTED)]);
         assert_eq!(
             (both.who, both.sources),
             ("listed", vec!["10.0.0.0/8".into(), "2001:db8::/32".into()])
         );
-        let other = reach(&kernel, None, OPEN_LISTED, 7);
+        let other = reach(&kernel, &[all(OPEN_LISTED)]);
         assert_eq!(other.sources, ["2001:db8::/32"]);
-        assert_eq!(reach(&kernel, Some((6, 5432, OPEN_LISTED)), OPEN_EVERYONE, 7).who, "everyone");
-        assert_eq!(reach(&kernel, Some((6, 80, 0)), 0, 7).who, "none");
+        assert_eq!(reach(&kernel, &[(port, OPEN_LISTED), all(OPEN_EVERYONE)]).who, "everyone");
+        assert_eq!(reach(&kernel, &[(PortKey::new(7, 6, 80), 0), all(0)]).who, "none");
+    }
+
+    #[test]
+    fn every_port_of_a_protocol_is_shown_as_such_and_adds_to_that_protocol_s_ports_only() {
+        let mut kernel = TableSet::default();
+        let udp = PortKey::every_port_of(7, 17);
+        kernel.ports.insert(udp, PortRule::listed());
+        listed(&mut kernel, udp, "10.0.0.0", 96 + 8);
+        kernel.ports.insert(PortKey::new(7, 6, 80), PortRule::everyone());
+        kernel.ports.insert(PortKey::new(7, 17, 53), PortRule::listed());
+        listed(&mut kernel, PortKey::new(7, 17, 53), "192.0.2.0", 96 + 24);
+        kernel.identities.insert(7, ContainerId([0xab; 32]));
+        let mut info = guard_common::maps::AddrInfo::container(7);
+        info.port_rules = 3;
+        kernel.addrs.insert(Addr::from("172.30.0.9".parse::<std::net::IpAddr>().unwrap()), info);
+
+        let report = &containers(&kernel, None)[0];
+        let rows: Vec<(String, String)> =
+            report.ports.iter().map(|p| (p.label(), p.outside.text())).collect();
+        assert_eq!(
+            rows,
+            [
+                ("80/tcp".to_string(), "everyone".to_string()),
+                ("53/udp".into(), "10.0.0.0/8, 192.0.2.0/24".into()),
+                ("*/udp".into(), "10.0.0.0/8".into()),
+            ]
+        );
+        assert_eq!(report.other_ports.text(), "none");
     }
 
     #[test]
     fn consecutive_unpublished_ports_open_to_the_same_are_one_row() {
         let row = |port, published: &[&str]| PortReport {
             port,
+            every_port: false,
             last_port: None,
             proto: "tcp".into(),
             published: published.iter().map(|p| p.to_string()).collect(),

@@ -132,11 +132,14 @@ impl World {
                 let port =
                     if !ports.is_empty() && rng.chance(70) { *rng.pick(ports) } else { rng.port() };
                 ports.push(port);
-                match rng.below(6) {
+                match rng.below(8) {
                     0 => "*".into(),
                     1 => format!("{port}-{}/tcp", port.saturating_add(rng.below(5) as u16)),
                     2 => format!("{port}/udp"),
                     3 => format!("{port}/sctp"),
+                    // Every port of one protocol, alone or beside a port of another.
+                    4 => format!("*/{}", rng.pick(&["tcp", "udp", "sctp"])),
+                    5 => format!("*/{},{port}", rng.pick(&["tcp", "udp", "sctp"])),
                     _ => format!("{port}"),
                 }
             };
@@ -227,8 +230,9 @@ impl World {
                     );
                 }
                 2 => {
+                    let ports = rng.pick(&["*", "*/udp", "*/tcp"]);
                     text += &format!(
-                        "[[rule]]\nmatch = {{ image = \"busy*\", container = \"{}\" }}\nallow = [{{ ports = \"*\", from = [\"203.0.113.0/25\"] }}]\n",
+                        "[[rule]]\nmatch = {{ image = \"busy*\", container = \"{}\" }}\nallow = [{{ ports = \"{ports}\", from = [\"203.0.113.0/25\"] }}]\n",
                         container.name
                     )
                 }
