@@ -14,7 +14,9 @@
 //! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`scan`]
 //! (what the network can reach, judged by the loaded programs), [`unload`]. Alerts:
 //! [`alerts`] (the scan kept current in `guard run`, one event per change) and [`webhook`]
-//! (`--alert-url`).
+//! (`--alert-url`). Ban lists: [`bans`] (`guard ban`, deny files) and [`crowdsec`]
+//! (`--crowdsec-url`: a CrowdSec LAPI's decisions); the webhook and the bouncer send through
+//! [`http_client`].
 
 pub mod desired;
 pub mod doors;
