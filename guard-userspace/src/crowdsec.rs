@@ -48,6 +48,16 @@ pub struct CrowdSec {
     pub poll: Duration,
 }
 
+impl CrowdSec {
+    /// From `guard run`'s flags: checks the URL and reads the key now, so that a typo or a
+    /// missing key file stops the agent at start rather than ban nothing quietly.
+    pub fn from_flags(url: &str, key_file: &Path, poll: Duration) -> anyhow::Result<Self> {
+        http_client::Endpoint::parse(url).with_context(|| format!("--crowdsec-url {url}"))?;
+        let key = read_key_file(key_file).context("--crowdsec-key-file")?;
+        Ok(CrowdSec { url: url.to_owned(), key, poll })
+    }
+}
+
 /// The API key in `path`, whitespace trimmed (`cscli bouncers add NAME -o raw > FILE` leaves a
 /// newline).
 pub fn read_key_file(path: &Path) -> anyhow::Result<String> {

@@ -153,6 +153,12 @@ fn key_files_are_trimmed_and_must_hold_a_key() {
     assert!(read_key_file(&file).unwrap_err().to_string().contains("is empty"));
     let missing = dir.join("missing");
     assert!(read_key_file(&missing).unwrap_err().to_string().contains("missing"));
+    std::fs::write(&file, "k\n").unwrap();
+    let poll = Duration::from_secs(1);
+    assert_eq!(CrowdSec::from_flags("http://127.0.0.1:8080", &file, poll).unwrap().key, "k");
+    assert!(CrowdSec::from_flags("127.0.0.1:8080", &file, poll).is_err(), "no scheme");
+    let err = CrowdSec::from_flags("http://127.0.0.1:8080", &missing, poll).unwrap_err();
+    assert!(format!("{err:#}").contains("--crowdsec-key-file"), "{err:#}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
