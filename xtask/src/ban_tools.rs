@@ -43,18 +43,21 @@ pub fn before_install(missing: &[&str]) -> Result<InstallGuard> {
     }
     // A machine that has its own policy (Docker images deny every start) keeps it.
     if !Path::new(POLICY_RC_D).exists() {
-        let services = PACKAGES.join("|");
-        fs::write(
-            POLICY_RC_D,
-            format!(
-                "#!/bin/sh\n# container-guard's xtask, during apt-get install only\ncase \"$1\" in {services}) exit 101 ;; esac\nexit 0\n"
-            ),
-        )?;
+        fs::write(POLICY_RC_D, policy_script())?;
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))?;
         guard.wrote_policy = true;
     }
     Ok(guard)
+}
+
+/// A policy-rc.d that refuses to start [`PACKAGES`]' services (101: forbidden) and lets every
+/// other service do as it would without one (0).
+fn policy_script() -> String {
+    let services = PACKAGES.join("|");
+    format!(
+        "#!/bin/sh\n# container-guard's xtask, during apt-get install only\ncase \"$1\" in {services}) exit 101 ;; esac\nexit 0\n"
+    )
 }
 
 impl Drop for InstallGuard {
@@ -81,5 +84,24 @@ pub fn keep_services_stopped() {
         if disabled {
             println!("xtask: {unit} disabled and stopped (the tests run their own {package})");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_refuses_only_the_ban_tools() {
+        let status = |service: &str| {
+            Command::new("sh")
+                .args(["-c", &policy_script(), "policy-rc.d", service, "start"])
+                .status()
+                .unwrap()
+                .code()
+        };
+        assert_eq!(status("fail2ban"), Some(101));
+        assert_eq!(status("crowdsec"), Some(101));
+        assert_eq!(status("docker"), Some(0));
     }
 }
