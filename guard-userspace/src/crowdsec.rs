@@ -27,6 +27,8 @@ use crate::{http_client, policy::Cidr};
 /// How often the stream is polled unless `--crowdsec-poll` says otherwise (the firewall
 /// bouncer's default).
 pub const DEFAULT_POLL: Duration = Duration::from_secs(10);
+/// The shortest poll interval followed.
+const MIN_POLL: Duration = Duration::from_millis(100);
 /// One poll: connect, request and the whole answer (a `startup=true` answer carrying the
 /// community blocklist runs to tens of thousands of decisions).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -84,6 +86,8 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
         Err(e) => return never_follow(&config.url, e).await,
     };
     let url = config.url.trim_end_matches('/');
+    // A zero interval would poll the LAPI in a tight loop.
+    let interval = config.poll.max(MIN_POLL);
     let mut held = Held::default();
     let mut startup = true;
     let mut outage: Option<Instant> = None;
@@ -108,14 +112,14 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
                     None if startup => info!(
                         "following CrowdSec decisions at {url}: {} bans, polled every {:?}",
                         bans.len(),
-                        config.poll
+                        interval
                     ),
                     None => {}
                 }
                 publish(&decisions, bans);
                 startup = false;
                 retry = FIRST_RETRY;
-                tokio::time::sleep(config.poll).await;
+                tokio::time::sleep(interval).await;
             }
             Err(e) => {
                 if outage.is_none() {
@@ -130,7 +134,7 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
                 // Bans still end on their own time while the LAPI is away.
                 publish(&decisions, held.bans(now_secs()));
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(config.poll.max(FIRST_RETRY));
+                retry = (retry * 2).min(interval.max(FIRST_RETRY));
             }
         }
     }
@@ -338,6 +342,9 @@ impl Held {
             };
             self.by_decision.insert(Key { id: decision.id, source }, until);
         }
+        // The LAPI lists expired decisions as deleted, but a missed answer must not keep
+        // them here for ever.
+        self.by_decision.retain(|_, until| until.is_none_or(|until| until as f64 > now));
     }
 
     /// The sources banned at `now` (seconds since the epoch), each until its last decision ends.
