@@ -183,7 +183,11 @@ pub fn decide_resolved<T: Tables>(tables: &T, pkt: &Packet) -> (Decision, Resolv
     if reason.verdict() == Verdict::Pass {
         return (Decision::enforced(reason), resolved);
     }
-    if reason.closes_by_default() && tables.source_trusted(&pkt.src) {
+    // Trust lets in no denied source either.
+    if reason.closes_by_default()
+        && tables.source_trusted(&pkt.src)
+        && !denied(tables, resolved.target, &pkt.src)
+    {
         return (Decision::enforced(Reason::TrustedSource), resolved);
     }
     let audited = resolved.flags & TARGET_AUDIT != 0 || tables.audit_all();
@@ -333,22 +337,40 @@ fn judge<T: Tables>(
     rules: Option<PortRules>,
     all_ports: u8,
 ) -> Reason {
-    // Denied before anything opens: a ban outweighs every label and rule. The engine's doors
-    // are not container ports (banning a swarm node must not split the cluster).
-    if !door::is_door(target) && tables.source_denied(&pkt.src) {
-        return if is_reply(tables, pkt) { Reason::Reply } else { Reason::Denied };
-    }
+    let mut opened = None;
     if let Some(rules) = rules {
         for (key, rule) in [rules.port, rules.proto] {
-            if let Some(reason) = opening(tables, rule, &key, &pkt.src) {
-                return reason;
+            if opened.is_none() {
+                opened = opening(tables, rule, &key, &pkt.src);
             }
         }
     }
-    if let Some(reason) = opening(tables, all_ports, &PortKey::all_ports(target), &pkt.src) {
+    if opened.is_none() {
+        opened = opening(tables, all_ports, &PortKey::all_ports(target), &pkt.src);
+    }
+    // What opens a port opens it to no denied source; asked only then, so a closed port, the
+    // common case, pays nothing for the deny sets. Its replies to what was started inside
+    // still pass.
+    let denied = opened.is_some() && denied(tables, target, &pkt.src);
+    if let Some(reason) = opened
+        && !denied
+    {
         return reason;
     }
-    if is_reply(tables, pkt) { Reason::Reply } else { Reason::Closed }
+    if is_reply(tables, pkt) {
+        Reason::Reply
+    } else if denied {
+        Reason::Denied
+    } else {
+        Reason::Closed
+    }
+}
+
+/// Whether the operator denied `src` the container `target` (bans, deny lists and files). The
+/// engine's doors are not container ports: banning a swarm node must not split the cluster.
+#[inline(always)]
+fn denied<T: Tables>(tables: &T, target: u32, src: &Addr) -> bool {
+    !door::is_door(target) && tables.source_denied(src)
 }
 
 /// Whether the packet answers a flow the host or a container started (flow memory).

@@ -1489,6 +1489,53 @@ fn recorders_remember_only_flows_started_inside_whose_replies_would_drop() {
     }
 }
 
+/// A denied source reaches no container port, whatever opens it: an exposed port (by address
+/// and published), a port allowed to it, trust (a closed port is closed, as for anyone). Its replies to what was started
+/// inside still pass, the engine's doors are not container ports, a source next to it is not
+/// denied, and an IPv6 prefix around the IPv4-mapped range denies no IPv4 source.
+#[test]
+fn denied_sources_reach_no_container_port_and_their_replies_pass() {
+    let mut g = Loaded::empty();
+    let policy = policy_file::parse(
+        "trusted_sources = [\"198.18.3.0/24\"]\ndeny = [\"198.18.1.2\", \"198.18.3.0/28\", \"2001:db8:1::/64\", \"::/1\"]\n",
+        "test.toml",
+    )
+    .unwrap();
+    let host: Vec<IpAddr> = [HOST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&seed_snapshot(), &host, &policy);
+    g.remember(flow(OUTSIDE_A, 53, DB, 40001, 17), 0);
+    use Reason::*;
+    let cases = [
+        ("exposed port, direct", Frame::new(OUTSIDE_A, WEB, Tcp(443)), Denied),
+        ("exposed port, published", Frame::new(OUTSIDE_A, HOST, Tcp(10443)), Denied),
+        ("the port allowed to it", Frame::new(OUTSIDE_A, PARTNER, Tcp(9000)), Denied),
+        ("the port allowed to it, published", Frame::new(OUTSIDE_A, HOST, Tcp(19000)), Denied),
+        ("trust lets in no denied source", Frame::new("198.18.3.7", API, Tcp(8080)), Closed),
+        ("a trusted source not denied", Frame::new("198.18.3.77", API, Tcp(8080)), TrustedSource),
+        (
+            "its reply to a flow started inside",
+            Frame::new(OUTSIDE_A, DB, Udp(40001)).sport(53),
+            Reply,
+        ),
+        ("its ping, which `*` allowed it", Frame::new(OUTSIDE_A, VPN_ONLY, Icmp), Denied),
+        ("a port nothing opens stays closed", Frame::new(OUTSIDE_A, API, Tcp(8080)), Closed),
+        ("the host's own service", Frame::new(OUTSIDE_A, HOST, Tcp(22)), NotContainerBound),
+        ("the neighbour of a denied address", Frame::new("198.18.1.3", WEB, Tcp(443)), Exposed),
+        ("a denied IPv6 prefix", Frame::new(OUTSIDE6, WEB6, Tcp(443)), Denied),
+        ("::/1 does not deny IPv4", Frame::new(OUTSIDE_B, WEB, Tcp(443)), Exposed),
+    ];
+    for (name, frame, expected) in &cases {
+        g.check(name, frame, *expected);
+    }
+    // Flows a container starts to a denied source are remembered: their replies pass.
+    let mut g = g.with_uplink();
+    let before = g.remembered();
+    let out = Frame::new(DB, OUTSIDE_A, Tcp(443)).sport(40005);
+    g.run_tc(Hook::BridgeIngress, &out.bytes(), BRIDGE);
+    let added: Vec<FlowKey> = g.remembered().difference(&before).copied().collect();
+    assert_eq!(added, [flow(OUTSIDE_A, 443, DB, 40005, 6)], "a flow to a denied source");
+}
+
 #[test]
 fn answers_to_trusted_or_audited_sources_are_not_remembered() {
     // A source the policy file trusts, or a container in audit mode, is let in: its answers

@@ -222,29 +222,29 @@ fn destinations(
         let all_ports_open =
             tables.iter().any(|t| t.addrs.get(&addr).is_some_and(|i| i.all_ports != OPEN_NONE));
         let addr = IpAddr::from(addr);
-        for (proto, port) in ports {
-            let Some(proto) = Proto::from_number(proto) else { continue };
-            out.push(Destination {
-                addr,
-                proto,
-                port,
-                any_port: false,
-                path: "direct",
-                process: None,
-            });
-        }
-        if all_ports_open {
-            // A port no rule of its own names stands for every such port.
-            let port = (1..=u16::MAX)
+        // A port no rule of its own names stands for every such port of its protocol.
+        let unnamed = |proto: Proto| {
+            (1..=u16::MAX)
                 .rev()
                 .find(|p| {
-                    !tables.iter().any(|t| t.ports.contains_key(&PortKey::new(target, 6, *p)))
+                    !tables
+                        .iter()
+                        .any(|t| t.ports.contains_key(&PortKey::new(target, proto.number(), *p)))
                 })
-                .unwrap_or(u16::MAX);
+                .unwrap_or(u16::MAX)
+        };
+        for (proto, port) in ports {
+            let Some(proto) = Proto::from_number(proto) else { continue };
+            // Port 0 holds the rule for every port of the protocol (`*/udp`).
+            let any_port = port == 0;
+            let port = if any_port { unnamed(proto) } else { port };
+            out.push(Destination { addr, proto, port, any_port, path: "direct", process: None });
+        }
+        if all_ports_open {
             out.push(Destination {
                 addr,
                 proto: Proto::Tcp,
-                port,
+                port: unnamed(Proto::Tcp),
                 any_port: true,
                 path: "direct",
                 process: None,
@@ -412,7 +412,9 @@ impl<'a> Judge<'a> {
                     .into_iter()
                     .flat_map(|c| &c.openings)
                     .filter(|o| {
-                        dest.any_port && o.ports == crate::policy::PortSpec::All
+                        let every_port = o.ports == crate::policy::PortSpec::All
+                            || o.ports == crate::policy::PortSpec::EveryPortOf(dest.proto);
+                        dest.any_port && every_port
                             || !dest.any_port && o.ports.covers(dest.proto, first.container_port)
                     })
                     .map(|o| o.rule.clone())

@@ -196,8 +196,8 @@ impl World {
         world
     }
 
-    /// A policy file: sometimes global audit, trusted sources, rules that open ports, replace
-    /// labels or audit one container. Written as TOML and parsed, like the operator's.
+    /// A policy file: sometimes global audit, trusted and denied sources, rules that open
+    /// ports, replace labels or audit one container. Written as TOML and parsed, like the operator's.
     fn random_policy(&self, rng: &mut Rng) -> PolicyFile {
         let mut text = String::new();
         if rng.chance(15) {
@@ -206,6 +206,15 @@ impl World {
         if rng.chance(30) {
             let trusted = if rng.chance(50) { "203.0.113.0/26" } else { "2001:db8:77::/49" };
             text += &format!("trusted_sources = [\"{trusted}\"]\n");
+        }
+        if rng.chance(30) {
+            // Overlapping the trusted and allowed ranges: a denial outweighs both.
+            let deny = rng.pick(&[
+                "[\"203.0.113.5\", \"203.0.113.64/27\"]",
+                "[\"203.0.113.0/28\", \"2001:db8:77::/50\"]",
+                "[\"203.0.113.77\", \"203.0.113.200\", \"2001:db8:77:4000::/50\"]",
+            ]);
+            text += &format!("deny = {deny}\n");
         }
         if rng.chance(50) {
             text += &format!(
