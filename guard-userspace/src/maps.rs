@@ -45,7 +45,7 @@ pub enum DenyError {
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
-    Update(UpdateError),
+    Update(Box<UpdateError>),
 }
 
 /// A map update that failed; the rest of the plan is still applied.
@@ -266,7 +266,7 @@ impl PolicyMaps {
         }
         let failed = self.apply(&crate::tables::diff(&current, &wanted));
         match failed.into_iter().next() {
-            Some(first) => Err(DenyError::Update(first)),
+            Some(first) => Err(DenyError::Update(Box::new(first))),
             None => Ok(()),
         }
     }

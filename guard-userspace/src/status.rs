@@ -782,6 +782,7 @@ mod check_tests {
         };
         let port = |port, who, published: &[(std::net::IpAddr, u16)]| PortReport {
             port,
+            every_port: false,
             last_port: None,
             proto: "tcp".into(),
             published: vec![],
