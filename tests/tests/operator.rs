@@ -660,6 +660,9 @@ fn bans_close_every_exposed_port_to_a_source_and_end_on_time() {
     let check =
         agent.guard(&["status", "--check", "--pin-dir", &pin_dir, "--state-dir", &state_dir]);
     assert!(check.is_ok(), "status --check with a ban: {check:?}");
+    assert!(agent.status().contains("denied every container port: 1 addresses"));
+    let (_, metrics) = http_get("/metrics");
+    assert!(metrics.contains("guard_denied_sources{from=\"cli\"} 1"), "{metrics}");
 
     // It ends on time.
     assert!(
