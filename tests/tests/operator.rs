@@ -436,6 +436,16 @@ fn check_config_validates_without_touching_anything() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(".toml:3:") && err.contains("icmp"), "{err}");
+
+    // A deny file with a line that is no address fails the check, naming file and line.
+    let deny = std::env::temp_dir().join(format!("guard-e2e-deny-{}.txt", std::process::id()));
+    fs::write(&deny, "192.0.2.7\n# fine\nexample.com\n").unwrap();
+    fs::write(&bad, format!("deny_files = [\"{}\"]\n", deny.display())).unwrap();
+    let out = guard(&["check-config", &bad.to_string_lossy()]);
+    let _ = (fs::remove_file(&bad), fs::remove_file(&deny));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".txt:3: `example.com`"), "{err}");
 }
 
 /// What the operator is told at start, and what a vanished file changes: an interface both
