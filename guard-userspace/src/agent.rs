@@ -691,6 +691,9 @@ impl Agent {
             })
             .collect();
         state.swarm_nodes = snapshot.doors.swarm.as_ref().map(|s| s.nodes.len());
+        let (in_files, banned) = self.deny.counts();
+        state.denied =
+            vec![("policy", self.policy.deny.len()), ("file", in_files), ("cli", banned)];
         state.unguarded = unguarded.into_iter().chain(uncovered).collect();
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;

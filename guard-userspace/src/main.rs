@@ -391,13 +391,25 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 "not guarded".into()
             };
+            // A deny file that does not parse is an error here (the agent would keep what it
+            // last read, and at its start that is nothing); a missing one may come later.
+            let mut in_files = 0;
+            for path in &policy.deny_files {
+                if !path.exists() {
+                    eprintln!("warning: deny file {} does not exist (yet)", path.display());
+                    continue;
+                }
+                in_files += bans::read_deny_file(path).map_err(anyhow::Error::msg)?.len();
+            }
             println!(
-                "{}: ok (mode {}, {} rules, {} trusted sources, {} trusted interfaces; the engine's doors: {doors})",
+                "{}: ok (mode {}, {} rules, {} trusted sources, {} trusted interfaces, {} denied sources and {in_files} in {} deny files; the engine's doors: {doors})",
                 file.display(),
                 policy.mode,
                 policy.rules.len(),
                 policy.trusted_sources.len(),
-                policy.trusted_interfaces.len()
+                policy.trusted_interfaces.len(),
+                policy.deny.len(),
+                policy.deny_files.len()
             );
             Ok(())
         }

@@ -66,6 +66,8 @@ pub struct AgentState {
     pub doors: Vec<(String, String, usize)>,
     /// The swarm's members the agent learned from the engine (None: not in a swarm).
     pub swarm_nodes: Option<usize>,
+    /// Denied sources by where they come from: `policy`, `file`, `cli`.
+    pub denied: Vec<(&'static str, usize)>,
 }
 
 /// What the kernel's maps said at scrape time.
@@ -254,6 +256,13 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
             escape(door),
             escape(port)
         );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_denied_sources Sources denied every container port, by where the denial comes from (policy file, deny files, guard ban).\n# TYPE guard_denied_sources gauge"
+    );
+    for (from, count) in &state.denied {
+        let _ = writeln!(out, "guard_denied_sources{{from=\"{from}\"}} {count}");
     }
     if let Some(nodes) = state.swarm_nodes {
         let _ = writeln!(

@@ -50,6 +50,8 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Protection that holds, degraded: generic XDP.
     pub warnings: Vec<String>,
+    /// Sources denied every container port, as the kernel holds them: (addresses, prefixes).
+    pub denied: (usize, usize),
     /// The engine whose own rules decide which paths to an open port exist (`Docker 28.5.2`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
@@ -269,6 +271,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         engine_doors,
         errors,
         warnings,
+        denied: current.as_ref().map_or((0, 0), |k| (k.deny_exact.len(), k.deny_prefixes.len())),
         engine: firewall.map(|f| f.engine.name()),
     })
 }
@@ -565,6 +568,13 @@ pub fn render(report: &Report) -> String {
         }
     };
     let _ = writeln!(out, "policy: {}", report.policy);
+    if report.denied != (0, 0) {
+        let (addrs, prefixes) = report.denied;
+        let _ = writeln!(
+            out,
+            "denied every container port: {addrs} addresses, {prefixes} prefix entries (`guard bans` lists them)"
+        );
+    }
     for note in &report.notes {
         let _ = writeln!(out, "note: {note}");
     }
@@ -745,6 +755,7 @@ mod check_tests {
             engine_doors: doors,
             errors,
             warnings: vec![],
+            denied: (0, 0),
             engine: None,
         }
     }

@@ -436,6 +436,16 @@ fn check_config_validates_without_touching_anything() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(".toml:3:") && err.contains("icmp"), "{err}");
+
+    // A deny file with a line that is no address fails the check, naming file and line.
+    let deny = std::env::temp_dir().join(format!("guard-e2e-deny-{}.txt", std::process::id()));
+    fs::write(&deny, "192.0.2.7\n# fine\nexample.com\n").unwrap();
+    fs::write(&bad, format!("deny_files = [\"{}\"]\n", deny.display())).unwrap();
+    let out = guard(&["check-config", &bad.to_string_lossy()]);
+    let _ = (fs::remove_file(&bad), fs::remove_file(&deny));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".txt:3: `example.com`"), "{err}");
 }
 
 /// What the operator is told at start, and what a vanished file changes: an interface both
@@ -617,5 +627,93 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     let out = status(&["--check", "--config", &config], None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && stderr.contains("no agent is running"), "{stderr}");
+    agent.unload();
+}
+
+/// `guard ban` closes every exposed port to a source at once (by address and published port),
+/// with or without a pass of the agent, keeps `status --check` in sync, says why in `explain`,
+/// ends on time, survives a crash and restart of the agent (pins and state directory), and
+/// `guard unban` lifts it. The policy file's deny files do the same, a broken one keeping its
+/// last good entries.
+#[test]
+fn bans_close_every_exposed_port_to_a_source_and_end_on_time() {
+    let bed = Bed::new();
+    let mut agent = bed.agent(&[]);
+    let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
+    let state_dir = agent.state_dir().to_string_lossy().into_owned();
+    let a = bed.a.v4().to_string();
+    let web = SocketAddr::new(bed.web.ip().into(), 443);
+    let web_published = SocketAddr::new(bed.a.host_v4().into(), 20443);
+    let reaches = |addr| bed.a.tcp_connect(addr, PATIENT);
+    let silent = |addr| bed.a.tcp_outcome(addr, QUICK) == Silent;
+    assert!(reaches(web) && reaches(web_published), "A must reach web:443 before any ban");
+    let guard_ok = |agent: &Agent, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--pin-dir", &pin_dir, "--state-dir", &state_dir]);
+        agent.guard(&all).unwrap_or_else(|e| panic!("guard {args:?}: {e}"))
+    };
+
+    // In force as soon as the command returns.
+    let said = guard_ok(&agent, &["ban", &a, "--for", "8s", "--reason", "too many logins"]);
+    assert!(said.contains(&format!("banned {a}/32 until")), "{said}");
+    assert!(silent(web) && silent(web_published), "the banned source still reaches web:443");
+    let listed = guard_ok(&agent, &["bans", "--json", "--config", "/nonexistent"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("bans --json");
+    assert_eq!(listed["bans"][0]["source"], format!("{a}/32"), "{listed}");
+    assert_eq!(listed["bans"][0]["from"], "cli", "{listed}");
+    assert_eq!(listed["bans"][0]["reason"], "too many logins", "{listed}");
+    let (verdict, reason) = agent.explain(&a, &web.to_string());
+    assert_eq!((verdict.as_str(), reason.as_str()), ("drop", "denied"));
+    // The agent's passes keep it (it reads the ban), and the maps stay in sync.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(silent(web), "an agent pass lifted the ban");
+    let check =
+        agent.guard(&["status", "--check", "--pin-dir", &pin_dir, "--state-dir", &state_dir]);
+    assert!(check.is_ok(), "status --check with a ban: {check:?}");
+    assert!(agent.status().contains("denied every container port: 1 addresses"));
+    let (_, metrics) = http_get("/metrics");
+    assert!(metrics.contains("guard_denied_sources{from=\"cli\"} 1"), "{metrics}");
+
+    // It ends on time.
+    assert!(
+        eventually(Duration::from_secs(15), || bed.a.tcp_connect(web, QUICK)),
+        "the ban did not end:\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("ban ended"), "the end of the ban is not logged");
+
+    // Without an end, it survives a crash and restart; unban lifts it.
+    guard_ok(&agent, &["ban", &a]);
+    assert!(silent(web_published), "a second ban is not in force");
+    agent.kill();
+    assert!(silent(web_published), "the ban fell with the agent");
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(silent(web_published), "the restarted agent lifted the ban");
+    guard_ok(&agent, &["unban", &a]);
+    assert!(reaches(web_published), "unban did not lift the ban");
+    let again = agent.guard(&["unban", &a, "--pin-dir", &pin_dir, "--state-dir", &state_dir]);
+    assert!(again.is_err_and(|e| e.contains("is not banned")), "a second unban must say so");
+
+    // A deny file named by the policy file; a broken edit keeps its last good entries.
+    let deny_file = std::env::temp_dir().join(format!("guard-e2e-deny-{}.txt", std::process::id()));
+    fs::write(&deny_file, format!("# abusers\n{a}\n")).unwrap();
+    bed.write_policy(&agent, &format!("deny_files = [\"{}\"]\n", deny_file.display()));
+    assert!(
+        eventually(Duration::from_secs(10), || silent(web)),
+        "the deny file did not deny A:\n{}",
+        agent.log()
+    );
+    fs::write(&deny_file, format!("{a}\nnot-an-address\n")).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(silent(web), "a broken deny file lifted its last good entries");
+    assert!(agent.log().contains("not-an-address"), "the bad line is not named in the log");
+    fs::write(&deny_file, "# nobody\n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || bed.a.tcp_connect(web, QUICK)),
+        "emptying the deny file did not lift its entry:\n{}",
+        agent.log()
+    );
+    let _ = fs::remove_file(&deny_file);
     agent.unload();
 }

@@ -1527,7 +1527,16 @@ fn denied_sources_reach_no_container_port_and_their_replies_pass() {
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);
     }
-    // Flows a container starts to a denied source are remembered: their replies pass.
+}
+
+/// A flow a container starts to a denied source is remembered (its replies would be denied,
+/// and replies are never dropped).
+#[test]
+fn flows_to_denied_sources_are_remembered() {
+    let mut g = Loaded::empty();
+    let policy = policy_file::parse("deny = [\"198.18.1.2\"]\n", "test.toml").unwrap();
+    let host: Vec<IpAddr> = [HOST, HOST6].iter().map(|a| a.parse().unwrap()).collect();
+    g.install(&seed_snapshot(), &host, &policy);
     let mut g = g.with_uplink();
     let before = g.remembered();
     let out = Frame::new(DB, OUTSIDE_A, Tcp(443)).sport(40005);

@@ -18,8 +18,8 @@ use tests::frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp};
 use crate::{
     Params,
     world::{
-        ALLOWED_PORT, CLOSED_PORT, Guard, HOST_SERVICE_PORT, LOCAL_PORT, MapSizes, OUTSIDE, REMOTE,
-        REMOTE_PORT, UPLINK, VXLAN_PORT, World,
+        ALLOWED_PORT, CLOSED_PORT, DENIED, EXPOSED_PORT, Guard, HOST_SERVICE_PORT, LOCAL_PORT,
+        MapSizes, OUTSIDE, REMOTE, REMOTE_PORT, UPLINK, VXLAN_PORT, World,
     },
 };
 
@@ -30,6 +30,8 @@ pub struct Case {
     pub frame: fn(&World) -> Vec<u8>,
     /// Prepares the maps of one loaded instance for this case, beyond the world's state.
     pub setup: Option<fn(&mut Guard) -> Result<()>>,
+    /// Whether the program looks up the world's 100,000 denied sources (set before each run).
+    pub deny_lookups: bool,
 }
 
 pub const FLOOR: &str = "floor";
@@ -42,6 +44,7 @@ pub fn cases() -> Vec<Case> {
             expect: Reason::NotIp,
             frame: |_| frames::arp_request(OUTSIDE, UPLINK),
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "pass",
@@ -49,6 +52,7 @@ pub fn cases() -> Vec<Case> {
             expect: Reason::NotContainerBound,
             frame: |_| Tcp::syn(OUTSIDE, UPLINK, HOST_SERVICE_PORT).frame(MAC_A, MAC_B),
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "drop_door",
@@ -59,6 +63,7 @@ pub fn cases() -> Vec<Case> {
                 Frame::new(&OUTSIDE.to_string(), &UPLINK.to_string(), udp).sport(40000).bytes()
             },
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "drop_direct",
@@ -66,6 +71,7 @@ pub fn cases() -> Vec<Case> {
             expect: Reason::Closed,
             frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), CLOSED_PORT).frame(MAC_A, MAC_B),
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "drop_published",
@@ -73,6 +79,7 @@ pub fn cases() -> Vec<Case> {
             expect: Reason::Closed,
             frame: |w| Tcp::syn(OUTSIDE, UPLINK, w.probe_published_port()).frame(MAC_A, MAC_B),
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "pass_cidr",
@@ -82,6 +89,7 @@ pub fn cases() -> Vec<Case> {
                 Tcp::syn(w.probe_allowed_source(), w.probe_addr(), ALLOWED_PORT).frame(MAC_A, MAC_B)
             },
             setup: None,
+            deny_lookups: true,
         },
         Case {
             name: "pass_flow",
@@ -98,6 +106,31 @@ pub fn cases() -> Vec<Case> {
                 reply.frame(MAC_A, MAC_B)
             },
             setup: Some(Guard::remember_flows),
+            deny_lookups: true,
+        },
+        Case {
+            name: "pass_exposed_no_deny",
+            what: "TCP SYN to an exposed container port, the deny sets' lookups off",
+            expect: Reason::Exposed,
+            frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
+            setup: None,
+            deny_lookups: false,
+        },
+        Case {
+            name: "pass_exposed",
+            what: "The same, past 100,000 denied sources (50,000 addresses, 50,000 /28s)",
+            expect: Reason::Exposed,
+            frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
+            setup: None,
+            deny_lookups: true,
+        },
+        Case {
+            name: "drop_denied",
+            what: "TCP SYN to an exposed container port from a denied address",
+            expect: Reason::Denied,
+            frame: |w| Tcp::syn(DENIED, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
+            setup: None,
+            deny_lookups: true,
         },
     ]
 }
@@ -170,6 +203,7 @@ pub fn measure(worlds: &[Rc<World>], params: &Params) -> Result<(Vec<CaseResult>
         let mut guards: Vec<Guard> = loaded.into_iter().flatten().collect();
         for (c, case) in cases.iter().enumerate() {
             for (s, guard) in guards.iter_mut().enumerate() {
+                guard.set_deny_lookups(case.deny_lookups)?;
                 let (ns, wall) = run(guard, case, &frames[c][s], params.repeat)?;
                 let sample = results[c].per_scale[s].get_or_insert_with(|| Sample {
                     rounds_ns: Vec::new(),

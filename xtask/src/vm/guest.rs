@@ -160,13 +160,15 @@ const E2E_TESTS: [&str; 2] = [
 /// BPF_PROG_TEST_RUN, which Linux 5.10 refuses (EINVAL; 6.1 takes it): they cannot run on
 /// 5.10 and are skipped there, said aloud. What they check runs on 5.10 with real traffic in
 /// the seed scenario, and as they are on the host and on 6.1.
-const NEED_TEST_RUN_INGRESS: [&str; 6] = [
+const NEED_TEST_RUN_INGRESS: [&str; 8] = [
     "a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted",
     "a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it",
     "answers_to_trusted_or_audited_sources_are_not_remembered",
     "in_audit_mode_an_unseen_container_s_answer_passes_and_is_counted",
     "recorders_remember_only_flows_started_inside_whose_replies_would_drop",
     "the_gate_judges_what_arrived_on_an_uplink_and_nothing_else",
+    "in_audit_mode_a_probe_xdp_counted_is_not_counted_again_at_the_gate",
+    "flows_to_denied_sources_are_remembered",
 ];
 
 /// What this kernel cannot run of `tier`, said on the console.
