@@ -14,7 +14,9 @@
 //! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`scan`]
 //! (what the network can reach, judged by the loaded programs), [`unload`]. Alerts:
 //! [`alerts`] (the scan kept current in `guard run`, one event per change) and [`webhook`]
-//! (`--alert-url`).
+//! (`--alert-url`). Ban lists: [`bans`] (`guard ban`, deny files) and [`crowdsec`]
+//! (`--crowdsec-url`: a CrowdSec LAPI's decisions); the webhook and the bouncer send through
+//! [`http_client`].
 
 pub mod desired;
 pub mod doors;
@@ -31,6 +33,7 @@ pub mod alerts;
 pub mod attach;
 pub mod bans;
 pub mod bridges;
+pub mod crowdsec;
 pub mod docker;
 pub mod docker_link;
 pub mod drops;
@@ -38,6 +41,7 @@ pub mod engine_doors;
 pub mod explain;
 pub mod frames;
 pub mod http;
+pub mod http_client;
 pub mod interfaces;
 pub mod kernel;
 pub mod link_info;

@@ -14,14 +14,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use http_body_util::Full;
-use hyper::{Request, Uri, body::Bytes};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::mpsc};
+use hyper::body::Bytes;
+use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::scan::Change;
+use crate::{http_client, scan::Change};
+
+/// Where changes are sent (`--alert-url`).
+pub use crate::http_client::Endpoint as Target;
 
 /// Changes waiting to be sent; more are dropped (and counted).
 pub const QUEUE: usize = 256;
@@ -68,34 +70,6 @@ impl Quiet {
     }
 }
 
-/// Where changes are sent.
-#[derive(Clone, Debug)]
-pub struct Target {
-    uri: Uri,
-    host: String,
-    port: u16,
-    tls: bool,
-}
-
-impl Target {
-    /// An `http://` or `https://` URL with a host.
-    pub fn parse(url: &str) -> anyhow::Result<Self> {
-        let uri: Uri = url.parse().with_context(|| format!("--alert-url {url:?} is not a URL"))?;
-        let tls = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => bail!("--alert-url {url:?}: only http:// and https:// URLs are supported"),
-        };
-        let host = uri
-            .host()
-            .filter(|h| !h.is_empty())
-            .with_context(|| format!("--alert-url {url:?} names no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Target { uri, host, port, tls })
-    }
-}
-
 /// The sending side: queue a change and return at once.
 #[derive(Clone)]
 pub struct Webhook {
@@ -108,7 +82,7 @@ pub struct Webhook {
 impl Webhook {
     /// Starts the sender task for `target` (on the current tokio runtime).
     pub fn start(target: Target) -> anyhow::Result<Self> {
-        let tls = if target.tls { Some(tls_connector()?) } else { None };
+        let tls = target.tls_connector()?;
         let (queue, changes) = mpsc::channel(QUEUE);
         let hook = Webhook {
             queue,
@@ -188,80 +162,20 @@ async fn post(
     tls: Option<&tokio_rustls::TlsConnector>,
     body: Vec<u8>,
 ) -> anyhow::Result<()> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .with_context(|| format!("connecting to {}:{}", target.host, target.port))?;
-    let request = Request::post(target.uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(hyper::header::HOST, target.uri.authority().map_or("", |a| a.as_str()))
+    let request = target
+        .request(hyper::Method::POST, target.uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::USER_AGENT, concat!("container-guard/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(Bytes::from(body)))?;
-    let status = match tls {
-        Some(tls) => {
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(target.host.clone())
-                .with_context(|| {
-                format!("{} is not a name a certificate can carry", target.host)
-            })?;
-            let stream = tls.connect(name, tcp).await.context("TLS handshake")?;
-            exchange(TokioIo::new(stream), request).await?
-        }
-        None => exchange(TokioIo::new(tcp), request).await?,
-    };
+    let status = http_client::send(target, tls, request).await?.status();
     if !status.is_success() {
         bail!("the receiver answered {status}");
     }
     Ok(())
 }
 
-async fn exchange<T>(io: T, request: Request<Full<Bytes>>) -> anyhow::Result<hyper::StatusCode>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(connection);
-    Ok(sender.send_request(request).await?.status())
-}
-
-/// TLS that verifies the receiver's certificate against the system's trust store.
-fn tls_connector() -> anyhow::Result<tokio_rustls::TlsConnector> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        bail!(
-            "--alert-url is https, but no trusted root certificate was found on this system ({:?})",
-            found.errors
-        );
-    }
-    // ring, not aws-lc-rs: no C build beyond cc. Its lack of post-quantum key exchange (why
-    // rustls deprecates its default provider) matters little for alerts that say what is
-    // already visible from the network.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_http_or_https_with_a_host() {
-        let t = Target::parse("http://127.0.0.1:8099/hook").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.tls), ("127.0.0.1", 8099, false));
-        let t = Target::parse("https://alerts.example/x?y=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.tls), ("alerts.example", 443, true));
-        let t = Target::parse("http://[::1]:9/").unwrap();
-        assert_eq!(t.host, "::1");
-        for bad in ["ftp://x/", "/just/a/path", "http://", "not a url"] {
-            assert!(Target::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_queue_drops_and_counts_and_never_blocks() {

@@ -269,6 +269,8 @@ pub struct ContainerSpec<'a> {
     pub listens_on: &'a [u16],
     /// `--restart` (e.g. "always"): the daemon starts the container again when it starts.
     pub restart: Option<&'a str>,
+    /// `--volume` arguments, e.g. "/tmp/x:/log".
+    pub volumes: &'a [&'a str],
 }
 
 /// A running container (`docker run -d`), force-removed on drop.
@@ -299,6 +301,9 @@ impl Container {
         }
         if let Some(policy) = spec.restart {
             args.push(format!("--restart={policy}"));
+        }
+        for volume in spec.volumes {
+            args.push(format!("--volume={volume}"));
         }
         args.extend([image(), "sh".to_owned(), "-c".to_owned(), spec.command.to_owned()]);
         docker(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -66,6 +66,7 @@ impl Project {
                 command,
                 listens_on,
                 restart: None,
+                volumes: &[],
             })
         };
         // The database: published the way compose files do, no label: closed to the outside.

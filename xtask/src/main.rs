@@ -2,6 +2,7 @@
 //!
 //! Every step says what it does and does nothing when it is already satisfied.
 
+mod ban_tools;
 mod bench;
 #[cfg(test)]
 mod deploy_check;

@@ -7,10 +7,11 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{Ctx, docker, sh};
+use crate::{Ctx, ban_tools, docker, sh};
 
 /// Debian packages the build (llvm-22-dev), the agent (docker.io) and the tests need
-/// (docker-compose validates and runs deploy/compose.yaml, and brings python3-yaml).
+/// (docker-compose validates and runs deploy/compose.yaml, and brings python3-yaml; fail2ban
+/// and crowdsec are the ban tools the bans tests drive, see [`ban_tools`]).
 const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "llvm-22-dev",
@@ -20,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "nftables",
     "docker-compose",
+    "fail2ban",
+    "crowdsec",
 ];
 
 /// PyPI packages the tests need: kubernetes-validate checks deploy/daemonset.yaml offline
@@ -122,13 +125,19 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing {} with apt-get ...", missing.join(" "));
+    let quiet = ban_tools::before_install(&missing)?;
     let apt = || {
         let mut cmd = Command::new("apt-get");
         cmd.env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
     sh(apt().args(["update"]))?;
-    sh(apt().args(["install", "-y"]).args(&missing))
+    sh(apt().args(["install", "-y"]).args(&missing))?;
+    drop(quiet);
+    if missing.iter().any(|p| ban_tools::PACKAGES.contains(p)) {
+        ban_tools::keep_services_stopped();
+    }
+    Ok(())
 }
 
 fn dpkg_installed(package: &str) -> bool {

@@ -76,7 +76,7 @@ impl Tier {
             Tier::Verdict => &["test", "--no-fail-fast", "-p", "tests", "--test", "verdict"],
             // Everything with a real dockerd: the seed scenario, lifecycle and faults, the
             // agent as a container, attacks from an outside host and the replies they must
-            // not break.
+            // not break, bans from a real fail2ban and CrowdSec.
             Tier::E2e => &[
                 "test",
                 "--no-fail-fast",
@@ -94,6 +94,8 @@ impl Tier {
                 "adversary",
                 "--test",
                 "scan",
+                "--test",
+                "bans",
             ],
         }
     }
