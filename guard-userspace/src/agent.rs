@@ -77,6 +77,8 @@ pub struct RunOptions {
     pub scan_interval: Duration,
     /// Where each exposure change is POSTed (`--alert-url`).
     pub alert_url: Option<crate::webhook::Target>,
+    /// A CrowdSec local API whose bans the agent follows (`--crowdsec-url`).
+    pub crowdsec: Option<crate::crowdsec::CrowdSec>,
 }
 
 /// How long drop events wait for the first sync to name what they hit.
@@ -115,6 +117,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let tc = kernel::tc_mechanism(opts.tc)?;
     let state = StateDir::new(&opts.state_dir);
     let bans = BanStore::new(&opts.state_dir);
+    // CrowdSec's bans, as its follower (started below) holds them.
+    let mut crowdsec_decisions = None;
+    if let Some(config) = opts.crowdsec.clone() {
+        // What was followed last stands until the local API answers (fail closed).
+        let kept = crate::bans::saved_crowdsec(&opts.state_dir);
+        let (decisions, follower) = tokio::sync::watch::channel(kept);
+        tokio::spawn(crate::crowdsec::follow(config, decisions));
+        crowdsec_decisions = Some(follower);
+    }
+    let mut crowdsec_changes = crowdsec_decisions.clone();
     let saved = state.load().unwrap_or_else(|e| {
         warn!("{e}");
         None
@@ -187,7 +199,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         adopted: links_pinned || maps_adopted,
         maps_adopted,
         changed: true,
-        deny: DenySources::default(),
+        deny: DenySources::new(crowdsec_decisions.clone()),
         bans,
         synced: false,
         shared: shared.clone(),
@@ -308,6 +320,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
             _ = wake.notified() => offline_pass_due = true,
+            // CrowdSec added or deleted a ban: a pass puts it in force.
+            () = decisions_changed(&mut crowdsec_changes) => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
             _ = docker_back.notified() => backoff.succeeded(),
             _ = tokio::time::sleep(wait) => {}
@@ -322,6 +336,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _ = agent.maps.renew_event_budget(crate::drops::monotonic_ns(), true);
     info!("stopping; the pinned program and maps keep protecting (`guard unload` removes them)");
     Ok(())
+}
+
+/// When the followed decisions change; never without a follower (or once it has stopped).
+async fn decisions_changed(
+    follower: &mut Option<tokio::sync::watch::Receiver<crate::crowdsec::Bans>>,
+) {
+    if let Some(decisions) = follower
+        && decisions.changed().await.is_ok()
+    {
+        return;
+    }
+    *follower = None;
+    std::future::pending::<()>().await
 }
 
 /// The policy the agent starts with. A file that does not parse never means no protection:
@@ -691,9 +718,13 @@ impl Agent {
             })
             .collect();
         state.swarm_nodes = snapshot.doors.swarm.as_ref().map(|s| s.nodes.len());
-        let (in_files, banned) = self.deny.counts();
-        state.denied =
-            vec![("policy", self.policy.deny.len()), ("file", in_files), ("cli", banned)];
+        let (in_files, banned, crowdsec) = self.deny.counts();
+        state.denied = vec![
+            ("policy", self.policy.deny.len()),
+            ("file", in_files),
+            ("cli", banned),
+            ("crowdsec", crowdsec),
+        ];
         state.unguarded = unguarded.into_iter().chain(uncovered).collect();
         for failure in &failures {
             *state.update_errors.entry(failure.map).or_default() += 1;

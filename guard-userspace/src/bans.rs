@@ -28,6 +28,9 @@ use crate::{
 };
 
 const FILE: &str = "bans.json";
+/// CrowdSec's bans as last followed: what `status` compares the kernel with, and what a
+/// restarted agent denies until the local API answers again.
+const CROWDSEC_FILE: &str = "crowdsec.json";
 const LOCK: &str = "bans.lock";
 
 /// One `guard ban`.
@@ -163,9 +166,20 @@ pub struct DenySources {
     bans: Vec<Cidr>,
     /// When the next ban ends (seconds since the epoch).
     pub next_expiry: Option<u64>,
+    /// CrowdSec's bans as its follower holds them (`--crowdsec-url`).
+    crowdsec: Option<tokio::sync::watch::Receiver<crate::crowdsec::Bans>>,
+    /// How many of them were in force at the last pass.
+    crowdsec_in_force: usize,
+    /// What was last saved of them.
+    crowdsec_saved: Option<crate::crowdsec::Bans>,
 }
 
 impl DenySources {
+    /// With CrowdSec's decisions as `follower` holds them, if the agent follows a local API.
+    pub fn new(crowdsec: Option<tokio::sync::watch::Receiver<crate::crowdsec::Bans>>) -> Self {
+        DenySources { crowdsec, ..DenySources::default() }
+    }
+
     /// The sources to deny now, with the ban lock held: the caller keeps it until the maps
     /// are written. Problems go to `warnings` (the agent says each once).
     pub fn gather(
@@ -197,6 +211,7 @@ impl DenySources {
             Err(e) => {
                 warnings.push(format!("{e}; the bans last read stay in force"));
                 sources.extend(&self.bans);
+                self.add_crowdsec(&mut sources);
                 return (sources, None);
             }
         };
@@ -219,18 +234,60 @@ impl DenySources {
             Err(e) => warnings.push(format!("{e}; the bans last read stay in force")),
         }
         sources.extend(&self.bans);
+        self.add_crowdsec(&mut sources);
+        self.save_crowdsec(store, warnings);
         (sources, Some(lock))
     }
 
-    /// How many sources each kind holds: (deny files, bans).
-    pub fn counts(&self) -> (usize, usize) {
-        (self.files.values().map(|(_, s)| s.len()).sum(), self.bans.len())
+    /// Keeps CrowdSec's bans in the state directory when they change.
+    fn save_crowdsec(&mut self, store: &BanStore, warnings: &mut Vec<String>) {
+        let Some(decisions) = &self.crowdsec else { return };
+        let now = decisions.borrow().clone();
+        if self.crowdsec_saved.as_ref() == Some(&now) {
+            return;
+        }
+        let listed: Vec<(Cidr, Option<u64>)> = now.iter().map(|(s, u)| (*s, *u)).collect();
+        let bytes = serde_json::to_vec(&listed).expect("bans serialize");
+        match store.dir.write_atomically(CROWDSEC_FILE, &bytes) {
+            Ok(()) => self.crowdsec_saved = Some(now),
+            Err(e) => warnings.push(format!("keeping CrowdSec's bans: {e}")),
+        }
+    }
+
+    /// CrowdSec's bans in force now; the next end of one is when the agent wakes.
+    fn add_crowdsec(&mut self, sources: &mut Vec<Cidr>) {
+        let Some(decisions) = &self.crowdsec else { return };
+        let now = now();
+        let decisions = decisions.borrow();
+        let in_force: Vec<(Cidr, Option<u64>)> = decisions
+            .iter()
+            .filter(|(_, until)| until.is_none_or(|until| now < until))
+            .map(|(source, until)| (*source, *until))
+            .collect();
+        let ends = in_force.iter().filter_map(|(_, until)| *until);
+        self.next_expiry = self.next_expiry.into_iter().chain(ends).min();
+        self.crowdsec_in_force = in_force.len();
+        sources.extend(in_force.into_iter().map(|(source, _)| source));
+    }
+
+    /// How many sources each kind holds: (deny files, bans, CrowdSec's).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let in_files = self.files.values().map(|(_, s)| s.len()).sum();
+        (in_files, self.bans.len(), self.crowdsec_in_force)
     }
 }
 
+/// CrowdSec's bans as the agent last kept them (none: never followed, or unreadable).
+pub fn saved_crowdsec(state_dir: &Path) -> crate::crowdsec::Bans {
+    let text = StateDir::new(state_dir).read_file(CROWDSEC_FILE).ok().flatten();
+    let listed: Vec<(Cidr, Option<u64>)> =
+        text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    listed.into_iter().collect()
+}
+
 /// What a running agent denies besides the policy file's `deny`, as the files say now (for
-/// `status` and `scan`, which compare the kernel with it): the readable deny files and the
-/// bans in force. Read only: nothing is locked or pruned.
+/// `status` and `scan`, which compare the kernel with it): the readable deny files, the bans
+/// and CrowdSec's bans in force. Read only: nothing is locked or pruned.
 pub fn denied_by_files_and_bans(policy: &PolicyFile, state_dir: &Path) -> Vec<Cidr> {
     let mut sources: Vec<Cidr> =
         policy.deny_files.iter().filter_map(|path| read_deny_file(path).ok()).flatten().collect();
@@ -241,6 +298,8 @@ pub fn denied_by_files_and_bans(policy: &PolicyFile, state_dir: &Path) -> Vec<Ci
     {
         sources.extend(bans.iter().filter(|b| b.active(now)).map(|b| b.source));
     }
+    let crowdsec = saved_crowdsec(state_dir);
+    sources.extend(crowdsec.iter().filter(|(_, u)| u.is_none_or(|u| now < u)).map(|(s, _)| *s));
     sources
 }
 

@@ -90,6 +90,7 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
     let interval = config.poll.max(MIN_POLL);
     let mut held = Held::default();
     let mut startup = true;
+    let mut answered = false;
     let mut outage: Option<Instant> = None;
     let mut retry = FIRST_RETRY;
     loop {
@@ -117,6 +118,7 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
                     None => {}
                 }
                 publish(&decisions, bans);
+                answered = true;
                 startup = false;
                 retry = FIRST_RETRY;
                 tokio::time::sleep(interval).await;
@@ -131,8 +133,12 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
                 }
                 // It may have restarted and lost this bouncer's place in the stream.
                 startup = true;
-                // Bans still end on their own time while the LAPI is away.
-                publish(&decisions, held.bans(now_secs()));
+                // Bans still end on their own time while the LAPI is away. Before its first
+                // answer the set the agent kept from its last run stands (it ends its bans
+                // on time itself): an agent restarted while the LAPI is down lifts nothing.
+                if answered {
+                    publish(&decisions, held.bans(now_secs()));
+                }
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(interval.max(FIRST_RETRY));
             }

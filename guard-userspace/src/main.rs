@@ -11,7 +11,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
-    bans, drops, explain, http,
+    bans,
+    crowdsec::CrowdSec,
+    drops, explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy::Cidr,
     policy_file::{self, Mode},
@@ -63,6 +65,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of `run`'s many flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the filter, attach it to the uplinks and keep it in sync with Docker (needs root).
@@ -102,6 +106,16 @@ enum Command {
         /// the certificate against the system's roots).
         #[arg(long, value_name = "URL", value_parser = webhook::Target::parse)]
         alert_url: Option<webhook::Target>,
+        /// Follow a CrowdSec local API's decisions (as a bouncer): its bans deny their sources
+        /// every container port until they end (`http://127.0.0.1:8080`).
+        #[arg(long, value_name = "URL", requires = "crowdsec_key_file")]
+        crowdsec_url: Option<String>,
+        /// The bouncer's API key (`cscli bouncers add guard -o raw > FILE`).
+        #[arg(long, value_name = "FILE")]
+        crowdsec_key_file: Option<PathBuf>,
+        /// How often to ask the local API for new decisions.
+        #[arg(long, value_name = "AGE", value_parser = parse_age, default_value = "10s")]
+        crowdsec_poll: Duration,
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
@@ -309,6 +323,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             tc_attach,
             scan_interval,
             alert_url,
+            crowdsec_url,
+            crowdsec_key_file,
+            crowdsec_poll,
         } => runtime.block_on(agent::run(RunOptions {
             ifaces,
             trusted,
@@ -321,6 +338,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             tc: tc_attach,
             scan_interval: scan_interval.max(Duration::from_secs(1)),
             alert_url,
+            crowdsec: match (crowdsec_url, crowdsec_key_file) {
+                (Some(url), Some(key)) => Some(CrowdSec::from_flags(&url, &key, crowdsec_poll)?),
+                _ => None,
+            },
         })),
         Command::Drops { follow, json, since, limit, metrics_addr } => {
             let selection = drops::Selection { since, limit };

@@ -51,7 +51,7 @@ pub const ALLOW_ENTRIES: usize = 10_000;
 /// trie), as a large ban list has them.
 pub const DENY_ENTRIES: usize = 100_000;
 /// A denied source (the first single address).
-pub const DENIED: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+pub const DENIED: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
 const PER_NETWORK: usize = 250;
 const PREFIXES_PER_LABEL: usize = 200;
 
@@ -159,15 +159,15 @@ impl World {
     }
 }
 
-/// [`DENY_ENTRIES`] sources: single addresses from 100.64.0.1 on, /28 prefixes from
-/// 100.96.0.0 on.
+/// [`DENY_ENTRIES`] sources, apart from every other address of the world: single addresses
+/// from 172.16.0.1 on, /28 prefixes from 172.24.0.0 on.
 fn denied_sources() -> impl Iterator<Item = Cidr> {
     let single = (0..DENY_ENTRIES / 2).map(|k| {
         let ip = Ipv4Addr::from(u32::from(DENIED) + k as u32);
         Cidr::host(IpAddr::V4(ip))
     });
     let prefixes = (0..DENY_ENTRIES / 2).map(|k| {
-        let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 96, 0, 0)) + 16 * k as u32);
+        let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 24, 0, 0)) + 16 * k as u32);
         format!("{net}/28").parse().expect("a /28")
     });
     single.chain(prefixes)
