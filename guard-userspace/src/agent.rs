@@ -1054,7 +1054,7 @@ async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
                 let state = shared.state.lock().expect("not poisoned");
                 DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)
             };
-            info!(target: "guard::drops", "{}", record.line());
+            crate::drops::log(&record);
             shared.drops.push(record);
         }
         ready.clear_ready();

@@ -99,6 +99,28 @@ impl DropRecord {
     }
 }
 
+/// Logs a drop: the sentence for people, then the same as stable key=value fields (JSON keys
+/// under `--log-format json`) for log tools. deploy/fail2ban/filter.d/container-guard-drops.conf
+/// parses them: keep the names and their order.
+pub fn log(r: &DropRecord) {
+    tracing::info!(
+        target: "guard::drops",
+        src = %r.src,
+        sport = r.sport,
+        dst = %r.dst,
+        dport = r.dport,
+        proto = %r.proto,
+        container = %r.container.as_deref().unwrap_or("-"),
+        port = r.container_port.unwrap_or(0),
+        path = %r.path.as_deref().unwrap_or("-"),
+        reason = %r.reason,
+        audited = r.audited,
+        iface = %r.iface.as_deref().unwrap_or("-"),
+        "{}",
+        r.line()
+    );
+}
+
 /// Turns CLOCK_MONOTONIC stamps into wall-clock time.
 pub struct Clock {
     wall_at_start: SystemTime,
@@ -290,6 +312,46 @@ mod tests {
     use guard_common::addr::Addr;
 
     use super::*;
+
+    #[test]
+    fn drop_lines_carry_stable_key_value_fields_for_log_tools() {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+        let record = DropRecord {
+            time: 0.0,
+            src: "203.0.113.9".parse().unwrap(),
+            sport: 40000,
+            dst: "10.0.0.5".parse().unwrap(),
+            dport: 5432,
+            proto: "tcp".into(),
+            container: Some("db".into()),
+            container_port: Some(5432),
+            path: Some("published".into()),
+            reason: "closed".into(),
+            audited: false,
+            iface: Some("eth0".into()),
+        };
+        tracing::subscriber::with_default(subscriber, || log(&record));
+        let line = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        // What the fail2ban filter's failregex expects, in this order.
+        let fields = "src=203.0.113.9 sport=40000 dst=10.0.0.5 dport=5432 proto=tcp \
+                      container=db port=5432 path=published reason=closed audited=false iface=eth0";
+        assert!(line.contains("INFO guard::drops: dropped tcp 203.0.113.9:40000"), "{line}");
+        assert!(line.trim_end().ends_with(fields), "{line}");
+    }
 
     #[test]
     fn records_name_the_container_and_port() {
