@@ -1,9 +1,13 @@
-//! Drops as the operator sees them: per-container counters and sampled events.
+//! Drops and accesses as the operator sees them: per-container counters and sampled events.
 //!
 //! Exact totals per reason live in the counters map. On top, every drop bound for a container
-//! bumps a per-CPU counter keyed by the container port ([`DropKey`]), and drops are reported as
-//! [`DropEvent`]s through a ring buffer — at most [`EVENTS_PER_SECOND_PER_CPU`] per CPU and
-//! second, so a flood cannot flood user space; the rest are counted as suppressed.
+//! bumps a per-CPU counter keyed by the container port ([`DropKey`]), and two streams of
+//! [`PacketEvent`]s share one ring buffer: drops ([`STREAM_DROPS`]), and the first packet of
+//! each flow from outside that an opening let in ([`STREAM_ACCESS`], see
+//! [`crate::arrivals`]). An event's reason tells them apart: a drop's verdict is drop (audited
+//! or not), an access's is pass. Each stream reports at most [`EVENTS_PER_SECOND_PER_CPU`] per
+//! CPU and second, with a budget of its own (a drop flood does not silence the access log),
+//! so a flood cannot flood user space; the rest are counted as suppressed.
 
 use crate::addr::Addr;
 
@@ -26,11 +30,14 @@ pub const DROP_PUBLISHED: u8 = 1;
 pub const DROP_AUDITED: u8 = 2;
 /// Dropped by the bridge gate, after NAT (the XDP filter did not know the target yet).
 pub const DROP_AT_GATE: u8 = 4;
+/// Over the port's rate limit of new flows from this source ([`crate::ratelimit`]).
+pub const DROP_RATE_LIMITED: u8 = 8;
 
-/// One reported drop (or audit-mode would-drop).
+/// One reported drop (or audit-mode would-drop), or access. The `DROP_*` flags that describe
+/// the path ([`DROP_PUBLISHED`]) mean the same in an access.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropEvent {
+pub struct PacketEvent {
     pub src: Addr,
     pub dst: Addr,
     /// CLOCK_MONOTONIC.
@@ -49,14 +56,20 @@ pub struct DropEvent {
     pub flags: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<DropEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<PacketEvent>() == 64);
 
 /// Events a CPU may report per second; the rest are counted in [`EVENT_STATS`] slots.
 pub const EVENTS_PER_SECOND_PER_CPU: u32 = 50;
 /// Size of the ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
-/// Per-CPU rate limiter state (one entry of [`crate::maps::EVENT_LIMIT`]).
+/// The event streams, each with its own entry in [`crate::maps::EVENT_LIMIT`] and its own
+/// [`EVENT_OUTCOMES`] slots in [`crate::maps::EVENT_STATS`].
+pub const EVENT_STREAMS: u32 = 2;
+pub const STREAM_DROPS: u32 = 0;
+pub const STREAM_ACCESS: u32 = 1;
+
+/// Per-CPU rate limiter state (one entry of [`crate::maps::EVENT_LIMIT`] per stream).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limiter {
@@ -67,18 +80,26 @@ pub struct Limiter {
 }
 const _: () = assert!(core::mem::size_of::<Limiter>() == 16);
 
-/// Slots of [`crate::maps::EVENT_STATS`] (per-CPU counters).
-pub const EVENT_STATS: u32 = 3;
+/// What became of an event, per stream: slot `stream * EVENT_OUTCOMES + outcome` of
+/// [`crate::maps::EVENT_STATS`] (per-CPU counters); see [`event_stat_slot`].
+pub const EVENT_OUTCOMES: u32 = 3;
 pub const EVENTS_EMITTED: u32 = 0;
 /// Over the rate limit.
 pub const EVENTS_SUPPRESSED: u32 = 1;
 /// The ring buffer was full (user space not keeping up).
 pub const EVENTS_LOST: u32 = 2;
+pub const EVENT_STATS: u32 = EVENT_STREAMS * EVENT_OUTCOMES;
+
+/// The [`crate::maps::EVENT_STATS`] slot counting `outcome` of `stream`.
+#[inline(always)]
+pub const fn event_stat_slot(stream: u32, outcome: u32) -> u32 {
+    stream * EVENT_OUTCOMES + outcome
+}
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], explicit padding, no pointers.
     unsafe impl aya::Pod for super::DropKey {}
-    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::PacketEvent {}
     unsafe impl aya::Pod for super::Limiter {}
 }

@@ -48,9 +48,12 @@ pub const UPLINKS: &str = "GUARD_UPLINKS";
 pub const GATE_COUNTERS: &str = "GUARD_GATE";
 pub const DENY_EXACT: &str = "GUARD_DENY_HOST";
 pub const DENY_PREFIX: &str = "GUARD_DENY_NET";
+pub const RATE_LIMITS: &str = "GUARD_RATES";
+pub const RATE_BUCKETS: &str = "GUARD_BUCKETS";
+pub const ARRIVALS: &str = "GUARD_ARRIVALS";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 22] = [
     ADDRS,
     NETWORKS,
     PUBLISHED,
@@ -70,6 +73,9 @@ pub const ALL: [&str; 19] = [
     GATE_COUNTERS,
     DENY_EXACT,
     DENY_PREFIX,
+    RATE_LIMITS,
+    RATE_BUCKETS,
+    ARRIVALS,
 ];
 
 const _: () = {
@@ -100,6 +106,14 @@ pub const TRUSTED_CAPACITY: u32 = 4_096;
 pub const DENY_EXACT_CAPACITY: u32 = 131_072;
 /// Denied prefixes shorter than a single address.
 pub const DENY_PREFIX_CAPACITY: u32 = 131_072;
+/// Container ports with a rate limit on new flows ([`crate::ratelimit::RateLimit`], keyed by
+/// [`PortKey`]), one entry per port of a range.
+pub const RATE_LIMITS_CAPACITY: u32 = 65_536;
+/// Sources' buckets at rate-limited ports (least recently used are forgotten: a forgotten
+/// bucket starts full again, see [`crate::ratelimit`]).
+pub const RATE_BUCKETS_CAPACITY: u32 = 65_536;
+/// Flows from outside an opening let in, for their first packet (see [`crate::arrivals`]).
+pub const ARRIVALS_CAPACITY: u32 = 65_536;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
 /// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`], [`IFACE_DOCKER`]).
@@ -121,6 +135,9 @@ pub const IFACE_DOCKER: u32 = 3;
 /// Target flag: the container is in audit mode (a policy-file rule said so): its would-drops
 /// pass and are counted as such.
 pub const TARGET_AUDIT: u8 = 1;
+/// Target flag: some port of the container has a rate limit in [`RATE_LIMITS`]. Without it,
+/// the lookup is skipped (a port without a limit pays nothing).
+pub const TARGET_RATE_LIMITED: u8 = 2;
 
 /// The engine's own doors (DESIGN.md, "The engine's own doors"): host ports that lead
 /// straight to containers or to root on the host. They are listed in [`PUBLISHED`] like a
@@ -348,7 +365,9 @@ pub const CONFIG_HAS_DENY_PREFIX: u32 = 8;
 /// Bump when a map's meaning changes without its shape changing.
 /// 4: every port of one protocol (`*/udp`): [`PORTS`] keys with [`EVERY_PORT`],
 /// [`AddrInfo::port_rules`] flags and [`PublishedTarget::proto_rule`].
-pub const LAYOUT_REVISION: u32 = 4;
+/// 5: rate limits ([`TARGET_RATE_LIMITED`]), access events in [`EVENTS`] and a limiter per
+/// event stream.
+pub const LAYOUT_REVISION: u32 = 5;
 
 /// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
 /// agent never adopts maps of another layout: an upgrade that changes one fills new maps and
@@ -366,9 +385,11 @@ pub const LAYOUT: u32 = fnv1a(&[
     core::mem::size_of::<FlowKey>() as u32,
     core::mem::size_of::<Config>() as u32,
     core::mem::size_of::<crate::events::DropKey>() as u32,
-    core::mem::size_of::<crate::events::DropEvent>() as u32,
+    core::mem::size_of::<crate::events::PacketEvent>() as u32,
     core::mem::size_of::<crate::events::Limiter>() as u32,
     core::mem::size_of::<crate::prefilter::Bitmap>() as u32,
+    core::mem::size_of::<crate::ratelimit::RateLimit>() as u32,
+    core::mem::size_of::<crate::ratelimit::BucketKey>() as u32,
     ADDRS_CAPACITY,
     NETWORKS_CAPACITY,
     PUBLISHED_CAPACITY,
@@ -379,12 +400,16 @@ pub const LAYOUT: u32 = fnv1a(&[
     TRUSTED_CAPACITY,
     DENY_EXACT_CAPACITY,
     DENY_PREFIX_CAPACITY,
+    RATE_LIMITS_CAPACITY,
+    RATE_BUCKETS_CAPACITY,
+    ARRIVALS_CAPACITY,
     DROPS_CAPACITY,
     UPLINKS_CAPACITY,
     crate::reason::COUNTER_SLOTS,
     crate::prefilter::ENTRIES,
     crate::events::EVENTS_RING_BYTES,
     crate::events::EVENT_STATS,
+    crate::events::EVENT_STREAMS,
     ALL.len() as u32,
 ]);
 

@@ -56,10 +56,14 @@ pub enum Reason {
     /// Container-bound from a source the operator denied (a ban, the policy file's `deny`, a
     /// deny file): whatever opens the port. Its replies to flows started inside still pass.
     Denied = 16,
+    /// A new flow (a TCP SYN, a UDP/SCTP/ICMP flow's first packet) to an opened port, over that
+    /// port's rate limit for its source (`guard.ratelimit`): decided after the opening, by the
+    /// XDP filter's per-source bucket (see [`crate::ratelimit`]). The flows it admitted go on.
+    RateLimited = 17,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIp,
@@ -79,6 +83,7 @@ impl Reason {
         Reason::UnseenNetwork,
         Reason::ManagementPort,
         Reason::Denied,
+        Reason::RateLimited,
     ];
 
     #[inline(always)]
@@ -100,7 +105,8 @@ impl Reason {
             | Reason::SpoofedSource
             | Reason::UnseenNetwork
             | Reason::ManagementPort
-            | Reason::Denied => Verdict::Drop,
+            | Reason::Denied
+            | Reason::RateLimited => Verdict::Drop,
         }
     }
 
@@ -124,6 +130,7 @@ impl Reason {
             Reason::UnseenNetwork => "unseen_network",
             Reason::ManagementPort => "management_port",
             Reason::Denied => "denied",
+            Reason::RateLimited => "rate_limited",
         }
     }
 

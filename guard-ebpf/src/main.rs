@@ -55,10 +55,15 @@ use guard_common::{
 use guard_common::{
     decision::{L4, Packet, Resolved, decide_parsed, flow_to_remember},
     events::{
-        DROP_AUDITED, DROP_PUBLISHED, DropEvent, DropKey, EVENT_STATS, EVENTS_EMITTED, EVENTS_LOST,
-        EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
+        DROP_AUDITED, DROP_PUBLISHED, DropKey, EVENT_STATS, EVENT_STREAMS, EVENTS_EMITTED,
+        EVENTS_LOST, EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
+        PacketEvent,
     },
-    maps::{DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK, UPLINKS_CAPACITY},
+    maps::{
+        ARRIVALS_CAPACITY, DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK, RATE_BUCKETS_CAPACITY,
+        RATE_LIMITS_CAPACITY, UPLINKS_CAPACITY,
+    },
+    ratelimit::{BucketKey, RateLimit},
 };
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
@@ -92,7 +97,7 @@ static GUARD_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(DROPS_CA
 #[map]
 static GUARD_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map]
-static GUARD_EVLIMIT: PerCpuArray<Limiter> = PerCpuArray::pinned(1, 0);
+static GUARD_EVLIMIT: PerCpuArray<Limiter> = PerCpuArray::pinned(EVENT_STREAMS, 0);
 #[map]
 static GUARD_EVSTATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS, 0);
 #[map]
@@ -103,6 +108,12 @@ static GUARD_GATE: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 static GUARD_DENY_HOST: HashMap<Addr, u32> = HashMap::pinned(DENY_EXACT_CAPACITY, 0);
 #[map]
 static GUARD_DENY_NET: LpmTrie<Addr, u32> = LpmTrie::pinned(DENY_PREFIX_CAPACITY, 0);
+#[map]
+static GUARD_RATES: HashMap<PortKey, RateLimit> = HashMap::pinned(RATE_LIMITS_CAPACITY, 0);
+#[map]
+static GUARD_BUCKETS: LruHashMap<BucketKey, u64> = LruHashMap::pinned(RATE_BUCKETS_CAPACITY, 0);
+#[map]
+static GUARD_ARRIVALS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(ARRIVALS_CAPACITY, 0);
 
 #[inline(always)]
 fn config_flag(flag: u32) -> bool {
@@ -677,7 +688,7 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
     }
     limiter.emitted += 1;
     let l4 = packet.l4;
-    let event = DropEvent {
+    let event = PacketEvent {
         src: packet.src,
         dst: packet.dst,
         time_ns: now,
@@ -691,7 +702,7 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
         flags,
         _pad: [0; 7],
     };
-    match GUARD_EVENTS.output::<DropEvent>(&event, 0) {
+    match GUARD_EVENTS.output::<PacketEvent>(&event, 0) {
         Ok(()) => bump_event_stat(EVENTS_EMITTED),
         Err(_) => bump_event_stat(EVENTS_LOST),
     }

@@ -9,7 +9,7 @@
 //! opening, never emptying), and tries Docker again every [`DOCKER_POLL`].
 
 use aya::maps::{MapData, RingBuf};
-use guard_common::events::DropEvent;
+use guard_common::events::PacketEvent;
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
@@ -1045,11 +1045,11 @@ async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
         };
         let ring = ready.get_inner_mut();
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<DropEvent>() {
+            if item.len() < std::mem::size_of::<PacketEvent>() {
                 continue;
             }
-            // SAFETY: the kernel wrote a whole DropEvent; read_unaligned needs no alignment.
-            let event: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            // SAFETY: the kernel wrote a whole PacketEvent; read_unaligned needs no alignment.
+            let event: PacketEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let record = {
                 let state = shared.state.lock().expect("not poisoned");
                 DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use guard_common::{
-    events::{DROP_AUDITED, DROP_PUBLISHED, DropEvent},
+    events::{DROP_AUDITED, DROP_PUBLISHED, PacketEvent},
     reason::Reason,
 };
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ pub struct DropRecord {
 
 impl DropRecord {
     pub fn from_event(
-        e: &DropEvent,
+        e: &PacketEvent,
         names: &BTreeMap<u32, String>,
         ifaces: &BTreeMap<u32, String>,
         clock: &Clock,
@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn records_name_the_container_and_port() {
         let ip = |s: &str| Addr::from(s.parse::<IpAddr>().unwrap());
-        let event = DropEvent {
+        let event = PacketEvent {
             src: ip("10.251.1.2"),
             dst: ip("10.251.1.1"),
             time_ns: monotonic_ns(),
@@ -384,7 +384,7 @@ mod tests {
         assert_eq!(DropRecord { time: record.time, ..back }, record);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((record.time - now).abs() < 5.0, "wall clock conversion");
-        let audited = DropEvent { flags: DROP_AUDITED, target: 0, ..event };
+        let audited = PacketEvent { flags: DROP_AUDITED, target: 0, ..event };
         let line = DropRecord::from_event(&audited, &names, &ifaces, &Clock::new()).line();
         assert!(line.starts_with("would drop (audit) tcp"), "{line}");
     }

@@ -362,6 +362,7 @@ fn rule_for(
             "default: the engine's doors are open to the swarm's nodes and [management] prefixes only".into()
         }
         Reason::Denied => "a ban (guard bans), the policy file's deny or a deny file".into(),
+        Reason::RateLimited => "a rate limit (guard.ratelimit or the policy file)".into(),
     }
 }
 
@@ -422,6 +423,9 @@ fn detail(
         ),
         Reason::Denied => {
             write!(s, "{} is denied every container port, whatever opens {target}", q.src)
+        }
+        Reason::RateLimited => {
+            write!(s, "{} started new flows to {target} faster than its rate limit", q.src)
         }
     };
     if decision.audited {
