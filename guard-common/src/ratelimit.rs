@@ -30,14 +30,17 @@ pub struct RateLimit {
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 16);
 
 impl RateLimit {
-    /// `per_second` new flows a second, `burst` at once; `None` if either is 0 or the rate is
-    /// above a billion a second (one a nanosecond).
-    pub const fn new(per_second: u32, burst: u32) -> Option<RateLimit> {
-        if per_second == 0 || burst == 0 || per_second > 1_000_000_000 {
+    /// `flows` new flows every `period_ns` (100 a second: `new(100, 1_000_000_000, burst)`),
+    /// `burst` at once; `None` if any is 0 or the rate is above one a nanosecond.
+    pub const fn new(flows: u32, period_ns: u64, burst: u32) -> Option<RateLimit> {
+        if flows == 0 || burst == 0 || period_ns < flows as u64 {
             return None;
         }
-        let interval_ns = 1_000_000_000 / per_second as u64;
-        Some(RateLimit { interval_ns, burst_ns: interval_ns * burst as u64 })
+        let interval_ns = period_ns / flows as u64;
+        match interval_ns.checked_mul(burst as u64) {
+            Some(burst_ns) => Some(RateLimit { interval_ns, burst_ns }),
+            None => None,
+        }
     }
 }
 
@@ -86,9 +89,11 @@ mod user {
 mod tests {
     use super::*;
 
+    const SECOND: u64 = 1_000_000_000;
+
     #[test]
     fn a_burst_passes_then_the_rate_holds() {
-        let limit = RateLimit::new(100, 200).unwrap();
+        let limit = RateLimit::new(100, SECOND, 200).unwrap();
         assert_eq!(limit.interval_ns, 10_000_000);
         let now = 5_000_000_000;
         let mut tat = None;
@@ -103,7 +108,7 @@ mod tests {
 
     #[test]
     fn an_idle_bucket_refills_to_its_burst_and_no_further() {
-        let limit = RateLimit::new(10, 3).unwrap();
+        let limit = RateLimit::new(10, SECOND, 3).unwrap();
         let mut tat = None;
         let now = 1_000_000_000_000;
         for _ in 0..3 {
@@ -120,10 +125,14 @@ mod tests {
 
     #[test]
     fn zero_and_absurd_limits_are_refused() {
-        assert_eq!(RateLimit::new(0, 10), None);
-        assert_eq!(RateLimit::new(10, 0), None);
-        assert_eq!(RateLimit::new(2_000_000_000, 1), None);
-        assert!(RateLimit::new(1_000_000_000, u32::MAX).is_some());
+        assert_eq!(RateLimit::new(0, SECOND, 10), None);
+        assert_eq!(RateLimit::new(10, SECOND, 0), None);
+        assert_eq!(RateLimit::new(10, 0, 1), None);
+        assert_eq!(RateLimit::new(2_000_000_000, SECOND, 1), None);
+        assert!(RateLimit::new(1_000_000_000, SECOND, u32::MAX).is_some());
+        assert_eq!(RateLimit::new(1, u64::MAX, 2), None, "a burst past the clock's range");
+        let per_minute = RateLimit::new(10, 60 * SECOND, 5).unwrap();
+        assert_eq!(per_minute.interval_ns, 6 * SECOND);
     }
 
     #[test]
