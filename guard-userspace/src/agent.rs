@@ -8,12 +8,11 @@
 //! Docker is away it keeps applying what it knew to the interfaces as they come and go (never
 //! opening, never emptying), and tries Docker again every [`DOCKER_POLL`].
 
-use aya::maps::{MapData, RingBuf};
-use guard_common::events::PacketEvent;
+use aya::maps::RingBuf;
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    drops::{Clock, DropRecord, RecentDrops},
+    events::{self, monotonic_ns, recent::Recent},
     http::{self, Shared},
     metrics::AgentState,
 };
@@ -67,7 +66,7 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Overrides the file's mode.
     pub mode: Option<Mode>,
-    /// Where `/metrics`, `/healthz` and `/drops` are served.
+    /// Where `/metrics`, `/healthz`, `/drops` and `/access` are served.
     pub metrics_addr: std::net::SocketAddr,
     /// Where the agent keeps what it last knew (see [`crate::state`]).
     pub state_dir: PathBuf,
@@ -80,9 +79,6 @@ pub struct RunOptions {
     /// A CrowdSec local API whose bans the agent follows (`--crowdsec-url`).
     pub crowdsec: Option<crate::crowdsec::CrowdSec>,
 }
-
-/// How long drop events wait for the first sync to name what they hit.
-const EVENTS_WAIT_FOR_SYNC: Duration = Duration::from_secs(10);
 
 /// How often the swarm's membership is asked while the node is in one.
 const SWARM_POLL: Duration = Duration::from_secs(1);
@@ -159,14 +155,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             config_valid: start.valid,
             ..Default::default()
         }),
-        drops: RecentDrops::new(),
+        drops: Recent::new(),
+        access: Recent::new(),
         pins: opts.pins.clone(),
         heartbeat: Mutex::new(Instant::now()),
         stale_after: opts.resync * 3 + MAX_BACKOFF,
         exposures: Arc::default(),
     });
     tokio::spawn(http::serve(listener, shared.clone()));
-    tokio::spawn(consume_drop_events(events, shared.clone()));
+    tokio::spawn(events::ring::consume(events, shared.clone()));
     tokio::spawn(renew_event_budgets(opts.pins.clone()));
     let webhook = opts.alert_url.clone().and_then(crate::webhook::Webhook::start_or_say);
     let scans = crate::alerts::ScanOptions {
@@ -176,7 +173,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         interval: opts.scan_interval,
     };
     tokio::spawn(crate::alerts::keep_current(scans, shared.exposures.clone(), webhook));
-    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz and /drops");
+    info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /drops and /access");
     let known = saved.map(|s| s.snapshot).unwrap_or_default();
     let mut agent = Agent {
         ebpf,
@@ -333,7 +330,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    let _ = agent.maps.renew_event_budget(crate::drops::monotonic_ns(), true);
+    let _ = agent.maps.renew_event_budget(monotonic_ns(), true);
     info!("stopping; the pinned program and maps keep protecting (`guard unload` removes them)");
     Ok(())
 }
@@ -693,6 +690,8 @@ impl Agent {
             .map(|c| (c.target, c.container.name.clone()))
             .chain(door_names)
             .collect();
+        state.openings =
+            Arc::new(desired.containers.iter().map(|c| (c.target, c.openings.clone())).collect());
         state.ifaces = links.iter().map(|l| (l.ifindex, l.name.clone())).collect();
         state.label_errors = desired
             .containers
@@ -1008,56 +1007,16 @@ async fn follow_interface_changes(
     }
 }
 
-/// Reads drop events off the kernel's ring buffer: each becomes a log line naming the container
-/// and port, and a record for `/drops`.
-/// Ends spent drop-event budgets each second (see [`PolicyMaps::renew_event_budget`]).
+/// Ends spent event budgets (drops' and accesses') each second (see [`PolicyMaps::renew_event_budget`]).
 async fn renew_event_budgets(pins: Pins) {
     let mut maps = match PolicyMaps::from_pins(&pins) {
         Ok(maps) => maps,
-        Err(e) => return warn!("{e}; after a flood, drop events may resume late"),
+        Err(e) => return warn!("{e}; after a flood, drop and access events may resume late"),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let _ = maps.renew_event_budget(crate::drops::monotonic_ns(), false);
-    }
-}
-
-async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
-    let clock = Clock::new();
-    // Events that queued while no agent ran (the ring keeps them) are told once the first
-    // sync has named the containers and interfaces, not as anonymous targets; a Docker that
-    // does not answer holds them back for a few seconds only.
-    let deadline = Instant::now() + EVENTS_WAIT_FOR_SYNC;
-    while !shared.state.lock().expect("not poisoned").synced && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
-    // always reports that same fd.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => return warn!("cannot watch the drop event ring: {e}; drops are still counted"),
-    };
-    loop {
-        let mut ready = match fd.readable_mut().await {
-            Ok(ready) => ready,
-            Err(e) => return warn!("drop event ring: {e}; drops are still counted"),
-        };
-        let ring = ready.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<PacketEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole PacketEvent; read_unaligned needs no alignment.
-            let event: PacketEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let record = {
-                let state = shared.state.lock().expect("not poisoned");
-                DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)
-            };
-            crate::drops::log(&record);
-            shared.drops.push(record);
-        }
-        ready.clear_ready();
+        let _ = maps.renew_event_budget(monotonic_ns(), false);
     }
 }
 

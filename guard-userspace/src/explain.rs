@@ -26,8 +26,9 @@ use crate::{
     interfaces,
     interfaces::Framing,
     maps::PolicyMaps,
+    openings,
     pins::{Hook, Pins},
-    policy::{PortSpec, Proto, Sources},
+    policy::Proto,
     policy_file,
     tables::WithFlows,
 };
@@ -194,12 +195,7 @@ pub async fn explain(
         })
     });
     let port = (resolved.port != 0).then(|| (resolved.port, Proto::from_number(resolved.proto)));
-    let rule = match (door, decision.reason) {
-        (Some(_), Reason::AllowedSource) => {
-            "the swarm's nodes, and [management] cluster and admin prefixes".into()
-        }
-        _ => rule_for(decision, policy.as_ref(), port, query.src),
-    };
+    let rule = rule_for(decision, resolved.target, policy.as_ref(), port, query.src);
     let published = resolved.published != 0 && door.is_none();
     let detail = detail(decision, &query, container.as_deref(), port, published);
     Ok(Explanation {
@@ -266,7 +262,7 @@ fn run_pinned(
 /// The flows the egress programs remember that still count (TCP until the kernel evicts
 /// them, the others for [`FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
 pub(crate) fn live_flows(maps: &PolicyMaps) -> anyhow::Result<BTreeSet<FlowKey>> {
-    let now = crate::drops::monotonic_ns();
+    let now = crate::events::monotonic_ns();
     Ok(maps
         .flows()?
         .into_iter()
@@ -318,35 +314,16 @@ async fn container_policy(
 /// The rule behind a decision.
 fn rule_for(
     decision: Decision,
+    target: u32,
     policy: Option<&ContainerPolicy>,
     port: Option<(u16, Option<Proto>)>,
     src: IpAddr,
 ) -> String {
-    // The most specific opening first: a port's own, then its protocol's every port (`*/udp`),
-    // then every port (`*`), the only one that opens port-less packets.
-    let specificity = |o: &&crate::policy::Opening| match o.ports {
-        PortSpec::Range { .. } => 0,
-        PortSpec::EveryPortOf(_) => 1,
-        PortSpec::All => 2,
-    };
-    let opening = |everyone: bool| {
-        let mut openings: Vec<_> = policy?.openings.iter().collect();
-        openings.sort_by_key(specificity);
-        openings.into_iter().find(|o| {
-            let covers = match port {
-                Some((p, Some(proto))) => o.ports.covers(proto, p),
-                _ => o.ports == PortSpec::All,
-            };
-            covers
-                && match &o.sources {
-                    Sources::Everyone => everyone,
-                    Sources::Listed(cidrs) => !everyone && cidrs.iter().any(|c| c.contains(src)),
-                }
-        })
-    };
     match decision.reason {
-        Reason::Exposed => opening(true).map_or("an expose rule".into(), named),
-        Reason::AllowedSource => opening(false).map_or("an allow rule".into(), named),
+        Reason::Exposed | Reason::AllowedSource => {
+            let openings = policy.map_or(&[][..], |p| &p.openings[..]);
+            openings::rule(decision.reason, target, openings, port, src).unwrap_or_default()
+        }
         Reason::Closed => "default: closed to outside".into(),
         Reason::UnassignedAddr => "default: Docker network addresses are closed".into(),
         Reason::UnseenNetwork => "default: networks guard has not seen are closed".into(),
@@ -364,11 +341,6 @@ fn rule_for(
         Reason::Denied => "a ban (guard bans), the policy file's deny or a deny file".into(),
         Reason::RateLimited => "a rate limit (guard.ratelimit or the policy file)".into(),
     }
-}
-
-/// A rule as the operator wrote it: where, and which ports (`label guard.expose (*/udp)`).
-fn named(opening: &crate::policy::Opening) -> String {
-    format!("{} ({})", opening.rule, opening.ports)
 }
 
 fn detail(

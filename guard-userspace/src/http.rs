@@ -1,9 +1,9 @@
 //! The agent's HTTP endpoint (loopback by default): `/metrics` (Prometheus), `/healthz`
 //! (liveness: the reconcile loop goes round), `/readyz` (readiness: synced with Docker at
-//! least once), `/drops` (recent drops as JSON lines; `?follow=1` streams new ones),
-//! `/exposure` (the current `guard scan` picture as JSON).
+//! least once), `/drops` and `/access` (recent drops, accesses, as JSON lines; `?follow=1`
+//! streams new ones), `/exposure` (the current `guard scan` picture as JSON).
 //!
-//! A deliberately small HTTP/1.0 server on tokio: three read-only routes do not need a web
+//! A deliberately small HTTP/1.0 server on tokio: a few read-only routes do not need a web
 //! framework, and every extra dependency is code running as root.
 
 use std::{
@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use guard_common::events::{STREAM_ACCESS, STREAM_DROPS};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
@@ -19,7 +20,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    drops::RecentDrops,
+    events::{Record, access::AccessRecord, drops::DropRecord, recent::Recent},
     maps::PolicyMaps,
     metrics::{self, AgentState, KernelCounters},
     pins::Pins,
@@ -30,7 +31,8 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9184";
 /// What the endpoint serves, shared with the reconcile loop.
 pub struct Shared {
     pub state: Mutex<AgentState>,
-    pub drops: RecentDrops,
+    pub drops: Recent<DropRecord>,
+    pub access: Recent<AccessRecord>,
     pub pins: Pins,
     /// When the reconcile loop last went round (liveness).
     pub heartbeat: Mutex<Instant>,
@@ -127,43 +129,54 @@ async fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 respond(&mut write, "503 Service Unavailable", "text/plain", body).await
             }
         },
-        "/drops" => {
-            let mut follow =
-                query.split('&').any(|kv| kv == "follow=1").then(|| shared.drops.follow());
-            let mut body = String::new();
-            for record in shared.drops.snapshot() {
-                body += &serde_json::to_string(&record).unwrap_or_default();
-                body.push('\n');
-            }
-            let head = "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n";
-            write.write_all(head.as_bytes()).await?;
-            write.write_all(body.as_bytes()).await?;
-            if let Some(follow) = follow.as_mut() {
-                loop {
-                    match follow.recv().await {
-                        Ok(record) => {
-                            let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
-                            write.write_all(line.as_bytes()).await?;
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            warn!("a /drops follower fell {n} records behind; they are skipped");
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
-            write.shutdown().await
-        }
+        "/drops" => records(&mut write, &shared.drops, query).await,
+        "/access" => records(&mut write, &shared.access, query).await,
         _ => {
             respond(
                 &mut write,
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /healthz, /readyz, /drops or /exposure\n",
+                "try /metrics, /healthz, /readyz, /drops, /access or /exposure\n",
             )
             .await
         }
     }
+}
+
+/// A stream's recent records as JSON lines, then (`follow=1` in `query`) each new one as it
+/// comes, until the client goes.
+async fn records<T: Record>(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    store: &Recent<T>,
+    query: &str,
+) -> std::io::Result<()> {
+    // Subscribed before the snapshot is taken: a record pushed in between may show twice,
+    // never not at all.
+    let mut follow = query.split('&').any(|kv| kv == "follow=1").then(|| store.follow());
+    let mut body = String::new();
+    for record in store.snapshot() {
+        body += &serde_json::to_string(&record).unwrap_or_default();
+        body.push('\n');
+    }
+    let head = "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n";
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await?;
+    if let Some(follow) = follow.as_mut() {
+        loop {
+            match follow.recv().await {
+                Ok(record) => {
+                    let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
+                    write.write_all(line.as_bytes()).await?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let route = T::KIND.route;
+                    warn!("a {route} follower fell {n} records behind; they are skipped");
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    write.shutdown().await
 }
 
 fn metrics_text(shared: &Shared) -> String {
@@ -174,7 +187,8 @@ fn metrics_text(shared: &Shared) -> String {
             packets: maps.counters().ok()?,
             gate: maps.gate_counters().ok()?,
             drops: maps.drops().ok()?,
-            events: maps.event_stats().ok()?,
+            drop_events: maps.event_stats(STREAM_DROPS).ok()?,
+            access_events: maps.event_stats(STREAM_ACCESS).ok()?,
         })
     });
     metrics::render(&state, kernel.as_ref()) + &shared.exposures.metrics()

@@ -12,7 +12,9 @@
 //! sockets), [`link_info`] (is a pinned link still attached), [`maps`] (reading and writing
 //! the pinned maps), [`repin`] (pins removed under a running agent put back), [`state`] (what
 //! the agent last knew, on disk). Commands: [`agent`] (`guard run`), [`status`], [`scan`]
-//! (what the network can reach, judged by the loaded programs), [`unload`]. Alerts:
+//! (what the network can reach, judged by the loaded programs), [`explain`] (with
+//! [`openings`]: which rule let a source in), [`unload`]. The kernel's events: [`events`]
+//! (drops and the access log, `guard drops`, `guard access`). Alerts:
 //! [`alerts`] (the scan kept current in `guard run`, one event per change) and [`webhook`]
 //! (`--alert-url`). Ban lists: [`bans`] (`guard ban`, deny files) and [`crowdsec`]
 //! (`--crowdsec-url`: a CrowdSec LAPI's decisions); the webhook and the bouncer send through
@@ -36,8 +38,8 @@ pub mod bridges;
 pub mod crowdsec;
 pub mod docker;
 pub mod docker_link;
-pub mod drops;
 pub mod engine_doors;
+pub mod events;
 pub mod explain;
 pub mod frames;
 pub mod http;
@@ -49,6 +51,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod netlink;
+pub mod openings;
 pub mod pins;
 pub mod repin;
 pub mod rtnetlink;

@@ -13,7 +13,13 @@ use guard_userspace::{
     agent::{self, RunOptions},
     bans,
     crowdsec::CrowdSec,
-    drops, explain, http,
+    events::{
+        Record,
+        access::AccessRecord,
+        client::{self, Selection},
+        drops::DropRecord,
+    },
+    explain, http,
     pins::{DEFAULT_PIN_DIR, Pins},
     policy::Cidr,
     policy_file::{self, Mode},
@@ -44,6 +50,34 @@ struct Paths {
     /// The policy file (TOML); absent is fine. `guard run` reloads it on change and on SIGHUP.
     #[arg(long, value_name = "FILE", default_value = policy_file::DEFAULT_PATH)]
     config: PathBuf,
+}
+
+/// Which of the running agent's recent records `guard drops` and `guard access` show, and how.
+#[derive(clap::Args)]
+struct Shown {
+    /// Then keep showing new ones as they happen.
+    #[arg(long)]
+    follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Only those this recent: `90s`, `10m`, `2h`.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    since: Option<Duration>,
+    /// Only the last N of those the agent kept (it keeps 1000).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// The running agent's --metrics-addr.
+    #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
+    metrics_addr: String,
+}
+
+impl Shown {
+    /// Shows the records of `T`'s stream as asked.
+    async fn show<T: Record>(self) -> anyhow::Result<()> {
+        let selection = Selection { since: self.since, limit: self.limit };
+        client::show::<T>(&self.metrics_addr, self.follow, self.json, selection).await
+    }
 }
 
 /// Where bans are kept: in the kernel (the pins) and on disk (the agent's state directory).
@@ -86,7 +120,7 @@ enum Command {
         /// Override the policy file's mode: `audit` drops nothing and counts would-drops.
         #[arg(long, value_enum)]
         mode: Option<Mode>,
-        /// Where to serve /metrics, /healthz and /drops (keep it on loopback unless a
+        /// Where to serve /metrics, /healthz, /drops and /access (keep it on loopback unless a
         /// firewall guards it).
         #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
@@ -119,21 +153,15 @@ enum Command {
     },
     /// Show recent drops (and, with --follow, new ones as they happen) from the running agent.
     Drops {
-        /// Then keep showing new drops as they happen.
-        #[arg(long)]
-        follow: bool,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// Only drops this recent: `90s`, `10m`, `2h`.
-        #[arg(long, value_name = "AGE", value_parser = parse_age)]
-        since: Option<Duration>,
-        /// Only the last N drops of those the agent kept.
-        #[arg(long, value_name = "N")]
-        limit: Option<usize>,
-        /// The running agent's --metrics-addr.
-        #[arg(long, value_name = "ADDR:PORT", default_value = http::DEFAULT_ADDR)]
-        metrics_addr: String,
+        #[command(flatten)]
+        shown: Shown,
+    },
+    /// Show the access log: who outside got into which container port, and by which rule (the
+    /// first packet of each flow an opening let in: a TCP SYN, a new UDP, SCTP or ICMP echo
+    /// flow), from the running agent; with --follow, new ones as they happen.
+    Access {
+        #[command(flatten)]
+        shown: Shown,
     },
     /// Show every container port, how it is published and who outside may reach it.
     Status {
@@ -343,10 +371,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 _ => None,
             },
         })),
-        Command::Drops { follow, json, since, limit, metrics_addr } => {
-            let selection = drops::Selection { since, limit };
-            runtime.block_on(drops::show(&metrics_addr, follow, json, selection))
-        }
+        Command::Drops { shown } => runtime.block_on(shown.show::<DropRecord>()),
+        Command::Access { shown } => runtime.block_on(shown.show::<AccessRecord>()),
         Command::Status { json, check, state_dir, paths } => {
             let pins = Pins::new(paths.pin_dir);
             let report = runtime.block_on(status::report(&pins, &paths.config, &state_dir))?;

@@ -1,7 +1,9 @@
 //! The pinned policy maps: read them into a [`TableSet`], apply a [`Plan`] to them.
 
 use aya::maps::PerCpuHashMap;
-use guard_common::events::{DropKey, EVENTS_PER_SECOND_PER_CPU, Limiter};
+use guard_common::events::{
+    DropKey, EVENT_OUTCOMES, EVENT_STREAMS, EVENTS_PER_SECOND_PER_CPU, Limiter, event_stat_slot,
+};
 use std::collections::BTreeMap;
 
 use aya::{
@@ -298,29 +300,43 @@ impl PolicyMaps {
         }
     }
 
-    /// Drop events emitted, suppressed by the rate limit and lost to a full ring, summed over
-    /// CPUs.
-    pub fn event_stats(&self) -> Result<[u64; 3], MapsError> {
-        let mut out = [0; 3];
-        for (slot, total) in out.iter_mut().enumerate() {
+    /// Events of `stream` (`STREAM_DROPS`, `STREAM_ACCESS`) emitted, suppressed by the rate
+    /// limit and lost to a full ring, summed over CPUs.
+    pub fn event_stats(&self, stream: u32) -> Result<[u64; EVENT_OUTCOMES as usize], MapsError> {
+        let mut out = [0; EVENT_OUTCOMES as usize];
+        for (outcome, total) in (0..).zip(out.iter_mut()) {
             let per_cpu = self
                 .event_stats
-                .get(&(slot as u32), 0)
+                .get(&event_stat_slot(stream, outcome), 0)
                 .map_err(|source| MapsError::Read { name: names::EVENT_STATS, source })?;
             *total = per_cpu.iter().sum();
         }
         Ok(out)
     }
 
-    /// Gives a CPU whose drop-event budget ran out more than a second ago (at `now_ns`,
-    /// CLOCK_MONOTONIC) a fresh one. Over its budget, the program reads the clock only every
-    /// 64th drop (a flood must not pay for it on every packet), so after a flood that ended,
-    /// the next quiet drops would go untold until 64 of them had passed: the running agent
-    /// ends such a window each second instead, and `at_exit` every spent one, so that what is
-    /// dropped while no agent runs is told by the next.
+    /// Gives a CPU whose event budget ran out more than a second ago (at `now_ns`,
+    /// CLOCK_MONOTONIC) a fresh one, in every stream (drops, accesses: each has its own).
+    /// Over its budget, the program reads the clock only every 64th event (a flood must not pay
+    /// for it on every packet), so after a flood that ended, the next quiet events would go
+    /// untold until 64 of them had passed: the running agent ends such a window each second
+    /// instead, and `at_exit` every spent one, so that what happens while no agent runs is
+    /// told by the next.
     pub fn renew_event_budget(&mut self, now_ns: u64, at_exit: bool) -> Result<(), MapsError> {
+        for stream in 0..EVENT_STREAMS {
+            self.renew_stream_budget(stream, now_ns, at_exit)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::renew_event_budget`] for one stream's limiter entry.
+    fn renew_stream_budget(
+        &mut self,
+        stream: u32,
+        now_ns: u64,
+        at_exit: bool,
+    ) -> Result<(), MapsError> {
         let read = |source| MapsError::Read { name: names::EVENT_LIMIT, source };
-        let mut limiters: Vec<Limiter> = self.event_limit.get(&0, 0).map_err(read)?.to_vec();
+        let mut limiters: Vec<Limiter> = self.event_limit.get(&stream, 0).map_err(read)?.to_vec();
         let mut renewed = false;
         for limiter in limiters.iter_mut() {
             let spent = limiter.emitted >= EVENTS_PER_SECOND_PER_CPU;
@@ -334,7 +350,7 @@ impl PolicyMaps {
         if renewed {
             // The count read is the count of possible CPUs: the values fit.
             let values = PerCpuValues::try_from(limiters).map_err(|e| read(MapError::from(e)))?;
-            self.event_limit.set(0, values, 0).map_err(read)?;
+            self.event_limit.set(stream, values, 0).map_err(read)?;
         }
         Ok(())
     }

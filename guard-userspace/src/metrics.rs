@@ -1,5 +1,5 @@
 //! What the agent exports for monitoring, in Prometheus' text format: packets by reason, drops
-//! per container port, drop-event health, sync latency, map fill levels, XDP modes, Docker
+//! per container port, drop- and access-event health, sync latency, map fill levels, XDP modes, Docker
 //! connection state, policy reloads and rejected labels.
 
 use std::{collections::BTreeMap, fmt::Write as _};
@@ -59,6 +59,8 @@ pub struct AgentState {
     pub names: BTreeMap<u32, String>,
     /// Interface names by index.
     pub ifaces: BTreeMap<u32, String>,
+    /// Each container's openings by target id: the rules access events name.
+    pub openings: crate::events::access::Openings,
     /// (map, entries, capacity) after the last sync.
     pub map_entries: Vec<(&'static str, usize, u32)>,
     pub update_errors: BTreeMap<&'static str, u64>,
@@ -76,8 +78,10 @@ pub struct KernelCounters {
     /// The bridge gate's decisions (packets from uplinks, after NAT).
     pub gate: Vec<(Decision, u64)>,
     pub drops: Vec<(DropKey, u64)>,
-    /// Emitted, suppressed, lost.
-    pub events: [u64; 3],
+    /// Drop events emitted, suppressed, lost.
+    pub drop_events: [u64; 3],
+    /// Access events emitted, suppressed, lost.
+    pub access_events: [u64; 3],
 }
 
 /// What this build is: the crate's version, the commit it was built from, and the eBPF map
@@ -141,13 +145,18 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
         }
     }
 
-    let _ = writeln!(
-        out,
-        "# HELP guard_drop_events_total Drop events: reported, suppressed by the kernel's rate limit, lost to a full ring.\n# TYPE guard_drop_events_total counter"
-    );
-    if let Some(k) = kernel {
-        for (outcome, n) in ["reported", "suppressed", "lost"].iter().zip(k.events) {
-            let _ = writeln!(out, "guard_drop_events_total{{outcome=\"{outcome}\"}} {n}");
+    for (name, what, pick) in [
+        ("guard_drop_events_total", "Drop", 0),
+        ("guard_access_events_total", "Access (the first packet of a flow an opening let in)", 1),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {what} events: reported, suppressed by the kernel's rate limit, lost to a full ring.\n# TYPE {name} counter"
+        );
+        let Some(k) = kernel else { continue };
+        let events = if pick == 0 { k.drop_events } else { k.access_events };
+        for (outcome, n) in ["reported", "suppressed", "lost"].iter().zip(events) {
+            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
         }
     }
 
@@ -316,7 +325,8 @@ mod tests {
                     1,
                 ),
             ],
-            events: [3, 1, 0],
+            drop_events: [3, 1, 0],
+            access_events: [4, 0, 2],
         };
         let text = render(&state, Some(&kernel));
         for needle in [
@@ -324,6 +334,8 @@ mod tests {
             "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"} 2",
             "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"} 5",
             "guard_drop_events_total{outcome=\"suppressed\"} 1",
+            "guard_access_events_total{outcome=\"reported\"} 4",
+            "guard_access_events_total{outcome=\"lost\"} 2",
             "guard_gate_packets_total{reason=\"unassigned_addr\",verdict=\"drop\",audited=\"false\"} 9",
             "guard_sync_duration_seconds_bucket{le=\"0.005\"} 1",
             "guard_sync_duration_seconds_bucket{le=\"0.001\"} 0",

@@ -1770,7 +1770,12 @@ fn every_port_of_one_protocol_opens_that_protocol_and_nothing_else() {
 /// Per-container-port drop counters and drop events, as the agent reads them.
 fn recorded(g: &Loaded) -> (BTreeSet<(DropKey, u64)>, u64) {
     let drops = g.maps.drops().expect("read drop counters").into_iter().collect();
-    let events = g.maps.event_stats().expect("read event stats").iter().sum();
+    let events = g
+        .maps
+        .event_stats(guard_common::events::STREAM_DROPS)
+        .expect("read event stats")
+        .iter()
+        .sum();
     (drops, events)
 }
 

@@ -139,5 +139,5 @@ pub fn render(listing: &Listing) -> String {
 
 /// Seconds since the epoch as ISO 8601 UTC, as drops are stamped.
 pub fn utc(seconds: u64) -> String {
-    crate::drops::utc(seconds as f64)
+    crate::events::utc(seconds as f64)
 }
