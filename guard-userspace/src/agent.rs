@@ -1050,6 +1050,11 @@ async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
             }
             // SAFETY: the kernel wrote a whole PacketEvent; read_unaligned needs no alignment.
             let event: PacketEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            // Accesses (a pass verdict) are not drops.
+            let reason = guard_common::reason::Reason::from_u32(u32::from(event.reason));
+            if reason.is_some_and(|r| r.verdict() == guard_common::reason::Verdict::Pass) {
+                continue;
+            }
             let record = {
                 let state = shared.state.lock().expect("not poisoned");
                 DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)
