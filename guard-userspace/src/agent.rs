@@ -627,9 +627,14 @@ impl Agent {
         }
         let mut warnings = Vec::new();
         // Held until the maps are written: a `guard ban` made meanwhile is never undone.
-        let (denied, _ban_lock) =
+        let (denied, ban_lock) =
             self.deny.gather(&self.policy.deny_files, &self.bans, &mut warnings);
+        // Read under the lock, when there is one: what `guard ban` wrote is in it.
+        let kernel = self.maps.read()?;
         desired.tables.deny(denied);
+        if ban_lock.is_none() {
+            desired.tables.keep_denied(&kernel);
+        }
         for policy in &desired.containers {
             for error in &policy.label_errors {
                 warnings.push(error.warning(&policy.container.name));
@@ -651,7 +656,7 @@ impl Agent {
         desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges, &known_bridges);
 
         // Maps before links: a new link must never run against maps that are still empty.
-        let plan = diff(&self.maps.read()?, &desired.tables);
+        let plan = diff(&kernel, &desired.tables);
         let mut failures = Vec::new();
         if !plan.is_empty() {
             failures = self.maps.apply(&plan);
@@ -1007,7 +1012,8 @@ async fn follow_interface_changes(
     }
 }
 
-/// Ends spent event budgets (drops' and accesses') each second (see [`PolicyMaps::renew_event_budget`]).
+/// Ends spent event budgets (drops' and accesses') each second (see
+/// [`PolicyMaps::renew_event_budget`]).
 async fn renew_event_budgets(pins: Pins) {
     let mut maps = match PolicyMaps::from_pins(&pins) {
         Ok(maps) => maps,
