@@ -2,15 +2,16 @@
 //! outside host: the scan lists what the outside host reaches (checked by connecting from it),
 //! exits 1 when a pinned map is altered or programs are detached behind the agent's back, and
 //! 2 when the loaded program cannot be run; a container started with an exposing label gives
-//! one WARN event and one webhook POST.
+//! one WARN event and one webhook POST; the outside host's flows into opened ports are in the
+//! access log, one record each, with the rule that opened them.
 
 use std::{
     collections::BTreeSet,
     fs,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener},
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -35,7 +36,7 @@ use tests::{
     netns::OutsideHost,
     observe::{free_local_port, http_get, metric},
     prepare_test_bed,
-    probe::{Outcome, PATIENT, Proto},
+    probe::{Outcome, PATIENT, Proto, QUICK},
 };
 
 const SUBNET_V4: &str = "10.244.0.0/24";
@@ -527,5 +528,199 @@ fn an_exposing_container_gives_one_warn_event_and_one_webhook_post() {
         }),
         "no closed POST:\n{}",
         agent.log()
+    );
+}
+
+const ACCESS_METRICS: &str = "127.0.0.1:19187";
+
+/// Connects from A to `addr`: the source port of the flow, if the handshake completed.
+fn connect_from(a: &OutsideHost, addr: SocketAddr) -> Option<u16> {
+    a.netns().run(|| {
+        let stream = TcpStream::connect_timeout(&addr, PATIENT).ok()?;
+        Some(stream.local_addr().unwrap().port())
+    })
+}
+
+/// `guard KIND --json` against the agent at [`ACCESS_METRICS`]: one JSON record per line.
+fn records(agent: &Agent, kind: &str) -> Vec<Value> {
+    let out = agent.guard(&[kind, "--json", "--metrics-addr", ACCESS_METRICS]).unwrap_or_default();
+    out.lines().map(|l| serde_json::from_str(l).expect("a JSON record")).collect()
+}
+
+/// The records of `all` for A's flow from `sport` to `dport`/`proto`.
+fn flow<'a>(
+    all: &'a [Value],
+    a: &OutsideHost,
+    sport: u16,
+    dport: u16,
+    proto: &str,
+) -> Vec<&'a Value> {
+    let src = a.v4().to_string();
+    all.iter()
+        .filter(|r| r["src"] == src.as_str() && r["sport"] == sport && r["dport"] == dport)
+        .filter(|r| r["proto"] == proto)
+        .collect()
+}
+
+/// `guard access --follow --json`, its lines gathered by a thread; killed on drop.
+struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start() -> Self {
+        let mut child = Command::new(guard_bin())
+            .args(["access", "--follow", "--json", "--metrics-addr", ACCESS_METRICS])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run guard access --follow");
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// The next line within `within`.
+    fn next(&self, within: Duration) -> Option<Value> {
+        let line = self.lines.recv_timeout(within).ok()?;
+        Some(serde_json::from_str(&line).expect("a JSON access record"))
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_access_log_has_one_record_per_flow_with_its_rule() {
+    let bed = Bed::new();
+    // A UDP port open to A alone (by address), beside web's 80/tcp open to everyone.
+    let a_v4 = bed.a.v4().to_string();
+    let allow = format!("5353/udp from {a_v4}");
+    let dns = Container::run(ContainerSpec {
+        name: "scan-dns",
+        network: Some(&bed.net),
+        ip: Some("10.244.0.12".parse().unwrap()),
+        labels: &[("guard.allow.a", &allow)],
+        command: "exec sleep 3600",
+        ..Default::default()
+    });
+    let echo = dns.udp_echo("0.0.0.0:5353".parse().unwrap(), Duration::from_secs(120));
+    let agent = bed.agent(&["--metrics-addr", ACCESS_METRICS]);
+    let host = IpAddr::from(bed.a.host_v4());
+    let web = IpAddr::from(bed.web.ip());
+
+    // A's flows: web by its published port and by its address, and two datagrams of one UDP
+    // flow to dns, each echoed (so each went through).
+    let published = connect_from(&bed.a, SocketAddr::new(host, 28080)).expect("web published");
+    let direct = connect_from(&bed.a, SocketAddr::new(web, 80)).expect("web by address");
+    let dns_addr = SocketAddr::new(dns.ip().into(), 5353);
+    let (udp_sport, echoed) = bed.a.netns().run(|| {
+        let socket = UdpSocket::bind((bed.a.v4(), 0)).unwrap();
+        socket.set_read_timeout(Some(PATIENT)).unwrap();
+        let mut buf = [0u8; 64];
+        let echoed = (0..2)
+            .filter(|_| {
+                socket.send_to(b"x", dns_addr).is_ok() && socket.recv_from(&mut buf).is_ok()
+            })
+            .count();
+        (socket.local_addr().unwrap().port(), echoed)
+    });
+    assert_eq!(echoed, 2, "both datagrams reach dns and come back");
+    assert_eq!(echo.peers().len(), 2);
+    // A closed port: a drop, not an access.
+    let closed = SocketAddr::new(host, 25433);
+    assert_eq!(bed.a.tcp_outcome(closed, QUICK), Outcome::Silent);
+
+    // Once the drop is told, every event before it has been read.
+    let told = wait_until(Duration::from_secs(10), || {
+        records(&agent, "drops").iter().any(|r| r["src"] == a_v4.as_str() && r["dport"] == 25433)
+    });
+    assert!(told, "no drop record for {closed}:\n{}", agent.log());
+    let access = records(&agent, "access");
+    let one = |sport, dport, proto| -> Value {
+        let found = flow(&access, &bed.a, sport, dport, proto);
+        assert_eq!(found.len(), 1, "one record for {sport}->{dport}/{proto}: {access:#?}");
+        found[0].clone()
+    };
+    let web_name = "guard-e2e-scan-web";
+    let r = one(published, 28080, "tcp");
+    assert_eq!(
+        (&r["dst"], &r["container"], &r["container_port"], &r["path"], &r["reason"], &r["rule"]),
+        (
+            &host.to_string().into(),
+            &web_name.into(),
+            &80.into(),
+            &"published".into(),
+            &"exposed".into(),
+            &"label guard.expose (80/tcp)".into()
+        ),
+        "{r:#}"
+    );
+    assert_eq!(r["iface"], bed.a.host_end());
+    let r = one(direct, 80, "tcp");
+    assert_eq!((&r["dst"], &r["path"]), (&web.to_string().into(), &"direct".into()), "{r:#}");
+    assert_eq!(
+        (&r["container"], &r["rule"]),
+        (&web_name.into(), &"label guard.expose (80/tcp)".into())
+    );
+    let r = one(udp_sport, 5353, "udp");
+    assert_eq!(
+        (&r["container"], &r["container_port"], &r["path"], &r["reason"], &r["rule"]),
+        (
+            &dns.name().into(),
+            &5353.into(),
+            &"direct".into(),
+            &"allowed_source".into(),
+            &"label guard.allow.a (5353/udp)".into()
+        ),
+        "{r:#}"
+    );
+    assert!(
+        !access.iter().any(|r| r["dport"] == 25433 || r["container"] == "guard-e2e-scan-db"),
+        "a closed port is no access: {access:#?}"
+    );
+    // /access serves the same records.
+    let metrics: SocketAddr = ACCESS_METRICS.parse().unwrap();
+    let served = http_get(metrics, "/access").expect("/access");
+    assert_eq!(served.lines().count(), access.len(), "{served}");
+    // The log line: the sentence, then the fields log shippers split.
+    let line = format!(
+        "guard::access: let in tcp {a_v4}:{published} -> {host}:28080 (container {web_name} port 80/tcp, published) on {iface}: label guard.expose (80/tcp) src={a_v4} sport={published} dst={host} dport=28080 proto=tcp container={web_name} port=80 path=published reason=exposed rule=\"label guard.expose (80/tcp)\" iface={iface}",
+        iface = bed.a.host_end()
+    );
+    assert!(agent.log().contains(&line), "no line\n{line}\nin\n{}", agent.log());
+
+    // Following: what was kept, then a new connection as it happens.
+    let follower = Follower::start();
+    for _ in 0..access.len() {
+        assert!(follower.next(Duration::from_secs(10)).is_some(), "the kept records first");
+    }
+    let later = connect_from(&bed.a, SocketAddr::new(host, 28080)).expect("web again");
+    let followed = std::iter::from_fn(|| follower.next(Duration::from_secs(10)))
+        .find(|r| r["sport"] == later && r["src"] == a_v4.as_str());
+    let followed = followed.expect("guard access --follow shows the new connection");
+    assert_eq!(
+        (&followed["container"], &followed["path"]),
+        (&web_name.into(), &"published".into())
+    );
+    drop(follower);
+
+    let text = http_get(metrics, "/metrics").unwrap();
+    let reported = metric(&text, "guard_access_events_total{outcome=\"reported\"}");
+    assert!(reported.is_some_and(|n| n >= 4.0), "{text}");
+    assert!(
+        metric(&text, "guard_drop_events_total{outcome=\"reported\"}").is_some_and(|n| n >= 1.0)
     );
 }
