@@ -697,7 +697,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     assert_eq!(served.lines().count(), access.len(), "{served}");
     // The log line: the sentence, then the fields log shippers split.
     let line = format!(
-        "guard::access: let in tcp {a_v4}:{published} -> {host}:28080 (container {web_name} port 80/tcp, published) on {iface}: label guard.expose (80/tcp) src={a_v4} sport={published} dst={host} dport=28080 proto=tcp container={web_name} port=80 path=published reason=exposed rule=\"label guard.expose (80/tcp)\" iface={iface}",
+        "guard::access: let in tcp {a_v4}:{published} -> {host}:28080 (container {web_name} 80/tcp, published) on {iface}: label guard.expose (80/tcp) src={a_v4} sport={published} dst={host} dport=28080 proto=tcp container={web_name} port=80 path=published reason=exposed rule=\"label guard.expose (80/tcp)\" iface={iface}",
         iface = bed.a.host_end()
     );
     assert!(agent.log().contains(&line), "no line\n{line}\nin\n{}", agent.log());

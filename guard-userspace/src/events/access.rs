@@ -59,9 +59,12 @@ impl Record for AccessRecord {
         self.seen.time
     }
 
-    /// Who got in, to what, and by which rule.
+    /// Who got in, to what, and by which rule. No bare word of it is a field's name (as
+    /// `port` would be): logfmt parsers read the sentence's words as keys too, and one that
+    /// came before its field could shadow it (Loki stops at the first once it has all the
+    /// labels a query needs).
     fn line(&self) -> String {
-        format!("let in {}: {}", self.seen.describe(self.iface.as_deref()), self.rule)
+        format!("let in {}: {}", self.seen.describe(self.iface.as_deref(), ""), self.rule)
     }
 }
 
@@ -116,7 +119,7 @@ mod tests {
             AccessRecord::from_event(&allowed, &names, &ifaces, &openings(), &Clock::new());
         assert_eq!(
             record.line(),
-            "let in tcp 10.251.1.2:40000 -> 10.251.1.1:15432 (container db port 5432/tcp, published) on eth0: file rule \"office\" (5432/tcp)"
+            "let in tcp 10.251.1.2:40000 -> 10.251.1.1:15432 (container db 5432/tcp, published) on eth0: file rule \"office\" (5432/tcp)"
         );
         assert_eq!(
             (record.reason.as_str(), record.seen.path.as_deref()),
@@ -156,6 +159,11 @@ mod tests {
             "{line}"
         );
         assert!(line.trim_end().ends_with(fields), "{line}");
+        // No word of the sentence reads as one of the fields to a logfmt parser.
+        let (sentence, _) = line.split_once(" src=").unwrap();
+        let names = ["src", "sport", "dst", "dport", "proto", "container", "port", "path"];
+        let names = [&names[..], &["reason", "rule", "iface"]].concat();
+        assert!(sentence.split_whitespace().all(|w| !names.contains(&w)), "{sentence}");
         let json = logged_json(|| log(&record));
         let fields = &json["fields"];
         assert_eq!(json["target"], "guard::access");

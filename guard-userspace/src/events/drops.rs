@@ -48,7 +48,7 @@ impl Record for DropRecord {
     /// What was dropped, bound for what, and why.
     fn line(&self) -> String {
         let verb = if self.audited { "would drop (audit)" } else { "dropped" };
-        format!("{verb} {}: {}", self.seen.describe(self.iface.as_deref()), self.reason)
+        format!("{verb} {}: {}", self.seen.describe(self.iface.as_deref(), " port"), self.reason)
     }
 }
 

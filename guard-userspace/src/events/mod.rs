@@ -56,11 +56,12 @@ impl Seen {
         }
     }
 
-    /// The packet for people: `tcp A:1 -> B:2 (container db port 5432/tcp, published) on eth0`.
-    fn describe(&self, iface: Option<&str>) -> String {
+    /// The packet for people: `tcp A:1 -> B:2 (container db port 5432/tcp, published) on eth0`,
+    /// with `port` (` port` or nothing) before the container port.
+    fn describe(&self, iface: Option<&str>, port: &str) -> String {
         let to = match (&self.container, self.container_port) {
             (Some(c), Some(p)) => format!(
-                " (container {c} port {p}/{}, {})",
+                " (container {c}{port} {p}/{}, {})",
                 self.proto,
                 self.path.as_deref().unwrap_or("?")
             ),
