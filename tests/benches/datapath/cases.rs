@@ -4,8 +4,8 @@
 //! (case, scale) pairs round-robin, so a noisy neighbour (and the luck of a load's code
 //! placement) hits them alike, and each figure is the median over the rounds. The
 //! kernel reports the average run time of one round in whole nanoseconds. Every run is checked:
-//! the verdict, and the reason's counter moved by exactly `repeat`, so a case measures the path
-//! it claims to.
+//! the verdict, the reason's counter moved by exactly `repeat`, and access events by `repeat` or
+//! not at all, so a case measures the path it claims to.
 
 use std::rc::Rc;
 
@@ -32,6 +32,10 @@ pub struct Case {
     pub setup: Option<fn(&mut Guard) -> Result<()>>,
     /// Whether the program looks up the world's 100,000 denied sources (set before each run).
     pub deny_lookups: bool,
+    /// Whether every run starts a flow an opening lets in, so reports an access event: in a
+    /// run of a million, the first 50 are written to the ring and the rest counted as
+    /// suppressed (the per-CPU budget), which is what a flood of new flows costs.
+    pub access: bool,
 }
 
 pub const FLOOR: &str = "floor";
@@ -45,6 +49,7 @@ pub fn cases() -> Vec<Case> {
             frame: |_| frames::arp_request(OUTSIDE, UPLINK),
             setup: None,
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "pass",
@@ -53,6 +58,7 @@ pub fn cases() -> Vec<Case> {
             frame: |_| Tcp::syn(OUTSIDE, UPLINK, HOST_SERVICE_PORT).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "drop_door",
@@ -64,6 +70,7 @@ pub fn cases() -> Vec<Case> {
             },
             setup: None,
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "drop_direct",
@@ -72,6 +79,7 @@ pub fn cases() -> Vec<Case> {
             frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), CLOSED_PORT).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "drop_published",
@@ -80,16 +88,18 @@ pub fn cases() -> Vec<Case> {
             frame: |w| Tcp::syn(OUTSIDE, UPLINK, w.probe_published_port()).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "pass_cidr",
-            what: "TCP SYN to a container port allowed from a CIDR, source inside it",
+            what: "TCP SYN to a container port allowed from a CIDR, source inside it (an access)",
             expect: Reason::AllowedSource,
             frame: |w| {
                 Tcp::syn(w.probe_allowed_source(), w.probe_addr(), ALLOWED_PORT).frame(MAC_A, MAC_B)
             },
             setup: None,
             deny_lookups: true,
+            access: true,
         },
         Case {
             name: "pass_flow",
@@ -107,14 +117,16 @@ pub fn cases() -> Vec<Case> {
             },
             setup: Some(Guard::remember_flows),
             deny_lookups: true,
+            access: false,
         },
         Case {
             name: "pass_exposed_no_deny",
-            what: "TCP SYN to an exposed container port, the deny sets' lookups off",
+            what: "TCP SYN to an exposed container port (an access), the deny sets' lookups off",
             expect: Reason::Exposed,
             frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: false,
+            access: true,
         },
         Case {
             name: "pass_exposed",
@@ -123,6 +135,19 @@ pub fn cases() -> Vec<Case> {
             frame: |w| Tcp::syn(OUTSIDE, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: true,
+            access: true,
+        },
+        Case {
+            name: "pass_exposed_ack",
+            what: "The same port, a later segment of a flow (ACK): no access event",
+            expect: Reason::Exposed,
+            frame: |w| {
+                let ack = Tcp { flags: TCP_ACK, ..Tcp::syn(OUTSIDE, w.probe_addr(), EXPOSED_PORT) };
+                ack.frame(MAC_A, MAC_B)
+            },
+            setup: None,
+            deny_lookups: true,
+            access: false,
         },
         Case {
             name: "drop_denied",
@@ -131,6 +156,7 @@ pub fn cases() -> Vec<Case> {
             frame: |w| Tcp::syn(DENIED, w.probe_addr(), EXPOSED_PORT).frame(MAC_A, MAC_B),
             setup: None,
             deny_lookups: true,
+            access: false,
         },
     ]
 }
@@ -222,6 +248,7 @@ pub fn measure(worlds: &[Rc<World>], params: &Params) -> Result<(Vec<CaseResult>
 fn run(guard: &mut Guard, case: &Case, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
     let scale = guard.world.containers;
     let before = guard.counter(case.expect)?;
+    let accesses_before = guard.access_events()?;
     let start = std::time::Instant::now();
     let result = guard
         .program()?
@@ -246,6 +273,13 @@ fn run(guard: &mut Guard, case: &Case, frame: &[u8], repeat: u32) -> Result<(u32
          takes another path than the case claims",
         case.name,
         case.expect
+    );
+    let accesses = guard.access_events()? - accesses_before;
+    let want = if case.access { u64::from(repeat) } else { 0 };
+    ensure!(
+        accesses == want,
+        "case {} at {scale} containers: {accesses} access events in {repeat} runs, {want} expected",
+        case.name
     );
     Ok((result.duration.as_nanos() as u32, wall))
 }

@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::{Ebpf, programs::Xdp};
 use guard_common::{
+    events::STREAM_ACCESS,
     maps::{CONFIG_HAS_DENY_EXACT, CONFIG_HAS_DENY_PREFIX, FlowKey, door},
     reason::Reason,
 };
@@ -323,6 +324,12 @@ impl Guard {
             .into_iter()
             .find(|(d, _)| d.reason == reason && !d.audited)
             .map_or(0, |(_, n)| n))
+    }
+
+    /// Access events so far: reported, suppressed by their rate limit or lost to a full ring.
+    pub fn access_events(&self) -> Result<u64> {
+        let stats = self.maps.event_stats(STREAM_ACCESS).context("reading guard's event stats")?;
+        Ok(stats.iter().sum())
     }
 }
 
