@@ -311,8 +311,9 @@ impl Report<'_> {
              rounds. Every round loads guard afresh at every scale (in a rotating order: the \
              first load of a batch tends to run every path 10-15 ns slower, the floor \
              included) and runs all cases and scales round-robin. Every run checked: verdict, \
-             and the reason counter moved by exactly `repeat`. \"above floor\" subtracts the \
-             floor measured at the same scale.\n",
+             the reason counter moved by exactly `repeat`, and access events (a case marked \
+             as an access: by `repeat`, reported or suppressed; any other: not at all). \
+             \"above floor\" subtracts the floor measured at the same scale.\n",
             thousands(ALLOW_ENTRIES as u64),
             thousands(u64::from(p.repeat)),
             p.rounds
