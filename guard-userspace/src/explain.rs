@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path, str::
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use guard_common::{
-    decision::decide_parsed,
+    decision::{Resolved, decide_parsed},
     maps::{FLOW_TIMEOUT_NS, FlowKey},
     reason::{Decision, Reason, Verdict},
 };
@@ -29,7 +29,8 @@ use crate::{
     pins::{Hook, Pins},
     policy::{PortSpec, Proto, Sources},
     policy_file,
-    tables::WithFlows,
+    rates::{self, Limit},
+    tables::{TableSet, WithFlows},
 };
 
 /// What to explain: a source and a destination, with a port unless the packet is port-less
@@ -117,6 +118,10 @@ pub struct Explanation {
     pub container: Option<String>,
     /// The rule that decided (a label, a file rule, trusted sources, flow memory, the default).
     pub rule: String,
+    /// The limit on new flows per source the port puts on what it lets in
+    /// (`100/s burst 200 (label guard.ratelimit)`), when the verdict opens it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
     /// One sentence for people.
     pub detail: String,
 }
@@ -151,6 +156,7 @@ pub async fn explain(
             audited: false,
             container: None,
             rule: format!("none: guard does not run on {name}"),
+            limit: None,
             detail: format!(
                 "{name} is not an interface guard protects (not an uplink, or trusted): nothing arriving on it is judged"
             ),
@@ -201,15 +207,43 @@ pub async fn explain(
         _ => rule_for(decision, policy.as_ref(), port, query.src),
     };
     let published = resolved.published != 0 && door.is_none();
-    let detail = detail(decision, &query, container.as_deref(), port, published);
+    let opened = matches!(decision.reason, Reason::Exposed | Reason::AllowedSource);
+    let limit = if opened { limit_at(&tables, &resolved, policy.as_ref()) } else { None };
+    let mut detail = detail(decision, &query, container.as_deref(), port, published);
+    if let Some((limit, _)) = &limit {
+        let _ = write!(detail, ", {}", limit.sentence(query.src.is_ipv6()));
+    }
+    let limit = limit.map(|(limit, rule)| match rule {
+        Some(rule) => format!("{limit} ({rule})"),
+        None => limit.to_string(),
+    });
     Ok(Explanation {
         verdict: if decision.verdict() == Verdict::Pass { "pass" } else { "drop" },
         reason: decision.reason.name(),
         audited: decision.audited,
         container,
         rule,
+        limit,
         detail,
     })
+}
+
+/// The limit the kernel puts on new flows to the resolved port, in the words of the rule that
+/// set it when the labels and policy file still say so.
+fn limit_at(
+    tables: &TableSet,
+    resolved: &Resolved,
+    policy: Option<&ContainerPolicy>,
+) -> Option<(Limit, Option<String>)> {
+    let (key, held) =
+        rates::in_force(&tables.rates, resolved.target, resolved.proto, resolved.port)?;
+    let held = Limit::from_kernel(held);
+    let port = (!key.is_every_port_of_proto()).then_some(resolved.port);
+    let said = policy
+        .zip(Proto::from_number(resolved.proto))
+        .and_then(|(policy, proto)| rates::rule_for(&policy.limits, proto, port))
+        .filter(|rule| rule.limit == held);
+    Some((held, said.map(|rule| rule.rule.clone())))
 }
 
 /// Where an explained packet arrives, and how that link frames its packets.
@@ -446,6 +480,9 @@ pub fn render(e: &Explanation) -> String {
         let _ = writeln!(out, "container: {c}");
     }
     let _ = writeln!(out, "rule: {}", e.rule);
+    if let Some(limit) = &e.limit {
+        let _ = writeln!(out, "limit: {limit}");
+    }
     let _ = writeln!(out, "{}", e.detail);
     out
 }
