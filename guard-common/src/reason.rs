@@ -134,6 +134,13 @@ impl Reason {
         }
     }
 
+    /// An opening (a label or policy rule) let the packet in: what a rate limit counts and the
+    /// access log reports (see [`crate::arrivals`]).
+    #[inline(always)]
+    pub const fn is_opening(self) -> bool {
+        matches!(self, Reason::Exposed | Reason::AllowedSource)
+    }
+
     /// Closed only because nothing opened it (no rule, no reply): what a trusted source, and
     /// a flow started from inside, may still pass.
     #[inline(always)]

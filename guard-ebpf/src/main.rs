@@ -37,6 +37,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
+use guard_common::arrivals::{self, FlowStart, flow_start};
 use guard_common::events::DROP_AT_GATE;
 use guard_common::parse::{self as parser, Bytes, Framing};
 use guard_common::{
@@ -47,7 +48,7 @@ use guard_common::{
         CONFIG_HAS_TRUSTED, Config, ContainerId, DENY_EXACT_CAPACITY, DENY_PREFIX_CAPACITY,
         FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
         PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
-        SOURCES_CAPACITY, SourceKey, TRUSTED_CAPACITY,
+        SOURCES_CAPACITY, SourceKey, TARGET_AUDIT, TARGET_RATE_LIMITED, TRUSTED_CAPACITY,
     },
     prefilter::{self, Bitmap},
     reason::{COUNTER_SLOTS, Decision, Reason, Verdict},
@@ -55,15 +56,15 @@ use guard_common::{
 use guard_common::{
     decision::{L4, Packet, Resolved, decide_parsed, flow_to_remember},
     events::{
-        DROP_AUDITED, DROP_PUBLISHED, DropKey, EVENT_STATS, EVENT_STREAMS, EVENTS_EMITTED,
-        EVENTS_LOST, EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES, EVENTS_SUPPRESSED, Limiter,
-        PacketEvent,
+        DROP_AUDITED, DROP_PUBLISHED, DROP_RATE_LIMITED, DropKey, EVENT_STATS, EVENT_STREAMS,
+        EVENTS_EMITTED, EVENTS_LOST, EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES,
+        EVENTS_SUPPRESSED, Limiter, PacketEvent, STREAM_ACCESS, STREAM_DROPS, event_stat_slot,
     },
     maps::{
         ARRIVALS_CAPACITY, DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK, RATE_BUCKETS_CAPACITY,
         RATE_LIMITS_CAPACITY, UPLINKS_CAPACITY,
     },
-    ratelimit::{BucketKey, RateLimit},
+    ratelimit::{self, BucketKey, RateLimit},
 };
 
 // Map statics are named exactly as guard_common::maps names them; the agent finds them by
@@ -318,7 +319,16 @@ fn xdp_inputs(ctx: &XdpContext) -> (Frame, Maps<false>) {
 #[inline(always)]
 fn filter(ctx: &XdpContext, framing: Framing) -> u32 {
     let (frame, maps) = xdp_inputs(ctx);
-    let decision = judge(&maps, parser::parse(&frame, framing), 0);
+    let parsed = parser::parse(&frame, framing);
+    let (mut decision, resolved) = decide_parsed(&maps, parsed);
+    if let Ok(packet) = parsed {
+        if decision.reason.is_opening() {
+            decision = admit(&maps, &packet, decision, resolved);
+        }
+        if decision.reason.verdict() == Verdict::Drop {
+            record_drop(&packet, decision, resolved, maps.ifindex, 0);
+        }
+    }
     count(&GUARD_COUNTERS, decision);
     match decision.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
@@ -347,16 +357,83 @@ fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
     decide_parsed(&maps, parser::parse(&frame, framing)).0.counter_slot()
 }
 
-/// Decides; a drop (or audited would-drop) is recorded with `flags` added.
+/// A packet an opening let in, on an uplink: if it starts a flow (see
+/// [`guard_common::arrivals`]), the flow meets its port's rate limit and, admitted, is reported
+/// as an access. Traffic nothing opened never gets here, so it pays nothing for either.
+///
+/// A UDP flow is remembered as arrived only once admitted: a flow the limit dropped must meet
+/// it again with its next packet, or a flood from one source port would be judged once.
 #[inline(always)]
-fn judge<const B: bool>(maps: &Maps<B>, parsed: Result<Packet, Reason>, flags: u8) -> Decision {
-    let (decision, resolved) = decide_parsed(maps, parsed);
-    if decision.reason.verdict() == Verdict::Drop
-        && let Ok(packet) = parsed
-    {
-        record_drop(&packet, decision, resolved, maps.ifindex, flags);
+fn admit(maps: &Maps<false>, packet: &Packet, opened: Decision, resolved: Resolved) -> Decision {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (starts, arrival) = match flow_start(packet) {
+        FlowStart::No => return opened,
+        FlowStart::Yes => (true, None),
+        FlowStart::IfUnseen(key) => {
+            // SAFETY: the value is copied out at once.
+            let seen = unsafe { GUARD_ARRIVALS.get(&key) }.copied();
+            if !arrivals::is_new(seen, now) {
+                if arrivals::needs_refresh(seen, now) {
+                    let _ = GUARD_ARRIVALS.insert(&key, &now, 0);
+                }
+                return opened;
+            }
+            (true, Some(key))
+        }
+    };
+    let limited = starts
+        && resolved.flags & TARGET_RATE_LIMITED != 0
+        && over_rate_limit(packet, resolved, now)
+        && !maps.source_trusted(&packet.src);
+    let decision = if limited {
+        let audited = resolved.flags & TARGET_AUDIT != 0 || maps.audit_all();
+        Decision { reason: Reason::RateLimited, audited }
+    } else {
+        opened
+    };
+    if decision.verdict() == Verdict::Pass {
+        if let Some(key) = arrival {
+            let _ = GUARD_ARRIVALS.insert(&key, &now, 0);
+        }
+        if !limited {
+            report(
+                STREAM_ACCESS,
+                packet,
+                opened.reason,
+                resolved,
+                maps.ifindex,
+                path_flags(resolved),
+            );
+        }
     }
     decision
+}
+
+/// Whether a new flow from `packet`'s source to the container port `resolved` at `now` is over
+/// that port's rate limit (or its protocol's, `*/udp`); admitted, it takes its place in the
+/// source's bucket (see [`guard_common::ratelimit`]).
+#[inline(always)]
+fn over_rate_limit(packet: &Packet, resolved: Resolved, now: u64) -> bool {
+    let port = PortKey::new(resolved.target, resolved.proto, resolved.port);
+    let every_port = PortKey::every_port_of(resolved.target, resolved.proto);
+    // SAFETY: the values are copied out at once.
+    let (key, limit) = match unsafe { GUARD_RATES.get(&port) } {
+        Some(limit) => (port, *limit),
+        None => match unsafe { GUARD_RATES.get(&every_port) } {
+            Some(limit) => (every_port, *limit),
+            None => return false,
+        },
+    };
+    let bucket = BucketKey::new(key, &packet.src);
+    // SAFETY: the value is copied out at once.
+    let tat = unsafe { GUARD_BUCKETS.get(&bucket) }.copied();
+    match ratelimit::admit(&limit, tat, now) {
+        Some(next) => {
+            let _ = GUARD_BUCKETS.insert(&bucket, &next, 0);
+            false
+        }
+        None => true,
+    }
 }
 
 /// The interface the kernel received the packet on (`skb->skb_iif`): 0 for packets the host
@@ -642,16 +719,22 @@ fn record_outbound<const BEHIND_BRIDGE: bool>(ctx: &TcContext, packet: &Packet) 
     }
 }
 
+/// The `DROP_*` flags that say how a packet reached its container.
+#[inline(always)]
+fn path_flags(resolved: Resolved) -> u8 {
+    if resolved.published != 0 { DROP_PUBLISHED } else { 0 }
+}
+
 /// A drop (or an audited would-drop): the container port's counter, and an event if this CPU
 /// has not used up its share for this second.
 #[inline(always)]
 fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex: u32, flags: u8) {
-    let mut flags = flags;
-    if resolved.published != 0 {
-        flags |= DROP_PUBLISHED;
-    }
+    let mut flags = flags | path_flags(resolved);
     if decision.audited {
         flags |= DROP_AUDITED;
+    }
+    if decision.reason == Reason::RateLimited {
+        flags |= DROP_RATE_LIMITED;
     }
     if resolved.target != 0 {
         let key =
@@ -664,8 +747,21 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
             }
         }
     }
+    report(STREAM_DROPS, packet, decision.reason, resolved, ifindex, flags);
+}
 
-    let Some(limiter) = GUARD_EVLIMIT.get_ptr_mut(0) else { return };
+/// An event of `stream` (a drop or an access), if this CPU has not used up the stream's share
+/// for this second; otherwise counted as suppressed.
+#[inline(always)]
+fn report(
+    stream: u32,
+    packet: &Packet,
+    reason: Reason,
+    resolved: Resolved,
+    ifindex: u32,
+    flags: u8,
+) {
+    let Some(limiter) = GUARD_EVLIMIT.get_ptr_mut(stream) else { return };
     // SAFETY: this CPU's slot.
     let limiter = unsafe { &mut *limiter };
     // Over the budget (a flood), the clock is read only every 64th drop, to notice that a new
@@ -673,7 +769,7 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
     // rolls the window. (Not the coarse clock: Linux 5.10 has no bpf_ktime_get_coarse_ns.)
     if limiter.emitted >= EVENTS_PER_SECOND_PER_CPU {
         limiter.suppressed_since_check = limiter.suppressed_since_check.wrapping_add(1);
-        bump_event_stat(EVENTS_SUPPRESSED);
+        bump_event_stat(event_stat_slot(stream, EVENTS_SUPPRESSED));
         if limiter.suppressed_since_check & 63 == 0
             && unsafe { bpf_ktime_get_ns() }.wrapping_sub(limiter.window_start_ns) > 1_000_000_000
         {
@@ -698,13 +794,13 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
         dport: l4.dport,
         container_port: resolved.port,
         proto: if resolved.proto != 0 { resolved.proto } else { l4.proto },
-        reason: decision.reason as u8,
+        reason: reason as u8,
         flags,
         _pad: [0; 7],
     };
     match GUARD_EVENTS.output::<PacketEvent>(&event, 0) {
-        Ok(()) => bump_event_stat(EVENTS_EMITTED),
-        Err(_) => bump_event_stat(EVENTS_LOST),
+        Ok(()) => bump_event_stat(event_stat_slot(stream, EVENTS_EMITTED)),
+        Err(_) => bump_event_stat(event_stat_slot(stream, EVENTS_LOST)),
     }
 }
 

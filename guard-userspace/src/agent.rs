@@ -630,9 +630,14 @@ impl Agent {
         }
         let mut warnings = Vec::new();
         // Held until the maps are written: a `guard ban` made meanwhile is never undone.
-        let (denied, _ban_lock) =
+        let (denied, ban_lock) =
             self.deny.gather(&self.policy.deny_files, &self.bans, &mut warnings);
+        // Read under the lock, when there is one: what `guard ban` wrote is in it.
+        let kernel = self.maps.read()?;
         desired.tables.deny(denied);
+        if ban_lock.is_none() {
+            desired.tables.keep_denied(&kernel);
+        }
         for policy in &desired.containers {
             for error in &policy.label_errors {
                 warnings.push(error.warning(&policy.container.name));
@@ -654,7 +659,7 @@ impl Agent {
         desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges, &known_bridges);
 
         // Maps before links: a new link must never run against maps that are still empty.
-        let plan = diff(&self.maps.read()?, &desired.tables);
+        let plan = diff(&kernel, &desired.tables);
         let mut failures = Vec::new();
         if !plan.is_empty() {
             failures = self.maps.apply(&plan);
@@ -1050,6 +1055,11 @@ async fn consume_drop_events(ring: RingBuf<MapData>, shared: Arc<Shared>) {
             }
             // SAFETY: the kernel wrote a whole PacketEvent; read_unaligned needs no alignment.
             let event: PacketEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            // Accesses (a pass verdict) are not drops.
+            let reason = guard_common::reason::Reason::from_u32(u32::from(event.reason));
+            if reason.is_some_and(|r| r.verdict() == guard_common::reason::Verdict::Pass) {
+                continue;
+            }
             let record = {
                 let state = shared.state.lock().expect("not poisoned");
                 DropRecord::from_event(&event, &state.names, &state.ifaces, &clock)

@@ -96,6 +96,14 @@ impl TableSet {
             self.config.flags |= CONFIG_HAS_DENY_PREFIX;
         }
     }
+
+    /// Keeps everything `kernel` denies denied as well: for a pass that could not read the
+    /// bans safely, which then lifts nothing.
+    pub fn keep_denied(&mut self, kernel: &TableSet) {
+        self.deny_exact.extend(&kernel.deny_exact);
+        self.deny_prefixes.extend(kernel.deny_prefixes.iter().map(|(k, v)| (*k, *v)));
+        self.config.flags |= kernel.config.flags & (CONFIG_HAS_DENY_EXACT | CONFIG_HAS_DENY_PREFIX);
+    }
 }
 
 /// The three prefilter bitmaps (see [`guard_common::prefilter`]).
@@ -394,6 +402,21 @@ mod tests {
 
     fn a(s: &str) -> Addr {
         s.parse::<std::net::IpAddr>().unwrap().into()
+    }
+
+    #[test]
+    fn a_pass_without_the_ban_lock_lifts_no_denial() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let mut kernel = TableSet::default();
+        kernel.deny([cidr("192.0.2.7/32"), cidr("198.51.100.0/24")]);
+        let mut desired = TableSet::default();
+        desired.deny([cidr("203.0.113.9/32")]);
+        desired.keep_denied(&kernel);
+        let plan = diff(&kernel, &desired);
+        let mut after = kernel.clone();
+        after.deny([cidr("203.0.113.9/32")]);
+        assert_eq!(desired, after, "the new denial added, none lifted");
+        assert!(!plan.is_empty());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!
 //! Needs root (CAP_BPF) and bpffs; run through `cargo xtask test`.
 
+#[path = "verdict/admission.rs"]
+mod admission;
 #[path = "verdict/random.rs"]
 mod random;
 
@@ -689,9 +691,11 @@ fn differential_kernel_equals_reference() {
     );
     // A generator that stopped reaching a path would make this test vacuous there. XDP on an
     // uplink never sees a packet as behind a bridge: the gate and the answers test cover
-    // UnseenNetwork.
-    let uplink_reasons =
-        Reason::ALL.iter().filter(|r| !matches!(r, Reason::NotIp | Reason::UnseenNetwork));
+    // UnseenNetwork. A rate limit is a count over time, not a rule the reference decides: the
+    // rate-limit test covers RateLimited.
+    let uplink_reasons = Reason::ALL
+        .iter()
+        .filter(|r| !matches!(r, Reason::NotIp | Reason::UnseenNetwork | Reason::RateLimited));
     for reason in uplink_reasons {
         assert!(
             seen.get(reason).copied().unwrap_or(0) > 0,
@@ -1523,6 +1527,29 @@ fn denied_sources_reach_no_container_port_and_their_replies_pass() {
         ("the neighbour of a denied address", Frame::new("198.18.1.3", WEB, Tcp(443)), Exposed),
         ("a denied IPv6 prefix", Frame::new(OUTSIDE6, WEB6, Tcp(443)), Denied),
         ("::/1 does not deny IPv4", Frame::new(OUTSIDE_B, WEB, Tcp(443)), Exposed),
+        // Its later fragment passes: the kernel delivers nothing without the first, which
+        // carries the ports and is denied above.
+        ("its later fragment", Frame::new(OUTSIDE_A, WEB, Udp(53)).later_fragment(), LaterFragment),
+        // Its "port unreachable" about a flow started inside is that flow's reply (path-MTU
+        // discovery and errors must reach the container); about nothing remembered, denied.
+        (
+            "its ICMP error about a flow started inside",
+            Frame::new(
+                OUTSIDE_A,
+                DB,
+                IcmpError(Box::new(Frame::new(DB, OUTSIDE_A, Udp(53)).sport(40001))),
+            ),
+            Reply,
+        ),
+        (
+            "its ICMP error about an exposed port's flow nobody started",
+            Frame::new(
+                OUTSIDE_A,
+                WEB,
+                IcmpError(Box::new(Frame::new(WEB, OUTSIDE_A, Udp(5000)).sport(53))),
+            ),
+            Denied,
+        ),
     ];
     for (name, frame, expected) in &cases {
         g.check(name, frame, *expected);

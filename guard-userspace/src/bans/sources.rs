@@ -15,6 +15,10 @@ use super::{
 };
 use crate::{policy::Cidr, policy_file::PolicyFile};
 
+/// How long a pass waits for the ban lock: `guard ban` holds it for milliseconds; one that
+/// hangs must not stall the agent.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the agent denies besides the policy file's own `deny`: the deny files it names and
 /// the bans, each kept as last read when a read fails (a broken or vanished file, a damaged
 /// ban store never lifts a denial).
@@ -41,7 +45,10 @@ impl DenySources {
     }
 
     /// The sources to deny now, with the ban lock held: the caller keeps it until the maps
-    /// are written. Problems go to `warnings` (the agent says each once).
+    /// are written. Without the lock (another command held it past [`LOCK_PATIENCE`], or it
+    /// failed), the bans last read are returned but cannot be trusted to be current: the
+    /// caller must then lift nothing (a ban being added meanwhile would be undone).
+    /// Problems go to `warnings` (the agent says each once).
     pub fn gather(
         &mut self,
         deny_files: &[PathBuf],
@@ -66,10 +73,10 @@ impl DenySources {
             }
             sources.extend(self.files.get(path).map(|(_, s)| s.clone()).unwrap_or_default());
         }
-        let lock = match store.lock() {
+        let lock = match store.lock_within(Some(LOCK_PATIENCE)) {
             Ok(lock) => lock,
             Err(e) => {
-                warnings.push(format!("{e}; the bans last read stay in force"));
+                warnings.push(format!("{e}; nothing denied is lifted until it can be read"));
                 sources.extend(&self.bans);
                 self.add_crowdsec(&mut sources);
                 return (sources, None);

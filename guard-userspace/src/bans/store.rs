@@ -4,7 +4,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -64,20 +64,39 @@ impl BanStore {
         BanStore { dir: StateDir::new(state_dir), path: state_dir.join(FILE) }
     }
 
+    /// The ban lock, waiting for it as long as it takes (the commands: an operator waits).
     pub fn lock(&self) -> Result<BanLock, BanError> {
+        self.lock_within(None)
+    }
+
+    /// The ban lock, waiting at most `patience` (the agent: a wedged command must not stall
+    /// its passes); `None` waits as long as it takes.
+    pub fn lock_within(&self, patience: Option<Duration>) -> Result<BanLock, BanError> {
         self.dir.create()?;
         let path = self.path.with_file_name(LOCK);
-        let locked = fs::OpenOptions::new()
+        let lock_err = |source| BanError::Lock { path: path.clone(), source };
+        let mut file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .and_then(|file| {
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                    .map_err(|(_, errno)| std::io::Error::from(errno))
-            })
-            .map_err(|source| BanError::Lock { path: path.clone(), source })?;
-        Ok(BanLock { _file: locked })
+            .map_err(lock_err)?;
+        let Some(patience) = patience else {
+            let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| lock_err(errno.into()))?;
+            return Ok(BanLock { _file: locked });
+        };
+        let deadline = Instant::now() + patience;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => return Ok(BanLock { _file: locked }),
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((_, errno)) => return Err(lock_err(errno.into())),
+            }
+        }
     }
 
     /// Every ban made, expired ones included (the agent forgets those when it next saves).
@@ -137,6 +156,20 @@ pub fn saved_crowdsec(state_dir: &Path) -> crate::crowdsec::Bans {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_waits_for_the_ban_lock_a_bounded_time() {
+        let dir = std::env::temp_dir().join(format!("guard-ban-lock-{}", std::process::id()));
+        let store = BanStore::new(&dir);
+        let held = store.lock().expect("the first lock");
+        let started = Instant::now();
+        let patience = Duration::from_millis(100);
+        assert!(matches!(store.lock_within(Some(patience)), Err(BanError::Lock { .. })));
+        assert!(started.elapsed() >= patience, "it waited its patience out");
+        drop(held);
+        assert!(store.lock_within(Some(patience)).is_ok(), "free again");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn bans_expire_renew_and_say_when_to_wake() {
