@@ -477,7 +477,8 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
     );
     assert!(per_port.is_some_and(|n| n >= 1.0), "no per-port rate-limited count:\n{text}");
     let metrics = bed.metrics.to_string();
-    let drops = bed.guard(&["drops", "--json", "--metrics-addr", &metrics]);
+    let drops = bed.agent.guard(&["drops", "--json", "--metrics-addr", &metrics]);
+    let drops = drops.unwrap_or_else(|e| panic!("guard drops: {e}"));
     assert!(
         drops
             .lines()
