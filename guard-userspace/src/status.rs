@@ -836,7 +836,18 @@ mod check_tests {
             id: "0123456789ab".into(),
             addresses: vec!["172.18.0.2".into()],
             mode: "enforce".into(),
-            ports: vec![port(443, "everyone", &[(any, 8443)]), port(5432, "none", &[(any, 5432)])],
+            ports: vec![
+                PortReport {
+                    limit: Some(LimitReport {
+                        rate: "10/s burst 20".into(),
+                        rule: Some("label guard.ratelimit".into()),
+                        differs: None,
+                    }),
+                    rate_limited: 3,
+                    ..port(443, "everyone", &[(any, 8443)])
+                },
+                port(5432, "none", &[(any, 5432)]),
+            ],
             other_ports: Reach::new("none", vec![]),
             label_errors: vec![],
         });
@@ -844,6 +855,11 @@ mod check_tests {
         let row = |p: &str| text.lines().find(|l| l.contains(p)).unwrap_or_default().to_string();
         assert!(row("443/tcp").ends_with("published only (engine drops direct)"), "{text}");
         assert!(row("5432/tcp").ends_with(" -"), "a closed port has no paths to name: {text}");
+        assert!(
+            row("443/tcp").contains("  10/s burst 20 (label guard.ratelimit); 3 rate-limited  "),
+            "the limit beside the opening, and what it dropped: {text}"
+        );
+        assert!(text.contains("LIMIT: new flows from outside per source"), "{text}");
         assert!(
             text.contains("  Docker 28.5.2 drops it: network web (gateway mode nat)"),
             "{text}"

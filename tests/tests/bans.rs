@@ -488,6 +488,7 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
     );
 
     // `guard status` shows the limit beside the opening, and what it dropped.
+    println!("{}", bed.agent.status());
     let status: serde_json::Value = serde_json::from_str(&bed.agent.status_json())
         .unwrap_or_else(|e| panic!("status --json: {e}"));
     let port = status["containers"]
