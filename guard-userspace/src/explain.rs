@@ -200,23 +200,27 @@ pub async fn explain(
         })
     });
     let port = (resolved.port != 0).then(|| (resolved.port, Proto::from_number(resolved.proto)));
-    let rule = match (door, decision.reason) {
+    let mut rule = match (door, decision.reason) {
         (Some(_), Reason::AllowedSource) => {
             "the swarm's nodes, and [management] cluster and admin prefixes".into()
         }
         _ => rule_for(decision, policy.as_ref(), port, query.src),
     };
     let published = resolved.published != 0 && door.is_none();
-    let opened = matches!(decision.reason, Reason::Exposed | Reason::AllowedSource);
-    let limit = if opened { limit_at(&tables, &resolved, policy.as_ref()) } else { None };
-    let mut detail = detail(decision, &query, container.as_deref(), port, published);
-    if let Some((limit, _)) = &limit {
-        let _ = write!(detail, ", {}", limit.sentence(query.src.is_ipv6()));
-    }
-    let limit = limit.map(|(limit, rule)| match rule {
-        Some(rule) => format!("{limit} ({rule})"),
+    // The limit a port puts on what its opening lets in: said when it opens, and when it
+    // is what dropped.
+    let limited =
+        matches!(decision.reason, Reason::Exposed | Reason::AllowedSource | Reason::RateLimited);
+    let limit = if limited { limit_at(&tables, &resolved, policy.as_ref()) } else { None };
+    let sentence = limit.as_ref().map(|(limit, _)| limit.sentence(query.src.is_ipv6()));
+    let detail = detail(decision, &query, container.as_deref(), port, published, sentence);
+    let limit = limit.map(|(limit, said_by)| match said_by {
+        Some(said_by) => format!("{limit} ({said_by})"),
         None => limit.to_string(),
     });
+    if let (Reason::RateLimited, Some(limit)) = (decision.reason, &limit) {
+        rule = format!("rate limit {limit}");
+    }
     Ok(Explanation {
         verdict: if decision.verdict() == Verdict::Pass { "pass" } else { "drop" },
         reason: decision.reason.name(),
@@ -411,6 +415,7 @@ fn detail(
     container: Option<&str>,
     port: Option<(u16, Option<Proto>)>,
     published: bool,
+    limit: Option<String>,
 ) -> String {
     let mut s = String::new();
     let target = match (container, port) {
@@ -462,6 +467,9 @@ fn detail(
             write!(s, "{} started new flows to {target} faster than its rate limit", q.src)
         }
     };
+    if let Some(limit) = limit {
+        let _ = write!(s, ", {limit}");
+    }
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");
     }
@@ -490,6 +498,28 @@ pub fn render(e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opened_port_s_limit_is_said_before_audit_mode() {
+        let q = Query {
+            src: "203.0.113.9".parse().unwrap(),
+            dst: "172.17.0.2".parse().unwrap(),
+            port: Some((80, Proto::Tcp)),
+        };
+        let limit = rates::parse_limit("10/s", Some(20)).unwrap();
+        let say = |decision, published| {
+            let port = Some((80, Some(Proto::Tcp)));
+            detail(decision, &q, Some("web"), port, published, Some(limit.sentence(false)))
+        };
+        assert_eq!(
+            say(Decision::enforced(Reason::Exposed), true),
+            "container web port 80/tcp is open to everyone through a port Docker publishes, limited to 10 new flows/s per source, burst 20"
+        );
+        assert_eq!(
+            say(Decision { reason: Reason::RateLimited, audited: true }, false),
+            "203.0.113.9 started new flows to container web port 80/tcp faster than its rate limit, limited to 10 new flows/s per source, burst 20; audit mode: it would be dropped, and passes"
+        );
+    }
 
     #[test]
     fn destinations_parse() {
