@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use guard_common::{
     decision::{Resolved, decide_parsed},
-    maps::{FLOW_TIMEOUT_NS, FlowKey},
+    maps::FlowKey,
     reason::{Decision, Reason, Verdict},
 };
 use serde::Serialize;
@@ -302,15 +302,10 @@ fn run_pinned(
 }
 
 /// The flows the egress programs remember that still count (TCP until the kernel evicts
-/// them, the others for [`FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
+/// them, the others for [`guard_common::maps::FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
 pub(crate) fn live_flows(maps: &PolicyMaps) -> anyhow::Result<BTreeSet<FlowKey>> {
     let now = crate::drops::monotonic_ns();
-    Ok(maps
-        .flows()?
-        .into_iter()
-        .filter(|(k, seen)| k.proto == 6 || now.saturating_sub(*seen) < FLOW_TIMEOUT_NS)
-        .map(|(k, _)| k)
-        .collect())
+    Ok(maps.flows()?.into_iter().filter(|(k, seen)| k.alive(*seen, now)).map(|(k, _)| k).collect())
 }
 
 /// The pinned explain program of `framing`.
