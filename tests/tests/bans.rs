@@ -28,7 +28,7 @@ use tests::{
     fail2ban::{self, Fail2ban, Jail},
     host::RoutingHost,
     netns::OutsideHost,
-    observe::{free_local_port, http_get, metric},
+    observe::{free_local_port, http_get, map_entry_count, metric},
     prepare_test_bed,
     probe::{PATIENT, QUICK},
     raw::{self, RawLink},
@@ -374,6 +374,20 @@ impl RateBed {
         }
     }
 
+    /// Port 80 of the web container in `guard status --json`.
+    fn web_port_status(&self) -> serde_json::Value {
+        let status: serde_json::Value = serde_json::from_str(&self.agent.status_json())
+            .unwrap_or_else(|e| panic!("status --json: {e}"));
+        status["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "guard-e2e-rate-web")
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .find(|p| p["port"] == 80)
+            .unwrap_or_else(|| panic!("no port 80 of rate-web in {status}"))
+    }
+
     /// `guard ARGS --pin-dir P` of this agent, or the test fails with its log.
     fn guard(&self, args: &[&str]) -> String {
         let pin_dir = self.agent.pin_dir().to_string_lossy().into_owned();
@@ -420,7 +434,7 @@ fn flood_syns(a: &OutsideHost) -> (BTreeSet<u16>, Duration) {
 
 #[test]
 fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_served() {
-    let bed = RateBed::new();
+    let mut bed = RateBed::new();
     let web = SocketAddr::from((RATE_WEB, 80));
     assert!(bed.b.tcp_connect(web, PATIENT), "B reaches the exposed port before the flood");
 
@@ -489,16 +503,7 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
 
     // `guard status` shows the limit beside the opening, and what it dropped.
     println!("{}", bed.agent.status());
-    let status: serde_json::Value = serde_json::from_str(&bed.agent.status_json())
-        .unwrap_or_else(|e| panic!("status --json: {e}"));
-    let port = status["containers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["name"] == "guard-e2e-rate-web")
-        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-        .find(|p| p["port"] == 80)
-        .unwrap_or_else(|| panic!("no port 80 of rate-web in {status}"));
+    let port = bed.web_port_status();
     assert_eq!(port["limit"]["rate"], format!("{}/s burst {}", RATE.0, RATE.1), "{port}");
     assert!(port["rate_limited"].as_u64().is_some_and(|n| n >= 1), "{port}");
     // `guard explain` says the limit of the port it opens.
@@ -527,4 +532,12 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
         "no warning naming the bad limit:\n{log}"
     );
     assert!(bed.b.tcp_connect(SocketAddr::from((RATE_BAD, 80)), PATIENT));
+
+    // A new agent derives the limit again from the labels, flag and all.
+    bed.agent.terminate();
+    bed.agent.restart();
+    let limits = map_entry_count(bed.agent.pin_dir(), guard_common::maps::RATE_LIMITS);
+    assert_eq!(limits, 1, "GUARD_RATES after a restart");
+    let port = bed.web_port_status();
+    assert_eq!(port["limit"]["rate"], format!("{}/s burst {}", RATE.0, RATE.1), "{port}");
 }
