@@ -241,13 +241,16 @@ fn limit_at(
 ) -> Option<(Limit, Option<String>)> {
     let (key, held) =
         rates::in_force(&tables.rates, resolved.target, resolved.proto, resolved.port)?;
-    let held = Limit::from_kernel(held);
     let port = (!key.is_every_port_of_proto()).then_some(resolved.port);
     let said = policy
         .zip(Proto::from_number(resolved.proto))
         .and_then(|(policy, proto)| rates::rule_for(&policy.limits, proto, port))
-        .filter(|rule| rule.limit == held);
-    Some((held, said.map(|rule| rule.rule.clone())))
+        .filter(|rule| rule.limit.to_kernel() == held);
+    // In the operator's words when they are what the kernel holds (60/m is 1/s there).
+    match said {
+        Some(rule) => Some((rule.limit, Some(rule.rule.clone()))),
+        None => Some((Limit::from_kernel(held), None)),
+    }
 }
 
 /// Where an explained packet arrives, and how that link frames its packets.

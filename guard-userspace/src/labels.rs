@@ -144,8 +144,7 @@ fn parse_label(key: &str, value: &str) -> Result<Declared, LabelProblem> {
 /// Each item names one port spec (a port, a range or `*/proto`), so a comma never leaves a
 /// port without its rate.
 fn parse_ratelimit(value: &str, rule: &str) -> Result<Vec<RateRule>, LabelProblem> {
-    let mut ports = Vec::new();
-    let mut limits = Vec::new();
+    let mut rules = Vec::new();
     for item in value.split(',').map(str::trim) {
         let (head, burst) = match split_word(item, "burst") {
             Some((head, burst)) => (head.trim(), Some(parse_burst(burst)?)),
@@ -155,18 +154,12 @@ fn parse_ratelimit(value: &str, rule: &str) -> Result<Vec<RateRule>, LabelProble
             .rsplit_once(char::is_whitespace)
             .ok_or_else(|| RateProblem::MissingRate(item.to_string()))?;
         let limit = rates::parse_limit(rate, burst)?;
-        for spec in parse_ports(spec)? {
-            ports.push(spec);
-            limits.push(limit);
+        for ports in parse_ports(spec)? {
+            rules.push(RateRule { ports, limit, rule: rule.to_string() });
         }
     }
-    within_port_limit(&ports)?;
-    // One rule per item, checked together: two limits on one port are refused.
-    let rules = ports
-        .into_iter()
-        .zip(limits)
-        .map(|(ports, limit)| RateRule { ports, limit, rule: rule.to_string() })
-        .collect();
+    within_port_limit(&rules.iter().map(|r| r.ports).collect::<Vec<_>>())?;
+    // Checked together: two limits on one port, in two items, are refused.
     Ok(rates::checked(rules)?)
 }
 

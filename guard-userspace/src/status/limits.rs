@@ -52,22 +52,25 @@ pub fn in_kernel(
         Some(port) => rates::in_force(&kernel.rates, target, proto, port).map(|(_, l)| l),
         None => kernel.rates.get(&PortKey::every_port_of(target, proto)).copied(),
     };
-    let held = held.map(|l| Limit::from_kernel(l).to_string());
+    let report = |rate: String| LimitReport { rate, rule: None, differs: None };
     let Some(policy) = policy else {
-        return held.map(|rate| LimitReport { rate, rule: None, differs: None });
+        return held.map(|l| report(Limit::from_kernel(l).to_string()));
     };
-    let wanted = Proto::from_number(proto).and_then(|p| wanted(policy, p, port));
-    let wanted_rate = wanted.as_ref().map(|w| w.rate.clone());
-    if held == wanted_rate {
-        return wanted;
+    let wanted = Proto::from_number(proto).and_then(|p| rates::rule_for(&policy.limits, p, port));
+    // Compared as the kernel holds them (60/m is 1/s there); said in the operator's words.
+    match (held, wanted) {
+        (None, None) => None,
+        (Some(held), Some(wanted)) if wanted.limit.to_kernel() == held => Some(LimitReport {
+            rule: Some(wanted.rule.clone()),
+            ..report(wanted.limit.to_string())
+        }),
+        // What the kernel holds stands; what is wanted is said beside it.
+        (held, wanted) => Some(LimitReport {
+            rate: held.map_or("none".into(), |l| Limit::from_kernel(l).to_string()),
+            rule: wanted.map(|w| w.rule.clone()),
+            differs: Some(wanted.map_or("no limit".into(), |w| w.limit.to_string())),
+        }),
     }
-    // What the kernel holds stands; what is wanted is said beside it.
-    let differs = Some(wanted_rate.unwrap_or_else(|| "no limit".into()));
-    Some(LimitReport {
-        rate: held.unwrap_or_else(|| "none".into()),
-        rule: wanted.and_then(|w| w.rule),
-        differs,
-    })
 }
 
 /// Drops over a rate limit per (target, protocol, container port), summed over paths and CPUs.
@@ -178,6 +181,11 @@ mod tests {
         let every = in_kernel(&kernel, 7, 17, None, None);
         assert_eq!(every, None);
         assert_eq!(in_kernel(&kernel, 7, 6, Some(443), None).unwrap().text(), "100/s burst 100");
+        // 60/m is 1/s in the kernel: the same limit, in the words it was written in.
+        let minute = policy(&[(https, "60/m")]);
+        kernel.rates.insert(PortKey::new(7, 6, 443), RateLimit::new(1, 1_000_000_000, 60).unwrap());
+        let said = in_kernel(&kernel, 7, 6, Some(443), Some(&minute)).unwrap();
+        assert_eq!(said.text(), "60/m burst 60 (label guard.ratelimit)");
     }
 
     #[test]
