@@ -344,6 +344,15 @@ pub type FlowSeen = u64;
 /// conntrack's UDP stream timeout. TCP replies need no clock: a bare SYN is never a reply.
 pub const FLOW_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
 
+impl FlowKey {
+    /// Whether a flow last seen leaving at `seen` still has its replies let in at `now`: a TCP
+    /// flow until flow memory forgets it, any other for [`FLOW_TIMEOUT_NS`].
+    #[inline(always)]
+    pub fn alive(&self, seen: FlowSeen, now: u64) -> bool {
+        self.proto == crate::parse::IPPROTO_TCP || now.saturating_sub(seen) < FLOW_TIMEOUT_NS
+    }
+}
+
 /// Value of the one-entry [`CONFIG`] array: settings of the whole host.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

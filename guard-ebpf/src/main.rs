@@ -39,16 +39,16 @@ use aya_ebpf::{
 };
 use guard_common::arrivals::{self, FlowStart, flow_start};
 use guard_common::events::DROP_AT_GATE;
-use guard_common::parse::{self as parser, Bytes, Framing};
+use guard_common::parse::{self as parser, Bytes, Framing, IPPROTO_TCP};
 use guard_common::{
     addr::Addr,
     decision::{L4Kind, Tables},
     maps::{
         ADDRS_CAPACITY, AddrInfo, CONFIG_AUDIT_ALL, CONFIG_HAS_DENY_EXACT, CONFIG_HAS_DENY_PREFIX,
         CONFIG_HAS_TRUSTED, Config, ContainerId, DENY_EXACT_CAPACITY, DENY_PREFIX_CAPACITY,
-        FLOW_TIMEOUT_NS, FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY,
-        PORTS_CAPACITY, PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget,
-        SOURCES_CAPACITY, SourceKey, TARGET_AUDIT, TARGET_RATE_LIMITED, TRUSTED_CAPACITY,
+        FLOWS_CAPACITY, FlowKey, FlowSeen, IDENTITIES_CAPACITY, NETWORKS_CAPACITY, PORTS_CAPACITY,
+        PUBLISHED_CAPACITY, PortKey, PortRule, PublishedKey, PublishedTarget, SOURCES_CAPACITY,
+        SourceKey, TARGET_AUDIT, TARGET_RATE_LIMITED, TRUSTED_CAPACITY,
     },
     prefilter::{self, Bitmap},
     reason::{COUNTER_SLOTS, Decision, Reason, Verdict},
@@ -186,8 +186,8 @@ impl<const BEHIND_BRIDGE: bool, const DENIES: bool> Tables for Maps<BEHIND_BRIDG
         let Some(seen) = (unsafe { GUARD_FLOWS.get(key) }).copied() else {
             return false;
         };
-        // TCP needs no clock: a bare SYN never reaches here. Others expire.
-        key.proto == 6 || unsafe { bpf_ktime_get_ns() }.saturating_sub(seen) < FLOW_TIMEOUT_NS
+        // TCP needs no clock (a bare SYN never reaches here), so it is not read for TCP.
+        key.proto == IPPROTO_TCP || key.alive(seen, unsafe { bpf_ktime_get_ns() })
     }
 
     #[inline(always)]

@@ -1,7 +1,7 @@
 //! The desired state: what every policy map must hold, computed from a Docker snapshot, the
 //! host's addresses and the target ids. A pure function: no Docker, no kernel.
 
-use guard_common::maps::{CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, TARGET_AUDIT};
+use guard_common::maps::{CONFIG_AUDIT_ALL, CONFIG_HAS_TRUSTED, TARGET_AUDIT, TARGET_RATE_LIMITED};
 use std::{collections::BTreeMap, net::IpAddr};
 
 use guard_common::{
@@ -18,6 +18,7 @@ use crate::{
     labels::{LabelError, parse_labels},
     policy::{Opening, PortSpec, Sources},
     policy_file::{Mode, PolicyFile, apply_rules},
+    rates::RateRule,
     snapshot::{Container, Snapshot},
     tables::{Lpm, TableSet},
 };
@@ -28,6 +29,8 @@ pub struct ContainerPolicy {
     pub container: Container,
     pub target: u32,
     pub openings: Vec<Opening>,
+    /// Limits on new flows, in the order said (the later of two on one port is in force).
+    pub limits: Vec<RateRule>,
     pub label_errors: Vec<LabelError>,
     pub mode: Mode,
 }
@@ -114,14 +117,21 @@ pub fn desired_state(
         }
 
         let (from_labels, label_errors) = parse_labels(&container.labels);
-        let (openings, mode) = apply_rules(policy, container, from_labels);
-        for opening in &openings {
+        let (declared, mode) = apply_rules(policy, container, from_labels);
+        for opening in &declared.openings {
             open(&mut tables, target, opening);
+        }
+        for limit in &declared.limits {
+            // Later rules overwrite earlier ones on the same port, as the policy reads.
+            for key in port_keys(target, limit.ports) {
+                tables.rates.insert(key, limit.limit.to_kernel());
+            }
         }
         containers.push(ContainerPolicy {
             container: container.clone(),
             target,
-            openings,
+            openings: declared.openings,
+            limits: declared.limits,
             label_errors,
             mode,
         });
@@ -135,13 +145,20 @@ pub fn desired_state(
 }
 
 /// Copies each container's all-ports rule, each published port's rule (and its protocol's
-/// every-port rule) and the audit flag into the ADDRS and PUBLISHED values, where the packet
-/// path finds them without another lookup, and marks which kinds of PORTS entries each
-/// container has at all (single ports, every port of a protocol), so a container without
-/// one kind skips that lookup. All-ports rules then leave PORTS (their source lists stay in
-/// SOURCES under the all-ports key); every-port-of-a-protocol rules stay, one entry each.
+/// every-port rule) and the audit and rate-limited flags into the ADDRS and PUBLISHED values,
+/// where the packet path finds them without another lookup, and marks which kinds of PORTS
+/// entries each container has at all (single ports, every port of a protocol), so a
+/// container without one kind skips that lookup. All-ports rules then leave PORTS (their
+/// source lists stay in SOURCES under the all-ports key); every-port-of-a-protocol rules
+/// stay, one entry each.
 fn fold_rules_into_lookups(tables: &mut TableSet, audited: &std::collections::BTreeSet<u32>) {
-    let flags = |target: &u32| if audited.contains(target) { TARGET_AUDIT } else { 0 };
+    // The kernel looks a limit up only for a target flagged so: a port without one pays
+    // nothing.
+    let limited: std::collections::BTreeSet<u32> = tables.rates.keys().map(|k| k.target).collect();
+    let flags = |target: &u32| {
+        let audit = if audited.contains(target) { TARGET_AUDIT } else { 0 };
+        audit | if limited.contains(target) { TARGET_RATE_LIMITED } else { 0 }
+    };
     let all_ports: BTreeMap<u32, u8> = tables
         .ports
         .iter()
@@ -212,15 +229,19 @@ pub(crate) fn listed_under(bound: IpAddr, host: &[IpAddr]) -> Vec<IpAddr> {
 /// Adds one opening. Open-to-everyone wins over a source list on the same port; source lists
 /// on the same port add up.
 fn open(tables: &mut TableSet, target: u32, opening: &Opening) {
-    let keys: Vec<PortKey> = match opening.ports {
+    for key in port_keys(target, opening.ports) {
+        open_key(tables, key, &opening.sources);
+    }
+}
+
+/// The map keys `ports` of `target` take: one for `*` and `*/proto`, one per port of a range.
+fn port_keys(target: u32, ports: PortSpec) -> Vec<PortKey> {
+    match ports {
         PortSpec::All => vec![PortKey::all_ports(target)],
         PortSpec::EveryPortOf(proto) => vec![PortKey::every_port_of(target, proto.number())],
         PortSpec::Range { proto, first, last } => {
             (first..=last).map(|port| PortKey::new(target, proto.number(), port)).collect()
         }
-    };
-    for key in keys {
-        open_key(tables, key, &opening.sources);
     }
 }
 
@@ -309,6 +330,11 @@ mod tests {
             containers: vec![db, api, web, partner],
             doors: Default::default(),
         }
+    }
+
+    /// `containers` alone on the seed's network.
+    fn on_seed_network(containers: Vec<Container>) -> Snapshot {
+        Snapshot { networks: seed().networks, containers, doors: Default::default() }
     }
 
     fn state(snapshot: &Snapshot) -> Desired {
@@ -483,17 +509,89 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_become_entries_and_flag_every_address_and_published_port() {
+        use guard_common::{maps::TARGET_RATE_LIMITED, ratelimit::RateLimit};
+        let mut web = container(
+            9,
+            "web",
+            "172.30.0.9",
+            &[
+                ("guard.expose", "443,8000-8002,*/udp"),
+                ("guard.ratelimit", "443/tcp 100/s burst 200, 8000-8002 5/m, */udp 30/s"),
+            ],
+        );
+        web.addresses.push(ip("fd00:30::9"));
+        web.published = vec![publish(10443, 443)];
+        let plain = container(8, "plain", "172.30.0.8", &[("guard.expose", "443")]);
+        let file = crate::policy_file::parse(
+            "[[rule]]\nmatch = { container = \"web\" }\nratelimit = [{ ports = \"443\", rate = \"10/s\" }]\n",
+            "test.toml",
+        )
+        .unwrap();
+        let snap = on_seed_network(vec![web, plain]);
+        let mut ids = Identities::default();
+        let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
+        let (web_t, plain_t) = (targets[&snap.containers[0].id], targets[&snap.containers[1].id]);
+        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &PolicyFile::default());
+        let second = 1_000_000_000;
+        let want: BTreeMap<PortKey, RateLimit> = [
+            (PortKey::new(web_t, 6, 443), RateLimit::new(100, second, 200).unwrap()),
+            (PortKey::new(web_t, 6, 8000), RateLimit::new(5, 60 * second, 5).unwrap()),
+            (PortKey::new(web_t, 6, 8001), RateLimit::new(5, 60 * second, 5).unwrap()),
+            (PortKey::new(web_t, 6, 8002), RateLimit::new(5, 60 * second, 5).unwrap()),
+            (PortKey::every_port_of(web_t, 17), RateLimit::new(30, second, 30).unwrap()),
+        ]
+        .into();
+        assert_eq!(d.tables.rates, want);
+        let flagged = |info: &AddrInfo| info.flags & TARGET_RATE_LIMITED != 0;
+        for (addr, info) in d.tables.addrs.iter().filter(|(_, i)| i.kind == AddrInfo::CONTAINER) {
+            assert_eq!(flagged(info), info.target == web_t, "{addr:?}: {info:?}");
+        }
+        assert_eq!(d.tables.addrs.values().filter(|i| flagged(i)).count(), 2, "both families");
+        assert!(
+            d.tables
+                .published
+                .values()
+                .all(|p| p.target != web_t || p.flags & TARGET_RATE_LIMITED != 0)
+        );
+        assert!(d.tables.addrs.values().any(|i| i.target == plain_t && i.flags == 0));
+        // A limit holds back; it opens nothing: the verdicts are the openings'.
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Exposed);
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 444), Reason::Closed);
+
+        // The policy file's word on a port comes after the label's.
+        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &file);
+        assert_eq!(
+            d.tables.rates[&PortKey::new(web_t, 6, 443)],
+            RateLimit::new(10, second, 10).unwrap()
+        );
+        assert_eq!(d.containers[0].limits.len(), 4, "the label's three, then the file's");
+
+        // Until the agent has synced, nothing is open and nothing is limited.
+        let mut closed = d.tables.clone();
+        closed.close_openings();
+        assert!(closed.rates.is_empty());
+        assert!(closed.addrs.values().all(|i| i.flags == 0));
+        let plan = crate::tables::diff(&closed, &d.tables);
+        assert_eq!(plan.rates.upsert.len(), d.tables.rates.len());
+    }
+
+    #[test]
+    fn a_bad_ratelimit_label_limits_nothing_and_leaves_the_openings_as_they_are() {
+        let labels = [("guard.expose", "443"), ("guard.ratelimit", "443/tcp 100/h")];
+        let snap = on_seed_network(vec![container(9, "web", "172.30.0.9", &labels)]);
+        let d = state(&snap);
+        assert!(d.tables.rates.is_empty());
+        assert!(d.tables.addrs.values().all(|i| i.flags == 0));
+        assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Exposed);
+        let warning = d.containers[0].label_errors[0].warning("web");
+        assert!(warning.contains("guard.ratelimit") && warning.contains("N/s"), "{warning}");
+    }
+
+    #[test]
     fn bad_labels_leave_the_container_closed_and_are_reported() {
-        let snap = Snapshot {
-            networks: seed().networks,
-            containers: vec![container(
-                9,
-                "typo",
-                "172.30.0.9",
-                &[("guard.expose", "*/udpp"), ("guard.allow.x", "*-3/udp from 10.0.0.0/8")],
-            )],
-            doors: Default::default(),
-        };
+        let labels = [("guard.expose", "*/udpp"), ("guard.allow.x", "*-3/udp from 10.0.0.0/8")];
+        let snap = on_seed_network(vec![container(9, "typo", "172.30.0.9", &labels)]);
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
         let udp = L4::ports(17, 1, 53, true);

@@ -11,8 +11,8 @@ use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path, str::
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use guard_common::{
-    decision::decide_parsed,
-    maps::{FLOW_TIMEOUT_NS, FlowKey},
+    decision::{Resolved, decide_parsed},
+    maps::FlowKey,
     reason::{Decision, Reason, Verdict},
 };
 use serde::Serialize;
@@ -30,7 +30,8 @@ use crate::{
     pins::{Hook, Pins},
     policy::Proto,
     policy_file,
-    tables::WithFlows,
+    rates::{self, Limit},
+    tables::{TableSet, WithFlows},
 };
 
 /// What to explain: a source and a destination, with a port unless the packet is port-less
@@ -118,6 +119,10 @@ pub struct Explanation {
     pub container: Option<String>,
     /// The rule that decided (a label, a file rule, trusted sources, flow memory, the default).
     pub rule: String,
+    /// The limit on new flows per source the port puts on what it lets in
+    /// (`100/s burst 200 (label guard.ratelimit)`), when the verdict opens it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
     /// One sentence for people.
     pub detail: String,
 }
@@ -152,6 +157,7 @@ pub async fn explain(
             audited: false,
             container: None,
             rule: format!("none: guard does not run on {name}"),
+            limit: None,
             detail: format!(
                 "{name} is not an interface guard protects (not an uplink, or trusted): nothing arriving on it is judged"
             ),
@@ -195,17 +201,52 @@ pub async fn explain(
         })
     });
     let port = (resolved.port != 0).then(|| (resolved.port, Proto::from_number(resolved.proto)));
-    let rule = rule_for(decision, resolved.target, policy.as_ref(), port, query.src);
+    let mut rule = rule_for(decision, resolved.target, policy.as_ref(), port, query.src);
     let published = resolved.published != 0 && door.is_none();
-    let detail = detail(decision, &query, container.as_deref(), port, published);
+    // The limit a port puts on what its opening lets in: said when it opens, and when it
+    // is what dropped.
+    let limited =
+        matches!(decision.reason, Reason::Exposed | Reason::AllowedSource | Reason::RateLimited);
+    let limit = if limited { limit_at(&tables, &resolved, policy.as_ref()) } else { None };
+    let sentence = limit.as_ref().map(|(limit, _)| limit.sentence(query.src.is_ipv6()));
+    let detail = detail(decision, &query, container.as_deref(), port, published, sentence);
+    let limit = limit.map(|(limit, said_by)| match said_by {
+        Some(said_by) => format!("{limit} ({said_by})"),
+        None => limit.to_string(),
+    });
+    if let (Reason::RateLimited, Some(limit)) = (decision.reason, &limit) {
+        rule = format!("rate limit {limit}");
+    }
     Ok(Explanation {
         verdict: if decision.verdict() == Verdict::Pass { "pass" } else { "drop" },
         reason: decision.reason.name(),
         audited: decision.audited,
         container,
         rule,
+        limit,
         detail,
     })
+}
+
+/// The limit the kernel puts on new flows to the resolved port, in the words of the rule that
+/// set it when the labels and policy file still say so.
+fn limit_at(
+    tables: &TableSet,
+    resolved: &Resolved,
+    policy: Option<&ContainerPolicy>,
+) -> Option<(Limit, Option<String>)> {
+    let (key, held) =
+        rates::in_force(&tables.rates, resolved.target, resolved.proto, resolved.port)?;
+    let port = (!key.is_every_port_of_proto()).then_some(resolved.port);
+    let said = policy
+        .zip(Proto::from_number(resolved.proto))
+        .and_then(|(policy, proto)| rates::rule_for(&policy.limits, proto, port))
+        .filter(|rule| rule.limit.to_kernel() == held);
+    // In the operator's words when they are what the kernel holds (60/m is 1/s there).
+    match said {
+        Some(rule) => Some((rule.limit, Some(rule.rule.clone()))),
+        None => Some((Limit::from_kernel(held), None)),
+    }
 }
 
 /// Where an explained packet arrives, and how that link frames its packets.
@@ -260,15 +301,10 @@ fn run_pinned(
 }
 
 /// The flows the egress programs remember that still count (TCP until the kernel evicts
-/// them, the others for [`FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
+/// them, the others for [`guard_common::maps::FLOW_TIMEOUT_NS`]), as the kernel's decision sees them.
 pub(crate) fn live_flows(maps: &PolicyMaps) -> anyhow::Result<BTreeSet<FlowKey>> {
     let now = crate::events::monotonic_ns();
-    Ok(maps
-        .flows()?
-        .into_iter()
-        .filter(|(k, seen)| k.proto == 6 || now.saturating_sub(*seen) < FLOW_TIMEOUT_NS)
-        .map(|(k, _)| k)
-        .collect())
+    Ok(maps.flows()?.into_iter().filter(|(k, seen)| k.alive(*seen, now)).map(|(k, _)| k).collect())
 }
 
 /// The pinned explain program of `framing`.
@@ -349,6 +385,7 @@ fn detail(
     container: Option<&str>,
     port: Option<(u16, Option<Proto>)>,
     published: bool,
+    limit: Option<String>,
 ) -> String {
     let mut s = String::new();
     let target = match (container, port) {
@@ -400,6 +437,9 @@ fn detail(
             write!(s, "{} started new flows to {target} faster than its rate limit", q.src)
         }
     };
+    if let Some(limit) = limit {
+        let _ = write!(s, ", {limit}");
+    }
     if decision.audited {
         s.push_str("; audit mode: it would be dropped, and passes");
     }
@@ -418,6 +458,9 @@ pub fn render(e: &Explanation) -> String {
         let _ = writeln!(out, "container: {c}");
     }
     let _ = writeln!(out, "rule: {}", e.rule);
+    if let Some(limit) = &e.limit {
+        let _ = writeln!(out, "limit: {limit}");
+    }
     let _ = writeln!(out, "{}", e.detail);
     out
 }
@@ -425,6 +468,28 @@ pub fn render(e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opened_port_s_limit_is_said_before_audit_mode() {
+        let q = Query {
+            src: "203.0.113.9".parse().unwrap(),
+            dst: "172.17.0.2".parse().unwrap(),
+            port: Some((80, Proto::Tcp)),
+        };
+        let limit = rates::parse_limit("10/s", Some(20)).unwrap();
+        let say = |decision, published| {
+            let port = Some((80, Some(Proto::Tcp)));
+            detail(decision, &q, Some("web"), port, published, Some(limit.sentence(false)))
+        };
+        assert_eq!(
+            say(Decision::enforced(Reason::Exposed), true),
+            "container web port 80/tcp is open to everyone through a port Docker publishes, limited to 10 new flows/s per source, burst 20"
+        );
+        assert_eq!(
+            say(Decision { reason: Reason::RateLimited, audited: true }, false),
+            "203.0.113.9 started new flows to container web port 80/tcp faster than its rate limit, limited to 10 new flows/s per source, burst 20; audit mode: it would be dropped, and passes"
+        );
+    }
 
     #[test]
     fn destinations_parse() {

@@ -2,6 +2,9 @@
 //!
 //! - `guard.expose=443/tcp,8443`: container ports open to everyone.
 //! - `guard.allow.<name>=5432/tcp from 10.8.0.0/24, 192.0.2.7`: ports open to those sources.
+//! - `guard.ratelimit=443/tcp 100/s burst 200, */udp 30/m`: per-source limits on new flows to
+//!   ports an opening lets in, one `PORT RATE [burst N]` per comma-separated item (see
+//!   [`crate::rates`]).
 //!
 //! Port lists take `port`, `port/proto`, `first-last`, `first-last/proto`, `*/proto` (every port
 //! of one protocol: one map entry, never a 65,535-port range) and `*` (every port of every
@@ -12,10 +15,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::{Cidr, Opening, PortSpec, Proto, Sources};
+use crate::{
+    policy::{Cidr, Declared, Opening, PortSpec, Proto, Sources},
+    rates::{self, RateProblem, RateRule},
+};
 
 pub const EXPOSE: &str = "guard.expose";
 pub const ALLOW_PREFIX: &str = "guard.allow.";
+pub const RATELIMIT: &str = "guard.ratelimit";
 const GUARD_PREFIX: &str = "guard.";
 
 /// Longest label value accepted; anything longer is a mistake or an attack on the agent.
@@ -36,8 +43,14 @@ pub struct LabelError {
 impl LabelError {
     /// What the operator is told, naming the container, and exactly what was ignored.
     pub fn warning(&self, container: &str) -> String {
+        // A limit that does not parse is not guessed at: its ports stay as their openings say.
+        let effect = if self.label == RATELIMIT {
+            "it limits nothing: the ports it names stay as their openings say, without a limit"
+        } else {
+            "it opens nothing"
+        };
         format!(
-            "container {container}: {self}; this label is ignored whole (it opens nothing; the container's other labels and rules still apply)"
+            "container {container}: {self}; this label is ignored whole ({effect}; the container's other labels and rules still apply)"
         )
     }
 }
@@ -74,37 +87,43 @@ pub enum LabelProblem {
     FromInExpose,
     #[error("guard.allow needs a name: guard.allow.<name>=PORTS from SOURCES")]
     MissingAllowName,
-    #[error("unknown guard label; known: guard.expose, guard.allow.<name>")]
+    #[error(transparent)]
+    Rate(#[from] RateProblem),
+    #[error("unknown guard label; known: guard.expose, guard.allow.<name>, guard.ratelimit")]
     Unknown,
 }
 
-/// Every opening the container's labels declare, and every label that was rejected.
-pub fn parse_labels(labels: &BTreeMap<String, String>) -> (Vec<Opening>, Vec<LabelError>) {
-    let mut openings = Vec::new();
+/// Every opening and limit the container's labels declare, and every label that was rejected.
+pub fn parse_labels(labels: &BTreeMap<String, String>) -> (Declared, Vec<LabelError>) {
+    let mut declared = Declared::default();
     let mut errors = Vec::new();
     for (key, value) in labels {
         if !key.starts_with(GUARD_PREFIX) {
             continue;
         }
         match parse_label(key, value) {
-            Ok(mut parsed) => openings.append(&mut parsed),
+            Ok(mut parsed) => {
+                declared.openings.append(&mut parsed.openings);
+                declared.limits.append(&mut parsed.limits);
+            }
             Err(problem) => errors.push(LabelError { label: key.clone(), problem }),
         }
     }
-    (openings, errors)
+    (declared, errors)
 }
 
-fn parse_label(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
+fn parse_label(key: &str, value: &str) -> Result<Declared, LabelProblem> {
     if value.len() > MAX_VALUE_LEN {
         return Err(LabelProblem::TooLong(value.len()));
     }
     let rule = format!("label {key}");
+    let opens = |openings| Ok(Declared { openings, limits: Vec::new() });
     if key == EXPOSE {
         if split_from(value).is_some() {
             return Err(LabelProblem::FromInExpose);
         }
         let ports = parse_ports(value)?;
-        return Ok(openings(ports, Sources::Everyone, rule));
+        return opens(openings(ports, Sources::Everyone, rule));
     }
     if let Some(name) = key.strip_prefix(ALLOW_PREFIX) {
         if name.trim().is_empty() {
@@ -113,9 +132,45 @@ fn parse_label(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
         let (ports, sources) = split_from(value).ok_or(LabelProblem::MissingFrom)?;
         let ports = parse_ports(ports)?;
         let sources = parse_sources(sources)?;
-        return Ok(openings(ports, Sources::Listed(sources), rule));
+        return opens(openings(ports, Sources::Listed(sources), rule));
+    }
+    if key == RATELIMIT {
+        return Ok(Declared { openings: Vec::new(), limits: parse_ratelimit(value, &rule)? });
     }
     Err(LabelProblem::Unknown)
+}
+
+/// `PORT RATE [burst N]` items separated by commas: `443/tcp 100/s burst 200, */udp 30/m`.
+/// Each item names one port spec (a port, a range or `*/proto`), so a comma never leaves a
+/// port without its rate.
+fn parse_ratelimit(value: &str, rule: &str) -> Result<Vec<RateRule>, LabelProblem> {
+    let mut rules = Vec::new();
+    for item in value.split(',').map(str::trim) {
+        let (head, burst) = match split_word(item, "burst") {
+            Some((head, burst)) => (head.trim(), Some(parse_burst(burst)?)),
+            None => (item, None),
+        };
+        let (spec, rate) = head
+            .rsplit_once(char::is_whitespace)
+            .ok_or_else(|| RateProblem::MissingRate(item.to_string()))?;
+        let limit = rates::parse_limit(rate, burst)?;
+        for ports in parse_ports(spec)? {
+            rules.push(RateRule { ports, limit, rule: rule.to_string() });
+        }
+    }
+    within_port_limit(&rules.iter().map(|r| r.ports).collect::<Vec<_>>())?;
+    // Checked together: two limits on one port, in two items, are refused.
+    Ok(rates::checked(rules)?)
+}
+
+/// The number after `burst`, and nothing after it.
+fn parse_burst(text: &str) -> Result<u64, RateProblem> {
+    let mut words = text.split_whitespace();
+    let number = words.next().ok_or(RateProblem::MissingBurst)?;
+    if let Some(extra) = words.next() {
+        return Err(RateProblem::Trailing(extra.to_string()));
+    }
+    number.parse().map_err(|_| RateProblem::BadBurst(number.to_string()))
 }
 
 fn openings(ports: Vec<PortSpec>, sources: Sources, rule: String) -> Vec<Opening> {
@@ -127,12 +182,17 @@ fn openings(ports: Vec<PortSpec>, sources: Sources, rule: String) -> Vec<Opening
 
 /// Splits `PORTS from SOURCES` on the word `from`.
 fn split_from(value: &str) -> Option<(&str, &str)> {
+    split_word(value, "from")
+}
+
+/// Splits `value` around the first whole-word `word` (any case).
+fn split_word<'a>(value: &'a str, word: &str) -> Option<(&'a str, &'a str)> {
     let lower = value.to_ascii_lowercase();
     let at = lower
-        .match_indices("from")
+        .match_indices(word)
         .map(|(i, _)| i)
-        .find(|&i| is_word_boundary(&lower, i, i + 4))?;
-    Some((&value[..at], &value[at + 4..]))
+        .find(|&i| is_word_boundary(&lower, i, i + word.len()))?;
+    Some((&value[..at], &value[at + word.len()..]))
 }
 
 fn is_word_boundary(s: &str, start: usize, end: usize) -> bool {
@@ -148,6 +208,12 @@ pub fn parse_ports(list: &str) -> Result<Vec<PortSpec>, LabelProblem> {
     }
     let specs =
         list.split(',').map(|item| parse_port_item(item.trim())).collect::<Result<Vec<_>, _>>()?;
+    within_port_limit(&specs)?;
+    Ok(specs)
+}
+
+/// Refuses more single ports than [`MAX_PORTS_PER_LABEL`] (each is a map entry).
+fn within_port_limit(specs: &[PortSpec]) -> Result<(), LabelProblem> {
     let singles: u32 = specs
         .iter()
         .filter(|s| matches!(s, PortSpec::Range { .. }))
@@ -156,7 +222,7 @@ pub fn parse_ports(list: &str) -> Result<Vec<PortSpec>, LabelProblem> {
     if singles > MAX_PORTS_PER_LABEL {
         return Err(LabelProblem::TooManyPorts(singles));
     }
-    Ok(specs)
+    Ok(())
 }
 
 fn parse_port_item(item: &str) -> Result<PortSpec, LabelProblem> {
@@ -224,13 +290,74 @@ mod tests {
     }
 
     fn one(key: &str, value: &str) -> Result<Vec<Opening>, LabelProblem> {
-        let (openings, mut errors) = parse_labels(&labels(&[(key, value)]));
+        declared(key, value).map(|d| d.openings)
+    }
+
+    fn declared(key: &str, value: &str) -> Result<Declared, LabelProblem> {
+        let (declared, mut errors) = parse_labels(&labels(&[(key, value)]));
         match errors.pop() {
             Some(e) => {
-                assert!(openings.is_empty(), "a rejected label must open nothing");
+                assert_eq!(declared, Declared::default(), "a rejected label must declare nothing");
                 Err(e.problem)
             }
-            None => Ok(openings),
+            None => Ok(declared),
+        }
+    }
+
+    /// The limits of a `guard.ratelimit` value, as written back.
+    fn limits(value: &str) -> Result<Vec<String>, LabelProblem> {
+        let declared = declared(RATELIMIT, value)?;
+        assert!(declared.openings.is_empty(), "a limit opens nothing");
+        assert!(declared.limits.iter().all(|l| l.rule == "label guard.ratelimit"));
+        Ok(declared.limits.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn ratelimit_forms() {
+        assert_eq!(limits("443/tcp 100/s burst 200").unwrap(), ["443/tcp 100/s burst 200"]);
+        assert_eq!(
+            limits(" 443 100/s BURST 200 , */udp 30/m,8000-8002/sctp 5/S, 53/udp 1/m burst 1")
+                .unwrap(),
+            [
+                "443/tcp 100/s burst 200",
+                "*/udp 30/m burst 30",
+                "8000-8002/sctp 5/s burst 5",
+                "53/udp 1/m burst 1"
+            ]
+        );
+        assert_eq!(limits("* / udp 10/s").unwrap(), ["*/udp 10/s burst 10"]);
+    }
+
+    #[test]
+    fn every_bad_ratelimit_is_rejected_whole_with_what_to_write() {
+        use {LabelProblem::Rate, RateProblem::*};
+        let cases: [(&str, LabelProblem); 16] = [
+            ("", Rate(MissingRate("".into()))),
+            ("443/tcp", Rate(MissingRate("443/tcp".into()))),
+            ("443/tcp 100/s,", Rate(MissingRate("".into()))),
+            ("443/tcp 100/s, 80", Rate(MissingRate("80".into()))),
+            ("443/tcp 100", Rate(BadRate("100".into()))),
+            ("443/tcp 100/h", Rate(UnknownUnit("100/h".into()))),
+            ("443/tcp 0/s", Rate(ZeroRate("0/s".into()))),
+            ("443/tcp 10/s burst 0", Rate(BadBurst("0".into()))),
+            ("443/tcp 10/s burst", Rate(MissingBurst)),
+            ("443/tcp 10/s burst x", Rate(BadBurst("x".into()))),
+            ("443/tcp 10/s burst 5 6", Rate(Trailing("6".into()))),
+            ("443/icmp 10/s", LabelProblem::UnknownProto("icmp".into())),
+            ("0 10/s", LabelProblem::BadPort("0".into())),
+            ("* 10/s", Rate(AllPorts)),
+            ("443 10/s, 443/tcp 20/s", Rate(Twice("443/tcp".into()))),
+            ("1-5000 10/s", LabelProblem::TooManyPorts(5000)),
+        ];
+        for (value, want) in cases {
+            assert_eq!(limits(value), Err(want), "{RATELIMIT}={value:?}");
+        }
+        let (_, errors) = parse_labels(&labels(&[(EXPOSE, "443"), (RATELIMIT, "443/tcp 100/h")]));
+        let warning = errors[0].warning("web");
+        for needle in
+            ["guard.ratelimit", "100/h", "N/s", "N/m", "limits nothing", "without a limit"]
+        {
+            assert!(warning.contains(needle), "{needle:?} missing from {warning}");
         }
     }
 
@@ -341,12 +468,12 @@ mod tests {
 
     #[test]
     fn a_bad_label_does_not_spoil_the_good_ones_and_others_are_ignored() {
-        let (openings, errors) = parse_labels(&labels(&[
+        let (declared, errors) = parse_labels(&labels(&[
             (EXPOSE, "443"),
             ("guard.allow.bad", "5432 from nowhere"),
             ("com.docker.compose.service", "web"),
         ]));
-        assert_eq!(openings.len(), 1);
+        assert_eq!(declared.openings.len(), 1);
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].label, "guard.allow.bad");
         let message = errors[0].to_string();

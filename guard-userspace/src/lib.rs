@@ -1,6 +1,7 @@
 //! guard: keeps the XDP filter's maps equal to what Docker and the operator want.
 //!
-//! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`snapshot`], [`identities`],
+//! Pure logic (no root, unit-tested): [`policy`], [`labels`], [`rates`] (limits on new flows),
+//! [`snapshot`], [`identities`],
 //! [`tables`], [`desired`], [`doors`] (the engine's own ports in the desired state),
 //! [`engine_paths`] (which paths to a container the engine's own firewall leaves). System
 //! edges: [`docker`] (Docker API), [`docker_link`] (reaching it), [`engine_doors`] (the
@@ -27,6 +28,7 @@ pub mod identities;
 pub mod labels;
 pub mod policy;
 pub mod policy_file;
+pub mod rates;
 pub mod snapshot;
 pub mod tables;
 

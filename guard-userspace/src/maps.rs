@@ -19,6 +19,7 @@ use guard_common::{
         PublishedKey, PublishedTarget, SourceKey,
     },
     prefilter::{self, Bitmap},
+    ratelimit::RateLimit,
     reason::{Decision, Reason},
 };
 
@@ -75,6 +76,7 @@ pub struct PolicyMaps {
     trusted: Table<LpmTrie<MapData, Addr, u32>>,
     deny_exact: Table<HashMap<MapData, Addr, u32>>,
     deny_prefixes: Table<LpmTrie<MapData, Addr, u32>>,
+    rates: Table<HashMap<MapData, PortKey, RateLimit>>,
     config: Array<MapData, Config>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     event_stats: PerCpuArray<MapData, u64>,
@@ -138,6 +140,7 @@ impl PolicyMaps {
             trusted: table(s, names::TRUSTED, names::TRUSTED_CAPACITY)?,
             deny_exact: table(s, names::DENY_EXACT, names::DENY_EXACT_CAPACITY)?,
             deny_prefixes: table(s, names::DENY_PREFIX, names::DENY_PREFIX_CAPACITY)?,
+            rates: table(s, names::RATE_LIMITS, names::RATE_LIMITS_CAPACITY)?,
             config: typed(s, names::CONFIG)?,
             drops: typed(s, names::DROPS)?,
             event_stats: typed(s, names::EVENT_STATS)?,
@@ -160,6 +163,7 @@ impl PolicyMaps {
             trusted: self.trusted.read()?,
             deny_exact: self.deny_exact.read()?,
             deny_prefixes: self.deny_prefixes.read()?,
+            rates: self.rates.read()?,
             uplinks: self.uplinks.read()?,
             config: self
                 .config
@@ -199,13 +203,15 @@ impl PolicyMaps {
     /// Applies `plan` in the order that never opens more than either the old or the new state
     /// would: close, then protect and map, then open, then forget.
     ///
-    /// 1. Remove openings that go away (ports, sources).
+    /// 1. Remove openings that go away (ports, sources); put new and changed rate limits in
+    ///    force (a limit only ever holds back, and its target's flag comes in step 2).
     /// 2. Widen the prefilter to old | new; add subnets, addresses, published ports,
     ///    identities. A new address points at its (possibly new) target id, whose openings do
     ///    not exist yet.
     /// 3. Add openings: source lists before the port rules that refer to them.
-    /// 4. Remove addresses, published ports, subnets and identities that are gone; narrow the
-    ///    prefilter to the new state.
+    /// 4. Remove addresses, published ports, subnets, identities and rate limits that are
+    ///    gone (the flags that pointed at a limit went in step 2); narrow the prefilter to the
+    ///    new state.
     ///
     /// A failed update (a full map) is reported and the rest still applied.
     pub fn apply(&mut self, plan: &Plan) -> Vec<UpdateError> {
@@ -217,6 +223,7 @@ impl PolicyMaps {
         // program look them up come with the config below).
         self.deny_exact.upsert_all(&plan.deny_exact, e);
         self.deny_prefixes.upsert_all(&plan.deny_prefixes, e);
+        self.rates.upsert_all(&plan.rates, e);
 
         if let Some(change) = &plan.prefilter {
             self.write_prefilter(&change.widened, e);
@@ -245,6 +252,7 @@ impl PolicyMaps {
         self.identities.remove_all(&plan.identities, e);
         self.trusted.remove_all(&plan.trusted, e);
         self.uplinks.remove_all(&plan.uplinks, e);
+        self.rates.remove_all(&plan.rates, e);
         if let Some(change) = &plan.prefilter {
             self.write_prefilter(&change.last, e);
         }

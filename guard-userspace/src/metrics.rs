@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use guard_common::{
-    events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
+    events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DROP_RATE_LIMITED, DropKey},
     reason::{Decision, Verdict},
 };
 
@@ -128,21 +128,15 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
         "# HELP guard_container_drops_total Packets dropped (or, audited, that would have been) per container port, by stage: xdp on the uplink, or the gate after NAT.\n# TYPE guard_container_drops_total counter"
     );
     if let Some(k) = kernel {
-        for (key, n) in &k.drops {
-            let container =
-                state.names.get(&key.target).cloned().unwrap_or(format!("target-{}", key.target));
-            let proto =
-                Proto::from_number(key.proto).map_or("any".to_string(), |p| p.name().into());
-            let path = if key.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" };
-            let stage = if key.flags & DROP_AT_GATE != 0 { "gate" } else { "xdp" };
-            let _ = writeln!(
-                out,
-                "guard_container_drops_total{{container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",stage=\"{stage}\",audited=\"{}\"}} {n}",
-                escape(&container),
-                key.port,
-                key.flags & DROP_AUDITED != 0
-            );
-        }
+        out.push_str(&per_port(state, "guard_container_drops_total", k.drops.iter()));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP guard_container_rate_limited_total New flows dropped (or, audited, that would have been) over a port's rate limit, per container port; also counted in guard_container_drops_total.\n# TYPE guard_container_rate_limited_total counter"
+    );
+    if let Some(k) = kernel {
+        let limited = k.drops.iter().filter(|(key, _)| key.flags & DROP_RATE_LIMITED != 0);
+        out.push_str(&per_port(state, "guard_container_rate_limited_total", limited));
     }
 
     for (name, what, pick) in [
@@ -244,7 +238,7 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
     );
     let _ = writeln!(
         out,
-        "# HELP guard_label_errors Labels rejected whole (each opens nothing), by container and label.\n# TYPE guard_label_errors gauge"
+        "# HELP guard_label_errors Labels rejected whole (each opens or limits nothing), by container and label.\n# TYPE guard_label_errors gauge"
     );
     for (container, label) in &state.label_errors {
         let _ = writeln!(
@@ -280,6 +274,31 @@ pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
         );
     }
     out
+}
+
+/// One series per container port, path, stage and audit of `drops` (summed over what else
+/// tells their keys apart, such as the rate-limit flag: a series appears once).
+fn per_port<'a>(
+    state: &AgentState,
+    name: &str,
+    drops: impl Iterator<Item = &'a (DropKey, u64)>,
+) -> String {
+    let mut series: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, n) in drops {
+        let container =
+            state.names.get(&key.target).cloned().unwrap_or(format!("target-{}", key.target));
+        let proto = Proto::from_number(key.proto).map_or("any".to_string(), |p| p.name().into());
+        let path = if key.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" };
+        let stage = if key.flags & DROP_AT_GATE != 0 { "gate" } else { "xdp" };
+        let labels = format!(
+            "container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",stage=\"{stage}\",audited=\"{}\"",
+            escape(&container),
+            key.port,
+            key.flags & DROP_AUDITED != 0
+        );
+        *series.entry(labels).or_default() += n;
+    }
+    series.into_iter().map(|(labels, n)| format!("{name}{{{labels}}} {n}\n")).collect()
 }
 
 /// Escapes a Prometheus label value.
@@ -324,6 +343,16 @@ mod tests {
                     },
                     1,
                 ),
+                // Over its rate limit: counted among the port's drops, and on its own.
+                (
+                    DropKey {
+                        target: 7,
+                        port: 5432,
+                        proto: 6,
+                        flags: DROP_PUBLISHED | DROP_RATE_LIMITED,
+                    },
+                    4,
+                ),
             ],
             drop_events: [3, 1, 0],
             access_events: [4, 0, 2],
@@ -332,7 +361,8 @@ mod tests {
         for needle in [
             "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"} 5",
             "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"} 2",
-            "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"} 5",
+            "guard_container_drops_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"} 9",
+            "guard_container_rate_limited_total{container=\"db\",port=\"5432\",proto=\"tcp\",path=\"published\",stage=\"xdp\",audited=\"false\"} 4",
             "guard_drop_events_total{outcome=\"suppressed\"} 1",
             "guard_access_events_total{outcome=\"reported\"} 4",
             "guard_access_events_total{outcome=\"lost\"} 2",

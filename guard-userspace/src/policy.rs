@@ -228,6 +228,15 @@ pub struct Opening {
     pub rule: String,
 }
 
+/// What a container's labels, and then the policy file's rules, declare for it: openings, and
+/// limits on new flows to the ports they open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    pub openings: Vec<Opening>,
+    /// In the order said: of two limits on one port, the later is in force.
+    pub limits: Vec<crate::rates::RateRule>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

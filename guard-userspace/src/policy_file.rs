@@ -16,6 +16,7 @@
 //! name = "office reaches the shop database"
 //! match = { compose_project = "shop", compose_service = "db" }
 //! allow = [{ ports = "5432/tcp", from = ["192.0.2.0/24"] }]
+//! ratelimit = [{ ports = "5432/tcp", rate = "30/m", burst = 10 }]   # new flows per source
 //! ```
 //!
 //! A file that does not parse is rejected whole, with the line and column of the problem, and
@@ -32,7 +33,8 @@ use toml::Spanned;
 
 use crate::{
     labels::{LabelProblem, parse_ports},
-    policy::{Cidr, Opening, Sources},
+    policy::{Cidr, Declared, Opening, Sources},
+    rates::{self, RateRule},
     snapshot::Container,
 };
 
@@ -85,7 +87,11 @@ pub struct Rule {
     pub name: String,
     pub matcher: Matcher,
     pub openings: Vec<Opening>,
-    /// Replace the exposure that labels (and earlier rules) gave, instead of adding to it.
+    /// Limits on new flows per source; on a port an earlier rule or a label limits too, this
+    /// one is in force.
+    pub limits: Vec<RateRule>,
+    /// Replace the exposure (openings and limits) that labels and earlier rules gave, instead
+    /// of adding to it.
     pub replace: bool,
     /// Audit mode for the matched containers only.
     pub mode: Option<Mode>,
@@ -209,6 +215,8 @@ struct RawRule {
     #[serde(default)]
     allow: Vec<RawAllow>,
     #[serde(default)]
+    ratelimit: Vec<RawRateLimit>,
+    #[serde(default)]
     replace: bool,
     mode: Option<Mode>,
 }
@@ -218,6 +226,14 @@ struct RawRule {
 struct RawAllow {
     ports: Spanned<RawPorts>,
     from: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    ports: Spanned<RawPorts>,
+    rate: Spanned<String>,
+    burst: Option<Spanned<i64>>,
 }
 
 /// Ports as written: a list like a label's (`"5432/tcp, 8000-8010/udp"`), or a bare number
@@ -241,7 +257,7 @@ impl RawPorts {
 /// serde's and toml's words for what went wrong, in the file's terms: no type names of
 /// this program's, and what to write instead.
 fn in_file_terms(message: &str) -> String {
-    const TERMS: [(&str, &str); 5] = [
+    const TERMS: [(&str, &str); 6] = [
         (
             "invalid type: map, expected a sequence",
             "expected a list [...], found a table (rules are written [[rule]], not [rule])",
@@ -251,6 +267,10 @@ fn in_file_terms(message: &str) -> String {
             "expected a table such as { ports = \"5432/tcp\", from = [\"192.0.2.0/24\"] }",
         ),
         ("expected struct RawRule", "expected a rule: [[rule]] with match = { ... }"),
+        (
+            "expected struct RawRateLimit",
+            "expected a table such as { ports = \"443/tcp\", rate = \"100/s\", burst = 200 }",
+        ),
         ("expected struct Matcher", "expected a table such as { container = \"web-*\" }"),
         (
             "data did not match any variant of untagged enum RawPorts",
@@ -311,10 +331,15 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
                 ),
             ));
         }
-        if r.expose.is_empty() && r.allow.is_empty() && r.mode.is_none() && !r.replace {
+        if r.expose.is_empty()
+            && r.allow.is_empty()
+            && r.ratelimit.is_empty()
+            && r.mode.is_none()
+            && !r.replace
+        {
             return Err(invalid(
                 span,
-                format!("{name} has no effect: give expose, allow, replace or mode"),
+                format!("{name} has no effect: give expose, allow, ratelimit, replace or mode"),
             ));
         }
         let origin_rule = format!("file {name}");
@@ -348,10 +373,30 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyFile, FileError> {
                 });
             }
         }
+        let mut limits = Vec::new();
+        for limit in &r.ratelimit {
+            let burst = match &limit.burst {
+                Some(b) => Some(u64::try_from(*b.get_ref()).map_err(|_| {
+                    invalid(
+                        b.span(),
+                        rates::RateProblem::BadBurst(b.get_ref().to_string()).to_string(),
+                    )
+                })?),
+                None => None,
+            };
+            let parsed = rates::parse_limit(limit.rate.get_ref(), burst);
+            let parsed = parsed.map_err(|p| invalid(limit.rate.span(), p.to_string()))?;
+            for ports in ports(&limit.ports)? {
+                limits.push(RateRule { ports, limit: parsed, rule: origin_rule.clone() });
+            }
+        }
+        let limits =
+            rates::checked(limits).map_err(|p| invalid(span.clone(), format!("{name}: {p}")))?;
         rules.push(Rule {
             name,
             matcher: r.matcher.clone(),
             openings,
+            limits,
             replace: r.replace,
             mode: r.mode,
         });
@@ -375,24 +420,26 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A container's openings once the file's rules have had their say, and whether it is audited.
+/// A container's openings and limits once the file's rules have had their say, and whether it
+/// is audited.
 pub fn apply_rules(
     file: &PolicyFile,
     container: &Container,
-    from_labels: Vec<Opening>,
-) -> (Vec<Opening>, Mode) {
-    let mut openings = from_labels;
+    from_labels: Declared,
+) -> (Declared, Mode) {
+    let mut declared = from_labels;
     let mut mode = file.mode;
     for rule in file.rules.iter().filter(|r| r.matcher.matches(container)) {
         if rule.replace {
-            openings.clear();
+            declared = Declared::default();
         }
-        openings.extend(rule.openings.iter().cloned());
+        declared.openings.extend(rule.openings.iter().cloned());
+        declared.limits.extend(rule.limits.iter().cloned());
         if rule.mode == Some(Mode::Audit) {
             mode = Mode::Audit;
         }
     }
-    (openings, mode)
+    (declared, mode)
 }
 
 impl fmt::Display for Mode {
@@ -443,6 +490,7 @@ allow = [{ ports = "5432/tcp", from = ["192.0.2.0/24", "198.51.100.7"] }]
 [[rule]]
 match = { image = "nginx:*" }
 expose = ["443", "80/tcp"]
+ratelimit = [{ ports = "443, 80", rate = "100/s", burst = 200 }, { ports = "*/udp", rate = "30/m" }]
 replace = true
 mode = "enforce"
 "#;
@@ -477,15 +525,29 @@ mode = "enforce"
             "postgres:16",
             &[(COMPOSE_PROJECT, "shop"), (COMPOSE_SERVICE, "db")],
         );
-        let (openings, mode) = apply_rules(&f, &db, vec![label_opening.clone()]);
-        assert_eq!(openings.len(), 2, "added to the label's");
+        let label_limit = RateRule {
+            ports: label_opening.ports,
+            limit: rates::parse_limit("5/s", None).unwrap(),
+            rule: "label guard.ratelimit".into(),
+        };
+        let from_labels =
+            Declared { openings: vec![label_opening], limits: vec![label_limit.clone()] };
+        let (declared, mode) = apply_rules(&f, &db, from_labels.clone());
+        assert_eq!(declared.openings.len(), 2, "added to the label's");
+        assert_eq!(declared.limits, [label_limit], "the label's limit stays");
         assert_eq!(mode, Mode::Audit, "the file's mode");
         let web = container("web", "nginx:1.27", &[]);
-        let (openings, _) = apply_rules(&f, &web, vec![label_opening]);
-        assert_eq!(openings.len(), 2);
-        assert!(openings.iter().all(|o| o.rule == "file rule #2"), "replaced the label's");
+        let (declared, _) = apply_rules(&f, &web, from_labels);
+        assert_eq!(declared.openings.len(), 2);
+        assert!(declared.openings.iter().all(|o| o.rule == "file rule #2"), "replaced the label's");
+        let limits: Vec<String> = declared.limits.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            limits,
+            ["443/tcp 100/s burst 200", "80/tcp 100/s burst 200", "*/udp 30/m burst 30"]
+        );
+        assert!(declared.limits.iter().all(|l| l.rule == "file rule #2"), "replaced the label's");
         let other = container("other", "redis", &[(COMPOSE_PROJECT, "shop")]);
-        assert!(apply_rules(&f, &other, vec![]).0.is_empty());
+        assert_eq!(apply_rules(&f, &other, Declared::default()).0, Declared::default());
     }
 
     #[test]
@@ -510,6 +572,51 @@ mode = "enforce"
             ("[[rule]]\nmatch = { contianer = \"db\" }\nexpose = [\"443\"]\n", 2, "contianer"),
             ("[[rule]]\nmatch = {}\nexpose = [\"443\"]\n", 1, "matches nothing"),
             ("[[rule]]\nmatch = { container = \"db\" }\n", 1, "no effect"),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"10/h\" }]\n",
+                3,
+                "N/s (new flows a second) or N/m",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"0/s\" }]\n",
+                3,
+                "at least 1/s",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"10/s\", burst = 0 }]\n",
+                3,
+                "bad burst \"0\"",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"10/s\", burst = -3 }]\n",
+                3,
+                "bad burst \"-3\"",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"*\", rate = \"10/s\" }]\n",
+                1,
+                "limit */tcp, */udp or */sctp",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"44x\", rate = \"10/s\" }]\n",
+                3,
+                "44x",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"1/s\" }, { ports = \"400-500\", rate = \"2/s\" }]\n",
+                1,
+                "443/tcp is limited twice",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [{ ports = \"443\", rate = \"1/s\", brust = 3 }]\n",
+                3,
+                "brust",
+            ),
+            (
+                "[[rule]]\nmatch = { container = \"db\" }\nratelimit = [\"443/tcp 100/s\"]\n",
+                3,
+                "rate = \"100/s\", burst = 200 }",
+            ),
             ("expose = 443\n", 1, "expose"),
             ("mode = \n", 1, ""),
         ];
@@ -539,6 +646,8 @@ mode = "enforce"
         let media = PortSpec::EveryPortOf(Proto::Udp);
         assert_eq!(f.rules[2].openings.iter().map(|o| o.ports).collect::<Vec<_>>(), [media]);
         assert!(f.rules[3].replace && f.rules[3].openings.is_empty());
+        let limits: Vec<String> = f.rules[0].limits.iter().map(ToString::to_string).collect();
+        assert_eq!(limits, ["443/tcp 100/s burst 200", "80/tcp 100/s burst 200"]);
     }
 
     #[test]

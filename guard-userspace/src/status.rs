@@ -11,7 +11,10 @@ use guard_common::maps::{CONFIG_AUDIT_ALL, IFACE_UPLINK};
 use serde::Serialize;
 
 mod kernel_view;
+mod limits;
 mod paths;
+
+pub use limits::LimitReport;
 
 use crate::{
     bridges,
@@ -118,10 +121,20 @@ pub struct PortReport {
     /// host address:port pairs Docker publishes it on.
     pub published: Vec<String>,
     pub outside: Reach,
+    /// The limit on new flows per source that outside sources meet here, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitReport>,
+    /// New flows dropped over that limit, every source and path together.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rate_limited: u64,
     /// The ways to it from outside, published and direct, and whether the engine's own rules
     /// let each through (guard's verdict, `outside`, is the same on all of them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathReport>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Who outside may reach a port: local (the host) and bridge (other containers) always may.
@@ -180,6 +193,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
     let maps = if pins.exists() { Some(PolicyMaps::from_pins(pins)?) } else { None };
     let current = maps.as_ref().map(PolicyMaps::read).transpose()?;
+    let drops = maps.as_ref().map(PolicyMaps::drops).transpose()?.unwrap_or_default();
     if let Some(kernel) = &current {
         // The mode is the agent's to set (--mode overrides the file): the kernel knows it.
         policy.mode =
@@ -243,7 +257,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
         .collect();
     let mode = policy.mode.to_string();
     let mut containers = match (&current, &desired) {
-        (Some(kernel), _) => kernel_view::containers(kernel, desired.as_ref()),
+        (Some(kernel), _) => kernel_view::containers(kernel, desired.as_ref(), &drops),
         (None, Some(desired)) => desired.containers.iter().map(container_report).collect(),
         (None, None) => Vec::new(),
     };
@@ -423,12 +437,17 @@ fn container_report(policy: &ContainerPolicy) -> ContainerReport {
                 })
                 .collect(),
             outside: reach(policy.openings.iter().filter(|o| o.ports.covers(proto, first))),
+            limit: limits::wanted(policy, proto, Some(first)),
+            rate_limited: 0,
             every_port: false,
             paths: Vec::new(),
         })
         .chain(every_port_protos(&policy.openings).into_iter().map(|proto| {
             let outside = reach(policy.openings.iter().filter(|o| covers_every_port(o, proto)));
-            PortReport::every_port(proto, outside)
+            PortReport {
+                limit: limits::wanted(policy, proto, None),
+                ..PortReport::every_port(proto, outside)
+            }
         }))
         .collect();
     ContainerReport {
@@ -472,6 +491,8 @@ impl PortReport {
             proto: proto.name().into(),
             published: Vec::new(),
             outside,
+            limit: None,
+            rate_limited: 0,
             paths: Vec::new(),
         }
     }
@@ -580,14 +601,15 @@ pub fn render(report: &Report) -> String {
     }
     out.push('\n');
     let mut rows = vec![
-        ["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE", "PATHS"].map(String::from),
+        ["CONTAINER", "ADDRESSES", "PORT", "PUBLISHED AS", "OUTSIDE", "LIMIT", "PATHS"]
+            .map(String::from),
     ];
     for c in &report.containers {
         let name = if c.mode == "audit" { format!("{} (audit)", c.name) } else { c.name.clone() };
         let mut first = Some((name, c.addresses.join(" ")));
-        let mut push = |port: String, published: String, outside: String, paths: String| {
+        let mut push = |port: String, published: String, outside: String, limit, paths: String| {
             let (name, addrs) = first.take().unwrap_or_default();
-            rows.push([name, addrs, port, published, outside, paths]);
+            rows.push([name, addrs, port, published, outside, limit, paths]);
         };
         for port in &c.ports {
             let published =
@@ -597,12 +619,12 @@ pub fn render(report: &Report) -> String {
             } else {
                 engine_paths::summary(&port.paths)
             };
-            push(port.label(), published, port.outside.text(), paths);
+            push(port.label(), published, port.outside.text(), limits::cell(port), paths);
         }
-        push("other".into(), "-".into(), c.other_ports.text(), "-".into());
+        push("other".into(), "-".into(), c.other_ports.text(), "-".into(), "-".into());
     }
     let widths: Vec<usize> =
-        (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+        (0..7).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     for row in &rows {
         let line: Vec<String> =
             row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -610,6 +632,9 @@ pub fn render(report: &Report) -> String {
         out.push('\n');
     }
     out.push_str("\nlocal (the host) and bridge (other containers) may reach every port; OUTSIDE is everyone else.\n");
+    if report.containers.iter().flat_map(|c| &c.ports).any(|p| p.limit.is_some()) {
+        out.push_str("LIMIT: new flows from outside per source (an IPv6 source by its /64) that an opening lets in.\n");
+    }
     // Why a path to an open port is not there: the engine's own rules, said once each.
     let closed: BTreeSet<&str> = report
         .containers
@@ -715,6 +740,7 @@ mod tests {
             },
             target: 1,
             openings: vec![udp],
+            limits: vec![],
             label_errors: vec![],
             mode: Mode::Enforce,
         };
@@ -798,6 +824,8 @@ mod check_tests {
             proto: "tcp".into(),
             published: vec![],
             outside: Reach::new(who, vec![]),
+            limit: None,
+            rate_limited: 0,
             paths: firewall.paths(&["172.18.0.2".parse().unwrap()], port, published),
         };
         let any = "0.0.0.0".parse().unwrap();
@@ -808,7 +836,18 @@ mod check_tests {
             id: "0123456789ab".into(),
             addresses: vec!["172.18.0.2".into()],
             mode: "enforce".into(),
-            ports: vec![port(443, "everyone", &[(any, 8443)]), port(5432, "none", &[(any, 5432)])],
+            ports: vec![
+                PortReport {
+                    limit: Some(LimitReport {
+                        rate: "10/s burst 20".into(),
+                        rule: Some("label guard.ratelimit".into()),
+                        differs: None,
+                    }),
+                    rate_limited: 3,
+                    ..port(443, "everyone", &[(any, 8443)])
+                },
+                port(5432, "none", &[(any, 5432)]),
+            ],
             other_ports: Reach::new("none", vec![]),
             label_errors: vec![],
         });
@@ -816,6 +855,11 @@ mod check_tests {
         let row = |p: &str| text.lines().find(|l| l.contains(p)).unwrap_or_default().to_string();
         assert!(row("443/tcp").ends_with("published only (engine drops direct)"), "{text}");
         assert!(row("5432/tcp").ends_with(" -"), "a closed port has no paths to name: {text}");
+        assert!(
+            row("443/tcp").contains("  10/s burst 20 (label guard.ratelimit); 3 rate-limited  "),
+            "the limit beside the opening, and what it dropped: {text}"
+        );
+        assert!(text.contains("LIMIT: new flows from outside per source"), "{text}");
         assert!(
             text.contains("  Docker 28.5.2 drops it: network web (gateway mode nat)"),
             "{text}"

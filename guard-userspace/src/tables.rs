@@ -19,6 +19,7 @@ use guard_common::{
         AddrInfo, ContainerId, FlowKey, PortKey, PortRule, PublishedKey, PublishedTarget, SourceKey,
     },
     prefilter::{self, Bitmap},
+    ratelimit::RateLimit,
 };
 
 use crate::policy::Cidr;
@@ -43,6 +44,9 @@ pub struct TableSet {
     /// Denied single addresses (the kernel's hash) and prefixes (its trie).
     pub deny_exact: BTreeMap<Addr, u32>,
     pub deny_prefixes: BTreeMap<Lpm<Addr>, u32>,
+    /// Limits on new flows per source: a port's own, or every port of a protocol
+    /// ([`PortKey::every_port_of`]); each limited target carries `TARGET_RATE_LIMITED`.
+    pub rates: BTreeMap<PortKey, RateLimit>,
     pub config: Config,
     /// Interfaces by index and role (`IFACE_UPLINK`, `IFACE_INSIDE`); one it does not name
     /// is taken for Docker's.
@@ -55,8 +59,11 @@ impl TableSet {
     /// mode) come from the local policy file and stay.
     /// The engine's doors keep their members: the swarm's own traffic never waits for a sync
     /// (their sources are the last membership the engine named, not an operator's opening).
+    /// Limits go too: with nothing open they have nothing to limit, and the flags that point
+    /// the kernel at them are cleared with the others.
     pub fn close_openings(&mut self) {
         self.ports.retain(|key, _| door::is_door(key.target));
+        self.rates.retain(|key, _| door::is_door(key.target));
         self.sources.retain(|source, _| door::is_door(source.data.port.target));
         for info in self.addrs.values_mut() {
             info.all_ports = OPEN_NONE;
@@ -187,6 +194,7 @@ impl TableSet {
             (m::TRUSTED, self.trusted.len(), m::TRUSTED_CAPACITY),
             (m::DENY_EXACT, self.deny_exact.len(), m::DENY_EXACT_CAPACITY),
             (m::DENY_PREFIX, self.deny_prefixes.len(), m::DENY_PREFIX_CAPACITY),
+            (m::RATE_LIMITS, self.rates.len(), m::RATE_LIMITS_CAPACITY),
         ]
     }
 }
@@ -331,6 +339,7 @@ pub struct Plan {
     pub trusted: TableDiff<Lpm<Addr>, u32>,
     pub deny_exact: TableDiff<Addr, u32>,
     pub deny_prefixes: TableDiff<Lpm<Addr>, u32>,
+    pub rates: TableDiff<PortKey, RateLimit>,
     pub config: Option<Config>,
     pub uplinks: TableDiff<u32, u32>,
 }
@@ -360,6 +369,7 @@ impl Plan {
             + self.trusted.len()
             + self.deny_exact.len()
             + self.deny_prefixes.len()
+            + self.rates.len()
             + self.config.map_or(0, |_| 1)
             + self.uplinks.len()
     }
@@ -380,6 +390,7 @@ pub fn diff(current: &TableSet, desired: &TableSet) -> Plan {
         trusted: diff_map(&current.trusted, &desired.trusted),
         deny_exact: diff_map(&current.deny_exact, &desired.deny_exact),
         deny_prefixes: diff_map(&current.deny_prefixes, &desired.deny_prefixes),
+        rates: diff_map(&current.rates, &desired.rates),
         config: (current.config != desired.config).then_some(desired.config),
         uplinks: diff_map(&current.uplinks, &desired.uplinks),
     }

@@ -4,11 +4,13 @@
 //! port or by address, while another outside host still does; lifting the ban restores it.
 //! Two harness checks run without an agent: fail2ban runs the action with the arguments
 //! `guard ban` expects, and the bouncer client follows a real LAPI through its restart.
+//! Per-source rate limits (`guard.ratelimit`): an outside host flooding SYNs at an exposed
+//! port gets its burst and the rate, no more, while another outside host is served.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -26,8 +28,10 @@ use tests::{
     fail2ban::{self, Fail2ban, Jail},
     host::RoutingHost,
     netns::OutsideHost,
+    observe::{free_local_port, http_get, map_entry_count, metric},
     prepare_test_bed,
     probe::{PATIENT, QUICK},
+    raw::{self, RawLink},
 };
 
 const SUBNET_V4: &str = "10.236.0.0/24";
@@ -291,4 +295,249 @@ fn wait_for(
         assert!(Instant::now() < deadline, "no {what} within {TAKES_EFFECT:?}: {bans:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rate limits
+// ---------------------------------------------------------------------------------------
+
+const RATE_SUBNET: &str = "10.238.0.0/24";
+const RATE_WEB: Ipv4Addr = Ipv4Addr::new(10, 238, 0, 10);
+const RATE_BAD: Ipv4Addr = Ipv4Addr::new(10, 238, 0, 11);
+/// The limit under test: a burst of 20 new flows per source, then 10 a second.
+const RATE: (u32, u32) = (10, 20);
+/// SYNs A sends, in rounds of [`ROUND`] back to back with [`ROUND_GAP`] between: about ten
+/// times the rate, for about three seconds.
+const FLOOD: u16 = 300;
+const ROUND: u16 = 10;
+const ROUND_GAP: Duration = Duration::from_millis(100);
+
+/// An exposed web container limited to [`RATE`] per source, and one whose limit does not parse
+/// (`10/h`); outside hosts A (the flood) and B, the agent with its metrics on loopback. Field
+/// order is drop order.
+struct RateBed {
+    agent: Agent,
+    metrics: SocketAddr,
+    a: OutsideHost,
+    b: OutsideHost,
+    _web: Container,
+    _bad: Container,
+    _net: Network,
+    _routing: RoutingHost,
+    _exclusive: Exclusive,
+}
+
+impl RateBed {
+    fn new() -> Self {
+        let exclusive = prepare_test_bed();
+        let net = Network::create("guard-e2e-rate", RATE_SUBNET, None);
+        let limit = format!("80/tcp {}/s burst {}", RATE.0, RATE.1);
+        let web = Container::run(ContainerSpec {
+            name: "rate-web",
+            network: Some(&net),
+            ip: Some(RATE_WEB),
+            labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", &limit)],
+            command: "exec httpd -f -p 80 -h /www",
+            listens_on: &[80],
+            ..Default::default()
+        });
+        let bad = Container::run(ContainerSpec {
+            name: "rate-bad",
+            network: Some(&net),
+            ip: Some(RATE_BAD),
+            labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", "80/tcp 10/h")],
+            command: "exec httpd -f -p 80 -h /www",
+            listens_on: &[80],
+            ..Default::default()
+        });
+        let routing = RoutingHost::enable();
+        let a = OutsideHost::new("rate-a", 38);
+        let b = OutsideHost::new("rate-b", 39);
+        for host in [&a, &b] {
+            host.route_via_host(RATE_SUBNET);
+        }
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_local_port()));
+        let agent = Agent::start_with(
+            &[a.host_end(), b.host_end()],
+            &["--metrics-addr", &metrics.to_string()],
+        );
+        RateBed {
+            agent,
+            metrics,
+            a,
+            b,
+            _web: web,
+            _bad: bad,
+            _net: net,
+            _routing: routing,
+            _exclusive: exclusive,
+        }
+    }
+
+    /// Port 80 of the web container in `guard status --json`.
+    fn web_port_status(&self) -> serde_json::Value {
+        let status: serde_json::Value = serde_json::from_str(&self.agent.status_json())
+            .unwrap_or_else(|e| panic!("status --json: {e}"));
+        status["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "guard-e2e-rate-web")
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .find(|p| p["port"] == 80)
+            .unwrap_or_else(|| panic!("no port 80 of rate-web in {status}"))
+    }
+
+    /// `guard ARGS --pin-dir P` of this agent, or the test fails with its log.
+    fn guard(&self, args: &[&str]) -> String {
+        let pin_dir = self.agent.pin_dir().to_string_lossy().into_owned();
+        let mut args = args.to_vec();
+        args.extend(["--pin-dir", &pin_dir]);
+        self.agent
+            .guard(&args)
+            .unwrap_or_else(|e| panic!("guard {args:?}: {e}\n{}", self.agent.log()))
+    }
+}
+
+/// A's raw SYNs from [`FLOOD`] source ports to the web container, in rounds, reading SYN-ACKs
+/// between them: the source ports that were answered, and how long the sending took.
+fn flood_syns(a: &OutsideHost) -> (BTreeSet<u16>, Duration) {
+    let link = RawLink::open(a.netns(), "uplink0");
+    let host_mac = raw::host_mac(a.host_end());
+    let to = SocketAddr::from((RATE_WEB, 80));
+    let from = |port: u16| SocketAddr::from((a.v4(), port));
+    let mut answered = BTreeSet::new();
+    let mut record = |frame: &[u8]| {
+        if let Some(received) = raw::parse_frame(frame) {
+            answered.extend((0..FLOOD).map(|i| 20000 + i).filter(|&port| {
+                raw::syn_answer(&received, from(port), to) == Some(tests::probe::Outcome::Answered)
+            }));
+        }
+        false
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < FLOOD {
+        for port in (sent..sent + ROUND).map(|i| 20000 + i) {
+            link.send(&raw::syn_frame(host_mac, link.mac, &[], from(port), to));
+        }
+        sent += ROUND;
+        if sent < FLOOD {
+            link.watch(ROUND_GAP, &mut record);
+        }
+    }
+    let sending = started.elapsed();
+    // Late answers (none are retransmitted: A's own kernel resets every SYN-ACK it gets).
+    link.watch(PATIENT, &mut record);
+    (answered, sending)
+}
+
+#[test]
+fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_served() {
+    let mut bed = RateBed::new();
+    let web = SocketAddr::from((RATE_WEB, 80));
+    assert!(bed.b.tcp_connect(web, PATIENT), "B reaches the exposed port before the flood");
+
+    // B connects one at a time all through A's flood.
+    let (flood, b_outcomes) = std::thread::scope(|scope| {
+        let b = scope.spawn(|| {
+            let mut outcomes = Vec::new();
+            for _ in 0..12 {
+                outcomes.push(bed.b.tcp_connect(web, PATIENT));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            outcomes
+        });
+        let flood = flood_syns(&bed.a);
+        (flood, b.join().expect("B's connections"))
+    });
+    let (answered, sending) = flood;
+    assert!(b_outcomes.iter().all(|ok| *ok), "B's connections during the flood: {b_outcomes:?}");
+
+    // The burst, the rate over the time it took, and a few more per CPU (the bucket is shared
+    // by every CPU without a lock: see guard_common::ratelimit).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bound = f64::from(RATE.1) + f64::from(RATE.0) * sending.as_secs_f64() + 2.0 * cpus + 2.0;
+    println!(
+        "flood: {FLOOD} SYNs in {sending:?}, {} answered (bound {bound:.0}), B: {} of {} connected",
+        answered.len(),
+        b_outcomes.len(),
+        b_outcomes.len()
+    );
+    assert!(
+        answered.len() >= RATE.1 as usize,
+        "the burst of {} must be let in, {} were:\n{}",
+        RATE.1,
+        answered.len(),
+        bed.agent.log()
+    );
+    assert!(
+        answered.len() as f64 <= bound,
+        "{} of {FLOOD} SYNs answered in {sending:?}: over the limit's bound {bound:.0}\n{}",
+        answered.len(),
+        bed.agent.log()
+    );
+
+    // Counted per reason and per container port; sampled as drop events of their own reason.
+    let text = http_get(bed.metrics, "/metrics").unwrap_or_else(|e| panic!("scrape: {e}"));
+    let limited = metric(
+        &text,
+        "guard_packets_total{reason=\"rate_limited\",verdict=\"drop\",audited=\"false\"}",
+    );
+    assert!(limited.is_some_and(|n| n >= 1.0), "no rate_limited drops counted:\n{text}");
+    let per_port = metric(
+        &text,
+        "guard_container_rate_limited_total{container=\"guard-e2e-rate-web\",port=\"80\",proto=\"tcp\",path=\"direct\",stage=\"xdp\",audited=\"false\"}",
+    );
+    assert!(per_port.is_some_and(|n| n >= 1.0), "no per-port rate-limited count:\n{text}");
+    let metrics = bed.metrics.to_string();
+    let drops = bed.agent.guard(&["drops", "--json", "--metrics-addr", &metrics]);
+    let drops = drops.unwrap_or_else(|e| panic!("guard drops: {e}"));
+    assert!(
+        drops
+            .lines()
+            .any(|l| l.contains("\"reason\":\"rate_limited\"")
+                && l.contains("\"container_port\":80")),
+        "no rate_limited drop event at port 80:\n{drops}"
+    );
+
+    // `guard status` shows the limit beside the opening, and what it dropped.
+    println!("{}", bed.agent.status());
+    let port = bed.web_port_status();
+    assert_eq!(port["limit"]["rate"], format!("{}/s burst {}", RATE.0, RATE.1), "{port}");
+    assert!(port["rate_limited"].as_u64().is_some_and(|n| n >= 1), "{port}");
+    // `guard explain` says the limit of the port it opens.
+    let explained = bed.guard(&["explain", "198.51.100.7", &format!("{web}/tcp"), "--json"]);
+    let explained: serde_json::Value = serde_json::from_str(&explained).expect("explain --json");
+    let detail = explained["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!(
+            "open to everyone, limited to {} new flows/s per source, burst {}",
+            RATE.0, RATE.1
+        )),
+        "{explained}"
+    );
+
+    // After a pause the bucket has refilled: A is served again.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(bed.a.tcp_connect(web, PATIENT), "A after a pause\n{}", bed.agent.log());
+
+    // A limit that does not parse is reported and limits nothing: the port stays as its
+    // opening says.
+    let log = bed.agent.log();
+    assert!(
+        log.contains("guard-e2e-rate-bad")
+            && log.contains("guard.ratelimit")
+            && log.contains("N/s"),
+        "no warning naming the bad limit:\n{log}"
+    );
+    assert!(bed.b.tcp_connect(SocketAddr::from((RATE_BAD, 80)), PATIENT));
+
+    // A new agent derives the limit again from the labels, flag and all.
+    bed.agent.terminate();
+    bed.agent.restart();
+    let limits = map_entry_count(bed.agent.pin_dir(), guard_common::maps::RATE_LIMITS);
+    assert_eq!(limits, 1, "GUARD_RATES after a restart");
+    let port = bed.web_port_status();
+    assert_eq!(port["limit"]["rate"], format!("{}/s burst {}", RATE.0, RATE.1), "{port}");
 }

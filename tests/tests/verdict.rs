@@ -124,8 +124,9 @@ impl Loaded {
 
     /// Puts a flow into flow memory as the TC egress program would have, `age_ns` ago.
     fn remember(&mut self, flow: FlowKey, age_ns: u64) {
-        self.maps.remember_flow(&flow, monotonic_ns() - age_ns).expect("insert flow");
-        if flow.proto == 6 || age_ns < FLOW_TIMEOUT_NS {
+        let now = monotonic_ns();
+        self.maps.remember_flow(&flow, now - age_ns).expect("insert flow");
+        if flow.alive(now - age_ns, now) {
             self.flows.insert(flow);
         }
     }

@@ -419,10 +419,14 @@ impl<'a> Judge<'a> {
                     })
                     .map(|o| o.rule.clone())
                     .collect();
+                // What is open may be rate-limited: the rule that says so, with its limit.
+                let port = (!dest.any_port).then_some(first.container_port);
+                let limit =
+                    container.and_then(|c| crate::rates::rule_for(&c.limits, dest.proto, port));
                 if rules.is_empty() {
                     vec!["closed: no label or policy rule opens it".into()]
                 } else {
-                    rules.into_iter().collect()
+                    rules.into_iter().chain(limit.map(|l| format!("{} ({l})", l.rule))).collect()
                 }
             }
         };

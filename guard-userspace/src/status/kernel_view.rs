@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use guard_common::events::DropKey;
 use guard_common::maps::{
     CONFIG_AUDIT_ALL, ContainerId, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey,
     TARGET_AUDIT, door,
 };
 
-use super::{ContainerReport, DoorReport, PortReport, Reach, container_report};
+use super::{ContainerReport, DoorReport, PortReport, Reach, container_report, limits};
 use crate::{
     desired::{ContainerPolicy, Desired},
     policy::{PortSpec, Proto},
@@ -18,16 +19,24 @@ use crate::{
 
 /// One report per container the kernel knows, then those Docker has and the kernel does not
 /// know yet (closed until the agent syncs).
-pub fn containers(kernel: &TableSet, desired: Option<&Desired>) -> Vec<ContainerReport> {
+/// `drops` are the kernel's per-port drop counters (for the drops over a rate limit).
+pub fn containers(
+    kernel: &TableSet,
+    desired: Option<&Desired>,
+    drops: &[(DropKey, u64)],
+) -> Vec<ContainerReport> {
     let wanted: BTreeMap<&str, &ContainerPolicy> = desired
         .map(|d| d.containers.iter().map(|c| (c.container.id.as_str(), c)).collect())
         .unwrap_or_default();
+    let rate_limited = limits::dropped(drops);
     let mut reports: Vec<ContainerReport> = kernel
         .identities
         .iter()
         .map(|(target, id)| {
             let id = hex(id);
-            container(kernel, *target, &id, wanted.get(id.as_str()).copied())
+            let mut report = container(kernel, *target, &id, wanted.get(id.as_str()).copied());
+            limits::count(&mut report.ports, *target, &rate_limited);
+            report
         })
         .collect();
     let known: Vec<String> = kernel.identities.values().map(hex).collect();
@@ -35,6 +44,10 @@ pub fn containers(kernel: &TableSet, desired: Option<&Desired>) -> Vec<Container
         let mut report = container_report(policy);
         for port in &mut report.ports {
             port.outside = closed_until_synced(&port.outside);
+            if let Some(limit) = &mut port.limit {
+                limit.differs = Some(format!("{} once the agent syncs", limit.rate));
+                limit.rate = "none".into();
+            }
         }
         report.other_ports = closed_until_synced(&report.other_ports);
         reports.push(report);
@@ -127,6 +140,8 @@ fn container(
                 proto: proto.into(),
                 published,
                 outside,
+                limit: limits::in_kernel(kernel, target, proto_number, Some(port), wanted),
+                rate_limited: 0,
                 paths: Vec::new(),
             }
         })
@@ -140,7 +155,8 @@ fn container(
                 outside.rules = wanted_reach.rules.clone();
                 outside.differs = differs(&outside, &wanted_reach);
             }
-            Some(PortReport::every_port(proto, outside))
+            let limit = limits::in_kernel(kernel, target, proto_number, None, wanted);
+            Some(PortReport { limit, ..PortReport::every_port(proto, outside) })
         }))
         .collect();
     let (name, addresses_from_docker, label_errors) = match wanted {
@@ -242,6 +258,7 @@ fn compress(ports: Vec<PortReport>) -> Vec<PortReport> {
             && last.published.is_empty()
             && port.published.is_empty()
             && last.outside == port.outside
+            && last.limit == port.limit
             && u32::from(last.last_port.unwrap_or(last.port)) + 1 == u32::from(port.port)
         {
             last.last_port = Some(port.port);
@@ -303,7 +320,7 @@ mod tests {
         info.port_rules = 3;
         kernel.addrs.insert(Addr::from("172.30.0.9".parse::<std::net::IpAddr>().unwrap()), info);
 
-        let report = &containers(&kernel, None)[0];
+        let report = &containers(&kernel, None, &[])[0];
         let rows: Vec<(String, String)> =
             report.ports.iter().map(|p| (p.label(), p.outside.text())).collect();
         assert_eq!(
@@ -326,6 +343,8 @@ mod tests {
             proto: "tcp".into(),
             published: published.iter().map(|p| p.to_string()).collect(),
             outside: Reach::new("everyone", Vec::new()),
+            limit: None,
+            rate_limited: 0,
             paths: Vec::new(),
         };
         let rows = compress(vec![
