@@ -365,10 +365,14 @@ fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
 /// it again with its next packet, or a flood from one source port would be judged once.
 #[inline(always)]
 fn admit(maps: &Maps<false>, packet: &Packet, opened: Decision, resolved: Resolved) -> Decision {
+    let start = flow_start(packet);
+    if start == FlowStart::No {
+        // A later segment of a connection, say: no clock read, no map.
+        return opened;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
-    let (starts, arrival) = match flow_start(packet) {
-        FlowStart::No => return opened,
-        FlowStart::Yes => (true, None),
+    let arrival = match start {
+        FlowStart::No | FlowStart::Yes => None,
         FlowStart::IfUnseen(key) => {
             // SAFETY: the value is copied out at once.
             let seen = unsafe { GUARD_ARRIVALS.get(&key) }.copied();
@@ -378,11 +382,10 @@ fn admit(maps: &Maps<false>, packet: &Packet, opened: Decision, resolved: Resolv
                 }
                 return opened;
             }
-            (true, Some(key))
+            Some(key)
         }
     };
-    let limited = starts
-        && resolved.flags & TARGET_RATE_LIMITED != 0
+    let limited = resolved.flags & TARGET_RATE_LIMITED != 0
         && over_rate_limit(packet, resolved, now)
         && !maps.source_trusted(&packet.src);
     let decision = if limited {
