@@ -239,6 +239,60 @@ fn fail2ban_runs_the_action_with_guard_ban_arguments() {
     assert_eq!(recorded.lines().collect::<Vec<_>>(), want, "\n{}", f2b.log());
 }
 
+/// deploy/fail2ban's drops filter, through `fail2ban-regex`, no agent: a full drop line and a
+/// summary with a ban reason are one failure each; a summary of rate-limited or audited drops
+/// and the line of sources beyond the cap are none. The lines are the agent's, as its unit
+/// tests pin them (guard-userspace/src/events/drops.rs and summary.rs).
+#[test]
+fn fail2ban_drops_filter_counts_full_lines_and_summaries() {
+    let filter = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/fail2ban/filter.d/container-guard-drops.conf"
+    );
+    let line = |time: &str, sentence: &str, fields: &str| {
+        format!("2026-12-07T16:{time}.316657Z  INFO guard::drops: {sentence} {fields}\n")
+    };
+    let summary = |time, src: &str, reasons: &str, audited| {
+        let sentence = format!(
+            "dropped 3 more from {src} in 10s (destination ports: 2, first 23, last 23): x"
+        );
+        let fields = format!(
+            "src={src} dst=10.0.0.5 proto=tcp container=db port=5432 path=published \
+             reasons={reasons} audited={audited} iface=eth0 repeats=3 dports=2 first_dport=23 \
+             last_dport=23"
+        );
+        line(time, &sentence, &fields)
+    };
+    let lines = [
+        line(
+            "06:49",
+            "dropped tcp 203.0.113.9:40000 -> 10.0.0.5:5432 (container db port 5432/tcp, published) on eth0: closed",
+            "src=203.0.113.9 sport=40000 dst=10.0.0.5 dport=5432 proto=tcp container=db \
+             port=5432 path=published reason=closed audited=false iface=eth0",
+        ),
+        summary("06:59", "203.0.113.9", "closed,rate_limited", false),
+        summary("07:00", "198.51.100.7", "rate_limited,denied", false),
+        summary("07:01", "192.0.2.5", "rate_limited", false),
+        summary("07:02", "192.0.2.6", "closed", true),
+        line(
+            "07:03",
+            "517 more drops from 300 other sources in 10s, beyond the 256 summarised one by one (guard drops lists each)",
+            "more_sources=300 repeats=517",
+        ),
+    ];
+    let dir = ScratchDir::new("f2b-filter");
+    let log = dir.write("guard.log", &lines.concat());
+    let log = log.to_string_lossy();
+    let matched = tests::cmd::try_run("fail2ban-regex", &["-o", "ip", &log, filter])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        matched.lines().collect::<Vec<_>>(),
+        ["203.0.113.9", "203.0.113.9", "198.51.100.7"],
+        "{}",
+        lines.concat()
+    );
+}
+
 fn make_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
@@ -499,6 +553,19 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
             .any(|l| l.contains("\"reason\":\"rate_limited\"")
                 && l.contains("\"container_port\":80")),
         "no rate_limited drop event at port 80:\n{drops}"
+    );
+    // The log is bounded: A's drops are its first in full and then a summary per 10 s
+    // window, while `guard drops` keeps every one.
+    let a_src = format!("\"src\":\"{}\"", bed.a.v4());
+    let kept = drops.lines().filter(|l| l.contains(&a_src)).count();
+    let log = bed.agent.log();
+    let a_field = format!(" src={} ", bed.a.v4());
+    let logged = log.lines().filter(|l| l.contains(" guard::drops: ") && l.contains(&a_field));
+    let logged = logged.count();
+    println!("A's drops: {kept} kept for guard drops, {logged} lines logged");
+    assert!(
+        kept >= 20 && (1..=kept / 10).contains(&logged),
+        "{kept} drops of A kept, {logged} logged:\n{log}"
     );
 
     // `guard status` shows the limit beside the opening, and what it dropped.

@@ -7,7 +7,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use guard_common::{events::PacketEvent, reason::Reason};
 use serde::{Deserialize, Serialize};
 
-use super::{Clock, Kind, Record, Seen};
+use super::{
+    Clock, Kind, Record, Seen,
+    summary::{Fields, More, Summarised, Summary, log_more, log_summary},
+};
 use crate::{openings, policy::Opening, policy::Proto};
 
 /// Each container's openings by target id, as the agent last applied them: what names the rule.
@@ -82,6 +85,32 @@ pub fn log(r: &AccessRecord) {
         "{}",
         r.line()
     );
+}
+
+impl Summarised for AccessRecord {
+    fn fields(&self) -> Fields<'_> {
+        let (seen, reason, iface) = (&self.seen, &self.reason, self.iface.as_deref());
+        Fields { seen, reason, detail: self.rule.clone(), iface }
+    }
+
+    fn log(&self) {
+        log(self);
+    }
+
+    /// `let in 57 more from SRC in 10s (destination ports: ...): RULE` and the fields.
+    fn log_summary(s: &Summary) {
+        let rule = s.detail.one().map_or("several rules", String::as_str);
+        log_summary!(
+            "guard::access",
+            s,
+            rule = s.detail.one().map(String::as_str),
+            s.sentence("let in", rule)
+        );
+    }
+
+    fn log_more(more: &More) {
+        log_more!("guard::access", more, Self::KIND);
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@ use guard_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Clock, Kind, Record, Seen};
+use super::{
+    Clock, Kind, Record, Seen,
+    summary::{Fields, More, Summarised, Summary, log_more, log_summary},
+};
 
 /// A drop as the operator reads it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +68,33 @@ pub fn log(r: &DropRecord) {
         "{}",
         r.line()
     );
+}
+
+impl Summarised for DropRecord {
+    fn fields(&self) -> Fields<'_> {
+        let (seen, reason, iface) = (&self.seen, &self.reason, self.iface.as_deref());
+        Fields { seen, reason, detail: self.audited.to_string(), iface }
+    }
+
+    fn log(&self) {
+        log(self);
+    }
+
+    /// `dropped 57 more from SRC in 10s (destination ports: ...): closed,rate_limited` and
+    /// the fields; fail2ban's filter counts it as one failure.
+    fn log_summary(s: &Summary) {
+        let verb = match s.detail.one().map(String::as_str) {
+            Some("false") => "dropped",
+            Some(_) => "would drop (audit)",
+            None => "dropped or would drop (audit)",
+        };
+        let audited = s.detail.one().map(|d| d == "true");
+        log_summary!("guard::drops", s, audited = audited, s.sentence(verb, &s.reasons.join(", ")));
+    }
+
+    fn log_more(more: &More) {
+        log_more!("guard::drops", more, Self::KIND);
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! streams, told apart by the verdict of their reason: drops (audited or not) and accesses,
 //! the first packet of each flow from outside that an opening let in. Each event becomes a
 //! record that names the container, port and interface ([`drops`], [`access`]), is logged
-//! under its own tracing target, and is kept (the most recent ones, [`recent`]) for the
+//! under its own tracing target (per source, the first in a window in full, the rest as one
+//! summary: [`summary`]), and is kept (the most recent ones, [`recent`]) for the
 //! agent's `/drops` and `/access`, which `guard drops` and `guard access` read ([`client`]).
 
 pub mod access;
@@ -10,6 +11,7 @@ pub mod client;
 pub mod drops;
 pub mod recent;
 pub mod ring;
+pub mod summary;
 mod time;
 
 use std::{collections::BTreeMap, net::IpAddr};

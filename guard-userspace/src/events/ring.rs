@@ -1,5 +1,6 @@
 //! The agent's reader of the kernel's event ring: each event becomes a drop or an access
-//! record by its reason's verdict, is logged, and kept for the HTTP endpoint.
+//! record by its reason's verdict, is logged (summarised per source: [`super::summary`]),
+//! and kept for the HTTP endpoint.
 
 use std::{
     sync::Arc,
@@ -14,11 +15,20 @@ use guard_common::{
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::warn;
 
-use super::{Clock, access::AccessRecord, drops::DropRecord};
+use super::{
+    Clock,
+    access::AccessRecord,
+    drops::DropRecord,
+    summary::{self, Summariser},
+};
 use crate::{http::Shared, metrics::AgentState};
 
 /// How long events wait for the first sync to name what they hit.
 const EVENTS_WAIT_FOR_SYNC: Duration = Duration::from_secs(10);
+
+/// How often summaries of windows that ended are logged when no event comes to tell them: a
+/// source that went quiet is summarised at most this late.
+const SUMMARY_FLUSH: Duration = Duration::from_secs(1);
 
 /// What an event is to the operator.
 #[derive(Debug, PartialEq)]
@@ -63,10 +73,20 @@ pub async fn consume(ring: RingBuf<MapData>, shared: Arc<Shared>) {
             return warn!("cannot watch the event ring: {e}; drops and accesses are still counted");
         }
     };
+    let (mut drops, mut access) = (Summariser::new(), Summariser::new());
+    let mut flush = tokio::time::interval(SUMMARY_FLUSH);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut ready = match fd.readable_mut().await {
-            Ok(ready) => ready,
-            Err(e) => return warn!("event ring: {e}; drops and accesses are still counted"),
+        let mut ready = tokio::select! {
+            ready = fd.readable_mut() => match ready {
+                Ok(ready) => ready,
+                Err(e) => return warn!("event ring: {e}; drops and accesses are still counted"),
+            },
+            _ = flush.tick() => {
+                summary::log(drops.flush(Instant::now()));
+                summary::log(access.flush(Instant::now()));
+                continue;
+            }
         };
         let ring = ready.get_inner_mut();
         while let Some(item) = ring.next() {
@@ -76,13 +96,15 @@ pub async fn consume(ring: RingBuf<MapData>, shared: Arc<Shared>) {
             // SAFETY: the kernel wrote a whole PacketEvent; read_unaligned needs no alignment.
             let event: PacketEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let told = tell(&event, &shared.state.lock().expect("not poisoned"), &clock);
+            // Every record is kept; the log has the first of each source's window in full
+            // and the rest as one summary.
             match told {
                 Told::Drop(record) => {
-                    super::drops::log(&record);
+                    summary::log(drops.event(&record, Instant::now()));
                     shared.drops.push(record);
                 }
                 Told::Access(record) => {
-                    super::access::log(&record);
+                    summary::log(access.event(&record, Instant::now()));
                     shared.access.push(record);
                 }
             }
