@@ -92,7 +92,8 @@ impl Default for Limits {
     }
 }
 
-/// hyper's smallest read buffer: it never holds more of a request than this.
+/// hyper's read buffer at most (its smallest allowed is 8 KiB): what a request that never
+/// ends costs before it is cut off.
 const READ_BUFFER: usize = 16 * 1024;
 
 /// Connections: held now, and cut off, by why.
