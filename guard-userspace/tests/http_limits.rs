@@ -194,7 +194,7 @@ fn a_newline_less_flood_is_cut_off_and_memory_stays_flat() {
     assert!(metric(&metrics, "guard_http_connections_cut_total{limit=\"too_large\"}") >= 4);
     assert!(slow_for < Duration::from_secs(20), "a byte-a-time header held on for {slow_for:?}");
     assert_eq!(metric(&metrics, "guard_http_connections_cut_total{limit=\"header_timeout\"}"), 1);
-    assert!(longest_pass < Duration::from_secs(1), "the loop waited {longest_pass:?}");
+    assert!(longest_pass < Duration::from_secs(2), "the loop waited {longest_pass:?}");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn a_hundred_idle_connections_block_neither_answers_nor_the_loop() {
     // 100 idle, 64 places: the oldest 36 made room for the rest, and one more for the first
     // question (the others found the place it left).
     assert!(evicted >= 37, "only {evicted} idle connections made room");
-    assert!(longest_pass < Duration::from_secs(1), "the loop waited {longest_pass:?}");
+    assert!(longest_pass < Duration::from_secs(2), "the loop waited {longest_pass:?}");
 }
 
 #[test]
