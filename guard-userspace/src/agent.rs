@@ -128,7 +128,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None
     });
     let start = StartPolicy::choose(&opts, saved.as_ref());
-    let listener = http::bind(opts.metrics_addr).await?;
+    let listener = http::bind(opts.metrics_addr)?;
 
     let mut ebpf = loader::load(&opts.pins)?;
     // Before anything pinned is touched: two agents on one pin directory would undo each
@@ -162,7 +162,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         stale_after: opts.resync * 3 + MAX_BACKOFF,
         exposures: Arc::default(),
     });
-    tokio::spawn(http::serve(listener, shared.clone()));
+    http::start(listener, shared.clone(), http::Limits::default())?;
     tokio::spawn(events::ring::consume(events, shared.clone()));
     tokio::spawn(renew_event_budgets(opts.pins.clone()));
     let webhook = opts.alert_url.clone().and_then(crate::webhook::Webhook::start_or_say);
