@@ -2,7 +2,7 @@
 //! express a dependency on a binary).
 fn main() {
     let bpf_linker = which::which("bpf-linker").expect(
-        "bpf-linker not found on PATH: `cargo xtask test` installs it, or see TOOLCHAIN.md",
+        "bpf-linker not found on PATH: `cargo xtask test` installs it, or see README Requirements",
     );
     println!("cargo:rerun-if-changed={}", bpf_linker.display());
 }

@@ -1,8 +1,9 @@
 //! The policy decision, written once.
 //!
 //! [`decide`] is generic over [`Tables`]: the XDP program instantiates it with BPF map lookups,
-//! the agent with its desired state. Both therefore share one definition of DESIGN.md's rules,
-//! and user space can test and explain verdicts against exactly what the kernel runs.
+//! the agent with its desired state. Both therefore share one definition of the rules (README,
+//! "What it protects"), and user space can test and explain verdicts
+//! against exactly what the kernel runs.
 //!
 //! The order of the lookups is the order of their cost and of how often they settle a packet:
 //! the prefilter (a bit test) clears most traffic, a closed container costs one hash lookup,

@@ -139,7 +139,7 @@ pub const TARGET_AUDIT: u8 = 1;
 /// the lookup is skipped (a port without a limit pays nothing).
 pub const TARGET_RATE_LIMITED: u8 = 2;
 
-/// The engine's own doors (DESIGN.md, "The engine's own doors"): host ports that lead
+/// The engine's own doors (README, "What it protects"): host ports that lead
 /// straight to containers or to root on the host. They are listed in [`PUBLISHED`] like a
 /// published port, under a target id of their own that no container ever gets (container ids
 /// count up from 1), with the sources that may reach them in [`SOURCES`]: everything the

@@ -704,10 +704,11 @@ fn judge_answer<const BEHIND_BRIDGE: bool>(ctx: &TcContext, answer: &Packet) -> 
 /// Why flow memory and not the kernel's connection tracking (`bpf_xdp_ct_lookup`,
 /// `bpf_skb_ct_lookup`, 5.19/6.0 on): those are kfuncs, and aya 0.14's loader cannot relocate
 /// kfunc calls (aya-obj 0.3 has no ksym relocation), and aya 0.15 on needs a newer rustc than
-/// this project's machines carry (TOOLCHAIN.md). Nor would they cover Debian 11's 5.10. So the
-/// programs keep their own memory, small and unpoisonable: what is remembered is decided by
-/// [`flow_to_remember`] (only flows whose replies would otherwise drop), by whom it is seen
-/// (only flows started here), and ICMP errors and later fragments need no entry of their own.
+/// this project's machines carry (README, Requirements). Nor would they cover Debian 11's
+/// 5.10. So the programs keep their own memory, small and unpoisonable: what is remembered is
+/// decided by [`flow_to_remember`] (only flows whose replies would otherwise drop), by whom it
+/// is seen (only flows started here), and ICMP errors and later fragments need no entry of
+/// their own.
 ///
 /// Only flows that start on the host (no ingress interface) or in a container (received on a
 /// bridge) are remembered: a packet the host merely forwards from one uplink to another could

@@ -1,4 +1,4 @@
-//! The engine's own doors in the desired state (DESIGN.md, "The engine's own doors"): Swarm's
+//! The engine's own doors in the desired state (README, "What it protects"): Swarm's
 //! overlay, gossip and control ports and the Docker API on tcp, each listed like a port Docker
 //! publishes on the host, under a target id of its own ([`guard_common::maps::door`]), open
 //! to the swarm's nodes and the operator's prefixes only. A pure function, like the rest of

@@ -1,4 +1,4 @@
-//! The engine's own doors as the host shows them (DESIGN.md, "The engine's own doors"): its
+//! The engine's own doors as the host shows them (README, "What it protects"): its
 //! swarm through the API ([`DockerClient::swarm`]), and the tcp sockets its process listens
 //! on. The API does not say where it listens (`-H tcp://…` is a command-line flag, and a
 //! daemon.json `hosts` entry is not visible either), so the listeners are found as the kernel

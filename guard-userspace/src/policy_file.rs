@@ -63,7 +63,7 @@ pub struct PolicyFile {
     pub rules: Vec<Rule>,
 }
 
-/// Who may reach the engine's own doors (DESIGN.md, "The engine's own doors"), besides the
+/// Who may reach the engine's own doors (README, "What it protects"), besides the
 /// swarm's nodes, which the agent learns from the engine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Management {

@@ -20,7 +20,7 @@ pub struct Snapshot {
     pub doors: EngineDoors,
 }
 
-/// The engine's own doors on this host (DESIGN.md, "The engine's own doors"): what the engine
+/// The engine's own doors on this host (README, "What it protects"): what the engine
 /// listens on besides the ports it publishes for containers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineDoors {

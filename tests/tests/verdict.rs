@@ -1655,7 +1655,7 @@ fn local_routes_the_agent_never_listed_reach_the_wildcard_publish() {
     }
 }
 
-/// The engine's doors (DESIGN.md, "The engine's own doors"), judged by the kernel: a swarm
+/// The engine's doors (README, "What it protects"), judged by the kernel: a swarm
 /// node's VXLAN, gossip and control ports and its API on tcp, open to the swarm's nodes and
 /// the policy file's `[management]` prefixes, and every other host service untouched.
 #[test]
