@@ -13,7 +13,10 @@ use std::net::IpAddr;
 use guard_common::{
     addr::Addr,
     decision::{L4, Packet},
-    parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS},
+    parse::{
+        Framing, IPPROTO_ESP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+        MAX_V6_EXTENSIONS, MAX_VLAN_TAGS,
+    },
     reason::Reason,
 };
 
@@ -39,12 +42,14 @@ pub enum Transport {
 impl Transport {
     fn proto(&self, v6: bool) -> u8 {
         match self {
-            Transport::Tcp(_) => 6,
-            Transport::Udp(_) => 17,
-            Transport::Sctp(_) => 132,
-            Transport::Esp => 50,
-            Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) if v6 => 58,
-            Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) => 1,
+            Transport::Tcp(_) => IPPROTO_TCP,
+            Transport::Udp(_) => IPPROTO_UDP,
+            Transport::Sctp(_) => IPPROTO_SCTP,
+            Transport::Esp => IPPROTO_ESP,
+            Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) if v6 => {
+                IPPROTO_ICMPV6
+            }
+            Transport::Icmp | Transport::Echo { .. } | Transport::IcmpError(_) => IPPROTO_ICMP,
         }
     }
 

@@ -5,7 +5,10 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use guard_common::addr::{Addr, V4_MAPPED_PREFIX};
+use guard_common::{
+    addr::{Addr, V4_MAPPED_PREFIX},
+    parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+};
 
 /// A transport protocol Docker can publish and a label can name.
 #[derive(
@@ -20,9 +23,9 @@ pub enum Proto {
 impl Proto {
     pub const fn number(self) -> u8 {
         match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
-            Proto::Sctp => 132,
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+            Proto::Sctp => IPPROTO_SCTP,
         }
     }
 

@@ -16,7 +16,10 @@ mod time;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use guard_common::events::{DROP_PUBLISHED, PacketEvent};
+use guard_common::{
+    events::{DROP_PUBLISHED, PacketEvent},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6},
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use time::{Clock, monotonic_ns, utc};
@@ -83,8 +86,8 @@ fn proto_name(number: u8) -> String {
     match Proto::from_number(number) {
         Some(p) => p.name().to_string(),
         None => match number {
-            1 => "icmp".into(),
-            58 => "icmpv6".into(),
+            IPPROTO_ICMP => "icmp".into(),
+            IPPROTO_ICMPV6 => "icmpv6".into(),
             n => format!("proto-{n}"),
         },
     }
