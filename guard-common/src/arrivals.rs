@@ -50,14 +50,7 @@ pub fn flow_start(pkt: &Packet) -> FlowStart {
     if (l4.proto == IPPROTO_ICMP || l4.proto == IPPROTO_ICMPV6) && !l4.opens {
         return FlowStart::No;
     }
-    FlowStart::IfUnseen(FlowKey {
-        remote: pkt.src,
-        local: pkt.dst,
-        remote_port: l4.sport,
-        local_port: l4.dport,
-        proto: l4.proto,
-        _pad: [0; 3],
-    })
+    FlowStart::IfUnseen(pkt.flow())
 }
 
 /// Whether an arrival last seen at `seen` (if at all) is over, so a packet at `now` starts

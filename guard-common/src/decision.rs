@@ -27,6 +27,22 @@ pub struct Packet {
     pub l4: L4,
 }
 
+impl Packet {
+    /// The flow this packet belongs to, keyed as it arrives: its source is the remote end.
+    /// A reply's key is the one flow memory holds for the flow it answers.
+    #[inline(always)]
+    pub fn flow(&self) -> FlowKey {
+        FlowKey {
+            remote: self.src,
+            local: self.dst,
+            remote_port: self.l4.sport,
+            local_port: self.l4.dport,
+            proto: self.l4.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// What kind of transport layer a packet has, as far as the decision cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4Kind {
@@ -381,15 +397,7 @@ fn is_reply<T: Tables>(tables: &T, pkt: &Packet) -> bool {
     if l4.kind != L4Kind::Ports || l4.opens {
         return false;
     }
-    let flow = FlowKey {
-        remote: pkt.src,
-        local: pkt.dst,
-        remote_port: l4.sport,
-        local_port: l4.dport,
-        proto: l4.proto,
-        _pad: [0; 3],
-    };
-    tables.flow_seen(&flow)
+    tables.flow_seen(&pkt.flow())
 }
 
 #[inline(always)]
@@ -429,14 +437,7 @@ pub fn flow_to_remember<T: Tables>(tables: &T, outbound: &Packet) -> Option<Flow
     let enforced_drop = decision.verdict() == Verdict::Drop;
     // A denied source's replies to what was started inside pass like anyone's.
     let judged = decision.reason.closes_by_default() || decision.reason == Reason::Denied;
-    (enforced_drop && judged).then_some(FlowKey {
-        remote: outbound.dst,
-        local: outbound.src,
-        remote_port: l4.dport,
-        local_port: l4.sport,
-        proto: l4.proto,
-        _pad: [0; 3],
-    })
+    (enforced_drop && judged).then_some(reply.flow())
 }
 
 #[inline(always)]
