@@ -365,15 +365,15 @@ fn explain(ctx: &XdpContext, framing: Framing) -> u32 {
 /// it again with its next packet, or a flood from one source port would be judged once.
 #[inline(always)]
 fn admit(maps: &Maps<false>, packet: &Packet, opened: Decision, resolved: Resolved) -> Decision {
-    let start = flow_start(packet);
-    if start == FlowStart::No {
+    // The clock is read only where an arrival or a bucket needs it (a TCP SYN to a port
+    // without a limit needs neither; its access event reads its own): 0 until then.
+    let mut now = 0;
+    let arrival = match flow_start(packet) {
         // A later segment of a connection, say: no clock read, no map.
-        return opened;
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let arrival = match start {
-        FlowStart::No | FlowStart::Yes => None,
+        FlowStart::No => return opened,
+        FlowStart::Yes => None,
         FlowStart::IfUnseen(key) => {
+            now = unsafe { bpf_ktime_get_ns() };
             // SAFETY: the value is copied out at once.
             let seen = unsafe { GUARD_ARRIVALS.get(&key) }.copied();
             if !arrivals::is_new(seen, now) {
@@ -412,9 +412,9 @@ fn admit(maps: &Maps<false>, packet: &Packet, opened: Decision, resolved: Resolv
     decision
 }
 
-/// Whether a new flow from `packet`'s source to the container port `resolved` at `now` is over
-/// that port's rate limit (or its protocol's, `*/udp`); admitted, it takes its place in the
-/// source's bucket (see [`guard_common::ratelimit`]).
+/// Whether a new flow from `packet`'s source to the container port `resolved` is over that
+/// port's rate limit (or its protocol's, `*/udp`); admitted, it takes its place in the
+/// source's bucket (see [`guard_common::ratelimit`]). `now`: the clock if already read, else 0.
 #[inline(always)]
 fn over_rate_limit(packet: &Packet, resolved: Resolved, now: u64) -> bool {
     let port = PortKey::new(resolved.target, resolved.proto, resolved.port);
@@ -427,6 +427,7 @@ fn over_rate_limit(packet: &Packet, resolved: Resolved, now: u64) -> bool {
             None => return false,
         },
     };
+    let now = if now != 0 { now } else { unsafe { bpf_ktime_get_ns() } };
     let bucket = BucketKey::new(key, &packet.src);
     // SAFETY: the value is copied out at once.
     let tat = unsafe { GUARD_BUCKETS.get(&bucket) }.copied();
