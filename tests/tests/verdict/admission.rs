@@ -133,6 +133,14 @@ fn new_connections_over_a_port_s_limit_are_dropped_per_source() {
     );
     let established = Frame::new(OUTSIDE_A, WEB, Tcp(443)).sport(40001).established();
     g.check_admission("an admitted connection goes on", &established, Exposed);
+    // A router's "packet too big" about that connection is its reply, never a new flow: path
+    // MTU discovery must not meet the limit.
+    let too_big = Frame::new(
+        OUTSIDE_A,
+        WEB,
+        IcmpError(Box::new(Frame::new(WEB, OUTSIDE_A, Tcp(40001)).sport(443))),
+    );
+    g.check_admission("an ICMP error about it, over the burst", &too_big, Exposed);
     g.check_admission(
         "another source has its own bucket",
         &syn(OUTSIDE_B, WEB, 443, 40001),
