@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guard_userspace::{maps::PolicyMaps, pins::Pins};
+use guard_userspace::{kernel::maps::PolicyMaps, kernel::pins::Pins};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     Exclusive,

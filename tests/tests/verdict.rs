@@ -28,19 +28,19 @@ use guard_common::{
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
-use guard_userspace::frames::{Ext, Frame, Transport::*};
-use guard_userspace::pins::Hook;
+use guard_userspace::kernel::frames::{Ext, Frame, Transport::*};
+use guard_userspace::kernel::pins::Hook;
 use guard_userspace::{
-    desired::{Desired, desired_state},
-    identities::Identities,
-    loader,
-    maps::PolicyMaps,
-    pins::Pins,
+    kernel::loader,
+    kernel::maps::PolicyMaps,
+    kernel::pins::Pins,
+    kernel::unload::unload,
     policy::Proto,
-    policy_file::{self, PolicyFile},
-    snapshot::{Container, Network, Published, Snapshot},
-    tables::{WithFlows, diff},
-    unload::unload,
+    policy::file::{self as policy_file, PolicyFile},
+    policy::snapshot::{Container, Network, Published, Snapshot},
+    state::desired::{Desired, desired_state},
+    state::identities::Identities,
+    state::tables::{WithFlows, diff},
 };
 
 const XDP_DROP: u32 = 1;
@@ -1660,7 +1660,7 @@ fn local_routes_the_agent_never_listed_reach_the_wildcard_publish() {
 /// the policy file's `[management]` prefixes, and every other host service untouched.
 #[test]
 fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only() {
-    use guard_userspace::snapshot::{ApiListener, EngineDoors, Swarm};
+    use guard_userspace::policy::snapshot::{ApiListener, EngineDoors, Swarm};
     let mut g = Loaded::seed();
     let peer = "198.18.0.2";
     let joining = "198.18.7.3";

@@ -29,16 +29,16 @@ use guard_common::{
     reason::Reason,
 };
 use guard_userspace::{
-    desired::desired_state,
-    identities::Identities,
-    loader,
-    maps::PolicyMaps,
-    pins::Pins,
+    kernel::loader,
+    kernel::maps::PolicyMaps,
+    kernel::pins::Pins,
+    kernel::unload::unload,
+    policy::file::PolicyFile,
+    policy::snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
     policy::{Cidr, Proto},
-    policy_file::PolicyFile,
-    snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
-    tables::diff,
-    unload::unload,
+    state::desired::desired_state,
+    state::identities::Identities,
+    state::tables::diff,
 };
 
 pub const UPLINK: Ipv4Addr = Ipv4Addr::new(10, 252, 0, 1);
