@@ -11,7 +11,7 @@ mod admission;
 mod random;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -24,7 +24,7 @@ use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
     events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
-    maps::{CONFIG_AUDIT_ALL, FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
+    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
@@ -36,10 +36,10 @@ use guard_userspace::{
     kernel::pins::Pins,
     kernel::unload::unload,
     policy::Proto,
-    policy::file::{self as policy_file, PolicyFile},
+    policy::file::{self as policy_file, Mode, PolicyFile},
     policy::snapshot::{Container, Network, Published, Snapshot},
-    state::desired::{Desired, desired_state},
-    state::identities::Identities,
+    state::desired::Desired,
+    state::reconcile::{Inputs, Reconciler},
     state::tables::{WithFlows, diff},
 };
 
@@ -66,6 +66,12 @@ const VPN_ONLY: &str = "172.30.0.6";
 struct Loaded {
     ebpf: Ebpf,
     maps: PolicyMaps,
+    /// The target ids and desired state, as the agent keeps them.
+    reconciler: Reconciler,
+    /// What the desired state is computed from: the last install's world and the
+    /// interfaces' roles the test gave.
+    world_in: (Snapshot, Vec<IpAddr>, PolicyFile),
+    interfaces: BTreeMap<u32, u32>,
     desired: Desired,
     /// The flows put into flow memory (and still fresh), for the reference.
     flows: BTreeSet<FlowKey>,
@@ -91,6 +97,9 @@ impl Loaded {
         Loaded {
             ebpf,
             maps,
+            reconciler: Reconciler::default(),
+            world_in: Default::default(),
+            interfaces: BTreeMap::new(),
             desired: Desired::default(),
             flows: BTreeSet::new(),
             world: None,
@@ -107,19 +116,30 @@ impl Loaded {
         loaded
     }
 
-    /// Makes the maps hold the desired state of `snapshot`, the way the agent does.
+    /// Makes the maps hold the desired state of `snapshot`, the way the agent does (no
+    /// interface named until the test names them).
     fn install(&mut self, snapshot: &Snapshot, host: &[IpAddr], policy: &PolicyFile) {
-        let mut ids = Identities::adopt(self.desired.tables.identities.clone());
-        let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        self.desired = desired_state(snapshot, host, &targets, policy);
-        let plan = diff(&self.maps.read().expect("read maps"), &self.desired.tables);
-        let failures = self.maps.apply(&plan);
-        assert!(failures.is_empty(), "map updates failed: {failures:?}");
+        self.world_in = (snapshot.clone(), host.to_vec(), policy.clone());
+        self.interfaces.clear();
+        self.sync();
         assert_eq!(
             self.maps.read().unwrap(),
             self.desired.tables,
             "the maps hold the desired state"
         );
+    }
+
+    /// Makes the maps hold the desired state of the installed world and the interfaces'
+    /// roles as they are now.
+    fn sync(&mut self) {
+        let (snapshot, host, policy) = &self.world_in;
+        self.desired = self.reconciler.desired_state(&Inputs {
+            interfaces: &self.interfaces,
+            ..Inputs::new(snapshot, host, policy)
+        });
+        let plan = diff(&self.maps.read().expect("read maps"), &self.desired.tables);
+        let failures = self.maps.apply(&plan);
+        assert!(failures.is_empty(), "map updates failed: {failures:?}");
     }
 
     /// Puts a flow into flow memory as the TC egress program would have, `age_ns` ago.
@@ -720,10 +740,9 @@ impl Loaded {
     /// Names the interfaces as the agent does: UPLINK is an uplink, BRIDGE the bridge of a
     /// Docker network it knows (UNSEEN_BRIDGE and NEW_UPLINK it has not named).
     fn with_uplink(mut self) -> Self {
-        self.desired.tables.uplinks.insert(UPLINK, IFACE_UPLINK);
-        self.desired.tables.uplinks.insert(BRIDGE, IFACE_DOCKER);
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.interfaces.insert(UPLINK, IFACE_UPLINK);
+        self.interfaces.insert(BRIDGE, IFACE_DOCKER);
+        self.sync();
         self
     }
 
@@ -740,12 +759,11 @@ impl Loaded {
     /// is given `on`'s role for the run.
     fn run_tc_on(&mut self, hook: Hook, bytes: &[u8], ingress_ifindex: u32, on: u32) -> u32 {
         const LO: u32 = 1;
-        match self.desired.tables.uplinks.get(&on).copied() {
-            Some(role) => self.desired.tables.uplinks.insert(LO, role),
-            None => self.desired.tables.uplinks.remove(&LO),
+        match self.interfaces.get(&on).copied() {
+            Some(role) => self.interfaces.insert(LO, role),
+            None => self.interfaces.remove(&LO),
         };
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.sync();
         // struct __sk_buff: ingress_ifindex at 36, ifindex at 40, the rest zero.
         let mut skb = [0u8; 192];
         skb[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
@@ -773,12 +791,8 @@ impl Loaded {
 
     /// Switches the whole host's audit mode, as `guard run --mode` does.
     fn audit_all(&mut self, on: bool) {
-        self.desired.tables.config.flags &= !CONFIG_AUDIT_ALL;
-        if on {
-            self.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
-        }
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.world_in.2.mode = if on { Mode::Audit } else { Mode::Enforce };
+        self.sync();
     }
 
     fn gate_counter(&self, reason: Reason) -> u64 {
@@ -1232,9 +1246,8 @@ fn a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted() {
 #[test]
 fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it() {
     let mut g = Loaded::seed().with_uplink();
-    g.desired.tables.uplinks.insert(INSIDE, IFACE_INSIDE);
-    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
-    assert!(g.maps.apply(&plan).is_empty());
+    g.interfaces.insert(INSIDE, IFACE_INSIDE);
+    g.sync();
     use Reason::*;
     // (name, SYN-ACK or other packet leaving an uplink, where it arrived, action, counted)
     let cases = [

@@ -51,9 +51,8 @@ use crate::{
     kernel::tc_filter::Mechanism,
     policy::file::{self as policy_file, Mode, PolicyFile},
     policy::snapshot::{EngineDoors, Snapshot, Swarm},
-    state::desired::{Desired, desired_state},
     state::doors,
-    state::identities::Identities,
+    state::reconcile::{Inputs, Reconciler},
     state::tables::diff,
 };
 
@@ -149,7 +148,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let pinned = maps.read()?;
     let maps_adopted = !pinned.identities.is_empty() || !pinned.networks.is_empty();
     let links_pinned = opts.pins.pinned_links().is_ok_and(|links| !links.is_empty());
-    let ids = Identities::adopt(pinned.identities);
+    let reconciler = Reconciler::adopt(pinned.identities);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState {
             mode: start.policy.mode.to_string(),
@@ -181,7 +180,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         _owner: owner,
         handles,
         maps,
-        ids,
+        reconciler,
         attachments: Attachments::new(tc),
         opts,
         warnings: Warnings::default(),
@@ -448,7 +447,8 @@ struct Agent {
     /// What it takes to pin the maps again if their pins are removed under the agent.
     handles: MapHandles,
     maps: PolicyMaps,
-    ids: Identities,
+    /// Target ids and the desired state (ids only grow while the agent runs).
+    reconciler: Reconciler,
     attachments: Attachments,
     opts: RunOptions,
     warnings: Warnings,
@@ -616,46 +616,48 @@ impl Agent {
         let links = interfaces::links().context("listing interfaces")?;
         let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
 
-        let mut desired = if !synced && self.maps_adopted {
-            // The pins outlived the previous agent: its maps hold its last sync, more surely
-            // than the state directory (which an upgrade from an agent without one lacks).
-            Desired { tables: self.maps.read()?, ..Desired::default() }
-        } else {
-            let targets = self.ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-            desired_state(snapshot, &host_addrs, &targets, &self.policy)
-        };
-        if !synced || self.closed {
-            desired.tables.close_openings();
-        }
+        // The pins outlived the previous agent: its maps hold its last sync, more surely than
+        // the state directory (which an upgrade from an agent without one lacks).
+        let adopted = if !synced && self.maps_adopted { Some(self.maps.read()?) } else { None };
         let mut warnings = Vec::new();
         // Held until the maps are written: a `guard ban` made meanwhile is never undone.
         let (denied, ban_lock) =
             self.deny.gather(&self.policy.deny_files, &self.bans, &mut warnings);
         // Read under the lock, when there is one: what `guard ban` wrote is in it.
         let kernel = self.maps.read()?;
-        desired.tables.deny(denied);
-        if ban_lock.is_none() {
-            desired.tables.keep_denied(&kernel);
-        }
-        for policy in &desired.containers {
-            for error in &policy.label_errors {
-                warnings.push(error.warning(&policy.container.name));
-            }
-        }
 
         // The engine's bridge names are a guess where it gives none (Podman): the kernel says.
         let iface_addrs = interfaces::interface_addresses().context("listing addresses")?;
         // A network without its bridge has no gate: said once, and not ready while it lasts.
         let mut uncovered = Vec::new();
-        let snapshot = &bridges::resolved(snapshot, &links, &iface_addrs, &mut uncovered);
+        let resolved = &bridges::resolved(snapshot, &links, &iface_addrs, &mut uncovered);
         warnings.extend(uncovered.iter().cloned());
-        let docker_bridges = docker_bridges(&links, snapshot);
+        let docker_bridges = docker_bridges(&links, resolved);
         let uplinks = self.uplinks(&links, &docker_bridges, &mut warnings);
         let bridges: Vec<Link> =
             links.iter().filter(|l| docker_bridges.contains(&l.name)).cloned().collect();
         let known_bridges: BTreeSet<String> =
-            snapshot.networks.iter().filter_map(|n| n.bridge.clone()).collect();
-        desired.tables.uplinks = interface_roles(&links, &uplinks, &docker_bridges, &known_bridges);
+            resolved.networks.iter().filter_map(|n| n.bridge.clone()).collect();
+        let roles = interface_roles(&links, &uplinks, &docker_bridges, &known_bridges);
+
+        let inputs = Inputs {
+            snapshot,
+            host_addrs: &host_addrs,
+            policy: &self.policy,
+            interfaces: &roles,
+            denied: &denied,
+            kernel_denials: ban_lock.is_none().then_some(&kernel),
+            closed: !synced || self.closed,
+        };
+        let desired = match adopted {
+            Some(tables) => self.reconciler.kept(tables, &inputs),
+            None => self.reconciler.desired_state(&inputs),
+        };
+        for policy in &desired.containers {
+            for error in &policy.label_errors {
+                warnings.push(error.warning(&policy.container.name));
+            }
+        }
 
         // Maps before links: a new link must never run against maps that are still empty.
         let plan = diff(&kernel, &desired.tables);
@@ -682,7 +684,7 @@ impl Agent {
         self.changed = !plan.is_empty() || attached_before != attached_now || !errors.is_empty();
         self.warnings.report(warnings);
         self.door_errors
-            .report_errors(doors::unsafe_listeners(&snapshot.doors, &self.policy.management));
+            .report_errors(doors::unsafe_listeners(&resolved.doors, &self.policy.management));
         // What could not be attached is not guarded: an error, and not ready, until it is.
         let unguarded: Vec<String> = errors.iter().map(ToString::to_string).collect();
         self.attach_errors.report_errors(unguarded.clone());
@@ -723,7 +725,7 @@ impl Agent {
                 })
             })
             .collect();
-        state.swarm_nodes = snapshot.doors.swarm.as_ref().map(|s| s.nodes.len());
+        state.swarm_nodes = resolved.doors.swarm.as_ref().map(|s| s.nodes.len());
         let (in_files, banned, crowdsec) = self.deny.counts();
         state.denied = vec![
             ("policy", self.policy.deny.len()),

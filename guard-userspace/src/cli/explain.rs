@@ -27,10 +27,11 @@ use crate::{
     policy::Proto,
     policy::file as policy_file,
     policy::rates::{self, Limit},
-    state::desired::{ContainerPolicy, desired_state},
+    state::desired::ContainerPolicy,
     state::doors,
-    state::identities::{Identities, encode_hex},
+    state::identities::encode_hex,
     state::openings,
+    state::reconcile::{Inputs, Reconciler},
     state::tables::{TableSet, WithFlows},
 };
 
@@ -340,10 +341,9 @@ async fn container_policy(
     let docker = DockerClient::connect().await?;
     let snapshot = docker.snapshot().await?;
     let policy = policy_file::load(config)?;
-    let mut ids = Identities::adopt(identities.clone());
-    let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+    let mut reconciler = Reconciler::adopt(identities.clone());
     let host = interfaces::host_addresses()?;
-    let desired = desired_state(&snapshot, &host, &targets, &policy);
+    let desired = reconciler.desired_state(&Inputs::new(&snapshot, &host, &policy));
     Ok(desired.containers.into_iter().find(|c| c.target == target))
 }
 

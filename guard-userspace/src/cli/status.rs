@@ -28,10 +28,10 @@ use crate::{
     kernel::pins::{Hook, PinError, Pins},
     policy::file::{self as policy_file, Mode, PolicyFile},
     policy::{Opening, PortSpec, Proto, Sources},
-    state::desired::{ContainerPolicy, desired_state},
+    state::desired::ContainerPolicy,
     state::doors,
     state::engine_paths::{self, EngineFirewall, PathReport},
-    state::identities::Identities,
+    state::reconcile::{Inputs, Reconciler},
     state::tables::diff,
 };
 
@@ -210,16 +210,18 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     let protected = pins.pinned_ifindexes(Hook::Xdp)?;
     let desired = snapshot.as_ref().map(|snapshot| {
         // Use the agent's target ids, so the comparison with the maps is meaningful.
-        let mut ids = Identities::adopt(current.iter().flat_map(|t| t.identities.clone()));
-        let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        let mut desired = desired_state(snapshot, &host_addrs, &targets, &policy);
-        desired.tables.deny(crate::cli::bans::denied_by_files_and_bans(&policy, state_dir));
+        let mut reconciler = Reconciler::adopt(current.iter().flat_map(|t| t.identities.clone()));
+        let denied = crate::cli::bans::denied_by_files_and_bans(&policy, state_dir);
         // Interface roles are the agent's to decide (from its flags and the policy file):
         // taken as the kernel holds them, except that the interfaces it protects must be
         // uplinks.
-        desired.tables.uplinks = current.as_ref().map(|c| c.uplinks.clone()).unwrap_or_default();
-        desired.tables.uplinks.extend(protected.iter().map(|i| (*i, IFACE_UPLINK)));
-        desired
+        let mut roles = current.as_ref().map(|c| c.uplinks.clone()).unwrap_or_default();
+        roles.extend(protected.iter().map(|i| (*i, IFACE_UPLINK)));
+        reconciler.desired_state(&Inputs {
+            interfaces: &roles,
+            denied: &denied,
+            ..Inputs::new(snapshot, &host_addrs, &policy)
+        })
     });
     let interfaces = match &current {
         None => Vec::new(),

@@ -46,7 +46,7 @@ pub struct Desired {
 /// `host_addrs` are every address of every host interface; `targets` maps container ids to
 /// target ids (see [`crate::state::identities`]); `policy` is the operator's policy file. A container
 /// without a target id is left closed.
-pub fn desired_state(
+pub(crate) fn desired_state(
     snapshot: &Snapshot,
     host_addrs: &[IpAddr],
     targets: &BTreeMap<String, u32>,

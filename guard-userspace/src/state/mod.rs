@@ -15,4 +15,5 @@ pub mod doors;
 pub mod engine_paths;
 pub mod identities;
 pub mod openings;
+pub mod reconcile;
 pub mod tables;

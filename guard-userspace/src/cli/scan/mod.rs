@@ -48,9 +48,10 @@ use crate::{
     kernel::pins::{PinError, Pins},
     policy::Proto,
     policy::file::Mode,
-    state::desired::{ContainerPolicy, Desired, desired_state},
+    state::desired::{ContainerPolicy, Desired},
     state::doors,
-    state::identities::{Identities, encode_hex},
+    state::identities::encode_hex,
+    state::reconcile::{Inputs, Reconciler},
     state::tables::{TableSet, WithFlows},
 };
 
@@ -72,14 +73,15 @@ pub async fn scan(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Resul
 
     let desired = match docker_snapshot().await {
         Ok(snapshot) => {
-            let mut ids = Identities::adopt(kernel.identities.clone());
-            let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
+            let mut reconciler = Reconciler::adopt(kernel.identities.clone());
             let host = interfaces::host_addresses().context("listing host addresses")?;
-            let mut desired = desired_state(&snapshot, &host, &targets, &policy);
-            desired.tables.deny(crate::cli::bans::denied_by_files_and_bans(&policy, state_dir));
-            // Interface roles are the agent's to decide: taken as the kernel holds them.
-            desired.tables.uplinks = kernel.uplinks.clone();
-            desired
+            let denied = crate::cli::bans::denied_by_files_and_bans(&policy, state_dir);
+            reconciler.desired_state(&Inputs {
+                // Interface roles are the agent's to decide: taken as the kernel holds them.
+                interfaces: &kernel.uplinks,
+                denied: &denied,
+                ..Inputs::new(&snapshot, &host, &policy)
+            })
         }
         Err(e) => {
             notes.push(format!(
