@@ -10,9 +10,9 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::{host::docker::DockerError, host::docker_link::DockerLink, kernel::pins::Pins};
+use crate::{host::docker_link::DockerLink, kernel::pins::Pins};
 
-use super::start::Started;
+use super::{start::Started, sync::SyncError};
 
 /// How often the swarm's membership is asked while the node is in one.
 const SWARM_POLL: Duration = Duration::from_secs(1);
@@ -46,15 +46,9 @@ pub(super) async fn supervise(started: Started) -> anyhow::Result<()> {
             Some(client) if backoff.due() => {
                 let started = Instant::now();
                 let result = agent.reconcile(client).await;
-                let mut state = shared.state.lock().expect("not poisoned");
-                state.docker_connected = result
-                    .as_ref()
-                    .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |_| true);
-                if result.is_ok() {
-                    state.synced = true;
-                    state.sync_seconds.observe(started.elapsed().as_secs_f64());
-                }
-                drop(state);
+                let docker_answered = !matches!(result, Err(SyncError::Docker(_)));
+                let took = result.is_ok().then(|| started.elapsed());
+                shared.state.lock().expect("not poisoned").record_pass(took, docker_answered);
                 match result {
                     Ok(()) => {
                         backoff.succeeded();
@@ -74,10 +68,13 @@ pub(super) async fn supervise(started: Started) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         let delay = backoff.failed();
+                        let docker_lost = matches!(e, SyncError::Docker(_));
+                        // anyhow prints the causes after the error, as this line always has.
+                        let e = anyhow::Error::new(e);
                         warn!(
                             "reconcile failed: {e:#}; retrying in {delay:?}, protection unchanged"
                         );
-                        if e.downcast_ref::<DockerError>().is_some() {
+                        if docker_lost {
                             docker.lost();
                             offline_pass_due = true;
                         }

@@ -28,12 +28,26 @@ use crate::{
     state::doors,
     state::reconcile::{Inputs, Reconciler},
     state::tables::diff,
+    telemetry::sync_report::SyncReport,
 };
 
 use super::{
     RunOptions,
     start::{parse_policy, pin_programs, read_policy_text},
 };
+
+/// Why a pass against Docker failed, sorted by what the loop does about it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SyncError {
+    /// Docker did not answer: the loop reconnects, and guards with what the agent last knew
+    /// meanwhile.
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    /// Docker answered, but its state could not be put in force (the interfaces, the maps,
+    /// the pins): the loop backs off and tries again.
+    #[error(transparent)]
+    Apply(#[from] anyhow::Error),
+}
 
 pub(super) struct Agent {
     pub(super) ebpf: Ebpf,
@@ -126,7 +140,7 @@ impl Agent {
         }
     }
 
-    pub(super) async fn reconcile(&mut self, docker: &DockerClient) -> anyhow::Result<()> {
+    pub(super) async fn reconcile(&mut self, docker: &DockerClient) -> Result<(), SyncError> {
         self.reload_policy();
         let snapshot = self.agreeing_snapshot(docker).await?;
         if snapshot.doors.swarm != self.known.doors.swarm || !self.synced {
@@ -284,59 +298,26 @@ impl Agent {
         let unguarded: Vec<String> = errors.iter().map(ToString::to_string).collect();
         self.attach_errors.report_errors(unguarded.clone());
 
-        let mut state = self.shared.state.lock().expect("not poisoned");
-        state.mode = self.policy.mode.to_string();
-        let door_names =
-            desired.doors.iter().filter_map(|d| Some((d.target, doors::name(d.target)?.into())));
-        state.names = desired
-            .containers
-            .iter()
-            .map(|c| (c.target, c.container.name.clone()))
-            .chain(door_names)
-            .collect();
-        state.openings =
-            Arc::new(desired.containers.iter().map(|c| (c.target, c.openings.clone())).collect());
-        state.ifaces = links.iter().map(|l| (l.ifindex, l.name.clone())).collect();
-        state.label_errors = desired
-            .containers
-            .iter()
-            .flat_map(|c| {
-                c.label_errors.iter().map(|e| (c.container.name.clone(), e.label.clone()))
-            })
-            .collect();
-        state.attachments = self
-            .attachments
-            .all()
-            .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
-            .collect();
-        state.map_entries = desired.tables.sizes();
-        state.doors = desired
-            .doors
-            .iter()
-            .flat_map(|d| {
-                let name = doors::name(d.target).unwrap_or("engine");
-                d.ports.iter().map(move |(proto, port)| {
-                    (name.to_string(), doors::port_name(*proto, *port), d.sources.len())
-                })
-            })
-            .collect();
-        state.swarm_nodes = resolved.doors.swarm.as_ref().map(|s| s.nodes.len());
         let (in_files, banned, crowdsec) = self.deny.counts();
-        state.denied = vec![
-            ("policy", self.policy.deny.len()),
-            ("file", in_files),
-            ("cli", banned),
-            ("crowdsec", crowdsec),
-        ];
-        state.unguarded = unguarded.into_iter().chain(uncovered).collect();
-        for failure in &failures {
-            *state.update_errors.entry(failure.map).or_default() += 1;
-        }
-        if restoring {
-            state.restoring = !errors.is_empty();
-            if errors.is_empty() {
-                error!(pin_dir = %pins.root().display(), "protection restored: maps and programs pinned again, every link attached afresh");
-            }
+        let report = SyncReport {
+            mode: self.policy.mode,
+            desired: &desired,
+            links: &links,
+            attachments: &self.attachments,
+            swarm: resolved.doors.swarm.as_ref(),
+            denied: [
+                ("policy", self.policy.deny.len()),
+                ("file", in_files),
+                ("cli", banned),
+                ("crowdsec", crowdsec),
+            ],
+            unguarded: unguarded.into_iter().chain(uncovered).collect(),
+            failures: &failures,
+            restored: restoring.then_some(errors.is_empty()),
+        };
+        self.shared.state.lock().expect("not poisoned").record(&report);
+        if restoring && errors.is_empty() {
+            error!(pin_dir = %pins.root().display(), "protection restored: maps and programs pinned again, every link attached afresh");
         }
         Ok(())
     }
@@ -486,5 +467,28 @@ impl Warnings {
         let new = current.difference(&self.active).cloned().collect();
         self.active = current;
         new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_pass_is_logged_with_its_causes_as_before() {
+        let apply = || anyhow::anyhow!("no such device").context("listing interfaces");
+        let logged = |e: SyncError| format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(logged(SyncError::Apply(apply())), format!("{:#}", apply()));
+        let docker = || DockerError::Api {
+            call: "list containers",
+            source: bollard::errors::Error::DockerResponseServerError {
+                status_code: 500,
+                message: "boom".into(),
+            },
+        };
+        assert_eq!(
+            logged(SyncError::Docker(docker())),
+            format!("{:#}", anyhow::Error::new(docker()))
+        );
     }
 }

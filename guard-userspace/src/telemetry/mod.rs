@@ -12,4 +12,5 @@ pub mod alerts;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod sync_report;
 pub mod webhook;
