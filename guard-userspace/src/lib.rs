@@ -16,6 +16,9 @@
 //! - [`telemetry`]: what the agent tells the world: the kernel's events, metrics, the HTTP
 //!   endpoint, alerts on exposure changes and their webhook.
 //! - [`agent`]: `guard run`.
+//!
+//! Beside the layers, `testing` (hidden from the docs) holds the seed scenario that the unit
+//! tests here and the verdict tests in the `tests` crate share.
 
 pub mod policy;
 pub mod state;
@@ -27,3 +30,6 @@ pub mod cli;
 pub mod telemetry;
 
 pub mod agent;
+
+#[doc(hidden)]
+pub mod testing;

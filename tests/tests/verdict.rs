@@ -37,29 +37,23 @@ use guard_userspace::{
     kernel::unload::unload,
     policy::Proto,
     policy::file::{self as policy_file, Mode, PolicyFile},
-    policy::snapshot::{Container, Network, Published, Snapshot},
+    policy::snapshot::Snapshot,
     state::desired::Desired,
     state::reconcile::{Inputs, Reconciler},
     state::tables::{WithFlows, diff},
+    testing::{
+        API, DB, GATEWAY, HOST, OUTSIDE_A, OUTSIDE_B, PARTNER, VPN_ONLY, WEB, WEB6, container,
+        publish, seed_snapshot,
+    },
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
-const HOST: &str = "198.18.0.1";
 const HOST6: &str = "2001:db8:18::1";
 /// The broadcast address of HOST's subnet, a host address as interfaces::host_addresses lists it.
 const HOST_BROADCAST: &str = "198.18.0.255";
-const GATEWAY: &str = "172.30.0.1";
-const OUTSIDE_A: &str = "198.18.1.2";
-const OUTSIDE_B: &str = "198.18.2.2";
 const OUTSIDE6: &str = "2001:db8:1::2";
-const DB: &str = "172.30.0.2";
-const API: &str = "172.30.0.3";
-const WEB: &str = "172.30.0.4";
-const WEB6: &str = "fd00:30::4";
-const PARTNER: &str = "172.30.0.5";
-const VPN_ONLY: &str = "172.30.0.6";
 
 /// The program loaded with its maps pinned in a directory of its own, filled with the seed
 /// scenario's desired state; everything is unloaded on drop, even when a case fails.
@@ -248,66 +242,6 @@ impl Drop for Loaded {
         if let Err(e) = unload(&self.pins) {
             eprintln!("cleanup: unloading {}: {e}", self.pins.root().display());
         }
-    }
-}
-
-fn container(n: u8, name: &str, addrs: &[&str], labels: &[(&str, &str)]) -> Container {
-    Container {
-        id: format!("{n:02x}").repeat(32),
-        name: name.into(),
-        image: "busybox".into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-        published: vec![],
-    }
-}
-
-fn publish(host_ip: &str, host_port: u16, container_port: u16, proto: Proto) -> Published {
-    Published { host_ip: host_ip.parse().unwrap(), host_port, container_port, proto }
-}
-
-/// The seed scenario plus a container open to one network on all ports.
-fn seed_snapshot() -> Snapshot {
-    let mut db = container(1, "db", &[DB], &[]);
-    db.published = vec![
-        publish("0.0.0.0", 5432, 5432, Proto::Tcp),
-        publish("::", 5432, 5432, Proto::Tcp),
-        publish("0.0.0.0", 15353, 5353, Proto::Udp),
-        publish("::", 15353, 5353, Proto::Udp),
-        // Bound to one host address only: docker-proxy's socket takes no broadcast.
-        publish(HOST, 15354, 5354, Proto::Udp),
-    ];
-    let api = container(2, "api", &[API], &[]);
-    let mut web = container(3, "web", &[WEB, WEB6], &[("guard.expose", "443/tcp,53/udp,9/sctp")]);
-    web.published = vec![
-        publish("0.0.0.0", 10443, 443, Proto::Tcp),
-        publish("0.0.0.0", 18443, 8443, Proto::Tcp),
-        publish("::", 10443, 443, Proto::Tcp),
-        publish("0.0.0.0", 10053, 53, Proto::Udp),
-    ];
-    let mut partner = container(
-        4,
-        "partner",
-        &[PARTNER],
-        &[("guard.allow.partner", "9000/tcp from 198.18.1.0/24")],
-    );
-    partner.published = vec![publish("0.0.0.0", 19000, 9000, Proto::Tcp)];
-    let vpn = container(
-        5,
-        "vpn-only",
-        &[VPN_ONLY],
-        &[("guard.allow.vpn", "* from 198.18.1.2, 2001:db8:1::/64")],
-    );
-    Snapshot {
-        networks: vec![Network {
-            id: "n1".into(),
-            name: "project".into(),
-            bridge: Some("br-n1".into()),
-            subnets: vec!["172.30.0.0/24".parse().unwrap(), "fd00:30::/64".parse().unwrap()],
-            gateways: vec![GATEWAY.parse().unwrap(), "fd00:30::1".parse().unwrap()],
-        }],
-        containers: vec![db, api, web, partner, vpn],
-        doors: Default::default(),
     }
 }
 

@@ -276,76 +276,24 @@ mod tests {
     use super::*;
     use crate::{
         policy::Proto,
-        policy::snapshot::{Container, Network, Published},
+        policy::snapshot::{Container, Published},
         state::identities::Identities,
+        testing::{HOST, OUTSIDE_A, OUTSIDE_B, container, publish, seed_snapshot},
     };
-
-    const HOST_UPLINK: &str = "10.251.1.1";
-    const OUTSIDE_A: &str = "10.251.1.2";
-    const OUTSIDE_B: &str = "10.251.2.2";
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn container(n: u8, name: &str, addr: &str, labels: &[(&str, &str)]) -> Container {
-        Container {
-            id: format!("{n:02x}").repeat(32),
-            name: name.into(),
-            image: "busybox".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            addresses: vec![ip(addr)],
-            published: vec![],
-        }
-    }
-
-    fn publish(host_port: u16, container_port: u16) -> Published {
-        Published { host_ip: ip("0.0.0.0"), host_port, container_port, proto: Proto::Tcp }
-    }
-
-    /// The seed scenario: db published without a label, api unpublished, web exposing 443,
-    /// a partner port allowed from one outside host.
-    fn seed() -> Snapshot {
-        let mut db = container(1, "db", "172.30.0.2", &[]);
-        db.published.push(publish(5432, 5432));
-        let api = container(2, "api", "172.30.0.3", &[]);
-        let mut web = container(3, "web", "172.30.0.4", &[("guard.expose", "443/tcp")]);
-        web.addresses.push(ip("fd00:30::4"));
-        web.published.extend([publish(10443, 443), publish(18443, 8443)]);
-        let mut partner = container(
-            4,
-            "partner",
-            "172.30.0.5",
-            &[("guard.allow.partner", &format!("9000/tcp from {OUTSIDE_A}"))],
-        );
-        partner.published.push(publish(19000, 9000));
-        Snapshot {
-            networks: vec![Network {
-                id: "n1".into(),
-                name: "project".into(),
-                bridge: Some("br-n1".into()),
-                subnets: vec!["172.30.0.0/24".parse().unwrap(), "fd00:30::/64".parse().unwrap()],
-                gateways: vec![ip("172.30.0.1"), ip("fd00:30::1")],
-            }],
-            containers: vec![db, api, web, partner],
-            doors: Default::default(),
-        }
-    }
-
     /// `containers` alone on the seed's network.
     fn on_seed_network(containers: Vec<Container>) -> Snapshot {
-        Snapshot { networks: seed().networks, containers, doors: Default::default() }
+        Snapshot { networks: seed_snapshot().networks, containers, doors: Default::default() }
     }
 
     fn state(snapshot: &Snapshot) -> Desired {
         let mut ids = Identities::default();
         let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        desired_state(
-            snapshot,
-            &[ip(HOST_UPLINK), ip("127.0.0.1")],
-            &targets,
-            &PolicyFile::default(),
-        )
+        desired_state(snapshot, &[ip(HOST), ip("127.0.0.1")], &targets, &PolicyFile::default())
     }
 
     fn verdict(d: &Desired, src: &str, dst: &str, port: u16) -> Reason {
@@ -359,40 +307,40 @@ mod tests {
 
     #[test]
     fn seed_scenario_outside_reaches_only_what_was_opened() {
-        let d = state(&seed());
+        let d = state(&seed_snapshot());
         for src in [OUTSIDE_A, OUTSIDE_B] {
             assert_eq!(verdict(&d, src, "172.30.0.4", 443), Reason::Exposed);
-            assert_eq!(verdict(&d, src, HOST_UPLINK, 10443), Reason::Exposed);
+            assert_eq!(verdict(&d, src, HOST, 10443), Reason::Exposed);
             assert_eq!(verdict(&d, src, "172.30.0.1", 10443), Reason::Exposed);
             assert_eq!(verdict(&d, src, "fd00:30::4", 443), Reason::Exposed);
             assert_eq!(verdict(&d, src, "172.30.0.2", 5432), Reason::Closed);
-            assert_eq!(verdict(&d, src, HOST_UPLINK, 5432), Reason::Closed);
+            assert_eq!(verdict(&d, src, HOST, 5432), Reason::Closed);
             assert_eq!(verdict(&d, src, "172.30.0.1", 5432), Reason::Closed);
             assert_eq!(verdict(&d, src, "172.30.0.3", 8080), Reason::Closed);
             assert_eq!(verdict(&d, src, "172.30.0.4", 8443), Reason::Closed);
-            assert_eq!(verdict(&d, src, HOST_UPLINK, 18443), Reason::Closed);
+            assert_eq!(verdict(&d, src, HOST, 18443), Reason::Closed);
             assert_eq!(verdict(&d, src, "fd00:30::4", 8443), Reason::Closed);
             assert_eq!(verdict(&d, src, "172.30.0.77", 80), Reason::UnassignedAddr);
             assert_eq!(verdict(&d, src, "127.0.0.1", 5432), Reason::LoopbackDst);
             // The host's own services and routed-through traffic are not ours.
-            assert_eq!(verdict(&d, src, HOST_UPLINK, 22), Reason::NotContainerBound);
+            assert_eq!(verdict(&d, src, HOST, 22), Reason::NotContainerBound);
             assert_eq!(verdict(&d, src, "172.30.0.1", 22), Reason::NotContainerBound);
             assert_eq!(verdict(&d, src, "192.0.2.1", 5432), Reason::NotContainerBound);
         }
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.5", 9000), Reason::AllowedSource);
-        assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 19000), Reason::AllowedSource);
+        assert_eq!(verdict(&d, OUTSIDE_A, HOST, 19000), Reason::AllowedSource);
         assert_eq!(verdict(&d, OUTSIDE_B, "172.30.0.5", 9000), Reason::Closed);
-        assert_eq!(verdict(&d, OUTSIDE_B, HOST_UPLINK, 19000), Reason::Closed);
+        assert_eq!(verdict(&d, OUTSIDE_B, HOST, 19000), Reason::Closed);
     }
 
     #[test]
     fn expose_beats_allow_and_allow_lists_add_up() {
         let snap = Snapshot {
-            networks: seed().networks,
+            networks: seed_snapshot().networks,
             containers: vec![container(
                 9,
                 "svc",
-                "172.30.0.9",
+                &["172.30.0.9"],
                 &[
                     ("guard.allow.a", "80 from 10.0.0.0/8"),
                     ("guard.allow.b", "80,81 from 192.0.2.0/24"),
@@ -412,11 +360,11 @@ mod tests {
     #[test]
     fn all_ports_rule_opens_port_less_traffic_and_every_port() {
         let snap = Snapshot {
-            networks: seed().networks,
+            networks: seed_snapshot().networks,
             containers: vec![container(
                 9,
                 "vpn",
-                "172.30.0.9",
+                &["172.30.0.9"],
                 &[("guard.allow.vpn", "* from 10.8.0.0/24")],
             )],
             doors: Default::default(),
@@ -435,17 +383,17 @@ mod tests {
         let mut dns = container(
             9,
             "dns",
-            "172.30.0.9",
+            &["172.30.0.9"],
             &[("guard.expose", "*/udp"), ("guard.allow.lan", "*/sctp from 10.8.0.0/24")],
         );
         dns.addresses.push(ip("fd00:30::9"));
         dns.published = vec![
-            Published { proto: Proto::Udp, ..publish(10053, 53) },
-            Published { proto: Proto::Tcp, ..publish(10054, 53) },
-            Published { proto: Proto::Sctp, ..publish(10055, 3868) },
+            publish("0.0.0.0", 10053, 53, Proto::Udp),
+            publish("0.0.0.0", 10054, 53, Proto::Tcp),
+            publish("0.0.0.0", 10055, 3868, Proto::Sctp),
         ];
         let snap = Snapshot {
-            networks: seed().networks,
+            networks: seed_snapshot().networks,
             containers: vec![dns],
             doors: Default::default(),
         };
@@ -468,13 +416,13 @@ mod tests {
             assert_eq!(judge(src, dst, L4::NO_PORTS), Reason::Closed);
         }
         // Through the published ports: the host port's protocol decides.
-        assert_eq!(judge(OUTSIDE_A, HOST_UPLINK, L4::ports(17, 1, 10053, true)), Reason::Exposed);
-        assert_eq!(judge(OUTSIDE_A, HOST_UPLINK, L4::ports(6, 1, 10054, true)), Reason::Closed);
+        assert_eq!(judge(OUTSIDE_A, HOST, L4::ports(17, 1, 10053, true)), Reason::Exposed);
+        assert_eq!(judge(OUTSIDE_A, HOST, L4::ports(6, 1, 10054, true)), Reason::Closed);
         // The listed protocol: its sources only, on every port.
         let sctp = |src: &str, dst: &str, port| judge(src, dst, L4::ports(132, 1, port, true));
         assert_eq!(sctp("10.8.0.7", "172.30.0.9", 9), Reason::AllowedSource);
-        assert_eq!(sctp("10.8.0.7", HOST_UPLINK, 10055), Reason::AllowedSource);
-        assert_eq!(sctp(OUTSIDE_B, HOST_UPLINK, 10055), Reason::Closed);
+        assert_eq!(sctp("10.8.0.7", HOST, 10055), Reason::AllowedSource);
+        assert_eq!(sctp(OUTSIDE_B, HOST, 10055), Reason::Closed);
         assert_eq!(sctp(OUTSIDE_B, "172.30.0.9", 9), Reason::Closed);
         // `10.8.0.0/24` opens SCTP, not UDP's neighbours nor TCP.
         assert_eq!(judge("10.8.0.7", "172.30.0.9", L4::ports(6, 1, 9, true)), Reason::Closed);
@@ -488,12 +436,12 @@ mod tests {
     fn every_port_rules_are_flagged_so_containers_without_them_skip_the_lookup() {
         use guard_common::maps::{PORT_RULES_PER_PROTO, PORT_RULES_SINGLE};
         let snap = Snapshot {
-            networks: seed().networks,
+            networks: seed_snapshot().networks,
             containers: vec![
-                container(1, "single", "172.30.0.11", &[("guard.expose", "53/udp")]),
-                container(2, "proto", "172.30.0.12", &[("guard.expose", "*/udp")]),
-                container(3, "both", "172.30.0.13", &[("guard.expose", "*/udp,80")]),
-                container(4, "all", "172.30.0.14", &[("guard.expose", "*")]),
+                container(1, "single", &["172.30.0.11"], &[("guard.expose", "53/udp")]),
+                container(2, "proto", &["172.30.0.12"], &[("guard.expose", "*/udp")]),
+                container(3, "both", &["172.30.0.13"], &[("guard.expose", "*/udp,80")]),
+                container(4, "all", &["172.30.0.14"], &[("guard.expose", "*")]),
             ],
             doors: Default::default(),
         };
@@ -514,15 +462,15 @@ mod tests {
         let mut web = container(
             9,
             "web",
-            "172.30.0.9",
+            &["172.30.0.9"],
             &[
                 ("guard.expose", "443,8000-8002,*/udp"),
                 ("guard.ratelimit", "443/tcp 100/s burst 200, 8000-8002 5/m, */udp 30/s"),
             ],
         );
         web.addresses.push(ip("fd00:30::9"));
-        web.published = vec![publish(10443, 443)];
-        let plain = container(8, "plain", "172.30.0.8", &[("guard.expose", "443")]);
+        web.published = vec![publish("0.0.0.0", 10443, 443, Proto::Tcp)];
+        let plain = container(8, "plain", &["172.30.0.8"], &[("guard.expose", "443")]);
         let file = crate::policy::file::parse(
             "[[rule]]\nmatch = { container = \"web\" }\nratelimit = [{ ports = \"443\", rate = \"10/s\" }]\n",
             "test.toml",
@@ -532,7 +480,7 @@ mod tests {
         let mut ids = Identities::default();
         let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
         let (web_t, plain_t) = (targets[&snap.containers[0].id], targets[&snap.containers[1].id]);
-        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &PolicyFile::default());
+        let d = desired_state(&snap, &[ip(HOST)], &targets, &PolicyFile::default());
         let second = 1_000_000_000;
         let want: BTreeMap<PortKey, RateLimit> = [
             (PortKey::new(web_t, 6, 443), RateLimit::new(100, second, 200).unwrap()),
@@ -560,7 +508,7 @@ mod tests {
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 444), Reason::Closed);
 
         // The policy file's word on a port comes after the label's.
-        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &file);
+        let d = desired_state(&snap, &[ip(HOST)], &targets, &file);
         assert_eq!(
             d.tables.rates[&PortKey::new(web_t, 6, 443)],
             RateLimit::new(10, second, 10).unwrap()
@@ -579,7 +527,7 @@ mod tests {
     #[test]
     fn a_bad_ratelimit_label_limits_nothing_and_leaves_the_openings_as_they_are() {
         let labels = [("guard.expose", "443"), ("guard.ratelimit", "443/tcp 100/h")];
-        let snap = on_seed_network(vec![container(9, "web", "172.30.0.9", &labels)]);
+        let snap = on_seed_network(vec![container(9, "web", &["172.30.0.9"], &labels)]);
         let d = state(&snap);
         assert!(d.tables.rates.is_empty());
         assert!(d.tables.addrs.values().all(|i| i.flags == 0));
@@ -591,7 +539,7 @@ mod tests {
     #[test]
     fn bad_labels_leave_the_container_closed_and_are_reported() {
         let labels = [("guard.expose", "*/udpp"), ("guard.allow.x", "*-3/udp from 10.0.0.0/8")];
-        let snap = on_seed_network(vec![container(9, "typo", "172.30.0.9", &labels)]);
+        let snap = on_seed_network(vec![container(9, "typo", &["172.30.0.9"], &labels)]);
         let d = state(&snap);
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.9", 443), Reason::Closed);
         let udp = L4::ports(17, 1, 53, true);
@@ -607,14 +555,9 @@ mod tests {
 
     #[test]
     fn published_on_one_address_or_loopback_only() {
-        let mut web = container(9, "web", "172.30.0.9", &[("guard.expose", "80")]);
+        let mut web = container(9, "web", &["172.30.0.9"], &[("guard.expose", "80")]);
         web.published = vec![
-            Published {
-                host_ip: ip(HOST_UPLINK),
-                host_port: 8080,
-                container_port: 80,
-                proto: Proto::Tcp,
-            },
+            Published { host_ip: ip(HOST), host_port: 8080, container_port: 80, proto: Proto::Tcp },
             Published {
                 host_ip: ip("127.0.0.1"),
                 host_port: 8081,
@@ -623,12 +566,12 @@ mod tests {
             },
         ];
         let snap = Snapshot {
-            networks: seed().networks,
+            networks: seed_snapshot().networks,
             containers: vec![web],
             doors: Default::default(),
         };
         let d = state(&snap);
-        assert_eq!(verdict(&d, OUTSIDE_A, HOST_UPLINK, 8080), Reason::Exposed);
+        assert_eq!(verdict(&d, OUTSIDE_A, HOST, 8080), Reason::Exposed);
         // Not bound on the gateway address: that is the host's own port 8080.
         assert_eq!(verdict(&d, OUTSIDE_A, "172.30.0.1", 8080), Reason::NotContainerBound);
         assert_eq!(d.tables.published.len(), 1);
@@ -636,15 +579,15 @@ mod tests {
 
     #[test]
     fn an_address_taken_over_by_another_container_inherits_nothing() {
-        let d1 = state(&seed());
+        let d1 = state(&seed_snapshot());
         // web (exposed) is gone; an unlabelled container holds its address now.
-        let mut snap = seed();
+        let mut snap = seed_snapshot();
         snap.containers.retain(|c| c.name != "web");
-        snap.containers.push(container(7, "newcomer", "172.30.0.4", &[]));
+        snap.containers.push(container(7, "newcomer", &["172.30.0.4"], &[]));
         let mut ids = Identities::default();
-        ids.assign(seed().containers.iter().map(|c| c.id.as_str()));
+        ids.assign(seed_snapshot().containers.iter().map(|c| c.id.as_str()));
         let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
-        let d2 = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &PolicyFile::default());
+        let d2 = desired_state(&snap, &[ip(HOST)], &targets, &PolicyFile::default());
         assert_eq!(verdict(&d1, OUTSIDE_A, "172.30.0.4", 443), Reason::Exposed);
         assert_eq!(verdict(&d2, OUTSIDE_A, "172.30.0.4", 443), Reason::Closed);
         assert_ne!(
@@ -657,7 +600,7 @@ mod tests {
     fn policy_file_rules_audit_and_trusted_sources() {
         let file = crate::policy::file::parse(
             r#"
-trusted_sources = ["10.251.2.0/24"]
+trusted_sources = ["198.18.2.0/24"]
 [[rule]]
 match = { container = "db" }
 mode = "audit"
@@ -668,10 +611,10 @@ expose = ["8080"]
             "test.toml",
         )
         .unwrap();
-        let snap = seed();
+        let snap = seed_snapshot();
         let mut ids = Identities::default();
         let targets = ids.assign(snap.containers.iter().map(|c| c.id.as_str()));
-        let d = desired_state(&snap, &[ip(HOST_UPLINK)], &targets, &file);
+        let d = desired_state(&snap, &[ip(HOST)], &targets, &file);
         let decision = |src: &str, dst: &str, port: u16| {
             let l4 = L4::ports(6, 40000, port, true);
             decide(&d.tables, &Packet { src: ip(src).into(), dst: ip(dst).into(), l4 })
@@ -680,7 +623,7 @@ expose = ["8080"]
         let db = decision(OUTSIDE_A, "172.30.0.2", 5432);
         assert_eq!((db.reason, db.audited), (Reason::Closed, true));
         assert_eq!(db.verdict(), guard_common::reason::Verdict::Pass);
-        let published_db = decision(OUTSIDE_A, HOST_UPLINK, 5432);
+        let published_db = decision(OUTSIDE_A, HOST, 5432);
         assert_eq!((published_db.reason, published_db.audited), (Reason::Closed, true));
         // Not audited: web's closed port still drops.
         let web = decision(OUTSIDE_A, "172.30.0.4", 8443);
