@@ -6,11 +6,12 @@
 //! Closed from the start: the agent attaches at once, whether or not Docker answers, with
 //! what it last knew (the state directory) and nothing opened until it has synced. While
 //! Docker is away it keeps applying what it knew to the interfaces as they come and go (never
-//! opening, never emptying), and tries Docker again every [`DOCKER_POLL`].
+//! opening, never emptying), and tries Docker again every
+//! [`DOCKER_POLL`](crate::host::docker_link::DOCKER_POLL).
 //!
-//! One job per file: [`start`] (checks, load, pin, the tasks beside the loop), [`supervisor`]
-//! (the loop: Docker's connection, backoff, signals), [`sync`] (one pass: the desired state
-//! in the maps and on the interfaces), [`watchers`] (the tasks that wake the loop).
+//! One job per file: `start` (checks, load, pin, the tasks beside the loop), `supervisor`
+//! (the loop: Docker's connection, backoff, signals), `sync` (one pass: the desired state in
+//! the maps and on the interfaces), `watchers` (the tasks that wake the loop).
 
 mod start;
 mod supervisor;

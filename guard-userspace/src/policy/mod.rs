@@ -4,7 +4,7 @@
 //! - the vocabulary (protocols, port specs, source prefixes, openings), re-exported here since
 //!   every other layer speaks it;
 //! - [`labels`] (container labels → openings) and [`rates`] (limits on new flows);
-//! - [`file`]: the operator's policy file;
+//! - [`file`](mod@file): the operator's policy file;
 //! - [`snapshot`]: Docker's networks and containers. It lives here rather than in `state`
 //!   because the policy file's rules select containers from it.
 //!
