@@ -62,19 +62,22 @@ const DOCKER28_DEBS: &[(&str, &str)] = &[
 /// The mirror the machine's own apt sources use, and the suite that has Docker 28.
 const APT_SOURCE: &str = "deb http://deb.debian.org/debian sid main";
 
-/// The tests run against Docker 28, as (test binary, exact name).
+/// The tests run against Docker 28, as (test binary, exact name with its module path).
 const DOCKER28_TESTS: &[(&str, &str)] = &[
     ("e2e", "without_agent_outside_hosts_reach_every_container_port"),
     ("e2e", "with_agent_outside_hosts_reach_only_what_labels_open"),
     ("e2e", "stopped_agent_keeps_protection_until_unloaded"),
     ("e2e", "on_a_nat_unprotected_network_the_agent_alone_closes_what_labels_do_not_open"),
     ("e2e", "on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass"),
-    ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
-    ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
-    ("lifecycle", "crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_and_openings_follow_docker_run"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_on_twenty_starts_in_a_row"),
     (
         "lifecycle",
-        "default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
+        "crash::crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links",
+    ),
+    (
+        "lifecycle",
+        "interfaces::default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
     ),
     ("container", "containerised_agent_passes_the_seed_scenario"),
 ];
