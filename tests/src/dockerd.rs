@@ -44,14 +44,10 @@ impl DockerdOutage {
         let outage = Self { log_path: log_path() };
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .unwrap_or_else(|e| panic!("SIGTERM to dockerd ({pid}): {e}"));
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while process_alive(pid) || answers() {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd ({pid}) still runs {STOP_TIMEOUT:?} after SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        let stopped = crate::wait::poll_every(Duration::from_millis(100), STOP_TIMEOUT, || {
+            !process_alive(pid) && !answers()
+        });
+        assert!(stopped.is_some(), "dockerd ({pid}) still runs {STOP_TIMEOUT:?} after SIGTERM");
         outage
     }
 
