@@ -95,12 +95,8 @@ fn start(log_path: &PathBuf) -> Result<(), String> {
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
             }
-            let all_cloexec = libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC as u32,
-            );
+            let all_cloexec =
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
             if all_cloexec == -1 {
                 // Before Linux 5.11: one by one.
                 for fd in 3..65_536 {

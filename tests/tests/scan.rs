@@ -169,7 +169,7 @@ fn assert_scan_matches_connections(bed: &Bed, rows: &[Value], extra: &[SocketAdd
 fn scan_lists_exactly_what_the_outside_host_reaches() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    let (code, picture, stderr) = scan(&agent, &bed.policy.path());
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 0, "a synced agent is not in drift: {stderr}\n{picture:#}");
     let rows = bed_rows(&bed, &picture);
     let host = IpAddr::from(bed.a().host_v4());
@@ -223,7 +223,7 @@ fn scan_lists_exactly_what_the_outside_host_reaches() {
 fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run() {
     let bed = Bed::new();
     let mut agent = bed.agent(&[]);
-    assert_eq!(scan(&agent, &bed.policy.path()).0, 0);
+    assert_eq!(scan(&agent, bed.policy.path()).0, 0);
     let db_published = SocketAddr::new(bed.a().host_v4().into(), 25433);
     let db_direct = SocketAddr::new(bed.db.ip().into(), 5432);
     agent.kill();
@@ -247,7 +247,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
         p.all_ports = OPEN_EVERYONE;
     }
     assert!(maps.apply(&diff(&current, &altered)).is_empty());
-    let (code, picture, stderr) = scan(&agent, &bed.policy.path());
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 1, "an altered map is drift: {stderr}\n{picture:#}");
     let rows = bed_rows(&bed, &picture);
     let row = row_at(&rows, db_published).expect("db's published port");
@@ -262,7 +262,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
 
     // The agent puts the maps back; the scan is clean again.
     agent.restart();
-    assert_eq!(scan(&agent, &bed.policy.path()).0, 0, "the agent restored the maps");
+    assert_eq!(scan(&agent, bed.policy.path()).0, 0, "the agent restored the maps");
     agent.kill();
 
     // Every program that judges db's traffic detached behind the agent's back: XDP and TC
@@ -296,7 +296,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let (code, picture, stderr) = scan(&agent, &bed.policy.path());
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 1, "detached programs are drift: {stderr}\n{picture:#}");
     let missing: Vec<(String, String)> = picture["hooks"]
         .as_array()
@@ -320,7 +320,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
 
     // A program that cannot be run: a clear error, exit 2.
     fs::remove_file(pins.explain_program(Framing::Ethernet)).unwrap();
-    let (code, _, stderr) = scan(&agent, &bed.policy.path());
+    let (code, _, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("opening the pinned program"), "{stderr}");
     agent.restart();

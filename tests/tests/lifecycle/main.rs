@@ -160,7 +160,7 @@ fn require_exposure(from: &OutsideHost, closed: &[SocketAddr]) {
 
 /// Waits (bounded) until `from` completes a handshake with `addr`: an opening that must come.
 fn wait_reachable(from: &OutsideHost, what: &str, addr: SocketAddr, within: Duration) -> Duration {
-    wait_until(&format!("{what} ({addr}) reachable from outside"), within, || {
+    wait_until(format!("{what} ({addr}) reachable from outside"), within, || {
         from.tcp_connect(addr, Duration::from_millis(300))
     })
 }

@@ -200,7 +200,7 @@ fn vanished_links_are_re_attached() {
     };
     let back_as_new_link = |what: &str, pin: &str, old: u64| {
         let took =
-            wait_until(&format!("{pin} re-attached after {what}"), Duration::from_secs(10), || {
+            wait_until(format!("{pin} re-attached after {what}"), Duration::from_secs(10), || {
                 links.join(pin).exists()
                     && link_id(pin).is_some_and(|id| id != old)
                     && xdp_attached(a.host_end())
