@@ -14,6 +14,7 @@ use crate::netns::OutsideHost;
 use crate::{Exclusive, prepare_test_bed};
 
 /// What differs between the beds: the network and the outside hosts.
+#[derive(Default)]
 pub struct BedSpec<'a> {
     /// The Docker network's name (`guard-e2e-` prefixed, for leftover cleanup).
     pub network: &'a str,
@@ -21,6 +22,20 @@ pub struct BedSpec<'a> {
     pub subnet_v6: Option<&'a str>,
     /// Outside hosts as (name, number), each routing the network's subnets via the host.
     pub outside: &'a [(&'a str, u8)],
+    pub gateway: Gateway,
+}
+
+/// How the network treats what is routed to its containers (Docker 28's gateway modes; on
+/// 20.10, which has none, every one is a plain NAT network: see [`Network`]'s constructors).
+#[derive(Default, Clone, Copy)]
+pub enum Gateway {
+    /// The engine's default.
+    #[default]
+    Nat,
+    /// `nat-unprotected`: nothing routed straight to a container is dropped but by guard.
+    GuardOnly,
+    /// `routed`, IPv4 only: no NAT.
+    Routed,
 }
 
 /// Field order is drop order: outside hosts, then the network, then the host settings and
@@ -37,7 +52,16 @@ impl Bed {
     pub fn new(spec: BedSpec) -> Self {
         let exclusive = prepare_test_bed();
         let routing = RoutingHost::enable();
-        let net = Network::create(spec.network, spec.subnet_v4, spec.subnet_v6);
+        let net = match spec.gateway {
+            Gateway::Nat => Network::create(spec.network, spec.subnet_v4, spec.subnet_v6),
+            Gateway::GuardOnly => {
+                Network::create_guard_only(spec.network, spec.subnet_v4, spec.subnet_v6)
+            }
+            Gateway::Routed => {
+                assert!(spec.subnet_v6.is_none(), "a routed bed network is IPv4 only");
+                Network::create_routed(spec.network, spec.subnet_v4)
+            }
+        };
         let subnets: Vec<&str> =
             [Some(spec.subnet_v4), spec.subnet_v6].into_iter().flatten().collect();
         let outside =

@@ -125,6 +125,7 @@ impl Bed {
             subnet_v4: NET_V4,
             subnet_v6: Some(NET_V6),
             outside: &[("adv-a", 41)],
+            ..Default::default()
         });
         let (link, host_mac) = raw_link(base.a());
         Self { link, host_mac, base }

@@ -65,8 +65,8 @@ impl Bed {
         let base = tests::bed::Bed::new(BedSpec {
             network: "guard-e2e-bans",
             subnet_v4: SUBNET_V4,
-            subnet_v6: None,
             outside: &[("bans-a", 36), ("bans-b", 37)],
+            ..Default::default()
         });
         let logs = ScratchDir::new("bans-log");
         let volume = format!("{}:/log", logs.path().display());
@@ -381,8 +381,8 @@ impl RateBed {
         let base = tests::bed::Bed::new(BedSpec {
             network: "guard-e2e-rate",
             subnet_v4: RATE_SUBNET,
-            subnet_v6: None,
             outside: &[("rate-a", 38), ("rate-b", 39)],
+            ..Default::default()
         });
         let limit = format!("80/tcp {}/s burst {}", RATE.0, RATE.1);
         let web = Container::run(ContainerSpec {

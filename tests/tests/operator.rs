@@ -52,8 +52,8 @@ impl Bed {
         let base = tests::bed::Bed::new(BedSpec {
             network: "guard-e2e-op",
             subnet_v4: SUBNET_V4,
-            subnet_v6: None,
             outside: &[("op", 5)],
+            ..Default::default()
         });
         let db = Container::run(ContainerSpec {
             name: "op-db",

@@ -63,8 +63,8 @@ impl Bed {
         let base = tests::bed::Bed::new(BedSpec {
             network: "guard-e2e-scan",
             subnet_v4: SUBNET_V4,
-            subnet_v6: None,
             outside: &[("scan", 21)],
+            ..Default::default()
         });
         let web = Container::run(ContainerSpec {
             name: "scan-web",
