@@ -601,18 +601,24 @@ fn clean_up_after_docker28() -> Result<()> {
 /// Unmounts everything mounted below `dir` (network namespaces under exec-root/netns, the
 /// overlay mounts of a daemon that died), deepest first.
 fn unmount_under(dir: &Path) -> Result<()> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    let prefix = format!("{}/", dir.display());
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for point in points {
+    for point in mounts_under(dir).context("reading /proc/mounts")? {
         sh(Command::new("umount").arg(point))?;
     }
     Ok(())
+}
+
+/// The mount points below `dir`, deepest first (the order to unmount them in).
+pub(crate) fn mounts_under(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let prefix = format!("{}/", dir.display());
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    Ok(points)
 }
 
 // ---------------------------------------------------------------------------------------

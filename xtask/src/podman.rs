@@ -403,14 +403,7 @@ fn podman_bridges() -> Vec<String> {
 /// Unmounts whatever is still mounted under [`SCRATCH`] (the storage's overlay mounts of a
 /// service that died), deepest first, so that the directory can be removed.
 fn unmount_scratch() {
-    let Ok(mounts) = fs::read_to_string("/proc/mounts") else { return };
-    let prefix = format!("{SCRATCH}/");
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    let Ok(points) = crate::engines::mounts_under(Path::new(SCRATCH)) else { return };
     for point in points {
         let _ = sh(Command::new("umount").arg(point));
     }
@@ -517,8 +510,8 @@ mod tests {
         assert_eq!(
             selected(&args(&["start_race"])),
             [
-                "start_race_accepts_nothing_and_openings_follow_docker_run",
-                "start_race_accepts_nothing_on_twenty_starts_in_a_row"
+                "start_race::start_race_accepts_nothing_and_openings_follow_docker_run",
+                "start_race::start_race_accepts_nothing_on_twenty_starts_in_a_row"
             ]
         );
         assert_eq!(
