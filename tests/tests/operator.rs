@@ -471,7 +471,7 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
     // A rule in force outlives its file's disappearance.
     let agent = bed.agent(&[]);
     bed.open_db_to_a_by_rule(&agent);
-    fs::remove_file(&bed.policy.path()).unwrap();
+    fs::remove_file(bed.policy.path()).unwrap();
     nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || agent.log().contains("the policy file is gone")),
@@ -480,7 +480,7 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert!(bed.a().tcp_connect(bed.db(), PATIENT), "the vanished file took its rule with it");
-    fs::write(&bed.policy.path(), "").unwrap();
+    fs::write(bed.policy.path(), "").unwrap();
     agent.unload();
 }
 
@@ -597,7 +597,7 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     // The agent stopped, a broken file given: the kernel's view, the reason, and --check
     // says no agent runs.
     agent.terminate();
-    fs::write(&bed.policy.path(), "[rule]\n").unwrap();
+    fs::write(bed.policy.path(), "[rule]\n").unwrap();
     let config = bed.policy.path().to_string_lossy().into_owned();
     let out = status(&["--json", "--config", &config], None);
     let report = json(&out);

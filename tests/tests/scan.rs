@@ -612,8 +612,8 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
 
     // A's flows: web by its published port and by its address, and two datagrams of one UDP
     // flow to dns, each echoed (so each went through).
-    let published = connect_from(&bed.a(), SocketAddr::new(host, 28080)).expect("web published");
-    let direct = connect_from(&bed.a(), SocketAddr::new(web, 80)).expect("web by address");
+    let published = connect_from(bed.a(), SocketAddr::new(host, 28080)).expect("web published");
+    let direct = connect_from(bed.a(), SocketAddr::new(web, 80)).expect("web by address");
     let dns_addr = SocketAddr::new(dns.ip().into(), 5353);
     let (udp_sport, echoed) = bed.a().netns().run(|| {
         let socket = UdpSocket::bind((bed.a().v4(), 0)).unwrap();
@@ -639,7 +639,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     assert!(told, "no drop record for {closed}:\n{}", agent.log());
     let access = records(&agent, "access");
     let one = |sport, dport, proto| -> Value {
-        let found = flow(&access, &bed.a(), sport, dport, proto);
+        let found = flow(&access, bed.a(), sport, dport, proto);
         assert_eq!(found.len(), 1, "one record for {sport}->{dport}/{proto}: {access:#?}");
         found[0].clone()
     };
@@ -696,7 +696,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     for _ in 0..access.len() {
         assert!(follower.next(Duration::from_secs(10)).is_some(), "the kept records first");
     }
-    let later = connect_from(&bed.a(), SocketAddr::new(host, 28080)).expect("web again");
+    let later = connect_from(bed.a(), SocketAddr::new(host, 28080)).expect("web again");
     let followed = std::iter::from_fn(|| follower.next(Duration::from_secs(10)))
         .find(|r| r["sport"] == later && r["src"] == a_v4.as_str());
     let followed = followed.expect("guard access --follow shows the new connection");
