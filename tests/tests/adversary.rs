@@ -36,6 +36,7 @@ use tests::raw::{
     IPPROTO_FRAGMENT, IPPROTO_TCP, IPPROTO_UDP, RawLink, SynProbe, TCP_SYN, XorShift, probe_syns,
     syn_frame,
 };
+use tests::wait::poll;
 
 const NET_V4: &str = "10.247.0.0/24";
 const NET_V6: &str = "fd00:247::/64";
@@ -347,10 +348,7 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
             .map(|(what, frame)| {
                 let before = received();
                 link.send(&frame);
-                let deadline = Instant::now() + within;
-                while received() == before && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(20));
-                }
+                poll(within, || received() != before);
                 (what, received() > before)
             })
             .collect()
