@@ -96,6 +96,22 @@ impl Bed {
     }
 }
 
+/// Lets a test file's own bed, which holds the common [`Bed`] in its field `base` (its last,
+/// so that the file's containers go first), be used as the common one: `bed.a()`,
+/// `bed.net`, `bed.agent(..)`.
+#[macro_export]
+macro_rules! on_the_common_bed {
+    ($bed:ty) => {
+        impl std::ops::Deref for $bed {
+            type Target = $crate::bed::Bed;
+
+            fn deref(&self) -> &Self::Target {
+                &self.base
+            }
+        }
+    };
+}
+
 /// Outside host `name` numbered `n`, a neighbour that routes `subnets` via the host.
 pub fn outside_host(name: &str, n: u8, subnets: &[&str]) -> OutsideHost {
     let host = OutsideHost::new(name, n);

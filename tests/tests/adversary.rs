@@ -111,13 +111,7 @@ struct Bed {
     base: tests::bed::Bed,
 }
 
-impl std::ops::Deref for Bed {
-    type Target = tests::bed::Bed;
-
-    fn deref(&self) -> &Self::Target {
-        &self.base
-    }
-}
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {

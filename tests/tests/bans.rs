@@ -52,13 +52,7 @@ struct Bed {
     base: tests::bed::Bed,
 }
 
-impl std::ops::Deref for Bed {
-    type Target = tests::bed::Bed;
-
-    fn deref(&self) -> &Self::Target {
-        &self.base
-    }
-}
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
@@ -368,13 +362,7 @@ struct RateBed {
     base: tests::bed::Bed,
 }
 
-impl std::ops::Deref for RateBed {
-    type Target = tests::bed::Bed;
-
-    fn deref(&self) -> &Self::Target {
-        &self.base
-    }
-}
+tests::on_the_common_bed!(RateBed);
 
 impl RateBed {
     fn new() -> Self {
