@@ -12,7 +12,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use guard_common::reason::{Reason, Verdict};
-use guard_userspace::frames::{Frame, Transport};
+use guard_userspace::kernel::frames::{Frame, Transport};
 use tests::frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp};
 
 use crate::{

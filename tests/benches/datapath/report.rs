@@ -491,5 +491,5 @@ pub fn thousands(n: u64) -> String {
 /// The current time as RFC 3339 UTC, e.g. 2025-01-31T12:00:00.000Z.
 fn utc_now() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    guard_userspace::events::utc(now.map_or(0.0, |d| d.as_secs_f64()))
+    guard_userspace::telemetry::events::utc(now.map_or(0.0, |d| d.as_secs_f64()))
 }
