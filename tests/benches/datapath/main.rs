@@ -136,9 +136,16 @@ fn bench() -> Result<()> {
 
     let worlds: Vec<Rc<World>> = SCALES.iter().map(|&n| Rc::new(World::new(n))).collect();
     let (per_packet, sizes) = cases::measure(&worlds, &params)?;
-    let flood = match params.flood_rounds {
-        0 => Vec::new(),
-        _ => flood::measure(&worlds[FLOOD_SCALE], &params)?,
+    let flood_not_run = match params.flood_rounds {
+        0 => Some("GUARD_BENCH_FLOOD_ROUNDS=0 (`--flood-rounds 0`)".to_string()),
+        _ => rawbpf::live_frames_refused(),
+    };
+    let flood = match &flood_not_run {
+        None => flood::measure(&worlds[FLOOD_SCALE], &params)?,
+        Some(why) => {
+            eprintln!("bench: no flood: {why}");
+            Vec::new()
+        }
     };
     let sizes = SCALES.iter().copied().zip(sizes).collect();
 
@@ -148,6 +155,7 @@ fn bench() -> Result<()> {
         sizes,
         per_packet,
         flood,
+        flood_not_run,
         elapsed: start.elapsed(),
     };
     report.write(&out_dir)?;
