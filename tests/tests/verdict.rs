@@ -7,6 +7,8 @@
 
 #[path = "verdict/admission.rs"]
 mod admission;
+#[path = "verdict/drop_counters.rs"]
+mod drop_counters;
 #[path = "verdict/random.rs"]
 mod random;
 

@@ -2,9 +2,10 @@
 
 use aya::maps::PerCpuHashMap;
 use guard_common::events::{
-    DropKey, EVENT_OUTCOMES, EVENT_STREAMS, EVENTS_PER_SECOND_PER_CPU, Limiter, event_stat_slot,
+    DropKey, DropSlot, EVENT_OUTCOMES, EVENT_STREAMS, EVENTS_PER_SECOND_PER_CPU, Limiter,
+    event_stat_slot,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     Ebpf,
@@ -79,6 +80,10 @@ pub struct PolicyMaps {
     rates: Table<HashMap<MapData, PortKey, RateLimit>>,
     config: Array<MapData, Config>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
+    drop_slots: PerCpuArray<MapData, DropSlot>,
+    /// The containers whose drop slots were kept at the last sweep of the slots (see
+    /// [`PolicyMaps::forget_drops`]); `None` before the first.
+    drop_slots_kept: Option<BTreeSet<u32>>,
     event_stats: PerCpuArray<MapData, u64>,
     event_limit: PerCpuArray<MapData, Limiter>,
     uplinks: Table<HashMap<MapData, u32, u32>>,
@@ -143,6 +148,8 @@ impl PolicyMaps {
             rates: table(s, names::RATE_LIMITS, names::RATE_LIMITS_CAPACITY)?,
             config: typed(s, names::CONFIG)?,
             drops: typed(s, names::DROPS)?,
+            drop_slots: typed(s, names::DROP_SLOTS)?,
+            drop_slots_kept: None,
             event_stats: typed(s, names::EVENT_STATS)?,
             event_limit: typed(s, names::EVENT_LIMIT)?,
             uplinks: table(s, names::UPLINKS, names::UPLINKS_CAPACITY)?,
@@ -286,17 +293,29 @@ impl PolicyMaps {
         self.flows.insert(key, seen_ns, 0)
     }
 
-    /// Packets dropped (or waived by audit) per container port, summed over CPUs.
+    /// Packets dropped (or waived by audit) per container port, summed over CPUs and over the
+    /// two maps a counter can be in (see [`DropSlot`]).
     pub fn drops(&self) -> Result<Vec<(DropKey, u64)>, MapsError> {
-        let read_err = |source| MapsError::Read { name: names::DROPS, source };
-        self.drops
-            .iter()
-            .map(|r| r.map(|(k, per_cpu)| (k, per_cpu.iter().sum())).map_err(read_err))
-            .collect()
+        let mut totals: BTreeMap<DropKey, u64> = BTreeMap::new();
+        for entry in self.drops.iter() {
+            let (key, per_cpu) =
+                entry.map_err(|source| MapsError::Read { name: names::DROPS, source })?;
+            *totals.entry(key).or_default() += per_cpu.iter().sum::<u64>();
+        }
+        for per_cpu in self.drop_slots.iter() {
+            let per_cpu =
+                per_cpu.map_err(|source| MapsError::Read { name: names::DROP_SLOTS, source })?;
+            for slot in per_cpu.iter().filter(|slot| slot.key != DropKey::EMPTY) {
+                *totals.entry(slot.key).or_default() += slot.count;
+            }
+        }
+        Ok(totals.into_iter().collect())
     }
 
     /// Forgets the drop counters of containers that are gone (their target ids never return).
-    pub fn forget_drops(&mut self, live_targets: &std::collections::BTreeSet<u32>) {
+    /// Their slots are emptied for other keys to take, but only when a container went away
+    /// since the last sweep: the sweep reads every slot.
+    pub fn forget_drops(&mut self, live_targets: &BTreeSet<u32>) {
         let gone: Vec<DropKey> = self
             .drops
             .keys()
@@ -306,6 +325,33 @@ impl PolicyMaps {
         for key in gone {
             let _ = self.drops.remove(&key);
         }
+        if self.drop_slots_kept.as_ref().is_some_and(|kept| kept.is_subset(live_targets)) {
+            return;
+        }
+        for index in 0..names::DROP_SLOTS_CAPACITY {
+            let Ok(per_cpu) = self.drop_slots.get(&index, 0) else { continue };
+            let gone = |slot: &DropSlot| {
+                slot.key != DropKey::EMPTY && !live_targets.contains(&slot.key.target)
+            };
+            if !per_cpu.iter().any(gone) {
+                continue;
+            }
+            // The whole slot is written, every CPU's copy: a drop counted on another CPU for a
+            // live key in this slot between the read above and this write is lost. Rare (a
+            // container went away, and two CPUs' keys met in one slot) and small; the totals
+            // per reason in the counters map are not affected.
+            let kept: Vec<DropSlot> =
+                per_cpu
+                    .iter()
+                    .map(|slot| {
+                        if gone(slot) { DropSlot { key: DropKey::EMPTY, count: 0 } } else { *slot }
+                    })
+                    .collect();
+            if let Ok(values) = PerCpuValues::try_from(kept) {
+                let _ = self.drop_slots.set(index, values, 0);
+            }
+        }
+        self.drop_slots_kept = Some(live_targets.clone());
     }
 
     /// Events of `stream` (`STREAM_DROPS`, `STREAM_ACCESS`) emitted, suppressed by the rate
