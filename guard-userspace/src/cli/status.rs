@@ -764,6 +764,34 @@ mod tests {
         let json = serde_json::to_value(&report.ports[1]).unwrap();
         assert_eq!(json["every_port"], true);
     }
+
+    #[test]
+    fn who_reaches_a_port_keeps_its_words_and_its_json() {
+        let none = Reach::new("none", vec![]);
+        let listed = Reach {
+            rules: vec!["label guard.allow.lan".into()],
+            differs: Some("everyone (label guard.expose)".into()),
+            ..Reach::new("listed", vec!["10.0.0.0/8".into(), "192.0.2.7/32".into()])
+        };
+        let everyone =
+            Reach { rules: vec!["label guard.expose".into()], ..Reach::new("everyone", vec![]) };
+        let json = |r: &Reach| serde_json::to_string(r).unwrap();
+        assert_eq!(json(&none), r#"{"who":"none","sources":[],"rules":[]}"#);
+        assert_eq!(
+            json(&listed),
+            r#"{"who":"listed","sources":["10.0.0.0/8","192.0.2.7/32"],"rules":["label guard.allow.lan"],"differs":"everyone (label guard.expose)"}"#
+        );
+        assert_eq!(
+            json(&everyone),
+            r#"{"who":"everyone","sources":[],"rules":["label guard.expose"]}"#
+        );
+        assert_eq!(none.text(), "none");
+        assert_eq!(
+            listed.text(),
+            "10.0.0.0/8, 192.0.2.7/32 (label guard.allow.lan) [desired: everyone (label guard.expose)]"
+        );
+        assert_eq!(everyone.text(), "everyone (label guard.expose)");
+    }
 }
 
 #[cfg(test)]

@@ -276,6 +276,19 @@ mod tests {
     }
 
     #[test]
+    fn who_reaches_a_target_keeps_its_words_and_its_json() {
+        let listed = Reach::from_probes(false, vec!["192.0.2.7/32".into(), "10.0.0.0/8".into()]);
+        let json = |r: &Reach| serde_json::to_string(r).unwrap();
+        assert_eq!(json(&Reach::nobody()), r#"{"who":"nobody"}"#);
+        assert_eq!(json(&Reach::everyone()), r#"{"who":"everyone"}"#);
+        assert_eq!(json(&listed), r#"{"who":"listed","sources":["10.0.0.0/8","192.0.2.7/32"]}"#);
+        assert_eq!(serde_json::from_str::<Reach>(&json(&listed)).unwrap(), listed);
+        assert_eq!(Reach::nobody().text(), "nobody");
+        assert_eq!(Reach::everyone().text(), "everyone");
+        assert_eq!(listed.text(), "10.0.0.0/8, 192.0.2.7/32");
+    }
+
+    #[test]
     fn the_json_shape_is_stable() {
         let mut r = row(8080, Reach::everyone(), Reach::nobody());
         r.drift = Some("open to everyone, the policy opens it to nobody".into());
