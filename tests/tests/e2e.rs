@@ -128,9 +128,8 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
         ..Default::default()
     });
     let ip = |host| Ipv4Addr::new(10, 249, 60, host);
-    let _web = Container::run(ContainerSpec {
+    let _web = bed.run(ContainerSpec {
         name: "rt-web",
-        network: Some(&bed.net),
         ip: Some(ip(10)),
         labels: &[("guard.expose", "443/tcp")],
         publish: &["20443:443", "20444:8443"],
@@ -138,9 +137,8 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
         listens_on: &[443, 8443],
         ..Default::default()
     });
-    let api = Container::run(ContainerSpec {
+    let api = bed.run(ContainerSpec {
         name: "rt-api",
-        network: Some(&bed.net),
         ip: Some(ip(11)),
         command: "exec httpd -f -p 8080 -h /www",
         listens_on: &[8080],
