@@ -348,20 +348,23 @@ fn readme_docker_run_grants_the_same_set() {
     assert!(!run.contains("--privileged"), "README: {run}");
 }
 
-/// `docker-compose config` accepts the compose file (Debian's docker-compose 1.29).
-/// `docker-compose config` must accept the file.
-fn assert_compose_config_accepts(path: &std::path::Path) {
-    let out = cmd::output(
-        Command::new(docker_compose_bin()).arg("--file").arg(path).args(["config", "--quiet"]),
-        cmd::command_timeout(),
-    )
-    .unwrap_or_else(|e| panic!("docker-compose config: {e}"));
+/// `tool` (a validator, run as `command`) must accept the deploy file at `path`.
+fn assert_accepts(tool: &str, command: &mut Command, path: &Path) {
+    let out =
+        cmd::output(command, cmd::command_timeout()).unwrap_or_else(|e| panic!("{tool}: {e}"));
     assert!(
         out.status.success(),
-        "docker-compose rejects {}: {}",
+        "{tool} rejects {}: {}",
         path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `docker-compose config` (Debian's docker-compose 1.29) must accept the file.
+fn assert_compose_config_accepts(path: &Path) {
+    let mut config = Command::new(docker_compose_bin());
+    config.arg("--file").arg(path).args(["config", "--quiet"]);
+    assert_accepts("docker-compose config", &mut config, path);
 }
 
 #[test]
@@ -396,18 +399,9 @@ fn stack_file_validates() {
         });
     let (_scratch, variant) = write_narrow_variant(&path);
     for path in [&path, &variant] {
-        let out = cmd::output(
-            Command::new(&client).args(["stack", "config", "--compose-file"]).arg(path),
-            cmd::command_timeout(),
-        )
-        .unwrap_or_else(|e| panic!("docker stack config: {e}"));
-        assert!(
-            out.status.success(),
-            "`{} stack config` rejects {}: {}",
-            client.display(),
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut config = Command::new(&client);
+        config.args(["stack", "config", "--compose-file"]).arg(path);
+        assert_accepts(&format!("`{} stack config`", client.display()), &mut config, path);
         assert_compose_config_accepts(path);
     }
 }
