@@ -56,7 +56,7 @@ fn serve(ports: &[u16]) -> String {
     command
 }
 
-/// A container on `net` at `ip` serving `port` (waited for), with its labels, `-p` arguments
+/// A container on `net` at `ip` serving `ports` (waited for), with its labels, `-p` arguments
 /// and restart policy.
 fn serving(
     net: &Network,
@@ -64,7 +64,7 @@ fn serving(
     ip: Ipv4Addr,
     labels: &[(&str, &str)],
     publish: &[&str],
-    port: u16,
+    ports: &[u16],
     restart: Option<&str>,
 ) -> Container {
     Container::run(ContainerSpec {
@@ -73,8 +73,8 @@ fn serving(
         ip: Some(ip),
         labels,
         publish,
-        command: &serve(&[port]),
-        listens_on: &[port],
+        command: &serve(ports),
+        listens_on: ports,
         restart,
         ..Default::default()
     })
@@ -94,15 +94,7 @@ impl App {
         let net =
             Network::create(&format!("guard-e2e-lc-{name}"), &format!("10.252.{n}.0/24"), None);
         let ip = Ipv4Addr::new(10, 252, n, 10);
-        let container = Container::run(ContainerSpec {
-            name: &format!("{name}-app"),
-            network: Some(&net),
-            ip: Some(ip),
-            labels,
-            command: &serve(ports),
-            listens_on: ports,
-            ..Default::default()
-        });
+        let container = serving(&net, &format!("{name}-app"), ip, labels, &[], ports, None);
         App { _container: container, net, ip }
     }
 

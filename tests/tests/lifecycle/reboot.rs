@@ -16,7 +16,7 @@ fn reboot_accepts_nothing_closed_from_the_first_packet_and_opens_the_exposed_por
     let net = Network::create("guard-e2e-lc-boot", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 9, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        serving(&net, name, ip(host), labels, publish, port, Some("always"))
+        serving(&net, name, ip(host), labels, publish, &[port], Some("always"))
     };
     let closed = run("boot-closed", 10, &[], &["25191:8080"], 8080);
     let exposed = run("boot-exposed", 11, &[("guard.expose", "80/tcp")], &["25190:80"], 80);
@@ -114,7 +114,7 @@ fn a_network_created_while_the_agent_is_stopped_is_closed_until_it_syncs() {
     let net = Network::create("guard-e2e-lc-unseen", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 10, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        serving(&net, name, ip(host), labels, publish, port, None)
+        serving(&net, name, ip(host), labels, publish, &[port], None)
     };
     let _closed = run("unseen-closed", 10, &[], &["25201:8080"], 8080);
     let _exposed = run("unseen-exposed", 11, &[("guard.expose", "80/tcp")], &["25200:80"], 80);
@@ -222,7 +222,7 @@ fn a_static_address_reused_while_the_agent_is_away_inherits_nothing() {
     agent.terminate();
     let App { _container: first, net, ip } = app;
     drop(first);
-    let _second = serving(&net, "reuse-second", ip, &[], &[], 80, None);
+    let _second = serving(&net, "reuse-second", ip, &[], &[], &[80], None);
     agent.restart();
     check(&a, "agent back", &[expect("the second container, no label", sock(ip, 80), false)]);
     agent.unload();
