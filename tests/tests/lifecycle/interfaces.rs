@@ -267,10 +267,8 @@ fn all_interfaces() -> Vec<String> {
 /// the other program is gone, it attaches within a pass and is ready.
 #[test]
 fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("otherxdp", 45, &[], &[80]);
-    let _routing = RoutingHost::enable();
-    let a = outside_host("otherxdp", 45, &[app.subnet()]);
+    let bed = AppBed::start("otherxdp", 45, 45, &[], &[80]);
+    let (a, app) = (&bed.a, &bed.app);
     let (other, _) = Agent::start_with_metrics(&[a.host_end()], &[]);
     let (agent, metrics) = Agent::start_with_metrics(&[a.host_end()], &["--resync-interval", "1"]);
 
@@ -287,7 +285,7 @@ fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
     let took =
         wait_until("the agent attached and ready", Duration::from_secs(10), || readyz().is_ok());
     println!("attached and ready {took:.1?} after the other program left");
-    check(&a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
+    check(a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
     agent.unload();
 }
 

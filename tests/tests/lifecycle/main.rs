@@ -26,11 +26,11 @@ use tests::frames::{self, TCP_SYN, Tcp};
 use tests::host::RoutingHost;
 use tests::netns::{LINK_PREFIX, OutsideHost, ifindex, in_netns, xdp_attached};
 use tests::observe::{self, GuardObjects};
-use tests::prepare_test_bed;
 use tests::probe::{self, PATIENT, Proto, QUICK};
 use tests::prober::{Attempt, Outcome, ProbeReport, Prober, summarize};
 use tests::tun::Tun;
 use tests::wait::{poll, wait_until};
+use tests::{Exclusive, prepare_test_bed};
 
 mod crash;
 mod identity;
@@ -100,6 +100,26 @@ impl App {
 
     fn subnet(&self) -> &str {
         &self.net.subnet_v4
+    }
+}
+
+/// What most tests here start from: the test bed held, one [`App`] named `name` on
+/// 10.252.N.0/24, the host routing, and outside host A (`name` too, numbered `outside_n`)
+/// that routes the App's subnet via the host. Field order is drop order.
+struct AppBed {
+    a: OutsideHost,
+    _routing: RoutingHost,
+    app: App,
+    _exclusive: Exclusive,
+}
+
+impl AppBed {
+    fn start(name: &str, n: u8, outside_n: u8, labels: &[(&str, &str)], ports: &[u16]) -> Self {
+        let exclusive = prepare_test_bed();
+        let app = App::start(name, n, labels, ports);
+        let routing = RoutingHost::enable();
+        let a = outside_host(name, outside_n, &[app.subnet()]);
+        AppBed { a, _routing: routing, app, _exclusive: exclusive }
     }
 }
 
