@@ -14,7 +14,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     events::{self, monotonic_ns, recent::Recent},
     http::{self, Shared},
-    metrics::AgentState,
+    metrics::{AgentState, Attachment},
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -151,7 +151,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let ids = Identities::adopt(pinned.identities);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState {
-            mode: start.policy.mode.to_string(),
+            mode: start.policy.mode,
             config_valid: start.valid,
             ..Default::default()
         }),
@@ -686,7 +686,7 @@ impl Agent {
         self.attach_errors.report_errors(unguarded.clone());
 
         let mut state = self.shared.state.lock().expect("not poisoned");
-        state.mode = self.policy.mode.to_string();
+        state.mode = self.policy.mode;
         let door_names =
             desired.doors.iter().filter_map(|d| Some((d.target, doors::name(d.target)?.into())));
         state.names = desired
@@ -708,7 +708,7 @@ impl Agent {
         state.attachments = self
             .attachments
             .all()
-            .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
+            .map(|(hook, iface, how)| Attachment { hook, iface: iface.to_string(), how })
             .collect();
         state.map_entries = desired.tables.sizes();
         state.doors = desired
@@ -749,8 +749,8 @@ impl Agent {
             state
                 .attachments
                 .iter()
-                .filter(|(h, _, _)| h == hook.name())
-                .map(|(_, iface, mode)| format!("{iface} ({mode})"))
+                .filter(|a| a.hook == hook)
+                .map(|a| format!("{} ({})", a.iface, a.how.label()))
                 .collect()
         };
         info!(
