@@ -43,11 +43,12 @@ use crate::{
     docker_link::{DOCKER_POLL, DockerLink},
     doors,
     engine_doors::EngineDoorsWatch,
+    hook::{Class, Hook},
     identities::Identities,
     interfaces::{self, Framing, Link},
     kernel, loader,
     maps::PolicyMaps,
-    pins::{Hook, Owner, Pins},
+    pins::{Owner, Pins},
     policy_file::{self, Mode, PolicyFile},
     repin::MapHandles,
     snapshot::{EngineDoors, Snapshot, Swarm},
@@ -672,7 +673,10 @@ impl Agent {
             self.attachments.all().map(|(h, i, a)| (h, i.to_string(), a)).collect();
         let mut errors = Vec::new();
         for hook in Hook::ALL {
-            let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
+            let on = match hook.class() {
+                Class::Uplink => &uplinks,
+                Class::Bridge => &bridges,
+            };
             errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
         let attached_now: Vec<_> =
@@ -879,7 +883,7 @@ fn interface_roles(
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
 /// `guard explain` can find the programs that are attached.
 fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
-    for (hook, framing) in loader::PROGRAMS {
+    for (hook, framing) in Hook::PROGRAMS {
         let path = pins.program(hook, framing);
         remove_old_pin(&path)?;
         loader::pin_program(ebpf, hook, framing, &path).with_context(|| {

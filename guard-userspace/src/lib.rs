@@ -6,7 +6,7 @@
 //! [`engine_paths`] (which paths to a container the engine's own firewall leaves). System
 //! edges: [`docker`] (Docker API), [`docker_link`] (reaching it), [`engine_doors`] (the
 //! engine's swarm and its API listeners), [`interfaces`] (links and addresses), [`bridges`]
-//! (which bridge carries each engine network), [`pins`] (bpffs layout), [`loader`] (the
+//! (which bridge carries each engine network), [`pins`] (bpffs layout), [`hook`] (where each program runs), [`loader`] (the
 //! embedded program), [`kernel`] (what the running kernel can do), [`attach`] (programs on
 //! interfaces), [`tc_filter`] (clsact filters where there is no TCX), [`netlink`] with
 //! [`rtnetlink`] (the netlink requests aya does not make) and [`sock_diag`] (listening
@@ -44,6 +44,7 @@ pub mod engine_doors;
 pub mod events;
 pub mod explain;
 pub mod frames;
+pub mod hook;
 pub mod http;
 pub mod http_client;
 pub mod interfaces;

@@ -20,7 +20,7 @@ use guard_common::{
     reason::{Decision, Verdict},
 };
 
-use crate::{attach::Attached, pins::Hook, policy::Proto, policy_file::Mode};
+use crate::{attach::Attached, hook::Hook, policy::Proto, policy_file::Mode};
 
 /// A metric family's type, as its TYPE line names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

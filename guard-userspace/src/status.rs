@@ -23,11 +23,12 @@ use crate::{
     doors,
     engine_doors::EngineDoorsWatch,
     engine_paths::{self, EngineFirewall, PathReport},
+    hook::Hook,
     identities::Identities,
     interfaces,
     link_info::{self, PinnedLinkState},
     maps::PolicyMaps,
-    pins::{Hook, PinError, Pins},
+    pins::{PinError, Pins},
     policy::{Opening, PortSpec, Proto, Sources},
     policy_file::{self, Mode, PolicyFile},
     rtnetlink::XdpAttached,
@@ -363,11 +364,11 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
         .map(|(hook, ifindex)| HookReport {
             hook: hook.name(),
             iface: name_of(links, ifindex),
-            mechanism: if hook == Hook::Xdp { "xdp link" } else { "tcx" },
+            mechanism: hook.link_kind(),
             xdp_mode: (hook == Hook::Xdp).then(|| xdp_mode(ifindex)),
         })
         .collect();
-    let guard_programs = crate::loader::tc_program_names();
+    let guard_programs = crate::hook::tc_program_names();
     for link in links {
         for hook in [Hook::TcEgress, Hook::BridgeIngress] {
             let Some(filter) = crate::tc_filter::in_slot(link.ifindex, hook)? else { continue };
@@ -375,9 +376,7 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
                 continue;
             }
             // Egress carries the uplink's recorder or a bridge's gate: the program says which.
-            let hook = if filter.name
-                == crate::loader::program_name(Hook::BridgeGate, interfaces::Framing::Ethernet)
-            {
+            let hook = if filter.name == Hook::BridgeGate.program(interfaces::Framing::Ethernet) {
                 Hook::BridgeGate
             } else {
                 hook
