@@ -14,8 +14,8 @@ use guard_common::{
     addr::Addr,
     decision::{L4, Packet},
     parse::{
-        Framing, IPPROTO_ESP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-        MAX_V6_EXTENSIONS, MAX_VLAN_TAGS,
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Framing, IPPROTO_ESP, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS,
     },
     reason::Reason,
 };
@@ -255,10 +255,12 @@ impl Frame {
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
         let mut ether_types: Vec<u16> = match self.vlans.len() {
             0 => vec![],
-            1 => vec![0x8100],
-            n => std::iter::once(0x88a8).chain(std::iter::repeat_n(0x8100, n - 1)).collect(),
+            1 => vec![ETH_P_8021Q],
+            n => std::iter::once(ETH_P_8021AD)
+                .chain(std::iter::repeat_n(ETH_P_8021Q, n - 1))
+                .collect(),
         };
-        ether_types.push(if self.dst.is_ipv6() { 0x86dd } else { 0x0800 });
+        ether_types.push(if self.dst.is_ipv6() { ETH_P_IPV6 } else { ETH_P_IP });
         f.extend_from_slice(&ether_types[0].to_be_bytes());
         for (i, vid) in self.vlans.iter().enumerate() {
             f.extend_from_slice(&vid.to_be_bytes());

@@ -10,7 +10,7 @@ use guard_userspace::{
     snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
 };
 
-use guard_common::parse::MAX_VLAN_TAGS;
+use guard_common::parse::{MAX_V6_EXTENSIONS, MAX_VLAN_TAGS};
 use guard_userspace::frames::{Ext, Frame, Transport};
 
 pub struct Rng(u64);
@@ -394,7 +394,8 @@ impl World {
                 exts.push(Ext::Fragment { offset: 1 + rng.below(100) as u16 });
             }
             if rng.chance(15) {
-                exts = vec![Ext::HopByHop; 6 + rng.below(5) as usize];
+                // From two below the filter's walk to two past it.
+                exts = vec![Ext::HopByHop; MAX_V6_EXTENSIONS - 2 + rng.below(5) as usize];
             }
             frame = frame.v6_extensions(&exts);
         }
