@@ -28,6 +28,7 @@ use guard_common::{
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
+use guard_userspace::events::monotonic_ns;
 use guard_userspace::frames::{Ext, Frame, Transport::*};
 use guard_userspace::pins::Hook;
 use guard_userspace::{
@@ -488,14 +489,6 @@ fn bad_ihl_is_malformed_not_read_past() {
         program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
     assert_eq!(result.return_value, XDP_PASS);
     assert_eq!(g.counter(Reason::MalformedIp) - before, 1);
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn flow(remote: &str, remote_port: u16, local: &str, local_port: u16, proto: u8) -> FlowKey {

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 
 use guard_common::events::DropKey;
 use guard_common::maps::{
-    CONFIG_AUDIT_ALL, ContainerId, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey,
-    TARGET_AUDIT, door,
+    CONFIG_AUDIT_ALL, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey, TARGET_AUDIT, door,
 };
 
 use super::{ContainerReport, DoorReport, PortReport, Reach, container_report, limits};
 use crate::{
     desired::{ContainerPolicy, Desired},
+    identities::encode_hex,
     policy::{PortSpec, Proto},
     tables::TableSet,
 };
@@ -33,13 +33,13 @@ pub fn containers(
         .identities
         .iter()
         .map(|(target, id)| {
-            let id = hex(id);
+            let id = encode_hex(&id.0);
             let mut report = container(kernel, *target, &id, wanted.get(id.as_str()).copied());
             limits::count(&mut report.ports, *target, &rate_limited);
             report
         })
         .collect();
-    let known: Vec<String> = kernel.identities.values().map(hex).collect();
+    let known: Vec<String> = kernel.identities.values().map(|id| encode_hex(&id.0)).collect();
     for policy in wanted.values().filter(|c| !known.contains(&c.container.id)) {
         let mut report = container_report(policy);
         for port in &mut report.ports {
@@ -269,13 +269,12 @@ fn compress(ports: Vec<PortReport>) -> Vec<PortReport> {
     rows
 }
 
-fn hex(id: &ContainerId) -> String {
-    id.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use guard_common::{addr::Addr, maps::PortRule};
+    use guard_common::{
+        addr::Addr,
+        maps::{ContainerId, PortRule},
+    };
 
     use super::*;
     use crate::tables::Lpm;
