@@ -239,7 +239,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let mut state = shared.state.lock().expect("not poisoned");
                 state.docker_connected = result
                     .as_ref()
-                    .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |_| true);
+                    .map_or_else(|e| e.downcast_ref::<DockerError>().is_none(), |()| true);
                 if result.is_ok() {
                     state.synced = true;
                     state.sync_seconds.observe(started.elapsed().as_secs_f64());
@@ -317,12 +317,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let wait = until_ban_ends.map_or(wait, |until| wait.min(until));
         tokio::select! {
             ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
-            _ = wake.notified() => offline_pass_due = true,
+            () = wake.notified() => offline_pass_due = true,
             // CrowdSec added or deleted a ban: a pass puts it in force.
             () = decisions_changed(&mut crowdsec_changes) => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
-            _ = docker_back.notified() => backoff.succeeded(),
-            _ = tokio::time::sleep(wait) => {}
+            () = docker_back.notified() => backoff.succeeded(),
+            () = tokio::time::sleep(wait) => {}
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the policy file");
                 offline_pass_due = true;
@@ -346,7 +346,7 @@ async fn decisions_changed(
         return;
     }
     *follower = None;
-    std::future::pending::<()>().await
+    std::future::pending::<()>().await;
 }
 
 /// The policy the agent starts with. A file that does not parse never means no protection:
@@ -835,9 +835,9 @@ fn parse_policy(opts: &RunOptions, text: Option<&str>) -> anyhow::Result<PolicyF
 
 fn drop_other_layouts(pins: &Pins) {
     for dir in pins.other_layouts() {
-        let removed = fs::read_dir(&dir)
-            .map(|entries| entries.flatten().filter(|e| fs::remove_file(e.path()).is_ok()).count())
-            .unwrap_or(0);
+        let removed = fs::read_dir(&dir).map_or(0, |entries| {
+            entries.flatten().filter(|e| fs::remove_file(e.path()).is_ok()).count()
+        });
         let _ = fs::remove_dir(&dir);
         info!(dir = %dir.display(), maps = removed, "removed the maps of an older layout");
     }

@@ -113,8 +113,8 @@ pub async fn keep_current(opts: ScanOptions, exposures: Arc<Exposures>, webhook:
     let mut last_said: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = exposures.synced.notified() => {}
-            _ = tokio::time::sleep(opts.interval) => {}
+            () = exposures.synced.notified() => {}
+            () = tokio::time::sleep(opts.interval) => {}
         }
         let now = match scan::scan(&opts.pins, &opts.config, &opts.state_dir).await {
             Ok(now) => now,

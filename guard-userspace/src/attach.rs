@@ -297,7 +297,7 @@ impl Attachments {
         for ifindex in stale {
             match tc_filter::remove_ours(ifindex, hook, &hook.programs()) {
                 Ok(removed) if removed || self.attached.contains_key(&(hook, ifindex)) => {
-                    self.detached(hook, ifindex)
+                    self.detached(hook, ifindex);
                 }
                 Ok(_) => {}
                 Err(e) => warn!(hook = hook.name(), ifindex, "cannot remove guard's filter: {e}"),

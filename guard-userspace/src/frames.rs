@@ -112,7 +112,7 @@ pub enum Ext {
 
 impl Ext {
     /// The header's length in the frames made here.
-    fn len(&self) -> usize {
+    fn len(self) -> usize {
         match self {
             Ext::HopByHop | Ext::Fragment { .. } => 8,
             Ext::Routing => 24,
@@ -171,67 +171,79 @@ impl Frame {
     }
 
     /// Keeps `len` bytes of the transport header inside the IP packet.
+    #[must_use]
     pub fn transport_cut(mut self, len: usize) -> Self {
         self.transport_cut = Some(len);
         self
     }
 
     /// Pads the frame after its IP packet with `bytes`.
+    #[must_use]
     pub fn padding(mut self, bytes: &[u8]) -> Self {
         self.padding = bytes.to_vec();
         self
     }
 
     /// A bare IP packet, as generic XDP sees it on an L3 link (tun, WireGuard).
+    #[must_use]
     pub fn l3(mut self) -> Self {
         self.framing = Framing::Ip;
         self
     }
 
     /// An IPv4 first fragment (more fragments to come, offset 0).
+    #[must_use]
     pub fn first_fragment(mut self) -> Self {
         self.more_fragments = true;
         self
     }
 
     /// From this source port.
+    #[must_use]
     pub fn sport(mut self, port: u16) -> Self {
         self.sport = port;
         self
     }
 
     /// A TCP segment of an established connection (ACK), not a connection attempt.
+    #[must_use]
     pub fn established(mut self) -> Self {
         self.tcp_flags = TCP_ACK;
         self
     }
 
     /// A TCP SYN-ACK: the answer to a connection attempt.
+    #[must_use]
     pub fn syn_ack(mut self) -> Self {
         self.tcp_flags = TCP_SYN | TCP_ACK;
         self
     }
 
+    #[must_use]
     pub fn v6_extensions(mut self, exts: &[Ext]) -> Self {
         self.v6_extensions = exts.to_vec();
         self
     }
 
+    #[must_use]
     pub fn vlans(mut self, tags: &[u16]) -> Self {
         self.vlans = tags.to_vec();
         self
     }
 
+    #[must_use]
     pub fn ip_options(mut self, len: usize) -> Self {
         self.ip_options = len;
         self
     }
 
+    #[must_use]
     pub fn later_fragment(mut self) -> Self {
         self.frag_offset = 185;
         self
     }
 
+    #[must_use]
     pub fn truncate(mut self, len: usize) -> Self {
         self.truncate = Some(len);
         self
@@ -350,7 +362,7 @@ impl Frame {
 
     /// Where the transport header starts.
     fn transport_start(&self) -> usize {
-        let exts: usize = self.v6_extensions.iter().map(|e| e.len()).sum();
+        let exts: usize = self.v6_extensions.iter().copied().map(Ext::len).sum();
         self.link_len() + self.ip_header_len() + exts
     }
 

@@ -346,7 +346,7 @@ impl PolicyMaps {
         let read = |source| MapsError::Read { name: names::EVENT_LIMIT, source };
         let mut limiters: Vec<Limiter> = self.event_limit.get(&stream, 0).map_err(read)?.to_vec();
         let mut renewed = false;
-        for limiter in limiters.iter_mut() {
+        for limiter in &mut limiters {
             let spent = limiter.emitted >= EVENTS_PER_SECOND_PER_CPU;
             let over = now_ns.wrapping_sub(limiter.window_start_ns) > 1_000_000_000;
             if spent && (over || at_exit) {

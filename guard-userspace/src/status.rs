@@ -134,6 +134,10 @@ pub struct PortReport {
     pub paths: Vec<PathReport>,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -188,7 +192,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     };
     let snapshot = snapshot
         .map_err(|e| {
-            notes.push(format!("Docker does not answer ({e:#}); containers are shown by id"))
+            notes.push(format!("Docker does not answer ({e:#}); containers are shown by id"));
         })
         .ok();
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;

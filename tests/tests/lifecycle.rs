@@ -641,8 +641,8 @@ fn start_race_accepts_nothing_on_twenty_starts_in_a_row() {
             "start race {i:>2}: bridge {bridge} (before run: {}), run {:.2?}, listening {:.2?} \
              after, {} SYNs ({:.0}/s), {} on the live port: {} accepted, {resets} RST",
             bridge_before.as_deref().unwrap_or("none"),
-            race.started_at - race.run_at,
-            race.listening_at - race.run_at,
+            race.started_at.checked_sub(race.run_at).unwrap(),
+            race.listening_at.checked_sub(race.run_at).unwrap(),
             race.report.attempts.len(),
             race.total_rate(),
             race.on_live_port(),
@@ -687,7 +687,7 @@ fn time_to_open(targets: &[SocketAddr], start: Instant, bound: Duration) -> Opti
                 Ok(_) => break,
                 // A RST: the opening is there, the listener not yet.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    thread::sleep(Duration::from_millis(2))
+                    thread::sleep(Duration::from_millis(2));
                 }
                 Err(_) => {}
             }
@@ -1649,7 +1649,7 @@ fn default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_it
             "the kernel runs no gate on {bridge}"
         );
     }
-    assert!(status["errors"].as_array().is_some_and(|e| e.is_empty()), "{status}");
+    assert!(status["errors"].as_array().is_some_and(std::vec::Vec::is_empty), "{status}");
 
     // The container on two networks: the host's published port (on A's link address and on
     // net1's gateway) and web's address; web reaches it back on net1.
@@ -2035,7 +2035,11 @@ fn agent_objects(before: &GuardObjects) -> GuardObjects {
     for prog in progs.as_array().into_iter().flatten() {
         if prog["id"].as_u64().is_some_and(|id| mine.progs.contains(&id)) {
             mine.maps.extend(
-                prog["map_ids"].as_array().into_iter().flatten().filter_map(|m| m.as_u64()),
+                prog["map_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64),
             );
         }
     }

@@ -646,7 +646,7 @@ fn differential_kernel_equals_reference() {
         // kernel is held to the shared parser's reading of them.
         let mutated = rng.chance(10);
         if mutated {
-            for _ in 0..1 + rng.below(3) {
+            for _ in 0..=rng.below(3) {
                 let at = rng.below(bytes.len() as u64) as usize;
                 bytes[at] ^= 1 << rng.below(8);
             }

@@ -14,7 +14,7 @@ impl Clock {
     }
 
     pub(super) fn wall_seconds(&self, mono_ns: u64) -> f64 {
-        let offset = mono_ns as i128 - self.mono_at_start_ns as i128;
+        let offset = i128::from(mono_ns) - i128::from(self.mono_at_start_ns);
         let start = self.wall_at_start.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         start.as_secs_f64() + offset as f64 / 1e9
     }

@@ -65,7 +65,7 @@ pub fn doors(kernel: &TableSet) -> Vec<DoorReport> {
             .filter(|(_, p)| p.target == target)
             .map(|(key, p)| (key.proto, p.port))
             .collect();
-        ports.sort();
+        ports.sort_unstable();
         ports.dedup();
         let Some(&(proto, port)) = ports.first() else { continue };
         // Every port of a door is open to the same sources.
@@ -340,7 +340,7 @@ mod tests {
             every_port: false,
             last_port: None,
             proto: "tcp".into(),
-            published: published.iter().map(|p| p.to_string()).collect(),
+            published: published.iter().map(ToString::to_string).collect(),
             outside: Reach::new("everyone", Vec::new()),
             limit: None,
             rate_limited: 0,
