@@ -1,13 +1,14 @@
 //! The `guard` agent under test, run as a child process with its own pin directory.
 
 use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{Signal, kill};
@@ -84,21 +85,7 @@ fn guard_command(place: Option<&Place>) -> Command {
 
 /// Runs `guard args` (in `place`); stdout, or the failure with stderr.
 fn run_guard(place: Option<&Place>, args: &[&str]) -> Result<String, String> {
-    let mut command = guard_command(place);
-    command.args(args);
-    let line = format!("guard {}", args.join(" "));
-    let out =
-        cmd::output(&mut command, cmd::command_timeout()).map_err(|e| format!("`{line}`: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{line}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-        ))
-    }
+    cmd::try_command(guard_command(place).args(args), &format!("guard {}", args.join(" ")))
 }
 
 /// A running `guard run`. Drop stops it and unloads everything it pinned, so a failing test
@@ -129,6 +116,17 @@ impl Agent {
     /// every uplink of the machine, its real ones included.
     pub fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
         Self::start_at(None, ifaces, extra)
+    }
+
+    /// Like [`Agent::start_with`], with `/metrics` on a free loopback port (never the default
+    /// one, which an agent the operator runs on this machine may hold): the agent, and that
+    /// address.
+    pub fn start_with_metrics(ifaces: &[&str], extra: &[&str]) -> (Self, SocketAddr) {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], crate::observe::free_local_port()));
+        let metrics_arg = metrics.to_string();
+        let mut args = vec!["--metrics-addr", metrics_arg.as_str()];
+        args.extend_from_slice(extra);
+        (Self::start_with(ifaces, &args), metrics)
     }
 
     /// Like [`Agent::start_with`], inside `place` (a swarm node's namespace, against its
@@ -254,20 +252,21 @@ impl Agent {
 
     /// Waits until the current agent has logged `marker`.
     pub fn wait_for(&mut self, marker: &str) {
-        let deadline = Instant::now() + ready_timeout();
-        while !self.log_of_current_run().contains(marker) {
-            let child = self.child.as_mut().expect("agent running");
-            if let Ok(Some(status)) = child.try_wait() {
+        let within = ready_timeout();
+        let logged = crate::wait::poll_every(Duration::from_millis(50), within, || {
+            if self.log_of_current_run().contains(marker) {
+                return true;
+            }
+            if let Ok(Some(status)) = self.child.as_mut().expect("agent running").try_wait() {
                 panic!("guard run exited ({status}) before `{marker}`:\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "guard run did not log `{marker}` within {:?}:\n{}",
-                ready_timeout(),
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+            false
+        });
+        assert!(
+            logged.is_some(),
+            "guard run did not log `{marker}` within {within:?}:\n{}",
+            self.log()
+        );
     }
 
     pub fn pin_dir(&self) -> &Path {

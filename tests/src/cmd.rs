@@ -26,9 +26,13 @@ pub fn run(program: &str, args: &[&str]) -> String {
 /// Like [`run`] but returns the failure as a message: for drops, which must not panic while
 /// a test is already unwinding.
 pub fn try_run(program: &str, args: &[&str]) -> Result<String, String> {
-    let line = format!("{program} {}", args.join(" "));
-    let out = output(Command::new(program).args(args), command_timeout())
-        .map_err(|e| format!("`{line}`: {e}"))?;
+    try_command(Command::new(program).args(args), &format!("{program} {}", args.join(" ")))
+}
+
+/// Runs `command` (bounded by [`command_timeout`]), named `line` in messages: its stdout, or
+/// the failure with stderr.
+pub fn try_command(command: &mut Command, line: &str) -> Result<String, String> {
+    let out = output(command, command_timeout()).map_err(|e| format!("`{line}`: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

@@ -266,10 +266,9 @@ impl ContainerAgent {
     /// Waits until the agent has logged [`READY_MARKER`] `runs` times in all; panics with
     /// the log if the container stops or it takes longer than [`READY_TIMEOUT`].
     fn wait_ready(&self, runs: usize) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
+        let ready = crate::wait::poll_every(Duration::from_millis(100), READY_TIMEOUT, || {
             if self.ready_count() >= runs {
-                return;
+                return true;
             }
             let state = self.inspect()["State"].clone();
             let restarting = state["Restarting"].as_bool() == Some(true);
@@ -279,14 +278,14 @@ impl ContainerAgent {
                 state,
                 self.logs()
             );
-            assert!(
-                Instant::now() < deadline,
-                "the agent container did not log `{READY_MARKER}` (run {runs}) within \
-                 {READY_TIMEOUT:?}:\n{}",
-                self.logs()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+            false
+        });
+        assert!(
+            ready.is_some(),
+            "the agent container did not log `{READY_MARKER}` (run {runs}) within \
+             {READY_TIMEOUT:?}:\n{}",
+            self.logs()
+        );
     }
 
     /// `docker restart` of the agent container; returns once the new run has synced, with

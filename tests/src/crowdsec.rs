@@ -8,7 +8,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -116,15 +116,14 @@ impl Lapi {
     fn wait_listening(&self) {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let within = crate::patience(Duration::from_secs(30));
-        let deadline = Instant::now() + within;
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the CrowdSec LAPI did not listen on {addr} within {within:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let listening = crate::wait::poll_every(Duration::from_millis(100), within, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        assert!(
+            listening.is_some(),
+            "the CrowdSec LAPI did not listen on {addr} within {within:?}\n{}",
+            self.log()
+        );
     }
 }
 

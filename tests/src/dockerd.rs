@@ -44,14 +44,10 @@ impl DockerdOutage {
         let outage = Self { log_path: log_path() };
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .unwrap_or_else(|e| panic!("SIGTERM to dockerd ({pid}): {e}"));
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while process_alive(pid) || answers() {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd ({pid}) still runs {STOP_TIMEOUT:?} after SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        let stopped = crate::wait::poll_every(Duration::from_millis(100), STOP_TIMEOUT, || {
+            !process_alive(pid) && !answers()
+        });
+        assert!(stopped.is_some(), "dockerd ({pid}) still runs {STOP_TIMEOUT:?} after SIGTERM");
         outage
     }
 
@@ -89,12 +85,23 @@ fn start(log_path: &PathBuf) -> Result<(), String> {
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
     let mut command = Command::new("dockerd");
     command.stdin(Stdio::null()).stdout(log).stderr(log_err);
-    // SAFETY: setsid is async-signal-safe; it detaches dockerd from the test's session and
-    // process group, so nothing aimed at the test run reaches it.
+    // SAFETY: setsid, close_range and fcntl are async-signal-safe. setsid detaches dockerd
+    // from the test's session and process group, so nothing aimed at the test run reaches it.
+    // Every descriptor above stderr is closed at exec: the test process inherits some without
+    // close-on-exec, and one that holds a lock (`flock FILE cargo xtask test` hands its fd 3
+    // down to the tests) would be held by the daemon for as long as it runs.
     unsafe {
         command.pre_exec(|| {
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
+            }
+            let all_cloexec =
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            if all_cloexec == -1 {
+                // Before Linux 5.11: one by one.
+                for fd in 3..65_536 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             Ok(())
         });

@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -143,15 +143,9 @@ impl Fail2ban {
     }
 
     fn wait_until(&self, within: Duration, what: &str, check: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + crate::patience(within);
-        while !check(self) {
-            assert!(
-                Instant::now() < deadline,
-                "fail2ban: not {what} within {within:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let every = Duration::from_millis(200);
+        let done = crate::wait::poll_every(every, crate::patience(within), || check(self));
+        assert!(done.is_some(), "fail2ban: not {what} within {within:?}\n{}", self.log());
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`prepare_test_bed`] at the start of the next one.
 
 pub mod agent;
+pub mod bed;
 pub mod boot;
 pub mod cmd;
 pub mod container_agent;
@@ -25,6 +26,7 @@ pub mod raw;
 pub mod seed;
 pub mod swarm;
 pub mod tun;
+pub mod wait;
 
 use std::fs::{File, OpenOptions};
 use std::thread;

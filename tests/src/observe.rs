@@ -194,8 +194,19 @@ pub fn free_local_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-/// `GET path` over HTTP/1.0; the body, or why it failed.
+/// `GET path` over HTTP/1.0 from the agent's loopback endpoint (or any other server): the
+/// body, or why it failed (a status other than 200 included).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let (status_line, body) = http_response(addr, path)?;
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("GET http://{addr}{path}: {status_line}: {}", body.trim()));
+    }
+    Ok(body)
+}
+
+/// `GET path` over HTTP/1.0, whatever the status: (status line, body), or why no HTTP
+/// response came.
+pub fn http_response(addr: SocketAddr, path: &str) -> Result<(String, String), String> {
     let timeout = Duration::from_secs(5);
     let mut stream =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
@@ -205,12 +216,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(|e| format!("read from {addr}: {e}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1);
-    if !head.starts_with("HTTP/1.") || status != Some("200") {
-        let status_line = head.lines().next().unwrap_or("");
+    let status_line = head.lines().next().unwrap_or("");
+    if !head.starts_with("HTTP/1.") {
         return Err(format!("GET http://{addr}{path}: {status_line}: {}", body.trim()));
     }
-    Ok(body.to_owned())
+    Ok((status_line.to_owned(), body.to_owned()))
 }
 
 /// The value of the metric line whose name and labels are exactly `series` (e.g.

@@ -163,11 +163,9 @@ pub fn unspecified(addr: SocketAddr) -> IpAddr {
 /// Waits (bounded) until `addr` accepts TCP connections: containers start their listeners a
 /// moment after `docker run` returns.
 pub fn wait_for_tcp(addr: SocketAddr, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !tcp_connect(addr, QUICK) {
-        assert!(Instant::now() < deadline, "{addr} does not accept connections after {within:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
+    let accepted =
+        crate::wait::poll_every(Duration::from_millis(100), within, || tcp_connect(addr, QUICK));
+    assert!(accepted.is_some(), "{addr} does not accept connections after {within:?}");
 }
 
 /// Sends `payload` from a UDP socket bound to `local` to `remote` and returns the first

@@ -26,18 +26,18 @@ use std::time::{Duration, Instant};
 
 use guard_common::parse::MAX_V6_EXTENSIONS;
 use tests::agent::Agent;
+use tests::bed::{BedSpec, outside_host};
 use tests::cmd::run;
 use tests::docker::{Container, ContainerSpec, Network};
-use tests::host::RoutingHost;
 use tests::netns::{Netns, OutsideHost, in_netns};
-use tests::observe::{free_local_port, http_get};
+use tests::observe::http_get;
 use tests::probe::{EchoServer, Outcome, PATIENT, Proto, QUICK, udp_roundtrip};
 use tests::raw::{
     self, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Fragment, IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT, IPPROTO_TCP, IPPROTO_UDP, RawLink, SynProbe, TCP_SYN, XorShift, probe_syns,
     syn_frame,
 };
-use tests::{Exclusive, prepare_test_bed};
+use tests::wait::poll;
 
 const NET_V4: &str = "10.247.0.0/24";
 const NET_V6: &str = "fd00:247::/64";
@@ -88,17 +88,12 @@ fn container(
 
 /// Outside host `name` numbered `n`, a neighbour that routes the test network via the host.
 fn outside(name: &str, n: u8) -> OutsideHost {
-    let host = OutsideHost::new(name, n);
-    host.route_via_host(NET_V4);
-    host.route_via_host(NET_V6);
-    host
+    outside_host(name, n, &[NET_V4, NET_V6])
 }
 
 /// The agent on `uplinks`, enforce mode, with its metrics on a free loopback port.
 fn agent(uplinks: &[&str]) -> (Agent, SocketAddr) {
-    let metrics = sock(Ipv4Addr::LOCALHOST, free_local_port());
-    let agent = Agent::start_with(uplinks, &["--metrics-addr", &metrics.to_string()]);
-    (agent, metrics)
+    Agent::start_with_metrics(uplinks, &[])
 }
 
 /// A raw link on `host`'s side of its veth, and the MAC its frames are addressed to (the
@@ -114,20 +109,22 @@ struct Bed {
     link: RawLink,
     /// The host's MAC on A's segment: where A's unicast frames go.
     host_mac: raw::Mac,
-    a: OutsideHost,
-    net: Network,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
+    base: tests::bed::Bed,
 }
+
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let exclusive = prepare_test_bed();
-        let routing = RoutingHost::enable();
-        let net = Network::create("guard-e2e-adv", NET_V4, Some(NET_V6));
-        let a = outside("adv-a", 41);
-        let (link, host_mac) = raw_link(&a);
-        Self { link, host_mac, a, net, _routing: routing, _exclusive: exclusive }
+        let base = tests::bed::Bed::new(BedSpec {
+            network: "guard-e2e-adv",
+            subnet_v4: NET_V4,
+            subnet_v6: Some(NET_V6),
+            outside: &[("adv-a", 41)],
+            ..Default::default()
+        });
+        let (link, host_mac) = raw_link(base.a());
+        Self { link, host_mac, base }
     }
 
     /// A database published the way compose files do (16379 -> 6379), no label: closed.
@@ -144,7 +141,7 @@ impl Bed {
 
     /// A SYN from A to `to`, under `tags`.
     fn syn(&self, what: &str, tags: &[u16], to: SocketAddr) -> SynProbe {
-        syn_probe(what, &self.link, self.host_mac, &self.a, tags, to)
+        syn_probe(what, &self.link, self.host_mac, self.a(), tags, to)
     }
 
     /// A container at `host` that serves nothing, for outbound traffic.
@@ -222,7 +219,7 @@ fn packets_with_verdict(metrics: SocketAddr, verdict: &str) -> f64 {
 #[test]
 fn priority_tagged_syns_reach_no_closed_port() {
     let bed = Bed::new();
-    let (a, a_link, a_dst) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, a_link, a_dst) = (bed.a(), &bed.link, bed.host_mac);
     let db = bed.closed_db();
     let m = OutsideHost::new("adv-m", 42);
     let mv_net = Network::create_macvlan("guard-e2e-adv-mv", "10.251.42.0/24", m.host_end());
@@ -283,7 +280,7 @@ fn priority_tagged_syns_reach_no_closed_port() {
 #[test]
 fn broadcast_and_multicast_udp_reach_no_closed_container() {
     let bed = Bed::new();
-    let (a, link, host_mac) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, link, host_mac) = (bed.a(), &bed.link, bed.host_mac);
     let udp = container(&bed.net, "adv-udp", 11, &[], &["15353:5353/udp"], "exec sleep 1000", &[]);
     // docker-proxy relays to the container's v4 address, whichever family it took; listen on
     // both anyway.
@@ -346,10 +343,7 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
             .map(|(what, frame)| {
                 let before = received();
                 link.send(&frame);
-                let deadline = Instant::now() + within;
-                while received() == before && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(20));
-                }
+                poll(within, || received() != before);
                 (what, received() > before)
             })
             .collect()
@@ -383,7 +377,7 @@ fn broadcast_and_multicast_udp_reach_no_closed_container() {
 #[test]
 fn expose_every_udp_port_opens_udp_and_keeps_tcp_closed() {
     let bed = Bed::new();
-    let a = &bed.a;
+    let a = bed.a();
     let serve_tcp = "exec httpd -f -p 6300 -h /www";
     let publish = ["15300:5300/udp", "16300:6300"];
     let label = ("guard.expose", "*/udp");
@@ -445,7 +439,7 @@ fn expose_every_udp_port_opens_udp_and_keeps_tcp_closed() {
 #[test]
 fn ipv4_mapped_source_is_no_allowed_source() {
     let bed = Bed::new();
-    let (a, link, host_mac) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, link, host_mac) = (bed.a(), &bed.link, bed.host_mac);
     let allow = format!("7000/tcp from {}", a.v4());
     let partner = container(
         &bed.net,
@@ -543,7 +537,7 @@ fn tiny_fragment_syn(
 #[test]
 fn tiny_first_fragments_reach_no_closed_port() {
     let bed = Bed::new();
-    let (a, link, host_mac) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, link, host_mac) = (bed.a(), &bed.link, bed.host_mac);
     let db = bed.closed_db();
     let _web = bed.exposed_web();
     let fragmented = |what: &str, to: SocketAddr| {
@@ -589,7 +583,7 @@ fn tiny_first_fragments_reach_no_closed_port() {
 #[test]
 fn long_extension_header_chains_reach_no_closed_port() {
     let bed = Bed::new();
-    let (a, link, host_mac) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, link, host_mac) = (bed.a(), &bed.link, bed.host_mac);
     let db = bed.closed_db();
     let web = bed.exposed_web();
     let chained = |headers: usize, what: &str, to: SocketAddr| {
@@ -676,7 +670,7 @@ fn ping(from: &Container, to: IpAddr) -> (u32, String) {
 #[test]
 fn container_ping_gets_replies() {
     let bed = Bed::new();
-    let a = &bed.a;
+    let a = bed.a();
     let pinger = bed.idle("adv-pinger", 14);
     let check = |context: &str| {
         let mut wrong = Vec::new();
@@ -894,7 +888,7 @@ fn path_mtu_discovery_through_a_narrow_router() {
 #[test]
 fn fragmented_udp_reply_reaches_the_container() {
     let bed = Bed::new();
-    let a = &bed.a;
+    let a = bed.a();
     let client = bed.idle("adv-client", 14);
     let _servers: Vec<EchoServer> = [IpAddr::from(a.v4()), a.v6().into()]
         .map(|ip| a.udp_echo(sock(ip, 7400), SERVER_LIFETIME))
@@ -962,7 +956,7 @@ fn server_says(ends: &mut (TcpStream, TcpStream), message: &[u8]) -> Result<(), 
 fn spoofed_syn_flood_does_not_cut_idle_connections() {
     const FLOWS: u32 = 40_000;
     let bed = Bed::new();
-    let (a, link, host_mac) = (&bed.a, &bed.link, bed.host_mac);
+    let (a, link, host_mac) = (bed.a(), &bed.link, bed.host_mac);
     let _web = bed.exposed_web();
     let idle = bed.idle("adv-idle", 14);
     // The spoofed sources live behind A: every SYN-ACK goes to A, which drops it (it does

@@ -20,18 +20,17 @@ use guard_userspace::{
     policy::Cidr,
 };
 use tests::{
-    Exclusive,
     agent::{Agent, guard_bin},
+    bed::BedSpec,
     crowdsec::Lapi,
     daemon::ScratchDir,
-    docker::{Container, ContainerSpec, Network},
+    docker::{Container, ContainerSpec},
     fail2ban::{self, Fail2ban, Jail},
-    host::RoutingHost,
     netns::OutsideHost,
-    observe::{free_local_port, http_get, map_entry_count, metric},
-    prepare_test_bed,
+    observe::{http_get, map_entry_count, metric},
     probe::{PATIENT, QUICK},
     raw::{self, RawLink},
+    wait::{poll_every, poll_for},
 };
 
 const SUBNET_V4: &str = "10.236.0.0/24";
@@ -47,25 +46,27 @@ const TAKES_EFFECT: Duration = Duration::from_secs(10);
 /// its log to a scratch directory on the host; outside hosts A (to be banned) and B. Field
 /// order is drop order.
 struct Bed {
-    a: OutsideHost,
-    b: OutsideHost,
     web: Container,
-    _net: Network,
     /// The container's `/log`.
     logs: ScratchDir,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
+    base: tests::bed::Bed,
 }
+
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let exclusive = prepare_test_bed();
+        let base = tests::bed::Bed::new(BedSpec {
+            network: "guard-e2e-bans",
+            subnet_v4: SUBNET_V4,
+            outside: &[("bans-a", 36), ("bans-b", 37)],
+            ..Default::default()
+        });
         let logs = ScratchDir::new("bans-log");
-        let net = Network::create("guard-e2e-bans", SUBNET_V4, None);
         let volume = format!("{}:/log", logs.path().display());
         let web = Container::run(ContainerSpec {
             name: "bans-web",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some(WEB_IP.parse().unwrap()),
             labels: &[("guard.expose", "80/tcp,443/tcp")],
             publish: &["20080:80", "20443:443"],
@@ -74,17 +75,7 @@ impl Bed {
             volumes: &[&volume],
             ..Default::default()
         });
-        let routing = RoutingHost::enable();
-        let a = OutsideHost::new("bans-a", 36);
-        let b = OutsideHost::new("bans-b", 37);
-        for host in [&a, &b] {
-            host.route_via_host(SUBNET_V4);
-        }
-        Bed { a, b, web, _net: net, logs, _routing: routing, _exclusive: exclusive }
-    }
-
-    fn agent(&self, extra: &[&str]) -> Agent {
-        Agent::start_with(&[self.a.host_end(), self.b.host_end()], extra)
+        Bed { web, logs, base }
     }
 
     /// Every way `host` can reach an exposed port: each port by the container's address and
@@ -107,23 +98,19 @@ impl Bed {
     /// Waits until A reaches either every door (`open`) or none, and checks that B reaches
     /// every door all the while.
     fn wait_for_a(&self, open: bool, agent: &Agent, what: &str) {
-        let deadline = Instant::now() + tests::patience(TAKES_EFFECT);
-        loop {
+        let mut reached = Vec::new();
+        let done = poll_every(Duration::ZERO, tests::patience(TAKES_EFFECT), || {
             let timeout = if open { PATIENT } else { QUICK };
-            let reached = self.reached(&self.a, timeout);
-            let done =
-                if open { reached.len() == self.doors(&self.a).len() } else { reached.is_empty() };
-            if done {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: A reaches {reached:?} after {TAKES_EFFECT:?}\n{}",
-                agent.log()
-            );
-        }
-        let b_reached = self.reached(&self.b, PATIENT);
-        assert_eq!(b_reached, self.doors(&self.b), "{what}: B must reach every exposed port");
+            reached = self.reached(self.a(), timeout);
+            if open { reached.len() == self.doors(self.a()).len() } else { reached.is_empty() }
+        });
+        assert!(
+            done.is_some(),
+            "{what}: A reaches {reached:?} after {TAKES_EFFECT:?}\n{}",
+            agent.log()
+        );
+        let b_reached = self.reached(self.b(), PATIENT);
+        assert_eq!(b_reached, self.doors(self.b()), "{what}: B must reach every exposed port");
     }
 
     /// The container writes one failed login of `addr` to its log.
@@ -143,7 +130,7 @@ fn guard_opts(agent: &Agent) -> String {
 fn fail2ban_bans_an_outside_host_from_every_exposed_port() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    let a = bed.a.v4().to_string();
+    let a = bed.a().v4().to_string();
     bed.wait_for_a(true, &agent, "before any failure");
 
     let guard = guard_bin();
@@ -185,7 +172,7 @@ fn crowdsec_decisions_ban_and_unban_an_outside_host() {
         "--crowdsec-poll",
         "1s",
     ]);
-    let a = bed.a.v4().to_string();
+    let a = bed.a().v4().to_string();
     bed.wait_for_a(true, &agent, "before any decision");
 
     lapi.ban(&a, "1h");
@@ -228,14 +215,11 @@ fn fail2ban_runs_the_action_with_guard_ban_arguments() {
         format!("ban 2001:db8::7 --reason fail2ban guard-test {opts}"),
         format!("unban 192.0.2.7 {opts}"),
     ];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let recorded = loop {
-        let recorded = fs::read_to_string(&calls).unwrap_or_default();
-        if recorded.lines().count() >= want.len() || Instant::now() > deadline {
-            break recorded;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut recorded = String::new();
+    poll_every(Duration::from_millis(100), Duration::from_secs(10), || {
+        recorded = fs::read_to_string(&calls).unwrap_or_default();
+        recorded.lines().count() >= want.len()
+    });
     assert_eq!(recorded.lines().collect::<Vec<_>>(), want, "\n{}", f2b.log());
 }
 
@@ -340,15 +324,16 @@ fn wait_for(
     what: &str,
     check: impl Fn(&Bans) -> bool,
 ) -> Bans {
-    let deadline = Instant::now() + tests::patience(TAKES_EFFECT);
-    loop {
+    let mut last = None;
+    let found = poll_for(Duration::from_millis(100), tests::patience(TAKES_EFFECT), || {
         let bans = receiver.borrow().clone();
         if check(&bans) {
-            return bans;
+            return Some(bans);
         }
-        assert!(Instant::now() < deadline, "no {what} within {TAKES_EFFECT:?}: {bans:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        last = Some(bans);
+        None
+    });
+    found.unwrap_or_else(|| panic!("no {what} within {TAKES_EFFECT:?}: {last:?}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,23 +357,25 @@ const ROUND_GAP: Duration = Duration::from_millis(100);
 struct RateBed {
     agent: Agent,
     metrics: SocketAddr,
-    a: OutsideHost,
-    b: OutsideHost,
     _web: Container,
     _bad: Container,
-    _net: Network,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
+    base: tests::bed::Bed,
 }
+
+tests::on_the_common_bed!(RateBed);
 
 impl RateBed {
     fn new() -> Self {
-        let exclusive = prepare_test_bed();
-        let net = Network::create("guard-e2e-rate", RATE_SUBNET, None);
+        let base = tests::bed::Bed::new(BedSpec {
+            network: "guard-e2e-rate",
+            subnet_v4: RATE_SUBNET,
+            outside: &[("rate-a", 38), ("rate-b", 39)],
+            ..Default::default()
+        });
         let limit = format!("80/tcp {}/s burst {}", RATE.0, RATE.1);
         let web = Container::run(ContainerSpec {
             name: "rate-web",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some(RATE_WEB),
             labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", &limit)],
             command: "exec httpd -f -p 80 -h /www",
@@ -397,35 +384,15 @@ impl RateBed {
         });
         let bad = Container::run(ContainerSpec {
             name: "rate-bad",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some(RATE_BAD),
             labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", "80/tcp 10/h")],
             command: "exec httpd -f -p 80 -h /www",
             listens_on: &[80],
             ..Default::default()
         });
-        let routing = RoutingHost::enable();
-        let a = OutsideHost::new("rate-a", 38);
-        let b = OutsideHost::new("rate-b", 39);
-        for host in [&a, &b] {
-            host.route_via_host(RATE_SUBNET);
-        }
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_local_port()));
-        let agent = Agent::start_with(
-            &[a.host_end(), b.host_end()],
-            &["--metrics-addr", &metrics.to_string()],
-        );
-        RateBed {
-            agent,
-            metrics,
-            a,
-            b,
-            _web: web,
-            _bad: bad,
-            _net: net,
-            _routing: routing,
-            _exclusive: exclusive,
-        }
+        let (agent, metrics) = base.agent_with_metrics(&[]);
+        RateBed { agent, metrics, _web: web, _bad: bad, base }
     }
 
     /// Port 80 of the web container in `guard status --json`.
@@ -490,19 +457,19 @@ fn flood_syns(a: &OutsideHost) -> (BTreeSet<u16>, Duration) {
 fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_served() {
     let mut bed = RateBed::new();
     let web = SocketAddr::from((RATE_WEB, 80));
-    assert!(bed.b.tcp_connect(web, PATIENT), "B reaches the exposed port before the flood");
+    assert!(bed.b().tcp_connect(web, PATIENT), "B reaches the exposed port before the flood");
 
     // B connects one at a time all through A's flood.
     let (flood, b_outcomes) = std::thread::scope(|scope| {
         let b = scope.spawn(|| {
             let mut outcomes = Vec::new();
             for _ in 0..12 {
-                outcomes.push(bed.b.tcp_connect(web, PATIENT));
+                outcomes.push(bed.b().tcp_connect(web, PATIENT));
                 std::thread::sleep(Duration::from_millis(200));
             }
             outcomes
         });
-        let flood = flood_syns(&bed.a);
+        let flood = flood_syns(bed.a());
         (flood, b.join().expect("B's connections"))
     });
     let (answered, sending) = flood;
@@ -556,10 +523,10 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
     );
     // The log is bounded: A's drops are its first in full and then a summary per 10 s
     // window, while `guard drops` keeps every one.
-    let a_src = format!("\"src\":\"{}\"", bed.a.v4());
+    let a_src = format!("\"src\":\"{}\"", bed.a().v4());
     let kept = drops.lines().filter(|l| l.contains(&a_src)).count();
     let log = bed.agent.log();
-    let a_field = format!(" src={} ", bed.a.v4());
+    let a_field = format!(" src={} ", bed.a().v4());
     let logged = log.lines().filter(|l| l.contains(" guard::drops: ") && l.contains(&a_field));
     let logged = logged.count();
     println!("A's drops: {kept} kept for guard drops, {logged} lines logged");
@@ -587,7 +554,7 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
 
     // After a pause the bucket has refilled: A is served again.
     std::thread::sleep(Duration::from_secs(1));
-    assert!(bed.a.tcp_connect(web, PATIENT), "A after a pause\n{}", bed.agent.log());
+    assert!(bed.a().tcp_connect(web, PATIENT), "A after a pause\n{}", bed.agent.log());
 
     // A limit that does not parse is reported and limits nothing: the port stays as its
     // opening says.
@@ -598,7 +565,7 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
             && log.contains("N/s"),
         "no warning naming the bad limit:\n{log}"
     );
-    assert!(bed.b.tcp_connect(SocketAddr::from((RATE_BAD, 80)), PATIENT));
+    assert!(bed.b().tcp_connect(SocketAddr::from((RATE_BAD, 80)), PATIENT));
 
     // A new agent derives the limit again from the labels, flag and all.
     bed.agent.terminate();

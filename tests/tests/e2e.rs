@@ -11,10 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tests::agent::Agent;
-use tests::docker::{Container, ContainerSpec, Engine, Network};
-use tests::host::RoutingHost;
+use tests::bed::{Bed, BedSpec, Gateway};
+use tests::docker::{Container, ContainerSpec, Engine};
 use tests::netns::{OutsideHost, in_netns, xdp_attached};
-use tests::prepare_test_bed;
 use tests::probe::Outcome::{Answered, Silent};
 use tests::probe::{PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip};
 use tests::seed::SeedBed;
@@ -120,13 +119,18 @@ fn stopped_agent_keeps_protection_until_unloaded() {
 #[test]
 fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass() {
     const SUBNET: &str = "10.249.60.0/24";
-    let _exclusive = prepare_test_bed();
     let routed = Engine::current().has_gateway_modes();
-    let net = Network::create_routed("guard-e2e-routed", SUBNET);
+    let bed = Bed::new(BedSpec {
+        network: "guard-e2e-routed",
+        subnet_v4: SUBNET,
+        outside: &[("rt", 60)],
+        gateway: Gateway::Routed,
+        ..Default::default()
+    });
     let ip = |host| Ipv4Addr::new(10, 249, 60, host);
     let _web = Container::run(ContainerSpec {
         name: "rt-web",
-        network: Some(&net),
+        network: Some(&bed.net),
         ip: Some(ip(10)),
         labels: &[("guard.expose", "443/tcp")],
         publish: &["20443:443", "20444:8443"],
@@ -136,15 +140,13 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
     });
     let api = Container::run(ContainerSpec {
         name: "rt-api",
-        network: Some(&net),
+        network: Some(&bed.net),
         ip: Some(ip(11)),
         command: "exec httpd -f -p 8080 -h /www",
         listens_on: &[8080],
         ..Default::default()
     });
-    let _routing = RoutingHost::enable();
-    let a = OutsideHost::new("rt", 60);
-    a.route_via_host(SUBNET);
+    let a = bed.a();
 
     // (what, address, open without the agent, open with it)
     let targets = [
@@ -165,7 +167,7 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
                 wrong.push(format!("{line}, expected {expected}"));
             }
         }
-        wrong.extend(outbound_from(&api, &a, if routed { ip(11) } else { a.host_v4() }));
+        wrong.extend(outbound_from(&api, a, if routed { ip(11) } else { a.host_v4() }));
         if let Some(agent) = agent {
             agent.unload();
         }

@@ -6,27 +6,25 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
+    net::{SocketAddr, UdpSocket},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use guard_userspace::{maps::PolicyMaps, pins::Pins};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
-    Exclusive,
     agent::{Agent, guard_bin},
+    bed::{BedSpec, PolicyFile},
     cmd::try_run,
-    docker::{Container, ContainerSpec, Network, docker},
-    host::RoutingHost,
-    netns::{OutsideHost, ifindex},
-    prepare_test_bed,
+    docker::{Container, ContainerSpec, docker},
+    netns::ifindex,
+    observe::{http_response, metric},
     probe::{
         Outcome::{self, Silent},
         PATIENT, QUICK,
     },
+    wait::poll_every,
 };
 
 const SUBNET_V4: &str = "10.249.0.0/24";
@@ -35,22 +33,25 @@ const METRICS: &str = "127.0.0.1:19184";
 /// One network with a database (published, no label) and a web server (443 exposed by label,
 /// 8443 not), outside host A, and a policy file of the test's own. Field order is drop order.
 struct Bed {
-    a: OutsideHost,
     db: Container,
     web: Container,
-    net: Network,
-    config: PathBuf,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
+    policy: PolicyFile,
+    base: tests::bed::Bed,
 }
+
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let exclusive = prepare_test_bed();
-        let net = Network::create("guard-e2e-op", SUBNET_V4, None);
+        let base = tests::bed::Bed::new(BedSpec {
+            network: "guard-e2e-op",
+            subnet_v4: SUBNET_V4,
+            outside: &[("op", 5)],
+            ..Default::default()
+        });
         let db = Container::run(ContainerSpec {
             name: "op-db",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some("10.249.0.10".parse().unwrap()),
             publish: &["25432:5432"],
             command: "exec httpd -f -p 5432 -h /www",
@@ -59,7 +60,7 @@ impl Bed {
         });
         let web = Container::run(ContainerSpec {
             name: "op-web",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some("10.249.0.11".parse().unwrap()),
             labels: &[("guard.expose", "443/tcp")],
             publish: &["20443:443", "28443:8443"],
@@ -67,20 +68,15 @@ impl Bed {
             listens_on: &[443, 8443],
             ..Default::default()
         });
-        let routing = RoutingHost::enable();
-        let a = OutsideHost::new("op", 5);
-        a.route_via_host(SUBNET_V4);
-        let config = std::env::temp_dir().join(format!("guard-e2e-op-{}.toml", std::process::id()));
-        fs::write(&config, "").unwrap();
-        Bed { a, db, web, net, config, _routing: routing, _exclusive: exclusive }
+        Bed { db, web, policy: PolicyFile::new("op"), base }
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        let config = self.config.to_string_lossy().into_owned();
+        let config = self.policy.arg();
         let mut args =
             vec!["--config", &config, "--metrics-addr", METRICS, "--resync-interval", "1"];
         args.extend_from_slice(extra);
-        Agent::start_with(&[self.a.host_end()], &args)
+        self.base.agent(&args)
     }
 
     fn db(&self) -> SocketAddr {
@@ -88,18 +84,18 @@ impl Bed {
     }
 
     fn db_published(&self) -> SocketAddr {
-        SocketAddr::new(self.a.host_v4().into(), 25432)
+        SocketAddr::new(self.a().host_v4().into(), 25432)
     }
 
     /// Writes a policy file whose rule opens db to A, and waits until A reaches it.
     fn open_db_to_a_by_rule(&self, agent: &Agent) {
         let rule = format!(
             "[[rule]]\nname = \"a reaches db\"\nmatch = {{ container = \"guard-e2e-op-db\" }}\nallow = [{{ ports = \"5432/tcp\", from = [\"{}\"] }}]\n",
-            self.a.v4()
+            self.a().v4()
         );
         self.write_policy(agent, &rule);
         assert!(
-            eventually(Duration::from_secs(10), || self.a.tcp_connect(self.db(), QUICK)),
+            eventually(Duration::from_secs(10), || self.a().tcp_connect(self.db(), QUICK)),
             "the file rule did not open db to A:\n{}",
             agent.log()
         );
@@ -107,49 +103,19 @@ impl Bed {
 
     /// Rewrites the policy file and tells the agent to reload it.
     fn write_policy(&self, agent: &Agent, text: &str) {
-        fs::write(&self.config, text).unwrap();
+        fs::write(self.policy.path(), text).unwrap();
         nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
     }
 }
 
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.config);
-    }
-}
-
 /// Polls `check` every 100 ms until it holds or `within` has passed.
-fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn eventually(within: Duration, check: impl FnMut() -> bool) -> bool {
+    poll_every(Duration::from_millis(100), within, check).is_some()
 }
 
 /// GET `path` from the agent's HTTP endpoint: (status line, body).
 fn http_get(path: &str) -> (String, String) {
-    let mut stream =
-        TcpStream::connect(METRICS).unwrap_or_else(|e| panic!("connect {METRICS}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
-}
-
-/// The value of the metric line that starts with `series` (0 if absent).
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    http_response(METRICS.parse().unwrap(), path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn guard(args: &[&str]) -> std::process::Output {
@@ -160,12 +126,12 @@ fn guard(args: &[&str]) -> std::process::Output {
 fn policy_file_rules_reload_and_audit_mode() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent, "db is not dropped before any rule");
+    assert_eq!(bed.a().tcp_outcome(bed.db(), QUICK), Silent, "db is not dropped before any rule");
 
     // A rule opens db to A, without recreating anything.
     bed.open_db_to_a_by_rule(&agent);
     assert!(
-        bed.a.tcp_connect(bed.db_published(), PATIENT),
+        bed.a().tcp_connect(bed.db_published(), PATIENT),
         "db's published port stays closed to A"
     );
 
@@ -179,29 +145,32 @@ fn policy_file_rules_reload_and_audit_mode() {
         "no line:column error for the broken file:\n{}",
         agent.log()
     );
-    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "a broken file closed what the rule opened");
+    assert!(bed.a().tcp_connect(bed.db(), PATIENT), "a broken file closed what the rule opened");
     let (_, metrics) = http_get("/metrics");
-    assert!(metric(&metrics, "guard_config_reloads_total{result=\"error\"}") >= 1, "{metrics}");
+    assert!(
+        metric(&metrics, "guard_config_reloads_total{result=\"error\"}") >= Some(1.0),
+        "{metrics}"
+    );
 
     // Audit mode: nothing is dropped, the would-drops are counted as such.
     bed.write_policy(&agent, "mode = \"audit\"\n");
     let audited = "guard_packets_total{reason=\"closed\",verdict=\"pass\",audited=\"true\"}";
     let web_8443 = SocketAddr::new(bed.web.ip().into(), 8443);
     assert!(
-        eventually(Duration::from_secs(10), || bed.a.tcp_connect(web_8443, QUICK)),
+        eventually(Duration::from_secs(10), || bed.a().tcp_connect(web_8443, QUICK)),
         "audit mode still drops web:8443:\n{}",
         agent.log()
     );
-    let before = metric(&http_get("/metrics").1, audited);
-    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "audit mode: A cannot reach db");
-    let after = metric(&http_get("/metrics").1, audited);
+    let before = metric(&http_get("/metrics").1, audited).unwrap_or(0.0);
+    assert!(bed.a().tcp_connect(bed.db(), PATIENT), "audit mode: A cannot reach db");
+    let after = metric(&http_get("/metrics").1, audited).unwrap_or(0.0);
     assert!(after > before, "the would-drop counter did not grow ({before} -> {after})");
     assert!(http_get("/metrics").1.contains("guard_audit_mode 1"));
 
     // Back to enforce: closed again.
     bed.write_policy(&agent, "mode = \"enforce\"\n");
     assert!(
-        eventually(Duration::from_secs(10), || bed.a.tcp_outcome(web_8443, QUICK) == Silent),
+        eventually(Duration::from_secs(10), || bed.a().tcp_outcome(web_8443, QUICK) == Silent),
         "enforce mode did not close web:8443 again"
     );
     agent.unload();
@@ -211,19 +180,20 @@ fn policy_file_rules_reload_and_audit_mode() {
 fn explain_agrees_with_real_traffic() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    let a = bed.a.v4().to_string();
+    let a = bed.a().v4().to_string();
     let web = bed.web.ip();
     let cases = [
         (bed.db(), "closed"),
         (bed.db_published(), "closed"),
         (SocketAddr::new(web.into(), 443), "exposed"),
-        (SocketAddr::new(bed.a.host_v4().into(), 20443), "exposed"),
+        (SocketAddr::new(bed.a().host_v4().into(), 20443), "exposed"),
         (SocketAddr::new(web.into(), 8443), "closed"),
-        (SocketAddr::new(bed.a.host_v4().into(), 28443), "closed"),
+        (SocketAddr::new(bed.a().host_v4().into(), 28443), "closed"),
     ];
     let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
     for (target, reason) in cases {
-        let outcome = bed.a.tcp_outcome(target, if reason == "exposed" { PATIENT } else { QUICK });
+        let outcome =
+            bed.a().tcp_outcome(target, if reason == "exposed" { PATIENT } else { QUICK });
         let out =
             guard(&["explain", &a, &format!("{target}/tcp"), "--pin-dir", &pin_dir, "--json"]);
         assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
@@ -301,11 +271,11 @@ fn drops_metrics_status_and_json_logs() {
 
     // A few connection attempts, then a bounded UDP burst to a closed port: far over the
     // kernel's event budget (50 per CPU and second), so some events must be suppressed.
-    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent);
-    assert_eq!(bed.a.tcp_outcome(bed.db_published(), QUICK), Silent);
+    assert_eq!(bed.a().tcp_outcome(bed.db(), QUICK), Silent);
+    assert_eq!(bed.a().tcp_outcome(bed.db_published(), QUICK), Silent);
     let target = SocketAddr::new(bed.db.ip().into(), 5999);
-    let sent = bed.a.netns().run(|| {
-        let socket = UdpSocket::bind((bed.a.v4(), 0)).unwrap();
+    let sent = bed.a().netns().run(|| {
+        let socket = UdpSocket::bind((bed.a().v4(), 0)).unwrap();
         (0..2000).filter(|_| socket.send_to(b"x", target).is_ok()).count()
     });
     assert_eq!(sent, 2000);
@@ -373,11 +343,14 @@ fn drops_metrics_status_and_json_logs() {
         metric(
             &metrics,
             "guard_packets_total{reason=\"closed\",verdict=\"drop\",audited=\"false\"}"
-        ) >= 2000
+        ) >= Some(2000.0)
     );
-    assert!(metric(&metrics, "guard_drop_events_total{outcome=\"suppressed\"}") > 0, "{metrics}");
     assert!(
-        metrics.contains(&format!("guard_attached{{hook=\"xdp\",iface=\"{}\"", bed.a.host_end()))
+        metric(&metrics, "guard_drop_events_total{outcome=\"suppressed\"}") > Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("guard_attached{{hook=\"xdp\",iface=\"{}\"", bed.a().host_end()))
     );
     assert!(http_get("/healthz").0.contains("200"));
 
@@ -405,11 +378,11 @@ fn drops_metrics_status_and_json_logs() {
 
     // A drop while no agent runs is told by the next one once it has synced, with the
     // container's and the interface's names (the pins dropped it; its event waited).
-    assert_eq!(bed.a.tcp_outcome(bed.db(), QUICK), Silent);
+    assert_eq!(bed.a().tcp_outcome(bed.db(), QUICK), Silent);
     agent.restart();
     agent.wait_for(&format!(
         "(container guard-e2e-op-db port 5432/tcp, direct) on {}",
-        bed.a.host_end()
+        bed.a().host_end()
     ));
 
     // Every log line the agent wrote is JSON.
@@ -455,7 +428,7 @@ fn check_config_validates_without_touching_anything() {
 #[test]
 fn the_start_says_what_is_guarded_and_what_was_ignored() {
     let bed = Bed::new();
-    let iface = bed.a.host_end();
+    let iface = bed.a().host_end();
     let conflict_pins = format!("/sys/fs/bpf/guard-e2e-op-conflict-{}", std::process::id());
     let refused = guard(&[
         "run",
@@ -492,7 +465,7 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
     // A rule in force outlives its file's disappearance.
     let agent = bed.agent(&[]);
     bed.open_db_to_a_by_rule(&agent);
-    fs::remove_file(&bed.config).unwrap();
+    fs::remove_file(bed.policy.path()).unwrap();
     nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), Signal::SIGHUP).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || agent.log().contains("the policy file is gone")),
@@ -500,8 +473,8 @@ fn the_start_says_what_is_guarded_and_what_was_ignored() {
         agent.log()
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert!(bed.a.tcp_connect(bed.db(), PATIENT), "the vanished file took its rule with it");
-    fs::write(&bed.config, "").unwrap();
+    assert!(bed.a().tcp_connect(bed.db(), PATIENT), "the vanished file took its rule with it");
+    fs::write(bed.policy.path(), "").unwrap();
     agent.unload();
 }
 
@@ -541,7 +514,7 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
         let c = found.unwrap_or_else(|| panic!("{container} missing from {report}")).clone();
         c["ports"][0]["outside"].clone()
     };
-    let a = format!("{}/32", bed.a.v4());
+    let a = format!("{}/32", bed.a().v4());
 
     // Without the agent's --config: its rule (by name) and its mode, and in sync. (In audit
     // mode A reaches db before the rule is in force: wait for the agent to say it is.)
@@ -595,7 +568,7 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     let in_sync = || status(&["--check"], None).status.success();
     assert!(eventually(Duration::from_secs(10), in_sync), "never in sync:\n{}", agent.log());
     let report = json(&status(&["--json"], None));
-    let uplink = bed.a.host_end();
+    let uplink = bed.a().host_end();
     let xdp = report["protection"]["hooks"]
         .as_array()
         .unwrap()
@@ -618,8 +591,8 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     // The agent stopped, a broken file given: the kernel's view, the reason, and --check
     // says no agent runs.
     agent.terminate();
-    fs::write(&bed.config, "[rule]\n").unwrap();
-    let config = bed.config.to_string_lossy().into_owned();
+    fs::write(bed.policy.path(), "[rule]\n").unwrap();
+    let config = bed.policy.path().to_string_lossy().into_owned();
     let out = status(&["--json", "--config", &config], None);
     let report = json(&out);
     assert!(report["notes"].to_string().contains("does not load"), "{report}");
@@ -641,11 +614,11 @@ fn bans_close_every_exposed_port_to_a_source_and_end_on_time() {
     let mut agent = bed.agent(&[]);
     let pin_dir = agent.pin_dir().to_string_lossy().into_owned();
     let state_dir = agent.state_dir().to_string_lossy().into_owned();
-    let a = bed.a.v4().to_string();
+    let a = bed.a().v4().to_string();
     let web = SocketAddr::new(bed.web.ip().into(), 443);
-    let web_published = SocketAddr::new(bed.a.host_v4().into(), 20443);
-    let reaches = |addr| bed.a.tcp_connect(addr, PATIENT);
-    let silent = |addr| bed.a.tcp_outcome(addr, QUICK) == Silent;
+    let web_published = SocketAddr::new(bed.a().host_v4().into(), 20443);
+    let reaches = |addr| bed.a().tcp_connect(addr, PATIENT);
+    let silent = |addr| bed.a().tcp_outcome(addr, QUICK) == Silent;
     assert!(reaches(web) && reaches(web_published), "A must reach web:443 before any ban");
     let guard_ok = |agent: &Agent, args: &[&str]| {
         let mut all = args.to_vec();
@@ -676,7 +649,7 @@ fn bans_close_every_exposed_port_to_a_source_and_end_on_time() {
 
     // It ends on time.
     assert!(
-        eventually(Duration::from_secs(15), || bed.a.tcp_connect(web, QUICK)),
+        eventually(Duration::from_secs(15), || bed.a().tcp_connect(web, QUICK)),
         "the ban did not end:\n{}",
         agent.log()
     );
@@ -710,7 +683,7 @@ fn bans_close_every_exposed_port_to_a_source_and_end_on_time() {
     assert!(agent.log().contains("not-an-address"), "the bad line is not named in the log");
     fs::write(&deny_file, "# nobody\n").unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || bed.a.tcp_connect(web, QUICK)),
+        eventually(Duration::from_secs(10), || bed.a().tcp_connect(web, QUICK)),
         "emptying the deny file did not lift its entry:\n{}",
         agent.log()
     );

@@ -10,13 +10,12 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use guard_common::maps::OPEN_EVERYONE;
@@ -28,15 +27,14 @@ use guard_userspace::{
 };
 use serde_json::Value;
 use tests::{
-    Exclusive,
     agent::{Agent, guard_bin},
+    bed::{BedSpec, PolicyFile},
     boot::{bridge_of, started_at},
-    docker::{Container, ContainerSpec, Network},
-    host::RoutingHost,
+    docker::{Container, ContainerSpec},
     netns::OutsideHost,
     observe::{free_local_port, http_get, metric},
-    prepare_test_bed,
     probe::{Outcome, PATIENT, Proto, QUICK},
+    wait::poll_every,
 };
 
 const SUBNET_V4: &str = "10.244.0.0/24";
@@ -45,23 +43,26 @@ const SUBNET_V4: &str = "10.244.0.0/24";
 /// labelled nor published) and db (published as 25433, no label), a host service the test
 /// listens on, and outside host A. Field order is drop order.
 struct Bed {
-    a: OutsideHost,
     db: Container,
     web: Container,
-    net: Network,
     host_service: TcpListener,
-    config: PathBuf,
-    _routing: RoutingHost,
-    _exclusive: Exclusive,
+    policy: PolicyFile,
+    base: tests::bed::Bed,
 }
+
+tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let exclusive = prepare_test_bed();
-        let net = Network::create("guard-e2e-scan", SUBNET_V4, None);
+        let base = tests::bed::Bed::new(BedSpec {
+            network: "guard-e2e-scan",
+            subnet_v4: SUBNET_V4,
+            outside: &[("scan", 21)],
+            ..Default::default()
+        });
         let web = Container::run(ContainerSpec {
             name: "scan-web",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some("10.244.0.11".parse().unwrap()),
             labels: &[("guard.expose", "80/tcp")],
             publish: &["28080:80"],
@@ -71,39 +72,27 @@ impl Bed {
         });
         let db = Container::run(ContainerSpec {
             name: "scan-db",
-            network: Some(&net),
+            network: Some(&base.net),
             ip: Some("10.244.0.10".parse().unwrap()),
             publish: &["25433:5432"],
             command: "exec httpd -f -p 5432 -h /www",
             listens_on: &[5432],
             ..Default::default()
         });
-        let routing = RoutingHost::enable();
-        let a = OutsideHost::new("scan", 21);
-        a.route_via_host(SUBNET_V4);
         // A host service on every address: the kernel accepts its handshakes without accept().
         let host_service = TcpListener::bind("0.0.0.0:0").unwrap();
-        let config =
-            std::env::temp_dir().join(format!("guard-e2e-scan-{}.toml", std::process::id()));
-        fs::write(&config, "").unwrap();
-        Bed { a, db, web, net, host_service, config, _routing: routing, _exclusive: exclusive }
+        Bed { db, web, host_service, policy: PolicyFile::new("scan"), base }
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        let config = self.config.to_string_lossy().into_owned();
+        let config = self.policy.arg();
         let mut args = vec!["--config", &config, "--resync-interval", "1"];
         args.extend_from_slice(extra);
-        Agent::start_with(&[self.a.host_end()], &args)
+        self.base.agent(&args)
     }
 
     fn host_port(&self) -> u16 {
         self.host_service.local_addr().unwrap().port()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.config);
     }
 }
 
@@ -126,12 +115,12 @@ fn scan(agent: &Agent, config: &std::path::Path) -> (i32, Value, String) {
 /// The TCP rows an outside host on the bed can aim at: on A's uplink, at the host's address
 /// there or at the bed's containers.
 fn bed_rows(bed: &Bed, picture: &Value) -> Vec<Value> {
-    let host = bed.a.host_v4().to_string();
+    let host = bed.a().host_v4().to_string();
     picture["rows"]
         .as_array()
         .expect("rows")
         .iter()
-        .filter(|r| r["iface"] == bed.a.host_end() && r["proto"] == "tcp" && r["port"] != 0)
+        .filter(|r| r["iface"] == bed.a().host_end() && r["proto"] == "tcp" && r["port"] != 0)
         .filter(|r| {
             r["address"] == host.as_str() || r["address"].as_str().unwrap().starts_with("10.244.0.")
         })
@@ -156,7 +145,7 @@ fn assert_scan_matches_connections(bed: &Bed, rows: &[Value], extra: &[SocketAdd
     targets.extend(extra);
     let probes: Vec<(Proto, SocketAddr, Duration)> =
         targets.iter().map(|t| (Proto::Tcp, *t, PATIENT)).collect();
-    let outcomes = bed.a.outcome_all(&probes);
+    let outcomes = bed.a().outcome_all(&probes);
     for (target, outcome) in targets.iter().zip(outcomes) {
         let said = row_at(rows, *target).map(|r| r["reach"]["who"].as_str().unwrap().to_owned());
         let reached = outcome == Outcome::Answered;
@@ -174,10 +163,10 @@ fn assert_scan_matches_connections(bed: &Bed, rows: &[Value], extra: &[SocketAdd
 fn scan_lists_exactly_what_the_outside_host_reaches() {
     let bed = Bed::new();
     let agent = bed.agent(&[]);
-    let (code, picture, stderr) = scan(&agent, &bed.config);
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 0, "a synced agent is not in drift: {stderr}\n{picture:#}");
     let rows = bed_rows(&bed, &picture);
-    let host = IpAddr::from(bed.a.host_v4());
+    let host = IpAddr::from(bed.a().host_v4());
     let at = |ip: IpAddr, port| row_at(&rows, SocketAddr::new(ip, port));
     let web = IpAddr::from(bed.web.ip());
     let db = IpAddr::from(bed.db.ip());
@@ -228,8 +217,8 @@ fn scan_lists_exactly_what_the_outside_host_reaches() {
 fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run() {
     let bed = Bed::new();
     let mut agent = bed.agent(&[]);
-    assert_eq!(scan(&agent, &bed.config).0, 0);
-    let db_published = SocketAddr::new(bed.a.host_v4().into(), 25433);
+    assert_eq!(scan(&agent, bed.policy.path()).0, 0);
+    let db_published = SocketAddr::new(bed.a().host_v4().into(), 25433);
     let db_direct = SocketAddr::new(bed.db.ip().into(), 5432);
     agent.kill();
 
@@ -252,7 +241,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
         p.all_ports = OPEN_EVERYONE;
     }
     assert!(maps.apply(&diff(&current, &altered)).is_empty());
-    let (code, picture, stderr) = scan(&agent, &bed.config);
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 1, "an altered map is drift: {stderr}\n{picture:#}");
     let rows = bed_rows(&bed, &picture);
     let row = row_at(&rows, db_published).expect("db's published port");
@@ -267,7 +256,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
 
     // The agent puts the maps back; the scan is clean again.
     agent.restart();
-    assert_eq!(scan(&agent, &bed.config).0, 0, "the agent restored the maps");
+    assert_eq!(scan(&agent, bed.policy.path()).0, 0, "the agent restored the maps");
     agent.kill();
 
     // Every program that judges db's traffic detached behind the agent's back: XDP and TC
@@ -281,8 +270,8 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
     };
     let bridge = bridge_of(&bed.net);
     let detached = [
-        (Hook::Xdp, bed.a.host_end()),
-        (Hook::TcEgress, bed.a.host_end()),
+        (Hook::Xdp, bed.a().host_end()),
+        (Hook::TcEgress, bed.a().host_end()),
         (Hook::BridgeGate, bridge.as_str()),
     ];
     for (hook, iface) in detached {
@@ -301,7 +290,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let (code, picture, stderr) = scan(&agent, &bed.config);
+    let (code, picture, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 1, "detached programs are drift: {stderr}\n{picture:#}");
     let missing: Vec<(String, String)> = picture["hooks"]
         .as_array()
@@ -325,7 +314,7 @@ fn scan_exits_1_on_an_altered_map_or_a_detached_program_and_2_when_it_cannot_run
 
     // A program that cannot be run: a clear error, exit 2.
     fs::remove_file(pins.explain_program(Framing::Ethernet)).unwrap();
-    let (code, _, stderr) = scan(&agent, &bed.config);
+    let (code, _, stderr) = scan(&agent, bed.policy.path());
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("opening the pinned program"), "{stderr}");
     agent.restart();
@@ -430,15 +419,9 @@ fn warn_events(agent: &Agent, name: &str) -> Vec<Value> {
         .collect()
 }
 
-fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while !check() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
+/// Polls `check` every 50 ms until it holds or `within` has passed.
+fn wait_until(within: Duration, check: impl FnMut() -> bool) -> bool {
+    poll_every(Duration::from_millis(50), within, check).is_some()
 }
 
 const METRICS: &str = "127.0.0.1:19186";
@@ -606,7 +589,7 @@ impl Drop for Follower {
 fn the_access_log_has_one_record_per_flow_with_its_rule() {
     let bed = Bed::new();
     // A UDP port open to A alone (by address), beside web's 80/tcp open to everyone.
-    let a_v4 = bed.a.v4().to_string();
+    let a_v4 = bed.a().v4().to_string();
     let allow = format!("5353/udp from {a_v4}");
     let dns = Container::run(ContainerSpec {
         name: "scan-dns",
@@ -618,16 +601,16 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     });
     let echo = dns.udp_echo("0.0.0.0:5353".parse().unwrap(), Duration::from_secs(120));
     let agent = bed.agent(&["--metrics-addr", ACCESS_METRICS]);
-    let host = IpAddr::from(bed.a.host_v4());
+    let host = IpAddr::from(bed.a().host_v4());
     let web = IpAddr::from(bed.web.ip());
 
     // A's flows: web by its published port and by its address, and two datagrams of one UDP
     // flow to dns, each echoed (so each went through).
-    let published = connect_from(&bed.a, SocketAddr::new(host, 28080)).expect("web published");
-    let direct = connect_from(&bed.a, SocketAddr::new(web, 80)).expect("web by address");
+    let published = connect_from(bed.a(), SocketAddr::new(host, 28080)).expect("web published");
+    let direct = connect_from(bed.a(), SocketAddr::new(web, 80)).expect("web by address");
     let dns_addr = SocketAddr::new(dns.ip().into(), 5353);
-    let (udp_sport, echoed) = bed.a.netns().run(|| {
-        let socket = UdpSocket::bind((bed.a.v4(), 0)).unwrap();
+    let (udp_sport, echoed) = bed.a().netns().run(|| {
+        let socket = UdpSocket::bind((bed.a().v4(), 0)).unwrap();
         socket.set_read_timeout(Some(PATIENT)).unwrap();
         let mut buf = [0u8; 64];
         let echoed = (0..2)
@@ -641,7 +624,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     assert_eq!(echo.peers().len(), 2);
     // A closed port: a drop, not an access.
     let closed = SocketAddr::new(host, 25433);
-    assert_eq!(bed.a.tcp_outcome(closed, QUICK), Outcome::Silent);
+    assert_eq!(bed.a().tcp_outcome(closed, QUICK), Outcome::Silent);
 
     // Once the drop is told, every event before it has been read.
     let told = wait_until(Duration::from_secs(10), || {
@@ -650,7 +633,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     assert!(told, "no drop record for {closed}:\n{}", agent.log());
     let access = records(&agent, "access");
     let one = |sport, dport, proto| -> Value {
-        let found = flow(&access, &bed.a, sport, dport, proto);
+        let found = flow(&access, bed.a(), sport, dport, proto);
         assert_eq!(found.len(), 1, "one record for {sport}->{dport}/{proto}: {access:#?}");
         found[0].clone()
     };
@@ -668,7 +651,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
         ),
         "{r:#}"
     );
-    assert_eq!(r["iface"], bed.a.host_end());
+    assert_eq!(r["iface"], bed.a().host_end());
     let r = one(direct, 80, "tcp");
     assert_eq!((&r["dst"], &r["path"]), (&web.to_string().into(), &"direct".into()), "{r:#}");
     assert_eq!(
@@ -698,7 +681,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     // The log line: the sentence, then the fields log shippers split.
     let line = format!(
         "guard::access: let in tcp {a_v4}:{published} -> {host}:28080 (container {web_name} 80/tcp, published) on {iface}: label guard.expose (80/tcp) src={a_v4} sport={published} dst={host} dport=28080 proto=tcp container={web_name} port=80 path=published reason=exposed rule=\"label guard.expose (80/tcp)\" iface={iface}",
-        iface = bed.a.host_end()
+        iface = bed.a().host_end()
     );
     assert!(agent.log().contains(&line), "no line\n{line}\nin\n{}", agent.log());
 
@@ -707,7 +690,7 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     for _ in 0..access.len() {
         assert!(follower.next(Duration::from_secs(10)).is_some(), "the kept records first");
     }
-    let later = connect_from(&bed.a, SocketAddr::new(host, 28080)).expect("web again");
+    let later = connect_from(bed.a(), SocketAddr::new(host, 28080)).expect("web again");
     let followed = std::iter::from_fn(|| follower.next(Duration::from_secs(10)))
         .find(|r| r["sport"] == later && r["src"] == a_v4.as_str());
     let followed = followed.expect("guard access --follow shows the new connection");

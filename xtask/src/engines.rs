@@ -62,19 +62,22 @@ const DOCKER28_DEBS: &[(&str, &str)] = &[
 /// The mirror the machine's own apt sources use, and the suite that has Docker 28.
 const APT_SOURCE: &str = "deb http://deb.debian.org/debian sid main";
 
-/// The tests run against Docker 28, as (test binary, exact name).
+/// The tests run against Docker 28, as (test binary, exact name with its module path).
 const DOCKER28_TESTS: &[(&str, &str)] = &[
     ("e2e", "without_agent_outside_hosts_reach_every_container_port"),
     ("e2e", "with_agent_outside_hosts_reach_only_what_labels_open"),
     ("e2e", "stopped_agent_keeps_protection_until_unloaded"),
     ("e2e", "on_a_nat_unprotected_network_the_agent_alone_closes_what_labels_do_not_open"),
     ("e2e", "on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass"),
-    ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
-    ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
-    ("lifecycle", "crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_and_openings_follow_docker_run"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_on_twenty_starts_in_a_row"),
     (
         "lifecycle",
-        "default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
+        "crash::crash_and_restart_keep_closed_ports_closed_and_swap_programs_in_pinned_links",
+    ),
+    (
+        "lifecycle",
+        "interfaces::default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
     ),
     ("container", "containerised_agent_passes_the_seed_scenario"),
 ];
@@ -598,18 +601,24 @@ fn clean_up_after_docker28() -> Result<()> {
 /// Unmounts everything mounted below `dir` (network namespaces under exec-root/netns, the
 /// overlay mounts of a daemon that died), deepest first.
 fn unmount_under(dir: &Path) -> Result<()> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    let prefix = format!("{}/", dir.display());
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for point in points {
+    for point in mounts_under(dir).context("reading /proc/mounts")? {
         sh(Command::new("umount").arg(point))?;
     }
     Ok(())
+}
+
+/// The mount points below `dir`, deepest first (the order to unmount them in).
+pub(crate) fn mounts_under(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let prefix = format!("{}/", dir.display());
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    Ok(points)
 }
 
 // ---------------------------------------------------------------------------------------

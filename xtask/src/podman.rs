@@ -73,7 +73,7 @@ const PODMAN_DEBS: &[(&str, &str, &str)] = &[
 const APT_SOURCES: &str = "deb http://deb.debian.org/debian bookworm main\n\
                            deb http://deb.debian.org/debian-security bookworm-security main\n";
 
-/// The tests run against Podman, as (test binary, exact name): the seed scenario, the start
+/// The tests run against Podman, as (test binary, exact name with its module path): the seed scenario, the start
 /// race, and the agent's own choice of uplinks beside Podman's bridges. Podman creates a network's bridge with its first container, so the race there
 /// is won after the SYNs: a container's SYN-ACK leaving the uplink is judged (from a bridge the
 /// agent has not named yet, and from one it has, where a SYN slipped in before the gate).
@@ -81,11 +81,11 @@ const PODMAN_TESTS: &[(&str, &str)] = &[
     ("e2e", "without_agent_outside_hosts_reach_every_container_port"),
     ("e2e", "with_agent_outside_hosts_reach_only_what_labels_open"),
     ("e2e", "stopped_agent_keeps_protection_until_unloaded"),
-    ("lifecycle", "start_race_accepts_nothing_and_openings_follow_docker_run"),
-    ("lifecycle", "start_race_accepts_nothing_on_twenty_starts_in_a_row"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_and_openings_follow_docker_run"),
+    ("lifecycle", "start_race::start_race_accepts_nothing_on_twenty_starts_in_a_row"),
     (
         "lifecycle",
-        "default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
+        "interfaces::default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_its_paths",
     ),
 ];
 
@@ -403,14 +403,7 @@ fn podman_bridges() -> Vec<String> {
 /// Unmounts whatever is still mounted under [`SCRATCH`] (the storage's overlay mounts of a
 /// service that died), deepest first, so that the directory can be removed.
 fn unmount_scratch() {
-    let Ok(mounts) = fs::read_to_string("/proc/mounts") else { return };
-    let prefix = format!("{SCRATCH}/");
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    let Ok(points) = crate::engines::mounts_under(Path::new(SCRATCH)) else { return };
     for point in points {
         let _ = sh(Command::new("umount").arg(point));
     }
@@ -517,8 +510,8 @@ mod tests {
         assert_eq!(
             selected(&args(&["start_race"])),
             [
-                "start_race_accepts_nothing_and_openings_follow_docker_run",
-                "start_race_accepts_nothing_on_twenty_starts_in_a_row"
+                "start_race::start_race_accepts_nothing_and_openings_follow_docker_run",
+                "start_race::start_race_accepts_nothing_on_twenty_starts_in_a_row"
             ]
         );
         assert_eq!(
