@@ -1,5 +1,5 @@
 //! Builds the XDP program (guard-ebpf) with nightly + bpf-linker and leaves the object in
-//! OUT_DIR, where src/loader.rs embeds it. `AYA_BUILD_SKIP=1` skips this for lint-only runs.
+//! OUT_DIR, where src/kernel/loader.rs embeds it. `AYA_BUILD_SKIP=1` skips this for lint-only runs.
 use std::path::Path;
 
 fn main() -> aya_build::Result<()> {

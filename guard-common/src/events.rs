@@ -24,6 +24,39 @@ pub struct DropKey {
 }
 const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
 
+impl DropKey {
+    /// The key of an empty [`DropSlot`]: no drop is counted for target 0 (not a container).
+    pub const EMPTY: DropKey = DropKey { target: 0, port: 0, proto: 0, flags: 0 };
+
+    /// The [`crate::maps::DROP_SLOTS`] slot this key is counted in first: a multiplicative
+    /// hash of its fields, so the ports of one container and the containers of one port spread.
+    #[inline(always)]
+    pub const fn slot(&self) -> u32 {
+        let rest = (self.port as u32) << 16 | (self.proto as u32) << 8 | self.flags as u32;
+        let mixed = (self.target.wrapping_mul(0x9E37_79B1) ^ rest).wrapping_mul(0x85EB_CA6B);
+        mixed >> (32 - DROP_SLOT_BITS)
+    }
+}
+
+/// A value of [`crate::maps::DROP_SLOTS`]: one drop counter, in the slot of its key.
+///
+/// Drop counters live in two maps, both per CPU. First a direct-mapped array: a key goes to the
+/// slot [`DropKey::slot`] names, takes it if it is empty ([`DropKey::EMPTY`]) and keeps it.
+/// A key whose slot another key holds is counted in [`crate::maps::DROPS`], a hash, as every
+/// key once was. The array costs a few ns (the JIT inlines the lookup) where the hash costs
+/// ~15: a flood at one port, or the ports a host sees dropped every day, stay in the array.
+/// The totals are the same; user space adds both maps up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropSlot {
+    pub key: DropKey,
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<DropSlot>() == 16);
+
+/// log2 of [`crate::maps::DROP_SLOTS_CAPACITY`].
+pub const DROP_SLOT_BITS: u32 = 12;
+
 /// The packet came through a port Docker publishes (not routed to the container directly).
 pub const DROP_PUBLISHED: u8 = 1;
 /// Audit mode waived the drop: the packet passed.
@@ -101,5 +134,6 @@ mod user {
     // SAFETY: #[repr(C)], explicit padding, no pointers.
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::PacketEvent {}
+    unsafe impl aya::Pod for super::DropSlot {}
     unsafe impl aya::Pod for super::Limiter {}
 }

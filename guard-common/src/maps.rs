@@ -41,6 +41,7 @@ pub const FLOWS: &str = "GUARD_FLOWS";
 pub const TRUSTED: &str = "GUARD_TRUSTED";
 pub const CONFIG: &str = "GUARD_CONFIG";
 pub const DROPS: &str = "GUARD_DROPS";
+pub const DROP_SLOTS: &str = "GUARD_DROPSLOTS";
 pub const EVENTS: &str = "GUARD_EVENTS";
 pub const EVENT_LIMIT: &str = "GUARD_EVLIMIT";
 pub const EVENT_STATS: &str = "GUARD_EVSTATS";
@@ -53,7 +54,7 @@ pub const RATE_BUCKETS: &str = "GUARD_BUCKETS";
 pub const ARRIVALS: &str = "GUARD_ARRIVALS";
 
 /// Every map the agent pins, in the order `guard unload` removes them.
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 23] = [
     ADDRS,
     NETWORKS,
     PUBLISHED,
@@ -66,6 +67,7 @@ pub const ALL: [&str; 22] = [
     TRUSTED,
     CONFIG,
     DROPS,
+    DROP_SLOTS,
     EVENTS,
     EVENT_LIMIT,
     EVENT_STATS,
@@ -116,6 +118,8 @@ pub const RATE_BUCKETS_CAPACITY: u32 = 65_536;
 pub const ARRIVALS_CAPACITY: u32 = 65_536;
 /// Container ports with drop counters (the agent removes those of containers that are gone).
 pub const DROPS_CAPACITY: u32 = 65_536;
+/// Drop counters' first place, per CPU (see [`crate::events::DropSlot`]).
+pub const DROP_SLOTS_CAPACITY: u32 = 1 << crate::events::DROP_SLOT_BITS;
 /// Interfaces by index, with their role ([`IFACE_UPLINK`], [`IFACE_INSIDE`], [`IFACE_DOCKER`]).
 pub const UPLINKS_CAPACITY: u32 = 1_024;
 
@@ -376,7 +380,8 @@ pub const CONFIG_HAS_DENY_PREFIX: u32 = 8;
 /// [`AddrInfo::port_rules`] flags and [`PublishedTarget::proto_rule`].
 /// 5: rate limits ([`TARGET_RATE_LIMITED`]), access events in [`EVENTS`] and a limiter per
 /// event stream.
-pub const LAYOUT_REVISION: u32 = 5;
+/// 6: drop counters first in [`DROP_SLOTS`].
+pub const LAYOUT_REVISION: u32 = 6;
 
 /// A fingerprint of every map's shape. The agent pins maps in a directory named by it, so an
 /// agent never adopts maps of another layout: an upgrade that changes one fills new maps and
@@ -394,6 +399,7 @@ pub const LAYOUT: u32 = fnv1a(&[
     core::mem::size_of::<FlowKey>() as u32,
     core::mem::size_of::<Config>() as u32,
     core::mem::size_of::<crate::events::DropKey>() as u32,
+    core::mem::size_of::<crate::events::DropSlot>() as u32,
     core::mem::size_of::<crate::events::PacketEvent>() as u32,
     core::mem::size_of::<crate::events::Limiter>() as u32,
     core::mem::size_of::<crate::prefilter::Bitmap>() as u32,
@@ -413,6 +419,7 @@ pub const LAYOUT: u32 = fnv1a(&[
     RATE_BUCKETS_CAPACITY,
     ARRIVALS_CAPACITY,
     DROPS_CAPACITY,
+    DROP_SLOTS_CAPACITY,
     UPLINKS_CAPACITY,
     crate::reason::COUNTER_SLOTS,
     crate::prefilter::ENTRIES,

@@ -56,13 +56,13 @@ use guard_common::{
 use guard_common::{
     decision::{L4, Packet, Resolved, decide_parsed, flow_to_remember},
     events::{
-        DROP_AUDITED, DROP_PUBLISHED, DROP_RATE_LIMITED, DropKey, EVENT_STATS, EVENT_STREAMS,
-        EVENTS_EMITTED, EVENTS_LOST, EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES,
+        DROP_AUDITED, DROP_PUBLISHED, DROP_RATE_LIMITED, DropKey, DropSlot, EVENT_STATS,
+        EVENT_STREAMS, EVENTS_EMITTED, EVENTS_LOST, EVENTS_PER_SECOND_PER_CPU, EVENTS_RING_BYTES,
         EVENTS_SUPPRESSED, Limiter, PacketEvent, STREAM_ACCESS, STREAM_DROPS, event_stat_slot,
     },
     maps::{
-        ARRIVALS_CAPACITY, DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK, RATE_BUCKETS_CAPACITY,
-        RATE_LIMITS_CAPACITY, UPLINKS_CAPACITY,
+        ARRIVALS_CAPACITY, DROP_SLOTS_CAPACITY, DROPS_CAPACITY, IFACE_DOCKER, IFACE_UPLINK,
+        RATE_BUCKETS_CAPACITY, RATE_LIMITS_CAPACITY, UPLINKS_CAPACITY,
     },
     ratelimit::{self, BucketKey, RateLimit},
 };
@@ -95,6 +95,8 @@ static GUARD_TRUSTED: LpmTrie<Addr, u32> = LpmTrie::pinned(TRUSTED_CAPACITY, 0);
 static GUARD_CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
 static GUARD_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(DROPS_CAPACITY, 0);
+#[map]
+static GUARD_DROPSLOTS: PerCpuArray<DropSlot> = PerCpuArray::pinned(DROP_SLOTS_CAPACITY, 0);
 #[map]
 static GUARD_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map]
@@ -742,17 +744,39 @@ fn record_drop(packet: &Packet, decision: Decision, resolved: Resolved, ifindex:
         flags |= DROP_RATE_LIMITED;
     }
     if resolved.target != 0 {
-        let key =
-            DropKey { target: resolved.target, port: resolved.port, proto: resolved.proto, flags };
-        match GUARD_DROPS.get_ptr_mut(&key) {
-            // SAFETY: this CPU's slot.
-            Some(count) => unsafe { *count += 1 },
-            None => {
-                let _ = GUARD_DROPS.insert(&key, &1, 0);
-            }
-        }
+        count_drop(&DropKey {
+            target: resolved.target,
+            port: resolved.port,
+            proto: resolved.proto,
+            flags,
+        });
     }
     report(STREAM_DROPS, packet, decision.reason, resolved, ifindex, flags);
+}
+
+/// Counts a drop at a container port: in its slot if the slot is its own or empty, else in
+/// the hash (see [`DropSlot`]).
+#[inline(always)]
+fn count_drop(key: &DropKey) {
+    if let Some(slot) = GUARD_DROPSLOTS.get_ptr_mut(key.slot()) {
+        // SAFETY: this CPU's slot.
+        let slot = unsafe { &mut *slot };
+        if slot.key == *key {
+            slot.count += 1;
+            return;
+        }
+        if slot.key == DropKey::EMPTY {
+            *slot = DropSlot { key: *key, count: 1 };
+            return;
+        }
+    }
+    match GUARD_DROPS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = GUARD_DROPS.insert(key, &1, 0);
+        }
+    }
 }
 
 /// An event of `stream` (a drop or an access), if this CPU has not used up the stream's share

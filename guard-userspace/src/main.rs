@@ -11,21 +11,25 @@ use std::{
 use clap::{Parser, Subcommand};
 use guard_userspace::{
     agent::{self, RunOptions},
-    bans,
-    crowdsec::CrowdSec,
-    events::{
+    cli::bans,
+    cli::explain,
+    cli::scan,
+    cli::status,
+    host::crowdsec::CrowdSec,
+    host::state_dir as state,
+    kernel::pins::{DEFAULT_PIN_DIR, Pins},
+    kernel::tc_filter,
+    kernel::unload::{self, Unloaded},
+    policy::Cidr,
+    policy::file::{self as policy_file, Mode},
+    telemetry::events::{
         Record,
         access::AccessRecord,
         client::{self, Selection},
         drops::DropRecord,
     },
-    explain, http,
-    pins::{DEFAULT_PIN_DIR, Pins},
-    policy::Cidr,
-    policy_file::{self, Mode},
-    scan, state, status, tc_filter,
-    unload::{self, Unloaded},
-    webhook,
+    telemetry::http,
+    telemetry::webhook,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -411,7 +415,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Scan { .. } => unreachable!("handled in main"),
         Command::Version => {
-            let (version, commit, layout) = guard_userspace::metrics::build_info();
+            let (version, commit, layout) = guard_userspace::telemetry::metrics::build_info();
             println!(
                 "guard {version} (commit {commit}, eBPF map layout {layout}, revision {})",
                 guard_common::maps::LAYOUT_REVISION

@@ -11,10 +11,10 @@ use std::{
 };
 
 use guard_userspace::{
-    events::{drops::DropRecord, recent::Recent},
-    http::{self, Connections, Limits, Shared},
-    metrics::AgentState,
-    pins::Pins,
+    kernel::pins::Pins,
+    telemetry::events::{drops::DropRecord, recent::Recent},
+    telemetry::http::{self, Connections, Limits, Shared},
+    telemetry::metrics::AgentState,
 };
 
 /// Longer than any answer may take while the endpoint is under load.

@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use guard_common::parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse};
-use guard_userspace::frames::{Ext, Frame, Transport};
+use guard_userspace::kernel::frames::{Ext, Frame, Transport};
 use proptest::prelude::*;
 
 fn framing() -> impl Strategy<Value = Framing> {

@@ -16,7 +16,7 @@ use std::{
 };
 
 use guard_userspace::{
-    crowdsec::{self, Bans, CrowdSec},
+    host::crowdsec::{self, Bans, CrowdSec},
     policy::Cidr,
 };
 use tests::{
@@ -226,7 +226,7 @@ fn fail2ban_runs_the_action_with_guard_ban_arguments() {
 /// deploy/fail2ban's drops filter, through `fail2ban-regex`, no agent: a full drop line and a
 /// summary with a ban reason are one failure each; a summary of rate-limited or audited drops
 /// and the line of sources beyond the cap are none. The lines are the agent's, as its unit
-/// tests pin them (guard-userspace/src/events/drops.rs and summary.rs).
+/// tests pin them (guard-userspace/src/telemetry/events/drops.rs and summary.rs).
 #[test]
 fn fail2ban_drops_filter_counts_full_lines_and_summaries() {
     let filter = concat!(
@@ -303,7 +303,7 @@ fn crowdsec_stream_client_follows_a_real_lapi() {
     lapi.ban("192.0.2.7", "1h");
     let until = wait_for(&receiver, "the decision", banned);
     let expiry = until[&source].expect("a 1h decision has an end");
-    let in_an_hour = guard_userspace::bans::now() + 3600;
+    let in_an_hour = guard_userspace::cli::bans::now() + 3600;
     assert!(expiry.abs_diff(in_an_hour) < 30, "ends at {expiry}, not about {in_an_hour}");
 
     lapi.stop();

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use guard_userspace::{maps::PolicyMaps, pins::Pins};
+use guard_userspace::{kernel::maps::PolicyMaps, kernel::pins::Pins};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     agent::{Agent, guard_bin},

@@ -20,10 +20,10 @@ use std::{
 
 use guard_common::maps::OPEN_EVERYONE;
 use guard_userspace::{
-    interfaces::Framing,
-    maps::PolicyMaps,
-    pins::{Hook, Pins},
-    tables::diff,
+    host::interfaces::Framing,
+    kernel::maps::PolicyMaps,
+    kernel::pins::{Hook, Pins},
+    state::tables::diff,
 };
 use serde_json::Value;
 use tests::{

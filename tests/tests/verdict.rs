@@ -7,11 +7,13 @@
 
 #[path = "verdict/admission.rs"]
 mod admission;
+#[path = "verdict/drop_counters.rs"]
+mod drop_counters;
 #[path = "verdict/random.rs"]
 mod random;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -24,49 +26,49 @@ use guard_common::{
     addr::Addr,
     decision::{decide, decide_parsed},
     events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DropKey},
-    maps::{CONFIG_AUDIT_ALL, FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
+    maps::{FLOW_TIMEOUT_NS, FlowKey, IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK},
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
-use guard_userspace::events::monotonic_ns;
-use guard_userspace::frames::{Ext, Frame, Transport::*};
-use guard_userspace::pins::Hook;
+use guard_userspace::host::clock::monotonic_ns;
+use guard_userspace::kernel::frames::{Ext, Frame, Transport::*};
+use guard_userspace::kernel::pins::Hook;
 use guard_userspace::{
-    desired::{Desired, desired_state},
-    identities::Identities,
-    loader,
-    maps::PolicyMaps,
-    pins::Pins,
+    kernel::loader,
+    kernel::maps::PolicyMaps,
+    kernel::pins::Pins,
+    kernel::unload::unload,
     policy::Proto,
-    policy_file::{self, PolicyFile},
-    snapshot::{Container, Network, Published, Snapshot},
-    tables::{WithFlows, diff},
-    unload::unload,
+    policy::file::{self as policy_file, Mode, PolicyFile},
+    policy::snapshot::Snapshot,
+    state::desired::Desired,
+    state::reconcile::{Inputs, Reconciler},
+    state::tables::{WithFlows, diff},
+    testing::{
+        API, DB, GATEWAY, HOST, OUTSIDE_A, OUTSIDE_B, PARTNER, VPN_ONLY, WEB, WEB6, container,
+        publish, seed_snapshot,
+    },
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
-const HOST: &str = "198.18.0.1";
 const HOST6: &str = "2001:db8:18::1";
 /// The broadcast address of HOST's subnet, a host address as interfaces::host_addresses lists it.
 const HOST_BROADCAST: &str = "198.18.0.255";
-const GATEWAY: &str = "172.30.0.1";
-const OUTSIDE_A: &str = "198.18.1.2";
-const OUTSIDE_B: &str = "198.18.2.2";
 const OUTSIDE6: &str = "2001:db8:1::2";
-const DB: &str = "172.30.0.2";
-const API: &str = "172.30.0.3";
-const WEB: &str = "172.30.0.4";
-const WEB6: &str = "fd00:30::4";
-const PARTNER: &str = "172.30.0.5";
-const VPN_ONLY: &str = "172.30.0.6";
 
 /// The program loaded with its maps pinned in a directory of its own, filled with the seed
 /// scenario's desired state; everything is unloaded on drop, even when a case fails.
 struct Loaded {
     ebpf: Ebpf,
     maps: PolicyMaps,
+    /// The target ids and desired state, as the agent keeps them.
+    reconciler: Reconciler,
+    /// What the desired state is computed from: the last install's world and the
+    /// interfaces' roles the test gave.
+    world_in: (Snapshot, Vec<IpAddr>, PolicyFile),
+    interfaces: BTreeMap<u32, u32>,
     desired: Desired,
     /// The flows put into flow memory (and still fresh), for the reference.
     flows: BTreeSet<FlowKey>,
@@ -92,6 +94,9 @@ impl Loaded {
         Loaded {
             ebpf,
             maps,
+            reconciler: Reconciler::default(),
+            world_in: Default::default(),
+            interfaces: BTreeMap::new(),
             desired: Desired::default(),
             flows: BTreeSet::new(),
             world: None,
@@ -108,19 +113,30 @@ impl Loaded {
         loaded
     }
 
-    /// Makes the maps hold the desired state of `snapshot`, the way the agent does.
+    /// Makes the maps hold the desired state of `snapshot`, the way the agent does (no
+    /// interface named until the test names them).
     fn install(&mut self, snapshot: &Snapshot, host: &[IpAddr], policy: &PolicyFile) {
-        let mut ids = Identities::adopt(self.desired.tables.identities.clone());
-        let targets = ids.assign(snapshot.containers.iter().map(|c| c.id.as_str()));
-        self.desired = desired_state(snapshot, host, &targets, policy);
-        let plan = diff(&self.maps.read().expect("read maps"), &self.desired.tables);
-        let failures = self.maps.apply(&plan);
-        assert!(failures.is_empty(), "map updates failed: {failures:?}");
+        self.world_in = (snapshot.clone(), host.to_vec(), policy.clone());
+        self.interfaces.clear();
+        self.sync();
         assert_eq!(
             self.maps.read().unwrap(),
             self.desired.tables,
             "the maps hold the desired state"
         );
+    }
+
+    /// Makes the maps hold the desired state of the installed world and the interfaces'
+    /// roles as they are now.
+    fn sync(&mut self) {
+        let (snapshot, host, policy) = &self.world_in;
+        self.desired = self.reconciler.desired_state(&Inputs {
+            interfaces: &self.interfaces,
+            ..Inputs::new(snapshot, host, policy)
+        });
+        let plan = diff(&self.maps.read().expect("read maps"), &self.desired.tables);
+        let failures = self.maps.apply(&plan);
+        assert!(failures.is_empty(), "map updates failed: {failures:?}");
     }
 
     /// Puts a flow into flow memory as the TC egress program would have, `age_ns` ago.
@@ -229,66 +245,6 @@ impl Drop for Loaded {
         if let Err(e) = unload(&self.pins) {
             eprintln!("cleanup: unloading {}: {e}", self.pins.root().display());
         }
-    }
-}
-
-fn container(n: u8, name: &str, addrs: &[&str], labels: &[(&str, &str)]) -> Container {
-    Container {
-        id: format!("{n:02x}").repeat(32),
-        name: name.into(),
-        image: "busybox".into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-        published: vec![],
-    }
-}
-
-fn publish(host_ip: &str, host_port: u16, container_port: u16, proto: Proto) -> Published {
-    Published { host_ip: host_ip.parse().unwrap(), host_port, container_port, proto }
-}
-
-/// The seed scenario plus a container open to one network on all ports.
-fn seed_snapshot() -> Snapshot {
-    let mut db = container(1, "db", &[DB], &[]);
-    db.published = vec![
-        publish("0.0.0.0", 5432, 5432, Proto::Tcp),
-        publish("::", 5432, 5432, Proto::Tcp),
-        publish("0.0.0.0", 15353, 5353, Proto::Udp),
-        publish("::", 15353, 5353, Proto::Udp),
-        // Bound to one host address only: docker-proxy's socket takes no broadcast.
-        publish(HOST, 15354, 5354, Proto::Udp),
-    ];
-    let api = container(2, "api", &[API], &[]);
-    let mut web = container(3, "web", &[WEB, WEB6], &[("guard.expose", "443/tcp,53/udp,9/sctp")]);
-    web.published = vec![
-        publish("0.0.0.0", 10443, 443, Proto::Tcp),
-        publish("0.0.0.0", 18443, 8443, Proto::Tcp),
-        publish("::", 10443, 443, Proto::Tcp),
-        publish("0.0.0.0", 10053, 53, Proto::Udp),
-    ];
-    let mut partner = container(
-        4,
-        "partner",
-        &[PARTNER],
-        &[("guard.allow.partner", "9000/tcp from 198.18.1.0/24")],
-    );
-    partner.published = vec![publish("0.0.0.0", 19000, 9000, Proto::Tcp)];
-    let vpn = container(
-        5,
-        "vpn-only",
-        &[VPN_ONLY],
-        &[("guard.allow.vpn", "* from 198.18.1.2, 2001:db8:1::/64")],
-    );
-    Snapshot {
-        networks: vec![Network {
-            id: "n1".into(),
-            name: "project".into(),
-            bridge: Some("br-n1".into()),
-            subnets: vec!["172.30.0.0/24".parse().unwrap(), "fd00:30::/64".parse().unwrap()],
-            gateways: vec![GATEWAY.parse().unwrap(), "fd00:30::1".parse().unwrap()],
-        }],
-        containers: vec![db, api, web, partner, vpn],
-        doors: Default::default(),
     }
 }
 
@@ -713,10 +669,9 @@ impl Loaded {
     /// Names the interfaces as the agent does: UPLINK is an uplink, BRIDGE the bridge of a
     /// Docker network it knows (UNSEEN_BRIDGE and NEW_UPLINK it has not named).
     fn with_uplink(mut self) -> Self {
-        self.desired.tables.uplinks.insert(UPLINK, IFACE_UPLINK);
-        self.desired.tables.uplinks.insert(BRIDGE, IFACE_DOCKER);
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.interfaces.insert(UPLINK, IFACE_UPLINK);
+        self.interfaces.insert(BRIDGE, IFACE_DOCKER);
+        self.sync();
         self
     }
 
@@ -733,12 +688,11 @@ impl Loaded {
     /// is given `on`'s role for the run.
     fn run_tc_on(&mut self, hook: Hook, bytes: &[u8], ingress_ifindex: u32, on: u32) -> u32 {
         const LO: u32 = 1;
-        match self.desired.tables.uplinks.get(&on).copied() {
-            Some(role) => self.desired.tables.uplinks.insert(LO, role),
-            None => self.desired.tables.uplinks.remove(&LO),
+        match self.interfaces.get(&on).copied() {
+            Some(role) => self.interfaces.insert(LO, role),
+            None => self.interfaces.remove(&LO),
         };
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.sync();
         // struct __sk_buff: ingress_ifindex at 36, ifindex at 40, the rest zero.
         let mut skb = [0u8; 192];
         skb[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
@@ -766,12 +720,8 @@ impl Loaded {
 
     /// Switches the whole host's audit mode, as `guard run --mode` does.
     fn audit_all(&mut self, on: bool) {
-        self.desired.tables.config.flags &= !CONFIG_AUDIT_ALL;
-        if on {
-            self.desired.tables.config.flags |= CONFIG_AUDIT_ALL;
-        }
-        let plan = diff(&self.maps.read().unwrap(), &self.desired.tables);
-        assert!(self.maps.apply(&plan).is_empty());
+        self.world_in.2.mode = if on { Mode::Audit } else { Mode::Enforce };
+        self.sync();
     }
 
     fn gate_counter(&self, reason: Reason) -> u64 {
@@ -1225,9 +1175,8 @@ fn a_network_the_agent_has_not_seen_is_closed_at_the_gate_replies_excepted() {
 #[test]
 fn a_container_accepts_a_connection_from_outside_only_where_the_policy_opened_it() {
     let mut g = Loaded::seed().with_uplink();
-    g.desired.tables.uplinks.insert(INSIDE, IFACE_INSIDE);
-    let plan = diff(&g.maps.read().unwrap(), &g.desired.tables);
-    assert!(g.maps.apply(&plan).is_empty());
+    g.interfaces.insert(INSIDE, IFACE_INSIDE);
+    g.sync();
     use Reason::*;
     // (name, SYN-ACK or other packet leaving an uplink, where it arrived, action, counted)
     let cases = [
@@ -1653,7 +1602,7 @@ fn local_routes_the_agent_never_listed_reach_the_wildcard_publish() {
 /// the policy file's `[management]` prefixes, and every other host service untouched.
 #[test]
 fn the_engine_s_doors_open_to_the_swarm_s_nodes_and_the_operator_s_prefixes_only() {
-    use guard_userspace::snapshot::{ApiListener, EngineDoors, Swarm};
+    use guard_userspace::policy::snapshot::{ApiListener, EngineDoors, Swarm};
     let mut g = Loaded::seed();
     let peer = "198.18.0.2";
     let joining = "198.18.7.3";

@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Live-frames batch size [default: 64]
     #[arg(long)]
     batch: Option<u64>,
+    /// Per-packet cases to run, comma-separated (the floor always runs) [default: all]
+    #[arg(long)]
+    cases: Option<String>,
     /// Instead of the data path: time from a container's start to its exposed port open,
     /// after a reboot staged with the real dockerd (restarted once per run)
     #[arg(long)]
@@ -70,6 +73,9 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
         if let Some(value) = value {
             cmd.env(name, value.to_string());
         }
+    }
+    if let Some(cases) = &args.cases {
+        cmd.env("GUARD_BENCH_CASES", cases);
     }
     println!("xtask: running {} (a few minutes at the defaults) ...", show(&cmd));
     sh(&mut cmd)?;

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use guard_common::reason::{Reason, Verdict};
-use guard_userspace::frames::{Frame, Transport};
+use guard_userspace::kernel::frames::{Frame, Transport};
 use tests::frames::{self, MAC_A, MAC_B, TCP_ACK, Tcp};
 
 use crate::{
@@ -194,9 +194,23 @@ pub struct CaseResult {
     pub per_scale: Vec<Option<Sample>>,
 }
 
+/// The cases `GUARD_BENCH_CASES` names (comma-separated), and the floor; all without it.
+fn selected(all: Vec<Case>) -> Result<Vec<Case>> {
+    let Ok(names) = std::env::var("GUARD_BENCH_CASES") else { return Ok(all) };
+    let names: Vec<&str> = names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+    for name in &names {
+        ensure!(
+            all.iter().any(|c| c.name == *name),
+            "GUARD_BENCH_CASES: no case {name:?}; the cases: {}",
+            all.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(all.into_iter().filter(|c| c.name == FLOOR || names.contains(&c.name)).collect())
+}
+
 /// Measures every case at every scale. Returns the results and the map sizes per scale.
 pub fn measure(worlds: &[Rc<World>], params: &Params) -> Result<(Vec<CaseResult>, Vec<MapSizes>)> {
-    let cases = cases();
+    let cases = selected(cases())?;
     let mut results: Vec<CaseResult> = cases
         .iter()
         .map(|c| CaseResult { name: c.name, what: c.what, per_scale: vec![None; worlds.len()] })

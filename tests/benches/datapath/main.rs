@@ -17,9 +17,10 @@
 //! | GUARD_BENCH_REPEAT | 1000000 | BPF_PROG_TEST_RUN repeat per per-packet run |
 //! | GUARD_BENCH_ROUNDS | 5 | per-packet rounds (the median is reported) |
 //! | GUARD_BENCH_FLOOD_REPEAT | 10000000 | frames per flood |
-//! | GUARD_BENCH_FLOOD_ROUNDS | 3 | floods per variant (the median is reported) |
+//! | GUARD_BENCH_FLOOD_ROUNDS | 3 | floods per variant (the median is reported); 0: no flood |
 //! | GUARD_BENCH_BATCH | 64 | live-frames batch size |
 //! | GUARD_BENCH_OUT | `<target>/bench` | where the reports go |
+//! | GUARD_BENCH_CASES | all | per-packet cases to run, comma-separated (the floor always runs) |
 
 mod cases;
 mod chart;
@@ -53,7 +54,7 @@ const PARAMS: [(&str, u64, u64, u64); 5] = [
     ("GUARD_BENCH_REPEAT", 1_000_000, 1_000, 100_000_000),
     ("GUARD_BENCH_ROUNDS", 5, 1, 51),
     ("GUARD_BENCH_FLOOD_REPEAT", 10_000_000, 10_000, 100_000_000),
-    ("GUARD_BENCH_FLOOD_ROUNDS", 3, 1, 21),
+    ("GUARD_BENCH_FLOOD_ROUNDS", 3, 0, 21),
     ("GUARD_BENCH_BATCH", 64, 1, 256),
 ];
 
@@ -95,6 +96,9 @@ impl Params {
                 cmd += &format!(" --{flag} {value}");
             }
         }
+        if let Ok(cases) = env::var("GUARD_BENCH_CASES") {
+            cmd += &format!(" --cases {cases}");
+        }
         cmd
     }
 }
@@ -132,7 +136,17 @@ fn bench() -> Result<()> {
 
     let worlds: Vec<Rc<World>> = SCALES.iter().map(|&n| Rc::new(World::new(n))).collect();
     let (per_packet, sizes) = cases::measure(&worlds, &params)?;
-    let flood = flood::measure(&worlds[FLOOD_SCALE], &params)?;
+    let flood_not_run = match params.flood_rounds {
+        0 => Some("GUARD_BENCH_FLOOD_ROUNDS=0 (`--flood-rounds 0`)".to_string()),
+        _ => rawbpf::live_frames_refused(),
+    };
+    let flood = match &flood_not_run {
+        None => flood::measure(&worlds[FLOOD_SCALE], &params)?,
+        Some(why) => {
+            eprintln!("bench: no flood: {why}");
+            Vec::new()
+        }
+    };
     let sizes = SCALES.iter().copied().zip(sizes).collect();
 
     let report = report::Report {
@@ -141,6 +155,7 @@ fn bench() -> Result<()> {
         sizes,
         per_packet,
         flood,
+        flood_not_run,
         elapsed: start.elapsed(),
     };
     report.write(&out_dir)?;

@@ -198,6 +198,17 @@ pub fn run_live_frames(
     Ok(start.elapsed())
 }
 
+/// Why this kernel will not run live frames, if it will not: some sandboxes refuse
+/// BPF_F_TEST_XDP_LIVE_FRAMES (EPERM) to anyone, root included, since it puts frames on a
+/// link. Asked with [`drop_program`] on one frame, so nothing leaves.
+pub fn live_frames_refused() -> Option<String> {
+    let probe = || -> io::Result<()> {
+        run_live_frames(&drop_program()?, &[0u8; 64], 1, 1)?;
+        Ok(())
+    };
+    probe().err().map(|e| format!("this kernel refuses BPF_F_TEST_XDP_LIVE_FRAMES ({e})"))
+}
+
 /// The `BPF_LINK_CREATE` part of `union bpf_attr` (no target-specific fields for XDP).
 #[repr(C)]
 #[derive(Default)]

@@ -66,6 +66,8 @@ pub struct Report<'a> {
     pub sizes: Vec<(usize, MapSizes)>,
     pub per_packet: Vec<CaseResult>,
     pub flood: Vec<FloodResult>,
+    /// Why there are no flood figures, if there are none.
+    pub flood_not_run: Option<String>,
     pub elapsed: Duration,
 }
 
@@ -262,6 +264,7 @@ impl Report<'_> {
             "growth_pct": growth,
             "flood_mpps": flood_mpps,
             "flood": flood,
+            "flood_not_run": self.flood_not_run,
             "ratios": ratios,
             "targets": {
                 "above_floor_ns_max": MAX_ABOVE_FLOOR_NS,
@@ -389,6 +392,10 @@ impl Report<'_> {
 
         // b.
         let _ = writeln!(w, "\n## b. Flood drop rate (live frames, one core)\n");
+        if let Some(why) = &self.flood_not_run {
+            let _ = writeln!(w, "Not measured: {why}.\n\n![chart](report.png)");
+            return md;
+        }
         let _ = writeln!(
             w,
             "An XDP program returning `bpf_redirect(gbo0)`, run with BPF_PROG_TEST_RUN + \
@@ -491,5 +498,5 @@ pub fn thousands(n: u64) -> String {
 /// The current time as RFC 3339 UTC, e.g. 2025-01-31T12:00:00.000Z.
 fn utc_now() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    guard_userspace::events::utc(now.map_or(0.0, |d| d.as_secs_f64()))
+    guard_userspace::telemetry::events::utc(now.map_or(0.0, |d| d.as_secs_f64()))
 }

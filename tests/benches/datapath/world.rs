@@ -29,16 +29,15 @@ use guard_common::{
     reason::Reason,
 };
 use guard_userspace::{
-    desired::desired_state,
-    identities::Identities,
-    loader,
-    maps::PolicyMaps,
-    pins::Pins,
+    kernel::loader,
+    kernel::maps::PolicyMaps,
+    kernel::pins::Pins,
+    kernel::unload::unload,
+    policy::file::PolicyFile,
+    policy::snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
     policy::{Cidr, Proto},
-    policy_file::PolicyFile,
-    snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
-    tables::diff,
-    unload::unload,
+    state::reconcile::{Inputs, Reconciler},
+    state::tables::diff,
 };
 
 pub const UPLINK: Ipv4Addr = Ipv4Addr::new(10, 252, 0, 1);
@@ -227,11 +226,13 @@ impl Guard {
         let cleanup = PinCleanup(pins.clone());
         let mut maps = PolicyMaps::from_ebpf(&mut ebpf).context("opening guard's maps")?;
 
-        let mut ids = Identities::default();
-        let targets = ids.assign(world.snapshot.containers.iter().map(|c| c.id.as_str()));
         let host = [IpAddr::V4(UPLINK), IpAddr::V6(UPLINK6)];
-        let mut desired = desired_state(&world.snapshot, &host, &targets, &PolicyFile::default());
-        desired.tables.deny(denied_sources());
+        let policy = PolicyFile::default();
+        let denied: Vec<_> = denied_sources().collect();
+        let desired = Reconciler::default().desired_state(&Inputs {
+            denied: &denied,
+            ..Inputs::new(&world.snapshot, &host, &policy)
+        });
         for c in &desired.containers {
             ensure!(
                 c.label_errors.is_empty(),
@@ -283,7 +284,7 @@ impl Guard {
     /// many as there are containers.
     pub fn remember_flows(&mut self) -> Result<()> {
         // bpf_ktime_get_ns() is this clock.
-        let now = guard_userspace::events::monotonic_ns();
+        let now = guard_userspace::host::clock::monotonic_ns();
         for i in 0..self.world.containers {
             let key = FlowKey {
                 remote: IpAddr::V4(REMOTE).into(),

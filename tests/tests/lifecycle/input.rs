@@ -233,7 +233,7 @@ fn full_ports_map_is_reported_and_never_opens_the_wrong_port() {
     const SUBNET: &str = "10.252.8.0/24";
     let capacity = guard_common::maps::PORTS_CAPACITY as usize;
     // One map entry per port; the parser's limit of single ports per label.
-    let per_container = guard_userspace::labels::MAX_PORTS_PER_LABEL as usize;
+    let per_container = guard_userspace::policy::labels::MAX_PORTS_PER_LABEL as usize;
     let count = capacity / per_container + 1;
     let _exclusive = prepare_test_bed();
     let net = Network::create("guard-e2e-lc-full", SUBNET, None);

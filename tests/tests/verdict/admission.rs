@@ -22,7 +22,7 @@ use super::*;
 const HOUR_NS: u64 = 3600 * 1_000_000_000;
 
 /// A pinned map of the loaded program, opened as the agent's CLI opens it.
-fn pinned(pins: &Pins, name: &str) -> Map {
+pub(super) fn pinned(pins: &Pins, name: &str) -> Map {
     let data = MapData::from_pin(pins.map(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"))
 }

@@ -6,12 +6,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use guard_common::{addr::Addr, maps::FlowKey};
 use guard_userspace::{
     policy::Proto,
-    policy_file::{self, PolicyFile},
-    snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
+    policy::file::{self as policy_file, PolicyFile},
+    policy::snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
 };
 
 use guard_common::parse::{MAX_V6_EXTENSIONS, MAX_VLAN_TAGS};
-use guard_userspace::frames::{Ext, Frame, Transport};
+use guard_userspace::kernel::frames::{Ext, Frame, Transport};
 
 pub struct Rng(u64);
 
