@@ -90,6 +90,7 @@ impl Addr {
 
     /// The wildcard address of this address's family: `0.0.0.0` (IPv4-mapped) or `::`.
     #[inline(always)]
+    #[must_use]
     pub fn wildcard(&self) -> Addr {
         if self.is_v4() { Addr::from_v4_word(0) } else { Addr([0; 4]) }
     }

@@ -45,6 +45,7 @@ impl Bitmap {
         self.words = [u64::MAX; WORDS];
     }
 
+    #[must_use]
     pub fn union(&self, other: &Bitmap) -> Bitmap {
         let mut out = *self;
         for (w, o) in out.words.iter_mut().zip(other.words.iter()) {

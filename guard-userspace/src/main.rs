@@ -493,7 +493,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let running = if force { unload::Running::Override } else { unload::Running::Refuse };
             match unload::unload_checked(&Pins::new(&pin_dir), running)? {
                 Unloaded::NothingThere => {
-                    println!("nothing to unload: no pins at {}", pin_dir.display())
+                    println!("nothing to unload: no pins at {}", pin_dir.display());
                 }
                 Unloaded::Removed { links, maps } => println!(
                     "unloaded: {links} links detached (XDP and TC), {maps} maps and the programs removed from {}",

@@ -159,7 +159,7 @@ fn a_newline_less_flood_is_cut_off_and_memory_stays_flat() {
                     let mut stream = TcpStream::connect(addr).unwrap();
                     stream.set_write_timeout(Some(PROMPT)).unwrap();
                     stream.write_all(b"GET /").unwrap();
-                    let chunk = [b'a'; 64 * 1024];
+                    let chunk = vec![b'a'; 64 * 1024];
                     let mut sent = 0usize;
                     while sent < 64 << 20 {
                         match stream.write(&chunk) {

@@ -29,8 +29,7 @@ const RATE: u32 = 200;
 fn main() -> ExitCode {
     let runs: usize = std::env::var("GUARD_BENCH_OPEN_RUNS")
         .ok()
-        .map(|v| v.parse().expect("GUARD_BENCH_OPEN_RUNS: a number"))
-        .unwrap_or(20)
+        .map_or(20, |v| v.parse().expect("GUARD_BENCH_OPEN_RUNS: a number"))
         .clamp(1, 200);
     let _exclusive = prepare_test_bed();
     let net = Network::create("guard-e2e-bench-open", SUBNET, None);

@@ -194,7 +194,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {:?}: {e}", command));
+            .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
         self.log_start = self.log.lock().unwrap().len();
         collect_lines(child.stdout.take(), &self.log);
         collect_lines(child.stderr.take(), &self.log);

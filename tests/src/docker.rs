@@ -222,11 +222,10 @@ impl Network {
     pub fn bridge(&self) -> String {
         let holder = format!("{}/32", self.gateway_v4);
         let shown = run("ip", &["-o", "-4", "addr", "show", "to", &holder]);
-        shown
-            .split_whitespace()
-            .nth(1)
-            .map(|name| name.trim_end_matches(':').to_owned())
-            .unwrap_or_else(|| panic!("no interface holds {holder}, the gateway of {}", self.name))
+        shown.split_whitespace().nth(1).map_or_else(
+            || panic!("no interface holds {holder}, the gateway of {}", self.name),
+            |name| name.trim_end_matches(':').to_owned(),
+        )
     }
 
     pub fn gateway_v6(&self) -> Ipv6Addr {

@@ -5,6 +5,8 @@
 
 use std::net::Ipv4Addr;
 
+use guard_common::parse::ETH_P_IP;
+
 pub type Mac = [u8; 6];
 
 /// Locally administered placeholders, for frames that never meet a real interface.
@@ -35,7 +37,7 @@ impl Tcp {
         let mut f = Vec::with_capacity(MIN_FRAME);
         f.extend_from_slice(&dst_mac);
         f.extend_from_slice(&src_mac);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ETH_P_IP.to_be_bytes());
         f.extend_from_slice(&self.packet());
         f.resize(MIN_FRAME, 0);
         f

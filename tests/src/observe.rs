@@ -126,6 +126,7 @@ impl GuardObjects {
     }
 
     /// What `self` has that `before` did not: the objects one agent created.
+    #[must_use]
     pub fn since(&self, before: &GuardObjects) -> GuardObjects {
         GuardObjects {
             progs: self.progs.difference(&before.progs).copied().collect(),
@@ -135,6 +136,7 @@ impl GuardObjects {
     }
 
     /// Those of `self`'s ids that are still in `now`.
+    #[must_use]
     pub fn still_in(&self, now: &GuardObjects) -> GuardObjects {
         GuardObjects {
             progs: self.progs.intersection(&now.progs).copied().collect(),

@@ -269,7 +269,7 @@ impl EchoServer {
                             serve_udp(&socket, &peers, running);
                         }
                     }
-                })
+                });
             })
         };
         // Return only once the socket is bound, so a client cannot race the server.

@@ -137,10 +137,15 @@ fn run(
                     match launch(*addr) {
                         Ok(Some(fd)) => pending.push(Pending { fd, target, sent: now }),
                         Ok(None) => {
-                            record(&mut attempts, target, now, Outcome::Established(Duration::ZERO))
+                            record(
+                                &mut attempts,
+                                target,
+                                now,
+                                Outcome::Established(Duration::ZERO),
+                            );
                         }
                         Err(Errno::ECONNREFUSED) => {
-                            record(&mut attempts, target, now, Outcome::Refused)
+                            record(&mut attempts, target, now, Outcome::Refused);
                         }
                         Err(e) => record(&mut attempts, target, now, Outcome::Failed(e)),
                     }
@@ -199,13 +204,13 @@ fn raise_fd_limit(needed: usize) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
             return;
         }
         let wanted = (needed as libc::rlim_t + 1024).min(limit.rlim_max);
         if limit.rlim_cur < wanted {
             limit.rlim_cur = wanted;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
         }
     }
 }
@@ -241,7 +246,7 @@ impl ProbeReport {
             self.attempts.iter().filter(|a| a.target == target).map(|a| a.sent).collect();
         match (sent.first(), sent.last()) {
             (Some(first), Some(last)) if last > first => {
-                (sent.len() - 1) as f64 / (*last - *first).as_secs_f64()
+                (sent.len() - 1) as f64 / (*last).checked_sub(*first).unwrap().as_secs_f64()
             }
             _ => 0.0,
         }

@@ -369,7 +369,7 @@ impl RawLink {
                 libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             let wait = left.as_millis().clamp(1, i32::MAX as u128) as i32;
             // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, wait) } <= 0 {
+            if unsafe { libc::poll(&raw mut pfd, 1, wait) } <= 0 {
                 continue;
             }
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -382,7 +382,7 @@ impl RawLink {
                     buf.len(),
                     libc::MSG_DONTWAIT,
                     (&raw mut from).cast(),
-                    &mut len,
+                    &raw mut len,
                 )
             };
             if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {

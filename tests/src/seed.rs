@@ -241,10 +241,10 @@ impl SeedBed {
     /// A's link where the engine drops direct routing (28). The test bed's own check that
     /// there is an exposure to close, and that unloading brings it back.
     pub fn db_exposed_to_a(&self) -> SocketAddr {
-        if !self.direct_routed {
-            SocketAddr::new(self.a.host_v4().into(), 5432)
-        } else {
+        if self.direct_routed {
             SocketAddr::new(self.project.db.ip().into(), 5432)
+        } else {
+            SocketAddr::new(self.a.host_v4().into(), 5432)
         }
     }
 
@@ -496,7 +496,7 @@ impl SeedBed {
                         "{case}: NAT changed the source port to {peer}: case not tested"
                     );
                 }
-                let seen = peers.first().map_or("nothing".into(), |p| p.to_string());
+                let seen = peers.first().map_or("nothing".into(), ToString::to_string);
                 let answered = reply.as_deref() == Some(payload);
                 let outcome = if answered { "reply received" } else { "NO REPLY" };
                 println!("{case} (A saw {seen}): {outcome}");

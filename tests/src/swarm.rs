@@ -65,13 +65,16 @@ fn stop_timeout() -> Duration {
 
 /// The unpacked Docker 28 (`$GUARD_TEST_DOCKER28_ROOT`); panics saying how to get one.
 pub fn docker28_root() -> PathBuf {
-    let root = std::env::var_os(DOCKER28_ROOT_VAR).map(PathBuf::from).unwrap_or_else(|| {
-        panic!(
-            "{DOCKER28_ROOT_VAR} is not set: the swarm tests run Docker 28 daemons that \
+    let root = std::env::var_os(DOCKER28_ROOT_VAR).map_or_else(
+        || {
+            panic!(
+                "{DOCKER28_ROOT_VAR} is not set: the swarm tests run Docker 28 daemons that \
              `cargo xtask test` unpacks and names there (run them with `cargo xtask test \
              --engine docker28`)"
-        )
-    });
+            )
+        },
+        PathBuf::from,
+    );
     let dockerd = root.join("usr/sbin/dockerd");
     assert!(dockerd.is_file(), "{DOCKER28_ROOT_VAR}={}: no {}", root.display(), dockerd.display());
     root

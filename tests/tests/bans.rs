@@ -468,7 +468,7 @@ fn a_rate_limit_holds_a_syn_flood_to_its_burst_and_rate_while_another_host_is_se
 
     // The burst, the rate over the time it took, and a few more per CPU (the bucket is shared
     // by every CPU without a lock: see guard_common::ratelimit).
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let bound = f64::from(RATE.1) + f64::from(RATE.0) * sending.as_secs_f64() + 2.0 * cpus + 2.0;
     println!(
         "flood: {FLOOD} SYNs in {sending:?}, {} answered (bound {bound:.0}), B: {} of {} connected",

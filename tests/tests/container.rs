@@ -463,7 +463,7 @@ fn check_image(image: &str) {
     let config = &inspect[0]["Config"];
     assert_eq!(config["Entrypoint"], json!(["/guard"]), "{config}");
     let size = inspect[0]["Size"].as_u64().unwrap();
-    println!("image {image}: {size} bytes ({:.1} MiB)", size as f64 / 1048576.0);
+    println!("image {image}: {size} bytes ({:.1} MiB)", size as f64 / 1_048_576.0);
     let help = docker(&["run", "--rm", "--network", "none", image, "--help"]);
     assert!(help.contains("Usage: guard"), "{help}");
 }
@@ -477,7 +477,7 @@ fn check_privileges(agent: &ContainerAgent) {
     let mut granted = strings(&host["CapAdd"]);
     granted.sort();
     let mut wanted: Vec<&str> = caps.to_vec();
-    wanted.sort();
+    wanted.sort_unstable();
     assert_eq!(granted, wanted, "{host}");
     assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
     assert_eq!(host["Privileged"], json!(false));

@@ -174,7 +174,7 @@ fn outbound_from(from: &Container, a: &OutsideHost, seen_as: Ipv4Addr) -> Vec<St
             }
         };
         let peers = echo.peers();
-        let seen = peers.first().map_or("nothing".into(), |p| p.to_string());
+        let seen = peers.first().map_or("nothing".into(), ToString::to_string);
         let answered = reply.as_deref() == Some(payload.as_slice());
         println!(
             "{} {proto} to {remote} (A saw {seen}): {}",

@@ -30,6 +30,7 @@ use guard_common::{
     parse::{Framing, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS, parse},
     reason::{Decision, Reason, Verdict},
 };
+use guard_userspace::host::clock::monotonic_ns;
 use guard_userspace::kernel::frames::{Ext, Frame, Transport::*};
 use guard_userspace::kernel::pins::Hook;
 use guard_userspace::{
@@ -446,14 +447,6 @@ fn bad_ihl_is_malformed_not_read_past() {
     assert_eq!(g.counter(Reason::MalformedIp) - before, 1);
 }
 
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn flow(remote: &str, remote_port: u16, local: &str, local_port: u16, proto: u8) -> FlowKey {
     let addr = |s: &str| Addr::from(s.parse::<IpAddr>().unwrap());
     FlowKey {
@@ -609,7 +602,7 @@ fn differential_kernel_equals_reference() {
         // kernel is held to the shared parser's reading of them.
         let mutated = rng.chance(10);
         if mutated {
-            for _ in 0..1 + rng.below(3) {
+            for _ in 0..=rng.below(3) {
                 let at = rng.below(bytes.len() as u64) as usize;
                 bytes[at] ^= 1 << rng.below(8);
             }

@@ -56,7 +56,7 @@ pub fn image(ctx: &Ctx, args: &ImageArgs) -> Result<()> {
     sh(docker::docker().args(["build", "--tag", &args.tag, "--file", "Dockerfile", "."]))?;
     let size = capture(docker::docker().args(["image", "inspect", "-f", "{{.Size}}", &args.tag]))?;
     let size: u64 = size.trim().parse().with_context(|| format!("image size {size:?}"))?;
-    println!("xtask: image {} is {size} bytes ({:.1} MiB)", args.tag, size as f64 / 1048576.0);
+    println!("xtask: image {} is {size} bytes ({:.1} MiB)", args.tag, size as f64 / 1_048_576.0);
     Ok(())
 }
 

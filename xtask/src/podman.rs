@@ -169,7 +169,7 @@ fn selected(extra: &[String]) -> Vec<&'static str> {
 fn binaries(names: &[&str]) -> Vec<&'static str> {
     let mut binaries: Vec<&str> =
         PODMAN_TESTS.iter().filter(|(_, n)| names.contains(n)).map(|(b, _)| *b).collect();
-    binaries.sort();
+    binaries.sort_unstable();
     binaries.dedup();
     binaries
 }
@@ -498,7 +498,7 @@ mod tests {
 
     #[test]
     fn filters_pick_among_the_podman_tests() {
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let args = |a: &[&str]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(selected(&args(&[])).len(), PODMAN_TESTS.len());
         assert_eq!(selected(&args(&["--nocapture"])).len(), PODMAN_TESTS.len());
         assert_eq!(

@@ -205,7 +205,7 @@ pub fn test(ctx: &Ctx, args: &TestArgs) -> Result<bool> {
 
     // The whole matrix when nothing narrower was asked for: the kernels people run, in VMs.
     if args.tier.is_empty() && args.engine.is_empty() {
-        let kernels: Vec<String> = vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect();
+        let kernels: Vec<String> = vm::DEFAULT_KERNELS.iter().map(ToString::to_string).collect();
         let timeout = Duration::from_secs(args.vm_timeout);
         outcomes.extend(vm::run(ctx, &kernels, &[Tier::Verdict, Tier::E2e], &args.args, timeout)?);
     }
@@ -254,7 +254,10 @@ pub(crate) fn print_totals(outcomes: &[Outcome]) {
 }
 
 /// Run one tier's cargo test, streaming its stdout to ours while keeping a copy to count.
+/// The unit tier lints first (see [`lint`]); a lint that fails fails the tier, and its tests
+/// still run.
 fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
+    let lint_failure = if tier == Tier::Unit { lint() } else { None };
     let mut cmd = Command::new("cargo");
     cmd.args(tier.cargo_args())
         .arg("--")
@@ -262,7 +265,41 @@ fn run_tier(tier: Tier, extra: &[String], guard_bin: &Path) -> Result<Outcome> {
         .args(extra)
         .env("GUARD_BIN", guard_bin)
         .env("GUARD_TEST_IMAGE", TEST_IMAGE);
-    run_counted(tier.name().to_owned(), cmd)
+    let mut outcome = run_counted(tier.name().to_owned(), cmd)?;
+    if let Some(lint) = lint_failure {
+        outcome.runner_failure = Some(match outcome.runner_failure {
+            Some(tests) => format!("{tests}; {lint}"),
+            None => lint,
+        });
+    }
+    Ok(outcome)
+}
+
+/// Clippy with warnings as errors (the lints are in the workspace's Cargo.toml): the host
+/// crates, then guard-ebpf on its own, for the BPF target with nightly, as aya-build builds
+/// it (in the host workspace, feature unification would build its panic handler for the
+/// host). Returns what failed, if anything.
+fn lint() -> Option<String> {
+    let mut host = Command::new("cargo");
+    host.args(["clippy", "--workspace", "--exclude", "guard-ebpf", "--all-targets"]);
+    let mut ebpf = Command::new("rustup");
+    ebpf.args(["run", "nightly", "cargo", "clippy", "-p", "guard-ebpf", "--release"]).args([
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    let mut failures = Vec::new();
+    for mut cmd in [host, ebpf] {
+        cmd.args(["--", "-D", "warnings"]);
+        println!("xtask: tier unit: lint: {} ...", show(&cmd));
+        match cmd.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => failures.push(format!("{}: {status}", show(&cmd))),
+            Err(e) => failures.push(format!("{}: {e}", show(&cmd))),
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join("; "))
 }
 
 /// Runs a `cargo test` command, streaming its stdout to ours while keeping a copy to count.

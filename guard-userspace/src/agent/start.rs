@@ -28,6 +28,7 @@ use crate::{
     host::state_dir::{Saved, StateDir},
     kernel::attach::Attachments,
     kernel::features as kernel,
+    kernel::hook::Hook,
     kernel::loader,
     kernel::maps::PolicyMaps,
     kernel::pins::Pins,
@@ -119,7 +120,7 @@ pub(super) fn start(opts: RunOptions) -> anyhow::Result<Started> {
     let reconciler = Reconciler::adopt(pinned.identities);
     let shared = Arc::new(Shared {
         state: Mutex::new(AgentState {
-            mode: start.policy.mode.to_string(),
+            mode: start.policy.mode,
             config_valid: start.valid,
             ..Default::default()
         }),
@@ -276,7 +277,7 @@ pub(super) fn parse_policy(opts: &RunOptions, text: Option<&str>) -> anyhow::Res
 /// Pins the freshly loaded programs (replacing a previous agent's pins) so tools such as
 /// `guard explain` can find the programs that are attached.
 pub(super) fn pin_programs(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
-    for (hook, framing) in loader::PROGRAMS {
+    for (hook, framing) in Hook::PROGRAMS {
         let path = pins.program(hook, framing);
         remove_old_pin(&path)?;
         loader::pin_program(ebpf, hook, framing, &path).with_context(|| {

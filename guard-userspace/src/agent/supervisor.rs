@@ -125,12 +125,12 @@ pub(super) async fn supervise(started: Started) -> anyhow::Result<()> {
         let wait = until_ban_ends.map_or(wait, |until| wait.min(until));
         tokio::select! {
             ended = docker.attempt_ended() => docker.settle(ended, agent.synced),
-            _ = wake.notified() => offline_pass_due = true,
+            () = wake.notified() => offline_pass_due = true,
             // CrowdSec added or deleted a ban: a pass puts it in force.
             () = decisions_changed(&mut crowdsec_changes) => offline_pass_due = true,
             // The event stream reached Docker again: try at once, whatever the backoff says.
-            _ = docker_back.notified() => backoff.succeeded(),
-            _ = tokio::time::sleep(wait) => {}
+            () = docker_back.notified() => backoff.succeeded(),
+            () = tokio::time::sleep(wait) => {}
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the policy file");
                 offline_pass_due = true;
@@ -154,7 +154,7 @@ async fn decisions_changed(
         return;
     }
     *follower = None;
-    std::future::pending::<()>().await
+    std::future::pending::<()>().await;
 }
 
 /// Tells systemd (`Type=notify`) that the agent guards: the maps hold what it knows and the
@@ -180,9 +180,9 @@ fn tell_systemd_ready() {
 
 fn drop_other_layouts(pins: &Pins) {
     for dir in pins.other_layouts() {
-        let removed = fs::read_dir(&dir)
-            .map(|entries| entries.flatten().filter(|e| fs::remove_file(e.path()).is_ok()).count())
-            .unwrap_or(0);
+        let removed = fs::read_dir(&dir).map_or(0, |entries| {
+            entries.flatten().filter(|e| fs::remove_file(e.path()).is_ok()).count()
+        });
         let _ = fs::remove_dir(&dir);
         info!(dir = %dir.display(), maps = removed, "removed the maps of an older layout");
     }

@@ -20,8 +20,9 @@ use crate::{
     host::interfaces::{self, Link},
     host::state_dir::{Saved, StateDir},
     kernel::attach::Attachments,
+    kernel::hook::{Class, Hook},
     kernel::maps::PolicyMaps,
-    kernel::pins::{Hook, Owner},
+    kernel::pins::Owner,
     kernel::repin::MapHandles,
     policy::file::PolicyFile,
     policy::snapshot::{EngineDoors, Snapshot, Swarm},
@@ -285,7 +286,10 @@ impl Agent {
             self.attachments.all().map(|(h, i, a)| (h, i.to_string(), a)).collect();
         let mut errors = Vec::new();
         for hook in Hook::ALL {
-            let on = if matches!(hook, Hook::Xdp | Hook::TcEgress) { &uplinks } else { &bridges };
+            let on = match hook.class() {
+                Class::Uplink => &uplinks,
+                Class::Bridge => &bridges,
+            };
             errors.extend(self.attachments.sync(&mut self.ebpf, hook, pins, on));
         }
         let attached_now: Vec<_> =
@@ -329,8 +333,8 @@ impl Agent {
             state
                 .attachments
                 .iter()
-                .filter(|(h, _, _)| h == hook.name())
-                .map(|(_, iface, mode)| format!("{iface} ({mode})"))
+                .filter(|a| a.hook == hook)
+                .map(|a| format!("{} ({})", a.iface, a.how.label()))
                 .collect()
         };
         info!(

@@ -24,9 +24,10 @@ use crate::{
     host::interfaces,
     host::rtnetlink::XdpAttached,
     host::state_dir::StateDir,
+    kernel::hook::Hook,
     kernel::link_info::{self, PinnedLinkState},
     kernel::maps::PolicyMaps,
-    kernel::pins::{Hook, PinError, Pins},
+    kernel::pins::{PinError, Pins},
     policy::file::{self as policy_file, Mode, PolicyFile},
     policy::{Opening, PortSpec, Proto, Sources},
     state::desired::ContainerPolicy,
@@ -134,6 +135,10 @@ pub struct PortReport {
     pub paths: Vec<PathReport>,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -216,7 +221,7 @@ pub async fn report(pins: &Pins, config: &Path, state_dir: &Path) -> anyhow::Res
     };
     let snapshot = snapshot
         .map_err(|e| {
-            notes.push(format!("Docker does not answer ({e:#}); containers are shown by id"))
+            notes.push(format!("Docker does not answer ({e:#}); containers are shown by id"));
         })
         .ok();
     let host_addrs = interfaces::host_addresses().context("listing host addresses")?;
@@ -394,11 +399,11 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
         .map(|(hook, ifindex)| HookReport {
             hook: hook.name(),
             iface: name_of(links, ifindex),
-            mechanism: if hook == Hook::Xdp { "xdp link" } else { "tcx" },
+            mechanism: hook.link_kind(),
             xdp_mode: (hook == Hook::Xdp).then(|| xdp_mode(ifindex)),
         })
         .collect();
-    let guard_programs = crate::kernel::loader::tc_program_names();
+    let guard_programs = crate::kernel::hook::tc_program_names();
     for link in links {
         for hook in [Hook::TcEgress, Hook::BridgeIngress] {
             let Some(filter) = crate::kernel::tc_filter::in_slot(link.ifindex, hook)? else {
@@ -408,11 +413,7 @@ fn hooks(pins: &Pins, links: &[interfaces::Link]) -> anyhow::Result<Vec<HookRepo
                 continue;
             }
             // Egress carries the uplink's recorder or a bridge's gate: the program says which.
-            let hook = if filter.name
-                == crate::kernel::loader::program_name(
-                    Hook::BridgeGate,
-                    interfaces::Framing::Ethernet,
-                ) {
+            let hook = if filter.name == Hook::BridgeGate.program(interfaces::Framing::Ethernet) {
                 Hook::BridgeGate
             } else {
                 hook

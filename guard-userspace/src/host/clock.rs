@@ -14,7 +14,7 @@ impl Clock {
     }
 
     pub(crate) fn wall_seconds(&self, mono_ns: u64) -> f64 {
-        let offset = mono_ns as i128 - self.mono_at_start_ns as i128;
+        let offset = i128::from(mono_ns) - i128::from(self.mono_at_start_ns);
         let start = self.wall_at_start.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         start.as_secs_f64() + offset as f64 / 1e9
     }
@@ -28,10 +28,10 @@ impl Default for Clock {
 
 /// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    use nix::sys::time::TimeValLike as _;
+    // It cannot fail (a valid clock, a valid pointer); 0 if it ever did, as before.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |now| u64::try_from(now.num_nanoseconds()).unwrap_or(0))
 }
 
 /// Now, in seconds since the Unix epoch.

@@ -149,7 +149,7 @@ pub async fn follow(config: CrowdSec, decisions: watch::Sender<Bans>) {
 /// A URL or TLS setup that can never work: said once, and nothing is ever banned from it.
 async fn never_follow(url: &str, e: anyhow::Error) {
     error!("--crowdsec-url {url}: {e:#}; no CrowdSec decisions will be followed");
-    std::future::pending::<()>().await
+    std::future::pending::<()>().await;
 }
 
 fn publish(decisions: &watch::Sender<Bans>, bans: Bans) {

@@ -253,8 +253,7 @@ fn container(c: &ContainerSummary) -> Option<Container> {
         .names
         .as_ref()
         .and_then(|n| n.first())
-        .map(|n| n.trim_start_matches('/').to_string())
-        .unwrap_or_else(|| id.chars().take(12).collect());
+        .map_or_else(|| id.chars().take(12).collect(), |n| n.trim_start_matches('/').to_string());
     let endpoints = c.network_settings.as_ref().and_then(|s| s.networks.as_ref());
     let addresses: Vec<IpAddr> = endpoints
         .into_iter()

@@ -352,7 +352,7 @@ mod tests {
         let links = links().expect("rtnetlink answers");
         assert!(links.iter().any(|l| l.name == "lo"));
         let addrs = host_addresses().expect("getifaddrs works");
-        assert!(addrs.iter().any(|a| a.is_loopback()));
+        assert!(addrs.iter().any(std::net::IpAddr::is_loopback));
     }
 
     /// Interfaces made with `ip`, deleted when dropped.

@@ -76,7 +76,7 @@ pub fn dump_filters(ifindex: u32, parent: u32) -> io::Result<Vec<Filter>> {
                         match option {
                             TCA_BPF_NAME => name = c_string(value),
                             TCA_BPF_ID if value.len() >= 4 => {
-                                program_id = u32::from_ne_bytes(value[..4].try_into().unwrap())
+                                program_id = u32::from_ne_bytes(value[..4].try_into().unwrap());
                             }
                             _ => {}
                         }
@@ -173,12 +173,12 @@ pub fn dump_links() -> io::Result<Vec<LinkRecord>> {
             match attr {
                 IFLA_IFNAME => link.name = c_string(payload),
                 IFLA_MASTER if payload.len() >= 4 => {
-                    link.master = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()))
+                    link.master = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));
                 }
                 IFLA_LINKINFO => {
                     link.kind = attrs(payload)
                         .find(|(field, _)| *field == IFLA_INFO_KIND)
-                        .map(|(_, kind)| c_string(kind))
+                        .map(|(_, kind)| c_string(kind));
                 }
                 _ => {}
             }

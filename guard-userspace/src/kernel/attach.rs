@@ -6,7 +6,7 @@
 //! stays, so there is no moment without one); those on interfaces that are gone or no longer
 //! uplinks are removed.
 //!
-//! Uplink programs come in two framings (see [`Framing`] and [`super::loader::framing_at`]):
+//! Uplink programs come in two framings (see [`Framing`] and [`Hook::framing_on`]):
 //! Ethernet uplinks get `guard_xdp` and `guard_tc_egress`, L3 uplinks (tun, wireguard,
 //! ipip...) `guard_xdp_ip`, always in generic mode, and `guard_tc_egress_ip`. An uplink of a link type
 //! guard cannot read is reported, never silently left open.
@@ -32,8 +32,9 @@ use tracing::{debug, info, warn};
 use crate::{
     host::interfaces::{Framing, Link},
     host::rtnetlink::XdpAttached,
+    kernel::hook::Hook,
     kernel::link_info::{PinnedLinkState, pinned_link_state},
-    kernel::pins::{Hook, Pins},
+    kernel::pins::Pins,
     kernel::tc_filter::{self, Mechanism},
 };
 
@@ -170,7 +171,7 @@ impl Hookable for SchedClassifier {
     fn attach_new(&mut self, hook: Hook, link: &Link) -> Result<(FdLink, Mode), String> {
         let options = TcAttachOptions::TcxOrder(LinkOrder::default());
         let id = self
-            .attach_with_options(&link.name, tc_filter::direction(hook), options)
+            .attach_with_options(&link.name, hook.attach_point().tc_side(), options)
             .map_err(|e| e.to_string())?;
         let fd_link = FdLink::try_from(self.take_link(id).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
@@ -223,7 +224,7 @@ impl Attachments {
         pins: &Pins,
         links: &[Link],
     ) -> Vec<AttachError> {
-        if hook != Hook::Xdp && self.tc == Mechanism::Netlink {
+        if !hook.is_xdp() && self.tc == Mechanism::Netlink {
             return self.sync_filters(programs, hook, links);
         }
         let wanted: BTreeSet<u32> = links.iter().map(|l| l.ifindex).collect();
@@ -248,9 +249,7 @@ impl Attachments {
             let path = pins.link(hook, link.ifindex);
             let vanished = match self.attached.get(&(hook, link.ifindex)) {
                 None => false,
-                Some((_, what))
-                    if Some(what.framing) != crate::kernel::loader::framing_at(hook, link) =>
-                {
+                Some((_, what)) if Some(what.framing) != hook.framing_on(link) => {
                     info!(hook = hook.name(), iface = %link.name, "link type changed: attaching the program of its framing");
                     remove_stale_pin(&path);
                     false
@@ -296,10 +295,9 @@ impl Attachments {
             stale.extend(all.iter().map(|l| l.ifindex).filter(|i| !wanted.contains(i)));
         }
         for ifindex in stale {
-            match tc_filter::remove_ours(ifindex, hook, &crate::kernel::loader::program_names(hook))
-            {
+            match tc_filter::remove_ours(ifindex, hook, &hook.programs()) {
                 Ok(removed) if removed || self.attached.contains_key(&(hook, ifindex)) => {
-                    self.detached(hook, ifindex)
+                    self.detached(hook, ifindex);
                 }
                 Ok(_) => {}
                 Err(e) => warn!(hook = hook.name(), ifindex, "cannot remove guard's filter: {e}"),
@@ -347,7 +345,7 @@ impl Attachments {
         let what = match attached {
             Ok((mode, adopted)) => Attached {
                 mode,
-                framing: crate::kernel::loader::framing_at(hook, link).unwrap_or(Framing::Ethernet),
+                framing: hook.framing_on(link).unwrap_or(Framing::Ethernet),
                 adopted,
             },
             Err(_) if gone(link) => {
@@ -378,10 +376,7 @@ impl Attachments {
             let links = crate::host::interfaces::links().unwrap_or_default();
             links.into_iter().find(|l| l.ifindex == ifindex).map(|l| l.name)
         });
-        let why = match hook {
-            Hook::Xdp | Hook::TcEgress => "no longer an uplink",
-            _ => "no longer an engine's bridge",
-        };
+        let why = hook.class().left();
         info!(
             hook = hook.name(),
             ifindex,

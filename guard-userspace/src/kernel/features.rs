@@ -13,8 +13,7 @@ pub const OLDEST_TESTED: &str = "5.10";
 /// The running kernel's release, as uname gives it.
 pub fn release() -> String {
     nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
+        .map_or_else(|_| "unknown".into(), |u| u.release().to_string_lossy().into_owned())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +70,7 @@ pub fn make_room_for_maps() {
 fn raise_memlock() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit only reads the struct passed.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
         tracing::warn!(
             kernel = release().as_str(),
             "cannot raise RLIMIT_MEMLOCK ({}): kernels before 5.11 charge BPF maps to it, so loading may fail; give guard CAP_SYS_RESOURCE or run it with `ulimit -l unlimited`",

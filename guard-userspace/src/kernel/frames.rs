@@ -14,8 +14,8 @@ use guard_common::{
     addr::Addr,
     decision::{L4, Packet},
     parse::{
-        Framing, IPPROTO_ESP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-        MAX_V6_EXTENSIONS, MAX_VLAN_TAGS,
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Framing, IPPROTO_ESP, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_V6_EXTENSIONS, MAX_VLAN_TAGS,
     },
     reason::Reason,
 };
@@ -112,7 +112,7 @@ pub enum Ext {
 
 impl Ext {
     /// The header's length in the frames made here.
-    fn len(&self) -> usize {
+    fn len(self) -> usize {
         match self {
             Ext::HopByHop | Ext::Fragment { .. } => 8,
             Ext::Routing => 24,
@@ -171,67 +171,79 @@ impl Frame {
     }
 
     /// Keeps `len` bytes of the transport header inside the IP packet.
+    #[must_use]
     pub fn transport_cut(mut self, len: usize) -> Self {
         self.transport_cut = Some(len);
         self
     }
 
     /// Pads the frame after its IP packet with `bytes`.
+    #[must_use]
     pub fn padding(mut self, bytes: &[u8]) -> Self {
         self.padding = bytes.to_vec();
         self
     }
 
     /// A bare IP packet, as generic XDP sees it on an L3 link (tun, WireGuard).
+    #[must_use]
     pub fn l3(mut self) -> Self {
         self.framing = Framing::Ip;
         self
     }
 
     /// An IPv4 first fragment (more fragments to come, offset 0).
+    #[must_use]
     pub fn first_fragment(mut self) -> Self {
         self.more_fragments = true;
         self
     }
 
     /// From this source port.
+    #[must_use]
     pub fn sport(mut self, port: u16) -> Self {
         self.sport = port;
         self
     }
 
     /// A TCP segment of an established connection (ACK), not a connection attempt.
+    #[must_use]
     pub fn established(mut self) -> Self {
         self.tcp_flags = TCP_ACK;
         self
     }
 
     /// A TCP SYN-ACK: the answer to a connection attempt.
+    #[must_use]
     pub fn syn_ack(mut self) -> Self {
         self.tcp_flags = TCP_SYN | TCP_ACK;
         self
     }
 
+    #[must_use]
     pub fn v6_extensions(mut self, exts: &[Ext]) -> Self {
         self.v6_extensions = exts.to_vec();
         self
     }
 
+    #[must_use]
     pub fn vlans(mut self, tags: &[u16]) -> Self {
         self.vlans = tags.to_vec();
         self
     }
 
+    #[must_use]
     pub fn ip_options(mut self, len: usize) -> Self {
         self.ip_options = len;
         self
     }
 
+    #[must_use]
     pub fn later_fragment(mut self) -> Self {
         self.frag_offset = 185;
         self
     }
 
+    #[must_use]
     pub fn truncate(mut self, len: usize) -> Self {
         self.truncate = Some(len);
         self
@@ -255,10 +267,12 @@ impl Frame {
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
         let mut ether_types: Vec<u16> = match self.vlans.len() {
             0 => vec![],
-            1 => vec![0x8100],
-            n => std::iter::once(0x88a8).chain(std::iter::repeat_n(0x8100, n - 1)).collect(),
+            1 => vec![ETH_P_8021Q],
+            n => std::iter::once(ETH_P_8021AD)
+                .chain(std::iter::repeat_n(ETH_P_8021Q, n - 1))
+                .collect(),
         };
-        ether_types.push(if self.dst.is_ipv6() { 0x86dd } else { 0x0800 });
+        ether_types.push(if self.dst.is_ipv6() { ETH_P_IPV6 } else { ETH_P_IP });
         f.extend_from_slice(&ether_types[0].to_be_bytes());
         for (i, vid) in self.vlans.iter().enumerate() {
             f.extend_from_slice(&vid.to_be_bytes());
@@ -348,7 +362,7 @@ impl Frame {
 
     /// Where the transport header starts.
     fn transport_start(&self) -> usize {
-        let exts: usize = self.v6_extensions.iter().map(|e| e.len()).sum();
+        let exts: usize = self.v6_extensions.iter().copied().map(Ext::len).sum();
         self.link_len() + self.ip_header_len() + exts
     }
 

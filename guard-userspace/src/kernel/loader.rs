@@ -9,22 +9,12 @@ use aya::{
 use crate::{
     host::interfaces::{Framing, Link},
     kernel::attach::{Hookable, Programs},
-    kernel::pins::{Hook, PinError, Pins},
+    kernel::hook::Hook,
+    kernel::pins::{PinError, Pins},
 };
 
 /// The object guard-userspace/build.rs built from guard-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
-
-/// Every entry point of the object: the hook it runs on and the framing it reads. Uplinks
-/// get the variant of their link's framing; Docker's bridges are Ethernet.
-pub const PROGRAMS: [(Hook, Framing); 6] = [
-    (Hook::Xdp, Framing::Ethernet),
-    (Hook::Xdp, Framing::Ip),
-    (Hook::TcEgress, Framing::Ethernet),
-    (Hook::TcEgress, Framing::Ip),
-    (Hook::BridgeGate, Framing::Ethernet),
-    (Hook::BridgeIngress, Framing::Ethernet),
-];
 
 /// The entry point `guard explain` runs for links of `framing`: the filter's decision,
 /// returned instead of acted on (never attached, nothing counted).
@@ -33,36 +23,6 @@ pub fn explain_program_name(framing: Framing) -> &'static str {
         Framing::Ethernet => "guard_explain",
         Framing::Ip => "guard_explain_ip",
     }
-}
-
-/// The entry point in guard-ebpf that runs on `hook` for links of `framing`.
-pub fn program_name(hook: Hook, framing: Framing) -> &'static str {
-    match (hook, framing) {
-        (Hook::Xdp, Framing::Ethernet) => "guard_xdp",
-        (Hook::Xdp, Framing::Ip) => "guard_xdp_ip",
-        (Hook::TcEgress, Framing::Ethernet) => "guard_tc_egress",
-        (Hook::TcEgress, Framing::Ip) => "guard_tc_egress_ip",
-        (Hook::BridgeGate, _) => "guard_tc_gate",
-        (Hook::BridgeIngress, _) => "guard_tc_bridge_in",
-    }
-}
-
-/// The names of every TC entry point: what guard's clsact filters run (see
-/// [`crate::kernel::tc_filter`]), and so how its filters are told from other tools'.
-pub fn tc_program_names() -> Vec<&'static str> {
-    [Hook::TcEgress, Hook::BridgeGate, Hook::BridgeIngress]
-        .into_iter()
-        .flat_map(program_names)
-        .collect()
-}
-
-/// The names of the entry points that run at `hook`, one per framing.
-pub fn program_names(hook: Hook) -> Vec<&'static str> {
-    PROGRAMS
-        .iter()
-        .filter(|(h, _)| *h == hook)
-        .map(|(hook, framing)| program_name(*hook, *framing))
-        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +57,11 @@ pub fn load(pins: &Pins) -> Result<Ebpf, LoadError> {
 
 fn load_into(pins: &Pins) -> Result<Ebpf, LoadError> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(OBJECT)?;
-    for (hook, framing) in PROGRAMS {
-        match hook {
-            Hook::Xdp => {
-                retrying(|| xdp_program_for(&mut ebpf, framing)?.load().map_err(Into::into))?
-            }
-            _ => retrying(|| tc_program_for(&mut ebpf, hook, framing)?.load().map_err(Into::into))?,
+    for (hook, framing) in Hook::PROGRAMS {
+        if hook.is_xdp() {
+            retrying(|| xdp_program_for(&mut ebpf, framing)?.load().map_err(Into::into))?;
+        } else {
+            retrying(|| tc_program_for(&mut ebpf, hook, framing)?.load().map_err(Into::into))?;
         }
     }
     for framing in Framing::ALL {
@@ -149,7 +108,7 @@ pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
 
 /// The XDP program that reads packets of `framing`.
 pub fn xdp_program_for(ebpf: &mut Ebpf, framing: Framing) -> Result<&mut Xdp, LoadError> {
-    let name = program_name(Hook::Xdp, framing);
+    let name = Hook::Xdp.program(framing);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
@@ -165,7 +124,7 @@ pub fn tc_program_for(
     hook: Hook,
     framing: Framing,
 ) -> Result<&mut SchedClassifier, LoadError> {
-    let name = program_name(hook, framing);
+    let name = hook.program(framing);
     let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
@@ -177,33 +136,26 @@ pub fn pin_program(
     framing: Framing,
     path: &std::path::Path,
 ) -> Result<(), LoadError> {
-    match hook {
-        Hook::Xdp => xdp_program_for(ebpf, framing)?.pin(path)?,
-        _ => tc_program_for(ebpf, hook, framing)?.pin(path)?,
+    if hook.is_xdp() {
+        xdp_program_for(ebpf, framing)?.pin(path)?;
+    } else {
+        tc_program_for(ebpf, hook, framing)?.pin(path)?;
     }
     Ok(())
 }
 
-/// The framing of the program that runs at `hook` on `link`: on an uplink (XDP, TC egress),
-/// the link's own; Docker's bridges are Ethernet. `None`: a link type guard cannot read.
-pub fn framing_at(hook: Hook, link: &Link) -> Option<Framing> {
-    match hook {
-        Hook::Xdp | Hook::TcEgress => link.framing(),
-        Hook::BridgeGate | Hook::BridgeIngress => Some(Framing::Ethernet),
-    }
-}
-
 impl Programs for Ebpf {
     fn for_link(&mut self, hook: Hook, link: &Link) -> Result<&mut dyn Hookable, String> {
-        let framing = framing_at(hook, link).ok_or_else(|| {
+        let framing = hook.framing_on(link).ok_or_else(|| {
             format!(
                 "its link type (ARPHRD {}) is neither Ethernet nor IP, which guard cannot read: this uplink is NOT guarded (trust it with --trust-iface if that is intended)",
                 link.link_type
             )
         })?;
-        Ok(match hook {
-            Hook::Xdp => xdp_program_for(self, framing).map_err(|e| e.to_string())?,
-            _ => tc_program_for(self, hook, framing).map_err(|e| e.to_string())?,
+        Ok(if hook.is_xdp() {
+            xdp_program_for(self, framing).map_err(|e| e.to_string())?
+        } else {
+            tc_program_for(self, hook, framing).map_err(|e| e.to_string())?
         })
     }
 }

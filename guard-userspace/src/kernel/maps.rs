@@ -297,7 +297,7 @@ impl PolicyMaps {
     /// two maps a counter can be in (see [`DropSlot`]).
     pub fn drops(&self) -> Result<Vec<(DropKey, u64)>, MapsError> {
         let mut totals: BTreeMap<DropKey, u64> = BTreeMap::new();
-        for entry in self.drops.iter() {
+        for entry in &self.drops {
             let (key, per_cpu) =
                 entry.map_err(|source| MapsError::Read { name: names::DROPS, source })?;
             *totals.entry(key).or_default() += per_cpu.iter().sum::<u64>();
@@ -392,7 +392,7 @@ impl PolicyMaps {
         let read = |source| MapsError::Read { name: names::EVENT_LIMIT, source };
         let mut limiters: Vec<Limiter> = self.event_limit.get(&stream, 0).map_err(read)?.to_vec();
         let mut renewed = false;
-        for limiter in limiters.iter_mut() {
+        for limiter in &mut limiters {
             let spent = limiter.emitted >= EVENTS_PER_SECOND_PER_CPU;
             let over = now_ns.wrapping_sub(limiter.window_start_ns) > 1_000_000_000;
             if spent && (over || at_exit) {

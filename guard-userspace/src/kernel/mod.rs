@@ -4,6 +4,7 @@
 //! - [`loader`] (the embedded program), [`pins`] (the bpffs layout), [`repin`] (pins removed
 //!   under a running agent put back), [`unload`] (everything under the pins removed);
 //! - [`maps`]: reading the pinned maps and applying a plan to them;
+//! - [`hook`]: each hook's entry points, attach point and interfaces, in one catalogue;
 //! - [`attach`] (programs on interfaces), [`tc_filter`] (clsact filters where there is no
 //!   TCX), [`link_info`] (is a pinned link still attached);
 //! - [`frames`]: synthesised frames for the program to judge (`guard explain`, the tests).
@@ -13,6 +14,7 @@
 pub mod attach;
 pub mod features;
 pub mod frames;
+pub mod hook;
 pub mod link_info;
 pub mod loader;
 pub mod maps;

@@ -25,37 +25,12 @@ use std::{
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
 
-/// Where on an interface a program runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Hook {
-    /// XDP on an uplink's ingress: the filter.
-    Xdp,
-    /// TCX on an uplink's egress: flow memory for the host's masqueraded flows.
-    TcEgress,
-    /// TCX on a Docker bridge's egress: the gate after NAT.
-    BridgeGate,
-    /// TCX on a Docker bridge's ingress: flow memory for the flows containers start.
-    BridgeIngress,
-}
+/// Each hook's links are pinned under its name; the tests and older callers ask for it here.
+pub use crate::kernel::hook::Hook;
 
-impl Hook {
-    /// In the order they are attached: each recorder of outbound flows before the filter that
-    /// lets their replies through, so a flow that starts while the agent attaches (at boot)
-    /// keeps its replies.
-    pub const ALL: [Hook; 4] = [Hook::TcEgress, Hook::Xdp, Hook::BridgeIngress, Hook::BridgeGate];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Hook::Xdp => "xdp",
-            Hook::TcEgress => "tc-egress",
-            Hook::BridgeGate => "bridge-gate",
-            Hook::BridgeIngress => "bridge-ingress",
-        }
-    }
-
-    fn link_prefix(self) -> String {
-        format!("{}-", self.name())
-    }
+/// A hook's links are pinned as `<name>-<ifindex>`.
+fn link_prefix(hook: Hook) -> String {
+    format!("{}-", hook.name())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +158,7 @@ impl Pins {
     }
 
     pub fn link(&self, hook: Hook, ifindex: u32) -> PathBuf {
-        self.links_dir().join(format!("{}{ifindex}", hook.link_prefix()))
+        self.links_dir().join(format!("{}{ifindex}", link_prefix(hook)))
     }
 
     /// Checks that the root's nearest existing ancestor is on bpffs and that only root can
@@ -253,7 +228,7 @@ impl Pins {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             for hook in Hook::ALL {
-                let ifindex = name.strip_prefix(&hook.link_prefix()).and_then(|i| i.parse().ok());
+                let ifindex = name.strip_prefix(&link_prefix(hook)).and_then(|i| i.parse().ok());
                 if let Some(ifindex) = ifindex {
                     links.push((hook, ifindex, entry.path()));
                 }

@@ -18,7 +18,7 @@ use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
 
-use crate::{host::interfaces::Link, host::rtnetlink as netlink, kernel::pins::Hook};
+use crate::{host::interfaces::Link, host::rtnetlink as netlink, kernel::hook::Hook};
 
 /// Guard's filters run first (1 is the lowest priority number tc accepts from a user): a
 /// filter ahead of them that returned "ok" would end the classification before guard saw
@@ -53,10 +53,7 @@ pub fn tcx_available() -> bool {
 
 /// Where on the interface `hook` runs.
 pub fn direction(hook: Hook) -> TcAttachType {
-    match hook {
-        Hook::BridgeIngress => TcAttachType::Ingress,
-        Hook::Xdp | Hook::TcEgress | Hook::BridgeGate => TcAttachType::Egress,
-    }
+    hook.attach_point().tc_side()
 }
 
 /// Puts `program` in guard's slot on `link`: replaces the program there if the slot is taken

@@ -69,7 +69,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
     for (_, _, path) in &links {
         remove_file(path)?;
     }
-    for (hook, framing) in crate::kernel::loader::PROGRAMS {
+    for (hook, framing) in crate::kernel::hook::Hook::PROGRAMS {
         remove_file(&pins.program(hook, framing))?;
     }
     for framing in crate::host::interfaces::Framing::ALL {
@@ -109,7 +109,7 @@ pub fn unload(pins: &Pins) -> io::Result<Unloaded> {
 /// Removes guard's filter from every interface and TC hook (kernels without TCX; elsewhere
 /// there is none): only guard's slot, and only with one of guard's programs in it.
 fn remove_filters() -> io::Result<usize> {
-    let names = crate::kernel::loader::tc_program_names();
+    let names = crate::kernel::hook::tc_program_names();
     let mut removed = 0;
     for link in crate::host::interfaces::links()? {
         removed += crate::kernel::tc_filter::remove_all_ours(link.ifindex, &names)?;

@@ -332,9 +332,9 @@ mod tests {
     fn every_bad_ratelimit_is_rejected_whole_with_what_to_write() {
         use {LabelProblem::Rate, RateProblem::*};
         let cases: [(&str, LabelProblem); 16] = [
-            ("", Rate(MissingRate("".into()))),
+            ("", Rate(MissingRate(String::new()))),
             ("443/tcp", Rate(MissingRate("443/tcp".into()))),
-            ("443/tcp 100/s,", Rate(MissingRate("".into()))),
+            ("443/tcp 100/s,", Rate(MissingRate(String::new()))),
             ("443/tcp 100/s, 80", Rate(MissingRate("80".into()))),
             ("443/tcp 100", Rate(BadRate("100".into()))),
             ("443/tcp 100/h", Rate(UnknownUnit("100/h".into()))),
@@ -439,7 +439,7 @@ mod tests {
             (EXPOSE, "443 from 10.0.0.0/8", |p| *p == FromInExpose),
             (EXPOSE, "*/foo", |p| *p == UnknownProto("foo".into())),
             (EXPOSE, "*/icmp", |p| *p == UnknownProto("icmp".into())),
-            (EXPOSE, "*/", |p| *p == UnknownProto("".into())),
+            (EXPOSE, "*/", |p| *p == UnknownProto(String::new())),
             (EXPOSE, "*-3/udp", |p| *p == BadWildcard("*-3/udp".into())),
             (EXPOSE, "1-*/udp", |p| *p == BadWildcard("1-*/udp".into())),
             (EXPOSE, "**/udp", |p| *p == BadWildcard("**/udp".into())),

@@ -67,6 +67,7 @@ impl Snapshot {
     /// This snapshot, with every network and container of `known` that it lacks but `again`
     /// (a second snapshot, taken right after) still holds put back, as `again` has it. One
     /// answer that misses something never removes its protection; two that agree do.
+    #[must_use]
     pub fn with_unconfirmed_removals(mut self, known: &Snapshot, again: &Snapshot) -> Snapshot {
         for network in &again.networks {
             let lost = known.networks.iter().any(|n| n.id == network.id)
@@ -215,7 +216,7 @@ mod tests {
     }
 
     fn nodes(doors: &EngineDoors) -> Vec<String> {
-        doors.swarm.as_ref().map_or(vec![], |s| s.nodes.iter().map(|n| n.to_string()).collect())
+        doors.swarm.as_ref().map_or(vec![], |s| s.nodes.iter().map(ToString::to_string).collect())
     }
 
     #[test]

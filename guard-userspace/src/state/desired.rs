@@ -178,7 +178,7 @@ fn fold_rules_into_lookups(tables: &mut TableSet, audited: &std::collections::BT
         info.flags = flags(&info.target);
     }
     let rule_of = |key: PortKey| tables.ports.get(&key).map_or(OPEN_NONE, |r| r.open_to);
-    for (key, p) in tables.published.iter_mut() {
+    for (key, p) in &mut tables.published {
         p.rule = rule_of(PortKey::new(p.target, key.proto, p.port));
         p.proto_rule = rule_of(PortKey::every_port_of(p.target, key.proto));
         p.all_ports = all_ports.get(&p.target).copied().unwrap_or(OPEN_NONE);

@@ -234,7 +234,7 @@ mod tests {
             subnets: vec!["172.18.0.0/16".parse().unwrap(), "fd00:18::/64".parse().unwrap()],
             mode_v4: mode,
             mode_v6: GatewayMode::Nat,
-            trusted_interfaces: trusted.iter().map(|t| t.to_string()).collect(),
+            trusted_interfaces: trusted.iter().map(ToString::to_string).collect(),
         }
     }
 

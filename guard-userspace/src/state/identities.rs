@@ -49,20 +49,13 @@ impl Identities {
 
 /// Docker's 64-hex-digit id as the 32 bytes the IDENTITIES map stores.
 pub fn decode_hex(id: &str) -> Option<ContainerId> {
-    let bytes = id.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let hex = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(hex, 16).ok()?;
-    }
+    hex::decode_to_slice(id, &mut out).ok()?;
     Some(ContainerId(out))
 }
 
 pub fn encode_hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 #[cfg(test)]

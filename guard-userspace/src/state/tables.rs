@@ -171,6 +171,7 @@ impl Prefilter {
         }
     }
 
+    #[must_use]
     pub fn union(&self, other: &Prefilter) -> Prefilter {
         Prefilter {
             v4: Box::new(self.v4.union(&other.v4)),

@@ -9,7 +9,6 @@
 //! touched either way.
 
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -24,6 +23,7 @@ use tracing::{info, warn};
 use crate::{
     cli::scan::{self, Change, Exposure, Kind},
     kernel::pins::Pins,
+    telemetry::metrics::{Exposition, Family},
     telemetry::webhook::Webhook,
 };
 
@@ -57,42 +57,47 @@ impl Exposures {
 
     /// The exposure families of /metrics.
     pub fn metrics(&self) -> String {
-        let mut out = String::new();
+        let mut page = Exposition::default();
         let current = self.current.lock().expect("not poisoned").clone();
-        let _ = writeln!(
-            out,
-            "# HELP guard_exposed_targets Targets outside hosts reach now (container ports and engine doors open to everyone or to listed sources; host services guard does not judge).\n# TYPE guard_exposed_targets gauge"
-        );
+        let mut targets = page.family(&EXPOSED_TARGETS);
         if let Some(e) = &current {
             let (everyone, listed, host) = scan::exposed_targets(e);
-            let _ = writeln!(out, "guard_exposed_targets{{scope=\"everyone\"}} {everyone}");
-            let _ = writeln!(out, "guard_exposed_targets{{scope=\"listed\"}} {listed}");
-            let _ = writeln!(out, "guard_exposed_targets{{scope=\"host_service\"}} {host}");
+            targets
+                .sample(&[("scope", "everyone")], everyone)
+                .sample(&[("scope", "listed")], listed)
+                .sample(&[("scope", "host_service")], host);
         }
-        let _ = writeln!(
-            out,
-            "# HELP guard_exposure_changes_total Changes of what outside hosts reach, since the agent started.\n# TYPE guard_exposure_changes_total counter\nguard_exposure_changes_total{{direction=\"opened\"}} {}\nguard_exposure_changes_total{{direction=\"closed\"}} {}",
-            self.opened.load(Ordering::Relaxed),
-            self.closed.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP guard_exposure_scan_errors_total Exposure scans that failed (the last picture stands).\n# TYPE guard_exposure_scan_errors_total counter\nguard_exposure_scan_errors_total {}",
-            self.scan_errors.load(Ordering::Relaxed)
-        );
+        page.family(&EXPOSURE_CHANGES)
+            .sample(&[("direction", "opened")], self.opened.load(Ordering::Relaxed))
+            .sample(&[("direction", "closed")], self.closed.load(Ordering::Relaxed));
+        page.family(&SCAN_ERRORS).sample(&[], self.scan_errors.load(Ordering::Relaxed));
         if let Some(hook) = self.webhook.lock().expect("not poisoned").as_ref() {
             let s = &hook.stats;
-            let _ = writeln!(
-                out,
-                "# HELP guard_alert_webhook_total Changes sent to --alert-url, by result (failed: every attempt failed; dropped: the queue was full).\n# TYPE guard_alert_webhook_total counter\nguard_alert_webhook_total{{result=\"sent\"}} {}\nguard_alert_webhook_total{{result=\"failed\"}} {}\nguard_alert_webhook_total{{result=\"dropped\"}} {}",
-                s.sent.load(Ordering::Relaxed),
-                s.failed.load(Ordering::Relaxed),
-                s.dropped.load(Ordering::Relaxed)
-            );
+            page.family(&WEBHOOK)
+                .sample(&[("result", "sent")], s.sent.load(Ordering::Relaxed))
+                .sample(&[("result", "failed")], s.failed.load(Ordering::Relaxed))
+                .sample(&[("result", "dropped")], s.dropped.load(Ordering::Relaxed));
         }
-        out
+        page.finish()
     }
 }
+
+const EXPOSED_TARGETS: Family = Family::gauge(
+    "guard_exposed_targets",
+    "Targets outside hosts reach now (container ports and engine doors open to everyone or to listed sources; host services guard does not judge).",
+);
+const EXPOSURE_CHANGES: Family = Family::counter(
+    "guard_exposure_changes_total",
+    "Changes of what outside hosts reach, since the agent started.",
+);
+const SCAN_ERRORS: Family = Family::counter(
+    "guard_exposure_scan_errors_total",
+    "Exposure scans that failed (the last picture stands).",
+);
+const WEBHOOK: Family = Family::counter(
+    "guard_alert_webhook_total",
+    "Changes sent to --alert-url, by result (failed: every attempt failed; dropped: the queue was full).",
+);
 
 /// What the scanning task needs from `guard run`'s options.
 pub struct ScanOptions {
@@ -108,8 +113,8 @@ pub async fn keep_current(opts: ScanOptions, exposures: Arc<Exposures>, webhook:
     let mut last_said: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = exposures.synced.notified() => {}
-            _ = tokio::time::sleep(opts.interval) => {}
+            () = exposures.synced.notified() => {}
+            () = tokio::time::sleep(opts.interval) => {}
         }
         let now = match scan::scan(&opts.pins, &opts.config, &opts.state_dir).await {
             Ok(now) => now,

@@ -43,7 +43,7 @@ use crate::{
     kernel::maps::PolicyMaps,
     kernel::pins::Pins,
     telemetry::events::{Record, access::AccessRecord, drops::DropRecord, recent::Recent},
-    telemetry::metrics::{self, AgentState, KernelCounters},
+    telemetry::metrics::{self, AgentState, Exposition, Family, KernelCounters},
 };
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9184";
@@ -125,21 +125,32 @@ impl Connections {
 
     fn metrics(&self) -> String {
         let cut = |n: &AtomicU64| n.load(Ordering::Relaxed);
-        format!(
-            "# HELP guard_http_connections Connections to this endpoint open now.\n# TYPE guard_http_connections gauge\nguard_http_connections {}\n\
-             # HELP guard_http_connections_refused_total Connections closed as soon as accepted: the endpoint held its limit.\n# TYPE guard_http_connections_refused_total counter\nguard_http_connections_refused_total {}\n\
-             # HELP guard_http_connections_evicted_total Idle connections (no request yet) closed to make room for a new one at the limit.\n# TYPE guard_http_connections_evicted_total counter\nguard_http_connections_evicted_total {}\n\
-             # HELP guard_http_connections_cut_total Connections closed by a limit: headers too slow, a request too large, an answer not read in time.\n# TYPE guard_http_connections_cut_total counter\n\
-             guard_http_connections_cut_total{{limit=\"header_timeout\"}} {}\nguard_http_connections_cut_total{{limit=\"too_large\"}} {}\nguard_http_connections_cut_total{{limit=\"deadline\"}} {}\n",
-            self.open(),
-            self.refused(),
-            self.evicted(),
-            cut(&self.header_timeouts),
-            cut(&self.too_large),
-            cut(&self.deadline),
-        )
+        let mut page = Exposition::default();
+        page.family(&HTTP_CONNECTIONS).sample(&[], self.open());
+        page.family(&HTTP_REFUSED).sample(&[], self.refused());
+        page.family(&HTTP_EVICTED).sample(&[], self.evicted());
+        page.family(&HTTP_CUT)
+            .sample(&[("limit", "header_timeout")], cut(&self.header_timeouts))
+            .sample(&[("limit", "too_large")], cut(&self.too_large))
+            .sample(&[("limit", "deadline")], cut(&self.deadline));
+        page.finish()
     }
 }
+
+const HTTP_CONNECTIONS: Family =
+    Family::gauge("guard_http_connections", "Connections to this endpoint open now.");
+const HTTP_REFUSED: Family = Family::counter(
+    "guard_http_connections_refused_total",
+    "Connections closed as soon as accepted: the endpoint held its limit.",
+);
+const HTTP_EVICTED: Family = Family::counter(
+    "guard_http_connections_evicted_total",
+    "Idle connections (no request yet) closed to make room for a new one at the limit.",
+);
+const HTTP_CUT: Family = Family::counter(
+    "guard_http_connections_cut_total",
+    "Connections closed by a limit: headers too slow, a request too large, an answer not read in time.",
+);
 
 /// The endpoint's side of the state: the agent's, its own counters, and the kernel's counter
 /// maps, opened once.

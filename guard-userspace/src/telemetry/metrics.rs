@@ -1,15 +1,135 @@
 //! What the agent exports for monitoring, in Prometheus' text format: packets by reason, drops
 //! per container port, drop- and access-event health, sync latency, map fill levels, XDP modes, Docker
 //! connection state, policy reloads and rejected labels.
+//!
+//! Every family is a [`Family`] constant (name, type, help) and is written through
+//! [`Exposition`], which writes its HELP and TYPE lines once and escapes every label value.
+//! Not `prometheus-client`: it writes OpenMetrics only (a counter's family named without its
+//! `_total`, a full stop added to each help, `# EOF` at the end), which would change the lines
+//! scrapers and dashboards already read; and every value here is read at scrape time (the
+//! kernel's maps, the agent's last sync), where its registry of live metrics would need a
+//! collector of our own anyway.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::BTreeMap,
+    fmt::{self, Write as _},
+};
 
 use guard_common::{
     events::{DROP_AT_GATE, DROP_AUDITED, DROP_PUBLISHED, DROP_RATE_LIMITED, DropKey},
     reason::{Decision, Verdict},
 };
 
-use crate::policy::Proto;
+use crate::{
+    kernel::{attach::Attached, hook::Hook},
+    policy::{Proto, file::Mode},
+};
+
+/// A metric family's type, as its TYPE line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family: written once, HELP and TYPE before its samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+impl Family {
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        Family { name, kind: Kind::Counter, help }
+    }
+
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Family { name, kind: Kind::Gauge, help }
+    }
+}
+
+/// A label's name and value (the value is escaped when written).
+pub type Label<'a> = (&'static str, &'a str);
+
+/// A page in Prometheus' text exposition format (0.0.4), written family by family.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// Starts `family` (its HELP and TYPE lines); the samples written through the answer are
+    /// its own.
+    pub fn family(&mut self, family: &Family) -> Samples<'_> {
+        let Family { name, kind, help } = family;
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {}", kind.name());
+        Samples { out: &mut self.out, name }
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// The samples of one family.
+pub struct Samples<'a> {
+    out: &'a mut String,
+    name: &'static str,
+}
+
+impl Samples<'_> {
+    /// `name{labels} value` (no braces without labels).
+    pub fn sample(&mut self, labels: &[Label<'_>], value: impl fmt::Display) -> &mut Self {
+        self.series("", labels, value)
+    }
+
+    /// A sample of one of the family's series named with a suffix (a histogram's `_bucket`,
+    /// `_sum` and `_count`).
+    fn series(
+        &mut self,
+        suffix: &str,
+        labels: &[Label<'_>],
+        value: impl fmt::Display,
+    ) -> &mut Self {
+        let _ = writeln!(self.out, "{}{suffix}{} {value}", self.name, Labels(labels));
+        self
+    }
+}
+
+/// A sample's labels as written: `{name="value",...}`, or nothing when there are none.
+struct Labels<'a, 'b>(&'a [Label<'b>]);
+
+impl fmt::Display for Labels<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        f.write_char('{')?;
+        for (i, (name, value)) in self.0.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            write!(f, "{comma}{name}=\"{}\"", escape(value))?;
+        }
+        f.write_char('}')
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
 
 /// Upper bounds (seconds) of the sync-latency histogram buckets.
 const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -31,6 +151,25 @@ impl Histogram {
         self.sum += seconds;
         self.count += 1;
     }
+
+    /// Its `_bucket` series (cumulative, then `+Inf`), `_sum` and `_count`.
+    fn write(&self, samples: &mut Samples<'_>) {
+        for (bound, count) in SYNC_BUCKETS.iter().zip(self.counts) {
+            samples.series("_bucket", &[("le", &bound.to_string())], count);
+        }
+        samples
+            .series("_bucket", &[("le", "+Inf")], self.count)
+            .series("_sum", &[], self.sum)
+            .series("_count", &[], self.count);
+    }
+}
+
+/// A program on an interface, as the agent last attached it.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub hook: Hook,
+    pub iface: String,
+    pub how: Attached,
 }
 
 /// The agent's own state, updated by the reconcile loop.
@@ -45,14 +184,15 @@ pub struct AgentState {
     pub protection_lost: u64,
     /// Whether a restoration is under way (or failed): not ready.
     pub restoring: bool,
-    pub mode: String,
+    /// The host's mode: the policy file's, or `--mode`'s.
+    pub mode: Mode,
     pub sync_seconds: Histogram,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (container, label) of every label that was rejected.
     pub label_errors: Vec<(String, String)>,
-    /// (hook, interface, mode) of every attachment.
-    pub attachments: Vec<(String, String, String)>,
+    /// Every program on an interface.
+    pub attachments: Vec<Attachment>,
     /// Why each interface and hook that should run a program does not (attach errors).
     pub unguarded: Vec<String>,
     /// Container names by target id.
@@ -90,220 +230,199 @@ pub fn build_info() -> (&'static str, &'static str, String) {
     (env!("CARGO_PKG_VERSION"), env!("GUARD_COMMIT"), format!("{:08x}", guard_common::maps::LAYOUT))
 }
 
+const BUILD_INFO: Family =
+    Family::gauge("guard_build_info", "The running agent's version, commit and eBPF map layout.");
+const PACKETS: Family =
+    Family::counter("guard_packets_total", "Packets seen on uplinks (XDP), by reason and verdict.");
+const GATE_PACKETS: Family = Family::counter(
+    "guard_gate_packets_total",
+    "Packets from uplinks judged again after NAT at the bridge gate.",
+);
+const CONTAINER_DROPS: Family = Family::counter(
+    "guard_container_drops_total",
+    "Packets dropped (or, audited, that would have been) per container port, by stage: xdp on the uplink, or the gate after NAT.",
+);
+const CONTAINER_RATE_LIMITED: Family = Family::counter(
+    "guard_container_rate_limited_total",
+    "New flows dropped (or, audited, that would have been) over a port's rate limit, per container port; also counted in guard_container_drops_total.",
+);
+const DROP_EVENTS: Family = Family::counter(
+    "guard_drop_events_total",
+    "Drop events: reported, suppressed by the kernel's rate limit, lost to a full ring.",
+);
+const ACCESS_EVENTS: Family = Family::counter(
+    "guard_access_events_total",
+    "Access (the first packet of a flow an opening let in) events: reported, suppressed by the kernel's rate limit, lost to a full ring.",
+);
+/// The `outcome` label of each slot of an event stream's counters, in slot order.
+const EVENT_OUTCOMES: [&str; 3] = ["reported", "suppressed", "lost"];
+const SYNC_DURATION: Family = Family {
+    name: "guard_sync_duration_seconds",
+    kind: Kind::Histogram,
+    help: "Time to compute and apply the desired state.",
+};
+const MAP_ENTRIES: Family =
+    Family::gauge("guard_map_entries", "Entries in each policy map after the last sync.");
+const MAP_CAPACITY: Family = Family::gauge("guard_map_capacity", "Capacity of each policy map.");
+const MAP_UPDATE_ERRORS: Family =
+    Family::counter("guard_map_update_errors_total", "Map updates that failed (a full map).");
+const ATTACHED: Family = Family::gauge(
+    "guard_attached",
+    "Programs attached, by hook, interface and mode (XDP native or generic).",
+);
+const DOCKER_CONNECTED: Family =
+    Family::gauge("guard_docker_connected", "Whether the Docker API answered the last sync.");
+const SYNCED: Family = Family::gauge(
+    "guard_synced",
+    "Whether the maps have held Docker's state at least once since start.",
+);
+const PROTECTION_LOST: Family = Family::counter(
+    "guard_protection_lost_total",
+    "Times the pins were removed under the running agent (guard unload --force), which then restored them.",
+);
+const CONFIG_VALID: Family = Family::gauge(
+    "guard_config_valid",
+    "Whether the policy file on disk parses and is the policy in force.",
+);
+const CONFIG_RELOADS: Family =
+    Family::counter("guard_config_reloads_total", "Policy file reloads, by result.");
+const AUDIT_MODE: Family =
+    Family::gauge("guard_audit_mode", "Whether the whole host is in audit mode.");
+const LABEL_ERRORS: Family = Family::gauge(
+    "guard_label_errors",
+    "Labels rejected whole (each opens or limits nothing), by container and label.",
+);
+const ENGINE_DOOR_SOURCES: Family = Family::gauge(
+    "guard_engine_door_sources",
+    "The engine's own ports guard judges (Swarm's, the Docker API on tcp), by door and port: how many sources (swarm nodes and [management] prefixes) may reach each.",
+);
+const DENIED_SOURCES: Family = Family::gauge(
+    "guard_denied_sources",
+    "Sources denied every container port, by where the denial comes from (policy file, deny files, guard ban).",
+);
+const SWARM_NODES: Family = Family::gauge(
+    "guard_swarm_nodes",
+    "The swarm's members as the engine names them (this node included).",
+);
+
 pub fn render(state: &AgentState, kernel: Option<&KernelCounters>) -> String {
-    let mut out = String::new();
+    let mut page = Exposition::default();
     let (version, commit, layout) = build_info();
-    let _ = writeln!(
-        out,
-        "# HELP guard_build_info The running agent's version, commit and eBPF map layout.\n# TYPE guard_build_info gauge\nguard_build_info{{version=\"{version}\",commit=\"{commit}\",layout=\"{layout}\"}} 1"
-    );
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    for (name, help, pick) in [
-        ("guard_packets_total", "Packets seen on uplinks (XDP), by reason and verdict.", 0),
-        (
-            "guard_gate_packets_total",
-            "Packets from uplinks judged again after NAT at the bridge gate.",
-            1,
-        ),
-    ] {
-        family(&mut out, name, "counter", help);
-        let Some(k) = kernel else { continue };
-        let counters = if pick == 0 { &k.packets } else { &k.gate };
-        let mut body = String::new();
-        for (d, n) in counters {
-            let verdict = if d.verdict() == Verdict::Pass { "pass" } else { "drop" };
-            let (reason, audited) = (d.reason.name(), d.audited);
-            let _ = writeln!(
-                body,
-                "{name}{{reason=\"{reason}\",verdict=\"{verdict}\",audited=\"{audited}\"}} {n}"
-            );
-        }
-        out.push_str(&body);
-    }
+    page.family(&BUILD_INFO)
+        .sample(&[("version", version), ("commit", commit), ("layout", &layout)], 1);
+    decisions(page.family(&PACKETS), kernel.map_or(&[], |k| &k.packets));
+    decisions(page.family(&GATE_PACKETS), kernel.map_or(&[], |k| &k.gate));
 
-    let _ = writeln!(
-        out,
-        "# HELP guard_container_drops_total Packets dropped (or, audited, that would have been) per container port, by stage: xdp on the uplink, or the gate after NAT.\n# TYPE guard_container_drops_total counter"
-    );
-    if let Some(k) = kernel {
-        out.push_str(&per_port(state, "guard_container_drops_total", k.drops.iter()));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP guard_container_rate_limited_total New flows dropped (or, audited, that would have been) over a port's rate limit, per container port; also counted in guard_container_drops_total.\n# TYPE guard_container_rate_limited_total counter"
-    );
-    if let Some(k) = kernel {
-        let limited = k.drops.iter().filter(|(key, _)| key.flags & DROP_RATE_LIMITED != 0);
-        out.push_str(&per_port(state, "guard_container_rate_limited_total", limited));
-    }
+    let drops = kernel.map_or(&[][..], |k| &k.drops);
+    per_port(page.family(&CONTAINER_DROPS), state, drops.iter());
+    let limited = drops.iter().filter(|(key, _)| key.flags & DROP_RATE_LIMITED != 0);
+    per_port(page.family(&CONTAINER_RATE_LIMITED), state, limited);
 
-    for (name, what, pick) in [
-        ("guard_drop_events_total", "Drop", 0),
-        ("guard_access_events_total", "Access (the first packet of a flow an opening let in)", 1),
+    for (family, events) in [
+        (&DROP_EVENTS, kernel.map(|k| k.drop_events)),
+        (&ACCESS_EVENTS, kernel.map(|k| k.access_events)),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {what} events: reported, suppressed by the kernel's rate limit, lost to a full ring.\n# TYPE {name} counter"
-        );
-        let Some(k) = kernel else { continue };
-        let events = if pick == 0 { k.drop_events } else { k.access_events };
-        for (outcome, n) in ["reported", "suppressed", "lost"].iter().zip(events) {
-            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
+        let mut samples = page.family(family);
+        for (outcome, n) in events.iter().flat_map(|e| EVENT_OUTCOMES.iter().zip(*e)) {
+            samples.sample(&[("outcome", outcome)], n);
         }
     }
 
-    let h = &state.sync_seconds;
-    let _ = writeln!(
-        out,
-        "# HELP guard_sync_duration_seconds Time to compute and apply the desired state.\n# TYPE guard_sync_duration_seconds histogram"
-    );
-    for (bound, count) in SYNC_BUCKETS.iter().zip(h.counts) {
-        let _ = writeln!(out, "guard_sync_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
-    }
-    let _ = writeln!(out, "guard_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(
-        out,
-        "guard_sync_duration_seconds_sum {}\nguard_sync_duration_seconds_count {}",
-        h.sum, h.count
-    );
+    state.sync_seconds.write(&mut page.family(&SYNC_DURATION));
 
-    let _ = writeln!(
-        out,
-        "# HELP guard_map_entries Entries in each policy map after the last sync.\n# TYPE guard_map_entries gauge"
-    );
+    let mut entries = page.family(&MAP_ENTRIES);
     for (map, n, _) in &state.map_entries {
-        let _ = writeln!(out, "guard_map_entries{{map=\"{map}\"}} {n}");
+        entries.sample(&[("map", map)], n);
     }
-    let _ = writeln!(
-        out,
-        "# HELP guard_map_capacity Capacity of each policy map.\n# TYPE guard_map_capacity gauge"
-    );
-    for (map, _, capacity) in &state.map_entries {
-        let _ = writeln!(out, "guard_map_capacity{{map=\"{map}\"}} {capacity}");
+    let mut capacity = page.family(&MAP_CAPACITY);
+    for (map, _, n) in &state.map_entries {
+        capacity.sample(&[("map", map)], n);
     }
-    let _ = writeln!(
-        out,
-        "# HELP guard_map_update_errors_total Map updates that failed (a full map).\n# TYPE guard_map_update_errors_total counter"
-    );
+    let mut update_errors = page.family(&MAP_UPDATE_ERRORS);
     for (map, n) in &state.update_errors {
-        let _ = writeln!(out, "guard_map_update_errors_total{{map=\"{map}\"}} {n}");
+        update_errors.sample(&[("map", map)], n);
     }
 
-    let _ = writeln!(
-        out,
-        "# HELP guard_attached Programs attached, by hook, interface and mode (XDP native or generic).\n# TYPE guard_attached gauge"
-    );
-    for (hook, iface, mode) in &state.attachments {
-        let _ = writeln!(
-            out,
-            "guard_attached{{hook=\"{hook}\",iface=\"{}\",mode=\"{mode}\"}} 1",
-            escape(iface)
-        );
+    let mut attached = page.family(&ATTACHED);
+    for a in &state.attachments {
+        let labels = [("hook", a.hook.name()), ("iface", &a.iface), ("mode", &a.how.label())];
+        attached.sample(&labels, 1);
     }
-    let _ = writeln!(
-        out,
-        "# HELP guard_docker_connected Whether the Docker API answered the last sync.\n# TYPE guard_docker_connected gauge\nguard_docker_connected {}",
-        u8::from(state.docker_connected)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_synced Whether the maps have held Docker's state at least once since start.\n# TYPE guard_synced gauge\nguard_synced {}",
-        u8::from(state.synced)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_protection_lost_total Times the pins were removed under the running agent (guard unload --force), which then restored them.\n# TYPE guard_protection_lost_total counter\nguard_protection_lost_total {}",
-        state.protection_lost
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_config_valid Whether the policy file on disk parses and is the policy in force.\n# TYPE guard_config_valid gauge\nguard_config_valid {}",
-        u8::from(state.config_valid)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_config_reloads_total Policy file reloads, by result.\n# TYPE guard_config_reloads_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "guard_config_reloads_total{{result=\"ok\"}} {}\nguard_config_reloads_total{{result=\"error\"}} {}",
-        state.reloads_ok, state.reloads_failed
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_audit_mode Whether the whole host is in audit mode.\n# TYPE guard_audit_mode gauge\nguard_audit_mode {}",
-        u8::from(state.mode == "audit")
-    );
-    let _ = writeln!(
-        out,
-        "# HELP guard_label_errors Labels rejected whole (each opens or limits nothing), by container and label.\n# TYPE guard_label_errors gauge"
-    );
+    page.family(&DOCKER_CONNECTED).sample(&[], u8::from(state.docker_connected));
+    page.family(&SYNCED).sample(&[], u8::from(state.synced));
+    page.family(&PROTECTION_LOST).sample(&[], state.protection_lost);
+    page.family(&CONFIG_VALID).sample(&[], u8::from(state.config_valid));
+    page.family(&CONFIG_RELOADS)
+        .sample(&[("result", "ok")], state.reloads_ok)
+        .sample(&[("result", "error")], state.reloads_failed);
+    page.family(&AUDIT_MODE).sample(&[], u8::from(state.mode == Mode::Audit));
+
+    let mut label_errors = page.family(&LABEL_ERRORS);
     for (container, label) in &state.label_errors {
-        let _ = writeln!(
-            out,
-            "guard_label_errors{{container=\"{}\",label=\"{}\"}} 1",
-            escape(container),
-            escape(label)
-        );
+        label_errors.sample(&[("container", container), ("label", label)], 1);
     }
-    let _ = writeln!(
-        out,
-        "# HELP guard_engine_door_sources The engine's own ports guard judges (Swarm's, the Docker API on tcp), by door and port: how many sources (swarm nodes and [management] prefixes) may reach each.\n# TYPE guard_engine_door_sources gauge"
-    );
+    let mut doors = page.family(&ENGINE_DOOR_SOURCES);
     for (door, port, sources) in &state.doors {
-        let _ = writeln!(
-            out,
-            "guard_engine_door_sources{{door=\"{}\",port=\"{}\"}} {sources}",
-            escape(door),
-            escape(port)
-        );
+        doors.sample(&[("door", door), ("port", port)], sources);
     }
-    let _ = writeln!(
-        out,
-        "# HELP guard_denied_sources Sources denied every container port, by where the denial comes from (policy file, deny files, guard ban).\n# TYPE guard_denied_sources gauge"
-    );
+    let mut denied = page.family(&DENIED_SOURCES);
     for (from, count) in &state.denied {
-        let _ = writeln!(out, "guard_denied_sources{{from=\"{from}\"}} {count}");
+        denied.sample(&[("from", from)], count);
     }
     if let Some(nodes) = state.swarm_nodes {
-        let _ = writeln!(
-            out,
-            "# HELP guard_swarm_nodes The swarm's members as the engine names them (this node included).\n# TYPE guard_swarm_nodes gauge\nguard_swarm_nodes {nodes}"
-        );
+        page.family(&SWARM_NODES).sample(&[], nodes);
     }
-    out
+    page.finish()
+}
+
+/// One series per reason, verdict and audit of a program's decision counters.
+fn decisions(mut samples: Samples<'_>, counters: &[(Decision, u64)]) {
+    for (d, n) in counters {
+        let verdict = if d.verdict() == Verdict::Pass { "pass" } else { "drop" };
+        let audited = if d.audited { "true" } else { "false" };
+        samples
+            .sample(&[("reason", d.reason.name()), ("verdict", verdict), ("audited", audited)], n);
+    }
 }
 
 /// One series per container port, path, stage and audit of `drops` (summed over what else
 /// tells their keys apart, such as the rate-limit flag: a series appears once).
 fn per_port<'a>(
+    mut samples: Samples<'_>,
     state: &AgentState,
-    name: &str,
     drops: impl Iterator<Item = &'a (DropKey, u64)>,
-) -> String {
-    let mut series: BTreeMap<String, u64> = BTreeMap::new();
+) {
+    // Keyed by the labels' text, in the order they are written: the series come out sorted
+    // as the text sorts.
+    let mut series: BTreeMap<[String; 6], u64> = BTreeMap::new();
     for (key, n) in drops {
         let container =
             state.names.get(&key.target).cloned().unwrap_or(format!("target-{}", key.target));
-        let proto = Proto::from_number(key.proto).map_or("any".to_string(), |p| p.name().into());
+        let proto = Proto::from_number(key.proto).map_or("any", Proto::name);
         let path = if key.flags & DROP_PUBLISHED != 0 { "published" } else { "direct" };
         let stage = if key.flags & DROP_AT_GATE != 0 { "gate" } else { "xdp" };
-        let labels = format!(
-            "container=\"{}\",port=\"{}\",proto=\"{proto}\",path=\"{path}\",stage=\"{stage}\",audited=\"{}\"",
-            escape(&container),
-            key.port,
-            key.flags & DROP_AUDITED != 0
-        );
+        let audited = key.flags & DROP_AUDITED != 0;
+        let labels = [
+            container,
+            key.port.to_string(),
+            proto.to_string(),
+            path.to_string(),
+            stage.to_string(),
+            audited.to_string(),
+        ];
         *series.entry(labels).or_default() += n;
     }
-    series.into_iter().map(|(labels, n)| format!("{name}{{{labels}}} {n}\n")).collect()
-}
-
-/// Escapes a Prometheus label value.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    for ([container, port, proto, path, stage, audited], n) in &series {
+        let labels = [
+            ("container", container.as_str()),
+            ("port", port),
+            ("proto", proto),
+            ("path", path),
+            ("stage", stage),
+            ("audited", audited),
+        ];
+        samples.sample(&labels, n);
+    }
 }
 
 #[cfg(test)]
@@ -311,19 +430,30 @@ mod tests {
     use guard_common::reason::Reason;
 
     use super::*;
+    use crate::{host::interfaces::Framing, kernel::attach};
+
+    fn attachment(hook: Hook, iface: &str, mode: attach::Mode, framing: Framing) -> Attachment {
+        let how = Attached { mode, framing, adopted: false };
+        Attachment { hook, iface: iface.into(), how }
+    }
 
     #[test]
     fn renders_every_family_with_labels() {
         let mut state = AgentState {
             docker_connected: true,
             synced: true,
-            mode: "enforce".into(),
+            mode: Mode::Enforce,
             ..Default::default()
         };
         state.sync_seconds.observe(0.003);
         state.names.insert(7, "db".into());
         state.label_errors.push(("web".into(), "guard.expose".into()));
-        state.attachments.push(("xdp".into(), "eth0".into(), "native".into()));
+        state.attachments.push(attachment(
+            Hook::Xdp,
+            "eth0",
+            attach::Mode::Native,
+            Framing::Ethernet,
+        ));
         state.map_entries.push(("GUARD_ADDRS", 12, 65536));
         let kernel = KernelCounters {
             packets: vec![
@@ -392,5 +522,63 @@ mod tests {
             .collect();
         let unique: std::collections::BTreeSet<&&str> = series.iter().collect();
         assert_eq!(unique.len(), series.len(), "a series appears twice in\n{text}");
+    }
+
+    #[test]
+    fn families_come_once_in_their_order_and_label_values_are_escaped() {
+        let mut state = AgentState { swarm_nodes: Some(3), ..Default::default() };
+        state.names.insert(8, "we\"b\\x".into());
+        state.label_errors.push(("web".into(), "guard.expose\n".into()));
+        let kernel = KernelCounters {
+            packets: vec![],
+            gate: vec![],
+            drops: vec![(DropKey { target: 8, port: 9, proto: 0, flags: 0 }, 5)],
+            drop_events: [0; 3],
+            access_events: [0; 3],
+        };
+        let text = render(&state, Some(&kernel));
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert_eq!(
+            families,
+            [
+                "guard_build_info",
+                "guard_packets_total",
+                "guard_gate_packets_total",
+                "guard_container_drops_total",
+                "guard_container_rate_limited_total",
+                "guard_drop_events_total",
+                "guard_access_events_total",
+                "guard_sync_duration_seconds",
+                "guard_map_entries",
+                "guard_map_capacity",
+                "guard_map_update_errors_total",
+                "guard_attached",
+                "guard_docker_connected",
+                "guard_synced",
+                "guard_protection_lost_total",
+                "guard_config_valid",
+                "guard_config_reloads_total",
+                "guard_audit_mode",
+                "guard_label_errors",
+                "guard_engine_door_sources",
+                "guard_denied_sources",
+                "guard_swarm_nodes",
+            ]
+        );
+        for line in [
+            "guard_container_drops_total{container=\"we\\\"b\\\\x\",port=\"9\",proto=\"any\",path=\"direct\",stage=\"xdp\",audited=\"false\"} 5",
+            "guard_label_errors{container=\"web\",label=\"guard.expose\\n\"} 1",
+            "guard_sync_duration_seconds_bucket{le=\"+Inf\"} 0",
+            "guard_sync_duration_seconds_sum 0",
+            "guard_config_reloads_total{result=\"error\"} 0",
+            "guard_audit_mode 0",
+            "guard_swarm_nodes 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
     }
 }

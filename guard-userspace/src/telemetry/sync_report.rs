@@ -9,7 +9,7 @@ use crate::{
     kernel::{attach::Attachments, maps::UpdateError},
     policy::{file::Mode, snapshot::Swarm},
     state::{desired::Desired, doors},
-    telemetry::metrics::AgentState,
+    telemetry::metrics::{AgentState, Attachment},
 };
 
 /// One pass that reached the maps, whether or not Docker was asked.
@@ -39,7 +39,7 @@ impl AgentState {
     /// Takes in what a pass did.
     pub fn record(&mut self, report: &SyncReport) {
         let desired = report.desired;
-        self.mode = report.mode.to_string();
+        self.mode = report.mode;
         let door_names =
             desired.doors.iter().filter_map(|d| Some((d.target, doors::name(d.target)?.into())));
         self.names = desired
@@ -61,7 +61,7 @@ impl AgentState {
         self.attachments = report
             .attachments
             .all()
-            .map(|(hook, iface, what)| (hook.name().to_string(), iface.to_string(), what.label()))
+            .map(|(hook, iface, how)| Attachment { hook, iface: iface.to_string(), how })
             .collect();
         self.map_entries = desired.tables.sizes();
         self.doors = desired

@@ -100,7 +100,7 @@ impl Webhook {
         let uri = target.uri.clone();
         Self::start(target)
             .inspect_err(|e| {
-                tracing::error!("alert webhook {uri}: {e:#}; exposure changes go to the log only")
+                tracing::error!("alert webhook {uri}: {e:#}; exposure changes go to the log only");
             })
             .ok()
     }

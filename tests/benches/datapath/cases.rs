@@ -184,7 +184,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     assert!(!v.is_empty());
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if !v.len().is_multiple_of(2) { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+    if v.len().is_multiple_of(2) { f64::midpoint(v[mid - 1], v[mid]) } else { v[mid] }
 }
 
 pub struct CaseResult {

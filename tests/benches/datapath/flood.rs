@@ -146,7 +146,7 @@ pub fn measure(world: &Rc<World>, params: &Params) -> Result<Vec<FloodResult>> {
         .map(|&variant| FloodResult { variant, runs: Vec::new(), notes: Vec::new() })
         .collect();
     for round in 0..params.flood_rounds {
-        for result in results.iter_mut() {
+        for result in &mut results {
             let variant = result.variant;
             eprintln!(
                 "bench: flood round {}/{}: {} ({} frames)",

@@ -239,7 +239,12 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {
     // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `cmd`, zero-initialised
     // past the fields we set, and every pointer in it outlives the call.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut::<T>(attr),
+            std::mem::size_of::<T>() as u32,
+        )
     };
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as i32) }
 }

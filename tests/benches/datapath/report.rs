@@ -51,7 +51,7 @@ impl Machine {
             git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
         Ok(Machine {
             kernel: read("/proc/sys/kernel/osrelease")?.trim().to_string(),
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            nproc: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
             cpu,
             bpf_jit_enable: read("/proc/sys/net/core/bpf_jit_enable")?.trim().parse()?,
             timestamp: utc_now(),
@@ -86,7 +86,7 @@ impl Report<'_> {
     }
 
     fn floor(&self, scale: usize) -> Option<f64> {
-        self.case(FLOOR)?.per_scale[scale].as_ref().map(|s| s.median_ns())
+        self.case(FLOOR)?.per_scale[scale].as_ref().map(super::cases::Sample::median_ns)
     }
 
     pub fn case(&self, name: &str) -> Option<&CaseResult> {
@@ -95,7 +95,7 @@ impl Report<'_> {
 
     /// Median ns/packet of a case at scale index `s`.
     pub fn ns(&self, case: &CaseResult, s: usize) -> Option<f64> {
-        case.per_scale[s].as_ref().map(|x| x.median_ns())
+        case.per_scale[s].as_ref().map(super::cases::Sample::median_ns)
     }
 
     pub fn above_floor(&self, case: &CaseResult, s: usize) -> Option<f64> {

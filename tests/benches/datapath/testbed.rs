@@ -72,7 +72,7 @@ impl Undo {
         Ok(Undo {
             what: format!("{program} {}", do_args.join(" ")),
             program,
-            args: undo_args.iter().map(|s| s.to_string()).collect(),
+            args: undo_args.iter().map(ToString::to_string).collect(),
         })
     }
 }

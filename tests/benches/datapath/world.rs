@@ -283,10 +283,8 @@ impl Guard {
     /// connection to REMOTE:443 from port 40000, so the probe's reply finds its flow among as
     /// many as there are containers.
     pub fn remember_flows(&mut self) -> Result<()> {
-        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `now` is a valid timespec to write into. bpf_ktime_get_ns() is this clock.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        // bpf_ktime_get_ns() is this clock.
+        let now = guard_userspace::host::clock::monotonic_ns();
         for i in 0..self.world.containers {
             let key = FlowKey {
                 remote: IpAddr::V4(REMOTE).into(),

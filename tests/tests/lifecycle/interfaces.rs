@@ -228,7 +228,7 @@ fn default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_it
             "the kernel runs no gate on {bridge}"
         );
     }
-    assert!(status["errors"].as_array().is_some_and(|e| e.is_empty()), "{status}");
+    assert!(status["errors"].as_array().is_some_and(Vec::is_empty), "{status}");
 
     // The container on two networks: the host's published port (on A's link address and on
     // net1's gateway) and web's address; web reaches it back on net1.

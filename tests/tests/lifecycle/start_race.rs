@@ -205,8 +205,8 @@ fn start_race_accepts_nothing_on_twenty_starts_in_a_row() {
             "start race {i:>2}: bridge {bridge} (before run: {}), run {:.2?}, listening {:.2?} \
              after, {} SYNs ({:.0}/s), {} on the live port: {} accepted, {resets} RST",
             bridge_before.as_deref().unwrap_or("none"),
-            race.started_at - race.run_at,
-            race.listening_at - race.run_at,
+            race.started_at.checked_sub(race.run_at).unwrap(),
+            race.listening_at.checked_sub(race.run_at).unwrap(),
             race.report.attempts.len(),
             race.total_rate(),
             race.on_live_port(),
@@ -251,7 +251,7 @@ fn time_to_open(targets: &[SocketAddr], start: Instant, bound: Duration) -> Opti
                 Ok(_) => break,
                 // A RST: the opening is there, the listener not yet.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    thread::sleep(Duration::from_millis(2))
+                    thread::sleep(Duration::from_millis(2));
                 }
                 Err(_) => {}
             }

@@ -235,7 +235,11 @@ fn agent_objects(before: &GuardObjects) -> GuardObjects {
     for prog in progs.as_array().into_iter().flatten() {
         if prog["id"].as_u64().is_some_and(|id| mine.progs.contains(&id)) {
             mine.maps.extend(
-                prog["map_ids"].as_array().into_iter().flatten().filter_map(|m| m.as_u64()),
+                prog["map_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64),
             );
         }
     }

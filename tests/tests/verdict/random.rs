@@ -10,7 +10,7 @@ use guard_userspace::{
     policy::snapshot::{ApiListener, Container, EngineDoors, Network, Published, Snapshot, Swarm},
 };
 
-use guard_common::parse::MAX_VLAN_TAGS;
+use guard_common::parse::{MAX_V6_EXTENSIONS, MAX_VLAN_TAGS};
 use guard_userspace::kernel::frames::{Ext, Frame, Transport};
 
 pub struct Rng(u64);
@@ -80,7 +80,7 @@ impl World {
     pub fn random(rng: &mut Rng, index: usize) -> World {
         let mut subnets = Vec::new();
         let mut networks = Vec::new();
-        for n in 0..1 + rng.below(3) as u8 {
+        for n in 0..=(rng.below(3) as u8) {
             let v4_len = *rng.pick(&[12u8, 16, 20, 24, 28]);
             let v4 = IpAddr::V4(Ipv4Addr::new(172, 16 + n * 4, 0, 0));
             let v6_len = *rng.pick(&[48u8, 56, 64]);
@@ -107,9 +107,9 @@ impl World {
         let mut ports = Vec::new();
         let mut sources = Vec::new();
         let mut containers = Vec::new();
-        for c in 0..1 + rng.below(12) {
+        for c in 0..=rng.below(12) {
             let mut addresses = Vec::new();
-            for _ in 0..1 + rng.below(3) {
+            for _ in 0..=rng.below(3) {
                 let (net, len) = *rng.pick(&subnets);
                 addresses.push(inside(rng, net, len));
             }
@@ -149,7 +149,7 @@ impl World {
             for a in 0..rng.below(3) {
                 let spec = port_spec(rng, &mut ports);
                 let mut cidrs = Vec::new();
-                for _ in 0..1 + rng.below(3) {
+                for _ in 0..=rng.below(3) {
                     let (net, len) = if rng.chance(60) {
                         ("198.51.100.0".parse::<IpAddr>().unwrap(), *rng.pick(&[24u8, 28, 32]))
                     } else {
@@ -231,7 +231,7 @@ impl World {
                     text += &format!(
                         "[[rule]]\nmatch = {{ container = \"{}\" }}\nmode = \"audit\"\n",
                         container.name
-                    )
+                    );
                 }
                 1 => {
                     let port = if self.ports.is_empty() { 80 } else { *rng.pick(&self.ports) };
@@ -246,7 +246,7 @@ impl World {
                     text += &format!(
                         "[[rule]]\nmatch = {{ image = \"busy*\", container = \"{}\" }}\nallow = [{{ ports = \"{ports}\", from = [\"203.0.113.0/25\"] }}]\n",
                         container.name
-                    )
+                    );
                 }
                 _ => {}
             }
@@ -389,12 +389,13 @@ impl World {
         }
         if v6 && rng.chance(20) {
             let choices = [Ext::HopByHop, Ext::Routing, Ext::DestOpts, Ext::Fragment { offset: 0 }];
-            let mut exts: Vec<Ext> = (0..1 + rng.below(3)).map(|_| *rng.pick(&choices)).collect();
+            let mut exts: Vec<Ext> = (0..=rng.below(3)).map(|_| *rng.pick(&choices)).collect();
             if rng.chance(25) {
                 exts.push(Ext::Fragment { offset: 1 + rng.below(100) as u16 });
             }
             if rng.chance(15) {
-                exts = vec![Ext::HopByHop; 6 + rng.below(5) as usize];
+                // From two below the filter's walk to two past it.
+                exts = vec![Ext::HopByHop; MAX_V6_EXTENSIONS - 2 + rng.below(5) as usize];
             }
             frame = frame.v6_extensions(&exts);
         }

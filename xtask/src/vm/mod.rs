@@ -224,7 +224,7 @@ fn outcomes(tiers: &[Tier], events: &[Event], stop: &Stop) -> (Vec<Outcome>, Tim
     });
     let mut times = Times {
         boot: started,
-        dockerd: dockerd.zip(started).map(|(d, s)| d - s),
+        dockerd: dockerd.zip(started).map(|(d, s)| d.checked_sub(s).unwrap()),
         tiers: Vec::new(),
         total: events.last().map_or(Duration::ZERO, |e| e.at),
     };
@@ -236,7 +236,7 @@ fn outcomes(tiers: &[Tier], events: &[Event], stop: &Stop) -> (Vec<Outcome>, Tim
         let (counts, runner_failure) = match (begin, end) {
             (Some(b), Some(e)) if b < e => {
                 let output: Vec<&str> = events[b..e].iter().map(|e| e.line.as_str()).collect();
-                times.tiers.push((tier, events[e].at - events[b].at));
+                times.tiers.push((tier, events[e].at.checked_sub(events[b].at).unwrap()));
                 let failure = match &events[e].marker {
                     Some(Marker::TierEnd { code: Some(0), .. }) => None,
                     Some(Marker::TierEnd { code: Some(code), .. }) => {

@@ -68,7 +68,7 @@ impl DenySources {
                         self.files.insert(path.clone(), (modified, read));
                     }
                     Err(e) if known.is_some() => {
-                        warnings.push(format!("deny file {e}; its last good entries stay denied"))
+                        warnings.push(format!("deny file {e}; its last good entries stay denied"));
                     }
                     Err(e) => warnings.push(format!("deny file {e}")),
                 }

@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn narrowing_closes_and_a_new_source_opens() {
         let listed =
-            |s: &[&str]| Reach::from_probes(false, s.iter().map(|s| s.to_string()).collect());
+            |s: &[&str]| Reach::from_probes(false, s.iter().map(ToString::to_string).collect());
         let at = |r: Reach| picture(vec![row("db", "203.0.113.5", 5432, 5432, r)]);
         let c = changes(&at(Reach::everyone()), &at(listed(&["10.0.0.0/8"])));
         assert_eq!(c[0].direction, "closed");

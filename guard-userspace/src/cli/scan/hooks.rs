@@ -10,8 +10,9 @@ use guard_common::maps::{IFACE_DOCKER, IFACE_INSIDE, IFACE_UPLINK};
 use super::picture::{HookCheck, Unguarded};
 use crate::{
     host::interfaces::Link,
+    kernel::hook::{Class, Hook},
     kernel::link_info::{PinnedLinkState, pinned_link_state},
-    kernel::pins::{Hook, Pins},
+    kernel::pins::Pins,
     kernel::tc_filter,
 };
 
@@ -51,8 +52,8 @@ pub fn check(
         .collect();
     for link in links {
         let hooks: &[Hook] = match roles.get(&link.ifindex) {
-            Some(&IFACE_UPLINK) => &[Hook::Xdp, Hook::TcEgress],
-            Some(&IFACE_DOCKER) if link.is_bridge => &[Hook::BridgeGate, Hook::BridgeIngress],
+            Some(&IFACE_UPLINK) => &Class::Uplink.hooks(),
+            Some(&IFACE_DOCKER) if link.is_bridge => &Class::Bridge.hooks(),
             // A container's side of a Docker bridge: its bridge is judged.
             Some(&IFACE_DOCKER) => &[],
             Some(&IFACE_INSIDE) => {
@@ -91,10 +92,10 @@ pub fn check(
 fn attached(pins: &Pins, hook: Hook, ifindex: u32) -> anyhow::Result<&'static str> {
     let link = pinned_link_state(&pins.link(hook, ifindex))?;
     if link == (PinnedLinkState::Attached { ifindex }) {
-        return Ok(if hook == Hook::Xdp { "xdp link" } else { "tcx" });
+        return Ok(hook.link_kind());
     }
-    if hook != Hook::Xdp {
-        let programs = crate::kernel::loader::tc_program_names();
+    if !hook.is_xdp() {
+        let programs = crate::kernel::hook::tc_program_names();
         if tc_filter::in_slot(ifindex, hook)?.is_some_and(|f| programs.contains(&f.name.as_str())) {
             return Ok("netlink");
         }

@@ -46,6 +46,7 @@ use crate::{
     host::interfaces::{self, Framing, Link},
     host::sock_diag,
     kernel::frames::{Frame, Transport},
+    kernel::hook::Hook,
     kernel::maps::PolicyMaps,
     kernel::pins::{PinError, Pins},
     policy::Proto,
@@ -354,13 +355,13 @@ impl<'a> Judge<'a> {
         // the uplink's TC egress, which judges the SYN-ACK as the connection it accepts. The
         // engine's doors and host services are XDP's alone. What one of them drops is dropped;
         // with all of them missing, everything gets in.
-        let present = |hook: &str, iface: Option<&String>| {
-            iface.is_some_and(|i| !self.missing.contains(&(hook.to_string(), i.clone())))
+        let present = |hook: Hook, iface: Option<&String>| {
+            iface.is_some_and(|i| !self.missing.contains(&(hook.name().to_string(), i.clone())))
         };
         let container = kind == Kind::Container;
-        let judged = present("xdp", Some(&link.name))
-            || container && present("bridge-gate", self.bridges.get(&target))
-            || container && dest.proto == Proto::Tcp && present("tc-egress", Some(&link.name));
+        let judged = present(Hook::Xdp, Some(&link.name))
+            || container && present(Hook::BridgeGate, self.bridges.get(&target))
+            || container && dest.proto == Proto::Tcp && present(Hook::TcEgress, Some(&link.name));
         let lets_in = |kernel_pass: bool| kernel_pass || !judged;
 
         let proto_number = dest.proto.number();

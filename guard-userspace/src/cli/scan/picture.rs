@@ -129,7 +129,7 @@ impl Exposure {
 
     /// `guard scan`'s exit status: 0 when the kernel does what the policy says, 1 on drift.
     pub fn exit_code(&self) -> u8 {
-        if self.drift().is_empty() { 0 } else { 1 }
+        u8::from(!self.drift().is_empty())
     }
 }
 
@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn reach_widens_only_when_someone_new_gets_in() {
         let listed =
-            |s: &[&str]| Reach::from_probes(false, s.iter().map(|s| s.to_string()).collect());
+            |s: &[&str]| Reach::from_probes(false, s.iter().map(ToString::to_string).collect());
         assert_eq!(listed(&[]), Reach::nobody());
         assert_eq!(Reach::from_probes(true, vec!["10.0.0.0/8".into()]), Reach::everyone());
         assert!(Reach::everyone().wider_than(&listed(&["10.0.0.0/8"])));

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 use guard_common::events::DropKey;
 use guard_common::maps::{
-    CONFIG_AUDIT_ALL, ContainerId, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey,
-    TARGET_AUDIT, door,
+    CONFIG_AUDIT_ALL, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey, TARGET_AUDIT, door,
 };
 
 use super::{ContainerReport, DoorReport, Outside, PortReport, container_report, limits};
@@ -15,6 +14,7 @@ use crate::cli::reach::Reach;
 use crate::{
     policy::{PortSpec, Proto},
     state::desired::{ContainerPolicy, Desired},
+    state::identities::encode_hex,
     state::tables::TableSet,
 };
 
@@ -34,13 +34,13 @@ pub fn containers(
         .identities
         .iter()
         .map(|(target, id)| {
-            let id = hex(id);
+            let id = encode_hex(&id.0);
             let mut report = container(kernel, *target, &id, wanted.get(id.as_str()).copied());
             limits::count(&mut report.ports, *target, &rate_limited);
             report
         })
         .collect();
-    let known: Vec<String> = kernel.identities.values().map(hex).collect();
+    let known: Vec<String> = kernel.identities.values().map(|id| encode_hex(&id.0)).collect();
     for policy in wanted.values().filter(|c| !known.contains(&c.container.id)) {
         let mut report = container_report(policy);
         for port in &mut report.ports {
@@ -66,7 +66,7 @@ pub fn doors(kernel: &TableSet) -> Vec<DoorReport> {
             .filter(|(_, p)| p.target == target)
             .map(|(key, p)| (key.proto, p.port))
             .collect();
-        ports.sort();
+        ports.sort_unstable();
         ports.dedup();
         let Some(&(proto, port)) = ports.first() else { continue };
         // Every port of a door is open to the same sources.
@@ -272,13 +272,12 @@ fn compress(ports: Vec<PortReport>) -> Vec<PortReport> {
     rows
 }
 
-fn hex(id: &ContainerId) -> String {
-    id.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use guard_common::{addr::Addr, maps::PortRule};
+    use guard_common::{
+        addr::Addr,
+        maps::{ContainerId, PortRule},
+    };
 
     use super::*;
     use crate::state::tables::Lpm;
@@ -344,7 +343,7 @@ mod tests {
             every_port: false,
             last_port: None,
             proto: "tcp".into(),
-            published: published.iter().map(|p| p.to_string()).collect(),
+            published: published.iter().map(ToString::to_string).collect(),
             outside: Outside::new(Reach::everyone()),
             limit: None,
             rate_limited: 0,

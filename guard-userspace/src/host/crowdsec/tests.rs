@@ -35,9 +35,9 @@ fn go_durations_parse_to_seconds() {
         assert!((got - want).abs() < 1e-6, "{text:?}: {got} != {want}");
     };
     close("3h59m57.6s", 3.0 * 3600.0 + 59.0 * 60.0 + 57.6);
-    close("29m59.579078952s", 29.0 * 60.0 + 59.579078952);
-    close("-14.186325ms", -0.014186325);
-    close("1h59m59.579076915s", 7199.579076915);
+    close("29m59.579078952s", 29.0 * 60.0 + 59.579_078_952);
+    close("-14.186325ms", -0.014_186_325);
+    close("1h59m59.579076915s", 7_199.579_076_915);
     close("167h", 167.0 * 3600.0);
     close("0s", 0.0);
     close("0", 0.0);
@@ -175,7 +175,7 @@ impl FakeLapi {
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Mutex<Vec<String>>> =
-            Arc::new(Mutex::new(script.iter().rev().map(|s| s.to_string()).collect()));
+            Arc::new(Mutex::new(script.iter().rev().map(ToString::to_string).collect()));
         let recorded = requests.clone();
         let task = tokio::spawn(async move {
             loop {
