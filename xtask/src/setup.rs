@@ -1,5 +1,5 @@
-//! Build and test prerequisites: nightly rust-src, clippy for both toolchains, Debian packages, bpf-linker, bpffs,
-//! systemd-analyze.
+//! Build and test prerequisites: nightly rust-src, clippy for both toolchains, Debian packages,
+//! bpf-linker, bpffs, systemd-analyze.
 
 use std::fs;
 use std::path::PathBuf;
