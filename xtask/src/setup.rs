@@ -1,5 +1,5 @@
-//! Build and test prerequisites: nightly rust-src, Debian packages, bpf-linker, bpffs,
-//! systemd-analyze.
+//! Build and test prerequisites: nightly rust-src, clippy for both toolchains, Debian packages,
+//! bpf-linker, bpffs, systemd-analyze.
 
 use std::fs;
 use std::path::PathBuf;
@@ -47,6 +47,7 @@ pub fn machine(ctx: &Ctx) -> Result<()> {
 /// What building the workspace needs.
 pub fn prerequisites() -> Result<()> {
     rust_src()?;
+    clippy()?;
     apt_install(APT_PACKAGES)?;
     bpf_linker()
 }
@@ -114,6 +115,31 @@ fn rust_src() -> Result<()> {
     }
     println!("xtask: adding rust-src to the nightly toolchain with rustup ...");
     sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// Clippy for the default toolchain and for nightly: the unit tier lints the host crates
+/// with the one and guard-ebpf with the other, with warnings as errors. A toolchain installed
+/// with rustup's minimal profile (as [`rust_src`] installs nightly) has none.
+fn clippy() -> Result<()> {
+    let toolchains: [(&str, &[&str], &[&str]); 2] = [
+        ("the default toolchain", &["cargo", "clippy", "--version"], &[]),
+        (
+            "nightly",
+            &["rustup", "run", "nightly", "cargo", "clippy", "--version"],
+            &["--toolchain", "nightly"],
+        ),
+    ];
+    for (name, probe, toolchain) in toolchains {
+        let present =
+            Command::new(probe[0]).args(&probe[1..]).output().is_ok_and(|out| out.status.success());
+        if present {
+            println!("xtask: clippy present for {name}");
+            continue;
+        }
+        println!("xtask: adding clippy to {name} with rustup (the unit tier lints with it) ...");
+        sh(Command::new("rustup").args(["component", "add", "clippy"]).args(toolchain))?;
+    }
+    Ok(())
 }
 
 /// Installs whichever of `packages` dpkg does not report installed (one `apt-get update`
