@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::agent::Agent;
-use crate::docker::Network;
+use crate::docker::{Container, ContainerSpec, Network};
 use crate::host::RoutingHost;
 use crate::netns::OutsideHost;
 use crate::{Exclusive, prepare_test_bed};
@@ -67,6 +67,17 @@ impl Bed {
         let outside =
             spec.outside.iter().map(|&(name, n)| outside_host(name, n, &subnets)).collect();
         Bed { outside, net, _routing: routing, _exclusive: exclusive }
+    }
+
+    /// The usual bed: an IPv4-only network `network` in the engine's default mode, and the
+    /// `outside` hosts.
+    pub fn nat_v4(network: &str, subnet_v4: &str, outside: &[(&str, u8)]) -> Self {
+        Bed::new(BedSpec { network, subnet_v4, outside, ..Default::default() })
+    }
+
+    /// A container on the bed's network: `spec` with its network set.
+    pub fn run(&self, spec: ContainerSpec) -> Container {
+        Container::run(ContainerSpec { network: Some(&self.net), ..spec })
     }
 
     /// The first outside host.

@@ -128,20 +128,25 @@ impl GuardObjects {
     /// What `self` has that `before` did not: the objects one agent created.
     #[must_use]
     pub fn since(&self, before: &GuardObjects) -> GuardObjects {
-        GuardObjects {
-            progs: self.progs.difference(&before.progs).copied().collect(),
-            maps: self.maps.difference(&before.maps).copied().collect(),
-            links: self.links.difference(&before.links).copied().collect(),
-        }
+        self.kind_by_kind(before, |mine, theirs| mine.difference(theirs).copied().collect())
     }
 
     /// Those of `self`'s ids that are still in `now`.
     #[must_use]
     pub fn still_in(&self, now: &GuardObjects) -> GuardObjects {
+        self.kind_by_kind(now, |mine, theirs| mine.intersection(theirs).copied().collect())
+    }
+
+    /// `op` on programs, maps and links, each with the same kind in `other`.
+    fn kind_by_kind(
+        &self,
+        other: &GuardObjects,
+        op: impl Fn(&BTreeSet<u64>, &BTreeSet<u64>) -> BTreeSet<u64>,
+    ) -> GuardObjects {
         GuardObjects {
-            progs: self.progs.intersection(&now.progs).copied().collect(),
-            maps: self.maps.intersection(&now.maps).copied().collect(),
-            links: self.links.intersection(&now.links).copied().collect(),
+            progs: op(&self.progs, &other.progs),
+            maps: op(&self.maps, &other.maps),
+            links: op(&self.links, &other.links),
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::docker::{Container, ContainerSpec, Engine, Network};
 use crate::host::RoutingHost;
-use crate::netns::{OutsideHost, in_netns};
+use crate::netns::{OutsideHost, in_netns, xdp_attached};
 use crate::probe::{
     self, EchoServer, Outcome, PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip,
 };
@@ -246,6 +246,41 @@ impl SeedBed {
         } else {
             SocketAddr::new(self.a.host_v4().into(), 5432)
         }
+    }
+
+    /// The agent has stopped, its pins stay: db is still dropped, by address and through its
+    /// port published on A's link, and XDP is still on every uplink.
+    pub fn check_stopped_agent_protects(&self) {
+        let db = self.project.db.ip();
+        for db in [SocketAddr::new(db.into(), 5432), SocketAddr::new(self.a.host_v4().into(), 5432)]
+        {
+            assert_eq!(
+                self.a.tcp_outcome(db, QUICK),
+                Outcome::Silent,
+                "{db} not dropped once the agent stopped: protection lost"
+            );
+        }
+        for uplink in self.uplinks() {
+            assert!(xdp_attached(uplink), "the stopped agent took its XDP program off {uplink}");
+        }
+    }
+
+    /// No XDP program is left on an uplink.
+    pub fn check_no_xdp(&self) {
+        for uplink in self.uplinks() {
+            assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
+        }
+    }
+
+    /// After `guard unload`: no XDP program on an uplink, and A reaches db again, as before
+    /// the agent.
+    pub fn check_unloaded(&self) {
+        self.check_no_xdp();
+        let exposed = self.db_exposed_to_a();
+        assert!(
+            self.a.tcp_connect(exposed, PATIENT),
+            "after unload A reaches {exposed} again, as before the agent"
+        );
     }
 
     /// Probes every outside attempt from both hosts; prints the whole table and panics

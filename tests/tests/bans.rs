@@ -21,7 +21,6 @@ use guard_userspace::{
 };
 use tests::{
     agent::{Agent, guard_bin},
-    bed::BedSpec,
     crowdsec::Lapi,
     daemon::ScratchDir,
     docker::{Container, ContainerSpec},
@@ -56,17 +55,12 @@ tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let base = tests::bed::Bed::new(BedSpec {
-            network: "guard-e2e-bans",
-            subnet_v4: SUBNET_V4,
-            outside: &[("bans-a", 36), ("bans-b", 37)],
-            ..Default::default()
-        });
+        let base =
+            tests::bed::Bed::nat_v4("guard-e2e-bans", SUBNET_V4, &[("bans-a", 36), ("bans-b", 37)]);
         let logs = ScratchDir::new("bans-log");
         let volume = format!("{}:/log", logs.path().display());
-        let web = Container::run(ContainerSpec {
+        let web = base.run(ContainerSpec {
             name: "bans-web",
-            network: Some(&base.net),
             ip: Some(WEB_IP.parse().unwrap()),
             labels: &[("guard.expose", "80/tcp,443/tcp")],
             publish: &["20080:80", "20443:443"],
@@ -366,25 +360,22 @@ tests::on_the_common_bed!(RateBed);
 
 impl RateBed {
     fn new() -> Self {
-        let base = tests::bed::Bed::new(BedSpec {
-            network: "guard-e2e-rate",
-            subnet_v4: RATE_SUBNET,
-            outside: &[("rate-a", 38), ("rate-b", 39)],
-            ..Default::default()
-        });
+        let base = tests::bed::Bed::nat_v4(
+            "guard-e2e-rate",
+            RATE_SUBNET,
+            &[("rate-a", 38), ("rate-b", 39)],
+        );
         let limit = format!("80/tcp {}/s burst {}", RATE.0, RATE.1);
-        let web = Container::run(ContainerSpec {
+        let web = base.run(ContainerSpec {
             name: "rate-web",
-            network: Some(&base.net),
             ip: Some(RATE_WEB),
             labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", &limit)],
             command: "exec httpd -f -p 80 -h /www",
             listens_on: &[80],
             ..Default::default()
         });
-        let bad = Container::run(ContainerSpec {
+        let bad = base.run(ContainerSpec {
             name: "rate-bad",
-            network: Some(&base.net),
             ip: Some(RATE_BAD),
             labels: &[("guard.expose", "80/tcp"), ("guard.ratelimit", "80/tcp 10/h")],
             command: "exec httpd -f -p 80 -h /www",

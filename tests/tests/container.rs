@@ -27,10 +27,8 @@ use tests::container_agent::{
     caps_for, docker_compose_bin, narrow_variant, workspace_file,
 };
 use tests::docker::{Engine, docker};
-use tests::netns::xdp_attached;
 use tests::observe::{self, GuardObjects};
-use tests::probe::Outcome::Silent;
-use tests::probe::{PATIENT, QUICK};
+use tests::probe::PATIENT;
 use tests::prober::{Outcome, Prober, summarize};
 use tests::seed::SeedBed;
 
@@ -103,6 +101,17 @@ fn write_narrow_variant(path: &Path) -> (tempdir::Scratch, PathBuf) {
     let variant = scratch.0.join(path.file_name().expect("file name"));
     std::fs::write(&variant, narrow_variant(&text)).expect("write the narrow variant");
     (scratch, variant)
+}
+
+/// The deploy file's narrow variant is `docs` but for the capabilities added at `caps_at` (a
+/// JSON pointer into its documents), which are exactly [`NARROW_CAPS`] there.
+fn check_narrow_variant(path: &Path, docs: &[Value], caps_at: &str) {
+    let (_scratch, variant) = write_narrow_variant(path);
+    let mut narrow = Value::from(yaml_documents(&variant));
+    let added = narrow.pointer_mut(caps_at).unwrap_or_else(|| panic!("no {caps_at}"));
+    assert_eq!(strings(added), narrow_caps());
+    *added = json!(CAPS);
+    assert_eq!(narrow, Value::from(docs), "the narrow variant differs in more than {caps_at}");
 }
 
 mod tempdir {
@@ -181,11 +190,7 @@ fn compose_file_grants_exactly_the_least_privilege_set() {
         assert!(guard.get(key).is_none(), "compose service sets {key}");
     }
     // The commented alternative: the narrow set, and nothing else changed.
-    let (_scratch, variant) = write_narrow_variant(&path);
-    let mut narrow = yaml_documents(&variant);
-    assert_eq!(strings(&narrow[0]["services"]["guard"]["cap_add"]), narrow_caps());
-    narrow[0]["services"]["guard"]["cap_add"] = json!(CAPS);
-    assert_eq!(narrow, docs, "the narrow variant differs in more than cap_add");
+    check_narrow_variant(&path, &docs, "/0/services/guard/cap_add");
 }
 
 /// The Swarm stack: a global service with the same capabilities and binds on the host
@@ -238,11 +243,7 @@ fn stack_file_grants_exactly_the_least_privilege_set() {
         MOUNTS.iter().map(|(p, ro)| ((*p).to_owned(), ((*p).to_owned(), *ro))).collect();
     assert_eq!(binds, expected);
     assert_eq!(metrics_addr(&strings(&guard["command"])), DEFAULT_METRICS);
-    let (_scratch, variant) = write_narrow_variant(&workspace_file("deploy/stack.yaml"));
-    let mut narrow = yaml_documents(&variant);
-    assert_eq!(strings(&narrow[0]["services"]["guard"]["cap_add"]), narrow_caps());
-    narrow[0]["services"]["guard"]["cap_add"] = json!(CAPS);
-    assert_eq!(narrow, docs, "the narrow variant differs in more than cap_add");
+    check_narrow_variant(&workspace_file("deploy/stack.yaml"), &docs, "/0/services/guard/cap_add");
 }
 
 /// The DaemonSet: every node (tolerates every taint), host network, the same capabilities,
@@ -303,13 +304,11 @@ fn daemonset_grants_exactly_the_least_privilege_set() {
             assert!(c["resources"][kind][resource].is_string(), "no {kind}.{resource}");
         }
     }
-    let (_scratch, variant) = write_narrow_variant(&workspace_file("deploy/daemonset.yaml"));
-    let mut narrow = yaml_documents(&variant);
-    let added = &mut narrow[1]["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-        ["add"];
-    assert_eq!(strings(added), narrow_caps());
-    *added = json!(CAPS);
-    assert_eq!(narrow, docs, "the narrow variant differs in more than capabilities.add");
+    check_narrow_variant(
+        &workspace_file("deploy/daemonset.yaml"),
+        &docs,
+        "/1/spec/template/spec/containers/0/securityContext/capabilities/add",
+    );
 }
 
 /// The README's `docker run` line grants the same set (the docs are what operators copy).
@@ -349,20 +348,23 @@ fn readme_docker_run_grants_the_same_set() {
     assert!(!run.contains("--privileged"), "README: {run}");
 }
 
-/// `docker-compose config` accepts the compose file (Debian's docker-compose 1.29).
-/// `docker-compose config` must accept the file.
-fn assert_compose_config_accepts(path: &std::path::Path) {
-    let out = cmd::output(
-        Command::new(docker_compose_bin()).arg("--file").arg(path).args(["config", "--quiet"]),
-        cmd::command_timeout(),
-    )
-    .unwrap_or_else(|e| panic!("docker-compose config: {e}"));
+/// `tool` (a validator, run as `command`) must accept the deploy file at `path`.
+fn assert_accepts(tool: &str, command: &mut Command, path: &Path) {
+    let out =
+        cmd::output(command, cmd::command_timeout()).unwrap_or_else(|e| panic!("{tool}: {e}"));
     assert!(
         out.status.success(),
-        "docker-compose rejects {}: {}",
+        "{tool} rejects {}: {}",
         path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `docker-compose config` (Debian's docker-compose 1.29) must accept the file.
+fn assert_compose_config_accepts(path: &Path) {
+    let mut config = Command::new(docker_compose_bin());
+    config.arg("--file").arg(path).args(["config", "--quiet"]);
+    assert_accepts("docker-compose config", &mut config, path);
 }
 
 #[test]
@@ -397,18 +399,9 @@ fn stack_file_validates() {
         });
     let (_scratch, variant) = write_narrow_variant(&path);
     for path in [&path, &variant] {
-        let out = cmd::output(
-            Command::new(&client).args(["stack", "config", "--compose-file"]).arg(path),
-            cmd::command_timeout(),
-        )
-        .unwrap_or_else(|e| panic!("docker stack config: {e}"));
-        assert!(
-            out.status.success(),
-            "`{} stack config` rejects {}: {}",
-            client.display(),
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut config = Command::new(&client);
+        config.args(["stack", "config", "--compose-file"]).arg(path);
+        assert_accepts(&format!("`{} stack config`", client.display()), &mut config, path);
         assert_compose_config_accepts(path);
     }
 }
@@ -566,7 +559,6 @@ fn containerised_agent_passes_the_seed_scenario() {
     let image = build_image();
     check_image(image);
     let bed = SeedBed::new();
-    let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
     let db_exposed = bed.db_exposed_to_a();
     assert!(
         bed.a.tcp_connect(db_exposed, PATIENT),
@@ -597,27 +589,12 @@ fn containerised_agent_passes_the_seed_scenario() {
     assert!(status_text.contains(bed.project.db.name()), "{status_text}");
 
     agent.stop();
-    for db in [db, db_exposed] {
-        assert_eq!(
-            bed.a.tcp_outcome(db, QUICK),
-            Silent,
-            "{db} not dropped once the agent container stopped"
-        );
-    }
-    for uplink in bed.uplinks() {
-        assert!(xdp_attached(uplink), "stopping the container took XDP off {uplink}");
-    }
+    bed.check_stopped_agent_protects();
 
     agent.unload();
-    for uplink in bed.uplinks() {
-        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
-    }
+    bed.check_unloaded();
     let left = created.still_in(&GuardObjects::all());
     assert!(left.is_empty(), "objects of the agent container survived unload: {left:?}");
-    assert!(
-        bed.a.tcp_connect(db_exposed, PATIENT),
-        "after unload A reaches {db_exposed} again, as before"
-    );
     assert!(
         docker(&["ps", "-a", "--filter", &format!("name={CONTAINER}"), "-q"]).trim().is_empty(),
         "the agent container is still there"
@@ -751,7 +728,5 @@ fn restarting_the_agent_container_leaks_nothing() {
     let started = Instant::now();
     agent.unload();
     println!("stop and unload: {:.2?}", started.elapsed());
-    for uplink in bed.uplinks() {
-        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
-    }
+    bed.check_no_xdp();
 }

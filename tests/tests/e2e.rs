@@ -13,7 +13,7 @@ use std::time::Duration;
 use tests::agent::Agent;
 use tests::bed::{Bed, BedSpec, Gateway};
 use tests::docker::{Container, ContainerSpec, Engine};
-use tests::netns::{OutsideHost, in_netns, xdp_attached};
+use tests::netns::{OutsideHost, in_netns};
 use tests::probe::Outcome::{Answered, Silent};
 use tests::probe::{PATIENT, Proto, QUICK, tcp_roundtrip, udp_roundtrip};
 use tests::seed::SeedBed;
@@ -51,9 +51,7 @@ fn with_agent_outside_hosts_reach_only_what_labels_open() {
     let pin_dir = agent.pin_dir().to_owned();
     agent.unload();
     assert!(!pin_dir.exists(), "{} survived guard unload", pin_dir.display());
-    for uplink in bed.uplinks() {
-        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
-    }
+    bed.check_no_xdp();
 }
 
 /// Docker 28's gateway mode `nat-unprotected` (NAT, but no drop of what is routed straight
@@ -77,34 +75,14 @@ fn on_a_nat_unprotected_network_the_agent_alone_closes_what_labels_do_not_open()
 fn stopped_agent_keeps_protection_until_unloaded() {
     let bed = SeedBed::new();
     let db = SocketAddr::new(bed.project.db.ip().into(), 5432);
-    let db_published = SocketAddr::new(bed.a.host_v4().into(), 5432);
 
     let mut agent = Agent::start(&bed.uplinks());
     assert_eq!(bed.a.tcp_outcome(db, QUICK), Silent, "{db} not dropped while the agent runs");
     agent.terminate();
-    assert_eq!(
-        bed.a.tcp_outcome(db, QUICK),
-        Silent,
-        "{db} not dropped once the agent stopped: protection lost"
-    );
-    assert_eq!(
-        bed.a.tcp_outcome(db_published, QUICK),
-        Silent,
-        "{db_published} not dropped once the agent stopped: protection lost"
-    );
-    for uplink in bed.uplinks() {
-        assert!(xdp_attached(uplink), "the stopped agent took its XDP program off {uplink}");
-    }
+    bed.check_stopped_agent_protects();
 
     agent.unload();
-    for uplink in bed.uplinks() {
-        assert!(!xdp_attached(uplink), "an XDP program is still attached to {uplink}");
-    }
-    let exposed = bed.db_exposed_to_a();
-    assert!(
-        bed.a.tcp_connect(exposed, PATIENT),
-        "after unload A reaches {exposed} again, as before the agent"
-    );
+    bed.check_unloaded();
 }
 
 /// Docker 28's gateway mode `routed` for IPv4, in DESIGN terms: no NAT, so the exposure is
@@ -128,9 +106,8 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
         ..Default::default()
     });
     let ip = |host| Ipv4Addr::new(10, 249, 60, host);
-    let _web = Container::run(ContainerSpec {
+    let _web = bed.run(ContainerSpec {
         name: "rt-web",
-        network: Some(&bed.net),
         ip: Some(ip(10)),
         labels: &[("guard.expose", "443/tcp")],
         publish: &["20443:443", "20444:8443"],
@@ -138,9 +115,8 @@ fn on_a_routed_network_only_labelled_container_ports_are_open_and_replies_pass()
         listens_on: &[443, 8443],
         ..Default::default()
     });
-    let api = Container::run(ContainerSpec {
+    let api = bed.run(ContainerSpec {
         name: "rt-api",
-        network: Some(&bed.net),
         ip: Some(ip(11)),
         command: "exec httpd -f -p 8080 -h /www",
         listens_on: &[8080],

@@ -15,7 +15,7 @@ use guard_userspace::{kernel::maps::PolicyMaps, kernel::pins::Pins};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tests::{
     agent::{Agent, guard_bin},
-    bed::{BedSpec, PolicyFile},
+    bed::PolicyFile,
     cmd::try_run,
     docker::{Container, ContainerSpec, docker},
     netns::ifindex,
@@ -43,24 +43,17 @@ tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let base = tests::bed::Bed::new(BedSpec {
-            network: "guard-e2e-op",
-            subnet_v4: SUBNET_V4,
-            outside: &[("op", 5)],
-            ..Default::default()
-        });
-        let db = Container::run(ContainerSpec {
+        let base = tests::bed::Bed::nat_v4("guard-e2e-op", SUBNET_V4, &[("op", 5)]);
+        let db = base.run(ContainerSpec {
             name: "op-db",
-            network: Some(&base.net),
             ip: Some("10.249.0.10".parse().unwrap()),
             publish: &["25432:5432"],
             command: "exec httpd -f -p 5432 -h /www",
             listens_on: &[5432],
             ..Default::default()
         });
-        let web = Container::run(ContainerSpec {
+        let web = base.run(ContainerSpec {
             name: "op-web",
-            network: Some(&base.net),
             ip: Some("10.249.0.11".parse().unwrap()),
             labels: &[("guard.expose", "443/tcp")],
             publish: &["20443:443", "28443:8443"],
@@ -545,9 +538,8 @@ fn status_is_the_kernels_truth_in_every_disagreement() {
     // A container the agent has not synced (it is frozen) is closed, and out of sync.
     let pid = Pid::from_raw(agent.pid() as i32);
     nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
-    let late = Container::run(ContainerSpec {
+    let late = bed.run(ContainerSpec {
         name: "op-late",
-        network: Some(&bed.net),
         labels: &[("guard.expose", "80/tcp")],
         command: "exec httpd -f -p 80 -h /www",
         listens_on: &[80],

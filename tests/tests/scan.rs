@@ -28,7 +28,7 @@ use guard_userspace::{
 use serde_json::Value;
 use tests::{
     agent::{Agent, guard_bin},
-    bed::{BedSpec, PolicyFile},
+    bed::PolicyFile,
     boot::{bridge_of, started_at},
     docker::{Container, ContainerSpec},
     netns::OutsideHost,
@@ -54,15 +54,9 @@ tests::on_the_common_bed!(Bed);
 
 impl Bed {
     fn new() -> Self {
-        let base = tests::bed::Bed::new(BedSpec {
-            network: "guard-e2e-scan",
-            subnet_v4: SUBNET_V4,
-            outside: &[("scan", 21)],
-            ..Default::default()
-        });
-        let web = Container::run(ContainerSpec {
+        let base = tests::bed::Bed::nat_v4("guard-e2e-scan", SUBNET_V4, &[("scan", 21)]);
+        let web = base.run(ContainerSpec {
             name: "scan-web",
-            network: Some(&base.net),
             ip: Some("10.244.0.11".parse().unwrap()),
             labels: &[("guard.expose", "80/tcp")],
             publish: &["28080:80"],
@@ -70,9 +64,8 @@ impl Bed {
             listens_on: &[80, 8081],
             ..Default::default()
         });
-        let db = Container::run(ContainerSpec {
+        let db = base.run(ContainerSpec {
             name: "scan-db",
-            network: Some(&base.net),
             ip: Some("10.244.0.10".parse().unwrap()),
             publish: &["25433:5432"],
             command: "exec httpd -f -p 5432 -h /www",
@@ -445,9 +438,8 @@ fn an_exposing_container_gives_one_warn_event_and_one_webhook_post() {
     assert!(receiver.got.lock().unwrap().is_empty(), "the baseline alerted");
 
     let opened = |spec_name: &str, port: &str, publish: &str| {
-        Container::run(ContainerSpec {
+        bed.run(ContainerSpec {
             name: spec_name,
-            network: Some(&bed.net),
             labels: &[("guard.expose", port)],
             publish: &[publish],
             command: "exec httpd -f -p 8080 -h /www",
@@ -591,9 +583,8 @@ fn the_access_log_has_one_record_per_flow_with_its_rule() {
     // A UDP port open to A alone (by address), beside web's 80/tcp open to everyone.
     let a_v4 = bed.a().v4().to_string();
     let allow = format!("5353/udp from {a_v4}");
-    let dns = Container::run(ContainerSpec {
+    let dns = bed.run(ContainerSpec {
         name: "scan-dns",
-        network: Some(&bed.net),
         ip: Some("10.244.0.12".parse().unwrap()),
         labels: &[("guard.allow.a", &allow)],
         command: "exec sleep 3600",

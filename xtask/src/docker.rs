@@ -1,9 +1,7 @@
 //! A running dockerd, and the busybox test image (no registry is reachable).
 
 use std::fs::{self, File};
-use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::sleep;
@@ -11,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::daemon::detached;
 use crate::{capture, sh, succeeds_within};
 
 /// The image the tests run their containers from (exported as GUARD_TEST_IMAGE).
@@ -51,17 +50,8 @@ pub fn ensure_daemon_within(target_dir: &Path, timeout: Duration) -> Result<()> 
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new("dockerd");
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches dockerd from our terminal and
-    // process group, so Ctrl-C on xtask or guard does not reach it.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting dockerd")?;
+    // Detached: Ctrl-C on xtask or guard must not reach it.
+    let mut child = detached(&mut cmd).spawn().context("starting dockerd")?;
     let deadline = Instant::now() + timeout;
     loop {
         if daemon_answers() {

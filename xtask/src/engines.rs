@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::ValueEnum;
 
+use crate::daemon::detached;
 use crate::docker::{TEST_IMAGE, docker, ensure_daemon, ensure_test_image};
 use crate::private_apt::PrivateApt;
 use crate::test::{Outcome, run_counted};
@@ -520,17 +521,8 @@ fn start_docker28(root: &Path, target_dir: &Path) -> Result<Child> {
         .stdout(log.try_clone()?)
         .stderr(log);
     println!("xtask: starting {} (log: {}) ...", show(&cmd), log_path.display());
-    // SAFETY: setsid is async-signal-safe; Ctrl-C on xtask must not reach the daemon before
-    // the swap has put 20.10 back.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().context("starting dockerd 28")
+    // Detached: Ctrl-C on xtask must not reach the daemon before the swap has put 20.10 back.
+    detached(&mut cmd).spawn().context("starting dockerd 28")
 }
 
 /// Waits until `docker version` names a server starting with `want`; returns it.

@@ -4,6 +4,7 @@
 
 mod ban_tools;
 mod bench;
+mod daemon;
 #[cfg(test)]
 mod deploy_check;
 mod docker;

@@ -22,7 +22,6 @@
 //!   hard limit, so xtask's limits alone are not the bound.
 
 use std::fs::{self, File};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -30,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::daemon::detached;
 use crate::docker::TEST_IMAGE;
 use crate::engines::{Firewall, TestBedLock, cache_dir, selected_by, sha256_of};
 use crate::private_apt::PrivateApt;
@@ -279,14 +279,8 @@ impl Service {
             .stdout(log.try_clone()?)
             .stderr(log);
         println!("xtask: starting {} ...", show(&cmd));
-        // SAFETY: setsid is async-signal-safe; Ctrl-C must not stop it before the clean-up.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().context("starting podman system service")?;
+        // Detached: Ctrl-C must not stop it before the clean-up.
+        let child = detached(&mut cmd).spawn().context("starting podman system service")?;
         let pid = child.id();
         fs::write(Path::new(SCRATCH).join(PID_FILE), pid.to_string())?;
         self.child = Some(child);

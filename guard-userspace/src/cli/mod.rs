@@ -4,7 +4,8 @@
 //!   agree;
 //! - [`scan`]: what the network can reach, judged by the loaded programs;
 //! - [`explain`]: why a packet gets its verdict;
-//! - [`bans`]: the ban lists (`guard ban`, deny files) and the sources the agent denies.
+//! - [`bans`]: the ban lists (`guard ban`, deny files) and the sources the agent denies;
+//! - [`reach`]: who outside reaches a port, as status and scan both say it.
 //!
 //! Imports the layers below ([`crate::policy`], [`crate::state`], [`crate::host`],
 //! [`crate::kernel`]). It sits below [`crate::telemetry`] and [`crate::agent`] because the
@@ -12,5 +13,6 @@
 
 pub mod bans;
 pub mod explain;
+pub mod reach;
 pub mod scan;
 pub mod status;

@@ -17,6 +17,7 @@ mod paths;
 pub use limits::LimitReport;
 
 use crate::{
+    cli::reach::{Reach, Who},
     host::bridges,
     host::docker::DockerClient,
     host::engine_doors::EngineDoorsWatch,
@@ -66,7 +67,7 @@ pub struct DoorReport {
     pub name: String,
     /// `4789/udp`, `7946/tcp`...
     pub ports: Vec<String>,
-    pub outside: Reach,
+    pub outside: Outside,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +105,7 @@ pub struct ContainerReport {
     pub mode: String,
     pub ports: Vec<PortReport>,
     /// Who may reach every port not listed, and port-less traffic.
-    pub other_ports: Reach,
+    pub other_ports: Outside,
     pub label_errors: Vec<String>,
 }
 
@@ -121,7 +122,7 @@ pub struct PortReport {
     pub proto: String,
     /// host address:port pairs Docker publishes it on.
     pub published: Vec<String>,
-    pub outside: Reach,
+    pub outside: Outside,
     /// The limit on new flows per source that outside sources meet here, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<LimitReport>,
@@ -142,21 +143,49 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// Who outside may reach a port: local (the host) and bridge (other containers) always may.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Reach {
-    /// "everyone", "listed" or "none".
-    pub who: &'static str,
-    pub sources: Vec<String>,
+/// Who outside may reach a port (the shared [`Reach`]), and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outside {
+    pub reach: Reach,
+    /// The labels and policy rules that open it.
     pub rules: Vec<String>,
     /// What Docker and the policy file ask for, where the kernel holds something else.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub differs: Option<String>,
 }
 
-impl Reach {
-    fn new(who: &'static str, sources: Vec<String>) -> Self {
-        Reach { who, sources, rules: Vec::new(), differs: None }
+impl Outside {
+    fn new(reach: Reach) -> Self {
+        Outside { reach, rules: Vec::new(), differs: None }
+    }
+
+    /// status's word for whom it lets in: "none" where scan says "nobody".
+    fn who(&self) -> &'static str {
+        match self.reach.who {
+            Who::Nobody => "none",
+            who => who.word(),
+        }
+    }
+}
+
+/// status's JSON, as it was before scan's [`Reach`] served both: its own word for nobody,
+/// and `sources` even when empty.
+impl Serialize for Outside {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            who: &'static str,
+            sources: &'a [String],
+            rules: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            differs: Option<&'a String>,
+        }
+        Json {
+            who: self.who(),
+            sources: &self.reach.sources,
+            rules: &self.rules,
+            differs: self.differs.as_ref(),
+        }
+        .serialize(serializer)
     }
 }
 
@@ -490,7 +519,7 @@ fn covers_every_port(opening: &Opening, proto: Proto) -> bool {
 
 impl PortReport {
     /// The row of every port of `proto` (`*/udp`) without a row of its own.
-    fn every_port(proto: Proto, outside: Reach) -> Self {
+    fn every_port(proto: Proto, outside: Outside) -> Self {
         PortReport {
             port: 0,
             every_port: true,
@@ -515,7 +544,7 @@ impl PortReport {
 }
 
 /// Everyone wins over a source list; source lists add up.
-fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
+fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Outside {
     let openings: Vec<&Opening> = openings.collect();
     let rules = |os: &[&Opening]| {
         os.iter().map(|o| o.rule.clone()).collect::<BTreeSet<_>>().into_iter().collect()
@@ -523,7 +552,7 @@ fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
     let everyone: Vec<&Opening> =
         openings.iter().copied().filter(|o| o.sources == Sources::Everyone).collect();
     if !everyone.is_empty() {
-        return Reach { rules: rules(&everyone), ..Reach::new("everyone", Vec::new()) };
+        return Outside { rules: rules(&everyone), ..Outside::new(Reach::everyone()) };
     }
     let sources: BTreeSet<String> = openings
         .iter()
@@ -533,13 +562,16 @@ fn reach<'a>(openings: impl Iterator<Item = &'a Opening>) -> Reach {
         })
         .collect();
     if sources.is_empty() {
-        Reach::new("none", Vec::new())
+        Outside::new(Reach::nobody())
     } else {
-        Reach { rules: rules(&openings), ..Reach::new("listed", sources.into_iter().collect()) }
+        Outside {
+            rules: rules(&openings),
+            ..Outside::new(Reach::listed(sources.into_iter().collect()))
+        }
     }
 }
 
-impl Reach {
+impl Outside {
     fn text(&self) -> String {
         let rules = if self.rules.is_empty() {
             String::new()
@@ -547,10 +579,8 @@ impl Reach {
             format!(" ({})", self.rules.join(", "))
         };
         let differs = self.differs.as_ref().map(|d| format!(" [desired: {d}]")).unwrap_or_default();
-        match self.who {
-            "listed" => format!("{}{rules}{differs}", self.sources.join(", ")),
-            who => format!("{who}{rules}{differs}"),
-        }
+        let who = if self.reach.is_open() { self.reach.text() } else { self.who().to_owned() };
+        format!("{who}{rules}{differs}")
     }
 }
 
@@ -621,7 +651,7 @@ pub fn render(report: &Report) -> String {
         for port in &c.ports {
             let published =
                 if port.published.is_empty() { "-".into() } else { port.published.join(" ") };
-            let paths = if port.outside.who == "none" || port.paths.is_empty() {
+            let paths = if !port.outside.reach.is_open() || port.paths.is_empty() {
                 "-".into()
             } else {
                 engine_paths::summary(&port.paths)
@@ -647,7 +677,7 @@ pub fn render(report: &Report) -> String {
         .containers
         .iter()
         .flat_map(|c| &c.ports)
-        .filter(|p| p.outside.who != "none")
+        .filter(|p| p.outside.reach.is_open())
         .flat_map(|p| &p.paths)
         .filter(|path| !path.open)
         .map(|path| path.why.as_str())
@@ -712,8 +742,8 @@ mod tests {
         );
         let all = opening(p5432, Sources::Everyone, "label guard.expose");
         let listed = reach([&a, &b].into_iter());
-        assert_eq!(listed.who, "listed");
-        assert_eq!(listed.sources, ["10.0.0.0/8", "192.0.2.7/32"]);
+        assert_eq!(listed.reach.who, Who::Listed);
+        assert_eq!(listed.reach.sources, ["10.0.0.0/8", "192.0.2.7/32"]);
         assert_eq!(listed.text(), "10.0.0.0/8, 192.0.2.7/32 (file rule #1, label guard.allow.a)");
         assert_eq!(reach([&a, &all].into_iter()).text(), "everyone (label guard.expose)");
         assert_eq!(reach(std::iter::empty()).text(), "none");
@@ -765,6 +795,34 @@ mod tests {
         let json = serde_json::to_value(&report.ports[1]).unwrap();
         assert_eq!(json["every_port"], true);
     }
+
+    #[test]
+    fn who_reaches_a_port_keeps_its_words_and_its_json() {
+        let none = Outside::new(Reach::nobody());
+        let listed = Outside {
+            rules: vec!["label guard.allow.lan".into()],
+            differs: Some("everyone (label guard.expose)".into()),
+            ..Outside::new(Reach::listed(vec!["10.0.0.0/8".into(), "192.0.2.7/32".into()]))
+        };
+        let everyone =
+            Outside { rules: vec!["label guard.expose".into()], ..Outside::new(Reach::everyone()) };
+        let json = |r: &Outside| serde_json::to_string(r).unwrap();
+        assert_eq!(json(&none), r#"{"who":"none","sources":[],"rules":[]}"#);
+        assert_eq!(
+            json(&listed),
+            r#"{"who":"listed","sources":["10.0.0.0/8","192.0.2.7/32"],"rules":["label guard.allow.lan"],"differs":"everyone (label guard.expose)"}"#
+        );
+        assert_eq!(
+            json(&everyone),
+            r#"{"who":"everyone","sources":[],"rules":["label guard.expose"]}"#
+        );
+        assert_eq!(none.text(), "none");
+        assert_eq!(
+            listed.text(),
+            "10.0.0.0/8, 192.0.2.7/32 (label guard.allow.lan) [desired: everyone (label guard.expose)]"
+        );
+        assert_eq!(everyone.text(), "everyone (label guard.expose)");
+    }
 }
 
 #[cfg(test)]
@@ -803,7 +861,7 @@ mod check_tests {
         let overlay = DoorReport {
             name: "engine:swarm-overlay".into(),
             ports: vec!["4789/udp".into()],
-            outside: Reach::new("listed", vec!["10.77.0.12/32".into()]),
+            outside: Outside::new(Reach::listed(vec!["10.77.0.12/32".into()])),
         };
         let text = render(&report(vec![uncovered], vec![overlay]));
         assert!(text.contains("ERROR: NOT COVERED: network web"), "{text}");
@@ -824,13 +882,13 @@ mod check_tests {
                 trusted_interfaces: vec![],
             }],
         };
-        let port = |port, who, published: &[(std::net::IpAddr, u16)]| PortReport {
+        let port = |port, reach, published: &[(std::net::IpAddr, u16)]| PortReport {
             port,
             every_port: false,
             last_port: None,
             proto: "tcp".into(),
             published: vec![],
-            outside: Reach::new(who, vec![]),
+            outside: Outside::new(reach),
             limit: None,
             rate_limited: 0,
             paths: firewall.paths(&["172.18.0.2".parse().unwrap()], port, published),
@@ -851,11 +909,11 @@ mod check_tests {
                         differs: None,
                     }),
                     rate_limited: 3,
-                    ..port(443, "everyone", &[(any, 8443)])
+                    ..port(443, Reach::everyone(), &[(any, 8443)])
                 },
-                port(5432, "none", &[(any, 5432)]),
+                port(5432, Reach::nobody(), &[(any, 5432)]),
             ],
-            other_ports: Reach::new("none", vec![]),
+            other_ports: Outside::new(Reach::nobody()),
             label_errors: vec![],
         });
         let text = render(&report);

@@ -231,6 +231,9 @@ enum Held {
 impl Armed {
     fn arm(variant: Variant, world: &Rc<World>, bed: &Bed, dst: Ipv4Addr) -> Result<Armed> {
         let dst32 = format!("{dst}/32");
+        // The iptables variants' drop of what is addressed to the container, commented so
+        // that iptables_counter finds it.
+        let drop_dst = ["-d", &dst32, "-m", "comment", "--comment", COMMENT, "-j", "DROP"];
         let held = match variant {
             Variant::Guard => {
                 let mut guard = Guard::load(world)?;
@@ -247,25 +250,9 @@ impl Armed {
                 Held::Raw { _link: link, _prog: prog }
             }
             Variant::IptablesRaw => {
-                let rule = [
-                    "PREROUTING",
-                    "-i",
-                    HOST_IF,
-                    "-d",
-                    &dst32,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    COMMENT,
-                    "-j",
-                    "DROP",
-                ];
+                let rule = [&["PREROUTING", "-i", HOST_IF][..], &drop_dst].concat();
                 let mut undo = UndoStack::default();
-                undo.push(Undo::apply(
-                    "iptables",
-                    &[&["-t", "raw", "-I"][..], &rule].concat(),
-                    &[&["-t", "raw", "-D"][..], &rule].concat(),
-                )?);
+                undo.push(iptables_rule(&["-t", "raw", "-I"], &["-t", "raw", "-D"], &rule)?);
                 Held::Rules { _undo: undo }
             }
             Variant::NftIngress => {
@@ -297,24 +284,9 @@ impl Armed {
                 // namespace whether or not Docker's NAT rules are loaded.
                 let established =
                     ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"];
-                let drop_rule = [
-                    "-p",
-                    "tcp",
-                    "-d",
-                    &dst32,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    COMMENT,
-                    "-j",
-                    "DROP",
-                ];
+                let drop_rule = [&["-p", "tcp"][..], &drop_dst].concat();
                 for rule in [&established[..], &drop_rule[..]] {
-                    undo.push(Undo::apply(
-                        "iptables",
-                        &[&["-A", USER_CHAIN][..], rule].concat(),
-                        &[&["-D", USER_CHAIN][..], rule].concat(),
-                    )?);
+                    undo.push(iptables_rule(&["-A", USER_CHAIN], &["-D", USER_CHAIN], rule)?);
                 }
                 let jump = [
                     "FORWARD",
@@ -327,11 +299,7 @@ impl Armed {
                     "-j",
                     USER_CHAIN,
                 ];
-                undo.push(Undo::apply(
-                    "iptables",
-                    &[&["-I"][..], &jump].concat(),
-                    &[&["-D"][..], &jump].concat(),
-                )?);
+                undo.push(iptables_rule(&["-I"], &["-D"], &jump)?);
                 Held::Rules { _undo: undo }
             }
         };
@@ -368,6 +336,11 @@ impl Armed {
             (_, Variant::ForwardConntrack) => iptables_counter("filter", USER_CHAIN),
         }
     }
+}
+
+/// iptables `rule`, added with the `add` arguments and undone with the `delete` ones.
+fn iptables_rule(add: &[&str], delete: &[&str], rule: &[&str]) -> Result<Undo> {
+    Undo::apply("iptables", &[add, rule].concat(), &[delete, rule].concat())
 }
 
 /// The packet counter of our (commented) rule in `table`/`chain`.

@@ -49,16 +49,15 @@ fn crash_and_restart(name: &str, subnet: u8, outside_n: u8, tc: Tc) {
     let subnet_v4 = format!("10.252.{subnet}.0/24");
     let net = Network::create_guard_only(&format!("guard-e2e-lc-{name}"), &subnet_v4, None);
     let ip = Ipv4Addr::new(10, 252, subnet, 10);
-    let _app = Container::run(ContainerSpec {
-        name: &format!("{name}-app"),
-        network: Some(&net),
-        ip: Some(ip),
-        labels: &[("guard.expose", "80/tcp")],
-        publish: &["21080:80", "21081:8080"],
-        command: &serve(&[80, 8080]),
-        listens_on: &[80, 8080],
-        ..Default::default()
-    });
+    let _app = serving(
+        &net,
+        &format!("{name}-app"),
+        ip,
+        &[("guard.expose", "80/tcp")],
+        &["21080:80", "21081:8080"],
+        &[80, 8080],
+        None,
+    );
     let _routing = RoutingHost::enable();
     let a = outside_host(name, outside_n, &[&subnet_v4]);
     let bridge = boot::bridge_of(&net);

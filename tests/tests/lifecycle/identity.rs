@@ -20,16 +20,15 @@ fn policy_follows_container_identity_not_its_address() {
 
     // An address changes hands.
     let reused: Ipv4Addr = "10.252.3.10".parse().unwrap();
-    let exposed = Container::run(ContainerSpec {
-        name: "ident-exposed",
-        network: Some(&net1),
-        ip: Some(reused),
-        labels: &[("guard.expose", "80/tcp")],
-        publish: &["23080:80"],
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let exposed = serving(
+        &net1,
+        "ident-exposed",
+        reused,
+        &[("guard.expose", "80/tcp")],
+        &["23080:80"],
+        &[80],
+        None,
+    );
     wait_reachable(&a, "exposed container", sock(reused, 80), Duration::from_secs(10));
     check(
         &a,
@@ -40,15 +39,7 @@ fn policy_follows_container_identity_not_its_address() {
         ],
     );
     drop(exposed);
-    let _heir = Container::run(ContainerSpec {
-        name: "ident-heir",
-        network: Some(&net1),
-        ip: Some(reused),
-        publish: &["23080:80"],
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let _heir = serving(&net1, "ident-heir", reused, &[], &["23080:80"], &[80], None);
     check(
         &a,
         "unlabelled heir, at once",
@@ -64,23 +55,9 @@ fn policy_follows_container_identity_not_its_address() {
         ("10.252.3.20".parse().unwrap(), "10.252.3.21".parse().unwrap());
     let (x2, y2): (Ipv4Addr, Ipv4Addr) =
         ("10.252.4.20".parse().unwrap(), "10.252.4.21".parse().unwrap());
-    let mut x = Container::run(ContainerSpec {
-        name: "ident-x",
-        network: Some(&net1),
-        ip: Some(x1),
-        labels: &[("guard.expose", "80/tcp")],
-        command: &serve(&[80, 8080]),
-        listens_on: &[80, 8080],
-        ..Default::default()
-    });
-    let mut y = Container::run(ContainerSpec {
-        name: "ident-y",
-        network: Some(&net1),
-        ip: Some(y1),
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let mut x =
+        serving(&net1, "ident-x", x1, &[("guard.expose", "80/tcp")], &[], &[80, 8080], None);
+    let mut y = serving(&net1, "ident-y", y1, &[], &[], &[80], None);
     wait_reachable(&a, "x:80", sock(x1, 80), Duration::from_secs(10));
     let closed = [sock(x1, 8080), sock(y1, 80), sock(x2, 8080), sock(y2, 80)];
     let prober = Prober::start(
@@ -187,7 +164,7 @@ fn docker_daemon_restart_keeps_protection_and_agent_resyncs() {
     let net = Network::create("guard-e2e-lc-dockerd", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 5, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        serving(&net, name, ip(host), labels, publish, port, None)
+        serving(&net, name, ip(host), labels, publish, &[port], None)
     };
     let closed = run("dockerd-closed", 10, &[], &["25081:8080"], 8080);
     let exposed = run("dockerd-exposed", 11, &[("guard.expose", "80/tcp")], &["25080:80"], 80);

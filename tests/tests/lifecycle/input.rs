@@ -27,15 +27,15 @@ fn storm_of_starts_and_removals_leaves_maps_equal_to_docker() {
     };
     let keep: Vec<Container> = (0..5)
         .map(|i| {
-            Container::run(ContainerSpec {
-                name: &format!("storm-keep-{i}"),
-                network: Some(&net),
-                ip: Some(Ipv4Addr::new(10, 252, 6, 200 + i as u8)),
-                labels: &labels_for(i),
-                command: &serve(&[80]),
-                listens_on: &[80],
-                ..Default::default()
-            })
+            serving(
+                &net,
+                &format!("storm-keep-{i}"),
+                Ipv4Addr::new(10, 252, 6, 200 + i as u8),
+                &labels_for(i),
+                &[],
+                &[80],
+                None,
+            )
         })
         .collect();
     let (agent, _) = Agent::start_with_metrics(&[a.host_end()], &[]);
@@ -166,15 +166,15 @@ fn malformed_labels_are_reported_and_leave_the_container_closed() {
         }));
     }
     let (mut agent, metrics) = agent_and_metrics.expect("agent started");
-    let good = Container::run(ContainerSpec {
-        name: "label-good",
-        network: Some(&net),
-        ip: Some(Ipv4Addr::new(10, 252, 7, 30)),
-        labels: &[("guard.expose", "80")],
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let good = serving(
+        &net,
+        "label-good",
+        Ipv4Addr::new(10, 252, 7, 30),
+        &[("guard.expose", "80")],
+        &[],
+        &[80],
+        None,
+    );
     // A few reconciles: a warning must not repeat on each.
     thread::sleep(Duration::from_secs(3));
 
@@ -248,28 +248,21 @@ fn full_ports_map_is_reported_and_never_opens_the_wrong_port() {
             .map(|i| {
                 let (net, range) = (&net, &range);
                 scope.spawn(move || {
-                    Container::run(ContainerSpec {
-                        name: &format!("full-{i}"),
-                        network: Some(net),
-                        ip: Some(ip(i)),
-                        labels: &[("guard.expose", range.as_str())],
-                        command: &serve(&[80, 8080]),
-                        listens_on: &[80, 8080],
-                        ..Default::default()
-                    })
+                    serving(
+                        net,
+                        &format!("full-{i}"),
+                        ip(i),
+                        &[("guard.expose", range.as_str())],
+                        &[],
+                        &[80, 8080],
+                        None,
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| Some(h.join().expect("docker run thread"))).collect()
     });
-    let _nobody = Container::run(ContainerSpec {
-        name: "full-nobody",
-        network: Some(&net),
-        ip: Some(nobody_ip),
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let _nobody = serving(&net, "full-nobody", nobody_ip, &[], &[], &[80], None);
     let series = "guard_map_update_errors_total{map=\"GUARD_PORTS\"}";
     wait_until("a GUARD_PORTS update error in /metrics", Duration::from_secs(30), || {
         observe::http_get(metrics, "/metrics")

@@ -26,24 +26,19 @@ fn new_uplinks_and_addresses_are_protected_and_removed_ones_do_no_harm() {
     let _exclusive = prepare_test_bed();
     let net = Network::create("guard-e2e-lc-iface", SUBNET, None);
     let ip: Ipv4Addr = "10.252.9.10".parse().unwrap();
-    let _app = Container::run(ContainerSpec {
-        name: "iface-app",
-        network: Some(&net),
-        ip: Some(ip),
-        labels: &[("guard.expose", "80/tcp")],
-        publish: &["29080:80", "29081:8080"],
-        command: &serve(&[80, 8080]),
-        listens_on: &[80, 8080],
-        ..Default::default()
-    });
+    let _app = serving(
+        &net,
+        "iface-app",
+        ip,
+        &[("guard.expose", "80/tcp")],
+        &["29080:80", "29081:8080"],
+        &[80, 8080],
+        None,
+    );
     let _routing = RoutingHost::enable();
     let a = outside_host("iface", 18, &[SUBNET]);
-    let foreign = foreign_interfaces(&[a.host_end()]);
-    println!("trusted (not this test's): {foreign:?}");
-    let mut trust = Vec::new();
-    for iface in &foreign {
-        trust.extend(["--trust-iface", iface.as_str()]);
-    }
+    let trust = trust_foreign_interfaces(&[a.host_end()]);
+    let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
     let (mut agent, _) = Agent::start_with_metrics(&[], &trust);
     assert!(xdp_attached(a.host_end()), "the agent without --iface did not guard {}", a.host_end());
     let mut gaps = Vec::new();
@@ -164,6 +159,13 @@ fn foreign_interfaces(ours: &[&str]) -> Vec<String> {
     names
 }
 
+/// `--trust-iface` for each of the [`foreign_interfaces`], said on stdout.
+fn trust_foreign_interfaces(ours: &[&str]) -> Vec<String> {
+    let foreign = foreign_interfaces(ours);
+    println!("trusted (not this test's): {foreign:?}");
+    foreign.into_iter().flat_map(|iface| ["--trust-iface".to_owned(), iface]).collect()
+}
+
 /// An engine's bridge by its name, the way Docker and Podman name them: never trusted by
 /// these tests, since how the agent treats them is under test.
 fn engine_bridge(name: &str) -> bool {
@@ -188,35 +190,23 @@ fn default_mode_guards_the_uplinks_only_and_a_container_on_two_networks_keeps_it
     let net1 = Network::create("guard-e2e-lc-two1", SUBNET1, None);
     let net2 = Network::create("guard-e2e-lc-two2", SUBNET2, None);
     let web_ip: Ipv4Addr = "10.252.11.10".parse().unwrap();
-    let web = Container::run(ContainerSpec {
-        name: "two-web",
-        network: Some(&net1),
-        ip: Some(web_ip),
-        labels: &[("guard.expose", "80/tcp")],
-        publish: &["29180:80", "29181:8080"],
-        command: &serve(&[80, 8080]),
-        listens_on: &[80, 8080],
-        ..Default::default()
-    });
-    let multi = Container::run(ContainerSpec {
-        name: "two-multi",
-        network: Some(&net2),
-        ip: Some("10.252.12.20".parse().unwrap()),
-        command: &serve(&[80]),
-        listens_on: &[80],
-        ..Default::default()
-    });
+    let web = serving(
+        &net1,
+        "two-web",
+        web_ip,
+        &[("guard.expose", "80/tcp")],
+        &["29180:80", "29181:8080"],
+        &[80, 8080],
+        None,
+    );
+    let multi = serving(&net2, "two-multi", "10.252.12.20".parse().unwrap(), &[], &[], &[80], None);
     multi.connect(&net1, "10.252.11.20".parse().unwrap());
     let _routing = RoutingHost::enable();
     let a = outside_host("two", 21, &[SUBNET1, SUBNET2]);
-    let foreign = foreign_interfaces(&[a.host_end()]);
-    println!("trusted (not this test's): {foreign:?}");
+    let trust = trust_foreign_interfaces(&[a.host_end()]);
+    let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
     let xdp_before: BTreeSet<String> =
         all_interfaces().into_iter().filter(|n| xdp_attached(n)).collect();
-    let mut trust = Vec::new();
-    for iface in &foreign {
-        trust.extend(["--trust-iface", iface.as_str()]);
-    }
     let (agent, _) = Agent::start_with_metrics(&[], &trust);
     wait_in_sync(&agent, "guard-e2e-two-multi", None, Duration::from_secs(20));
 
@@ -277,10 +267,8 @@ fn all_interfaces() -> Vec<String> {
 /// the other program is gone, it attaches within a pass and is ready.
 #[test]
 fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("otherxdp", 45, &[], &[80]);
-    let _routing = RoutingHost::enable();
-    let a = outside_host("otherxdp", 45, &[app.subnet()]);
+    let bed = AppBed::start("otherxdp", 45, 45, &[], &[80]);
+    let (a, app) = (&bed.a, &bed.app);
     let (other, _) = Agent::start_with_metrics(&[a.host_end()], &[]);
     let (agent, metrics) = Agent::start_with_metrics(&[a.host_end()], &["--resync-interval", "1"]);
 
@@ -297,7 +285,7 @@ fn another_xdp_program_on_an_uplink_is_named_and_keeps_the_agent_unready() {
     let took =
         wait_until("the agent attached and ready", Duration::from_secs(10), || readyz().is_ok());
     println!("attached and ready {took:.1?} after the other program left");
-    check(&a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
+    check(a, "guarded now", &[expect("closed", sock(app.ip, 80), false)]);
     agent.unload();
 }
 

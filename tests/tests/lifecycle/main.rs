@@ -26,11 +26,11 @@ use tests::frames::{self, TCP_SYN, Tcp};
 use tests::host::RoutingHost;
 use tests::netns::{LINK_PREFIX, OutsideHost, ifindex, in_netns, xdp_attached};
 use tests::observe::{self, GuardObjects};
-use tests::prepare_test_bed;
 use tests::probe::{self, PATIENT, Proto, QUICK};
 use tests::prober::{Attempt, Outcome, ProbeReport, Prober, summarize};
 use tests::tun::Tun;
 use tests::wait::{poll, wait_until};
+use tests::{Exclusive, prepare_test_bed};
 
 mod crash;
 mod identity;
@@ -56,7 +56,7 @@ fn serve(ports: &[u16]) -> String {
     command
 }
 
-/// A container on `net` at `ip` serving `port` (waited for), with its labels, `-p` arguments
+/// A container on `net` at `ip` serving `ports` (waited for), with its labels, `-p` arguments
 /// and restart policy.
 fn serving(
     net: &Network,
@@ -64,7 +64,7 @@ fn serving(
     ip: Ipv4Addr,
     labels: &[(&str, &str)],
     publish: &[&str],
-    port: u16,
+    ports: &[u16],
     restart: Option<&str>,
 ) -> Container {
     Container::run(ContainerSpec {
@@ -73,8 +73,8 @@ fn serving(
         ip: Some(ip),
         labels,
         publish,
-        command: &serve(&[port]),
-        listens_on: &[port],
+        command: &serve(ports),
+        listens_on: ports,
         restart,
         ..Default::default()
     })
@@ -94,20 +94,32 @@ impl App {
         let net =
             Network::create(&format!("guard-e2e-lc-{name}"), &format!("10.252.{n}.0/24"), None);
         let ip = Ipv4Addr::new(10, 252, n, 10);
-        let container = Container::run(ContainerSpec {
-            name: &format!("{name}-app"),
-            network: Some(&net),
-            ip: Some(ip),
-            labels,
-            command: &serve(ports),
-            listens_on: ports,
-            ..Default::default()
-        });
+        let container = serving(&net, &format!("{name}-app"), ip, labels, &[], ports, None);
         App { _container: container, net, ip }
     }
 
     fn subnet(&self) -> &str {
         &self.net.subnet_v4
+    }
+}
+
+/// What most tests here start from: the test bed held, one [`App`] named `name` on
+/// 10.252.N.0/24, the host routing, and outside host A (`name` too, numbered `outside_n`)
+/// that routes the App's subnet via the host. Field order is drop order.
+struct AppBed {
+    a: OutsideHost,
+    _routing: RoutingHost,
+    app: App,
+    _exclusive: Exclusive,
+}
+
+impl AppBed {
+    fn start(name: &str, n: u8, outside_n: u8, labels: &[(&str, &str)], ports: &[u16]) -> Self {
+        let exclusive = prepare_test_bed();
+        let app = App::start(name, n, labels, ports);
+        let routing = RoutingHost::enable();
+        let a = outside_host(name, outside_n, &[app.subnet()]);
+        AppBed { a, _routing: routing, app, _exclusive: exclusive }
     }
 }
 

@@ -16,7 +16,7 @@ fn reboot_accepts_nothing_closed_from_the_first_packet_and_opens_the_exposed_por
     let net = Network::create("guard-e2e-lc-boot", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 9, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        serving(&net, name, ip(host), labels, publish, port, Some("always"))
+        serving(&net, name, ip(host), labels, publish, &[port], Some("always"))
     };
     let closed = run("boot-closed", 10, &[], &["25191:8080"], 8080);
     let exposed = run("boot-exposed", 11, &[("guard.expose", "80/tcp")], &["25190:80"], 80);
@@ -114,7 +114,7 @@ fn a_network_created_while_the_agent_is_stopped_is_closed_until_it_syncs() {
     let net = Network::create("guard-e2e-lc-unseen", SUBNET, None);
     let ip = |host: u8| Ipv4Addr::new(10, 252, 10, host);
     let run = |name: &str, host: u8, labels: &[(&str, &str)], publish: &[&str], port: u16| {
-        serving(&net, name, ip(host), labels, publish, port, None)
+        serving(&net, name, ip(host), labels, publish, &[port], None)
     };
     let _closed = run("unseen-closed", 10, &[], &["25201:8080"], 8080);
     let _exposed = run("unseen-exposed", 11, &[("guard.expose", "80/tcp")], &["25200:80"], 80);
@@ -150,10 +150,8 @@ fn a_network_created_while_the_agent_is_stopped_is_closed_until_it_syncs() {
 #[test]
 fn a_broken_policy_file_at_start_leaves_the_host_protected() {
     const SUBNET: &str = "10.252.11.0/24";
-    let _exclusive = prepare_test_bed();
-    let app = App::start("badfile", 11, &[("guard.expose", "80/tcp")], &[80, 8080]);
-    let _routing = RoutingHost::enable();
-    let a = outside_host("badfile", 21, &[app.subnet()]);
+    let bed = AppBed::start("badfile", 11, 21, &[("guard.expose", "80/tcp")], &[80, 8080]);
+    let (a, app) = (&bed.a, &bed.app);
     assert_eq!(app.subnet(), SUBNET);
     let dir = tempfile_dir("guard-e2e-badfile");
     let config = dir.join("guard.toml");
@@ -176,7 +174,7 @@ fn a_broken_policy_file_at_start_leaves_the_host_protected() {
     assert_eq!(valid(), Some(0.0), "guard_config_valid with a broken file");
     assert!(!ready(), "/readyz is ready with a broken file");
     check(
-        &a,
+        a,
         "broken file, no earlier one",
         &[
             expect("exposed by label, all closed", sock(app.ip, 80), false),
@@ -186,7 +184,7 @@ fn a_broken_policy_file_at_start_leaves_the_host_protected() {
 
     std::fs::write(&config, "mode = \"enforce\"\n").unwrap();
     wait_until("the fixed file is in force", Duration::from_secs(15), || valid() == Some(1.0));
-    wait_reachable(&a, "exposed by label", sock(app.ip, 80), Duration::from_secs(10));
+    wait_reachable(a, "exposed by label", sock(app.ip, 80), Duration::from_secs(10));
     assert!(ready(), "/readyz is not ready with a good file");
 
     agent.terminate();
@@ -198,7 +196,7 @@ fn a_broken_policy_file_at_start_leaves_the_host_protected() {
     let last_good = lines_with(&log, &["last policy file that parsed"]);
     assert!(!last_good.is_empty(), "the agent does not say it runs the last good file");
     check(
-        &a,
+        a,
         "broken file, the last good one in force",
         &[
             expect("exposed by label", sock(app.ip, 80), true),
@@ -213,18 +211,16 @@ fn a_broken_policy_file_at_start_leaves_the_host_protected() {
 /// compose `ipv4_address`) does not keep the predecessor's openings once the agent is back.
 #[test]
 fn a_static_address_reused_while_the_agent_is_away_inherits_nothing() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("reuse", 12, &[("guard.expose", "80/tcp")], &[80]);
-    let _routing = RoutingHost::enable();
-    let a = outside_host("reuse", 22, &[app.subnet()]);
+    let bed = AppBed::start("reuse", 12, 22, &[("guard.expose", "80/tcp")], &[80]);
+    let a = &bed.a;
     let (mut agent, _) = Agent::start_with_metrics(&[a.host_end()], &[]);
-    wait_reachable(&a, "the first container", sock(app.ip, 80), Duration::from_secs(10));
+    wait_reachable(a, "the first container", sock(bed.app.ip, 80), Duration::from_secs(10));
     agent.terminate();
-    let App { _container: first, net, ip } = app;
+    let App { _container: first, net, ip } = bed.app;
     drop(first);
-    let _second = serving(&net, "reuse-second", ip, &[], &[], 80, None);
+    let _second = serving(&net, "reuse-second", ip, &[], &[], &[80], None);
     agent.restart();
-    check(&a, "agent back", &[expect("the second container, no label", sock(ip, 80), false)]);
+    check(a, "agent back", &[expect("the second container, no label", sock(ip, 80), false)]);
     agent.unload();
 }
 

@@ -10,11 +10,9 @@ use super::*;
 /// before guard. While the agent runs, a second agent and an unload on its pins are refused.
 #[test]
 fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("unload", 10, &[], &[80]);
+    let bed = AppBed::start("unload", 10, 20, &[], &[80]);
+    let (a, app) = (&bed.a, &bed.app);
     let ip = app.ip;
-    let _routing = RoutingHost::enable();
-    let a = outside_host("unload", 20, &[app.subnet()]);
     let bridge = boot::bridge_of(&app.net);
 
     let before = GuardObjects::list();
@@ -26,7 +24,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
         mine.progs.len() >= 4 && mine.maps.len() >= 15 && mine.links.len() >= 4,
         "fewer kernel objects than expected: {mine:?}"
     );
-    check(&a, "agent running", &[expect("closed", sock(ip, 80), false)]);
+    check(a, "agent running", &[expect("closed", sock(ip, 80), false)]);
 
     // One agent per pin directory: a second `guard run` is refused, and so is an unload
     // under the running agent; both leave its protection as it was.
@@ -44,7 +42,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     let refused = early.expect_err("unload under a running agent must be refused");
     assert!(refused.contains("an agent is running") && refused.contains("--force"), "{refused}");
     assert!(pin_dir.exists(), "the refused unload removed pins");
-    check(&a, "after the refused unload", &[expect("closed", sock(ip, 80), false)]);
+    check(a, "after the refused unload", &[expect("closed", sock(ip, 80), false)]);
 
     // Forced under the running agent: protection is lost until the agent notices (the XDP
     // detach wakes it), says so loudly, counts it and restores every pin and link.
@@ -61,7 +59,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
         "the agent did not notice and restore a forced unload:\n{log}"
     );
     println!("protection restored {restored:.2?} after the forced unload");
-    check(&a, "after the forced unload", &[expect("closed", sock(ip, 80), false)]);
+    check(a, "after the forced unload", &[expect("closed", sock(ip, 80), false)]);
     let text = observe::http_get(agent_metrics, "/metrics").expect("metrics");
     assert_eq!(observe::metric(&text, "guard_protection_lost_total"), Some(1.0));
     assert!(observe::http_get(agent_metrics, "/readyz").is_ok(), "not ready once restored");
@@ -97,7 +95,7 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
     println!("second unload: {}", second.trim());
     assert!(second.contains("nothing to unload"), "the second unload did not say so: {second}");
     check(
-        &a,
+        a,
         "after unload (as before guard)",
         &[expect("closed, now unguarded", sock(ip, 80), true)],
     );
@@ -111,13 +109,11 @@ fn unload_leaves_nothing_and_a_second_unload_is_a_no_op() {
 /// where nothing else is left, but another tool's filter and the qdisc it needs stay.
 #[test]
 fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("clsact", 44, &[], &[80]);
+    let bed = AppBed::start("clsact", 44, 44, &[], &[80]);
+    let (a, app) = (&bed.a, &bed.app);
     let ip = app.ip;
-    let _routing = RoutingHost::enable();
-    let a = outside_host("clsact", 44, &[app.subnet()]);
     let bridge = boot::bridge_of(&app.net);
-    require_exposure(&a, &[sock(ip, 80)]);
+    require_exposure(a, &[sock(ip, 80)]);
     // Another tool's filter behind guard's on the uplink: classic BPF, "continue".
     let other = ["filter", "add", "dev", a.host_end(), "egress", "pref", "3", "bpf", "da"];
     run("tc", &["qdisc", "add", "dev", a.host_end(), "clsact"]);
@@ -127,7 +123,7 @@ fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
         &["--tc-attach", "netlink", "--resync-interval", "1"],
     );
     let closed = [expect("closed", sock(ip, 80), false)];
-    check(&a, "agent running", &closed);
+    check(a, "agent running", &closed);
 
     let status = run(
         &tests::agent::guard_bin().to_string_lossy(),
@@ -150,7 +146,7 @@ fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
         observe::guard_filter(&bridge, "egress").is_some_and(|f| f.bpf_name == "guard_tc_gate")
     });
     println!("the deleted filter was back after {took:.1?}");
-    check(&a, "after the filter was deleted", &closed);
+    check(a, "after the filter was deleted", &closed);
     let log = agent.log();
     let warned = lines_with(&log, &["WARN", "bridge-gate on", "filter deleted): re-attached"]);
     assert!(!warned.is_empty(), "no warning for the deleted filter:\n{log}");
@@ -178,15 +174,13 @@ fn clsact_filters_are_guards_own_slot_restored_and_unloaded_alone() {
 /// closed again.
 #[test]
 fn vanished_links_are_re_attached() {
-    let _exclusive = prepare_test_bed();
-    let app = App::start("vanish", 41, &[], &[80]);
+    let bed = AppBed::start("vanish", 41, 41, &[], &[80]);
+    let (a, app) = (&bed.a, &bed.app);
     let ip = app.ip;
-    let _routing = RoutingHost::enable();
-    let a = outside_host("vanish", 41, &[app.subnet()]);
-    require_exposure(&a, &[sock(ip, 80)]);
+    require_exposure(a, &[sock(ip, 80)]);
     let (agent, _) = Agent::start_with_metrics(&[a.host_end()], &["--resync-interval", "1"]);
     let closed = [expect("closed", sock(ip, 80), false)];
-    check(&a, "agent running", &closed);
+    check(a, "agent running", &closed);
 
     let index = ifindex(a.host_end());
     let (xdp, tc) = (format!("xdp-{index}"), format!("tc-egress-{index}"));
@@ -216,13 +210,13 @@ fn vanished_links_are_re_attached() {
     }
     back_as_new_link("its pin was removed", &xdp, old_xdp);
     back_as_new_link("its pin was removed", &tc, old_tc);
-    check(&a, "after the pins were removed", &closed);
+    check(a, "after the pins were removed", &closed);
 
     // A detached link keeps its pin but runs nowhere.
     let old_xdp = link_id(&xdp).unwrap();
     run("bpftool", &["link", "detach", "id", &old_xdp.to_string()]);
     back_as_new_link("bpftool link detach", &xdp, old_xdp);
-    check(&a, "after the link was detached", &closed);
+    check(a, "after the link was detached", &closed);
 
     let log = agent.log();
     let warned = lines_with(

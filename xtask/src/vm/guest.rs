@@ -13,7 +13,6 @@
 
 use std::fs::{self, File};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -23,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::marker::Marker;
+use crate::daemon::detached;
 use crate::docker::{self, TEST_IMAGE};
 use crate::test::Tier;
 use crate::{setup, sh};
@@ -125,13 +125,9 @@ fn start_containerd() -> Result<()> {
     let log_path = Path::new(SCRATCH).join("containerd.log");
     println!("xtask: starting containerd in the background (log: {}) ...", log_path.display());
     let log = File::create(&log_path)?;
-    let mut child = Command::new("containerd")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting containerd")?;
+    let mut cmd = Command::new("containerd");
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let mut child = detached(&mut cmd).spawn().context("starting containerd")?;
     let deadline = Instant::now() + DOCKERD_TIMEOUT;
     while UnixStream::connect(CONTAINERD_SOCKET).is_err() {
         if let Some(status) = child.try_wait()? {

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::picture::{Exposure, Kind, Reach, Row};
+use super::picture::{Exposure, Kind, Row};
+use crate::cli::reach::{Reach, Who};
 
 /// What a change is about: the same container port keeps its key across addresses.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,10 +95,10 @@ fn targets(e: &Exposure) -> BTreeMap<TargetKey, Target> {
 }
 
 fn union(a: &Reach, b: &Reach) -> Reach {
-    if a.who == "everyone" || b.who == "everyone" {
+    if a.who == Who::Everyone || b.who == Who::Everyone {
         return Reach::everyone();
     }
-    Reach::from_probes(false, a.sources.iter().chain(&b.sources).cloned().collect())
+    Reach::listed(a.sources.iter().chain(&b.sources).cloned().collect())
 }
 
 /// How many targets outside reaches: open to everyone, to listed sources, host services.
@@ -107,8 +108,8 @@ pub fn exposed_targets(e: &Exposure) -> (usize, usize, usize) {
         |f: &dyn Fn(&TargetKey, &Target) -> bool| targets.iter().filter(|(k, t)| f(k, t)).count();
     let judged = |k: &TargetKey| k.kind != Kind::HostService;
     (
-        count(&|k, t| judged(k) && t.reach.who == "everyone"),
-        count(&|k, t| judged(k) && t.reach.who == "listed"),
+        count(&|k, t| judged(k) && t.reach.who == Who::Everyone),
+        count(&|k, t| judged(k) && t.reach.who == Who::Listed),
         count(&|k, t| !judged(k) && t.reach.is_open()),
     )
 }
@@ -192,7 +193,7 @@ mod tests {
         // Gone: closed, with where it was reached.
         let c = changes(&now, &before);
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].direction.as_str(), c[0].reach.who.as_str()), ("closed", "nobody"));
+        assert_eq!((c[0].direction.as_str(), c[0].reach.who), ("closed", Who::Nobody));
         assert_eq!(c[0].addresses.len(), 2);
     }
 

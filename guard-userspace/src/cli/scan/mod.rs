@@ -35,7 +35,9 @@ use guard_common::{
 };
 
 pub use changes::{Change, changes, exposed_targets};
-pub use picture::{Exposure, HookCheck, Kind, Reach, Row, Unguarded, render};
+pub use picture::{Exposure, HookCheck, Kind, Row, Unguarded, render};
+
+pub use super::reach::Reach;
 
 use crate::{
     cli::explain,

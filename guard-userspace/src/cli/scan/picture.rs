@@ -6,59 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-/// Who outside reaches a target.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Reach {
-    /// "everyone", "listed" (only `sources`) or "nobody".
-    pub who: String,
-    /// The source prefixes that get through when `who` is "listed".
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sources: Vec<String>,
-}
-
-impl Reach {
-    pub fn everyone() -> Self {
-        Reach { who: "everyone".into(), sources: Vec::new() }
-    }
-
-    pub fn nobody() -> Self {
-        Reach { who: "nobody".into(), sources: Vec::new() }
-    }
-
-    /// From whether an unnamed source gets through and which named prefixes do.
-    pub fn from_probes(anyone: bool, passed: Vec<String>) -> Self {
-        if anyone {
-            Reach::everyone()
-        } else if passed.is_empty() {
-            Reach::nobody()
-        } else {
-            let mut sources = passed;
-            sources.sort();
-            sources.dedup();
-            Reach { who: "listed".into(), sources }
-        }
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.who != "nobody"
-    }
-
-    /// Whether `self` lets in anyone that `before` did not.
-    pub fn wider_than(&self, before: &Reach) -> bool {
-        match (self.who.as_str(), before.who.as_str()) {
-            (_, "everyone") | ("nobody", _) => false,
-            ("everyone", _) => true,
-            _ => self.sources.iter().any(|s| !before.sources.contains(s)),
-        }
-    }
-
-    pub fn text(&self) -> String {
-        match self.who.as_str() {
-            "listed" => self.sources.join(", "),
-            who => who.to_string(),
-        }
-    }
-}
+use crate::cli::reach::Reach;
 
 /// What an outside packet to a row's address and port reaches.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -273,6 +221,19 @@ mod tests {
         assert!(!listed(&["10.0.0.0/8"]).wider_than(&listed(&["10.0.0.0/8", "192.0.2.7/32"])));
         assert!(!Reach::nobody().wider_than(&Reach::nobody()));
         assert!(!listed(&["10.0.0.0/8"]).wider_than(&Reach::everyone()));
+    }
+
+    #[test]
+    fn who_reaches_a_target_keeps_its_words_and_its_json() {
+        let listed = Reach::from_probes(false, vec!["192.0.2.7/32".into(), "10.0.0.0/8".into()]);
+        let json = |r: &Reach| serde_json::to_string(r).unwrap();
+        assert_eq!(json(&Reach::nobody()), r#"{"who":"nobody"}"#);
+        assert_eq!(json(&Reach::everyone()), r#"{"who":"everyone"}"#);
+        assert_eq!(json(&listed), r#"{"who":"listed","sources":["10.0.0.0/8","192.0.2.7/32"]}"#);
+        assert_eq!(serde_json::from_str::<Reach>(&json(&listed)).unwrap(), listed);
+        assert_eq!(Reach::nobody().text(), "nobody");
+        assert_eq!(Reach::everyone().text(), "everyone");
+        assert_eq!(listed.text(), "10.0.0.0/8, 192.0.2.7/32");
     }
 
     #[test]

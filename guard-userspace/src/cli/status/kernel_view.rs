@@ -9,7 +9,8 @@ use guard_common::maps::{
     CONFIG_AUDIT_ALL, OPEN_EVERYONE, OPEN_LISTED, PROTO_ANY, PortKey, SourceKey, TARGET_AUDIT, door,
 };
 
-use super::{ContainerReport, DoorReport, PortReport, Reach, container_report, limits};
+use super::{ContainerReport, DoorReport, Outside, PortReport, container_report, limits};
+use crate::cli::reach::Reach;
 use crate::{
     policy::{PortSpec, Proto},
     state::desired::{ContainerPolicy, Desired},
@@ -197,9 +198,9 @@ fn rule(kernel: &TableSet, key: PortKey) -> (PortKey, u8) {
 
 /// Who outside may reach what `rules` decide, by the kernel's maps: the rules that apply to a
 /// port (its own, its protocol's every-port rule, the container's all-ports rule) add up.
-fn reach(kernel: &TableSet, rules: &[(PortKey, u8)]) -> Reach {
+fn reach(kernel: &TableSet, rules: &[(PortKey, u8)]) -> Outside {
     if rules.iter().any(|(_, rule)| *rule == OPEN_EVERYONE) {
-        return Reach::new("everyone", Vec::new());
+        return Outside::new(Reach::everyone());
     }
     let sources: Vec<String> = rules
         .iter()
@@ -214,7 +215,7 @@ fn reach(kernel: &TableSet, rules: &[(PortKey, u8)]) -> Reach {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    if sources.is_empty() { Reach::new("none", sources) } else { Reach::new("listed", sources) }
+    Outside::new(Reach::listed(sources))
 }
 
 /// A source prefix of the trie, as written in a policy (`10.0.0.0/8`, `2001:db8::/32`).
@@ -228,7 +229,7 @@ fn prefix(key: SourceKey, len: u32) -> String {
 }
 
 /// What the desired state says of one port (the policy file's and the labels' words).
-fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: u8) -> Reach {
+fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: u8) -> Outside {
     super::reach(wanted.openings.iter().filter(|o| match Proto::from_number(proto) {
         Some(proto) => o.ports.covers(proto, port),
         None => o.ports == PortSpec::All,
@@ -236,14 +237,14 @@ fn wanted_port(wanted: &ContainerPolicy, port: u16, proto: u8) -> Reach {
 }
 
 /// What the desired state asks for, when the kernel holds something else.
-fn differs(kernel: &Reach, wanted: &Reach) -> Option<String> {
-    (kernel.who != wanted.who || kernel.sources != wanted.sources).then(|| wanted.text())
+fn differs(kernel: &Outside, wanted: &Outside) -> Option<String> {
+    (kernel.reach != wanted.reach).then(|| wanted.text())
 }
 
 /// A container the kernel does not know yet is closed, whatever is wanted for it.
-fn closed_until_synced(wanted: &Reach) -> Reach {
-    let mut closed = Reach::new("none", Vec::new());
-    if wanted.who != "none" {
+fn closed_until_synced(wanted: &Outside) -> Outside {
+    let mut closed = Outside::new(Reach::nobody());
+    if wanted.reach.is_open() {
         closed.differs = Some(format!("{} once the agent syncs", wanted.text()));
     }
     closed
@@ -297,14 +298,14 @@ mod tests {
 
         let all = |rule| (PortKey::all_ports(7), rule);
         let both = reach(&kernel, &[(port, OPEN_LISTED), all(OPEN_LISTED)]);
-        assert_eq!(
-            (both.who, both.sources),
-            ("listed", vec!["10.0.0.0/8".into(), "2001:db8::/32".into()])
-        );
+        assert_eq!(both.reach, Reach::listed(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]));
         let other = reach(&kernel, &[all(OPEN_LISTED)]);
-        assert_eq!(other.sources, ["2001:db8::/32"]);
-        assert_eq!(reach(&kernel, &[(port, OPEN_LISTED), all(OPEN_EVERYONE)]).who, "everyone");
-        assert_eq!(reach(&kernel, &[(PortKey::new(7, 6, 80), 0), all(0)]).who, "none");
+        assert_eq!(other.reach.sources, ["2001:db8::/32"]);
+        assert_eq!(
+            reach(&kernel, &[(port, OPEN_LISTED), all(OPEN_EVERYONE)]).reach,
+            Reach::everyone()
+        );
+        assert_eq!(reach(&kernel, &[(PortKey::new(7, 6, 80), 0), all(0)]).reach, Reach::nobody());
     }
 
     #[test]
@@ -343,7 +344,7 @@ mod tests {
             last_port: None,
             proto: "tcp".into(),
             published: published.iter().map(ToString::to_string).collect(),
-            outside: Reach::new("everyone", Vec::new()),
+            outside: Outside::new(Reach::everyone()),
             limit: None,
             rate_limited: 0,
             paths: Vec::new(),

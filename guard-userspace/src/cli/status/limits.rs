@@ -123,7 +123,9 @@ mod tests {
     use guard_common::ratelimit::RateLimit;
 
     use super::*;
-    use crate::{cli::status::Reach, policy::PortSpec, policy::rates::RateRule};
+    use crate::{
+        cli::reach::Reach, cli::status::Outside, policy::PortSpec, policy::rates::RateRule,
+    };
 
     fn policy(limits: &[(PortSpec, &str)]) -> ContainerPolicy {
         ContainerPolicy {
@@ -157,7 +159,7 @@ mod tests {
             last_port: last,
             proto: if every_port { "udp" } else { "tcp" }.into(),
             published: vec![],
-            outside: Reach::new("everyone", vec![]),
+            outside: Outside::new(Reach::everyone()),
             limit: None,
             rate_limited: 0,
             paths: vec![],
