@@ -328,11 +328,12 @@ impl PolicyMaps {
         if self.drop_slots_kept.as_ref().is_some_and(|kept| kept.is_subset(live_targets)) {
             return;
         }
+        let gone = |slot: &DropSlot| {
+            slot.key != DropKey::EMPTY && !live_targets.contains(&slot.key.target)
+        };
+        let empty = DropSlot { key: DropKey::EMPTY, count: 0 };
         for index in 0..names::DROP_SLOTS_CAPACITY {
             let Ok(per_cpu) = self.drop_slots.get(&index, 0) else { continue };
-            let gone = |slot: &DropSlot| {
-                slot.key != DropKey::EMPTY && !live_targets.contains(&slot.key.target)
-            };
             if !per_cpu.iter().any(gone) {
                 continue;
             }
@@ -341,12 +342,7 @@ impl PolicyMaps {
             // container went away, and two CPUs' keys met in one slot) and small; the totals
             // per reason in the counters map are not affected.
             let kept: Vec<DropSlot> =
-                per_cpu
-                    .iter()
-                    .map(|slot| {
-                        if gone(slot) { DropSlot { key: DropKey::EMPTY, count: 0 } } else { *slot }
-                    })
-                    .collect();
+                per_cpu.iter().map(|slot| if gone(slot) { empty } else { *slot }).collect();
             if let Ok(values) = PerCpuValues::try_from(kept) {
                 let _ = self.drop_slots.set(index, values, 0);
             }
